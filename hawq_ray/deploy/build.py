@@ -1,0 +1,189 @@
+"""Targets, whole-model compile, export and load.
+
+    model = compile_program(program, batch=8, target="llvm")     # TVM module + params, in memory
+    export_model(model, "out/")                                  # model.so, params.npz, manifest.json
+    model = load_model("out/"); logits = model(x_int8)           # the three-line load (x: (N, C, H, W) int8)
+
+`target` is "llvm" (the host CPU, detected), "cuda", a TVM target dict, or its JSON string. A target this
+machine cannot run raises HawqError unless `check=False` (to export for another machine).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from hawq_ray.deploy import vnni  # noqa: F401  (registers the VNNI intrinsic)
+from hawq_ray.deploy.graph import build_relax, plan_kernels
+from hawq_ray.errors import HawqError
+from hawq_ray.quant.program import IntegerProgram
+
+MANIFEST_VERSION = 1
+LIBRARY, PARAMS, MANIFEST = "model.so", "params.npz", "manifest.json"
+_ISA = ("avx2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vnni", "avxvnni", "avx512bf16",
+        "avx512fp16", "amx-tile", "amx-int8", "amx-bf16", "amx-fp16")
+
+
+def host_cpu_features() -> set:
+    from tvm.target.codegen import llvm_get_cpu_features, llvm_get_system_cpu
+    feats = set(llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": llvm_get_system_cpu()})))
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        feats |= {f.replace("amx_", "amx-").replace("_", "") for f in flags.split(":", 1)[1].split()}
+    except (OSError, StopIteration):
+        pass
+    return feats
+
+
+def parse_target(spec="llvm", check: bool = True) -> tvm.target.Target:
+    """'llvm' | 'cuda' | dict | JSON string | Target -> Target; check that this machine can run it."""
+    if isinstance(spec, tvm.target.Target):
+        attrs = dict(spec.export())
+    elif isinstance(spec, dict):
+        attrs = dict(spec)
+    else:
+        text = str(spec).strip()
+        try:
+            attrs = json.loads(text) if text.startswith("{") else {"kind": text}
+        except json.JSONDecodeError as e:
+            raise HawqError(f"target {text!r}: not valid JSON ({e.msg})") from None
+    kind = attrs.get("kind")
+    if kind not in ("llvm", "cuda"):
+        raise HawqError(f"target {spec!r}: kind must be 'llvm' or 'cuda'")
+    if kind == "llvm":
+        from tvm.target.codegen import llvm_get_system_cpu, llvm_get_system_triple, llvm_is_valid_cpu
+        attrs.setdefault("mcpu", llvm_get_system_cpu())
+        attrs.setdefault("num-cores", os.cpu_count() or 1)
+        if not llvm_is_valid_cpu(str(attrs["mcpu"]), str(attrs.get("mtriple", llvm_get_system_triple()))):
+            raise HawqError(f"target llvm: unknown mcpu {attrs['mcpu']!r}")
+    try:
+        target = tvm.target.Target(attrs)
+    except Exception as e:  # TVM raises several types for a bad attribute
+        raise HawqError(f"target {spec!r}: {str(e).strip().splitlines()[-1]}") from None
+    if check:
+        _check_runnable(target)
+    return target
+
+
+def _check_runnable(target):
+    if target.kind.name == "cuda":
+        if not tvm.cuda(0).exist:
+            raise HawqError("target cuda: this machine has no CUDA device (use llvm, or check=False to export)")
+        return
+    from tvm.target.codegen import llvm_get_cpu_features
+    lacking = sorted(f for f in set(llvm_get_cpu_features(target)) & set(_ISA) if f not in host_cpu_features())
+    if lacking:
+        raise HawqError(f"target llvm -mcpu={target.attrs['mcpu']}: this CPU lacks {', '.join(lacking)}")
+
+
+def device_of(target):
+    return tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu(0)
+
+
+def gpu_schedule(mod, target):
+    """CUDA: the kernels carry no CPU schedule; give every PrimFunc a default GPU schedule (dlight)."""
+    from tvm.s_tir import dlight
+    with target:
+        return dlight.ApplyDefaultSchedule(dlight.gpu.Matmul(), dlight.gpu.Reduction(),
+                                           dlight.gpu.GeneralReduction(), dlight.gpu.Fallback())(mod)
+
+
+@dataclass
+class DeployedModel:
+    """A compiled integer model: call it on an (N, C, H, W) int8 array to get the INT32 output (numpy)."""
+    executable: object               # relax executable (export) or loaded runtime module
+    params: list                     # [(name, numpy array)]
+    manifest: dict
+    target: tvm.target.Target
+    _vm: object = field(default=None, repr=False)
+    _args: list = field(default=None, repr=False)
+
+    def _ready(self):
+        if self._vm is None:
+            dev = device_of(self.target)
+            self._vm = relax.VirtualMachine(self.executable, dev)
+            self._args = [tvm.runtime.tensor(a, dev) for _, a in self.params]
+        return self._vm
+
+    def __call__(self, x) -> np.ndarray:
+        vm = self._ready()
+        x = np.ascontiguousarray(np.asarray(x.numpy() if hasattr(x, "numpy") else x))
+        shape, dtype = tuple(self.manifest["input_shape"]), self.manifest["input_dtype"]
+        if x.shape != shape or str(x.dtype) != dtype:
+            raise HawqError(f"input of shape {x.shape} {x.dtype}: this model takes {shape} {dtype}")
+        out = vm["main"](tvm.runtime.tensor(x, device_of(self.target)), *self._args)
+        return out.numpy()
+
+    def time_ms(self, number: int = 5, repeat: int = 5) -> list:
+        vm = self._ready()
+        dev = device_of(self.target)
+        x = tvm.runtime.tensor(np.zeros(self.manifest["input_shape"], self.manifest["input_dtype"]), dev)
+        res = vm.time_evaluator("main", dev, number=number, repeat=repeat)(x, *self._args)
+        return [r * 1e3 for r in res.results]
+
+
+def compile_program(program: IntegerProgram, batch: int = 8, target="llvm", check: bool = True) -> DeployedModel:
+    target = parse_target(target, check=check)
+    calls = plan_kernels(program, batch, target)
+    mod, params = build_relax(program, calls, batch)
+    if target.kind.name == "cuda":
+        mod = gpu_schedule(mod, target)
+    ex = tvm.compile(mod, target=target)
+    out = calls[-1].kernel.output
+    manifest = {
+        "format": MANIFEST_VERSION, "library": LIBRARY, "params": PARAMS,
+        "input_name": program.input_name, "input_shape": [batch, *program.input_shape], "input_dtype": "int8",
+        "input_scale": float(program.input_scale), "output_name": program.output,
+        "output_shape": list(out.storage_shape), "output_dtype": out.dtype,
+        "output_scale": np.asarray(program.output_scale, dtype=np.float64).reshape(-1).tolist(),
+        "bits": dict(program.bits), "target": dict(target.export()), "tvm": tvm.__version__,
+        "param_names": [n for n, _ in params],
+        "kernels": [{"name": c.kernel.name, **c.kernel.notes} for c in calls],
+    }
+    return DeployedModel(ex, params, manifest, target)
+
+
+def export_model(model: DeployedModel, out_dir) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.executable.export_library(str(out / LIBRARY))
+    np.savez(out / PARAMS, **{f"p{i}": a for i, (_, a) in enumerate(model.params)})
+    (out / MANIFEST).write_text(json.dumps(model.manifest, indent=1))
+    return out
+
+
+_REQUIRED = ("format", "library", "params", "input_shape", "input_dtype", "output_shape", "target", "param_names")
+
+
+def read_manifest(out_dir) -> dict:
+    path = Path(out_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except OSError as e:
+        raise HawqError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise HawqError(f"{path}: corrupt manifest (invalid JSON at line {e.lineno})") from None
+    if not isinstance(manifest, dict) or any(k not in manifest for k in _REQUIRED):
+        missing = [k for k in _REQUIRED if not isinstance(manifest, dict) or k not in manifest]
+        raise HawqError(f"{path}: corrupt manifest (missing {', '.join(missing)})")
+    if manifest["format"] != MANIFEST_VERSION:
+        raise HawqError(f"{path}: manifest format {manifest['format']!r}, this version reads {MANIFEST_VERSION}")
+    return manifest
+
+
+def load_model(out_dir, check: bool = True) -> DeployedModel:
+    out = Path(out_dir)
+    manifest = read_manifest(out)
+    target = parse_target(manifest["target"], check=check)
+    try:
+        lib = tvm.runtime.load_module(str(out / manifest["library"]))
+        with np.load(out / manifest["params"], allow_pickle=False) as z:
+            arrays = [z[f"p{i}"] for i in range(len(manifest["param_names"]))]
+    except Exception as e:  # a missing or truncated file
+        raise HawqError(f"{out}: cannot load the compiled model ({str(e).strip().splitlines()[-1][:200]})") from None
+    return DeployedModel(lib, list(zip(manifest["param_names"], arrays)), manifest, target)

@@ -1,0 +1,178 @@
+"""The kernels between the layers: INT32 sum pooling, max pooling, concat, flatten, standalone elementwise
+chains, and the two layout changes at the model's edges (NCHW int8 image -> NCHW[b]c, and back).
+
+Each may carry an elementwise tail (`epilogue.py`): sum_pool2d -> requantize is one kernel.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import s_tir, te
+
+from hawq_ray.deploy import layout
+from hawq_ray.deploy.epilogue import Value, epilogue, output_dtype
+from hawq_ray.deploy.kernels import Kernel, is_gpu
+from hawq_ray.errors import HawqError
+from hawq_ray.quant.program import Op
+
+
+def _schedule_flat(func, blocks=None):
+    """Parallel outer loops, vectorized innermost loop, for every block (simple data movement kernels)."""
+    sch = s_tir.Schedule(func)
+    names = blocks or [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    for name in names:
+        loops = sch.get_loops(sch.get_sblock(name))
+        if len(loops) >= 2:
+            sch.parallel(sch.fuse(*loops[:min(3, len(loops) - 1)]))
+    return sch.mod["main"]
+
+
+def _finish(name, func, inputs, consts, out, target, notes=None, schedule=True):
+    if schedule and not is_gpu(target):
+        func = _schedule_flat(func)
+    return Kernel(name, func, inputs, consts, out, notes or {})
+
+
+def pool_out_size(size, k, s, p, d, ceil_mode):
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= size + p:   # the last window must start inside the input or left pad
+        out -= 1
+    return out
+
+
+def pool_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str) -> Kernel:
+    """sum_pool2d (INT32 window sum, zero padding) or max_pool2d (padding never wins) on NCHW[b]c."""
+    kh, kw = op.attrs["kernel"]
+    sh, sw = op.attrs.get("stride", None) or (kh, kw)
+    ph, pw = op.attrs.get("padding", (0, 0))
+    dh, dw = op.attrs.get("dilation", (1, 1)) if op.op == "max_pool2d" else (1, 1)
+    ceil_mode = bool(op.attrs.get("ceil_mode", False))
+    N, C, H, W = x.shape
+    OH, OW = pool_out_size(H, kh, sh, ph, dh, ceil_mode), pool_out_size(W, kw, sw, pw, dw, ceil_mode)
+    plain = x.dtype if op.op == "max_pool2d" else output_dtype(op)
+    out_value = Value((N, C, OH, OW), output_dtype(steps[-1]) if steps else plain, x.block)
+    data = te.placeholder(x.storage_shape, x.dtype, name="data")
+    rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
+    is_max = op.op == "max_pool2d"
+    acc_dtype = x.dtype if is_max else "int32"
+    floor = tvm.tirx.min_value(acc_dtype) if is_max else tvm.tirx.const(0, acc_dtype)
+
+    def window(n, c, oh, ow, ci):
+        ih, iw = oh * sh - ph + rh * dh, ow * sw - pw + rw * dw
+        inside = te.all(ih >= 0, ih < H, iw >= 0, iw < W)
+        v = te.if_then_else(inside, data[n, c, te.min(te.max(ih, 0), H - 1), te.min(te.max(iw, 0), W - 1), ci]
+                            .astype(acc_dtype), floor)
+        return te.max(v, axis=[rh, rw]) if is_max else te.sum(v, axis=[rh, rw])
+    acc = te.compute(out_value.storage_shape, window, name="acc")
+    epi = epilogue(steps, out_value, extras)
+    out = te.compute(out_value.storage_shape, lambda *i: epi.apply(acc[i], i), name="out")
+    func = te.create_prim_func([data, *epi.extra_tensors, *epi.const_tensors, out])
+    if not is_gpu(target):
+        sch = s_tir.Schedule(func)
+        acc_b, out_b = sch.get_sblock("acc"), sch.get_sblock("out")
+        n, c, oh, ow, ci, _, _ = sch.get_loops(acc_b)
+        sch.reverse_compute_at(out_b, ow)
+        sch.parallel(sch.fuse(n, c, oh))
+        sch.vectorize(sch.get_loops(out_b)[-1])
+        func = sch.mod["main"]
+    return Kernel(name, func, [x, *extras], epi.const_arrays, out_value, {"path": op.op})
+
+
+def elementwise_kernel(steps: list, inputs: list, target, name: str) -> Kernel:
+    """A standalone chain of requantize/relu/add; inputs[0] is the chain's first operand, the rest are the
+    other operands of its `add` steps (same storage layout)."""
+    x = inputs[0]
+    out_value = Value(x.shape, output_dtype(steps[-1]), x.block)
+    data = te.placeholder(x.storage_shape, x.dtype, name="data")
+    epi = epilogue(steps, out_value, inputs[1:])
+    out = te.compute(out_value.storage_shape, lambda *i: epi.apply(data[i], i), name="out")
+    func = te.create_prim_func([data, *epi.extra_tensors, *epi.const_tensors, out])
+    if not is_gpu(target):
+        sch = s_tir.Schedule(func)
+        loops = sch.get_loops(sch.get_sblock("out"))
+        if len(loops) > 1:
+            sch.parallel(sch.fuse(*loops[:-1]))
+        lanes = int(out_value.storage_shape[-1])
+        if lanes % 16 == 0:
+            sch.vectorize(sch.split(loops[-1], [None, 16])[1])
+        func = sch.mod["main"]
+    return Kernel(name, func, list(inputs), epi.const_arrays, out_value, {"path": "elementwise"})
+
+
+def _read_channel(t: te.Tensor, v: Value, n, c, h, w):
+    """Logical element (n, c, h, w) of a blocked value."""
+    return t[n, c // v.block, h, w, c % v.block]
+
+
+def concat_kernel(op: Op, inputs: list, steps: list, extras: list, target, name: str) -> Kernel:
+    axis = op.attrs.get("axis", 1)
+    rank = len(inputs[0].shape)
+    if axis not in (1, 1 - rank):
+        raise HawqError(f"{op.output}: concat along axis {axis}; only the channel axis (1) is supported")
+    channels = [v.shape[1] for v in inputs]
+    shape = (inputs[0].shape[0], sum(channels), *inputs[0].shape[2:])
+    same = len({v.dtype for v in inputs}) == 1
+    dtype = output_dtype(steps[-1]) if steps else (inputs[0].dtype if same else output_dtype(op))
+    out_value = Value(shape, dtype, 16 if rank == 4 else None)
+    tens = [te.placeholder(v.storage_shape, v.dtype, name=f"in{i}") for i, v in enumerate(inputs)]
+    offsets = np.cumsum([0] + channels)
+
+    def pick(c, read):   # channel c comes from the branch whose range holds it (pad channels: the last)
+        last = len(inputs) - 1
+        expr = read(last, te.min(te.max(c - int(offsets[last]), 0), channels[last] - 1)).astype(dtype)
+        for i in reversed(range(last)):
+            ci = te.min(te.max(c - int(offsets[i]), 0), channels[i] - 1)
+            expr = te.if_then_else(c < int(offsets[i + 1]), read(i, ci).astype(dtype), expr)
+        return expr
+    if rank == 4:
+        cat = te.compute(out_value.storage_shape, lambda n, co, h, w, ci: pick(
+            co * 16 + ci, lambda i, cc: _read_channel(tens[i], inputs[i], n, cc, h, w)), name="cat")
+    else:
+        cat = te.compute(out_value.storage_shape, lambda n, c: pick(c, lambda i, cc: tens[i][n, cc]), name="cat")
+    epi = epilogue(steps, out_value, extras)
+    out = te.compute(out_value.storage_shape, lambda *i: epi.apply(cat[i], i), name="out")
+    func = te.create_prim_func([*tens, *epi.extra_tensors, *epi.const_tensors, out])
+    if not is_gpu(target):
+        sch = s_tir.Schedule(func)
+        sch.compute_inline(sch.get_sblock("cat"))
+        func = _schedule_flat(sch.mod["main"])
+    return Kernel(name, func, [*inputs, *extras], epi.const_arrays, out_value, {"path": "concat"})
+
+
+def flatten_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str) -> Kernel:
+    """NCHW[b]c -> (N, C*H*W) in NCHW order: the layout change at the model's classifier edge."""
+    if len(x.shape) == 2:
+        n, f = x.shape
+        src = lambda t, i, j: t[i, j]
+    else:
+        n, c, h, w = x.shape
+        f = c * h * w
+        src = lambda t, i, j: _read_channel(t, x, i, j // (h * w), j // w % h, j % w)
+    out_value = Value((n, f), output_dtype(steps[-1]) if steps else x.dtype, None)
+    data = te.placeholder(x.storage_shape, x.dtype, name="data")
+    epi = epilogue(steps, out_value, extras)
+    out = te.compute((n, f), lambda i, j: epi.apply(src(data, i, j), (i, j)), name="out")
+    func = te.create_prim_func([data, *epi.extra_tensors, *epi.const_tensors, out])
+    return _finish(name, func, [x, *extras], epi.const_arrays, out_value, target, {"path": "flatten"})
+
+
+def input_kernel(x: Value, block: int, target, name: str = "input_to_blocked") -> Kernel:
+    """(N, C, H, W) -> NCHW[block]c, channels padded with zeros: the layout change at the model's input."""
+    data = te.placeholder(x.shape, x.dtype, name="data")
+    C = x.shape[1]
+    out_value = Value(x.shape, x.dtype, block)
+    out = te.compute(out_value.storage_shape, lambda n, co, h, w, ci: te.if_then_else(
+        co * block + ci < C, data[n, te.min(co * block + ci, C - 1), h, w], tvm.tirx.const(0, x.dtype)),
+        name="out")
+    func = te.create_prim_func([data, out])
+    return _finish(name, func, [x], [], out_value, target, {"path": "layout"})
+
+
+def output_kernel(x: Value, target, name: str = "blocked_to_output") -> Kernel:
+    """NCHW[b]c -> (N, C, H, W): the layout change at a rank-4 model output."""
+    data = te.placeholder(x.storage_shape, x.dtype, name="data")
+    out_value = Value(x.shape, x.dtype, None)
+    out = te.compute(x.shape, lambda n, c, h, w: _read_channel(data, x, n, c, h, w), name="out")
+    func = te.create_prim_func([data, out])
+    return _finish(name, func, [x], [], out_value, target, {"path": "layout"})
