@@ -119,7 +119,8 @@ def check_table(table: pd.DataFrame, bits: Sequence[int] = (4, 8)) -> pd.DataFra
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             what = "> 0" if c == "params" else ">= 0"
-            raise TableError(f"layer table: column {c!r} of layer {t['layer'][i]!r} is {t[c][i]!r}; "
+            shown = t[c][i].item() if hasattr(t[c][i], "item") else t[c][i]
+            raise TableError(f"layer table: column {c!r} of layer {t['layer'][i]!r} is {shown!r}; "
                              f"it must be a finite number {what}")
         t[c] = v
     if 0 < len(lat) < len(bits):
