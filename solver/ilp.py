@@ -143,7 +143,7 @@ def _fixed_bits_column(t: pd.DataFrame, bits: tuple[int, ...]) -> pd.Series:
         return pd.Series(np.zeros(len(t), int))
     out = []
     for name, v in zip(t["layer"], t["fixed_bits"]):
-        if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip()):
+        if (not isinstance(v, str) and pd.isna(v)) or (isinstance(v, str) and not v.strip()):
             out.append(0)
             continue
         try:

@@ -209,3 +209,12 @@ def test_fixed_layer_sensitivity_may_be_missing():
     t = hand_table().assign(trace=[2000.0, 3000.0, np.nan])
     a = solve_bits(t, {"bops": 0.5})
     assert a.objective == pytest.approx(3.1) and np.isnan(a.objective_model)
+
+
+def test_layer_table_dtypes_as_hawq_ray_layers_writes_them():
+    """fixed_bits as nullable Int64 with <NA>, group as strings: the layer table stage's own dtypes."""
+    t = hand_table().assign(fixed_bits=pd.array([pd.NA, pd.NA, 8], dtype="Int64"),
+                            group=pd.array(["", "", pd.NA], dtype="string"))
+    assert solve_bits(t, {"bops": 0.5}).bits == {"a": 8, "b": 4, "c": 8}
+    t = hand_table().assign(fixed_bits=[np.nan, np.nan, 8.0])
+    assert solve_bits(t, {"bops": 0.5}).bits == {"a": 8, "b": 4, "c": 8}
