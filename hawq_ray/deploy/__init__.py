@@ -1,0 +1,9 @@
+"""TVM back end: IntegerProgram -> integer-only compiled module (one kernel per layer), export, load, verify.
+
+    from hawq_ray.deploy import load_model
+    model = load_model("out/")          # model.so + params.npz + manifest.json
+    logits_int32 = model(x_int8)        # x: (N, C, H, W) int8 numpy array
+"""
+from hawq_ray.deploy.build import (compile_program, export_model, load_model, parse_target,  # noqa: F401
+                                   read_manifest)
+from hawq_ray.deploy.layer import build_layer_kernel, compile_kernel, time_kernel  # noqa: F401

@@ -1,0 +1,35 @@
+"""Batch-norm folding into the preceding conv (HAWQ-V3 Appendix D, eq. 16).
+
+    CONV_BN(h) = beta * (W h + b - mu) / sigma + gamma  =  (beta W / sigma) h + (beta (b - mu) / sigma + gamma)
+
+with sigma = sqrt(running_var + eps): BN uses its running statistics (inference / frozen BN).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d | None):
+    """Return (W_bar, b_bar) of eq. 16; differentiable in the conv and BN affine parameters."""
+    if bias is None:
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    if bn is None:
+        return weight, bias
+    sigma = torch.sqrt(bn.running_var + bn.eps)
+    gain = (bn.weight if bn.weight is not None else torch.ones_like(sigma)) / sigma
+    shift = bn.bias if bn.bias is not None else torch.zeros_like(sigma)
+    w_bar = weight * gain.reshape((-1,) + (1,) * (weight.dim() - 1))
+    b_bar = (bias - bn.running_mean) * gain + shift
+    return w_bar, b_bar
+
+
+def folded_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """BN-folded weight of every quantizable layer of `model`, keyed by layer name (detached)."""
+    from hawq_ray.quant.graph import trace_graph
+    graph = trace_graph(model)
+    out = {}
+    for node in graph.layer_nodes():
+        w, _ = fold_bn(node.module.weight, node.module.bias, node.bn)
+        out[node.layer] = w.detach().clone()
+    return out
