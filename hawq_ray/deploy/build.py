@@ -43,7 +43,7 @@ def host_cpu_features() -> set:
 def parse_target(spec="llvm", check: bool = True) -> tvm.target.Target:
     """'llvm' | 'cuda' | dict | JSON string | Target -> Target; check that this machine can run it."""
     if isinstance(spec, tvm.target.Target):
-        attrs = dict(spec.export())
+        attrs = target_dict(spec)
     elif isinstance(spec, dict):
         attrs = dict(spec)
     else:
@@ -75,10 +75,20 @@ def _check_runnable(target):
         if not tvm.cuda(0).exist:
             raise HawqError("target cuda: this machine has no CUDA device (use llvm, or check=False to export)")
         return
-    from tvm.target.codegen import llvm_get_cpu_features
+    from tvm.target.codegen import llvm_get_cpu_features, llvm_get_system_triple
+    arch = str(target.attrs.get("mtriple", llvm_get_system_triple())).split("-")[0]
+    if arch != llvm_get_system_triple().split("-")[0]:
+        raise HawqError(f"target llvm -mtriple={target.attrs['mtriple']}: this machine is "
+                        f"{llvm_get_system_triple().split('-')[0]} (use check=False to export)")
     lacking = sorted(f for f in set(llvm_get_cpu_features(target)) & set(_ISA) if f not in host_cpu_features())
     if lacking:
         raise HawqError(f"target llvm -mcpu={target.attrs['mcpu']}: this CPU lacks {', '.join(lacking)}")
+
+
+def target_dict(target) -> dict:
+    """The target as a plain JSON-able dict (kind and attributes), as the manifest stores it."""
+    d = json.loads(str(target))
+    return {k: v for k, v in d.items() if k not in ("tag", "keys") and v not in ("", None)}
 
 
 def device_of(target):
@@ -141,7 +151,7 @@ def compile_program(program: IntegerProgram, batch: int = 8, target="llvm", chec
         "input_scale": float(program.input_scale), "output_name": program.output,
         "output_shape": list(out.storage_shape), "output_dtype": out.dtype,
         "output_scale": np.asarray(program.output_scale, dtype=np.float64).reshape(-1).tolist(),
-        "bits": dict(program.bits), "target": dict(target.export()), "tvm": tvm.__version__,
+        "bits": dict(program.bits), "target": target_dict(target), "tvm": tvm.__version__,
         "param_names": [n for n, _ in params],
         "kernels": [{"name": c.kernel.name, **c.kernel.notes} for c in calls],
     }

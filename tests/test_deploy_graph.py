@@ -1,0 +1,117 @@
+"""Whole programs through the TVM back end: bit-exact against the numpy reference, export/load, bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hawq_ray.deploy import compile_program, export_model, load_model, parse_target
+from hawq_ray.deploy.graph import plan_groups, plan_kernels
+from hawq_ray.deploy.verify import compare, random_inputs, verify_model
+from hawq_ray.errors import HawqError
+from hawq_ray.quant.program import IntegerProgram, Op
+from test_deploy_reference import make_program, run_reference
+
+GENERIC = {"kind": "llvm", "mcpu": "skylake"}
+
+
+@pytest.fixture(scope="module")
+def programs():
+    mixed_bits = {"block.conv1": 4, "block.conv2": 8, "block.down": 8, "branch.conv": 4}
+    out = {"uniform8": make_program(8, 255), "uniform4": make_program(4, 15)}
+    prog, x = make_program(8, 255, seed=2)
+    for op in prog.ops:        # mixed: requantize the 4-bit layers' weights to [-8, 7]
+        if op.layer in mixed_bits and mixed_bits[op.layer] == 4:
+            op.consts["weight"] = (op.consts["weight"] >> 4).astype(np.int8)
+            op.attrs["w_bits"] = 4
+    out["mixed"] = (prog, x)
+    return out
+
+
+@pytest.mark.parametrize("config", ["uniform8", "uniform4", "mixed"])
+@pytest.mark.parametrize("target", ["llvm", GENERIC], ids=["host", "generic"])
+def test_program_bit_exact(programs, config, target):
+    prog, x = programs[config]
+    model = compile_program(prog, batch=2, target=target)
+    ref = lambda batch: run_reference(prog, batch)[prog.output]
+    result = verify_model(model, ref, [x, *random_inputs(x.shape, 2, seed=1)])
+    assert result.differing == 0 and result.elements == 3 * 2 * 10
+    assert np.abs(ref(x)).max() > 1000     # the logits are not trivially zero
+
+
+def test_one_kernel_per_layer_and_layout_changes_at_edges(programs):
+    prog, _ = programs["uniform8"]
+    calls = plan_kernels(prog, 2, parse_target("llvm"))
+    names = [c.kernel.name for c in calls]
+    assert names[0] == "input_to_blocked" and sum("blocked" in n for n in names) == 1
+    layers = [c for c in calls if c.kernel.name.startswith(("conv2d_", "dense_"))]
+    assert len(layers) == len(prog.layers())
+    # requantize and the residual add/relu ride inside the conv kernels: the add has no kernel of its own
+    assert not any(n.startswith(("add_", "relu_")) for n in names)
+
+
+def test_fusion_keeps_multi_consumer_values_separate():
+    """A value read twice (residual identity) is not absorbed into its producer's chain."""
+    prog, _ = make_program(8, 255)
+    groups = plan_groups(prog)
+    produced = {g.output for g in groups}
+    consumers = {}
+    for op in prog.ops:
+        for name in op.inputs:
+            consumers[name] = consumers.get(name, 0) + 1
+    for name, n in consumers.items():
+        if n > 1 and name != "x":
+            assert name in produced
+
+
+def test_export_load_roundtrip(programs, tmp_path):
+    prog, x = programs["uniform4"]
+    model = compile_program(prog, batch=2)
+    out = export_model(model, tmp_path / "m")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["input_shape"] == [2, 3, 12, 12] and manifest["bits"]["block.conv1"] == 4
+    loaded = load_model(out)
+    assert compare(loaded(x), run_reference(prog, x)[prog.output]).differing == 0
+
+
+def test_bad_inputs_raise_one_line_errors(programs, tmp_path):
+    prog, x = programs["uniform8"]
+    for bad in ({"kind": "llvm", "mcpu": "bogus"}, "cuda", "rocm", "not json {",
+                {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"}):
+        with pytest.raises(HawqError) as e:
+            parse_target(bad)
+        assert "\n" not in str(e.value)
+    out = export_model(compile_program(prog, batch=2), tmp_path / "m")
+    (out / "manifest.json").write_text("{ not json")
+    with pytest.raises(HawqError, match="corrupt manifest"):
+        load_model(out)
+    (out / "manifest.json").write_text(json.dumps({"format": 1}))
+    with pytest.raises(HawqError, match="missing"):
+        load_model(out)
+    with pytest.raises(HawqError):
+        load_model(tmp_path / "nowhere")
+
+
+def test_wrong_input_shape_is_rejected(programs):
+    prog, x = programs["uniform8"]
+    model = compile_program(prog, batch=2)
+    with pytest.raises(HawqError, match="takes"):
+        model(x[:1])
+
+
+def test_depthwise_and_rank4_output():
+    """A grouped conv and a program whose output is rank 4 (unblocked once at the end)."""
+    rng = np.random.default_rng(3)
+    w = rng.integers(-128, 128, (16, 1, 3, 3)).astype(np.int8)
+    w0 = rng.integers(-128, 128, (16, 3, 1, 1)).astype(np.int8)
+    ops = [Op("conv2d", ["x"], "a", dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, w_bits=8,
+                                         x_signed=True), dict(weight=w0, bias=np.zeros(16, np.int32)), layer="c0"),
+           Op("requantize", ["a"], "b", dict(lo=0, hi=255), dict(multiplier=np.array(1 << 30, np.int32),
+                                                                  shift=np.array(36, np.int32)), lo=0, hi=255),
+           Op("conv2d", ["b"], "c", dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=16, w_bits=8),
+              dict(weight=w, bias=np.arange(16, dtype=np.int32)), layer="dw")]
+    prog = IntegerProgram("x", (3, 6, 6), 0.1, ops, "c", np.ones(16))
+    x = rng.integers(-128, 128, (2, 3, 6, 6)).astype(np.int8)
+    got = compile_program(prog, batch=2)(x)
+    assert np.array_equal(got, run_reference(prog, x)["c"])

@@ -1,0 +1,181 @@
+"""Each TVM kernel, alone, against the numpy int64 reference: bit for bit, on the VNNI path and the generic path.
+
+Shapes are tiny; each kernel compiles in well under a second.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hawq_ray.deploy import layout
+from hawq_ray.deploy.build import parse_target
+from hawq_ray.deploy.epilogue import Value
+from hawq_ray.deploy.glue import concat_kernel, elementwise_kernel, pool_kernel
+from hawq_ray.deploy.kernels import conv2d_kernel, dense_kernel, target_has_vnni
+from hawq_ray.deploy.layer import build_layer_kernel, run_kernel, time_kernel
+from hawq_ray.quant.dyadic import dyadic
+from hawq_ray.quant.program import Op
+from test_deploy_reference import apply_op, ref_requantize
+
+HOST = parse_target("llvm")
+GENERIC = parse_target({"kind": "llvm", "mcpu": "skylake"})   # AVX2 only: the generic schedule
+TARGETS = [pytest.param(HOST, id="host"), pytest.param(GENERIC, id="generic")]
+
+
+def test_targets_pick_their_path():
+    assert not target_has_vnni(GENERIC)
+    if not target_has_vnni(HOST):
+        pytest.skip("this CPU has no AVX512-VNNI")
+
+
+def _conv_op(rng, cin, cout, k, stride, pad, w_bits, signed, groups=1, dilation=1):
+    lim = 1 << (w_bits - 1)
+    w = rng.integers(-lim, lim, (cout, cin // groups, k, k)).astype(np.int8)
+    b = rng.integers(-20000, 20000, cout).astype(np.int32)
+    return Op("conv2d", ["x"], "z", dict(stride=(stride, stride), padding=(pad, pad), dilation=(dilation, dilation),
+                                         groups=groups, w_bits=w_bits, x_bits=8, x_signed=signed),
+              dict(weight=w, bias=b), layer="conv")
+
+
+def _requant(rng, shape, lo, hi, scale):
+    m, s = dyadic(rng.uniform(0.5, 2.0, shape) * scale)
+    return Op("requantize", ["z"], "q", dict(lo=lo, hi=hi), dict(multiplier=m.astype(np.int32),
+                                                                 shift=s.astype(np.int32)), lo=lo, hi=hi)
+
+
+def _input(rng, shape, signed):
+    return rng.integers(-128, 128, shape) if signed else rng.integers(0, 256, shape)
+
+
+CONV_CASES = [  # cin, cout, size, k, stride, pad, w_bits, signed, dilation
+    (3, 20, 13, 3, 2, 1, 8, True, 1),       # stem-like: signed input, 3 channels, odd size
+    (24, 32, 19, 3, 1, 1, 4, False, 1),     # packed int4 weights, output row 19 (tile 10 + masked tail)
+    (16, 16, 9, 1, 1, 0, 8, False, 1),      # 1x1, no padding
+    (32, 48, 10, 3, 1, 2, 4, False, 2),     # dilation
+    (16, 8, 23, 5, 2, 2, 8, False, 1),      # output channels below one block, output row 10
+]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"c{c[0]}-{c[1]}_k{c[3]}s{c[4]}_w{c[6]}")
+def test_conv_requantize_relu_bit_exact(target, case):
+    cin, cout, size, k, stride, pad, w_bits, signed, dil = case
+    rng = np.random.default_rng(cin * 7 + cout)
+    op = _conv_op(rng, cin, cout, k, stride, pad, w_bits, signed, dilation=dil)
+    x = _input(rng, (2, cin, size, size), signed)
+    z = apply_op(op, [x])
+    rq = _requant(rng, (cout, 1, 1), 0, 255, 200 / np.abs(z).max())
+    relu = Op("relu", ["q"], "r", lo=0, hi=255)
+    kern = conv2d_kernel(op, Value(x.shape, "int8" if signed else "uint8", layout.channel_block(cin)),
+                         [rq, relu], [], target)
+    assert kern.notes["path"] == ("vnni" if target_has_vnni(target) else "generic")
+    want = ref_requantize(z, rq.consts["multiplier"], rq.consts["shift"], 0, 255)
+    got = run_kernel(kern, [x], target)
+    assert got.dtype == np.uint8 and np.array_equal(got, want)
+    assert 0 < (want == 0).mean() < 0.9     # the clamp is exercised, and so are positive values
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_conv_int32_output_and_signed_requantize(target):
+    rng = np.random.default_rng(3)
+    op = _conv_op(rng, 16, 16, 3, 1, 1, 8, False)
+    x = _input(rng, (1, 16, 8, 8), False)
+    xv = Value(x.shape, "uint8", 16)
+    got = run_kernel(conv2d_kernel(op, xv, [], [], target), [x], target)
+    z = apply_op(op, [x])
+    assert got.dtype == np.int32 and np.array_equal(got, z)
+    rq = _requant(rng, (), -128, 127, 100 / np.abs(z).max())       # per tensor, signed output
+    got = run_kernel(conv2d_kernel(op, xv, [rq], [], target), [x], target)
+    want = ref_requantize(z, rq.consts["multiplier"], rq.consts["shift"], -128, 127)
+    assert got.dtype == np.int8 and np.array_equal(got, want) and want.min() < 0
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_conv_fused_residual_add(target):
+    """conv -> requantize (branch) -> add(other requantized branch) -> relu, in one kernel."""
+    rng = np.random.default_rng(4)
+    op = _conv_op(rng, 16, 32, 3, 1, 1, 8, False)
+    x = _input(rng, (2, 16, 7, 7), False)
+    other = rng.integers(-128, 128, (2, 32, 7, 7))
+    z = apply_op(op, [x])
+    rq = _requant(rng, (32, 1, 1), -128, 127, 100 / np.abs(z).max())
+    add = Op("add", ["q", "other"], "s", lo=-256, hi=254)
+    relu = Op("relu", ["s"], "r", lo=0, hi=254)
+    kern = conv2d_kernel(op, Value(x.shape, "uint8", 16), [rq, add, relu], [Value(other.shape, "int8", 16)], target)
+    want = np.maximum(ref_requantize(z, rq.consts["multiplier"], rq.consts["shift"], -128, 127) + other, 0)
+    got = run_kernel(kern, [x, other], target)
+    assert got.dtype == np.uint8 and np.array_equal(got, want)
+
+
+def test_grouped_conv_generic():
+    rng = np.random.default_rng(5)
+    op = _conv_op(rng, 32, 32, 3, 2, 1, 8, False, groups=8)
+    x = _input(rng, (2, 32, 9, 9), False)
+    got = run_kernel(conv2d_kernel(op, Value(x.shape, "uint8", 16), [], [], HOST), [x], HOST)
+    assert np.array_equal(got, apply_op(op, [x]))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("w_bits,signed,cin,cout", [(8, False, 512, 10), (4, True, 30, 33)])
+def test_dense_bit_exact(target, w_bits, signed, cin, cout):
+    rng = np.random.default_rng(cin + cout)
+    lim = 1 << (w_bits - 1)
+    op = Op("dense", ["x"], "z", dict(w_bits=w_bits, x_bits=8, x_signed=signed),
+            dict(weight=rng.integers(-lim, lim, (cout, cin)).astype(np.int8),
+                 bias=rng.integers(-5000, 5000, cout).astype(np.int32)), layer="fc")
+    x = _input(rng, (3, cin), signed)
+    got = run_kernel(dense_kernel(op, Value(x.shape, "int8" if signed else "uint8"), [], [], target), [x], target)
+    assert np.array_equal(got, apply_op(op, [x]))
+    z = apply_op(op, [x])
+    rq = _requant(rng, (cout,), 0, 15, 15 / np.abs(z).max())       # per-channel requantize to 4 bits
+    got = run_kernel(dense_kernel(op, Value(x.shape, "int8" if signed else "uint8"), [rq], [], target), [x], target)
+    assert np.array_equal(got, ref_requantize(z, rq.consts["multiplier"], rq.consts["shift"], 0, 15))
+
+
+@pytest.mark.parametrize("kind,kernel,stride,pad,ceil_mode", [
+    ("max_pool2d", 3, 2, 1, False), ("max_pool2d", 3, 2, 0, True),
+    ("sum_pool2d", 3, 2, 1, True), ("sum_pool2d", 7, 1, 0, False)])
+def test_pools_bit_exact(kind, kernel, stride, pad, ceil_mode):
+    rng = np.random.default_rng(6)
+    size = 7 if kernel == 7 else 10
+    x = rng.integers(0, 256, (2, 20, size, size))
+    op = Op(kind, ["x"], "p", dict(kernel=(kernel, kernel), stride=(stride, stride), padding=(pad, pad),
+                                   dilation=(1, 1), ceil_mode=ceil_mode))
+    want = apply_op(op, [x])
+    steps = []
+    if kind == "sum_pool2d":    # INT32 sum, then a per-position requantize (the division by the window count)
+        steps = [_requant(rng, (1, *want.shape[2:]), 0, 255, 1.0 / kernel ** 2)]
+        want = ref_requantize(want, steps[0].consts["multiplier"], steps[0].consts["shift"], 0, 255)
+    got = run_kernel(pool_kernel(op, Value(x.shape, "uint8", 16), steps, [], HOST, "pool"), [x], HOST)
+    assert np.array_equal(got, want)
+
+
+def test_concat_and_standalone_requantize():
+    rng = np.random.default_rng(7)
+    a, b = rng.integers(0, 256, (2, 20, 5, 5)), rng.integers(-128, 128, (2, 12, 5, 5))
+    op = Op("concat", ["a", "b"], "c", dict(axis=1), lo=-128, hi=255)
+    kern = concat_kernel(op, [Value(a.shape, "uint8", 16), Value(b.shape, "int8", 16)], [], [], HOST, "cat")
+    assert np.array_equal(run_kernel(kern, [a, b], HOST), np.concatenate([a, b], axis=1))
+    rq = _requant(rng, (20, 1, 1), 0, 15, 15 / 255)
+    kern = elementwise_kernel([rq], [Value(a.shape, "uint8", 16)], HOST, "rq")
+    assert np.array_equal(run_kernel(kern, [a], HOST),
+                          ref_requantize(a, rq.consts["multiplier"], rq.consts["shift"], 0, 15))
+
+
+def test_int4_packing_roundtrip():
+    rng = np.random.default_rng(8)
+    w = rng.integers(-8, 8, (3, 2, 16, 4)).astype(np.int8)
+    p = layout.pack_int4(w)
+    assert p.dtype == np.uint8 and p.shape == (3, 2, 32)
+    assert np.array_equal(layout.unpack_int4(p), w)
+    with pytest.raises(ValueError):
+        layout.pack_int4(np.full((16, 4), 9, np.int8))
+
+
+def test_layer_kernel_is_timeable():
+    rng = np.random.default_rng(9)
+    for w_bits in (4, 8):
+        op = _conv_op(rng, 16, 16, 3, 1, 1, w_bits, False)
+        kern = build_layer_kernel(op, (1, 16, 8, 8), HOST)
+        times = time_kernel(kern, HOST, number=2, repeat=2)
+        assert len(times) == 2 and all(t > 0 for t in times)
