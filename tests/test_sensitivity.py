@@ -1,0 +1,155 @@
+"""Per-layer Hutchinson traces in one process, checked against the exact Hessian and pyhessian."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from hawq_ray.errors import HawqError
+from hawq_ray.sensitivity import (layer_traces, merge_samples, omega, rademacher, sensitivity_columns,
+                                  weight_deltas)
+from test_sensitivity_helpers import exact_block_traces, tiny_batches, tiny_model
+
+LAYERS = ["0", "2", "6"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, batches = tiny_model(), tiny_batches()
+    return model, batches, exact_block_traces(model, batches, LAYERS)
+
+
+@pytest.fixture(scope="module")
+def traces(tiny):
+    model, batches, _ = tiny
+    return layer_traces(model, batches, tol=0.05, max_iter=400, seed=0)
+
+
+def test_each_layer_within_3_stderr_of_exact_block_trace(tiny, traces):
+    _, _, exact = tiny
+    assert traces["layer"].tolist() == LAYERS
+    assert traces["trace_converged"].all() and traces["trace_samples"].iloc[0] < 400
+    for row in traces.itertuples():
+        assert row.trace_stderr <= 0.05 * abs(row.trace)
+        assert abs(row.trace - exact[row.layer]) <= 3 * row.trace_stderr, (row, exact[row.layer])
+
+
+def test_sum_over_layers_agrees_with_pyhessian_whole_model_trace(tiny, traces):
+    from pyhessian import hessian
+
+    model, batches, exact = tiny
+    samples = traces.attrs["samples"].sum(axis=1)  # per-iteration whole-model v^T H v (all params are weights)
+    ours, ours_se = samples.mean(), samples.std(ddof=1) / math.sqrt(len(samples))
+    x, y = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])  # same data, same H
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pyhessian's backward(create_graph=True) warns of a reference cycle
+        ph = np.asarray(hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+                        .trace(maxIter=200, tol=-1e30))  # a very negative tol forces all iterations
+    for p in model.parameters():
+        p.grad = None
+    ph_mean, ph_se = ph.mean(), ph.std(ddof=1) / math.sqrt(len(ph))
+    combined = math.hypot(ours_se, ph_se)
+    assert len(ph) == 200
+    # the issue's bar: within one combined standard error (deterministic at these seeds; z = 0.13 here)
+    assert abs(ours - ph_mean) <= combined, (ours, ph_mean, combined)
+    assert abs(ours - sum(exact.values())) <= 3 * ours_se
+
+
+def test_rademacher_depends_on_seed_shard_and_iteration_only():
+    params = [torch.zeros(3, 4), torch.zeros(7)]
+    a = rademacher(params, 5, 1, 2)
+    assert all(torch.equal(x, y) for x, y in zip(a, rademacher(params, 5, 1, 2)))
+    assert all(set(x.unique().tolist()) == {-1.0, 1.0} for x in a)
+    for other in [(6, 1, 2), (5, 0, 2), (5, 1, 3)]:
+        assert not torch.equal(torch.cat([x.flatten() for x in a]),
+                               torch.cat([x.flatten() for x in rademacher(params, *other)]))
+
+
+def test_merge_weights_shards_by_size_and_ignores_arrival_order():
+    rows = {(0, 0): np.array([1.0, 2.0]), (1, 0): np.array([3.0, 5.0])}
+    weights = {0: 0.25, 1: 0.75}
+    expected = [[0.25 * 1 + 0.75 * 3, 0.25 * 2 + 0.75 * 5]]
+    assert merge_samples(rows, weights, 1).tolist() == expected
+    assert merge_samples(dict(reversed(rows.items())), weights, 1).tolist() == expected
+
+
+def test_stops_at_max_iter_and_reports_unconverged_layers(tiny):
+    model, batches, _ = tiny
+    calls = []
+    with pytest.warns(UserWarning, match="not converged"):
+        table = layer_traces(model, batches, tol=1e-6, max_iter=6, min_iter=2, block=4,
+                             progress=lambda t, worst: calls.append((t, worst)))
+    assert (table["trace_samples"] == 6).all() and not table["trace_converged"].any()
+    assert table.attrs["not_converged"] == LAYERS
+    assert [t for t, _ in calls] == [4, 6] and all(w > 1e-6 for _, w in calls)
+
+
+def test_eval_mode_is_used_and_the_mode_restored():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, bias=False), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(3 * 36, 4))
+    model[1].running_mean.fill_(0.3)
+    model[1].running_var.fill_(2.0)
+    model.train()
+    batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,)))]
+    table = layer_traces(model, batches, tol=0.0, max_iter=64, min_iter=64, block=64)
+    assert model.training and float(model[1].running_mean[0]) == pytest.approx(0.3)
+    exact = exact_block_traces(model, batches, ["0", "4"])  # in eval mode: running statistics
+    for row in table.itertuples():
+        assert abs(row.trace - exact[row.layer]) <= 3 * row.trace_stderr
+
+
+def test_omega_is_eq8_with_negative_traces_as_zero():
+    # Omega = Tr/n * delta: 2/4 * 0.5 = 0.25, and a negative trace gives 0
+    assert omega([2.0, -1.0], [4, 2], [0.5, 0.3]).tolist() == [0.25, 0.0]
+
+
+def test_sensitivity_columns_on_the_layer_table_with_deployed_quantizer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 36, 4))
+    model[1].running_var.uniform_(0.5, 2.0)
+    model[1].weight.data.uniform_(0.5, 1.5)
+    table = pd.DataFrame({"layer": ["0", "4"], "params": [27, 432]})
+    traces = pd.DataFrame({"layer": ["4", "0"], "trace": [-0.5, 3.0], "trace_stderr": [0.1, 0.1],
+                           "trace_samples": [8, 8], "trace_converged": [False, True]})
+    with pytest.warns(UserWarning, match="negative Hessian trace"):
+        out = sensitivity_columns(table, traces, weight_deltas(model, ["0", "4"]))
+    # independent numpy: fold BN (eq. 16), symmetric per-channel scale, round half up, clamp
+    bn = model[1]
+    gain = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy()
+    folded = {"0": model[0].weight.detach().numpy() * gain[:, None, None, None],
+              "4": model[4].weight.detach().numpy()}
+    for bits in (4, 8):
+        qmax = 2 ** (bits - 1) - 1
+        for layer, w in folded.items():
+            w2 = w.reshape(len(w), -1).astype(np.float64)
+            s = np.abs(w2).max(axis=1, keepdims=True) / qmax
+            q = np.clip(np.floor(w2 / s + 0.5), -qmax - 1, qmax)
+            delta = float(((q * s - w2) ** 2).sum())
+            row = out.set_index("layer").loc[layer]
+            assert row[f"delta{bits}"] == pytest.approx(delta, rel=1e-4)
+            assert row[f"omega{bits}"] == pytest.approx(max(row["trace"], 0) / row["params"] * delta, rel=1e-4)
+    assert out["layer"].tolist() == ["0", "4"] and out.loc[1, "trace"] == -0.5 and out.loc[1, "omega4"] == 0
+
+
+def test_bad_input_is_one_line_hawq_error(tiny):
+    model, batches, _ = tiny
+    cases = [
+        (lambda: layer_traces(nn.Sequential(nn.Flatten()), batches), "no quantizable layer"),
+        (lambda: layer_traces(model, []), "empty"),
+        (lambda: layer_traces(model, [(torch.zeros(0, 1, 8, 8), torch.zeros(0).long())]), "empty"),
+        (lambda: layer_traces(model, [(torch.full((4, 1, 8, 8), float("nan")), torch.zeros(4).long())]),
+         "loss is nan"),
+        (lambda: layer_traces(model, batches, layers=["nope"]), "not a module"),
+        (lambda: layer_traces(model, batches, max_iter=0), "valid are"),
+    ]
+    for call, match in cases:
+        with pytest.raises(HawqError, match=match) as info:
+            call()
+        assert "\n" not in str(info.value)
