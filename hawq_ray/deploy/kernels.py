@@ -50,11 +50,15 @@ def conv_out_size(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _tile(width: int) -> int:
-    """Register tile along the output row: 7..16 wide, least wasted columns, then widest."""
-    if width <= 16:
-        return width
-    return min(range(16, 6, -1), key=lambda t: (-(-width // t) * t - width, -t))
+MAX_ACC = 28   # int32x16 accumulators of a register tile (of 32 zmm registers)
+
+
+def _tile(height: int, width: int) -> tuple:
+    """Register tile (rows, columns) of the output: 7..14 columns with the fewest wasted, then the widest;
+    two rows when that fits MAX_ACC accumulators (weights are loaded once per tile, so taller is cheaper)."""
+    tw = width if width <= 14 else min(range(14, 6, -1), key=lambda t: (-(-width // t) * t - width, -t))
+    th = 2 if height > 1 and 2 * tw <= MAX_ACC else 1
+    return th, tw
 
 
 def _bias(op: Op, channels: int) -> np.ndarray:
@@ -121,9 +125,9 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     w_ph, w8, w_arr = _weight_tensors(layout.pack_conv_weight(w, ib), w_bits)
     b_ph = te.placeholder(bias_arr.shape, "int32", name="bias")
 
-    tile = _tile(OW) if not is_gpu(target) else 1
-    OWp = -(-OW // tile) * tile
-    HP = (OH - 1) * sh + dh * (KH - 1) + 1
+    tile = _tile(OH, OW) if not is_gpu(target) else (1, 1)
+    OHp, OWp = -(-OH // tile[0]) * tile[0], -(-OW // tile[1]) * tile[1]
+    HP = (OHp - 1) * sh + dh * (KH - 1) + 1
     WP = (OWp - 1) * sw + dw * (KW - 1) + 1
     in_dtype = "uint8" if shift_input else x.dtype
     needs_pad = shift_input or ph or pw or HP != H or WP != W
@@ -146,7 +150,7 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     icm = te.reduce_axis((0, ib // 4), "icm")
     ici = te.reduce_axis((0, 4), "ici")
     acc = te.compute(
-        (N, O // 16 + (O % 16 > 0), OH, OWp, 16),
+        (N, O // 16 + (O % 16 > 0), OHp, OWp, 16),
         lambda n, o, h, ww, oi: te.sum(
             src[n, ico, h * sh + kh * dh, ww * sw + kw * dw, icm * 4 + ici].astype("int32")
             * w8[o, ico, kh, kw, icm, oi, ici].astype("int32"),
@@ -180,34 +184,38 @@ def _schedule_side_stages(sch, has_pad: bool, int4: bool):
         sch.vectorize(sch.fuse(oi_lo, ii))
 
 
-def _schedule_conv_vnni(func, tile: int, has_pad: bool, int4: bool):
+def _schedule_conv_vnni(func, tile: tuple, has_pad: bool, int4: bool):
     from hawq_ray.deploy.vnni import VNNI_INTRIN
     sch = s_tir.Schedule(func)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     n, o, h, w, oi, ico, kh, kw, icm, ici = sch.get_loops(acc)
-    wo, wi = sch.split(w, [None, tile])
-    sch.reorder(n, o, h, wo, ico, kh, kw, icm, wi, oi, ici)
+    ho, hi = sch.split(h, [None, tile[0]])
+    wo, wi = sch.split(w, [None, tile[1]])
+    sch.reorder(n, o, ho, wo, ico, kh, kw, icm, hi, wi, oi, ici)
     sch.set_scope(acc, 0, "local")
     sch.reverse_compute_at(out, wo)
-    sch.parallel(sch.fuse(n, o, h))
+    sch.parallel(sch.fuse(n, o, ho))
     init = sch.decompose_reduction(acc, ico)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(oi, VNNI_INTRIN)
+    sch.unroll(hi)
     sch.unroll(wi)
     sch.vectorize(sch.get_loops(out)[-1])
     _schedule_side_stages(sch, has_pad, int4)
     return sch.mod["main"]
 
 
-def _schedule_conv_generic(func, tile: int, has_pad: bool, int4: bool):
+def _schedule_conv_generic(func, tile: tuple, has_pad: bool, int4: bool):
     sch = s_tir.Schedule(func)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     n, o, h, w, oi, ico, kh, kw, icm, ici = sch.get_loops(acc)
-    wo, wi = sch.split(w, [None, tile])
-    sch.reorder(n, o, h, wo, ico, kh, kw, icm, ici, wi, oi)
+    ho, hi = sch.split(h, [None, tile[0]])
+    wo, wi = sch.split(w, [None, tile[1]])
+    sch.reorder(n, o, ho, wo, ico, kh, kw, icm, ici, hi, wi, oi)
     sch.set_scope(acc, 0, "local")
     sch.reverse_compute_at(out, wo)
-    sch.parallel(sch.fuse(n, o, h))
+    sch.parallel(sch.fuse(n, o, ho))
+    sch.unroll(hi)
     init = sch.decompose_reduction(acc, ico)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.unroll(oi)   # vectorize refuses a loop under reduction loops; LLVM's SLP pass packs the lanes
