@@ -1,0 +1,188 @@
+"""End-to-end latency of the TVM integer-only deployment against torch fp32 eager, torch.ao int8 (x86 backend)
+and onnxruntime int8 QDQ, all in one process, measured in interleaved rounds (so a load spike on a shared
+machine hits every path alike). Prints a table of median ms and ratios; --json prints one JSON object last.
+
+    python bench/deploy_latency.py [--models resnet18,resnet50] [--batch 8] [--rounds 7] [--verify] [--json]
+
+The issue's bars (resnet18, batch 8, uniform8): >= 4x faster than torch fp32 eager, <= 1.5x onnxruntime int8
+QDQ; uniform4 within 10% of uniform8; resnet18 compile < 180 s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def _timer(fn, inner: int):
+    def run():
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        return (time.perf_counter() - t0) / inner * 1e3
+    return run
+
+
+def torch_fp32(model, x, channels_last=False):
+    m = model.eval()
+    xx = x
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last)
+        xx = x.contiguous(memory_format=torch.channels_last)
+
+    def run():
+        with torch.inference_mode():
+            m(xx)
+    return run
+
+
+def torch_ao_int8(model, x, calib):
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    torch.backends.quantized.engine = "x86"
+    prepared = prepare_fx(model.eval(), get_default_qconfig_mapping("x86"), example_inputs=(x,))
+    with torch.inference_mode():
+        for c in calib:
+            prepared(c)
+    q = convert_fx(prepared)
+
+    def run():
+        with torch.inference_mode():
+            q(x)
+    return run
+
+
+def ort_int8_qdq(model, x, calib, workdir):
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    fp32 = os.path.join(workdir, "model.onnx")
+    pre = os.path.join(workdir, "model.pre.onnx")
+    q8 = os.path.join(workdir, "model.int8.onnx")
+    torch.onnx.export(model.eval(), (x,), fp32, input_names=["x"], output_names=["y"], dynamo=False)
+    try:
+        quant_pre_process(fp32, pre)
+    except Exception:  # pre-processing is an optimization only
+        pre = fp32
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": c.numpy()} for c in calib])
+
+        def get_next(self):
+            return next(self.it, None)
+    quantize_static(pre, q8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = os.cpu_count() or 1
+    sess = ort.InferenceSession(q8, opts, providers=["CPUExecutionProvider"])
+    feed = {"x": x.numpy()}
+    return lambda: sess.run(None, feed)
+
+
+def mixed_bits(table):
+    """4 bits for the layers of the second half of the network (groups follow their first member), else 8."""
+    import pandas as pd
+    rows = list(table.itertuples())
+    half = len(rows) // 2
+    bits, by_group = {}, {}
+    for i, r in enumerate(rows):
+        if not pd.isna(r.fixed_bits):
+            bits[r.layer] = int(r.fixed_bits)
+            continue
+        b = 4 if i >= half else 8
+        if isinstance(r.group, str) and r.group:
+            b = by_group.setdefault(r.group, b)
+        bits[r.layer] = b
+    return bits
+
+
+def tvm_model(model, shape, bits, batch, calib, verify):
+    from hawq_ray.deploy import compile_program
+    from hawq_ray.quant.qat import prepare
+    qm = prepare(model, bits, shape).calibrate([c[:2] for c in calib[:2]])
+    prog = qm.to_integer()
+    t0 = time.perf_counter()
+    deployed = compile_program(prog, batch=batch, target="llvm")
+    compile_s = time.perf_counter() - t0
+    xq = prog.quantize_input(calib[0]).numpy()
+    deployed(xq)
+    differing = None
+    if verify:
+        from hawq_ray.quant.executor import run_program
+        differing = int((deployed(xq) != run_program(prog, torch.from_numpy(xq)).numpy()).sum())
+    return (lambda: deployed(xq)), compile_s, differing
+
+
+def bench_model(name, batch, rounds, verify, configs):
+    from hawq_ray.layers import layer_table
+    from hawq_ray.models import get_model, input_shape
+    torch.manual_seed(0)
+    model = get_model(name).eval()
+    shape = tuple(input_shape(model))
+    x = torch.randn(batch, *shape)
+    calib = [torch.randn(batch, *shape) for _ in range(2)]
+    runners, info = {}, {}
+    runners["torch fp32 (NCHW)"] = torch_fp32(model, x)
+    runners["torch fp32 (channels_last)"] = torch_fp32(get_model(name).eval(), x, channels_last=True)
+    for label, make in (("torch.ao int8 (x86)", lambda: torch_ao_int8(get_model(name), x, calib)),
+                        ("onnxruntime int8 QDQ", lambda: ort_int8_qdq(get_model(name), x, calib,
+                                                                      tempfile.mkdtemp()))):
+        try:
+            runners[label] = make()
+        except Exception as e:  # a baseline that cannot be built here is reported, not fatal
+            print(f"# {name}: {label} unavailable: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
+    table = layer_table(model, shape)
+    for cfg in configs:
+        bits = mixed_bits(table) if cfg == "mixed" else cfg
+        run, compile_s, differing = tvm_model(model, shape, bits, batch, calib, verify)
+        runners[f"TVM int-only {cfg}"] = run
+        info[f"TVM int-only {cfg}"] = {"compile_s": round(compile_s, 1), "differing": differing}
+    for run in runners.values():     # warm-up
+        run()
+    timers = {k: _timer(v, 1) for k, v in runners.items()}
+    samples = {k: [] for k in runners}
+    for _ in range(rounds):
+        for k, t in timers.items():
+            samples[k].append(t())
+    return {k: {"median_ms": float(np.median(v)), **info.get(k, {})} for k, v in samples.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="resnet18,resnet50")
+    ap.add_argument("--configs", default="uniform8,uniform4,mixed")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--verify", action="store_true", help="count differing elements vs the integer executor")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    result = {"batch": args.batch, "threads": os.cpu_count(), "models": {}}
+    for name in args.models.split(","):
+        rows = bench_model(name, args.batch, args.rounds, args.verify, args.configs.split(","))
+        result["models"][name] = rows
+        fp32 = rows["torch fp32 (NCHW)"]["median_ms"]
+        ort = rows.get("onnxruntime int8 QDQ", {}).get("median_ms")
+        u8 = rows.get("TVM int-only uniform8", {}).get("median_ms")
+        print(f"\n{name}, batch {args.batch}, {os.cpu_count()} threads")
+        print(f"{'path':30s} {'median ms':>10s} {'fp32/x':>8s} {'x/ORT':>7s} {'x/u8':>6s} {'compile s':>9s} {'diff':>5s}")
+        for k, r in rows.items():
+            ms = r["median_ms"]
+            print(f"{k:30s} {ms:10.1f} {fp32 / ms:8.2f} {ms / ort if ort else float('nan'):7.2f} "
+                  f"{ms / u8 if u8 and k.startswith('TVM') else float('nan'):6.2f} "
+                  f"{r.get('compile_s', ''):>9} {'' if r.get('differing') is None else r['differing']:>5}")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
