@@ -1,0 +1,142 @@
+"""Cost of per-layer Hessian traces, printed side by side with the issue's bars (issue 3).
+
+1. One process, same model and batch: per-iteration time of `hawq_ray.sensitivity` (per-layer traces of ALL
+   layers from one Hv) vs pyhessian's whole-model `trace()`.            bar: ours <= 1.2x pyhessian
+2. Ray, fixed work (shards x iterations, tol 0): 2 HessianActors vs 1, one torch thread each.
+                                                                         bar: 2 actors >= 1.6x faster
+
+    python bench/bench_sensitivity.py [--model resnet20_cifar10] [--batch-size 32] [--iters 20]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hawq_ray.sensitivity import gradient_graph, layer_traces, quantizable_layers, shard_samples, weight_positions  # noqa: E402
+
+
+def model_and_batch(name: str, batch_size: int, seed: int = 0):
+    from hawq_ray.models import get_model, input_shape, num_classes
+
+    torch.manual_seed(seed)
+    model = get_model(name).eval()
+    shape = input_shape(name)
+    x = torch.randn(batch_size, *shape)
+    y = torch.randint(0, num_classes(model), (batch_size,))
+    return model, (x, y)
+
+
+def per_iteration(model, batch, iters: int, repeats: int):
+    """Seconds per iteration (median of repeats, interleaved) for pyhessian trace() and ours, graph reused."""
+    from pyhessian import hessian
+
+    layers = quantizable_layers(model)
+    positions = weight_positions(model, layers)
+    ph = hessian(model, nn.CrossEntropyLoss(), data=batch, cuda=False)  # builds its graph once
+    params, grads = gradient_graph(model, batch)                        # ours, once
+    ph.trace(maxIter=2, tol=-1e30)                                      # warm up both
+    shard_samples(params, grads, positions, 0, 0, range(2))
+    t_ph, t_ours = [], []
+    for r in range(repeats):
+        t = time.perf_counter()
+        ph.trace(maxIter=iters, tol=-1e30)  # a very negative tol: no early stop
+        t_ph.append((time.perf_counter() - t) / iters)
+        t = time.perf_counter()
+        shard_samples(params, grads, positions, 0, 0, range(r * iters, (r + 1) * iters))
+        t_ours.append((time.perf_counter() - t) / iters)
+    for p in model.parameters():
+        p.grad = None
+    return statistics.median(t_ph), statistics.median(t_ours), len(layers)
+
+
+def end_to_end(model, batch, iters: int):
+    """Whole calls including the graph build: pyhessian hessian(...).trace() vs layer_traces(...)."""
+    from pyhessian import hessian
+
+    t = time.perf_counter()
+    hessian(model, nn.CrossEntropyLoss(), data=batch, cuda=False).trace(maxIter=iters, tol=-1e30)
+    t_ph = time.perf_counter() - t
+    for p in model.parameters():
+        p.grad = None
+    t = time.perf_counter()
+    layer_traces(model, [batch], tol=0.0, max_iter=iters, min_iter=iters, block=iters)
+    return t_ph, time.perf_counter() - t
+
+
+def actors_speedup(model, batch_size: int, shards: int, iters: int):
+    """Wall time of a fixed amount of work with 1 and with 2 actors (1 torch thread each)."""
+    import ray
+
+    from actors.hessian import actor_layer_traces
+
+    from hawq_ray.models import input_shape, num_classes
+
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(batch_size, *input_shape(model), generator=gen),
+             torch.randint(0, num_classes(model), (batch_size,), generator=gen)) for _ in range(shards)]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    out = {}
+    try:
+        for n in (1, 2, 1, 2):
+            marks = []
+            t = time.perf_counter()
+            actor_layer_traces(model, data, actors=n, tol=0.0, max_iter=iters, min_iter=iters, block=2,
+                               threads=1, progress=lambda it, w: marks.append(time.perf_counter()))
+            total = time.perf_counter() - t
+            steady = (marks[-1] - marks[0]) / (len(marks) - 1)  # per block, after the actors started
+            prev = out.get(n)
+            if prev is None or total < prev[0]:
+                out[n] = (total, steady)
+    finally:
+        ray.shutdown()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet20_cifar10")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=10, help="iterations per timing (one process)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shards", type=int, default=2, help="batches of fixed work for the actor comparison")
+    ap.add_argument("--actor-iters", type=int, default=16)
+    args = ap.parse_args(argv)
+    warnings.simplefilter("ignore")
+    model, batch = model_and_batch(args.model, args.batch_size)
+    nparams = sum(p.numel() for p in model.parameters())
+    print(f"model {args.model} ({nparams:,} params), batch {args.batch_size} x {tuple(batch[0].shape[1:])}, "
+          f"torch threads {torch.get_num_threads()}")
+
+    ph, ours, n_layers = per_iteration(model, batch, args.iters, args.repeats)
+    e_ph, e_ours = end_to_end(model, batch, args.iters)
+    print("\n1. one process, per iteration (median of interleaved repeats)")
+    print(f"{'':44s}{'seconds':>10s}{'ratio':>8s}{'bar':>8s}")
+    print(f"{'pyhessian trace(): whole model, 1 number':44s}{ph:10.4f}{1:8.2f}")
+    print(f"{f'hawq_ray: {n_layers} per-layer traces, one Hv':44s}{ours:10.4f}{ours / ph:8.2f}{'<= 1.2':>8s}"
+          f"  {'PASS' if ours / ph <= 1.2 else 'FAIL'}")
+    print(f"{f'end to end, {args.iters} iterations with graph build':44s}"
+          f"{e_ours:10.3f}{e_ours / e_ph:8.2f}   (pyhessian {e_ph:.3f} s)")
+
+    res = actors_speedup(model, args.batch_size, args.shards, args.actor_iters)
+    work = f"{args.shards} shards x {args.actor_iters} iterations = {args.shards * args.actor_iters} Hv"
+    print(f"\n2. Ray actors, fixed work: {work}, 1 torch thread per actor (best of 2)")
+    print(f"{'':28s}{'total s':>10s}{'per block s':>13s}")
+    for n in (1, 2):
+        print(f"{f'{n} actor(s)':28s}{res[n][0]:10.2f}{res[n][1]:13.3f}")
+    s_total, s_steady = res[1][0] / res[2][0], res[1][1] / res[2][1]
+    print(f"{'speedup 2 vs 1':28s}{s_total:10.2f}{s_steady:13.2f}   bar >= 1.6  "
+          f"{'PASS' if s_total >= 1.6 else 'FAIL'} (total)  {'PASS' if s_steady >= 1.6 else 'FAIL'} (steady)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
