@@ -51,18 +51,25 @@ def test_one_kernel_per_layer_and_layout_changes_at_edges(programs):
     assert not any(n.startswith(("add_", "relu_")) for n in names)
 
 
-def test_fusion_keeps_multi_consumer_values_separate():
-    """A value read twice (residual identity) is not absorbed into its producer's chain."""
+def test_fusion_plan():
+    """A value read by several ops is stored by its kernel unless every reader is a requantize, which then
+    become outputs of that kernel (fan-out); the INT32 max pool is moved after its requantize."""
     prog, _ = make_program(8, 255)
-    groups = plan_groups(prog)
-    produced = {g.output for g in groups}
-    consumers = {}
-    for op in prog.ops:
+    from hawq_ray.deploy.graph import requantize_before_max_pool
+    ops = requantize_before_max_pool(prog.ops, prog.output)
+    pool = next(o for o in ops if o.op == "max_pool2d")
+    assert next(o for o in ops if o.output == pool.inputs[0]).op == "requantize"
+    groups = plan_groups(prog, ops)
+    produced = {name for g in groups for name in g.outputs}
+    readers = {}
+    for op in ops:
         for name in op.inputs:
-            consumers[name] = consumers.get(name, 0) + 1
-    for name, n in consumers.items():
-        if n > 1 and name != "x":
-            assert name in produced
+            readers.setdefault(name, []).append(op)
+    fanned = [g for g in groups if g.fanout]
+    assert len(fanned) == 1 and len(fanned[0].outputs) == 2
+    for name, rs in readers.items():
+        if len(rs) > 1 and name != "x":
+            assert name in produced or all(r.op == "requantize" and r.output in produced for r in rs)
 
 
 def test_export_load_roundtrip(programs, tmp_path):

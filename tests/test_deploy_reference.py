@@ -147,24 +147,26 @@ class _Builder:
 
 
 def make_program(w_bits=8, act_hi=255, batch=2, size=12, seed=0, channels=(3, 16, 24)) -> tuple:
-    """A small residual CNN as an IntegerProgram: signed int8 image -> conv/requant(relu) -> max_pool ->
-    residual block (two convs, a 1x1 downsample branch, each requantized, add, relu, requantize) -> concat of a
-    1x1 conv branch and a requantized identity branch (40 channels, not a multiple of 16) -> sum_pool with a
-    per-position requantize -> flatten -> dense. Returns (program, calibration input)."""
+    """A small residual CNN as an IntegerProgram: signed int8 image -> conv -> relu -> INT32 max_pool ->
+    requantize -> residual block (two convs, a 1x1 downsample branch, each requantized, add, relu) -> two
+    requantizes of the block output: a 1x1 conv branch and an identity branch, concatenated (40 channels, not
+    a multiple of 16) -> sum_pool with a per-position requantize -> flatten -> dense.
+    Returns (program, calibration input)."""
     rng = np.random.default_rng(seed)
     cin, c1, c2 = channels
     x = rng.integers(-128, 128, (batch, cin, size, size)).astype(np.int8)
     B = _Builder(x, rng)
-    h = B.requantize(B.conv("x", c1, signed=True, name="stem"), 0, 255)        # first layer: 8-bit
-    h = B.op("max_pool2d", [h], lo=0, hi=255, kernel=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1),
-             ceil_mode=False)
+    h = B.op("relu", [B.conv("x", c1, signed=True, name="stem")], lo=0)     # first layer: 8-bit
+    h = B.op("max_pool2d", [h], lo=0, kernel=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1),
+             ceil_mode=False)                                                # INT32 max pool ...
+    h = B.requantize(h, 0, 255)                                              # ... then requantize
     a = B.requantize(B.conv(h, c2, w_bits=w_bits, name="block.conv1"), 0, act_hi)
     a = B.requantize(B.conv(a, c2, w_bits=w_bits, name="block.conv2"), -128, 127)   # branch: signed
     d = B.requantize(B.conv(h, c2, k=1, pad=0, w_bits=w_bits, name="block.down"), -128, 127, per="tensor")
     s = B.op("relu", [B.op("add", [a, d], lo=-256, hi=254)], lo=0, hi=254)
-    s = B.requantize(s, 0, act_hi, per="tensor")
-    br1 = B.requantize(B.conv(s, 16, k=1, pad=0, w_bits=w_bits, name="branch.conv"), 0, act_hi)
-    br2 = B.requantize(s, 0, act_hi, per="tensor")
+    s1 = B.requantize(s, 0, act_hi, per="tensor")          # two requantizes read the block output
+    br1 = B.requantize(B.conv(s1, 16, k=1, pad=0, w_bits=w_bits, name="branch.conv"), 0, act_hi)
+    br2 = B.requantize(s, 0, act_hi, per="channel")
     cat = B.op("concat", [br1, br2], lo=0, hi=act_hi, axis=1)
     p = B.op("sum_pool2d", [cat], kernel=(3, 3), stride=(2, 2), padding=(1, 1), ceil_mode=False)
     p = B.requantize(p, 0, 255, per="position")

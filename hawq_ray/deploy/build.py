@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 
 from hawq_ray.deploy import vnni  # noqa: F401  (registers the VNNI intrinsic)
-from hawq_ray.deploy.graph import build_relax, plan_kernels
+from hawq_ray.deploy.graph import build_relax, final_output, plan_kernels
 from hawq_ray.errors import HawqError
 from hawq_ray.quant.program import IntegerProgram
 
@@ -144,7 +144,7 @@ def compile_program(program: IntegerProgram, batch: int = 8, target="llvm", chec
     if target.kind.name == "cuda":
         mod = gpu_schedule(mod, target)
     ex = tvm.compile(mod, target=target)
-    out = calls[-1].kernel.output
+    out = final_output(program, calls)[1]
     manifest = {
         "format": MANIFEST_VERSION, "library": LIBRARY, "params": PARAMS,
         "input_name": program.input_name, "input_shape": [batch, *program.input_shape], "input_dtype": "int8",

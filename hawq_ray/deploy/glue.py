@@ -30,7 +30,7 @@ def _schedule_flat(func, blocks=None):
 def _finish(name, func, inputs, consts, out, target, notes=None, schedule=True):
     if schedule and not is_gpu(target):
         func = _schedule_flat(func)
-    return Kernel(name, func, inputs, consts, out, notes or {})
+    return Kernel(name, func, inputs, consts, [out], notes or {})
 
 
 def pool_out_size(size, k, s, p, d, ceil_mode):
@@ -76,7 +76,7 @@ def pool_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str) 
         sch.parallel(sch.fuse(n, c, oh))
         sch.vectorize(sch.get_loops(out_b)[-1])
         func = sch.mod["main"]
-    return Kernel(name, func, [x, *extras], epi.const_arrays, out_value, {"path": op.op})
+    return Kernel(name, func, [x, *extras], epi.const_arrays, [out_value], {"path": op.op})
 
 
 def elementwise_kernel(steps: list, inputs: list, target, name: str) -> Kernel:
@@ -97,7 +97,7 @@ def elementwise_kernel(steps: list, inputs: list, target, name: str) -> Kernel:
         if lanes % 16 == 0:
             sch.vectorize(sch.split(loops[-1], [None, 16])[1])
         func = sch.mod["main"]
-    return Kernel(name, func, list(inputs), epi.const_arrays, out_value, {"path": "elementwise"})
+    return Kernel(name, func, list(inputs), epi.const_arrays, [out_value], {"path": "elementwise"})
 
 
 def _read_channel(t: te.Tensor, v: Value, n, c, h, w):
@@ -137,7 +137,7 @@ def concat_kernel(op: Op, inputs: list, steps: list, extras: list, target, name:
         sch = s_tir.Schedule(func)
         sch.compute_inline(sch.get_sblock("cat"))
         func = _schedule_flat(sch.mod["main"])
-    return Kernel(name, func, [*inputs, *extras], epi.const_arrays, out_value, {"path": "concat"})
+    return Kernel(name, func, [*inputs, *extras], epi.const_arrays, [out_value], {"path": "concat"})
 
 
 def flatten_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str) -> Kernel:

@@ -10,7 +10,7 @@ Step 3 (`build_relax`): a BlockBuilder emits `call_tir` for each kernel; constan
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from tvm import relax
@@ -27,40 +27,68 @@ class Group:
     anchor: Op
     steps: list          # elementwise ops absorbed after the anchor, in order
     args: list           # names of the values the kernel reads: anchor inputs, then other operands of adds
-    output: str
+    outputs: list        # names of the values the kernel writes
     last: int            # index of the group's last op in the program
+    fanout: list = field(default_factory=list)   # requantize ops that each read the chain's end (one output each)
 
 
 @dataclass
 class Call:
     kernel: Kernel
     args: list           # value names
-    output: str
+    outputs: list        # value names, one per kernel output
 
 
-def plan_groups(program: IntegerProgram) -> list[Group]:
-    ops = program.ops
-    uses: dict[str, int] = {}
-    consumer: dict[str, int] = {}
+def _channelwise(op: Op) -> bool:
+    """A requantize whose constants do not vary over H and W (so it commutes with max pooling)."""
+    return op.op == "requantize" and all(
+        np.ndim(c) < 2 or all(d == 1 for d in np.shape(c)[-2:]) for c in op.consts.values())
+
+
+def requantize_before_max_pool(ops: list, program_output: str) -> list:
+    """max_pool2d -> requantize  ==>  requantize -> max_pool2d (exact: a per-channel requantize is
+    non-decreasing and max pooling takes the max per channel; padding never wins). The stem then stores
+    uint8 instead of INT32 and the pool moves 4x fewer bytes. Returns a new op list; value names are kept."""
+    readers: dict[str, list] = {}
     for i, op in enumerate(ops):
         for name in op.inputs:
-            uses[name] = uses.get(name, 0) + 1
-            consumer[name] = i
-    uses[program.output] = uses.get(program.output, 0) + 1
+            readers.setdefault(name, []).append(i)
+    out, i = [], 0
+    while i < len(ops):
+        op = ops[i]
+        if op.op == "max_pool2d" and op.output != program_output and readers.get(op.output) == [i + 1] \
+                and _channelwise(ops[i + 1]):
+            rq = ops[i + 1]
+            pre = replace(rq, inputs=list(op.inputs), output=rq.output + ".premax")
+            out += [pre, replace(op, inputs=[pre.output], output=rq.output, lo=rq.lo, hi=rq.hi)]
+            i += 2
+            continue
+        out.append(op)
+        i += 1
+    return out
+
+
+def plan_groups(program: IntegerProgram, ops: list | None = None) -> list[Group]:
+    ops = program.ops if ops is None else ops
+    readers: dict[str, list] = {}
+    for i, op in enumerate(ops):
+        for name in op.inputs:
+            readers.setdefault(name, []).append(i)
+    uses = {name: len(r) for name, r in readers.items()}
+    uses[program.output] = uses.get(program.output, 0) + 1     # the caller reads it too
     absorbed, groups = set(), []
     for i, op in enumerate(ops):
         if i in absorbed:
             continue
         args = list(op.inputs)
         steps = [op] if op.op in ELEMENTWISE else []
-        anchor = op
         if op.op in ELEMENTWISE:   # a standalone chain reads its first operand, then the adds' other ones
             args = [op.inputs[0]]
             if op.op == "add":
                 args.append(op.inputs[1])
         cur, last = op.output, i
-        while uses.get(cur) == 1 and consumer.get(cur, -1) > last:
-            j = consumer[cur]
+        while uses.get(cur) == 1 and cur in readers and readers[cur][0] > last:
+            j = readers[cur][0]
             nxt = ops[j]
             if nxt.op not in ELEMENTWISE or j in absorbed:
                 break
@@ -71,7 +99,14 @@ def plan_groups(program: IntegerProgram) -> list[Group]:
             absorbed.add(j)
             cur, last = nxt.output, j
         anchor_steps = steps[1:] if op.op in ELEMENTWISE else steps
-        groups.append(Group(anchor, anchor_steps, args, cur, last))
+        fan = readers.get(cur, [])
+        if op.op == "conv2d" and cur != program.output and len(fan) > 1 and \
+                all(ops[j].op == "requantize" and j not in absorbed and ops[j].inputs == [cur] for j in fan):
+            absorbed.update(fan)     # the chain's end is never stored: each reader is an output of the kernel
+            groups.append(Group(op, anchor_steps, args, [ops[j].output for j in fan], last,
+                                [ops[j] for j in fan]))
+            continue
+        groups.append(Group(op, anchor_steps, args, [cur], last))
     return sorted(groups, key=lambda g: g.last)
 
 
@@ -85,7 +120,7 @@ def group_kernel(group: Group, values: dict, target) -> Kernel:
     ins = [values[a] for a in group.args]
     name = _kernel_name(op)
     if op.op == "conv2d":
-        return conv2d_kernel(op, ins[0], steps, ins[1:], target, name)
+        return conv2d_kernel(op, ins[0], steps, ins[1:], target, name, fanout=group.fanout)
     if op.op == "dense":
         return dense_kernel(op, ins[0], steps, ins[1:], target, name)
     if op.op in ("sum_pool2d", "max_pool2d"):
@@ -107,29 +142,35 @@ def plan_kernels(program: IntegerProgram, batch: int, target) -> list[Call]:
     values = {}
     if len(raw.shape) == 4:
         edge = glue.input_kernel(raw, layout.channel_block(raw.shape[1]), target)
-        calls.append(Call(edge, [program.input_name], program.input_name + "@blocked"))
+        calls.append(Call(edge, [program.input_name], [program.input_name + "@blocked"]))
         values[program.input_name] = edge.output
     else:
         values[program.input_name] = raw
-    rename = {program.input_name: calls[0].output if calls else program.input_name}
-    for group in plan_groups(program):
+    rename = {program.input_name: calls[0].outputs[0] if calls else program.input_name}
+    ops = requantize_before_max_pool(program.ops, program.output)
+    for group in plan_groups(program, ops):
         missing = [a for a in group.args if a not in values]
         if missing:
             raise HawqError(f"{group.anchor.output}: input {missing[0]!r} is not computed before it")
         kernel = group_kernel(group, values, target)
-        values[group.output] = kernel.output
-        calls.append(Call(kernel, [rename.get(a, a) for a in group.args], group.output))
+        values.update(zip(group.outputs, kernel.outputs))
+        calls.append(Call(kernel, [rename.get(a, a) for a in group.args], list(group.outputs)))
     if program.output not in values:
         raise HawqError(f"program output {program.output!r} is never computed")
     out = values[program.output]
     if out.block:
         edge = glue.output_kernel(out, target)
-        calls.append(Call(edge, [program.output], program.output + "@nchw"))
+        calls.append(Call(edge, [program.output], [program.output + "@nchw"]))
     return calls
 
 
-def output_value(calls: list[Call]) -> Value:
-    return calls[-1].kernel.output
+def final_output(program: IntegerProgram, calls: list[Call]) -> tuple:
+    """(value name, Value) of the model's output as the graph returns it."""
+    for c in reversed(calls):
+        for name, v in zip(c.outputs, c.kernel.outputs):
+            if name in (program.output, program.output + "@nchw"):
+                return name, v
+    raise HawqError(f"program output {program.output!r} is never computed")
 
 
 def build_relax(program: IntegerProgram, calls: list[Call], batch: int):
@@ -150,9 +191,14 @@ def build_relax(program: IntegerProgram, calls: list[Call], batch: int):
                 gv = bb.add_func(c.kernel.func.without_attr("global_symbol"), c.kernel.name)
                 consts = pvars[p:p + len(c.kernel.consts)]
                 p += len(c.kernel.consts)
-                o = c.kernel.output
-                env[c.output] = bb.emit(relax.call_tir(gv, [env[a] for a in c.args] + consts,
-                                                       relax.TensorType(o.storage_shape, o.dtype)))
-            result = bb.emit_output(env[calls[-1].output])
+                types = [relax.TensorType(o.storage_shape, o.dtype) for o in c.kernel.outputs]
+                res = bb.emit(relax.call_tir(gv, [env[a] for a in c.args] + consts,
+                                             types[0] if len(types) == 1 else types))
+                if len(types) == 1:
+                    env[c.outputs[0]] = res
+                else:
+                    for k, name in enumerate(c.outputs):
+                        env[name] = bb.emit(relax.TupleGetItem(res, k))
+            result = bb.emit_output(env[final_output(program, calls)[0]])
         bb.emit_func_output(result)
     return bb.get(), params

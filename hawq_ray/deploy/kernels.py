@@ -26,13 +26,17 @@ from hawq_ray.quant.program import Op
 
 @dataclass
 class Kernel:
-    """One compiled-to-be kernel: func(inputs..., consts..., out)."""
+    """One compiled-to-be kernel: func(inputs..., consts..., outs...)."""
     name: str
     func: tvm.tirx.PrimFunc
     inputs: list            # Value of each activation input
     consts: list            # packed numpy constants, in argument order after the inputs
-    output: Value
+    outputs: list           # Value of each output (usually one)
     notes: dict = field(default_factory=dict)   # e.g. {"path": "vnni"}
+
+    @property
+    def output(self) -> Value:
+        return self.outputs[0]
 
 
 def target_has_vnni(target) -> bool:
@@ -95,8 +99,10 @@ def _check_bias(b: np.ndarray, where: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- conv2d
 
-def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str | None = None) -> Kernel:
-    """conv2d (+ bias) followed by the elementwise `steps` (ops of the program) at the output tile."""
+def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str | None = None,
+                  fanout: list = ()) -> Kernel:
+    """conv2d (+ bias) followed by the elementwise `steps` (ops of the program) at the output tile; with
+    `fanout` (requantize ops reading the end of the chain) the kernel writes one output per fanout op."""
     w = np.asarray(op.consts["weight"])
     O, Ig, KH, KW = w.shape
     sh, sw = op.attrs.get("stride", (1, 1))
@@ -109,7 +115,10 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     OH, OW = conv_out_size(H, KH, sh, ph, dh), conv_out_size(W, KW, sw, pw, dw)
     out_value = Value((N, O, OH, OW), output_dtype(steps[-1] if steps else op), 16)
     if groups != 1:
+        if fanout:
+            raise HawqError(f"{op.layer or op.output}: grouped conv kernels write one output")
         return _grouped_conv(op, x, steps, extras, target, name, out_value)
+    out_values = [Value(out_value.shape, output_dtype(f), 16) for f in fanout] or [out_value]
 
     fast = target_has_vnni(target) and x.dtype in ("uint8", "int8")
     shift_input = fast and x.dtype == "int8"
@@ -156,17 +165,30 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
             * w8[o, ico, kh, kw, icm, oi, ici].astype("int32"),
             axis=[ico, kh, kw, icm, ici]),
         name="acc")
-    epi = epilogue(steps, out_value, extras)
-    out = te.compute(out_value.storage_shape,
-                     lambda n, o, h, ww, oi: epi.apply(acc[n, o, h, ww, oi] + b_ph[o, oi], (n, o, h, ww, oi)),
-                     name="out")
-    func = te.create_prim_func([data, *epi.extra_tensors, w_ph, b_ph, *epi.const_tensors, out])
+    epi = epilogue(steps, out_value, extras, fanout)
+    if fanout:   # the chain once, into a tile-sized local buffer; each output requantizes it
+        chain = te.compute(out_value.storage_shape,
+                           lambda n, o, h, ww, oi: epi.chain(acc[n, o, h, ww, oi] + b_ph[o, oi], (n, o, h, ww, oi)),
+                           name="chain")
+        def requantized(k):
+            return lambda n, o, h, ww, oi: epi.finish(k, chain[n, o, h, ww, oi], (n, o, h, ww, oi))
+        outs = [te.compute(out_value.storage_shape, requantized(k), name=f"out{k}") for k in range(len(fanout))]
+    else:
+        outs = [te.compute(out_value.storage_shape,
+                           lambda n, o, h, ww, oi: epi.apply(acc[n, o, h, ww, oi] + b_ph[o, oi], (n, o, h, ww, oi)),
+                           name="out")]
+    func = te.create_prim_func([data, *epi.extra_tensors, w_ph, b_ph, *epi.const_tensors, *outs])
     if fast:
-        func = _schedule_conv_vnni(func, tile, needs_pad, w_bits <= 4)
+        func = _schedule_conv_vnni(func, tile, needs_pad, w_bits <= 4, len(fanout) or 1)
     elif not is_gpu(target):
-        func = _schedule_conv_generic(func, tile, needs_pad, w_bits <= 4)
-    return Kernel(name or _name("conv", op), func, [x, *extras], [w_arr, bias_arr, *epi.const_arrays], out_value,
+        func = _schedule_conv_generic(func, tile, needs_pad, w_bits <= 4, len(fanout) or 1)
+    return Kernel(name or _name("conv", op), func, [x, *extras], [w_arr, bias_arr, *epi.const_arrays], out_values,
                   {"path": "vnni" if fast else ("gpu" if is_gpu(target) else "generic"), "w_bits": w_bits})
+
+
+def _out_blocks(n_out: int) -> list:
+    """Names of the epilogue blocks in order: "out", or "chain" then "out0", "out1"... for a fan-out."""
+    return ["out"] if n_out == 1 else ["chain", *(f"out{k}" for k in range(n_out))]
 
 
 def _schedule_side_stages(sch, has_pad: bool, int4: bool):
@@ -184,43 +206,53 @@ def _schedule_side_stages(sch, has_pad: bool, int4: bool):
         sch.vectorize(sch.fuse(oi_lo, ii))
 
 
-def _schedule_conv_vnni(func, tile: tuple, has_pad: bool, int4: bool):
+def _schedule_conv_vnni(func, tile: tuple, has_pad: bool, int4: bool, n_out: int = 1):
     from hawq_ray.deploy.vnni import VNNI_INTRIN
     sch = s_tir.Schedule(func)
-    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    acc = sch.get_sblock("acc")
+    outs = [sch.get_sblock(nm) for nm in _out_blocks(n_out)]
     n, o, h, w, oi, ico, kh, kw, icm, ici = sch.get_loops(acc)
     ho, hi = sch.split(h, [None, tile[0]])
     wo, wi = sch.split(w, [None, tile[1]])
     sch.reorder(n, o, ho, wo, ico, kh, kw, icm, hi, wi, oi, ici)
     sch.set_scope(acc, 0, "local")
-    sch.reverse_compute_at(out, wo)
+    if n_out > 1:
+        sch.set_scope(outs[0], 0, "local")
+    for out in outs:
+        sch.reverse_compute_at(out, wo)
     sch.parallel(sch.fuse(n, o, ho))
     init = sch.decompose_reduction(acc, ico)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(oi, VNNI_INTRIN)
     sch.unroll(hi)
     sch.unroll(wi)
-    sch.vectorize(sch.get_loops(out)[-1])
+    for out in outs:
+        sch.vectorize(sch.get_loops(out)[-1])
     _schedule_side_stages(sch, has_pad, int4)
     return sch.mod["main"]
 
 
-def _schedule_conv_generic(func, tile: tuple, has_pad: bool, int4: bool):
+def _schedule_conv_generic(func, tile: tuple, has_pad: bool, int4: bool, n_out: int = 1):
     sch = s_tir.Schedule(func)
-    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    acc = sch.get_sblock("acc")
+    outs = [sch.get_sblock(nm) for nm in _out_blocks(n_out)]
     n, o, h, w, oi, ico, kh, kw, icm, ici = sch.get_loops(acc)
     ho, hi = sch.split(h, [None, tile[0]])
     wo, wi = sch.split(w, [None, tile[1]])
     sch.reorder(n, o, ho, wo, ico, kh, kw, icm, ici, hi, wi, oi)
     sch.set_scope(acc, 0, "local")
-    sch.reverse_compute_at(out, wo)
+    if n_out > 1:
+        sch.set_scope(outs[0], 0, "local")
+    for out in outs:
+        sch.reverse_compute_at(out, wo)
     sch.parallel(sch.fuse(n, o, ho))
     sch.unroll(hi)
     init = sch.decompose_reduction(acc, ico)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.unroll(oi)   # vectorize refuses a loop under reduction loops; LLVM's SLP pass packs the lanes
     sch.unroll(wi)
-    sch.vectorize(sch.get_loops(out)[-1])
+    for out in outs:
+        sch.vectorize(sch.get_loops(out)[-1])
     _schedule_side_stages(sch, has_pad, int4)
     return sch.mod["main"]
 
@@ -266,7 +298,7 @@ def _grouped_conv(op, x, steps, extras, target, name, out_value):
             loops = sch.get_loops(sch.get_sblock(blk))
             sch.parallel(sch.fuse(*loops[:3]))
         func = sch.mod["main"]
-    return Kernel(name or _name("conv", op), func, [x, *extras], [w_arr, bias_arr, *epi.const_arrays], out_value,
+    return Kernel(name or _name("conv", op), func, [x, *extras], [w_arr, bias_arr, *epi.const_arrays], [out_value],
                   {"path": "grouped", "w_bits": 8})
 
 
@@ -315,7 +347,7 @@ def dense_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str 
     if not is_gpu(target):
         func = _schedule_dense(func, N, O, fast, needs_pad, w_bits <= 4)
     return Kernel(name or _name("dense", op), func, [x, *extras], [w_arr, bias_arr, *epi.const_arrays],
-                  out_value, {"path": "vnni" if fast else ("gpu" if is_gpu(target) else "generic"),
+                  [out_value], {"path": "vnni" if fast else ("gpu" if is_gpu(target) else "generic"),
                               "w_bits": w_bits})
 
 

@@ -66,7 +66,7 @@ def kernel_args(kernel: Kernel, dev, seed: int = 0) -> list:
         args.append(tvm.runtime.tensor(rng.integers(info.min, info.max, v.storage_shape,
                                                     endpoint=True).astype(v.dtype), dev))
     args += [tvm.runtime.tensor(np.ascontiguousarray(c), dev) for c in kernel.consts]
-    args.append(tvm.runtime.empty(kernel.output.storage_shape, kernel.output.dtype, dev))
+    args += [tvm.runtime.empty(o.storage_shape, o.dtype, dev) for o in kernel.outputs]
     return args
 
 
@@ -81,8 +81,9 @@ def time_kernel(kernel: Kernel, target="llvm", number: int = 10, repeat: int = 5
     return [r * 1e3 for r in res.results]
 
 
-def run_kernel(kernel: Kernel, inputs: list, target="llvm", compiled=None) -> np.ndarray:
-    """Run a kernel on logical-layout numpy inputs ((N, C, H, W) or (N, C)); returns the logical output."""
+def run_kernel(kernel: Kernel, inputs: list, target="llvm", compiled=None):
+    """Run a kernel on logical-layout numpy inputs ((N, C, H, W) or (N, C)); returns the logical output
+    (a list of them for a kernel with several outputs)."""
     target = parse_target(target) if not isinstance(target, tvm.target.Target) else target
     mod = compiled or compile_kernel(kernel, target)
     dev = device_of(target)
@@ -91,7 +92,8 @@ def run_kernel(kernel: Kernel, inputs: list, target="llvm", compiled=None) -> np
         x = np.asarray(x).astype(v.dtype)
         args.append(tvm.runtime.tensor(layout.to_blocked(x, v.block) if v.block else x, dev))
     args += [tvm.runtime.tensor(np.ascontiguousarray(c), dev) for c in kernel.consts]
-    out = tvm.runtime.empty(kernel.output.storage_shape, kernel.output.dtype, dev)
-    mod(*args, out)
-    o = kernel.output
-    return layout.from_blocked(out.numpy(), o.shape[1]) if o.block else out.numpy()
+    outs = [tvm.runtime.empty(o.storage_shape, o.dtype, dev) for o in kernel.outputs]
+    mod(*args, *outs)
+    res = [layout.from_blocked(t.numpy(), o.shape[1]) if o.block else t.numpy()
+           for t, o in zip(outs, kernel.outputs)]
+    return res[0] if len(res) == 1 else res
