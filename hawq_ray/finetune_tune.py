@@ -32,7 +32,8 @@ CHECKPOINT_FILE = "state.pt"
 RESULT_FILE = "finetune.parquet"
 NAMED = ("uniform4", "uniform8")
 COLUMNS = ["config", "budget", "size_mib", "gbops", "latency_ms", "lr", "weight_decay", "epochs", "top1_fp32",
-           "top1_ptq", "top1", "loss", "start_epoch", "int_matches_qat", "checkpoint", "trial", "error", "bits"]
+           "top1_ptq", "top1", "loss", "start_epoch", "int_matches_qat", "checkpoint", "top1_best", "best_epoch",
+           "best_checkpoint", "trial", "error", "bits"]
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -167,9 +168,11 @@ def trial_resources(cpus_per_trial: float | None = None, gpus_per_trial: float |
 def tune_finetune(configs: pd.DataFrame, model, fp32_state: dict, data, *, data_spec="digits", data_seed=0,
                   out, recipe: Recipe = Recipe(), samples: int = 1, lr_range=(1e-4, 1e-2), asha: bool = False,
                   train_limit: int | None = None, teacher=None, teacher_spec=None, layer_table=None,
-                  input_shape=None, cpus_per_trial=None, gpus_per_trial=None) -> pd.DataFrame:
+                  input_shape=None, cpus_per_trial=None, gpus_per_trial=None,
+                  keep_checkpoints: int | None = None) -> pd.DataFrame:
     """Run (or resume) the Tune experiment for `configs` (see read_configs); returns the result table, one row
-    per trial, and writes it to `<out>/finetune.parquet`."""
+    per trial, and writes it to `<out>/finetune.parquet`. `keep_checkpoints`: how many epoch checkpoints each
+    trial keeps (None: all; the newest is always kept)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -207,7 +210,7 @@ def tune_finetune(configs: pd.DataFrame, model, fp32_state: dict, data, *, data_
             trainable, param_space={"config": tune.grid_search(list(configs["config"])), "lr": lr},
             tune_config=tune.TuneConfig(num_samples=samples, scheduler=scheduler),
             run_config=tune.RunConfig(storage_path=str(storage), name=name, verbose=0,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints)))
     grid = tuner.fit()
     fp32_top1 = top1(float_predictions(model, test), labels_of(test))
     result = _result_table(grid, configs, table, recipe, fp32_top1)
@@ -241,11 +244,23 @@ def _result_table(grid, configs: pd.DataFrame, table: pd.DataFrame, recipe: Reci
                      "epochs": m.get("epoch", 0), "top1_fp32": fp32_top1, "top1_ptq": m.get("top1_ptq", math.nan),
                      "top1": m.get("top1_int", math.nan), "loss": m.get("loss", math.nan),
                      "start_epoch": m.get("start_epoch", 0), "int_matches_qat": m.get("int_matches_qat", math.nan),
-                     "checkpoint": res.checkpoint.path if res.checkpoint else "",
+                     "checkpoint": res.checkpoint.path if res.checkpoint else "", **_best_epoch(res),
                      "trial": Path(res.path).name if res.path else "",
                      "error": (str(res.error).splitlines() or [""])[0] if res.error else "",
                      "bits": by_id.loc[cid, "bits"]})
     return pd.DataFrame(rows, columns=COLUMNS).sort_values(["config", "lr"], ignore_index=True)
+
+
+def _best_epoch(res) -> dict:
+    """The epoch with the highest integer top-1 (the earliest of ties) and its checkpoint, as HAWQ's training
+    script keeps its best checkpoint; '' when that checkpoint was not kept."""
+    frame = res.metrics_dataframe
+    if frame is None or "top1_int" not in getattr(frame, "columns", []) or frame["top1_int"].isna().all():
+        return {"top1_best": math.nan, "best_epoch": 0, "best_checkpoint": ""}
+    best = frame.loc[frame["top1_int"].idxmax()]
+    paths = [c.path for c, m in (res.best_checkpoints or []) if m.get("epoch") == best["epoch"]]
+    return {"top1_best": float(best["top1_int"]), "best_epoch": int(best["epoch"]),
+            "best_checkpoint": paths[0] if paths else ""}
 
 
 def best_per_config(result: pd.DataFrame) -> pd.DataFrame:
@@ -259,7 +274,7 @@ def finetune_run(configs, *, out, model=None, weights=None, data=None, epochs: i
                  lr: float | None = None, lr_range=(1e-4, 1e-2), weight_decay: float | None = None,
                  batch_size: int | None = None, distill=False, teacher=None, asha: bool = False,
                  train_limit: int | None = None, layer_table=None, fp32_epochs: int = 8, seed: int = 0,
-                 cpus_per_trial=None, gpus_per_trial=None) -> pd.DataFrame:
+                 cpus_per_trial=None, gpus_per_trial=None, keep_checkpoints: int | None = None) -> pd.DataFrame:
     """The `hawq-ray finetune` stage as a function. `model`: None (the default digits model: without `weights` its
     fp32 weights are trained on digits and cached in `out`) or a pytorchcv name (weights from `weights` or the
     local pytorchcv cache). `data`: 'digits' for the default model, 'synthetic' otherwise, or a folder.
@@ -292,4 +307,5 @@ def finetune_run(configs, *, out, model=None, weights=None, data=None, epochs: i
     return tune_finetune(chosen, fp32_model, state, splits, data_spec=spec, data_seed=seed, out=out, recipe=recipe,
                          samples=samples, lr_range=lr_range, asha=asha, train_limit=train_limit,
                          teacher=teacher_model, teacher_spec=teacher, layer_table=table, input_shape=shape,
-                         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
+                         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+                         keep_checkpoints=keep_checkpoints)

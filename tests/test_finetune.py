@@ -1,0 +1,219 @@
+"""hawq_ray.finetune without Ray: fp32 trainer and its cache, QAT, integer-executor top-1, distillation, checkpoints,
+bad input. Numbers are checked against independent computations (numpy argmax, hand-written formulas)."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from hawq_ray.data import DataSplits, load_data
+from hawq_ray.errors import HawqError
+from hawq_ray.finetune import (Recipe, calibrated, distillation_loss, finetune, finetune_epochs, fp32_weights,
+                               limited, load_checkpoint, load_teacher, resolve_bits, save_checkpoint)
+from hawq_ray.layers import layer_table
+from hawq_ray.models import input_shape
+from hawq_ray.quant.executor import run_program
+from hawq_ray.quant.qat import prepare
+
+SHAPE = input_shape()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data("digits", input_shape=SHAPE)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data):
+    run = tmp_path_factory.mktemp("run")
+    model, path, fresh = fp32_weights(run, data)
+    return run, model, path, fresh
+
+
+def held_out(data):
+    x = torch.stack([data.test[i][0] for i in range(len(data.test))])
+    y = np.array([int(data.test[i][1]) for i in range(len(data.test))])
+    return x, y
+
+
+def mixed_config(model):
+    """Every other searchable layer at 4 bits (layers of a group together), the rest at 8; fixed layers left out."""
+    table = layer_table(model, SHAPE)
+    searchable = table[table["fixed_bits"].isna()]
+    units = list(dict.fromkeys(g or layer for layer, g in zip(searchable["layer"], searchable["group"])))
+    four = set(units[::2])
+    return {layer: 4 if (g or layer) in four else 8 for layer, g in zip(searchable["layer"], searchable["group"])}
+
+
+def numpy_top1(logits, labels):
+    return float(np.mean(np.argmax(logits, 1) == labels))
+
+
+def test_fp32_weights_are_trained_once_and_accurate(trained, data):
+    run, model, path, fresh = trained
+    assert fresh and path.is_file() and path.is_relative_to(run)
+    mtime = path.stat().st_mtime_ns
+    again, path2, fresh2 = fp32_weights(run, data)
+    assert not fresh2 and path2 == path and path.stat().st_mtime_ns == mtime
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    x, y = held_out(data)
+    with torch.no_grad():
+        logits = again.eval()(x).numpy()
+    assert numpy_top1(logits, y) >= 0.97
+
+
+def test_integer_predictions_equal_qat_on_whole_test_split(trained, data):
+    _, model, _, _ = trained
+    recipe = Recipe(lr=1e-3, epochs=1)
+    qm, row = finetune(model, "uniform4", data, recipe, train_limit=256)
+    x, y = held_out(data)
+    assert len(y) == len(data.test) == 360
+    program = qm.to_integer()
+    q = run_program(program, program.quantize_input(x))
+    assert q.dtype == torch.int64 and not q.is_floating_point()
+    int_pred = np.argmax(q.numpy().astype(np.float64) * np.asarray(program.output_scale), 1)
+    with torch.no_grad():
+        qat_pred = qm.eval()(x).argmax(1).numpy()
+    np.testing.assert_array_equal(int_pred, qat_pred)
+    assert row["int_matches_qat"] == 1.0
+    assert row["top1"] == pytest.approx(float(np.mean(int_pred == y)), abs=0)
+    assert len(row["losses"]) == 1 and np.isfinite(row["losses"][0])
+    params = {n: m.weight.numel() for n, m in model.named_modules() if hasattr(m, "weight") and
+              isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    assert row["size_mib"] == pytest.approx(sum(p * row["bits"][n] / 8 for n, p in params.items()) / 2**20)
+
+
+def test_ptq_top1_is_calibration_only(trained, data):
+    _, model, _, _ = trained
+    _, row = finetune(model, "uniform8", data, Recipe(epochs=0))
+    qm = prepare(model, "uniform8", SHAPE)
+    xs = torch.stack([data.train[i][0] for i in range(4 * 128)])
+    qm.calibrate([xs[i:i + 128] for i in range(0, len(xs), 128)])
+    program = qm.to_integer()
+    x, y = held_out(data)
+    q = run_program(program, program.quantize_input(x)).numpy() * np.asarray(program.output_scale)
+    assert row["top1_ptq"] == row["top1"] == numpy_top1(q, y)
+    with torch.no_grad():
+        assert row["top1_fp32"] == numpy_top1(model(x).numpy(), y)
+
+
+def test_uniform4_recovers_within_one_point_and_mixed_config_fills_fixed_layers(trained, data):
+    """The issue's uniform4 bar at the paper's recipe (lr 1e-4, batch 128), one epoch over the whole train split;
+    a mixed config that leaves out the fixed first/last layers gets them at 8 bits."""
+    _, model, _, _ = trained
+    _, u4 = finetune(model, "uniform4", data, Recipe(epochs=1))
+    assert u4["top1"] >= u4["top1_fp32"] - 0.01
+    mixed = resolve_bits(model, SHAPE, mixed_config(model))
+    table = layer_table(model, SHAPE)
+    fixed = table[table["fixed_bits"].notna()]["layer"]
+    assert len(fixed) == 2 and all(mixed[layer] == 8 for layer in fixed)
+    assert sorted(set(mixed.values())) == [4, 8]
+
+
+def test_resumed_training_equals_uninterrupted(trained, data, tmp_path):
+    """Two epochs straight == one epoch, checkpoint (weights_only load), then the second epoch resumed."""
+    _, model, _, _ = trained
+    train = limited(data.train, 256)
+    recipe = Recipe(lr=1e-3, epochs=2, batch_size=64)
+    straight = calibrated(model, resolve_bits(model, SHAPE, "uniform4"), train, recipe, SHAPE)
+    list(finetune_epochs(straight, train, recipe))
+
+    first = calibrated(model, resolve_bits(model, SHAPE, "uniform4"), train, recipe, SHAPE)
+    for epoch, _, opt in finetune_epochs(first, train, dataclasses.replace(recipe, epochs=1)):
+        save_checkpoint(tmp_path / "state.pt", first, opt, epoch, {"note": 1.5})
+    state = load_checkpoint(tmp_path / "state.pt")
+    assert state["epoch"] == 0 and state["extra"] == {"note": 1.5}
+    resumed = prepare(model, "uniform4", SHAPE)
+    resumed.load_state_dict(state["model"])
+    epochs = [e for e, _, _ in finetune_epochs(resumed, train, recipe, start_epoch=state["epoch"] + 1,
+                                               optimizer_state=state["optimizer"])]
+    assert epochs == [1]
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), k
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "thing": dataclasses.make_dataclass("X", [])()}, path)
+    with pytest.raises(HawqError) as e:
+        load_checkpoint(path)
+    assert "\n" not in str(e.value)
+
+
+def test_distillation_loss_matches_hand_formula():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(5, 10, generator=g), torch.randn(5, 10, generator=g)
+    y = torch.randint(10, (5,), generator=g)
+    T, alpha = 6.0, 0.95
+    sn, tn = s.double().numpy(), t.double().numpy()
+
+    def softmax(z):
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    p_t, p_s = softmax(tn / T), softmax(sn / T)
+    kl = np.mean(np.sum(p_t * (np.log(p_t) - np.log(p_s)), 1))
+    ce = np.mean(-np.log(softmax(sn)[np.arange(5), y.numpy()]))
+    expected = alpha * T * T * kl + (1 - alpha) * ce
+    assert float(distillation_loss(s, t, y, T, alpha)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_distillation_with_fp32_teacher_trains(trained, data):
+    _, model, _, _ = trained
+    qm, row = finetune(model, "uniform4", data, Recipe(epochs=1, distill=True, lr=1e-3), train_limit=128)
+    assert np.isfinite(row["losses"][0]) and row["int_matches_qat"] == 1.0
+
+
+def one_line(excinfo):
+    text = str(excinfo.value)
+    assert text and "\n" not in text
+    return text
+
+
+def test_config_naming_unknown_layers_is_one_line_error(trained, data, tmp_path):
+    _, model, _, _ = trained
+    bad = {**mixed_config(model), "block9.conv1": 4}
+    with pytest.raises(HawqError) as e:
+        finetune(model, bad, data, Recipe(epochs=1))
+    assert "block9.conv1" in one_line(e)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(HawqError) as e:
+        resolve_bits(model, SHAPE, str(path))
+    assert "block9.conv1" in one_line(e)
+
+
+def test_unloadable_teacher_is_one_line_error(trained, tmp_path):
+    _, model, _, _ = trained
+    with pytest.raises(HawqError) as e:           # a pytorchcv name with nothing in the (empty) cache
+        load_teacher("resnet20_cifar10", model, SHAPE, 10, cache_dir=tmp_path)
+    assert "teacher" in one_line(e)
+    with pytest.raises(HawqError) as e:           # a weights file that is not there
+        load_teacher(f"digits_resnet={tmp_path / 'missing.pt'}", model, SHAPE, 10)
+    assert "missing.pt" in one_line(e)
+    with pytest.raises(HawqError) as e:           # no such model
+        load_teacher("resnet_does_not_exist", model, SHAPE, 10)
+    one_line(e)
+
+
+def test_empty_split_is_one_line_error(trained, data):
+    _, model, _, _ = trained
+    empty = TensorDataset(torch.zeros(0, *SHAPE), torch.zeros(0, dtype=torch.long))
+    for splits in (DataSplits(empty, data.test, 10, "x"), DataSplits(data.train, empty, 10, "x")):
+        with pytest.raises(HawqError) as e:
+            finetune(model, "uniform8", splits, Recipe(epochs=1))
+        assert "empty" in one_line(e)
+    with pytest.raises(HawqError) as e:
+        finetune(model, "uniform8", data, Recipe(epochs=1), train_limit=0)
+    assert "empty" in one_line(e)
+
+
+def test_recipe_defaults_are_the_papers():
+    r = Recipe()
+    assert (r.lr, r.weight_decay, r.batch_size, r.act_momentum) == (1e-4, 1e-4, 128, 0.99)
+    with pytest.raises(HawqError):
+        Recipe(lr=0)

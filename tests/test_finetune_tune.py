@@ -1,0 +1,175 @@
+"""hawq-ray finetune on Ray Tune: the result table against hand recomputation from the checkpoints, ASHA with
+sampled learning rates, the CLI, and an interrupted run that resumes from its checkpoints."""
+import argparse
+import glob
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import torch
+
+from hawq_ray.cli import finetune as finetune_cli
+from hawq_ray.data import load_data
+from hawq_ray.errors import HawqError
+from hawq_ray.finetune import fp32_weights, load_checkpoint
+from hawq_ray.finetune_tune import COLUMNS, CHECKPOINT_FILE, finetune_run
+from hawq_ray.layers import layer_table
+from hawq_ray.models import get_model, input_shape
+from hawq_ray.quant.executor import run_program
+from hawq_ray.quant.qat import prepare
+
+SHAPE = input_shape()
+LIMIT = 256      # training samples per epoch in these tests
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    ray.init(num_cpus=2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data("digits", input_shape=SHAPE)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, data):
+    """fp32 weights of the default model, trained briefly (accuracy is not what these tests check)."""
+    _, path, _ = fp32_weights(tmp_path_factory.mktemp("fp32"), data, epochs=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixed_json(tmp_path_factory, weights):
+    table = layer_table(get_model(weights=weights), SHAPE)
+    searchable = table[table["fixed_bits"].isna()]
+    bits = {layer: 8 if g or i == 0 else 4 for i, (layer, g) in enumerate(zip(searchable["layer"], searchable["group"]))}
+    path = tmp_path_factory.mktemp("cfg") / "mixed.json"
+    path.write_text(json.dumps(bits))
+    return path
+
+
+def cli(argv):
+    parser = argparse.ArgumentParser()
+    finetune_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["finetune", *argv])
+    return args.func(args)
+
+
+def held_out(data):
+    x = torch.stack([data.test[i][0] for i in range(len(data.test))])
+    y = np.array([int(data.test[i][1]) for i in range(len(data.test))])
+    return x, y
+
+
+def integer_top1_from_checkpoint(path, bits, weights, data):
+    """Independent of the trial: rebuild the QuantModel, load the saved state, run the integer executor."""
+    qm = prepare(get_model(weights=weights), bits, SHAPE)
+    qm.load_state_dict(load_checkpoint(Path(path) / CHECKPOINT_FILE)["model"])
+    program = qm.to_integer()
+    x, y = held_out(data)
+    q = run_program(program, program.quantize_input(x)).numpy().astype(np.float64)
+    return float(np.mean(np.argmax(q * np.asarray(program.output_scale), 1) == y))
+
+
+def test_cli_tune_table_matches_checkpoints(tmp_path, weights, mixed_json, data, capsys):
+    out = tmp_path / "run"
+    rc = cli(["--weights", str(weights), "--configs", "uniform4", str(mixed_json), "--epochs", "2",
+              "--samples", "2", "--asha", "--lr-range", "1e-4,1e-2", "--train-limit", str(LIMIT),
+              "--out", str(out), "--json"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    table = pd.read_parquet(out / "finetune.parquet")
+    assert list(table.columns) == COLUMNS and len(printed["trials"]) == len(table) == 4  # 2 configs x 2 samples
+    assert (table["error"] == "").all()
+    for config, rows in table.groupby("config"):
+        assert rows["lr"].nunique() == 2 and rows["lr"].between(1e-4, 1e-2).all()
+    assert set(table["config"]) == {"uniform4", "mixed"}
+    assert table["epochs"].between(1, 2).all() and (table["epochs"] == 2).any()   # ASHA may stop a trial at 1
+    for _, r in table.iterrows():
+        bits = json.loads(r["bits"])
+        assert Path(r["checkpoint"]).name == f"checkpoint_{r['epochs'] - 1:06d}"
+        assert load_checkpoint(Path(r["checkpoint"]) / CHECKPOINT_FILE)["epoch"] == r["epochs"] - 1
+        assert r["top1"] == integer_top1_from_checkpoint(r["checkpoint"], bits, weights, data)
+        assert r["top1_best"] == integer_top1_from_checkpoint(r["best_checkpoint"], bits, weights, data)
+        assert r["top1_best"] >= r["top1"] and r["int_matches_qat"] == 1.0
+        params = {n: m.weight.numel() for n, m in get_model().named_modules()
+                  if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+        assert r["size_mib"] == pytest.approx(sum(p * bits[n] / 8 for n, p in params.items()) / 2**20)
+    # PTQ top-1 is the same for both samples of a config (calibration does not depend on the learning rate)
+    assert (table.groupby("config")["top1_ptq"].nunique() == 1).all()
+
+    # the same inputs again: the finished experiment is restored, nothing is trained again
+    before = sorted(glob.glob(str(out / "tune" / "*" / "*" / "checkpoint_*")))
+    again = finetune_run(["uniform4", str(mixed_json)], out=out, weights=weights, epochs=2, samples=2, asha=True,
+                         lr_range=(1e-4, 1e-2), train_limit=LIMIT)
+    assert sorted(glob.glob(str(out / "tune" / "*" / "*" / "checkpoint_*"))) == before
+    pd.testing.assert_frame_equal(again, table)
+
+
+DRIVER = """
+import os, ray
+ray.init(address={address!r}, log_to_driver=False)
+from hawq_ray.finetune_tune import finetune_run
+finetune_run(["uniform4", {mixed!r}], out={out!r}, weights={weights!r}, epochs=3, train_limit={limit},
+             lr=1e-3)
+"""
+
+
+def test_interrupted_run_resumes_from_checkpoints(tmp_path, weights, mixed_json):
+    out = tmp_path / "run"
+    code = DRIVER.format(address=ray.get_runtime_context().gcs_address, mixed=str(mixed_json), out=str(out),
+                         weights=str(weights), limit=LIMIT)
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    deadline = time.time() + 300
+    # interrupt (Ctrl+C) once a trial has a checkpoint the driver has recorded (its progress.csv row)
+    while not [p for p in glob.glob(str(out / "tune" / "*" / "*" / "progress.csv")) if len(Path(p).read_text().splitlines()) > 1]:
+        assert driver.poll() is None, driver.communicate()[0][-2000:]
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGINT)
+    log = driver.communicate(timeout=120)[0]
+    assert "interrupted" in log, log[-2000:]
+
+    before = {Path(p).parent.name: pd.read_csv(p) for p in glob.glob(str(out / "tune" / "*" / "*" / "progress.csv"))}
+    done_before = {t: int(df["epoch"].max()) for t, df in before.items() if len(df)}
+    assert done_before and min(done_before.values()) < 3, "the run was not interrupted before its end"
+
+    table = finetune_run(["uniform4", str(mixed_json)], out=out, weights=weights, epochs=3, train_limit=LIMIT,
+                         lr=1e-3)
+    assert (table["error"] == "").all() and (table["epochs"] == 3).all()
+    after = {Path(p).parent.name: pd.read_csv(p) for p in glob.glob(str(out / "tune" / "*" / "*" / "progress.csv"))}
+    assert set(after) == set(table["trial"]) and set(before) <= set(after)     # same trials, none recreated
+    resumed = 0
+    for trial, df in after.items():
+        assert list(df["epoch"]) == [1, 2, 3], (trial, df)       # every epoch once: no trial started over
+        k = done_before.get(trial, 0)
+        if 0 < k < 3:                                           # interrupted after k epochs: continued at k
+            assert list(df["start_epoch"]) == [0] * k + [k] * (3 - k), (trial, df)
+            resumed += 1
+    assert resumed >= 1
+    assert set(table["start_epoch"]) <= {0, 1, 2} and (table["start_epoch"] > 0).any()
+
+
+def test_cli_bad_input_is_one_line_error(tmp_path, weights, mixed_json):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**json.loads(mixed_json.read_text()), "block7.conv2": 4}))
+    cases = [["--configs", str(bad)],
+             ["--configs", "uniform4", "--distill", "resnet_no_such_teacher"],
+             ["--configs", "uniform4", "--train-limit", "0"],
+             ["--configs", "uniform4", "--distill", f"digits_resnet={tmp_path / 'missing.pt'}"]]
+    for argv in cases:
+        with pytest.raises(HawqError) as e:
+            cli(["--weights", str(weights), "--out", str(tmp_path / "o"), *argv])
+        assert str(e.value) and "\n" not in str(e.value), argv
+    assert not (tmp_path / "o" / "tune").exists()       # rejected before any trial started
