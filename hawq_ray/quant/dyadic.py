@@ -52,10 +52,11 @@ def requantize(z: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
     for name, t in (("z", z), ("b", b), ("c", c)):
         if t.is_floating_point() or t.is_complex():
             raise TypeError(f"requantize: {name} must be an integer tensor, got {t.dtype}")
-    z = z.to(torch.int64)
     b = b.to(torch.int64)
     c = c.to(torch.int64)
-    out = (z * b + (torch.ones_like(c) << (c - 1))) >> c
+    out = z.to(torch.int64) * b
+    out += torch.ones_like(c) << (c - 1)
+    out >>= c
     if lo is not None or hi is not None:
-        out = out.clamp(lo, hi)
+        out.clamp_(lo, hi)
     return out

@@ -1,6 +1,7 @@
 """The PyTorch integer executor: runs an IntegerProgram with integer tensors only (the reference).
 
-Convolutions are im2col + int64 matrix products; pooling, requantization (dyadic.requantize), add and
+Convolutions are im2col + integer matrix products (int8 x int8 -> int32 where the operands fit, int64
+otherwise); pooling, requantization (dyadic.requantize), add and
 concat are integer ops. Every op checks that its inputs and output are integer tensors: a float tensor
 anywhere is an error.
 """
@@ -30,8 +31,35 @@ def _windows(x: torch.Tensor, kernel, stride, dilation) -> torch.Tensor:
     return win[..., ::dh, ::dw]
 
 
+def _int8_operand(x: torch.Tensor):
+    """Express integer activations as int8 for an int8 x int8 -> int32 product.
+
+    Returns (x8, offset) with x = x8 + offset: offset 0 when x already fits int8, 128 for unsigned
+    8-bit activations (the product then gains offset * sum(W), added back exactly in INT32).
+    """
+    lo, hi = int(x.min()), int(x.max())
+    if -128 <= lo and hi <= 127:
+        return x.to(torch.int8), 0
+    if 0 <= lo and hi <= 255:
+        return (x - 128).to(torch.int8), 128
+    return None, 0
+
+
+def int_matmul(cols: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """cols (M, K) @ w (O, K).T exactly: int8 x int8 -> int32 when both fit, else int64."""
+    c8, offset = _int8_operand(cols)
+    if c8 is not None and w.numel() and int(w.abs().max()) <= 127:
+        out = torch._int_mm(c8, w.to(torch.int8).T.contiguous()).to(torch.int64)
+        if offset:
+            out += offset * w.to(torch.int64).sum(1)
+        return out
+    return cols.to(torch.int64) @ w.to(torch.int64).T
+
+
 def conv2d(x, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
     x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))   # zero point 0: pad with 0
+    if int(x.min()) >= -128 and int(x.max()) <= 255:
+        x = x.to(torch.int16)                                         # narrower im2col copies
     o, ipg, kh, kw = weight.shape
     win = _windows(x, (kh, kw), stride, dilation)                     # N, C, Ho, Wo, kh, kw
     n, _, ho, wo = win.shape[:4]
@@ -39,7 +67,7 @@ def conv2d(x, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
     for g in range(groups):
         cols = win[:, g * ipg:(g + 1) * ipg].permute(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, ipg * kh * kw)
         wg = weight[g * (o // groups):(g + 1) * (o // groups)].reshape(o // groups, -1)
-        outs.append(cols @ wg.T)
+        outs.append(int_matmul(cols, wg))
     out = torch.cat(outs, 1).reshape(n, ho, wo, o).permute(0, 3, 1, 2)
     return out + bias.reshape(1, -1, 1, 1)
 
@@ -63,7 +91,7 @@ def run_op(op: Op, ins: list[torch.Tensor]) -> torch.Tensor:
         return conv2d(ins[0].to(torch.int64), c["weight"], c["bias"], a["stride"], a["padding"],
                       a["dilation"], a["groups"])
     if op.op == "dense":
-        return ins[0].to(torch.int64) @ c["weight"].T + c["bias"]
+        return int_matmul(ins[0], c["weight"]) + c["bias"]
     if op.op == "requantize":
         return requantize(ins[0], c["multiplier"], c["shift"], op.lo, op.hi)
     if op.op == "relu":

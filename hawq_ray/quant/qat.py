@@ -50,6 +50,8 @@ class V:
 
 def ste(surrogate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Forward: `value`; backward: the gradient of `surrogate`."""
+    if not (torch.is_grad_enabled() and surrogate.requires_grad):
+        return value.to(surrogate.dtype)
     return surrogate + (value.to(surrogate.dtype) - surrogate).detach()
 
 

@@ -1,0 +1,144 @@
+"""Quantizers, BN folding, the layer table and cost, checked against hand computations and the paper."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from hawq_ray.cost import bits_for, gbops, size_mib
+from hawq_ray.errors import HawqError
+from hawq_ray.layers import layer_table
+from hawq_ray.models import get_model, input_shape
+from hawq_ray.quant.fold import fold_bn
+from hawq_ray.quant.qat import prepare
+from hawq_ray.quant.quantizers import quantize_weight, weight_perturbation
+
+
+def test_weight_quantizer_is_symmetric_per_channel_with_ste():
+    w = torch.tensor([[0.5, -1.0, 0.25], [0.01, 0.02, -0.04]], requires_grad=True)
+    q, s = quantize_weight(w, 4)
+    np.testing.assert_allclose(s.numpy(), [1.0 / 7, 0.04 / 7], rtol=1e-6)
+    # numpy: floor(w/s + 1/2) clamped to [-8, 7]
+    want = np.clip(np.floor(w.detach().numpy() / s.numpy()[:, None] + 0.5), -8, 7)
+    assert np.array_equal(q.detach().numpy(), want)
+    q.sum().backward()
+    np.testing.assert_allclose(w.grad.numpy(), np.broadcast_to(1 / s.numpy()[:, None], (2, 3)), rtol=1e-6)
+    w8 = torch.randn(16, 3, 3, 3)
+    q8, _ = quantize_weight(w8, 8)
+    assert q8.min() >= -128 and q8.max() <= 127 and q8.abs().amax(dim=(1, 2, 3)).eq(127).all()
+
+
+def test_weight_perturbation_matches_numpy():
+    w = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    for bits in (4, 8):
+        wn = w.numpy().reshape(8, -1)
+        s = np.abs(wn).max(1) / (2 ** (bits - 1) - 1)
+        qn = np.clip(np.floor(wn / s[:, None] + 0.5), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        want = float(((qn * s[:, None] - wn) ** 2).sum())
+        assert weight_perturbation(w, bits) == pytest.approx(want, rel=1e-5)
+    assert weight_perturbation(w, 4) > weight_perturbation(w, 8) * 100
+
+
+def test_bn_folding_equation_16_matches_conv_then_bn():
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 5, 3, padding=1, bias=True), nn.BatchNorm2d(5)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-1, 1)
+    bn.eval()
+    x = torch.randn(2, 3, 8, 8)
+    w, b = fold_bn(conv.weight, conv.bias, bn)
+    torch.testing.assert_close(nn.functional.conv2d(x, w, b, padding=1), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_mode_of_quant_model_equals_the_original_model():
+    model = get_model("resnet20_cifar10").eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    qm = prepare(model, "uniform8", (3, 32, 32)).set_mode("fp32")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(qm(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_uniform8_qat_output_is_close_to_fp32_and_uniform4_further():
+    model = get_model("resnet20_cifar10").eval()
+    qm8 = prepare(model, "uniform8", (3, 32, 32))
+    qm4 = prepare(model, "uniform4", (3, 32, 32))
+    x = torch.randn(8, 3, 32, 32)
+    qm8.calibrate([x]), qm4.calibrate([x])
+    with torch.no_grad():
+        ref = model(x)
+        e8 = float((qm8(x) - ref).norm() / ref.norm())
+        e4 = float((qm4(x) - ref).norm() / ref.norm())
+    assert e8 < 0.1 and e8 < e4
+
+
+def test_unsupported_module_names_module_and_type():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    with pytest.raises(HawqError, match=r"module '1' of type Sigmoid"):
+        prepare(model, "uniform8", (3, 8, 8))
+    with pytest.raises(HawqError, match="no quantizable layer"):
+        prepare(nn.Sequential(nn.ReLU()), "uniform8", (3, 8, 8))
+
+
+def test_layer_table_resnet18_columns_groups_and_fixed_layers():
+    t = layer_table(get_model("resnet18"), (3, 224, 224))
+    assert list(t.columns) == ["layer", "kind", "params", "macs", "group", "fixed_bits"]
+    assert len(t) == 21 and t["layer"].is_unique
+    assert t.iloc[0]["layer"] == "features.init_block.conv.conv" and t.iloc[0]["fixed_bits"] == 8
+    assert t.iloc[-1]["layer"] == "output" and t.iloc[-1]["fixed_bits"] == 8
+    assert t["fixed_bits"].notna().sum() == 2
+    # first conv: 64 x 3 x 7 x 7 weights, 112 x 112 outputs -> macs = 64*112*112*147
+    assert t.iloc[0]["params"] == 64 * 3 * 49 and t.iloc[0]["macs"] == 64 * 112 * 112 * 147
+    ds = t[t["layer"] == "features.stage2.unit1.identity_conv.conv"].iloc[0]
+    assert ds["group"] == "features.stage2.unit1.body.conv1.conv"
+    assert (t["group"] == "features.stage2.unit1.body.conv1.conv").sum() == 2
+    assert (t["group"] != "").sum() == 6          # three downsample pairs
+    assert int(t["macs"].sum()) == pytest.approx(1.8144e9, rel=1e-3)
+
+
+@pytest.mark.parametrize("name,config,mib,gb", [
+    # HAWQ-V3's published tables: size (MB) and BOPS (G); None where we do not compare
+    ("resnet18", "fp32", 44.6, 1858), ("resnet18", "uniform8", 11.1, 116),
+    ("resnet50", "uniform8", None, 247), ("resnet50", "uniform4", 13.1, None),
+])
+def test_size_and_bops_match_the_paper(name, config, mib, gb):
+    t = layer_table(get_model(name), input_shape(name))
+    bits = bits_for(t, config)
+    if mib is not None:
+        assert round(size_mib(t, bits), 1) == mib
+    if gb is not None:
+        assert round(gbops(t, bits)) == gb
+
+
+def test_cost_counts_by_hand_on_a_tiny_table():
+    t = pd.DataFrame({"layer": ["a", "b"], "params": [1000, 2 ** 20], "macs": [10 ** 6, 10 ** 9],
+                      "fixed_bits": pd.array([8, pd.NA], dtype="Int64")})
+    bits = bits_for(t, "uniform4")
+    assert bits == {"a": 8, "b": 4}
+    assert size_mib(t, bits) == pytest.approx((1000 * 1 + 2 ** 20 * 0.5) / 2 ** 20)
+    assert gbops(t, bits) == pytest.approx((10 ** 6 * 64 + 10 ** 9 * 16) / 1e9)
+
+
+def test_bit_config_errors_name_the_input(tmp_path):
+    t = layer_table(get_model(), (1, 16, 16))
+    with pytest.raises(HawqError, match="unknown layers"):
+        bits_for(t, {"nope": 4})
+    cfg = {r: 4 for r in t["layer"]}
+    cfg["stem.conv"] = 8
+    cfg["fc"] = 8
+    cfg["block1.conv1"] = 6
+    with pytest.raises(HawqError, match="valid bits are 4 and 8"):
+        bits_for(t, cfg)
+    cfg["block1.conv1"] = 4
+    cfg["fc"] = 4
+    with pytest.raises(HawqError, match="fixed at 8"):
+        bits_for(t, cfg)
+    bad = tmp_path / "c.json"
+    bad.write_text("{not json")
+    with pytest.raises(HawqError, match="not valid JSON"):
+        bits_for(t, str(bad))
