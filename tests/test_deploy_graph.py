@@ -122,3 +122,15 @@ def test_depthwise_and_rank4_output():
     x = rng.integers(-128, 128, (2, 3, 6, 6)).astype(np.int8)
     got = compile_program(prog, batch=2)(x)
     assert np.array_equal(got, run_reference(prog, x)["c"])
+
+
+def test_model_kernel_times_cover_every_layer_and_share_signatures():
+    from hawq_ray.deploy.layer import kernel_signature, model_kernel_times
+    prog, _ = make_program(8, 255)
+    rows = model_kernel_times(prog, 2, number=1, repeat=1)
+    assert [r[1] for r in rows if r[1]] == prog.layers()
+    assert all(r[2] > 0 for r in rows)
+    other, _ = make_program(8, 255, seed=9)        # same shapes, other weights: same kernels
+    target = parse_target("llvm")
+    sig = lambda p: [kernel_signature(c.kernel) for c in plan_kernels(p, 2, target)]
+    assert sig(prog) == sig(other)

@@ -183,7 +183,8 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     elif not is_gpu(target):
         func = _schedule_conv_generic(func, tile, needs_pad, w_bits <= 4, len(fanout) or 1)
     return Kernel(name or _name("conv", op), func, [x, *extras], [w_arr, bias_arr, *epi.const_arrays], out_values,
-                  {"path": "vnni" if fast else ("gpu" if is_gpu(target) else "generic"), "w_bits": w_bits})
+                  {"path": "vnni" if fast else ("gpu" if is_gpu(target) else "generic"), "w_bits": w_bits,
+                   "layer": op.layer})
 
 
 def _out_blocks(n_out: int) -> list:
@@ -299,7 +300,7 @@ def _grouped_conv(op, x, steps, extras, target, name, out_value):
             sch.parallel(sch.fuse(*loops[:3]))
         func = sch.mod["main"]
     return Kernel(name or _name("conv", op), func, [x, *extras], [w_arr, bias_arr, *epi.const_arrays], [out_value],
-                  {"path": "grouped", "w_bits": 8})
+                  {"path": "grouped", "w_bits": 8, "layer": op.layer})
 
 
 # ---------------------------------------------------------------------------------------------- dense
@@ -348,7 +349,7 @@ def dense_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str 
         func = _schedule_dense(func, N, O, fast, needs_pad, w_bits <= 4)
     return Kernel(name or _name("dense", op), func, [x, *extras], [w_arr, bias_arr, *epi.const_arrays],
                   [out_value], {"path": "vnni" if fast else ("gpu" if is_gpu(target) else "generic"),
-                              "w_bits": w_bits})
+                                "w_bits": w_bits, "layer": op.layer})
 
 
 def _schedule_dense(func, N: int, O: int, fast: bool, has_pad: bool, int4: bool):

@@ -97,3 +97,24 @@ def run_kernel(kernel: Kernel, inputs: list, target="llvm", compiled=None):
     res = [layout.from_blocked(t.numpy(), o.shape[1]) if o.block else t.numpy()
            for t, o in zip(outs, kernel.outputs)]
     return res[0] if len(res) == 1 else res
+
+
+def kernel_signature(kernel: Kernel) -> str:
+    """A key that is equal for kernels with the same code and argument shapes (constants' values aside):
+    layers with identical kernels need to be built and timed only once."""
+    import tvm_ffi
+    return f"{tvm_ffi.structural_hash(kernel.func) & (2**64 - 1):016x}"
+
+
+def model_kernel_times(program, batch: int, target="llvm", number: int = 5, repeat: int = 3) -> list:
+    """Time every kernel the whole-model build calls, in order: [(kernel name, layer or None, ms)].
+    Their sum is the model's latency less the VM's call overhead; glue kernels have layer None."""
+    from hawq_ray.deploy.graph import plan_kernels
+    target = parse_target(target) if not isinstance(target, tvm.target.Target) else target
+    rows, seen = [], {}
+    for call in plan_kernels(program, batch, target):
+        key = kernel_signature(call.kernel)
+        if key not in seen:
+            seen[key] = float(np.median(time_kernel(call.kernel, target, number, repeat)))
+        rows.append((call.kernel.name, call.kernel.notes.get("layer"), seen[key]))
+    return rows
