@@ -13,7 +13,7 @@ import sys
 
 from hawq_ray.errors import HawqError
 
-COMMAND_MODULES = ("quant", "solve")
+COMMAND_MODULES = ("quant", "sensitivity", "solve", "finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,8 +18,6 @@ requantization at the activation points), "fp32" (BN-folded float model, no quan
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,14 +36,19 @@ FP32_EXACT = 2 ** 24  # integers below this are exact in float32
 MODES = ("qat", "fake", "fp32")
 
 
-@dataclass
 class V:
-    q: torch.Tensor | None   # int64 (qat) or None
-    s: torch.Tensor | None   # float64 scale, () or (C,)
-    r: torch.Tensor          # float32 real value (with STE gradient)
-    name: str = ""           # value name in the emitted IntegerProgram
-    lo: int = INT32_MIN
-    hi: int = INT32_MAX
+    """A value: exact integers `q`, real scale `s`, and the real tensor `r` (materialized lazily as q * s
+    when nothing needs its gradient, so integer-only inference does not pay for float copies)."""
+    __slots__ = ("q", "s", "_r", "name", "lo", "hi")
+
+    def __init__(self, q, s, r=None, name="", lo=INT32_MIN, hi=INT32_MAX):
+        self.q, self.s, self._r, self.name, self.lo, self.hi = q, s, r, name, lo, hi
+
+    @property
+    def r(self) -> torch.Tensor:
+        if self._r is None:
+            self._r = (self.q.to(torch.float64) * channel_view(self.s, self.q.dim())).to(torch.float32)
+        return self._r
 
 
 def ste(surrogate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -185,9 +188,9 @@ class QuantModel(nn.Module):
     def _range(self, key: str) -> torch.Tensor:
         return getattr(self, self._points[key])
 
-    def _observe(self, key: str, current: torch.Tensor) -> float:
+    def _observe(self, key: str, current: torch.Tensor | None) -> float:
         buf = self._range(key)
-        if self.training or self.calibrating:
+        if current is not None and (self.training or self.calibrating):
             buf.copy_(ema_update(buf, current.detach().to(buf.dtype), bool(buf >= 0)))
         if buf < 0:
             raise HawqError(f"activation range {key!r} was never observed: calibrate the model "
@@ -223,7 +226,8 @@ class QuantModel(nn.Module):
             v = ins[0]
             q = v.q.clamp_min(0) if v.q is not None else None
             name = self._emit_op("relu", [v.name], node.name, scale=_np(v.s), lo=max(v.lo, 0), hi=v.hi)
-            return V(q, v.s, F.relu(v.r), name, max(v.lo, 0), v.hi)
+            r = F.relu(v.r) if q is None else self._lazy(v, F.relu)
+            return V(q, v.s, r, name, max(v.lo, 0), v.hi)
         if kind in ("add", "cat"):
             return self._join(node, ins)
         if kind == "avgpool":
@@ -237,8 +241,17 @@ class QuantModel(nn.Module):
                 s = s.repeat_interleave(v.r.shape[2] * v.r.shape[3])
             q = v.q.flatten(1) if v.q is not None else None
             name = self._emit_op("flatten", [v.name], node.name, scale=_np(s), lo=v.lo, hi=v.hi)
-            return V(q, s, v.r.flatten(1), name, v.lo, v.hi)
+            r = v.r.flatten(1) if q is None else self._lazy(v, lambda t: t.flatten(1))
+            return V(q, s, r, name, v.lo, v.hi)
         raise HawqError(f"internal: unknown graph node kind {kind!r}")
+
+    def _needs_real(self) -> bool:
+        """Float surrogates are needed for gradients and for observing activation ranges only."""
+        return torch.is_grad_enabled() or self.training or self.calibrating
+
+    def _lazy(self, v: V, fn):
+        """fn(v.r) when real values are needed or already there; None (materialize later) otherwise."""
+        return fn(v.r) if (v._r is not None or self._needs_real()) else None
 
     def _nonneg(self, name: str) -> bool:
         return self._nonneg_values[name]
@@ -258,18 +271,23 @@ class QuantModel(nn.Module):
         """The activation quantizer in front of a layer: static EMA range, `bits` wide (eq. 12)."""
         if self.mode == "fp32":
             return v
-        cur = v.r.detach().abs().max() if signed else v.r.detach().clamp_min(0).max()
+        observe = self.training or self.calibrating
+        cur = (v.r.detach().abs().max() if signed else v.r.detach().clamp_min(0).max()) if observe else None
         scale = activation_scale(self._observe(key, cur), bits, signed)
         lo, hi = signed_range(bits) if signed else unsigned_range(bits)
-        s = torch.tensor(scale, dtype=torch.float64, device=v.r.device)
-        surrogate = v.r.clamp(lo * scale, hi * scale)
+        s = torch.tensor(scale, dtype=torch.float64, device=self._device(v))
         if self.mode == "fake":  # eq. 15: float division by S_a
             q = torch.floor(v.r.detach().to(torch.float64) / scale + 0.5).clamp_(lo, hi)
-            return V(None, s, ste(surrogate, q * scale), name, lo, hi)
-        b, c = self._dyadic(v.s / scale, v.r.dim())
+            return V(None, s, ste(v.r.clamp(lo * scale, hi * scale), q * scale), name, lo, hi)
+        b, c = self._dyadic(v.s / scale, v.q.dim())
         q = requantize(v.q, b, c, lo, hi)
         self._emit_op("requantize", [v.name], name, consts=_consts(b, c), scale=_np(s), lo=lo, hi=hi)
-        return V(q, s, ste(surrogate, q * scale), name, lo, hi)
+        r = self._lazy(v, lambda t: ste(t.clamp(lo * scale, hi * scale), q * scale))
+        return V(q, s, r, name, lo, hi)
+
+    @staticmethod
+    def _device(v: V):
+        return v.q.device if v.q is not None else v.r.device
 
     def _dyadic(self, multiplier: torch.Tensor, ndim: int):
         b, c = dyadic(multiplier.detach().cpu().numpy())
@@ -310,14 +328,12 @@ class QuantModel(nn.Module):
         else:
             z = torch.round(a.q.to(torch.float64) @ q_wi.to(torch.float64).T).to(torch.int64)
         z = z + channel_view(q_b, z.dim())
-        value = z.to(torch.float64) * channel_view(s_acc, z.dim())
+        r = None
         if torch.is_grad_enabled() and (a.r.requires_grad or q_w.requires_grad):
             xi = ste(a.r / float(s_x), a.q.to(a.r.dtype))           # integer values, grad wrt r
             surrogate = apply(xi, q_w) * channel_view(s_acc.to(a.r.dtype), z.dim()) \
                 + channel_view(ste(b_bar, q_b * s_acc), z.dim())
-            r = ste(surrogate, value)
-        else:
-            r = value.to(torch.float32)
+            r = ste(surrogate, z.to(torch.float64) * channel_view(s_acc, z.dim()))
         self._emit_op("conv2d" if conv else "dense", [a.name], node.name, layer=node.layer,
                       attrs=({k: at[k] for k in ("stride", "padding", "dilation", "groups")} if conv else {})
                       | {"w_bits": bits, "x_bits": bits if a.name != "input" else 8, "x_signed": a.lo < 0},
@@ -329,12 +345,14 @@ class QuantModel(nn.Module):
     def _join(self, node: GNode, ins: list[V]) -> V:
         """Residual add (Appendix F) or concat (eq. 18): each branch requantized to the output scale."""
         add = node.kind == "add"
-        real = ins[0].r + ins[1].r if add else torch.cat([v.r for v in ins], 1)
+        need = self.mode != "qat" or self._needs_real() or any(v._r is not None for v in ins)
+        real = (ins[0].r + ins[1].r if add else torch.cat([v.r for v in ins], 1)) if need else None
         if self.mode == "fp32":
             return V(None, None, real, node.name)
-        scale = activation_scale(self._observe(f"out:{node.name}", real.detach().abs().max()),
-                                 WIDE_BITS, signed=True)
-        s = torch.tensor(scale, dtype=torch.float64, device=real.device)
+        observe = self.training or self.calibrating
+        scale = activation_scale(self._observe(f"out:{node.name}", real.detach().abs().max() if observe
+                                               else None), WIDE_BITS, signed=True)
+        s = torch.tensor(scale, dtype=torch.float64, device=self._device(ins[0]))
         if self.mode == "fake":  # eq. 20/21: accumulate in float, then requantize once
             q = torch.floor(real.detach().to(torch.float64) / scale + 0.5)
             return V(None, s, ste(real, q * scale), node.name)
@@ -347,20 +365,21 @@ class QuantModel(nn.Module):
         q = parts[0] + parts[1] if add else torch.cat(parts, 1)
         self._emit_op("add" if add else "concat", names, node.name, scale=_np(s),
                       attrs={} if add else {"axis": 1})
-        return V(q, s, ste(real, q * scale), node.name)
+        return V(q, s, None if real is None else ste(real, q * scale), node.name)
 
     def _avgpool(self, node: GNode, v: V) -> V:
         """Average pooling on INT32: window sum, then a dyadic 1/count requantization (Appendix E)."""
         at = node.attrs
         if at.get("global"):
-            k, st, pad, ceil, incl = tuple(v.r.shape[2:]), tuple(v.r.shape[2:]), (0, 0), False, True
+            shape = (v.q if v.q is not None else v.r).shape
+            k, st, pad, ceil, incl = tuple(shape[2:]), tuple(shape[2:]), (0, 0), False, True
         else:
             k, st, pad, ceil, incl = at["kernel"], at["stride"], at["padding"], at["ceil_mode"], \
                 at["count_include_pad"]
-        real = F.avg_pool2d(v.r, k, st, pad, ceil, incl)
         if self.mode != "qat":
-            return V(None, v.s, real, node.name)
-        ones = torch.ones((1, 1, *v.r.shape[2:]), dtype=torch.float64, device=v.r.device)
+            return V(None, v.s, F.avg_pool2d(v.r, k, st, pad, ceil, incl), node.name)
+        real = self._lazy(v, lambda t: F.avg_pool2d(t, k, st, pad, ceil, incl))
+        ones = torch.ones((1, 1, *v.q.shape[2:]), dtype=torch.float64, device=v.q.device)
         counts = F.avg_pool2d(ones, k, st, pad, ceil, count_include_pad=True, divisor_override=1) if incl \
             else F.avg_pool2d(ones, k, st, pad, ceil, count_include_pad=False, divisor_override=1)
         if ceil:
@@ -371,26 +390,29 @@ class QuantModel(nn.Module):
         if np.all(inv == inv.flat[0]):
             inv = np.asarray(inv.flat[0])
         b, c = dyadic(inv)
-        b, c = torch.from_numpy(b).to(v.r.device), torch.from_numpy(c).to(v.r.device)
+        b, c = torch.from_numpy(b).to(v.q.device), torch.from_numpy(c).to(v.q.device)
         q = requantize(total, b, c)
         sum_name = self._emit_op("sum_pool2d", [v.name], f"{node.name}.sum",
                                  attrs={"kernel": tuple(k), "stride": tuple(st), "padding": tuple(pad),
                                         "ceil_mode": False})
         self._emit_op("requantize", [sum_name], node.name, consts=_consts(b, c), scale=_np(v.s),
                       lo=v.lo, hi=v.hi)
-        return V(q, v.s, ste(real, q.to(torch.float64) * channel_view(v.s, q.dim())), node.name, v.lo, v.hi)
+        return V(q, v.s, self._real(real, q, v.s), node.name, v.lo, v.hi)
+
+    def _real(self, surrogate, q, s):
+        return None if surrogate is None else ste(surrogate, q.to(torch.float64) * channel_view(s, q.dim()))
 
     def _maxpool(self, node: GNode, v: V) -> V:
         at = node.attrs
         args = (at["kernel"], at["stride"], at["padding"], at["dilation"], at["ceil_mode"])
-        real = F.max_pool2d(v.r, *args)
         if self.mode != "qat":
-            return V(None, v.s, real, node.name)
+            return V(None, v.s, F.max_pool2d(v.r, *args), node.name)
+        real = self._lazy(v, lambda t: F.max_pool2d(t, *args))
         q = torch.round(F.max_pool2d(v.q.to(torch.float64), *args)).to(torch.int64)
         self._emit_op("max_pool2d", [v.name], node.name, scale=_np(v.s), lo=v.lo, hi=v.hi,
                       attrs={"kernel": args[0], "stride": args[1], "padding": args[2], "dilation": args[3],
                              "ceil_mode": args[4]})
-        return V(q, v.s, ste(real, q.to(torch.float64) * channel_view(v.s, q.dim())), node.name, v.lo, v.hi)
+        return V(q, v.s, self._real(real, q, v.s), node.name, v.lo, v.hi)
 
 
 def _np(s):

@@ -1,0 +1,83 @@
+"""QAT simulation and the PyTorch integer executor agree bit for bit on every supported model and
+bit configuration (uniform4, uniform8, a random mixed config), on 8 random inputs each."""
+import random
+
+import pandas as pd
+import pytest
+import torch
+
+from hawq_ray.layers import layer_table
+from hawq_ray.models import get_model, input_shape
+from hawq_ray.quant.executor import FloatTensorError, run_program
+from hawq_ray.quant.qat import prepare
+
+MODELS = ["digits_resnet", "resnet20_cifar10", "resnet18", "resnet50", "inceptionv3"]
+
+
+def mixed_config(table: pd.DataFrame, seed: int) -> dict:
+    rng = random.Random(seed)
+    by_group: dict = {}
+    bits = {}
+    for r in table.itertuples():
+        if not pd.isna(r.fixed_bits):
+            bits[r.layer] = int(r.fixed_bits)
+        elif r.group:
+            bits[r.layer] = by_group.setdefault(r.group, rng.choice([4, 8]))
+        else:
+            bits[r.layer] = rng.choice([4, 8])
+    return bits
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def model_case(request):
+    name = request.param
+    model = get_model(name)
+    shape = input_shape(name)
+    return name, model, shape, layer_table(model, shape)
+
+
+@pytest.mark.parametrize("config", ["uniform4", "uniform8", "mixed"])
+def test_qat_simulation_equals_integer_executor(model_case, config):
+    name, model, shape, table = model_case
+    bits = mixed_config(table, seed=len(name)) if config == "mixed" else config
+    if config == "mixed":
+        assert set(bits.values()) == {4, 8}
+    gen = torch.Generator().manual_seed(0)
+    qm = prepare(model, bits, shape)
+    qm.calibrate([torch.randn((4, *shape), generator=gen) * 1.5])
+    program = qm.to_integer()
+    x = torch.randn((8, *shape), generator=gen) * 1.5
+    with torch.no_grad():
+        out, layers = qm.run(x, record=True)
+    q_int, values = run_program(program, program.quantize_input(x), record=True)
+    assert q_int.dtype == torch.int64 and out.q.shape == q_int.shape
+    assert int((out.q != q_int).sum()) == 0, f"{name} {config}: output differs"
+    for op in program.ops:
+        if op.layer in layers and op.op in ("conv2d", "dense"):
+            assert torch.equal(layers[op.layer].q, values[op.output]), f"{name} {config}: {op.layer}"
+    # the integers are not trivially zero: the logits carry information
+    assert int(q_int.abs().max()) > 100
+    assert len(torch.unique(q_int)) > 8
+    # every weight respects its bit width
+    for op in program.ops:
+        if op.op in ("conv2d", "dense"):
+            b = op.attrs["w_bits"]
+            assert op.consts["weight"].min() >= -(1 << (b - 1)) and op.consts["weight"].max() < (1 << (b - 1))
+            assert b == program.bits[op.layer]
+        if op.op == "requantize" and op.hi <= 255:
+            assert op.hi in (15, 255, 7, 127)
+    if name == "inceptionv3":   # covers concat and both poolings
+        ops = {op.op for op in program.ops}
+        assert {"concat", "sum_pool2d", "max_pool2d", "requantize", "conv2d", "dense"} <= ops
+
+
+def test_executor_refuses_float_tensors():
+    model = get_model()
+    qm = prepare(model, "uniform8", (1, 16, 16))
+    qm.calibrate([torch.randn(4, 1, 16, 16)])
+    program = qm.to_integer()
+    with pytest.raises(FloatTensorError, match="program input"):
+        run_program(program, torch.randn(2, 1, 16, 16))
+    with pytest.raises(TypeError, match="integer array"):
+        type(program.ops[0])(op="conv2d", inputs=["input"], output="y",
+                             consts={"weight": program.ops[0].consts["weight"].astype("float32")})
