@@ -1,6 +1,7 @@
 """End-to-end latency of the TVM integer-only deployment against torch fp32 eager, torch.ao int8 (x86 backend)
-and onnxruntime int8 QDQ, all in one process, measured in interleaved rounds (so a load spike on a shared
-machine hits every path alike). Prints a table of median ms and ratios; --json prints one JSON object last.
+and onnxruntime int8 QDQ, all in one process, measured in interleaved rounds with a rotating order and a pause
+between paths (so a load spike on a shared machine hits every path alike, and no runtime's spinning worker
+threads steal the next one's cores). Prints a table of median ms and ratios; --json prints one JSON object last.
 
     python bench/deploy_latency.py [--models resnet18,resnet50] [--batch 8] [--rounds 7] [--verify] [--json]
 
@@ -150,9 +151,11 @@ def bench_model(name, batch, rounds, verify, configs):
         run()
     timers = {k: _timer(v, 1) for k, v in runners.items()}
     samples = {k: [] for k in runners}
-    for _ in range(rounds):
-        for k, t in timers.items():
-            samples[k].append(t())
+    names = list(timers)
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:   # rotate who runs first
+            time.sleep(0.3)      # let the previous runtime's spinning worker threads go idle
+            samples[k].append(timers[k]())
     return {k: {"median_ms": float(np.median(v)), **info.get(k, {})} for k, v in samples.items()}
 
 

@@ -134,3 +134,12 @@ def test_model_kernel_times_cover_every_layer_and_share_signatures():
     target = parse_target("llvm")
     sig = lambda p: [kernel_signature(c.kernel) for c in plan_kernels(p, 2, target)]
     assert sig(prog) == sig(other)
+
+
+def test_cuda_module_builds(programs):
+    """The CUDA path compiles (plain GPU schedule); running it needs a GPU, which this machine lacks."""
+    prog, _ = programs["uniform4"]
+    model = compile_program(prog, batch=2, target={"kind": "cuda", "arch": "sm_75"}, check=False)
+    assert model.manifest["target"]["kind"] == "cuda"
+    assert all(k["path"] in ("gpu", "layout", "max_pool2d", "sum_pool2d", "concat", "flatten", "elementwise")
+               for k in model.manifest["kernels"])

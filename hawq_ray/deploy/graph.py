@@ -1,9 +1,12 @@
 """IntegerProgram -> one Relax module that calls one kernel per layer.
 
+Step 0 (`requantize_before_max_pool`): an exact reordering so the stem's max pool runs on uint8.
 Step 1 (`plan_groups`): cut the op list into kernels. A kernel starts at an anchor op (conv2d, dense, pooling,
 concat, flatten, or an elementwise op nobody absorbed) and absorbs the elementwise ops that follow while the
 value between them has a single consumer. A kernel is emitted where its last op stood, so the other operand
-of a fused residual `add` is already computed.
+of a fused residual `add` is already computed. When every reader of a conv chain's end is a requantize (a
+residual block's output feeding the next conv and the next identity branch), those requantizes become extra
+outputs of the conv kernel and the INT32 value is never stored.
 Step 2 (`plan_kernels`): build each group's kernel (`kernels.py`, `glue.py`) in emission order, tracking the
 storage of every value. The image enters as NCHW int8 and is blocked once; rank-4 outputs are unblocked once.
 Step 3 (`build_relax`): a BlockBuilder emits `call_tir` for each kernel; constants become parameters.
@@ -42,7 +45,7 @@ class Call:
 def _channelwise(op: Op) -> bool:
     """A requantize whose constants do not vary over H and W (so it commutes with max pooling)."""
     return op.op == "requantize" and all(
-        np.ndim(c) < 2 or all(d == 1 for d in np.shape(c)[-2:]) for c in op.consts.values())
+        np.size(c) == 1 or (np.ndim(c) >= 3 and np.shape(c)[-2:] == (1, 1)) for c in op.consts.values())
 
 
 def requantize_before_max_pool(ops: list, program_output: str) -> list:
