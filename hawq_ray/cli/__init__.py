@@ -13,11 +13,13 @@ import sys
 
 from hawq_ray.errors import HawqError
 
-COMMAND_MODULES = ("quant", "sensitivity", "solve", "finetune")
+COMMAND_MODULES = ("quant", "sensitivity", "profile", "solve", "finetune", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hawq-ray", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="hawq-ray", description="HAWQ-V3 mixed-precision bit allocation, fine-tuning and integer-only "
+        "deployment on Ray: one subcommand per stage.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"hawq_ray.cli.{name}").register(sub)

@@ -1,0 +1,99 @@
+"""The main job end to end on the default model: stages, tables, resume after a kill, the report."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from hawq_ray.errors import HawqError
+from hawq_ray.pipeline import STAGES, load_config
+
+TINY = Path(__file__).parent / "data" / "tiny_run.yaml"
+TABLES = ("layers", "sensitivity", "latency", "sweep", "finetune", "deploy", "fake_vs_int")
+
+
+def hawq(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "hawq_ray.cli", *args], stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def killed_then_resumed(tmp_path_factory):
+    """Run the tiny job, SIGKILL it (and its Ray) right after the sweep stage, then run it again."""
+    out = tmp_path_factory.mktemp("run")
+    proc = hawq("run", "--config", str(TINY), "--out", str(out))
+    seen = []
+    deadline = time.time() + 900
+    for line in proc.stderr:
+        seen.append(line)
+        if "[sweep] done" in line or time.time() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any("[sweep] done" in s for s in seen), "".join(seen[-20:])
+    before = {n: (out / f"{n}.parquet").stat().st_mtime_ns for n in ("layers", "sensitivity", "latency", "sweep")}
+    snapshot = {n: pd.read_parquet(out / f"{n}.parquet") for n in ("layers", "sensitivity", "latency", "sweep")}
+    stages_before = json.loads((out / "stages.json").read_text())
+    proc = hawq("run", "--config", str(TINY), "--out", str(out), "--json")
+    stdout, stderr = proc.communicate(timeout=1200)
+    return out, proc.returncode, stdout, stderr, before, snapshot, stages_before
+
+
+def test_resumed_run_recomputes_nothing_it_had(killed_then_resumed):
+    out, rc, stdout, stderr, before, snapshot, stages_before = killed_then_resumed
+    assert rc == 0, stderr[-3000:]
+    for name in before:
+        assert f"[{name}] up to date" in stderr
+        assert (out / f"{name}.parquet").stat().st_mtime_ns == before[name]
+        pd.testing.assert_frame_equal(pd.read_parquet(out / f"{name}.parquet"), snapshot[name])
+    stages = json.loads((out / "stages.json").read_text())
+    for name in before:
+        assert stages[name] == stages_before[name]
+    assert "[fp32] reused" in stderr
+    assert set(TABLES) <= set(stages)
+
+
+def test_tables_of_the_run(killed_then_resumed):
+    out, rc, stdout, *_ = killed_then_resumed
+    sens = pd.read_parquet(out / "sensitivity.parquet")
+    assert {"trace", "trace_stderr", "delta4", "delta8", "omega4", "omega8"} <= set(sens.columns)
+    lat = pd.read_parquet(out / "latency.parquet")
+    assert (lat["lat4_ms"] > 0).all() and (lat["lat8_ms"] > 0).all()
+    sweep = pd.read_parquet(out / "sweep.parquet")
+    assert {"uniform4", "uniform8"} <= set(sweep["config"])
+    ft = pd.read_parquet(out / "finetune.parquet")
+    assert set(ft["config"]) == set(sweep["config"])
+    assert ft["top1_fp32"].min() >= 0.9            # the default model trained on digits
+    dep = pd.read_parquet(out / "deploy.parquet")
+    assert (dep["tvm_differing"] == 0).all() and (dep["tvm_elements"] > 0).all()
+    fvi = pd.read_parquet(out / "fake_vs_int.parquet")
+    assert (fvi["qat_vs_int_diff"] == 0).all()
+    obj = json.loads(stdout.strip().splitlines()[-1])
+    assert obj["report"].endswith("report.md") and len(obj["results"]) == len(ft)
+
+
+def test_report_has_its_plots(killed_then_resumed):
+    out = killed_then_resumed[0]
+    text = (out / "report.md").read_text()
+    for png in ("pareto.png", "bits_vs_sensitivity.png", "fake_vs_int.png"):
+        assert f"plots/{png}" in text
+        data = (out / "plots" / png).read_bytes()
+        assert data[:4] == b"\x89PNG" and len(data) > 5000
+
+
+def test_bad_run_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("budgets: {flops: [0.5]}\n")
+    with pytest.raises(HawqError, match="flops"):
+        load_config(bad)
+    bad.write_text("tune: {epoch: 3}\n")
+    with pytest.raises(HawqError, match="epoch"):
+        load_config(bad)
+    with pytest.raises(HawqError, match="no such file"):
+        load_config(tmp_path / "missing.yaml")
+    assert STAGES[0] == "fp32" and load_config(TINY)["tune"]["epochs"] == 1
