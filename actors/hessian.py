@@ -10,6 +10,7 @@ actor answers a block all at once, so a block is either counted once or not at a
 from __future__ import annotations
 
 import copy
+import time
 import uuid
 from typing import Callable, Sequence
 
@@ -35,15 +36,15 @@ class HessianActor:
         self.graphs = {}
 
     def samples(self, seed: int, iterations: range) -> dict:
-        """{"node": node id, "samples": {(shard, t): per-layer v^T H v}} for every shard held here."""
-        out = {}
+        """{"node": node id, "cpu_s": CPU seconds of this call, "samples": {(shard, t): per-layer v^T H v}}."""
+        cpu, out = time.process_time(), {}
         for b in sorted(self.shards):
             if b not in self.graphs:
                 self.graphs[b] = S.gradient_graph(self.model, self.shards[b], self.criterion)
             params, grads = self.graphs[b]
             rows = S.shard_samples(params, grads, self.positions, seed, b, iterations)
             out.update({(b, t): row for t, row in zip(iterations, rows)})
-        return {"node": ray.get_runtime_context().get_node_id(), "samples": out}
+        return {"node": ray.get_runtime_context().get_node_id(), "cpu_s": time.process_time() - cpu, "samples": out}
 
 
 def actor_layer_traces(model: nn.Module, batches, *, actors: int = 2, layers: Sequence[str] | None = None,
@@ -52,12 +53,13 @@ def actor_layer_traces(model: nn.Module, batches, *, actors: int = 2, layers: Se
                        progress: Callable[[int, float], None] | None = None) -> pd.DataFrame:
     """`hawq_ray.sensitivity.layer_traces` computed by `actors` HessianActors (at most one per batch).
 
-    Same columns; attrs also hold "nodes" (node ids of the actors that answered) and "restarts" (actors
-    replaced after dying). Uses the Ray instance already running (or starts a local one).
+    Same columns; attrs also hold "nodes" (node ids of the actors that answered), "restarts" (actors
+    replaced after dying) and "actor_cpu_s" (CPU seconds the actors spent on the answers counted).
+    Uses the Ray instance already running (or starts a local one).
     """
     layers = list(layers) if layers is not None else S.quantizable_layers(model)
     batches = S.check_batches(batches)
-    S.check_settings(tol, min_iter, max_iter, block)
+    S.check_settings(tol, min_iter, max_iter, block, seed)
     if actors < 1:
         raise HawqError(f"actors={actors}: valid is a positive number of Hessian actors")
     with S.eval_mode(model):
@@ -68,7 +70,7 @@ def actor_layer_traces(model: nn.Module, batches, *, actors: int = 2, layers: Se
     model_ref = ray.put(copy.deepcopy(model).cpu())
     shard_refs = [ray.put({b: batches[b] for b in range(len(batches)) if b % n == a}) for a in range(n)]
     run = uuid.uuid4().hex[:8]
-    state = {"restarts": 0, "nodes": set()}
+    state = {"restarts": 0, "nodes": set(), "cpu_s": 0.0}
 
     def start(a: int):
         name = f"hessian-{run}-{a}-{state['restarts']}"
@@ -98,6 +100,7 @@ def actor_layer_traces(model: nn.Module, batches, *, actors: int = 2, layers: Se
                     raise err.cause from None
                 raise
             state["nodes"].add(answer["node"])
+            state["cpu_s"] += answer["cpu_s"]
             got.update(answer["samples"])
         return got
 
@@ -107,5 +110,6 @@ def actor_layer_traces(model: nn.Module, batches, *, actors: int = 2, layers: Se
     finally:
         for h in handles:
             ray.kill(h)
-    table.attrs.update(nodes=sorted(state["nodes"]), restarts=state["restarts"], actors=n)
+    table.attrs.update(nodes=sorted(state["nodes"]), restarts=state["restarts"], actors=n,
+                       actor_cpu_s=state["cpu_s"])
     return table

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 def actor_options(n_actors: int, resources: dict) -> dict:
-    """Ray `.options(...)` for each of `n_actors` device actors on a cluster with `resources` (ray.cluster_resources())."""
+    """Ray `.options(...)` for each of `n_actors` device actors, given `resources` = ray.cluster_resources()."""
     cpus = float(resources.get("CPU", 0))
     gpus = int(resources.get("GPU", 0))
     free = 1.0 if cpus >= 2 else cpus / 2

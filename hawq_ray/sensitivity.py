@@ -181,10 +181,10 @@ def trace_table(layers: Sequence[str], samples: np.ndarray, tol: float) -> pd.Da
     return table
 
 
-def check_settings(tol: float, min_iter: int, max_iter: int, block: int) -> None:
-    if not tol >= 0 or max_iter < 1 or min_iter < 1 or block < 1:
-        raise HawqError(f"Hutchinson settings tol={tol}, min_iter={min_iter}, max_iter={max_iter}, block={block}: "
-                        f"valid are tol >= 0 and positive integers")
+def check_settings(tol: float, min_iter: int, max_iter: int, block: int, seed: int) -> None:
+    if not tol >= 0 or max_iter < 1 or min_iter < 1 or block < 1 or seed < 0:
+        raise HawqError(f"Hutchinson settings tol={tol}, min_iter={min_iter}, max_iter={max_iter}, block={block}, "
+                        f"seed={seed}: valid are tol >= 0, seed >= 0 and positive integers")
 
 
 # ---------------------------------------------------------------- the stage
@@ -230,7 +230,7 @@ def layer_traces(model: nn.Module, batches, *, layers: Sequence[str] | None = No
     """
     layers = list(layers) if layers is not None else quantizable_layers(model)
     batches = check_batches(batches)
-    check_settings(tol, min_iter, max_iter, block)
+    check_settings(tol, min_iter, max_iter, block, seed)
     with eval_mode(model):
         positions = weight_positions(model, layers)
         check_loss(model, batches, criterion)

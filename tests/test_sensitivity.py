@@ -148,6 +148,7 @@ def test_bad_input_is_one_line_hawq_error(tiny):
          "loss is nan"),
         (lambda: layer_traces(model, batches, layers=["nope"]), "not a module"),
         (lambda: layer_traces(model, batches, max_iter=0), "valid are"),
+        (lambda: layer_traces(model, batches, seed=-1), "seed >= 0"),
     ]
     for call, match in cases:
         with pytest.raises(HawqError, match=match) as info:

@@ -59,7 +59,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
         (empty / split / "a").mkdir(parents=True)
     cases = [(["--weights", str(wrong)], "does not match"), (["--weights", str(nan)], "loss is nan"),
              (["--data", str(empty)], "empty"), (["--batches", "0"], "--batches"),
-             (["--tol", "-1"], "tol")]
+             (["--tol", "-1"], "tol"), (["--seed", "-2"], "seed")]
     for extra, match in cases:
         code, _, err = run([*FAST, *extra, "--out", str(tmp_path / "s.parquet")], capsys)
         lines = [l for l in err.splitlines() if l.startswith("hawq-ray sensitivity: error:")]

@@ -90,8 +90,9 @@ def run_sensitivity(args) -> int:
     for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size),
                         ("--max-iter", args.max_iter), ("--min-iter", args.min_iter)):
         check_positive(value, flag)
-    if args.actors < 0 or not args.tol >= 0:
-        raise HawqError(f"--actors {args.actors} --tol {args.tol}: valid are actors >= 0 and tol >= 0")
+    if args.actors < 0 or not args.tol >= 0 or args.seed < 0:
+        raise HawqError(f"--actors {args.actors} --tol {args.tol} --seed {args.seed}: valid are actors >= 0, "
+                        f"tol >= 0 and seed >= 0")
     t0 = time.time()
     out = Path(args.out).expanduser()
     md = resolve(args)
