@@ -129,6 +129,8 @@ class DeployedModel:
 
     def _ready(self):
         if self._vm is None:
+            # TVM's CPU thread pool has one thread unless TVM_NUM_THREADS is set before its first use
+            os.environ.setdefault("TVM_NUM_THREADS", str(self.target.attrs.get("num-cores", os.cpu_count() or 1)))
             dev = device_of(self.target)
             self._vm = relax.VirtualMachine(self.executable, dev)
             self._args = [tvm.runtime.tensor(a, dev) for _, a in self.params]
