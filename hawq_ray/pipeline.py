@@ -121,8 +121,14 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run(config: dict | str | None = None, out="runs/default", *, address: str | None = None, log=_log) -> dict:
-    """Run (or resume) the main job; returns {stage: table} and writes everything under `out`."""
+def run(config: dict | str | None = None, out="runs/default", *, address: str | None = None, log=_log,
+        **settings) -> dict:
+    """Run (or resume) the main job; returns {stage: table} and writes everything under `out`.
+
+    `config`: a run.yaml path or a dict of settings (see DEFAULT_CONFIG); keyword `settings` override it,
+    e.g. run(out="runs/r20", model="resnet20_cifar10", tune={"epochs": 2}). Joins the Ray cluster at
+    `address` (or the one already initialized), else starts a local Ray.
+    """
     import ray
 
     from hawq_ray import data as data_mod
@@ -130,7 +136,10 @@ def run(config: dict | str | None = None, out="runs/default", *, address: str | 
     from hawq_ray.finetune import fp32_weights, state_sha1
     from hawq_ray.layers import layer_table
 
-    cfg = config if isinstance(config, dict) else load_config(config)
+    if isinstance(config, dict):
+        cfg = load_config(None, {**config, **settings})
+    else:
+        cfg = load_config(config, settings)
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(json.dumps(cfg, indent=1, default=str))
