@@ -32,6 +32,8 @@ def main():
     from hawq_ray.sensitivity import layer_traces, sensitivity_columns, weight_deltas
     from solver.sweep import budget_grid, parse_axis, sweep_budgets
 
+    import torch
+    torch.set_num_threads(1)     # traces in this process: one thread is much faster on a shared 2-core machine
     out = Path(args.out)
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
     t0 = time.perf_counter()
@@ -52,8 +54,8 @@ def main():
                           samples=args.samples, lr=args.lr)
     print(f"fine-tuning: {time.perf_counter() - t1:.1f} s")
     best = best_per_config(result)
-    shown = best.drop(columns=["bits", "trial", "error", "weight_decay"]).copy()
-    for col in ("top1_fp32", "top1_ptq", "top1"):
+    shown = best.drop(columns=["bits", "trial", "error", "weight_decay", "best_checkpoint"]).copy()
+    for col in ("top1_fp32", "top1_ptq", "top1", "top1_best"):
         shown[col] = (100 * shown[col]).round(2)
     shown["checkpoint"] = shown["checkpoint"].str.replace(str(out.resolve()), "<out>")
     with pd.option_context("display.width", 250, "display.max_colwidth", 90):

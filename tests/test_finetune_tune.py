@@ -31,9 +31,18 @@ LIMIT = 256      # training samples per epoch in these tests
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance():
-    ray.init(num_cpus=2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False)   # a fresh instance, even if a cluster runs here
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine, two spinning threads per process are several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +125,12 @@ def test_cli_tune_table_matches_checkpoints(tmp_path, weights, mixed_json, data,
     pd.testing.assert_frame_equal(again, table)
 
 
+EPOCHS = 6      # long enough that Ctrl+C lands before the end
 DRIVER = """
 import os, ray
 ray.init(address={address!r}, log_to_driver=False)
 from hawq_ray.finetune_tune import finetune_run
-finetune_run(["uniform4", {mixed!r}], out={out!r}, weights={weights!r}, epochs=3, train_limit={limit},
+finetune_run(["uniform4", {mixed!r}], out={out!r}, weights={weights!r}, epochs={epochs}, train_limit={limit},
              lr=1e-3)
 """
 
@@ -128,7 +138,7 @@ finetune_run(["uniform4", {mixed!r}], out={out!r}, weights={weights!r}, epochs=3
 def test_interrupted_run_resumes_from_checkpoints(tmp_path, weights, mixed_json):
     out = tmp_path / "run"
     code = DRIVER.format(address=ray.get_runtime_context().gcs_address, mixed=str(mixed_json), out=str(out),
-                         weights=str(weights), limit=LIMIT)
+                         weights=str(weights), limit=LIMIT, epochs=EPOCHS)
     driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     deadline = time.time() + 300
@@ -136,29 +146,29 @@ def test_interrupted_run_resumes_from_checkpoints(tmp_path, weights, mixed_json)
     while not [p for p in glob.glob(str(out / "tune" / "*" / "*" / "progress.csv")) if len(Path(p).read_text().splitlines()) > 1]:
         assert driver.poll() is None, driver.communicate()[0][-2000:]
         assert time.time() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.2)
+        time.sleep(0.05)
     driver.send_signal(signal.SIGINT)
     log = driver.communicate(timeout=120)[0]
     assert "interrupted" in log, log[-2000:]
 
     before = {Path(p).parent.name: pd.read_csv(p) for p in glob.glob(str(out / "tune" / "*" / "*" / "progress.csv"))}
     done_before = {t: int(df["epoch"].max()) for t, df in before.items() if len(df)}
-    assert done_before and min(done_before.values()) < 3, "the run was not interrupted before its end"
+    assert done_before and min(done_before.values()) < EPOCHS, "the run was not interrupted before its end"
 
-    table = finetune_run(["uniform4", str(mixed_json)], out=out, weights=weights, epochs=3, train_limit=LIMIT,
+    table = finetune_run(["uniform4", str(mixed_json)], out=out, weights=weights, epochs=EPOCHS, train_limit=LIMIT,
                          lr=1e-3)
-    assert (table["error"] == "").all() and (table["epochs"] == 3).all()
+    assert (table["error"] == "").all() and (table["epochs"] == EPOCHS).all()
     after = {Path(p).parent.name: pd.read_csv(p) for p in glob.glob(str(out / "tune" / "*" / "*" / "progress.csv"))}
     assert set(after) == set(table["trial"]) and set(before) <= set(after)     # same trials, none recreated
     resumed = 0
     for trial, df in after.items():
-        assert list(df["epoch"]) == [1, 2, 3], (trial, df)       # every epoch once: no trial started over
+        assert list(df["epoch"]) == list(range(1, EPOCHS + 1)), (trial, df)   # each epoch once: none started over
         k = done_before.get(trial, 0)
-        if 0 < k < 3:                                           # interrupted after k epochs: continued at k
-            assert list(df["start_epoch"]) == [0] * k + [k] * (3 - k), (trial, df)
+        if 0 < k < EPOCHS:                                      # interrupted after k epochs: continued at k
+            assert list(df["start_epoch"]) == [0] * k + [k] * (EPOCHS - k), (trial, df)
             resumed += 1
     assert resumed >= 1
-    assert set(table["start_epoch"]) <= {0, 1, 2} and (table["start_epoch"] > 0).any()
+    assert (table["start_epoch"] > 0).any()
 
 
 def test_cli_bad_input_is_one_line_error(tmp_path, weights, mixed_json):

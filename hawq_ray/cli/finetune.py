@@ -76,5 +76,6 @@ def run_finetune(args) -> int:
     print(f"wrote {os.path.join(args.out, 'finetune.parquet')}")
     if args.json:
         from hawq_ray.cli import print_json
-        print_json({"out": args.out, "trials": result.drop(columns=["bits"]).to_dict(orient="records")})
+        records = result.drop(columns=["bits"]).astype(object).where(result.drop(columns=["bits"]).notna(), None)
+        print_json({"out": args.out, "trials": records.to_dict(orient="records")})   # NaN -> null (valid JSON)
     return 1 if len(errors) else 0
