@@ -60,6 +60,10 @@ def architecture_key(model, input_shape) -> str:
     return _sha(FORMAT, f"{cls.__module__}.{cls.__qualname__}", repr(model), list(input_shape))
 
 
+def program_key(model, input_shape, bits) -> str:
+    return _sha(architecture_key(model, input_shape), bits if isinstance(bits, str) else sorted(bits.items()))
+
+
 def latency_program(model, input_shape, bits, cache_dir=None):
     """The IntegerProgram of `model` at `bits` ("uniform4", "uniform8" or {layer: bits}), calibrated on one
     seeded random image (latency depends on shapes and bits only); cached under cache_dir/programs/."""
@@ -67,7 +71,7 @@ def latency_program(model, input_shape, bits, cache_dir=None):
 
     from hawq_ray.quant.program import IntegerProgram
     from hawq_ray.quant.qat import prepare
-    key = _sha(architecture_key(model, input_shape), bits if isinstance(bits, str) else sorted(bits.items()))
+    key = program_key(model, input_shape, bits)
     path = Path(cache_dir) / "programs" / key[:32] if cache_dir else None
     if path is not None and (path / "program.json").is_file():
         try:
@@ -148,6 +152,24 @@ def plan_program(program, batch: int, target, config: str, calls=None) -> Plan:
     wiring = [(s, list(c.args), list(c.outputs)) for s, c in zip(sigs, calls)]
     return Plan(config, [c.kernel.name for c in calls], sigs, layers, charge_glue(calls, layers),
                 _sha("model", batch, program.input_name, wiring)[:32])
+
+
+def plan_key(program_key: str, batch: int, target: dict) -> str:
+    return _sha(FORMAT, "plan", program_key, int(batch), target)
+
+
+def load_plan(cache_dir, key: str) -> Plan | None:
+    """A plan saved by `save_plan` (so a warm run builds no kernel at all), or None."""
+    got = read_cached(cache_dir, key, "plans")
+    try:
+        return Plan(**got) if got is not None else None
+    except TypeError:
+        return None
+
+
+def save_plan(cache_dir, key: str, plan: Plan) -> None:
+    from dataclasses import asdict
+    write_cached(cache_dir, key, asdict(plan), "plans")
 
 
 def plan_items(plans: dict) -> list:
@@ -271,20 +293,20 @@ def cache_key(target: dict, threads: int, batch: int, sig: str, rounds: int) -> 
     return _sha(FORMAT, target, int(threads), int(batch), sig, int(rounds))
 
 
-def read_cached(cache_dir, key: str):
+def read_cached(cache_dir, key: str, folder: str = "latency"):
     if not cache_dir:
         return None
-    path = Path(cache_dir) / "latency" / key[:2] / f"{key}.json"
+    path = Path(cache_dir) / folder / key[:2] / f"{key}.json"
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
 
-def write_cached(cache_dir, key: str, value: dict) -> None:
+def write_cached(cache_dir, key: str, value: dict, folder: str = "latency") -> None:
     if not cache_dir:
         return
-    path = Path(cache_dir) / "latency" / key[:2] / f"{key}.json"
+    path = Path(cache_dir) / folder / key[:2] / f"{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(value))
