@@ -13,7 +13,7 @@ import sys
 
 from hawq_ray.errors import HawqError
 
-COMMAND_MODULES = ("quant", "sensitivity", "profile", "solve", "finetune", "run")
+COMMAND_MODULES = ("quant", "sensitivity", "profile", "solve", "finetune", "deploy", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:

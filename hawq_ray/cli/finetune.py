@@ -70,6 +70,8 @@ def run_finetune(args) -> int:
         shown[col] = (100 * shown[col]).round(2)
     with pd.option_context("display.width", 200, "display.max_colwidth", 60, "display.max_rows", 200):
         print(shown.to_string(index=False))
+    if result["data"].str.endswith("(synthetic)").any():
+        print("data: synthetic random images (no real data given): the accuracies mean nothing")
     errors = result[result["error"] != ""]
     for _, r in errors.iterrows():
         print(f"trial {r['trial']} (config {r['config']}) failed: {r['error']}")

@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--plot", default=None, help="write the per-layer normalized difference plot (PNG)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tvm", action="store_true", help="also compile with TVM and count elements that differ "
+                                                       "from the integer executor (must be 0)")
+    p.add_argument("--target", default="llvm", help="TVM target for --tvm (llvm or cuda)")
     p.set_defaults(func=run_verify)
 
 
@@ -75,6 +78,8 @@ def run_verify(args) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn((args.inputs, *md.input_shape), generator=gen)
     summary, table = verify_model(qm, x)
+    if args.tvm:
+        summary |= tvm_differences(qm.to_integer(), x, args.target)
     summary |= {"model": md.name, "bits": args.bits, "inputs": args.inputs, "seconds": time.time() - t0}
     if args.plot:
         plot_fake_vs_int(table, args.plot, f"{md.name} {args.bits}: fake vs integer-only, per layer")
@@ -85,4 +90,18 @@ def run_verify(args) -> int:
         print(f"QAT simulation vs integer executor: {summary['differing']} of {summary['elements']} output "
               f"elements differ (max |diff| {summary['max_abs_diff']}); predictions equal: "
               f"{summary['predictions_equal']}; {summary['seconds']:.1f} s")
-    return 0 if summary["differing"] == 0 else 1
+    if args.tvm and not args.json:
+        print(f"TVM ({args.target}) vs integer executor: {summary['tvm_differing']} of "
+              f"{summary['tvm_elements']} output elements differ")
+    return 0 if summary["differing"] == 0 and summary.get("tvm_differing", 0) == 0 else 1
+
+
+def tvm_differences(program, x, target: str) -> dict:
+    from hawq_ray.deploy.build import compile_program, parse_target
+    from hawq_ray.quant.executor import run_program
+    parse_target(target)
+    q = program.quantize_input(x)
+    deployed = compile_program(program, batch=q.shape[0], target=target)
+    got = torch.from_numpy(deployed(q.numpy()).astype("int64"))
+    want = run_program(program, q)
+    return {"tvm_differing": int((got != want).sum()), "tvm_elements": int(want.numel())}
