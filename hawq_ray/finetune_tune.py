@@ -31,14 +31,15 @@ from hawq_ray.finetune import (Recipe, calibrated, checked_split, config_costs, 
 CHECKPOINT_FILE = "state.pt"
 RESULT_FILE = "finetune.parquet"
 NAMED = ("uniform4", "uniform8")
-COLUMNS = ["config", "budget", "size_mib", "gbops", "latency_ms", "lr", "weight_decay", "epochs", "top1_fp32",
+COLUMNS = ["config", "budget", "data", "size_mib", "gbops", "latency_ms", "lr", "weight_decay", "epochs", "top1_fp32",
            "top1_ptq", "top1", "loss", "start_epoch", "int_matches_qat", "checkpoint", "top1_best", "best_epoch",
            "best_checkpoint", "trial", "error", "bits"]
 
 
 # ------------------------------------------------------------------------------------------------ configs
 def read_configs(specs, table: pd.DataFrame) -> pd.DataFrame:
-    """One row per config: config (id), budget (JSON of the budget points that chose it, or ''), bits (JSON).
+    """One row per config: config (id), budget (JSON of the budget points that chose it, or ''), bits (JSON),
+    latency_ms (the sweep's, when it had measured latencies; else NaN).
 
     Each spec: 'uniform4' / 'uniform8'; a sweep table (.parquet or .csv with columns config, bits[, budgets]);
     a JSON file holding {layer: bits} or {name: {layer: bits}}; a HAWQ bit_config.py. Layers with fixed bits may
@@ -46,12 +47,12 @@ def read_configs(specs, table: pd.DataFrame) -> pd.DataFrame:
     from hawq_ray.finetune import resolve_bits_table
     rows = []
     for spec in ([specs] if isinstance(specs, (str, Path)) else list(specs)):
-        for cid, budget, bits in _configs_of(spec):
+        for cid, budget, bits, latency in _configs_of(spec):
             try:
                 resolved = resolve_bits_table(table, bits)
             except HawqError as e:
                 raise HawqError(f"config {cid!r} ({spec}): {e}") from None
-            rows.append({"config": str(cid), "budget": budget, "bits": json.dumps(resolved)})
+            rows.append({"config": str(cid), "budget": budget, "bits": json.dumps(resolved), "latency_ms": latency})
     if not rows:
         raise HawqError("no bit configs given: pass uniform4, uniform8, a sweep table or a bit-config file")
     frame = pd.DataFrame(rows)
@@ -62,10 +63,11 @@ def read_configs(specs, table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _configs_of(spec):
+    nan = math.nan
     if isinstance(spec, dict):
-        return [("config", "", spec)]
+        return [("config", "", spec, nan)]
     if str(spec) in NAMED:
-        return [(str(spec), "", str(spec))]
+        return [(str(spec), "", str(spec), nan)]
     path = Path(spec)
     if not path.is_file():
         raise HawqError(f"--configs {spec}: neither {' nor '.join(NAMED)} nor an existing file (a sweep .parquet/"
@@ -78,19 +80,20 @@ def _configs_of(spec):
             raise HawqError(f"--configs {spec}: cannot read it ({type(e).__name__})") from None
         if not {"config", "bits"} <= set(frame.columns):
             raise HawqError(f"--configs {spec}: a sweep table needs columns config and bits (hawq-ray sweep --out)")
-        return [(f"{path.stem}.{r['config']}", str(r.get("budgets", "") or ""), _json_bits(r["bits"], spec))
+        return [(f"{path.stem}.{r['config']}", str(r.get("budgets", "") or ""), _json_bits(r["bits"], spec),
+                 float(r.get("latency_ms", nan)) if pd.notna(r.get("latency_ms", nan)) else nan)
                 for _, r in frame.iterrows()]
     from solver.bitconfig import BitConfigError, read_hawq_bit_config
     try:
         if suffix == ".py":
-            return [(name, "", bits) for name, bits in read_hawq_bit_config(path).items()]
+            return [(name, "", bits, nan) for name, bits in read_hawq_bit_config(path).items()]
         data = json.loads(path.read_text())
     except (BitConfigError, json.JSONDecodeError, OSError) as e:
         raise HawqError(f"--configs {spec}: {str(e).splitlines()[0]}") from None
     if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
-        return [(name, "", bits) for name, bits in data.items()]
+        return [(name, "", bits, nan) for name, bits in data.items()]
     if isinstance(data, dict) and data:
-        return [(path.stem, "", data)]
+        return [(path.stem, "", data, nan)]
     raise HawqError(f"--configs {spec}: expected a JSON object {{layer: bits}} or {{name: {{layer: bits}}}}")
 
 
@@ -213,7 +216,8 @@ def tune_finetune(configs: pd.DataFrame, model, fp32_state: dict, data, *, data_
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints)))
     grid = tuner.fit()
     fp32_top1 = top1(float_predictions(model, test), labels_of(test))
-    result = _result_table(grid, configs, table, recipe, fp32_top1)
+    label = f"{data.name} (synthetic)" if data.synthetic else data.name
+    result = _result_table(grid, configs, table, recipe, fp32_top1, label)
     result.to_parquet(Path(out) / RESULT_FILE, index=False)
     return result
 
@@ -232,14 +236,17 @@ def _fingerprint(setup, fp32_state, samples, lr_range, asha, teacher_spec) -> st
     return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def _result_table(grid, configs: pd.DataFrame, table: pd.DataFrame, recipe: Recipe, fp32_top1: float):
+def _result_table(grid, configs: pd.DataFrame, table: pd.DataFrame, recipe: Recipe, fp32_top1: float, data: str):
     by_id = configs.set_index("config")
     rows = []
     for res in grid:
         cid = res.config["config"]
         bits = json.loads(by_id.loc[cid, "bits"])
         m = res.metrics or {}
-        rows.append({"config": cid, "budget": by_id.loc[cid, "budget"], **config_costs(table, bits),
+        costs = config_costs(table, bits)
+        if math.isnan(costs["latency_ms"]) and "latency_ms" in by_id.columns:
+            costs["latency_ms"] = float(by_id.loc[cid, "latency_ms"])       # the sweep's measured latency
+        rows.append({"config": cid, "budget": by_id.loc[cid, "budget"], "data": data, **costs,
                      "lr": float(res.config["lr"]), "weight_decay": recipe.weight_decay,
                      "epochs": m.get("epoch", 0), "top1_fp32": fp32_top1, "top1_ptq": m.get("top1_ptq", math.nan),
                      "top1": m.get("top1_int", math.nan), "loss": m.get("loss", math.nan),

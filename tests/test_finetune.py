@@ -5,6 +5,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -227,3 +228,29 @@ def test_recipe_defaults_are_the_papers():
     assert (r.lr, r.weight_decay, r.batch_size, r.act_momentum) == (1e-4, 1e-4, 128, 0.99)
     with pytest.raises(HawqError):
         Recipe(lr=0)
+
+
+def test_read_configs_from_sweep_table_json_and_hawq_bit_config(trained, tmp_path):
+    from hawq_ray.finetune_tune import read_configs
+    from solver.bitconfig import write_hawq_bit_config
+    _, model, _, _ = trained
+    table = layer_table(model, SHAPE)
+    mixed = mixed_config(model)
+    full = resolve_bits(model, SHAPE, mixed)
+    sweep = pd.DataFrame({"config": [0, 1], "bits": [json.dumps(full), json.dumps(resolve_bits(model, SHAPE, "uniform4"))],
+                          "budgets": ['[{"bops": 0.5}]', '[{"bops": 0.1}]'], "latency_ms": [1.5, float("nan")]})
+    sweep.to_parquet(tmp_path / "sweep.parquet")
+    (tmp_path / "two.json").write_text(json.dumps({"a": mixed, "b": full}))
+    write_hawq_bit_config({"hawq": mixed}, tmp_path / "bit_config.py")
+    got = read_configs(["uniform8", str(tmp_path / "sweep.parquet"), str(tmp_path / "two.json"),
+                        str(tmp_path / "bit_config.py")], table)
+    assert list(got["config"]) == ["uniform8", "sweep.0", "sweep.1", "a", "b", "hawq"]
+    assert list(got["budget"])[:3] == ["", '[{"bops": 0.5}]', '[{"bops": 0.1}]']
+    assert got["latency_ms"].iloc[1] == 1.5 and got["latency_ms"].drop(index=1).isna().all()
+    for cid in ("sweep.0", "a", "b", "hawq"):
+        assert json.loads(got.set_index("config").loc[cid, "bits"]) == full
+    (tmp_path / "bad.json").write_text(json.dumps({**mixed, "nope.conv": 4}))
+    for bad in ([str(tmp_path / "bad.json")], ["uniform3"], [str(tmp_path / "two.json")] * 2):
+        with pytest.raises(HawqError) as e:
+            read_configs(bad, table)
+        one_line(e)
