@@ -143,3 +143,17 @@ def test_cuda_module_builds(programs):
     assert model.manifest["target"]["kind"] == "cuda"
     assert all(k["path"] in ("gpu", "layout", "max_pool2d", "sum_pool2d", "concat", "flatten", "elementwise")
                for k in model.manifest["kernels"])
+
+
+@pytest.mark.parametrize("config", ["uniform8", "uniform4"])
+def test_derived_ranges_hold_every_value(programs, config):
+    """Interval arithmetic is sound on real data (extreme inputs too) and narrows the declared INT32 ranges."""
+    from hawq_ray.deploy.ranges import narrow_ranges
+    prog, x = programs[config]
+    ops = narrow_ranges(prog)
+    for batch in (x, np.full_like(x, 127), np.full_like(x, -128)):
+        env = run_reference(prog, batch)
+        for op in ops:
+            assert op.lo <= env[op.output].min() and env[op.output].max() <= op.hi, op.output
+    declared = {op.output: (op.lo, op.hi) for op in prog.ops}
+    assert sum((op.lo, op.hi) != declared[op.output] for op in ops) >= 5

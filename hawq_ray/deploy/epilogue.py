@@ -22,6 +22,8 @@ def storage_dtype(lo: int, hi: int) -> str:
         return "uint8"
     if -128 <= lo and hi <= 127:
         return "int8"
+    if -32768 <= lo and hi <= 32767:
+        return "int16"
     return "int32"
 
 

@@ -16,21 +16,20 @@ from hawq_ray.errors import HawqError
 from hawq_ray.quant.program import Op
 
 
-def _schedule_flat(func, blocks=None):
-    """Parallel outer loops, vectorized innermost loop, for every block (simple data movement kernels)."""
+def _schedule_flat(func):
+    """Every block: its outer loops (up to three, never the innermost) fused and parallel."""
     sch = s_tir.Schedule(func)
-    names = blocks or [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
-    for name in names:
-        loops = sch.get_loops(sch.get_sblock(name))
+    for blk in sch.get_child_blocks(sch.get_sblock("root")):
+        loops = sch.get_loops(blk)
         if len(loops) >= 2:
             sch.parallel(sch.fuse(*loops[:min(3, len(loops) - 1)]))
     return sch.mod["main"]
 
 
-def _finish(name, func, inputs, consts, out, target, notes=None, schedule=True):
-    if schedule and not is_gpu(target):
+def _finish(name, func, inputs, consts, out, target, notes):
+    if not is_gpu(target):
         func = _schedule_flat(func)
-    return Kernel(name, func, inputs, consts, [out], notes or {})
+    return Kernel(name, func, inputs, consts, [out], notes)
 
 
 def pool_out_size(size, k, s, p, d, ceil_mode):

@@ -1,6 +1,7 @@
 """IntegerProgram -> one Relax module that calls one kernel per layer.
 
-Step 0 (`requantize_before_max_pool`): an exact reordering so the stem's max pool runs on uint8.
+Step 0: an exact reordering so the stem's max pool runs on narrow values (`requantize_before_max_pool`),
+and value ranges derived by interval arithmetic so values are stored as narrow as they are (`ranges.py`).
 Step 1 (`plan_groups`): cut the op list into kernels. A kernel starts at an anchor op (conv2d, dense, pooling,
 concat, flatten, or an elementwise op nobody absorbed) and absorbs the elementwise ops that follow while the
 value between them has a single consumer. A kernel is emitted where its last op stood, so the other operand
@@ -19,8 +20,9 @@ import numpy as np
 from tvm import relax
 
 from hawq_ray.deploy import glue, layout
-from hawq_ray.deploy.epilogue import ELEMENTWISE, Value
+from hawq_ray.deploy.epilogue import ELEMENTWISE, Value, storage_dtype
 from hawq_ray.deploy.kernels import Kernel, conv2d_kernel, dense_kernel
+from hawq_ray.deploy.ranges import narrow_ranges
 from hawq_ray.errors import HawqError
 from hawq_ray.quant.program import IntegerProgram, Op
 
@@ -48,26 +50,30 @@ def _channelwise(op: Op) -> bool:
         np.size(c) == 1 or (np.ndim(c) >= 3 and np.shape(c)[-2:] == (1, 1)) for c in op.consts.values())
 
 
-def requantize_before_max_pool(ops: list, program_output: str) -> list:
-    """max_pool2d -> requantize  ==>  requantize -> max_pool2d (exact: a per-channel requantize is
-    non-decreasing and max pooling takes the max per channel; padding never wins). The stem then stores
-    uint8 instead of INT32 and the pool moves 4x fewer bytes. Returns a new op list; value names are kept."""
+def requantize_before_max_pool(ops: list, program_output: str, narrow: set = frozenset()) -> list:
+    """max_pool2d -> requantize(s)  ==>  requantize -> max_pool2d, once per reader (exact: a per-channel
+    requantize is non-decreasing and max pooling takes the max per channel; padding never wins). The stem then
+    stores narrow values instead of INT32 and its readers need no requantize pass of their own. Returns a new
+    op list; value names are kept. With several readers it pays only when each requantized value is narrow
+    (its name in `narrow`); otherwise the pool would run once per reader on wide values."""
     readers: dict[str, list] = {}
     for i, op in enumerate(ops):
         for name in op.inputs:
             readers.setdefault(name, []).append(i)
-    out, i = [], 0
-    while i < len(ops):
-        op = ops[i]
-        if op.op == "max_pool2d" and op.output != program_output and readers.get(op.output) == [i + 1] \
-                and _channelwise(ops[i + 1]):
-            rq = ops[i + 1]
-            pre = replace(rq, inputs=list(op.inputs), output=rq.output + ".premax")
-            out += [pre, replace(op, inputs=[pre.output], output=rq.output, lo=rq.lo, hi=rq.hi)]
-            i += 2
+    moved, out = set(), []
+    for i, op in enumerate(ops):
+        if i in moved:
+            continue
+        rs = readers.get(op.output, [])
+        if op.op == "max_pool2d" and op.output != program_output and rs and \
+                all(_channelwise(ops[j]) for j in rs) and (len(rs) == 1 or all(ops[j].output in narrow for j in rs)):
+            for j in rs:
+                rq = ops[j]
+                pre = replace(rq, inputs=list(op.inputs), output=rq.output + ".premax")
+                out += [pre, replace(op, inputs=[pre.output], output=rq.output, lo=rq.lo, hi=rq.hi)]
+                moved.add(j)
             continue
         out.append(op)
-        i += 1
     return out
 
 
@@ -93,8 +99,8 @@ def plan_groups(program: IntegerProgram, ops: list | None = None) -> list[Group]
         while uses.get(cur) == 1 and cur in readers and readers[cur][0] > last:
             j = readers[cur][0]
             nxt = ops[j]
-            if nxt.op not in ELEMENTWISE or j in absorbed:
-                break
+            if nxt.op not in ELEMENTWISE or j in absorbed or (nxt.op == "add" and op.op != "conv2d"):
+                break        # a residual add rides with a conv (the big kernel), not with a pool or a requantize
             if nxt.op == "add":
                 a, b = nxt.inputs
                 args.append(b if a == cur else a)
@@ -150,7 +156,8 @@ def plan_kernels(program: IntegerProgram, batch: int, target) -> list[Call]:
     else:
         values[program.input_name] = raw
     rename = {program.input_name: calls[0].outputs[0] if calls else program.input_name}
-    ops = requantize_before_max_pool(program.ops, program.output)
+    narrow = {op.output for op in narrow_ranges(program) if storage_dtype(op.lo, op.hi) != "int32"}
+    ops = narrow_ranges(program, requantize_before_max_pool(program.ops, program.output, narrow))
     for group in plan_groups(program, ops):
         missing = [a for a in group.args if a not in values]
         if missing:
