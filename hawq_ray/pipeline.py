@@ -144,10 +144,11 @@ def run(config: dict | str | None = None, out="runs/default", *, address: str | 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(json.dumps(cfg, indent=1, default=str))
     if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:  # a local Ray whose dashboard listens on loopback only
-            ray.init(include_dashboard=False, log_to_driver=False)
+        import os
+        # --address, else the cluster a `ray job submit` driver runs in (RAY_ADDRESS), else a new local Ray
+        # (never some other cluster that happens to run on this machine) without a dashboard
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False,
+                 **({} if address or os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
     name = cfg["model"] or models.DEFAULT_MODEL
     shape = tuple(models.input_shape(cfg["model"]))
     spec = cfg["data"] or ("digits" if name == models.DEFAULT_MODEL else "synthetic")

@@ -24,11 +24,11 @@ from hawq_ray.cluster import ray_executable, start_local_head
 ROOT = Path(__file__).resolve().parents[1]
 
 # ---- the job this test submits ------------------------------------------------------------------------------
-# MAIN_JOB = True submits the main job, `hawq-ray run` on tests/data/tiny_run.yaml (uploaded as the working dir's
+# MAIN_JOB = True submits the main job, `hawq-ray run` on tests/data/job_run.yaml (uploaded as the working dir's
 # only file), and looks for its report: the real end-to-end check, 3 to 6 minutes on 2 loaded cores.
 # MAIN_JOB = False submits `hawq-ray verify` (about 20 s) through the same head, CLI and checks.
 # "{out}" is the job's (absolute) output folder, "{config}" the config's name inside the working dir.
-MAIN_JOB = False
+MAIN_JOB = True
 if MAIN_JOB:
     JOB_COMMAND = ["hawq-ray", "run", "--config", "{config}", "--out", "{out}", "--json"]
     JOB_RESULTS = ["report.md", "stages.json", "sweep.parquet"]   # files the job must leave under {out}
@@ -37,7 +37,7 @@ else:
     JOB_COMMAND = ["hawq-ray", "verify", "--bits", "uniform4", "--json", "--plot", "{out}/verify.png"]
     JOB_RESULTS = ["verify.png"]
     JOB_TIMEOUT_S = 300
-JOB_CONFIG = ROOT / "tests" / "data" / "tiny_run.yaml"
+JOB_CONFIG = ROOT / "tests" / "data" / ("job_run.yaml" if MAIN_JOB else "tiny_run.yaml")
 
 pytestmark = pytest.mark.timeout(JOB_TIMEOUT_S + 300)
 
