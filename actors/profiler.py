@@ -27,6 +27,7 @@ import os
 import statistics
 import time
 import uuid
+from pathlib import Path
 from typing import Callable
 
 import pandas as pd
@@ -157,9 +158,37 @@ def probe_kind(nodes: list, spec: str) -> tuple[dict, int]:
     return target, threads
 
 
-def local_kind(spec: str) -> tuple[dict, int]:
-    """(target, threads) of this machine, as a local `ray.init(num_cpus=threads)` would make it."""
-    return node_target(spec), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def host_fingerprint() -> str:
+    """This machine's CPU (model, flags, usable cores) and TVM version, read without importing TVM."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    first = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        first.setdefault(key.strip(), value.strip())
+    try:
+        tvm_version = version("apache-tvm")
+    except PackageNotFoundError:
+        tvm_version = "?"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return P.digest(platform.machine(), first.get("model name"), first.get("flags"), cores, tvm_version)
+
+
+def local_kind(spec: str, cache_dir=None) -> tuple[dict, int]:
+    """(target, threads) of this machine, as a local `ray.init(num_cpus=threads)` would make it. TVM's
+    detection is remembered under the host's fingerprint, so a warm run need not import TVM."""
+    key = P.digest(P.FORMAT, "target", spec, host_fingerprint())
+    got = P.read_cached(cache_dir, key, "targets")
+    if got is not None:
+        return got["target"], got["threads"]
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    target = node_target(spec)
+    P.write_cached(cache_dir, key, {"target": target, "threads": threads}, "targets")
+    return target, threads
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -365,7 +394,7 @@ def profile_layers(model, input_shape=None, *, batch: int = 8, target="llvm", re
         nodes = kind_nodes(resource, gpu)
         tgt, threads = probe_kind(nodes, spec)
     elif local:
-        nodes, (tgt, threads) = None, local_kind(spec)
+        nodes, (tgt, threads) = None, local_kind(spec, cache_dir)
     else:
         ray.init(log_to_driver=False)
         nodes = kind_nodes(resource, gpu)
@@ -373,14 +402,13 @@ def profile_layers(model, input_shape=None, *, batch: int = 8, target="llvm", re
 
     seconds["probe"] = round(time.perf_counter() - t1, 3)
     t1 = time.perf_counter()
-    from hawq_ray.deploy.build import parse_target
-    tvm_target = parse_target(tgt, check=False)
     plans = {}
     for cfg in configs:
         key = P.plan_key(P.program_key(model, shape, configs[cfg]), batch, tgt)
         plans[cfg] = P.load_plan(cache_dir, key)
         if plans[cfg] is None:
-            plans[cfg] = P.plan_program(program(cfg), batch, tvm_target, cfg)
+            from hawq_ray.deploy.build import parse_target
+            plans[cfg] = P.plan_program(program(cfg), batch, parse_target(tgt, check=False), cfg)
             P.save_plan(cache_dir, key, plans[cfg])
     items = P.plan_items({cfg: plans[cfg] for cfg in P.CONFIGS})
     items += [P.Item(plans[cfg].model_sig, "model", cfg, -1, f"model {cfg}") for cfg in extra

@@ -39,7 +39,7 @@ BITS = {"uniform4": 4, "uniform8": 8}
 FORMAT = 1            # bump when what a cached latency means changes
 
 
-def _sha(*parts) -> str:
+def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -57,11 +57,11 @@ class Item:
 
 def architecture_key(model, input_shape) -> str:
     cls = type(model)
-    return _sha(FORMAT, f"{cls.__module__}.{cls.__qualname__}", repr(model), list(input_shape))
+    return digest(FORMAT, f"{cls.__module__}.{cls.__qualname__}", repr(model), list(input_shape))
 
 
 def program_key(model, input_shape, bits) -> str:
-    return _sha(architecture_key(model, input_shape), bits if isinstance(bits, str) else sorted(bits.items()))
+    return digest(architecture_key(model, input_shape), bits if isinstance(bits, str) else sorted(bits.items()))
 
 
 def latency_program(model, input_shape, bits, cache_dir=None):
@@ -151,11 +151,11 @@ def plan_program(program, batch: int, target, config: str, calls=None) -> Plan:
     layers = call_layers(program, calls)
     wiring = [(s, list(c.args), list(c.outputs)) for s, c in zip(sigs, calls)]
     return Plan(config, [c.kernel.name for c in calls], sigs, layers, charge_glue(calls, layers),
-                _sha("model", batch, program.input_name, wiring)[:32])
+                digest("model", batch, program.input_name, wiring)[:32])
 
 
 def plan_key(program_key: str, batch: int, target: dict) -> str:
-    return _sha(FORMAT, "plan", program_key, int(batch), target)
+    return digest(FORMAT, "plan", program_key, int(batch), target)
 
 
 def load_plan(cache_dir, key: str) -> Plan | None:
@@ -218,7 +218,7 @@ def torch_items(inputs: dict, batch: int, device: str) -> tuple[list, dict]:
     import torch
     items, sig_of, seen = [], {}, set()
     for layer, (module, shape) in inputs.items():
-        sig = _sha("torch-fp32", torch.__version__, device, repr(module), [batch, *shape])[:32]
+        sig = digest("torch-fp32", torch.__version__, device, repr(module), [batch, *shape])[:32]
         sig_of[layer] = sig
         if sig not in seen:
             seen.add(sig)
@@ -290,7 +290,7 @@ def time_rounds(timers: dict, rounds: int = 7, min_ms: float = 30.0) -> dict:
 # ---------------------------------------------------------------------------------------------- cache
 
 def cache_key(target: dict, threads: int, batch: int, sig: str, rounds: int) -> str:
-    return _sha(FORMAT, target, int(threads), int(batch), sig, int(rounds))
+    return digest(FORMAT, target, int(threads), int(batch), sig, int(rounds))
 
 
 def read_cached(cache_dir, key: str, folder: str = "latency"):
