@@ -389,7 +389,7 @@ def profile_layers(model, input_shape=None, *, batch: int = 8, target="llvm", re
     layers = P.layer_inputs(model, shape, list(table["layer"])) if fp32 else {}
     t1 = time.perf_counter()
 
-    local = not ray.is_initialized() and resource is None
+    local = not ray.is_initialized() and resource is None and not os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         nodes = kind_nodes(resource, gpu)
         tgt, threads = probe_kind(nodes, spec)

@@ -269,10 +269,14 @@ def torch_timer(module, shape, batch: int, device: str = "cpu") -> Callable[[int
     return run
 
 
-def warm_number(run: Callable[[int], float], min_ms: float = 30.0, max_number: int = 200) -> int:
-    """Warm up a timer; the number of runs per measurement so that one lasts about min_ms."""
-    run(1)
-    est = run(1)
+def warm_number(run: Callable[[int], float], min_ms: float = 30.0, max_number: int = 200,
+                warmup_ms: float = 50.0) -> int:
+    """Warm up a timer (at least 3 runs and warmup_ms, at most 50 runs); the number of runs per measurement
+    so that one lasts about min_ms."""
+    t0, runs, est = time.perf_counter(), 0, float("inf")
+    while runs < 3 or (runs < 50 and (time.perf_counter() - t0) * 1e3 < warmup_ms):
+        est = min(est, run(1))
+        runs += 1
     return int(min(max_number, max(1, math.ceil(min_ms / max(est, 1e-4)))))
 
 

@@ -31,7 +31,7 @@ def register(sub) -> None:
     p.add_argument("--check", action="append", default=[], metavar="CONFIG",
                    help="also time this bit config (JSON file {layer: bits}) end to end (repeatable)")
     p.add_argument("--no-fp32", action="store_true", help="skip the torch fp32 reference column lat32_ms")
-    p.add_argument("--address", default=None, help="Ray cluster to connect to (default: the running one, or local)")
+    p.add_argument("--address", default=None, help="Ray cluster to connect to (default: $RAY_ADDRESS if set, else a local one started when needed)")
     p.add_argument("--cache-dir", default=None, help="latency cache (default: .hawq-ray-cache/profile beside --out)")
     p.add_argument("--no-cache", action="store_true", help="measure everything again (and cache nothing)")
     p.add_argument("--out", required=True, help="output table, .parquet or .csv (e.g. lat.parquet)")
@@ -41,14 +41,23 @@ def register(sub) -> None:
 def progress_bar():
     """A tqdm bar on stderr and the callback (done, total, stage) that moves it."""
     from tqdm import tqdm
-    bar = tqdm(total=0, file=sys.stderr, desc="profile", unit="step", leave=False)
+    state = {}
+
+    class Bar:   # opened at the first step: a run that the cache answers shows none
+        @staticmethod
+        def close():
+            if "bar" in state:
+                state["bar"].close()
 
     def update(done: int, total: int, stage: str) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, file=sys.stderr, desc="profile", unit="step", leave=False)
+        bar = state["bar"]
         bar.total = total
         bar.set_description(f"profile ({stage})")
         bar.update(done - bar.n)
 
-    return bar, update
+    return Bar, update
 
 
 def summary_text(rows: list) -> str:
