@@ -418,7 +418,7 @@ def profile_layers(model, input_shape=None, *, batch: int = 8, target="llvm", re
 
     results, missing = {}, []
     for it in items:
-        hit = P.read_cached(cache_dir, P.cache_key(tgt, threads, batch, it.sig, rounds))
+        hit = P.read_cached(cache_dir, P.cache_key(tgt, threads, batch, it.sig, (rounds, min_ms)))
         if hit is not None:
             results[it.sig] = hit
         else:
@@ -442,7 +442,7 @@ def profile_layers(model, input_shape=None, *, batch: int = 8, target="llvm", re
                                   progress=progress)
         for it in missing:
             res = measured[it.sig] | {"name": it.name, "kind": it.kind}
-            P.write_cached(cache_dir, P.cache_key(tgt, threads, batch, it.sig, rounds), res)
+            P.write_cached(cache_dir, P.cache_key(tgt, threads, batch, it.sig, (rounds, min_ms)), res)
             results[it.sig] = res
     ms = {sig: float(r["ms"]) for sig, r in results.items()}
     lat32 = {layer: ms[sig] for layer, sig in torch_sig.items()} if fp32 else None

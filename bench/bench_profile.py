@@ -1,7 +1,7 @@
 """`hawq-ray profile` on resnet18 (batch 8): cold and warm wall time, and whether the per-layer latencies add up
 to the end-to-end latency of the compiled model.
 
-    python bench/bench_profile.py [--model resnet18] [--batch 8] [--actors 2] [--rounds 7] [--no-independent] [--json]
+    python bench/bench_profile.py [--model resnet18] [--batch 8] [--actors 2] [--rounds 7] [--min-ms 30] [--no-independent] [--json]
 
 Runs the CLI twice, each in a fresh process, on a fresh cache: cold (measures everything), then warm (the cache
 answers). Both check uniform4, uniform8 and a mixed config (the second half of the network at 4 bits, as
@@ -91,6 +91,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--min-ms", type=float, default=30.0, help="length of one kernel measurement (the CLI's)")
     ap.add_argument("--no-independent", action="store_true", help="skip the in-process end-to-end reference")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -105,7 +106,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     (work / "mixed.json").write_text(json.dumps(mixed))
     argv = ["profile", "--model", args.model, "--batch", str(args.batch), "--actors", str(args.actors),
-            "--rounds", str(args.rounds), "--check", str(work / "mixed.json"), "--out", str(work / "lat.parquet"),
+            "--rounds", str(args.rounds), "--min-ms", str(args.min_ms), "--check", str(work / "mixed.json"), "--out", str(work / "lat.parquet"),
             "--json"]
     load_before = load()
     cold_s, cold = run_cli(argv)
@@ -122,7 +123,8 @@ def main() -> int:
         rows.append({"config": r["config"], "sum_ms": r["sum_ms"], "e2e_ms": r["e2e_ms"], "ratio": r["ratio"],
                      "e2e_here_ms": ind, "ratio_here": r["sum_ms"] / ind if ind else None,
                      "within_15pct": abs(r["ratio"] - 1) <= 0.15})
-    print(f"{args.model} batch {args.batch}, {cold['threads']} threads, {args.actors} actors, {args.rounds} rounds; "
+    print(f"{args.model} batch {args.batch}, {cold['threads']} threads, {args.actors} actors, {args.rounds} rounds "
+          f"of >= {args.min_ms:g} ms; "
           f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
     print(f"{'config':<10} {'sum of layers':>14} {'e2e (actor)':>12} {'ratio':>6} {'e2e (here)':>11} {'ratio':>6}"
           f"  {'|1-ratio| <= 0.15':>17}")

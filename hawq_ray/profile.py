@@ -14,7 +14,8 @@ last) is deployed at those bits in every config, so its lat4_ms is its lat8_ms.
 Work is a list of `Item`s keyed by a signature (sha256 of the kernel's TIR, of the whole call list for a
 model, of the torch module and input shape): identical kernels are built and timed once. `time_rounds`
 times a set of them in interleaved rounds (median), so a load spike hits every item alike. The disk cache
-(`cache_key`, `read_cached`, `write_cached`) is keyed by target, threads, batch size and signature.
+(`cache_key`, `read_cached`, `write_cached`) is keyed by target, threads, batch size, signature and the
+timing settings.
 Latency does not depend on weight or activation values, only on shapes, bits and dtypes; so the programs are
 calibrated on one seeded random image and cached by architecture (class, repr, input shape, bits).
 """
@@ -293,8 +294,9 @@ def time_rounds(timers: dict, rounds: int = 7, min_ms: float = 30.0) -> dict:
 
 # ---------------------------------------------------------------------------------------------- cache
 
-def cache_key(target: dict, threads: int, batch: int, sig: str, rounds: int) -> str:
-    return digest(FORMAT, target, int(threads), int(batch), sig, int(rounds))
+def cache_key(target: dict, threads: int, batch: int, sig: str, timing=()) -> str:
+    """Key of one latency: target, threads, batch size, signature, and the timing settings (rounds, min_ms)."""
+    return digest(FORMAT, target, int(threads), int(batch), sig, list(timing))
 
 
 def read_cached(cache_dir, key: str, folder: str = "latency"):

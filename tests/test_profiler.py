@@ -152,8 +152,8 @@ def test_a_warm_run_is_answered_by_the_cache(digits, killed_run):
     for col in ("lat4_ms", "lat8_ms", "lat32_ms", "glue4_ms", "glue8_ms"):
         assert again[col].tolist() == table[col].tolist()
     # a different batch size is another key: nothing of it is cached
-    other = P.cache_key(table.attrs["target"], table.attrs["threads"], BATCH + 1, "x", ROUNDS)
-    assert other != P.cache_key(table.attrs["target"], table.attrs["threads"], BATCH, "x", ROUNDS)
+    other = P.cache_key(table.attrs["target"], table.attrs["threads"], BATCH + 1, "x", (ROUNDS, 2.0))
+    assert other != P.cache_key(table.attrs["target"], table.attrs["threads"], BATCH, "x", (ROUNDS, 2.0))
 
 
 @pytest.mark.timeout(60)
@@ -180,7 +180,7 @@ def run_cli(argv):
 def test_cli_writes_the_table_and_prints_json_last(killed_run, tmp_path, capsys):
     table, cache, _ = killed_run
     out = tmp_path / "lat.parquet"
-    rc = run_cli(["profile", "--batch", str(BATCH), "--rounds", str(ROUNDS), "--cache-dir", str(cache),
+    rc = run_cli(["profile", "--batch", str(BATCH), "--rounds", str(ROUNDS), "--min-ms", "2", "--cache-dir", str(cache),
                   "--out", str(out), "--json"])
     assert rc == 0
     text = capsys.readouterr().out.strip().splitlines()

@@ -28,6 +28,8 @@ def register(sub) -> None:
                    help="profile on the nodes holding this custom Ray resource, e.g. t4 (default: any node)")
     p.add_argument("--actors", type=int, default=2, help="ProfilerActors to spread the kernels over (default 2)")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds per kernel; the median is kept (default 7)")
+    p.add_argument("--min-ms", type=float, default=30.0,
+                   help="each measurement repeats a kernel for about this long (default 30)")
     p.add_argument("--check", action="append", default=[], metavar="CONFIG",
                    help="also time this bit config (JSON file {layer: bits}) end to end (repeatable)")
     p.add_argument("--no-fp32", action="store_true", help="skip the torch fp32 reference column lat32_ms")
@@ -70,6 +72,8 @@ def summary_text(rows: list) -> str:
 def run_profile(args) -> int:
     for flag, value in (("--batch", args.batch), ("--actors", args.actors), ("--rounds", args.rounds)):
         check_positive(value, flag)
+    if not args.min_ms > 0:
+        raise HawqError(f"--min-ms {args.min_ms}: give a positive number of milliseconds")
     out = Path(args.out).expanduser()
     if out.suffix not in (".parquet", ".csv"):
         raise HawqError(f"--out {args.out}: give a .parquet or .csv file")
@@ -87,7 +91,8 @@ def run_profile(args) -> int:
     bar, update = progress_bar()
     try:
         table = profile_layers(md.model, md.input_shape, batch=args.batch, target=args.target,
-                               resource=args.resource, actors=args.actors, rounds=args.rounds, cache_dir=cache_dir,
+                               resource=args.resource, actors=args.actors, rounds=args.rounds, min_ms=args.min_ms,
+                               cache_dir=cache_dir,
                                checks=checks, fp32=not args.no_fp32, progress=update)
     finally:
         bar.close()
