@@ -77,6 +77,13 @@ def requantize_before_max_pool(ops: list, program_output: str, narrow: set = fro
     return out
 
 
+def planned_ops(program: IntegerProgram) -> list:
+    """The op list the kernels are planned from: max pools moved after their requantizes where that pays,
+    ranges narrowed. `plan_groups(program, planned_ops(program))` gives the groups `plan_kernels` builds."""
+    narrow = {op.output for op in narrow_ranges(program) if storage_dtype(op.lo, op.hi) != "int32"}
+    return narrow_ranges(program, requantize_before_max_pool(program.ops, program.output, narrow))
+
+
 def plan_groups(program: IntegerProgram, ops: list | None = None) -> list[Group]:
     ops = program.ops if ops is None else ops
     readers: dict[str, list] = {}
@@ -156,9 +163,7 @@ def plan_kernels(program: IntegerProgram, batch: int, target) -> list[Call]:
     else:
         values[program.input_name] = raw
     rename = {program.input_name: calls[0].outputs[0] if calls else program.input_name}
-    narrow = {op.output for op in narrow_ranges(program) if storage_dtype(op.lo, op.hi) != "int32"}
-    ops = narrow_ranges(program, requantize_before_max_pool(program.ops, program.output, narrow))
-    for group in plan_groups(program, ops):
+    for group in plan_groups(program, planned_ops(program)):
         missing = [a for a in group.args if a not in values]
         if missing:
             raise HawqError(f"{group.anchor.output}: input {missing[0]!r} is not computed before it")
