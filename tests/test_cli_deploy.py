@@ -63,3 +63,24 @@ def test_config_for_another_model_is_refused(capsys, tmp_path):
     cfg.write_text(json.dumps({"features.init_block.conv.conv": 8, "output": 8}))
     assert main(["compile", "--bits", str(cfg), "--out", str(tmp_path / "o")]) == 2
     assert "unknown layers" in capsys.readouterr().err
+
+
+class _RunsCode:
+    """Unpickling this would create a file: the payload a crafted checkpoint carries."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_crafted_checkpoint_is_refused_and_nothing_runs(capsys, tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "state.pt"
+    torch.save({"model": _RunsCode(str(marker))}, ckpt)
+    assert not marker.exists()
+    assert main(["compile", "--bits", "uniform4", "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(ckpt) in err
+    assert not marker.exists()

@@ -11,7 +11,8 @@ conv2d      inputs [x]; consts weight (O, I/groups, kh, kw) int8 holding w_bits-
 dense       inputs [x] (N, I); consts weight (O, I) int8, bias (O,) int32; attrs w_bits, x_bits, x_signed;
             out = x @ weight.T + bias.
 requantize  inputs [z]; consts multiplier (int32, > 0) and shift (int32, >= 1) of one shape that broadcasts
-            against the output: () per tensor, (C, 1, 1) or (C,) per channel, (1, H, W) per position;
+            against the output by numpy rules: () per tensor, (C, 1, 1) per channel of a 4-D value,
+            (C,) per feature of a 2-D value, (1, H, W) per position;
             attrs lo, hi; out = clamp((z * multiplier + 2^(shift-1)) >> shift, lo, hi) computed in int64.
 relu        out = max(x, 0).
 add         inputs [a, b]; out = a + b (each branch was requantized to the output scale before, Appendix F).
