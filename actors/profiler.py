@@ -362,7 +362,9 @@ def profile_layers(model, input_shape=None, *, batch: int = 8, target="llvm", re
     uniform8. attrs: "end_to_end" ([{config, sum_ms, e2e_ms, ratio, rest_ms}]), "breakdown" ({config: [{kernel,
     layer, glue, ms}]}, every kernel call of uniform4/uniform8 and the layer it is charged to), "target", "threads", "batch",
     "resource", "items" (unique kernels, models and fp32 layers), "cache_hits", "measured", "nodes",
-    "restarts", "actors", "seconds". Uses the running Ray instance, or starts a local one when it must measure.
+    "restarts", "actors", "stage_seconds", "seconds". Uses the Ray instance this process has initialized, or
+    $RAY_ADDRESS's cluster; else (no resource asked) it starts a private local one, only if something must be
+    measured.
     """
     from hawq_ray.layers import layer_table
     from hawq_ray.models import input_shape as model_input_shape
@@ -427,7 +429,8 @@ def profile_layers(model, input_shape=None, *, batch: int = 8, target="llvm", re
     stats = {"restarts": 0, "nodes": set(), "actors": 0, "threads": set(), "seconds": {}}
     if missing:
         if local:
-            ray.init(num_cpus=threads, log_to_driver=False)
+            # a private instance on this machine (address="local"): not a cluster some `ray start` left running
+            ray.init(address="local", num_cpus=threads, log_to_driver=False)
             nodes = kind_nodes(None, gpu)
             tgt2, threads2 = probe_kind(nodes, spec)
             if (tgt2, threads2) != (tgt, threads):
