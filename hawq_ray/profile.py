@@ -104,9 +104,9 @@ def kernel_signature(kernel) -> str:
 
 def call_layers(program, calls) -> list:
     """The layer of each call whose kernel is a conv2d/dense layer, None for glue."""
-    from hawq_ray.deploy.graph import plan_groups, requantize_before_max_pool
-    anchors = {tuple(g.outputs): g.anchor
-               for g in plan_groups(program, requantize_before_max_pool(program.ops, program.output))}
+    from hawq_ray.deploy import graph
+    ops = graph.planned_ops(program)    # the op list plan_kernels plans its groups from
+    anchors = {tuple(g.outputs): g.anchor for g in graph.plan_groups(program, ops)}
     out = []
     for c in calls:
         a = anchors.get(tuple(c.outputs))
