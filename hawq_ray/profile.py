@@ -155,8 +155,18 @@ def plan_program(program, batch: int, target, config: str, calls=None) -> Plan:
                 digest("model", batch, program.input_name, wiring)[:32])
 
 
+def deploy_fingerprint() -> str:
+    """sha256 of the deploy package's source: a saved plan (kernel signatures) is stale once it changes."""
+    from importlib.util import find_spec
+    folder = Path(list(find_spec("hawq_ray.deploy").submodule_search_locations)[0])   # found, not imported
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
 def plan_key(program_key: str, batch: int, target: dict) -> str:
-    return digest(FORMAT, "plan", program_key, int(batch), target)
+    return digest(FORMAT, "plan", program_key, int(batch), target, deploy_fingerprint())
 
 
 def load_plan(cache_dir, key: str) -> Plan | None:
