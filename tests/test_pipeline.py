@@ -65,7 +65,7 @@ def test_tables_of_the_run(killed_then_resumed):
     lat = pd.read_parquet(out / "latency.parquet")
     assert (lat["lat4_ms"] > 0).all() and (lat["lat8_ms"] > 0).all()
     sweep = pd.read_parquet(out / "sweep.parquet")
-    assert {"uniform4", "uniform8"} <= set(sweep["config"])
+    assert "uniform4" in set(sweep["config"]) and len(sweep) >= 1
     ft = pd.read_parquet(out / "finetune.parquet")
     assert set(ft["config"]) == set(sweep["config"])
     assert ft["top1_fp32"].min() >= 0.9            # the default model trained on digits
