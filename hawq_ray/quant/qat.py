@@ -51,11 +51,24 @@ class V:
         return self._r
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: `value`; backward: the incoming gradient goes to `surrogate` unchanged."""
+
+    @staticmethod
+    def forward(ctx, surrogate, value):
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def ste(surrogate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Forward: `value`; backward: the gradient of `surrogate`."""
+    """Forward: `value`; backward: the gradient of `surrogate` (straight-through estimator)."""
+    value = value.to(surrogate.dtype)
     if not (torch.is_grad_enabled() and surrogate.requires_grad):
-        return value.to(surrogate.dtype)
-    return surrogate + (value.to(surrogate.dtype) - surrogate).detach()
+        return value
+    return _StraightThrough.apply(surrogate, value)
 
 
 def channel_view(s: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -323,15 +336,21 @@ class QuantModel(nn.Module):
         q_b = torch.floor(b_bar.detach().to(torch.float64) / s_acc + 0.5).clamp_(INT32_MIN, INT32_MAX)
         q_wi = q_w.detach().to(torch.int64)
         q_b = q_b.to(torch.int64)
-        if conv:
+        grad = torch.is_grad_enabled() and (a.r.requires_grad or q_w.requires_grad)
+        z = c = None
+        if grad:   # the conv of integer-valued floats: exact (and reused) when partial sums stay < 2^24
+            c = apply(ste(a.r / float(s_x), a.q.to(a.r.dtype)), q_w)
+            xmax = max(abs(a.lo), abs(a.hi))                          # the activation's static range
+            if xmax * float(q_wi.abs().reshape(q_wi.shape[0], -1).sum(1).max()) < FP32_EXACT:
+                z = torch.round(c.detach()).to(torch.int64)
+        if z is None and conv:
             z = exact_conv2d(a.q, q_wi, at["stride"], at["padding"], at["dilation"], at["groups"])
-        else:
+        elif z is None:
             z = torch.round(a.q.to(torch.float64) @ q_wi.to(torch.float64).T).to(torch.int64)
         z = z + channel_view(q_b, z.dim())
         r = None
-        if torch.is_grad_enabled() and (a.r.requires_grad or q_w.requires_grad):
-            xi = ste(a.r / float(s_x), a.q.to(a.r.dtype))           # integer values, grad wrt r
-            surrogate = apply(xi, q_w) * channel_view(s_acc.to(a.r.dtype), z.dim()) \
+        if grad:
+            surrogate = c * channel_view(s_acc.to(a.r.dtype), z.dim()) \
                 + channel_view(ste(b_bar, q_b * s_acc), z.dim())
             r = ste(surrogate, z.to(torch.float64) * channel_view(s_acc, z.dim()))
         self._emit_op("conv2d" if conv else "dense", [a.name], node.name, layer=node.layer,
