@@ -125,7 +125,7 @@ def test_cli_tune_table_matches_checkpoints(tmp_path, weights, mixed_json, data,
     pd.testing.assert_frame_equal(again, table)
 
 
-EPOCHS = 6      # long enough that Ctrl+C lands before the end
+EPOCHS = 24     # long enough that Ctrl+C lands before the end, even on an idle machine
 DRIVER = """
 import os, ray
 ray.init(address={address!r}, log_to_driver=False)
