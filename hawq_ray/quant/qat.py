@@ -188,8 +188,8 @@ class QuantModel(nn.Module):
         self.eval()
         self.mode, self._emit = "qat", ops.append
         try:
-            x = torch.zeros((1, *self.input_shape))
-            out, _ = self.run(x)
+            device = next(self.model.parameters()).device
+            out, _ = self.run(torch.zeros((1, *self.input_shape), device=device))
         finally:
             self._emit, self.mode = None, mode
             self.train(was)
