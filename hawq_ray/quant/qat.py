@@ -285,7 +285,7 @@ class QuantModel(nn.Module):
         if self.mode == "fp32":
             return v
         observe = self.training or self.calibrating
-        cur = (v.r.detach().abs().max() if signed else v.r.detach().clamp_min(0).max()) if observe else None
+        cur = (_absmax(v.r) if signed else v.r.detach().max().clamp_min(0)) if observe else None
         scale = activation_scale(self._observe(key, cur), bits, signed)
         lo, hi = signed_range(bits) if signed else unsigned_range(bits)
         s = torch.tensor(scale, dtype=torch.float64, device=self._device(v))
@@ -341,7 +341,9 @@ class QuantModel(nn.Module):
         if grad:   # the conv of integer-valued floats: exact (and reused) when partial sums stay < 2^24
             c = apply(ste(a.r / float(s_x), a.q.to(a.r.dtype)), q_w)
             xmax = max(abs(a.lo), abs(a.hi))                          # the activation's static range
-            if xmax * float(q_wi.abs().reshape(q_wi.shape[0], -1).sum(1).max()) < FP32_EXACT:
+            if self.training or xmax * float(q_wi.abs().reshape(q_wi.shape[0], -1).sum(1).max()) < FP32_EXACT:
+                # Training steps accept float32 rounding of accumulators above 2^24 (relative error
+                # < 2^-24, far below one quantization step); eval, calibration and lowering are exact.
                 z = torch.round(c.detach()).to(torch.int64)
         if z is None and conv:
             z = exact_conv2d(a.q, q_wi, at["stride"], at["padding"], at["dilation"], at["groups"])
@@ -369,8 +371,8 @@ class QuantModel(nn.Module):
         if self.mode == "fp32":
             return V(None, None, real, node.name)
         observe = self.training or self.calibrating
-        scale = activation_scale(self._observe(f"out:{node.name}", real.detach().abs().max() if observe
-                                               else None), WIDE_BITS, signed=True)
+        scale = activation_scale(self._observe(f"out:{node.name}", _absmax(real) if observe else None),
+                                 WIDE_BITS, signed=True)
         s = torch.tensor(scale, dtype=torch.float64, device=self._device(ins[0]))
         if self.mode == "fake":  # eq. 20/21: accumulate in float, then requantize once
             q = torch.floor(real.detach().to(torch.float64) / scale + 0.5)
@@ -432,6 +434,11 @@ class QuantModel(nn.Module):
                       attrs={"kernel": args[0], "stride": args[1], "padding": args[2], "dilation": args[3],
                              "ceil_mode": args[4]})
         return V(q, v.s, self._real(real, q, v.s), node.name, v.lo, v.hi)
+
+
+def _absmax(t: torch.Tensor) -> torch.Tensor:
+    lo, hi = torch.aminmax(t.detach())
+    return torch.maximum(-lo, hi)
 
 
 def _np(s):
