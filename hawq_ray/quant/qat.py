@@ -258,6 +258,14 @@ class QuantModel(nn.Module):
             return V(q, s, r, name, v.lo, v.hi)
         raise HawqError(f"internal: unknown graph node kind {kind!r}")
 
+    def _exact_real(self, surrogate, value_fn):
+        """r for a value: while training, the surrogate itself (the fake-quantization float value, whose
+        forward value only feeds range tracking and the loss; the integers travel in q); otherwise the
+        surrogate carrying the exact value q * s."""
+        if self.training and torch.is_grad_enabled():
+            return surrogate
+        return ste(surrogate, value_fn())
+
     def _needs_real(self) -> bool:
         """Float surrogates are needed for gradients and for observing activation ranges only."""
         return torch.is_grad_enabled() or self.training or self.calibrating
@@ -295,7 +303,7 @@ class QuantModel(nn.Module):
         b, c = self._dyadic(v.s / scale, v.q.dim())
         q = requantize(v.q, b, c, lo, hi)
         self._emit_op("requantize", [v.name], name, consts=_consts(b, c), scale=_np(s), lo=lo, hi=hi)
-        r = self._lazy(v, lambda t: ste(t.clamp(lo * scale, hi * scale), q * scale))
+        r = self._lazy(v, lambda t: self._exact_real(t.clamp(lo * scale, hi * scale), lambda: q * scale))
         return V(q, s, r, name, lo, hi)
 
     @staticmethod
@@ -354,7 +362,7 @@ class QuantModel(nn.Module):
         if grad:
             surrogate = c * channel_view(s_acc.to(a.r.dtype), z.dim()) \
                 + channel_view(ste(b_bar, q_b * s_acc), z.dim())
-            r = ste(surrogate, z.to(torch.float64) * channel_view(s_acc, z.dim()))
+            r = self._exact_real(surrogate, lambda: z.to(torch.float64) * channel_view(s_acc, z.dim()))
         self._emit_op("conv2d" if conv else "dense", [a.name], node.name, layer=node.layer,
                       attrs=({k: at[k] for k in ("stride", "padding", "dilation", "groups")} if conv else {})
                       | {"w_bits": bits, "x_bits": bits if a.name != "input" else 8, "x_signed": a.lo < 0},
@@ -386,7 +394,7 @@ class QuantModel(nn.Module):
         q = parts[0] + parts[1] if add else torch.cat(parts, 1)
         self._emit_op("add" if add else "concat", names, node.name, scale=_np(s),
                       attrs={} if add else {"axis": 1})
-        return V(q, s, None if real is None else ste(real, q * scale), node.name)
+        return V(q, s, None if real is None else self._exact_real(real, lambda: q * scale), node.name)
 
     def _avgpool(self, node: GNode, v: V) -> V:
         """Average pooling on INT32: window sum, then a dyadic 1/count requantization (Appendix E)."""
@@ -421,15 +429,21 @@ class QuantModel(nn.Module):
         return V(q, v.s, self._real(real, q, v.s), node.name, v.lo, v.hi)
 
     def _real(self, surrogate, q, s):
-        return None if surrogate is None else ste(surrogate, q.to(torch.float64) * channel_view(s, q.dim()))
+        if surrogate is None:
+            return None
+        return self._exact_real(surrogate, lambda: q.to(torch.float64) * channel_view(s, q.dim()))
 
     def _maxpool(self, node: GNode, v: V) -> V:
         at = node.attrs
         args = (at["kernel"], at["stride"], at["padding"], at["dilation"], at["ceil_mode"])
         if self.mode != "qat":
             return V(None, v.s, F.max_pool2d(v.r, *args), node.name)
-        real = self._lazy(v, lambda t: F.max_pool2d(t, *args))
-        q = torch.round(F.max_pool2d(v.q.to(torch.float64), *args)).to(torch.int64)
+        if self.training and torch.is_grad_enabled():   # the integers at the surrogate's argmax
+            real, idx = F.max_pool2d(v.r, *args, return_indices=True)
+            q = v.q.flatten(2).gather(2, idx.flatten(2)).view_as(idx)
+        else:
+            real = self._lazy(v, lambda t: F.max_pool2d(t, *args))
+            q = torch.round(F.max_pool2d(v.q.to(torch.float64), *args)).to(torch.int64)
         self._emit_op("max_pool2d", [v.name], node.name, scale=_np(v.s), lo=v.lo, hi=v.hi,
                       attrs={"kernel": args[0], "stride": args[1], "padding": args[2], "dilation": args[3],
                              "ceil_mode": args[4]})
