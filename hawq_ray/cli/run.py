@@ -1,6 +1,8 @@
 """`hawq-ray run` (the main job) and `hawq-ray report RUN`."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from hawq_ray.cli import print_json
 
 
@@ -23,7 +25,7 @@ def run_main(args) -> int:
     from hawq_ray.pipeline import load_config, run
     from hawq_ray.report import results_table
     tables = run(load_config(args.config), args.out, address=args.address)
-    results = results_table(__import__("pathlib").Path(args.out))
+    results = results_table(Path(args.out))
     print(fmt_table(results))
     print(f"report: {args.out}/report.md")
     if args.json:
