@@ -13,9 +13,25 @@ from hawq_ray.quant.graph import Graph, trace_graph
 FIXED_BITS = 8  # first conv and last linear stay at 8 bits (Appendix H)
 
 
+def probe_forward(model: nn.Module, input_shape, hooks: dict) -> None:
+    """One eval-mode, no-grad forward pass at batch 1 with forward hooks {module name: hook(mod, inp, out)}
+    attached; hooks are removed and the model's train/eval mode restored afterwards."""
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(fn) for name, fn in hooks.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape)))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 def layer_macs(model: nn.Module, input_shape) -> dict[str, int]:
     """Multiply-accumulates per sample of every Conv2d / Linear, from one forward pass at batch 1."""
-    macs, hooks = {}, []
+    macs, hooks = {}, {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             def hook(mod, inp, out, name=name):
@@ -26,16 +42,8 @@ def layer_macs(model: nn.Module, input_shape) -> dict[str, int]:
                 macs[name] = macs.get(name, 0) + mod.in_features * mod.out_features
         else:
             continue
-        hooks.append(m.register_forward_hook(hook))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros((1, *input_shape)))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+        hooks[name] = hook
+    probe_forward(model, input_shape, hooks)
     return macs
 
 

@@ -202,25 +202,19 @@ def plan_items(plans: dict) -> list:
 
 def layer_inputs(model, input_shape, layers) -> dict:
     """{layer: (module, input shape of one sample)} from a forward pass at batch 1."""
-    import torch
+    from hawq_ray.layers import probe_forward
     modules = dict(model.named_modules())
     missing = [name for name in layers if name not in modules]
     if missing:
         raise HawqError(f"layer {missing[0]!r} of the table is not a module of the model")
-    shapes, hooks = {}, []
-    for name in layers:
-        def hook(mod, inp, out, name=name):
+    shapes = {}
+
+    def recorder(name):
+        def hook(mod, inp, out):
             shapes.setdefault(name, tuple(inp[0].shape[1:]))
-        hooks.append(modules[name].register_forward_hook(hook))
-    was = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros((1, *input_shape)))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
+        return hook
+
+    probe_forward(model, input_shape, {name: recorder(name) for name in layers})
     return {name: (modules[name], shapes[name]) for name in layers}
 
 
