@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from hawq_ray.deploy import compile_program, export_model, load_model, parse_target
-from hawq_ray.deploy.graph import plan_groups, plan_kernels
+from hawq_ray.deploy.graph import plan_groups, plan_kernels, requantize_before_max_pool
 from hawq_ray.deploy.verify import compare, random_inputs, verify_model
 from hawq_ray.errors import HawqError
 from hawq_ray.quant.program import IntegerProgram, Op
-from test_deploy_reference import make_program, run_reference
+from test_deploy_reference import apply_op, make_program, run_reference
 
 GENERIC = {"kind": "llvm", "mcpu": "skylake"}
 
@@ -53,12 +53,12 @@ def test_one_kernel_per_layer_and_layout_changes_at_edges(programs):
 
 def test_fusion_plan():
     """A value read by several ops is stored by its kernel unless every reader is a requantize, which then
-    become outputs of that kernel (fan-out); the INT32 max pool is moved after its requantize."""
+    become outputs of that kernel (fan-out); the stem's INT32 max pool is fused into the stem conv's kernel."""
     prog, _ = make_program(8, 255)
-    from hawq_ray.deploy.graph import requantize_before_max_pool
-    ops = requantize_before_max_pool(prog.ops, prog.output)
+    from hawq_ray.deploy.graph import planned_ops
+    ops = planned_ops(prog)
     pool = next(o for o in ops if o.op == "max_pool2d")
-    assert next(o for o in ops if o.output == pool.inputs[0]).op == "requantize"
+    assert next(o for o in ops if o.output == pool.inputs[0]).op == "relu"    # not moved: it is fused
     groups = plan_groups(prog, ops)
     produced = {name for g in groups for name in g.outputs}
     readers = {}
@@ -70,6 +70,34 @@ def test_fusion_plan():
     for name, rs in readers.items():
         if len(rs) > 1 and name != "x":
             assert name in produced or all(r.op == "requantize" and r.output in produced for r in rs)
+    stem = next(g for g in groups if g.anchor.layer == "stem")
+    assert stem.pool is pool and [s.op for s in stem.post] == ["requantize"]
+    assert not any(g.anchor.op == "max_pool2d" for g in groups)
+
+
+def test_requantize_moves_before_a_max_pool_that_reads_no_conv():
+    """concat -> max pool -> two narrow requantizes  ==>  each requantize, then its own pool (exact, checked
+    against numpy on the rewritten op list); after a conv chain the pool is left for fusion."""
+    rng = np.random.default_rng(2)
+    q = lambda out, lo, hi: Op("requantize", ["p"], out, dict(lo=lo, hi=hi), dict(
+        multiplier=rng.integers(1 << 29, 1 << 30, (2, 1, 1)).astype(np.int32), shift=np.full((2, 1, 1), 38)),
+        lo=lo, hi=hi)
+    pool = Op("max_pool2d", ["c"], "p", dict(kernel=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1),
+                                             ceil_mode=False))
+    ops = [Op("concat", ["a", "b"], "c", dict(axis=1)), pool, q("q1", 0, 255), q("q2", 0, 15),
+           Op("concat", ["q1", "q2"], "out", dict(axis=1))]
+    moved = requantize_before_max_pool(ops, "out", narrow={"q1", "q2"})
+    assert [o.op for o in moved] == ["concat", "requantize", "max_pool2d", "requantize", "max_pool2d", "concat"]
+    x = {"a": rng.integers(0, 1 << 20, (2, 1, 9, 9)), "b": rng.integers(0, 1 << 20, (2, 1, 9, 9))}
+    for name, program in (("original", ops), ("moved", moved)):
+        env = dict(x)
+        for op in program:
+            env[op.output] = apply_op(op, [env[i] for i in op.inputs])
+        x[name] = env["out"]
+    assert np.array_equal(x["original"], x["moved"]) and 0 < x["moved"].max()
+    conv = Op("conv2d", ["x"], "c", dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1),
+              dict(weight=np.ones((2, 2, 1, 1), np.int8)))
+    assert requantize_before_max_pool([conv, *ops[1:]], "out", {"q1", "q2"}) == [conv, *ops[1:]]
 
 
 def test_export_load_roundtrip(programs, tmp_path):
@@ -141,7 +169,8 @@ def test_cuda_module_builds(programs):
     prog, _ = programs["uniform4"]
     model = compile_program(prog, batch=2, target={"kind": "cuda", "arch": "sm_75"}, check=False)
     assert model.manifest["target"]["kind"] == "cuda"
-    assert all(k["path"] in ("gpu", "layout", "max_pool2d", "sum_pool2d", "concat", "flatten", "elementwise")
+    assert all(k["path"] in ("gpu", "gpu+max_pool", "layout", "max_pool2d", "sum_pool2d", "concat", "flatten",
+                             "elementwise")
                for k in model.manifest["kernels"])
 
 

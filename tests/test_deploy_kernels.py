@@ -11,7 +11,8 @@ from hawq_ray.deploy import layout
 from hawq_ray.deploy.build import parse_target
 from hawq_ray.deploy.epilogue import Value
 from hawq_ray.deploy.glue import concat_kernel, elementwise_kernel, pool_kernel
-from hawq_ray.deploy.kernels import conv2d_kernel, dense_kernel, target_has_vnni
+from hawq_ray.deploy.conv_pool import band_plan, conv2d_max_pool_kernel
+from hawq_ray.deploy.kernels import MAX_ACC, conv2d_kernel, dense_kernel, target_has_vnni
 from hawq_ray.deploy.layer import build_layer_kernel, run_kernel, time_kernel
 from hawq_ray.quant.dyadic import dyadic
 from hawq_ray.quant.program import Op
@@ -115,6 +116,56 @@ def test_grouped_conv_generic():
     got = run_kernel(conv2d_kernel(op, Value(x.shape, "uint8", 16), [], [], HOST), [x], HOST)
     assert np.array_equal(got, apply_op(op, [x]))
 
+
+CONV_POOL_CASES = [  # cin, cout, size, conv (k, stride, pad), w_bits, signed, pool (k, stride, pad, dilation, ceil)
+    (3, 20, 30, (7, 2, 3), 8, True, (3, 2, 1, 1, False)),    # the ResNet stem: signed image, 3x3/2 pool
+    (16, 24, 19, (3, 1, 0), 4, False, (3, 2, 0, 1, True)),   # packed int4, ceil-mode pool (a window runs over)
+    (8, 16, 29, (3, 1, 0), 8, False, (3, 2, 0, 1, False)),   # 13 pool rows (prime): one band, the whole map
+    (8, 40, 15, (3, 1, 1), 8, False, (2, 2, 0, 1, False)),   # 2x2/2 pool, 40 channels (a partial block)
+    (8, 16, 17, (1, 1, 0), 8, False, (3, 3, 1, 1, True)),    # 1x1 conv, 3x3/3 ceil-mode pool
+]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("case", CONV_POOL_CASES, ids=lambda c: f"c{c[0]}-{c[1]}_s{c[2]}_pool{c[6][0]}s{c[6][1]}")
+def test_conv_max_pool_fused_bit_exact(target, case):
+    """conv -> relu -> max pool -> (two requantizes as outputs | one requantize) in one kernel, against numpy:
+    conv in int64, ReLU, max pool with padding that never wins, then the requantizes."""
+    cin, cout, size, (k, stride, pad), w_bits, signed, (pk, ps, pp, pd, ceil) = case
+    rng = np.random.default_rng(cin * 3 + cout + size)
+    op = _conv_op(rng, cin, cout, k, stride, pad, w_bits, signed)
+    x = _input(rng, (2, cin, size, size), signed)
+    relu = Op("relu", ["z"], "r", lo=0)
+    pool = Op("max_pool2d", ["r"], "p", dict(kernel=(pk, pk), stride=(ps, ps), padding=(pp, pp),
+                                             dilation=(pd, pd), ceil_mode=ceil), lo=0)
+    pooled = apply_op(pool, [np.maximum(apply_op(op, [x]), 0)])
+    xv = Value(x.shape, "int8" if signed else "uint8", layout.channel_block(cin))
+    # fan-out: an unsigned 8-bit requantize and a wide signed one (a residual branch), each an output
+    fan = [_requant(rng, (cout, 1, 1), 0, 255, 400 / pooled.max()),
+           _requant(rng, (cout, 1, 1), -(1 << 31), (1 << 31) - 1, 5000 / pooled.max())]
+    kern = conv2d_max_pool_kernel(op, xv, [relu], pool, [], target, "stem", fanout=fan)
+    assert kern.notes["path"] == ("vnni" if target_has_vnni(target) else "generic") + "+max_pool"
+    got = run_kernel(kern, [x], target)
+    for g, rq in zip(got, fan):
+        want = ref_requantize(pooled, rq.consts["multiplier"], rq.consts["shift"], rq.lo, rq.hi)
+        assert g.dtype == (np.uint8 if rq.hi == 255 else np.int32) and np.array_equal(g, want)
+    assert (got[0] == 255).any() and 0 < got[0].mean() < 200 and got[1].max() > 1000   # clamped and not
+    # single output: pool -> requantize to 4 bits
+    rq = _requant(rng, (cout, 1, 1), 0, 15, 15 / pooled.max())
+    got = run_kernel(conv2d_max_pool_kernel(op, xv, [relu], pool, [rq], target, "stem"), [x], target)
+    assert np.array_equal(got, ref_requantize(pooled, rq.consts["multiplier"], rq.consts["shift"], 0, 15))
+
+
+@pytest.mark.parametrize("pool_h,pool_w,k,s", [(56, 56, 3, 2), (73, 73, 3, 2), (13, 9, 2, 2), (3, 3, 3, 3)])
+def test_band_plan_covers_the_pool(pool_h, pool_w, k, s):
+    """Each band's conv rows are what its pool rows read; tiles divide the band rows and the padded width,
+    which covers every pool column; tiles fit the register file."""
+    plan = band_plan(pool_h, pool_w, (k, k), (s, s), (1, 1))
+    assert pool_h % plan["band"] == 0
+    th, tw = plan["tile"]
+    assert plan["rows"] == (plan["band"] - 1) * s + k and plan["rows"] % th == 0
+    assert plan["pool_w"] >= pool_w and plan["ext_w"] == (plan["pool_w"] - 1) * s + k and plan["ext_w"] % tw == 0
+    assert th * tw <= MAX_ACC
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("w_bits,signed,cin,cout", [(8, False, 512, 10), (4, True, 30, 33)])

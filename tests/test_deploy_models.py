@@ -45,3 +45,45 @@ def test_model_matches_integer_executor(name, config):
     result = verify_model(deployed, ref, xs)
     assert result.differing == 0
     assert np.abs(ref(xs[0])).max() > 0
+
+
+class StemNet(torch.nn.Module):
+    """ResNet's stem and first block at 32x32: 7x7/2 conv, BN, ReLU, 3x3/2 max pool, whose output two
+    requantizes read (the block's first conv and its identity branch): the fused conv + max pool kernel with
+    a fan-out, in a real lowered program."""
+
+    def __init__(self):
+        super().__init__()
+        c = 16
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, c, 7, 2, 3, bias=False), torch.nn.BatchNorm2d(c),
+                                        torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2, 1))
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(c),
+                                        torch.nn.ReLU(), torch.nn.Conv2d(c, c, 3, 1, 1, bias=False),
+                                        torch.nn.BatchNorm2d(c))
+        self.relu = torch.nn.ReLU()
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.relu(self.body(x) + x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+@pytest.mark.parametrize("config", ["uniform8", "uniform4"])
+def test_stem_conv_max_pool_fusion_matches_integer_executor(config):
+    torch.manual_seed(0)
+    model = StemNet().eval()
+    for m in model.modules():     # non-trivial folded BN
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    shape = (3, 32, 32)
+    prog = prepare(model, config, shape).calibrate([torch.randn(4, *shape) for _ in range(2)]).to_integer()
+    deployed = compile_program(prog, batch=4)
+    fused = [k for k in deployed.manifest["kernels"] if k["path"].endswith("+max_pool")]
+    assert len(fused) == 1 and not any(k["name"].startswith("max_pool2d") for k in deployed.manifest["kernels"])
+    xs = [prog.quantize_input(torch.randn(4, *shape) * s).numpy() for s in (0.5, 2.0)]
+    ref = lambda x: run_program(prog, torch.from_numpy(x)).numpy()
+    assert verify_model(deployed, ref, xs).differing == 0
+    assert np.abs(ref(xs[0])).max() > 0

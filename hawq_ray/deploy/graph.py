@@ -1,15 +1,18 @@
 """IntegerProgram -> one Relax module that calls one kernel per layer.
 
-Step 0: an exact reordering so the stem's max pool runs on narrow values (`requantize_before_max_pool`),
+Step 0: an exact reordering so a max pool runs on narrow values (`requantize_before_max_pool`),
 and value ranges derived by interval arithmetic so values are stored as narrow as they are (`ranges.py`).
 Step 1 (`plan_groups`): cut the op list into kernels. A kernel starts at an anchor op (conv2d, dense, pooling,
 concat, flatten, or an elementwise op nobody absorbed) and absorbs the elementwise ops that follow while the
 value between them has a single consumer. A kernel is emitted where its last op stood, so the other operand
 of a fused residual `add` is already computed. When every reader of a conv chain's end is a requantize (a
 residual block's output feeding the next conv and the next identity branch), those requantizes become extra
-outputs of the conv kernel and the INT32 value is never stored.
-Step 2 (`plan_kernels`): build each group's kernel (`kernels.py`, `glue.py`) in emission order, tracking the
-storage of every value. The image enters as NCHW int8 and is blocked once; rank-4 outputs are unblocked once.
+outputs of the conv kernel and the INT32 value is never stored. A max pool (stride >= 2) that alone reads a
+conv chain's end joins the conv's kernel (`conv_pool.py`), with the elementwise ops or requantize fan-out
+after it: the stem's 112x112 map is pooled in cache and never stored.
+Step 2 (`plan_kernels`): build each group's kernel (`kernels.py`, `conv_pool.py`, `glue.py`) in emission
+order, tracking the storage of every value. The image enters as NCHW int8 and is blocked once; rank-4
+outputs are unblocked once.
 Step 3 (`build_relax`): a BlockBuilder emits `call_tir` for each kernel; constants become parameters.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 from tvm import relax
 
 from hawq_ray.deploy import glue, layout
+from hawq_ray.deploy.conv_pool import conv2d_max_pool_kernel, fusable_max_pool
 from hawq_ray.deploy.epilogue import ELEMENTWISE, Value, storage_dtype
 from hawq_ray.deploy.kernels import Kernel, conv2d_kernel, dense_kernel
 from hawq_ray.deploy.ranges import narrow_ranges
@@ -35,6 +39,8 @@ class Group:
     outputs: list        # names of the values the kernel writes
     last: int            # index of the group's last op in the program
     fanout: list = field(default_factory=list)   # requantize ops that each read the chain's end (one output each)
+    pool: Op | None = None   # a max_pool2d fused after a conv's steps (`conv_pool.py`)
+    post: list = field(default_factory=list)     # elementwise ops absorbed after that pool
 
 
 @dataclass
@@ -50,12 +56,30 @@ def _channelwise(op: Op) -> bool:
         np.size(c) == 1 or (np.ndim(c) >= 3 and np.shape(c)[-2:] == (1, 1)) for c in op.consts.values())
 
 
+def _fuses_after_conv(ops: list, pool: Op, readers: dict) -> bool:
+    """Whether `pool` alone reads the end of a conv's chain of channelwise relu/requantize ops, so that
+    `plan_groups` fuses it into the conv's kernel (then the INT32 map is never stored, narrow or not)."""
+    if not fusable_max_pool(pool):
+        return False
+    producer = {op.output: op for op in ops}
+    name = pool.inputs[0]
+    while len(readers.get(name, [])) == 1 and name in producer:
+        op = producer[name]
+        if op.op == "conv2d":
+            return op.attrs.get("groups", 1) == 1
+        if not (op.op == "relu" or _channelwise(op)):
+            return False
+        name = op.inputs[0]
+    return False
+
+
 def requantize_before_max_pool(ops: list, program_output: str, narrow: set = frozenset()) -> list:
     """max_pool2d -> requantize(s)  ==>  requantize -> max_pool2d, once per reader (exact: a per-channel
-    requantize is non-decreasing and max pooling takes the max per channel; padding never wins). The stem then
-    stores narrow values instead of INT32 and its readers need no requantize pass of their own. Returns a new
+    requantize is non-decreasing and max pooling takes the max per channel; padding never wins). The pool's
+    producer then stores narrow values instead of INT32 and the readers need no requantize pass. Returns a new
     op list; value names are kept. With several readers it pays only when each requantized value is narrow
-    (its name in `narrow`); otherwise the pool would run once per reader on wide values."""
+    (its name in `narrow`); otherwise the pool would run once per reader on wide values. A pool that follows
+    a conv's chain stays: it is fused into the conv's kernel instead."""
     readers: dict[str, list] = {}
     for i, op in enumerate(ops):
         for name in op.inputs:
@@ -66,7 +90,8 @@ def requantize_before_max_pool(ops: list, program_output: str, narrow: set = fro
             continue
         rs = readers.get(op.output, [])
         if op.op == "max_pool2d" and op.output != program_output and rs and \
-                all(_channelwise(ops[j]) for j in rs) and (len(rs) == 1 or all(ops[j].output in narrow for j in rs)):
+                not _fuses_after_conv(ops, op, readers) and all(_channelwise(ops[j]) for j in rs) and \
+                (len(rs) == 1 or all(ops[j].output in narrow for j in rs)):
             for j in rs:
                 rq = ops[j]
                 pre = replace(rq, inputs=list(op.inputs), output=rq.output + ".premax")
@@ -103,26 +128,41 @@ def plan_groups(program: IntegerProgram, ops: list | None = None) -> list[Group]
             if op.op == "add":
                 args.append(op.inputs[1])
         cur, last = op.output, i
-        while uses.get(cur) == 1 and cur in readers and readers[cur][0] > last:
-            j = readers[cur][0]
-            nxt = ops[j]
-            if nxt.op not in ELEMENTWISE or j in absorbed or (nxt.op == "add" and op.op != "conv2d"):
-                break        # a residual add rides with a conv (the big kernel), not with a pool or a requantize
-            if nxt.op == "add":
-                a, b = nxt.inputs
-                args.append(b if a == cur else a)
-            steps.append(nxt)
+
+        def absorb(chain: list, allow_add: bool):
+            nonlocal cur, last
+            while uses.get(cur) == 1 and cur in readers and readers[cur][0] > last:
+                j = readers[cur][0]
+                nxt = ops[j]
+                if nxt.op not in ELEMENTWISE or j in absorbed or (nxt.op == "add" and not allow_add):
+                    break    # a residual add rides with a conv (the big kernel), not with a pool or a requantize
+                if nxt.op == "add":
+                    a, b = nxt.inputs
+                    args.append(b if a == cur else a)
+                chain.append(nxt)
+                absorbed.add(j)
+                cur, last = nxt.output, j
+        absorb(steps, op.op == "conv2d")
+        pool, post = None, []
+        j = readers.get(cur, [None])[0]
+        if op.op == "conv2d" and op.attrs.get("groups", 1) == 1 and uses.get(cur) == 1 and j is not None \
+                and j > last and ops[j].op == "max_pool2d" and cur != program.output \
+                and fusable_max_pool(ops[j]) \
+                and all(s.op == "relu" or _channelwise(s) for s in steps):
+            pool = ops[j]      # conv -> steps -> max pool in one kernel: the conv's map is never stored
             absorbed.add(j)
-            cur, last = nxt.output, j
+            cur, last = pool.output, j
+            absorb(post, False)
         anchor_steps = steps[1:] if op.op in ELEMENTWISE else steps
         fan = readers.get(cur, [])
         if op.op == "conv2d" and cur != program.output and len(fan) > 1 and \
-                all(ops[j].op == "requantize" and j not in absorbed and ops[j].inputs == [cur] for j in fan):
+                all(ops[j].op == "requantize" and j not in absorbed and ops[j].inputs == [cur]
+                    for j in fan):
             absorbed.update(fan)     # the chain's end is never stored: each reader is an output of the kernel
             groups.append(Group(op, anchor_steps, args, [ops[j].output for j in fan], last,
-                                [ops[j] for j in fan]))
+                                [ops[j] for j in fan], pool, post))
             continue
-        groups.append(Group(op, anchor_steps, args, [cur], last))
+        groups.append(Group(op, anchor_steps, args, [cur], last, [], pool, post))
     return sorted(groups, key=lambda g: g.last)
 
 
@@ -135,6 +175,8 @@ def group_kernel(group: Group, values: dict, target) -> Kernel:
     op, steps = group.anchor, group.steps
     ins = [values[a] for a in group.args]
     name = _kernel_name(op)
+    if op.op == "conv2d" and group.pool is not None:
+        return conv2d_max_pool_kernel(op, ins[0], steps, group.pool, group.post, target, name, group.fanout)
     if op.op == "conv2d":
         return conv2d_kernel(op, ins[0], steps, ins[1:], target, name, fanout=group.fanout)
     if op.op == "dense":

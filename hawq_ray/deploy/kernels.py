@@ -55,13 +55,17 @@ def conv_out_size(size, k, s, p, d):
 
 
 MAX_ACC = 28   # int32x16 accumulators of a register tile (of 32 zmm registers)
+TILE_COST = 12.0   # a register tile of A accumulators costs about (1 + TILE_COST / A) per MAC (measured on
+                   # the resnet18 stem: 13 accumulators 3.7 ms, 27 accumulators 2.9 ms)
 
 
 def _tile(height: int, width: int) -> tuple:
     """Register tile (rows, columns) of the output: 7..14 columns with the fewest wasted, then the widest;
-    two rows when that fits MAX_ACC accumulators (weights are loaded once per tile, so taller is cheaper)."""
+    then the rows (as many as fit MAX_ACC accumulators) that minimize rows computed x tile cost: weights
+    are loaded once per tile, so taller is cheaper, but rows past the map's end are computed for nothing."""
     tw = width if width <= 14 else min(range(14, 6, -1), key=lambda t: (-(-width // t) * t - width, -t))
-    th = 2 if height > 1 and 2 * tw <= MAX_ACC else 1
+    th = min(range(1, min(height, MAX_ACC // tw) + 1),
+             key=lambda t: (-(-height // t) * t * (1 + TILE_COST / (t * tw)), -t))
     return th, tw
 
 
@@ -99,6 +103,91 @@ def _check_bias(b: np.ndarray, where: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- conv2d
 
+@dataclass
+class ConvOperands:
+    """What every conv2d kernel starts from: attributes, the (shifted, padded) input, weights and bias."""
+    op: Op
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    kernel: tuple            # (KH, KW)
+    fast: bool               # VNNI path
+    shift_input: bool        # signed int8 input shifted by +128 (folded into the bias)
+    w_bits: int
+    data: te.Tensor          # the input placeholder, NCHW[b]c
+    weight: te.Tensor        # weight placeholder (packed int4 bytes or int8)
+    weight8: te.Tensor       # int8 view of the weights, (O/16, C/b, KH, KW, b/4, 16, 4)
+    bias: te.Tensor
+    consts: list             # [packed weights, packed bias]
+
+    def source(self, x: Value, top: int, left: int, height: int, width: int):
+        """The input as the accumulator reads it: rows/columns shifted by (top, left) padding, `height` x
+        `width` in all, padding 128 for a shifted signed input (0 otherwise). Returns (tensor, padded?)."""
+        N, C, H, W = x.shape
+        if not (self.shift_input or top or left or height != H or width != W):
+            return self.data, False
+        in_dtype = "uint8" if self.shift_input else x.dtype
+        pad_value = tvm.tirx.const(128 if self.shift_input else 0, in_dtype)
+        data, shift = self.data, self.shift_input
+
+        def padded_value(n, c, h, ww, i):
+            v = data[n, c, h - top, ww - left, i]
+            if shift:
+                v = (v.astype("int32") + 128).astype("uint8")
+            inside = te.all(h >= top, h < H + top, ww >= left, ww < W + left)
+            return te.if_then_else(inside, v, pad_value)
+        return te.compute((N, x.storage_shape[1], height, width, x.block), padded_value, name="pad"), True
+
+    def accumulate(self, src: te.Tensor, shape: tuple, row=None) -> te.Tensor:
+        """INT32 accumulator over output positions `shape` = (N, O/16, rows, columns, 16); output position
+        (h, w) reads source rows h * stride + kh * dilation. With `row`, the shape is (N, O/16, bands, rows,
+        columns, 16) and band b's row i is output row row(b, i)."""
+        (sh, sw), (dh, dw), (KH, KW) = self.stride, self.dilation, self.kernel
+        Cb, ib = int(src.shape[1]), int(src.shape[4])
+        ico = te.reduce_axis((0, Cb), "ico")
+        kh = te.reduce_axis((0, KH), "kh")
+        kw = te.reduce_axis((0, KW), "kw")
+        icm = te.reduce_axis((0, ib // 4), "icm")
+        ici = te.reduce_axis((0, 4), "ici")
+        w8 = self.weight8
+
+        def dot(n, o, h, ww, oi):
+            return te.sum(src[n, ico, h * sh + kh * dh, ww * sw + kw * dw, icm * 4 + ici].astype("int32")
+                          * w8[o, ico, kh, kw, icm, oi, ici].astype("int32"), axis=[ico, kh, kw, icm, ici])
+        if row is None:
+            return te.compute(shape, dot, name="acc")
+        return te.compute(shape, lambda n, o, b, i, ww, oi: dot(n, o, row(b, i), ww, oi), name="acc")
+
+
+def check_channels(op: Op, x: Value) -> tuple:
+    """x's logical shape, once its channels match the weight's."""
+    Ig = np.shape(op.consts["weight"])[1]
+    groups = op.attrs.get("groups", 1)
+    if x.shape[1] != Ig * groups:
+        raise HawqError(f"{op.layer or op.output}: weight expects {Ig * groups} input channels, "
+                        f"input has {x.shape[1]}")
+    return tuple(x.shape)
+
+
+def conv_operands(op: Op, x: Value, target) -> ConvOperands:
+    w = np.asarray(op.consts["weight"])
+    O, Ig, KH, KW = w.shape
+    check_channels(op, x)
+    fast = target_has_vnni(target) and x.dtype in ("uint8", "int8")
+    shift_input = fast and x.dtype == "int8"
+    w_bits = int(op.attrs.get("w_bits", 8))
+    bias = _bias(op, O)
+    if shift_input:
+        bias = bias - 128 * w.astype(np.int64).sum(axis=(1, 2, 3))
+    bias_arr = layout.pack_channel_vector(_check_bias(bias, op.layer or op.output), O)
+    data = te.placeholder(x.storage_shape, x.dtype, name="data")
+    w_ph, w8, w_arr = _weight_tensors(layout.pack_conv_weight(w, x.block), w_bits)
+    b_ph = te.placeholder(bias_arr.shape, "int32", name="bias")
+    return ConvOperands(op, tuple(op.attrs.get("stride", (1, 1))), tuple(op.attrs.get("padding", (0, 0))),
+                        tuple(op.attrs.get("dilation", (1, 1))), (KH, KW), fast, shift_input, w_bits,
+                        data, w_ph, w8, b_ph, [w_arr, bias_arr])
+
+
 def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str | None = None,
                   fanout: list = ()) -> Kernel:
     """conv2d (+ bias) followed by the elementwise `steps` (ops of the program) at the output tile; with
@@ -109,9 +198,7 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     ph, pw = op.attrs.get("padding", (0, 0))
     dh, dw = op.attrs.get("dilation", (1, 1))
     groups = op.attrs.get("groups", 1)
-    N, C, H, W = x.shape
-    if C != Ig * groups:
-        raise HawqError(f"{op.layer or op.output}: weight expects {Ig * groups} input channels, input has {C}")
+    N, C, H, W = check_channels(op, x)
     OH, OW = conv_out_size(H, KH, sh, ph, dh), conv_out_size(W, KW, sw, pw, dw)
     out_value = Value((N, O, OH, OW), output_dtype(steps[-1] if steps else op), 16)
     if groups != 1:
@@ -120,51 +207,12 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
         return _grouped_conv(op, x, steps, extras, target, name, out_value)
     out_values = [Value(out_value.shape, output_dtype(f), 16) for f in fanout] or [out_value]
 
-    fast = target_has_vnni(target) and x.dtype in ("uint8", "int8")
-    shift_input = fast and x.dtype == "int8"
-    w_bits = int(op.attrs.get("w_bits", 8))
-    ib = x.block
-    Cb = x.storage_shape[1]
-    bias = _bias(op, O)
-    if shift_input:
-        bias = bias - 128 * w.astype(np.int64).sum(axis=(1, 2, 3))
-    bias_arr = layout.pack_channel_vector(_check_bias(bias, op.layer or op.output), O)
-
-    data = te.placeholder(x.storage_shape, x.dtype, name="data")
-    w_ph, w8, w_arr = _weight_tensors(layout.pack_conv_weight(w, ib), w_bits)
-    b_ph = te.placeholder(bias_arr.shape, "int32", name="bias")
-
+    cv = conv_operands(op, x, target)
     tile = _tile(OH, OW) if not is_gpu(target) else (1, 1)
     OHp, OWp = -(-OH // tile[0]) * tile[0], -(-OW // tile[1]) * tile[1]
-    HP = (OHp - 1) * sh + dh * (KH - 1) + 1
-    WP = (OWp - 1) * sw + dw * (KW - 1) + 1
-    in_dtype = "uint8" if shift_input else x.dtype
-    needs_pad = shift_input or ph or pw or HP != H or WP != W
-    if needs_pad:
-        pad_value = tvm.tirx.const(128 if shift_input else 0, in_dtype)
-
-        def padded_value(n, c, h, ww, i):
-            v = data[n, c, h - ph, ww - pw, i]
-            if shift_input:
-                v = (v.astype("int32") + 128).astype("uint8")
-            inside = te.all(h >= ph, h < H + ph, ww >= pw, ww < W + pw)
-            return te.if_then_else(inside, v, pad_value)
-        src = te.compute((N, Cb, HP, WP, ib), padded_value, name="pad")
-    else:
-        src = data
-
-    ico = te.reduce_axis((0, Cb), "ico")
-    kh = te.reduce_axis((0, KH), "kh")
-    kw = te.reduce_axis((0, KW), "kw")
-    icm = te.reduce_axis((0, ib // 4), "icm")
-    ici = te.reduce_axis((0, 4), "ici")
-    acc = te.compute(
-        (N, O // 16 + (O % 16 > 0), OHp, OWp, 16),
-        lambda n, o, h, ww, oi: te.sum(
-            src[n, ico, h * sh + kh * dh, ww * sw + kw * dw, icm * 4 + ici].astype("int32")
-            * w8[o, ico, kh, kw, icm, oi, ici].astype("int32"),
-            axis=[ico, kh, kw, icm, ici]),
-        name="acc")
+    src, needs_pad = cv.source(x, ph, pw, (OHp - 1) * sh + dh * (KH - 1) + 1, (OWp - 1) * sw + dw * (KW - 1) + 1)
+    acc = cv.accumulate(src, (N, layout.ceil_to(O, 16) // 16, OHp, OWp, 16))
+    b_ph = cv.bias
     epi = epilogue(steps, out_value, extras, fanout)
     if fanout:   # the chain once, into a tile-sized local buffer; each output requantizes it
         chain = te.compute(out_value.storage_shape,
@@ -177,13 +225,13 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
         outs = [te.compute(out_value.storage_shape,
                            lambda n, o, h, ww, oi: epi.apply(acc[n, o, h, ww, oi] + b_ph[o, oi], (n, o, h, ww, oi)),
                            name="out")]
-    func = te.create_prim_func([data, *epi.extra_tensors, w_ph, b_ph, *epi.const_tensors, *outs])
-    if fast:
-        func = _schedule_conv_vnni(func, tile, needs_pad, w_bits <= 4, len(fanout) or 1)
-    elif not is_gpu(target):
-        func = _schedule_conv_generic(func, tile, needs_pad, w_bits <= 4, len(fanout) or 1)
-    return Kernel(name or _name("conv", op), func, [x, *extras], [w_arr, bias_arr, *epi.const_arrays], out_values,
-                  {"path": "vnni" if fast else ("gpu" if is_gpu(target) else "generic"), "w_bits": w_bits,
+    func = te.create_prim_func([cv.data, *epi.extra_tensors, cv.weight, b_ph, *epi.const_tensors, *outs])
+    int4 = cv.w_bits <= 4
+    weights_outer = w.size * cv.w_bits // 8 > x.storage_shape[1] * x.block * H * W
+    if not is_gpu(target):
+        func = _schedule_conv(func, tile, needs_pad, int4, len(fanout) or 1, weights_outer, cv.fast)
+    return Kernel(name or _name("conv", op), func, [x, *extras], [*cv.consts, *epi.const_arrays], out_values,
+                  {"path": "vnni" if cv.fast else ("gpu" if is_gpu(target) else "generic"), "w_bits": cv.w_bits,
                    "layer": op.layer})
 
 
@@ -192,7 +240,7 @@ def _out_blocks(n_out: int) -> list:
     return ["out"] if n_out == 1 else ["chain", *(f"out{k}" for k in range(n_out))]
 
 
-def _schedule_side_stages(sch, has_pad: bool, int4: bool):
+def schedule_side_stages(sch, has_pad: bool, int4: bool):
     if has_pad:
         b = sch.get_sblock("pad")
         loops = sch.get_loops(b)
@@ -207,54 +255,49 @@ def _schedule_side_stages(sch, has_pad: bool, int4: bool):
         sch.vectorize(sch.fuse(oi_lo, ii))
 
 
-def _schedule_conv_vnni(func, tile: tuple, has_pad: bool, int4: bool, n_out: int = 1):
+def reduction_order(fast: bool, tile: list, oi, ici) -> list:
+    """The innermost loops of an accumulator: VNNI wants (tile..., oi, ici) with (oi, ici) the intrinsic's
+    16 x 4 dot; the generic path (ici, tile..., oi) so that LLVM packs the 16 oi lanes."""
+    return [*tile, oi, ici] if fast else [ici, *tile, oi]
+
+
+def finish_dot(sch, acc, first_reduction, oi, tile: list, fast: bool):
+    """Split the accumulator's init off at `first_reduction`, then the 16 x 4 dot: tensorized with VNNI, or
+    unrolled (vectorize refuses a loop under reduction loops; LLVM's SLP pass packs the lanes); the register
+    tile's loops unrolled."""
     from hawq_ray.deploy.vnni import VNNI_INTRIN
+    init = sch.decompose_reduction(acc, first_reduction)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if fast:
+        sch.tensorize(oi, VNNI_INTRIN)
+    else:
+        sch.unroll(oi)
+    for loop in tile:
+        sch.unroll(loop)
+
+
+def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, weights_outer: bool, fast: bool):
+    """Parallel over (image, channel block, row tiles) or, when the weights outweigh an image's input,
+    (channel block, image, row tiles); a (rows x columns x 16 channels) register tile; the epilogue at the
+    tile."""
     sch = s_tir.Schedule(func)
     acc = sch.get_sblock("acc")
     outs = [sch.get_sblock(nm) for nm in _out_blocks(n_out)]
     n, o, h, w, oi, ico, kh, kw, icm, ici = sch.get_loops(acc)
     ho, hi = sch.split(h, [None, tile[0]])
     wo, wi = sch.split(w, [None, tile[1]])
-    sch.reorder(n, o, ho, wo, ico, kh, kw, icm, hi, wi, oi, ici)
+    outer = [o, n, ho] if weights_outer else [n, o, ho]
+    sch.reorder(*outer, wo, ico, kh, kw, icm, *reduction_order(fast, [hi, wi], oi, ici))
     sch.set_scope(acc, 0, "local")
     if n_out > 1:
         sch.set_scope(outs[0], 0, "local")
     for out in outs:
         sch.reverse_compute_at(out, wo)
-    sch.parallel(sch.fuse(n, o, ho))
-    init = sch.decompose_reduction(acc, ico)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(oi, VNNI_INTRIN)
-    sch.unroll(hi)
-    sch.unroll(wi)
+    sch.parallel(sch.fuse(*outer))
+    finish_dot(sch, acc, ico, oi, [hi, wi], fast)
     for out in outs:
         sch.vectorize(sch.get_loops(out)[-1])
-    _schedule_side_stages(sch, has_pad, int4)
-    return sch.mod["main"]
-
-
-def _schedule_conv_generic(func, tile: tuple, has_pad: bool, int4: bool, n_out: int = 1):
-    sch = s_tir.Schedule(func)
-    acc = sch.get_sblock("acc")
-    outs = [sch.get_sblock(nm) for nm in _out_blocks(n_out)]
-    n, o, h, w, oi, ico, kh, kw, icm, ici = sch.get_loops(acc)
-    ho, hi = sch.split(h, [None, tile[0]])
-    wo, wi = sch.split(w, [None, tile[1]])
-    sch.reorder(n, o, ho, wo, ico, kh, kw, icm, ici, hi, wi, oi)
-    sch.set_scope(acc, 0, "local")
-    if n_out > 1:
-        sch.set_scope(outs[0], 0, "local")
-    for out in outs:
-        sch.reverse_compute_at(out, wo)
-    sch.parallel(sch.fuse(n, o, ho))
-    sch.unroll(hi)
-    init = sch.decompose_reduction(acc, ico)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.unroll(oi)   # vectorize refuses a loop under reduction loops; LLVM's SLP pass packs the lanes
-    sch.unroll(wi)
-    for out in outs:
-        sch.vectorize(sch.get_loops(out)[-1])
-    _schedule_side_stages(sch, has_pad, int4)
+    schedule_side_stages(sch, has_pad, int4)
     return sch.mod["main"]
 
 
@@ -353,26 +396,16 @@ def dense_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str 
 
 
 def _schedule_dense(func, N: int, O: int, fast: bool, has_pad: bool, int4: bool):
-    from hawq_ray.deploy.vnni import VNNI_INTRIN
     sch = s_tir.Schedule(func)
     acc = sch.get_sblock("acc")
     n, o, oi, k, ki = sch.get_loops(acc)
     nt = max(t for t in range(1, min(N, 16) + 1) if N % t == 0)
     no, ni = sch.split(n, [None, nt])
-    if fast:
-        sch.reorder(o, no, k, ni, oi, ki)
-    else:
-        sch.reorder(o, no, k, ki, ni, oi)
+    sch.reorder(o, no, k, *reduction_order(fast, [ni], oi, ki))
     cache = sch.cache_write(acc, 0, "local")
     sch.reverse_compute_at(cache, no)
     sch.parallel(sch.fuse(o, no))
-    init = sch.decompose_reduction(acc, k)
-    sch.vectorize(sch.get_loops(init)[-1])
-    if fast:
-        sch.tensorize(oi, VNNI_INTRIN)
-    else:
-        sch.unroll(oi)
-    sch.unroll(ni)
+    finish_dot(sch, acc, k, oi, [ni], fast)
     sch.vectorize(sch.get_loops(cache)[-1])
     out = sch.get_sblock("out")
     n2, o2 = sch.get_loops(out)
