@@ -205,6 +205,9 @@ def start_local_head(root, *, num_cpus: int = 2, resources: dict | None = None, 
         env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
         env.update(auth_env(token_path))
         env.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
+        # jobs' entrypoints (`python`, `hawq-ray`) resolve on the head's PATH: this interpreter's scripts first,
+        # also when the venv is not activated (`.venv/bin/python -m pytest`)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     cwd=root, start_new_session=True)
