@@ -1,9 +1,13 @@
 """End-to-end latency of the TVM integer-only deployment against torch fp32 eager, torch.ao int8 (x86 backend)
-and onnxruntime int8 QDQ, all in one process, measured in interleaved rounds with a rotating order and a pause
-between paths (so a load spike on a shared machine hits every path alike, and no runtime's spinning worker
-threads steal the next one's cores). Prints a table of median ms and ratios; --json prints one JSON object last.
+and onnxruntime int8 QDQ, all in one process, measured in interleaved rounds with a rotating order (so a load
+spike on a shared machine hits every path alike) and a short pause before each path (--pause, so the previous
+runtime's spinning worker threads go idle). In each round a path runs --calls times back to back and its mean
+call is its sample: steady-state latency. The first call after a pause also pays for waking the runtime's
+threads and refilling the caches the other runtimes evicted; --calls 1 measures that cold call alone. Prints
+a table of median ms and ratios; --json prints one JSON object last.
 
-    python bench/deploy_latency.py [--models resnet18,resnet50] [--batch 8] [--rounds 7] [--verify] [--json]
+    python bench/deploy_latency.py [--models resnet18,resnet50] [--batch 8] [--rounds 7] [--calls 3]
+                                   [--pause 0.05] [--verify] [--json]
 
 The issue's bars (resnet18, batch 8, uniform8): >= 4x faster than torch fp32 eager, <= 1.5x onnxruntime int8
 QDQ; uniform4 within 10% of uniform8; resnet18 compile < 180 s.
@@ -123,7 +127,7 @@ def tvm_model(model, shape, bits, batch, calib, verify):
     return (lambda: deployed(xq)), compile_s, differing
 
 
-def bench_model(name, batch, rounds, verify, configs):
+def bench_model(name, batch, rounds, verify, configs, calls=3, pause=0.05):
     from hawq_ray.layers import layer_table
     from hawq_ray.models import get_model, input_shape
     torch.manual_seed(0)
@@ -149,12 +153,12 @@ def bench_model(name, batch, rounds, verify, configs):
         info[f"TVM int-only {cfg}"] = {"compile_s": round(compile_s, 1), "differing": differing}
     for run in runners.values():     # warm-up
         run()
-    timers = {k: _timer(v, 1) for k, v in runners.items()}
+    timers = {k: _timer(v, calls) for k, v in runners.items()}
     samples = {k: [] for k in runners}
     names = list(timers)
     for r in range(rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:   # rotate who runs first
-            time.sleep(0.3)      # let the previous runtime's spinning worker threads go idle
+            time.sleep(pause)    # let the previous runtime's spinning worker threads go idle
             samples[k].append(timers[k]())
     return {k: {"median_ms": float(np.median(v)), **info.get(k, {})} for k, v in samples.items()}
 
@@ -165,18 +169,23 @@ def main(argv=None):
     ap.add_argument("--configs", default="uniform8,uniform4,mixed")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--calls", type=int, default=3, help="back-to-back calls per path and round (mean)")
+    ap.add_argument("--pause", type=float, default=0.05, help="seconds of sleep before each path's calls")
     ap.add_argument("--verify", action="store_true", help="count differing elements vs the integer executor")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    result = {"batch": args.batch, "threads": os.cpu_count(), "models": {}}
+    result = {"batch": args.batch, "threads": os.cpu_count(), "rounds": args.rounds, "calls": args.calls,
+              "models": {}}
     for name in args.models.split(","):
-        rows = bench_model(name, args.batch, args.rounds, args.verify, args.configs.split(","))
+        rows = bench_model(name, args.batch, args.rounds, args.verify, args.configs.split(","), args.calls,
+                           args.pause)
         result["models"][name] = rows
         fp32 = rows["torch fp32 (NCHW)"]["median_ms"]
         ort = rows.get("onnxruntime int8 QDQ", {}).get("median_ms")
         u8 = rows.get("TVM int-only uniform8", {}).get("median_ms")
-        print(f"\n{name}, batch {args.batch}, {os.cpu_count()} threads")
+        print(f"\n{name}, batch {args.batch}, {os.cpu_count()} threads, "
+              f"median of {args.rounds} rounds x mean of {args.calls} calls")
         print(f"{'path':30s} {'median ms':>10s} {'fp32/x':>8s} {'x/ORT':>7s} {'x/u8':>6s} {'compile s':>9s} {'diff':>5s}")
         for k, r in rows.items():
             ms = r["median_ms"]
