@@ -117,6 +117,47 @@ def test_grouped_conv_generic():
     assert np.array_equal(got, apply_op(op, [x]))
 
 
+AMX_CASES = [  # cin, cout, size, k, pad, w_bits, fan-out + residual add
+    (128, 64, 14, 3, 1, 8, False),    # 14 columns -> one 16-column tile (2 computed and dropped)
+    (160, 32, 9, 3, 0, 4, True),      # packed int4, 7 output columns: stays on VNNI (16 would waste 9)
+    (256, 96, 14, 1, 0, 8, True),     # 1x1: stays on VNNI
+    (128, 32, 28, 3, 1, 4, True),     # int4, 28 columns: two tiles, the second partial
+]
+
+
+@pytest.mark.parametrize("case", AMX_CASES, ids=lambda c: f"c{c[0]}-{c[1]}_s{c[2]}_k{c[3]}_w{c[5]}")
+def test_amx_conv_bit_exact(case):
+    """Stride-1 convs with >= 128 input channels take the AMX path where the CPU and the kernel allow it
+    (checked independently: /proc/cpuinfo's amx_int8 and the width rule), else VNNI; either way bit-exact
+    against numpy, with a residual add and a two-output fan-out."""
+    cin, cout, size, k, pad, w_bits, fan = case
+    rng = np.random.default_rng(cin + cout + size)
+    op = _conv_op(rng, cin, cout, k, 1, pad, w_bits, False)
+    x = _input(rng, (2, cin, size, size), False)
+    z = apply_op(op, [x])
+    rq = _requant(rng, (cout, 1, 1), -128, 127, 100 / np.abs(z).max())
+    steps, extras, ins = [rq], [], [x]
+    want = ref_requantize(z, rq.consts["multiplier"], rq.consts["shift"], -128, 127)
+    if fan:
+        other = rng.integers(-128, 128, want.shape)
+        steps += [Op("add", ["q", "other"], "s", lo=-256, hi=254), Op("relu", ["s"], "r", lo=0, hi=254)]
+        extras, ins = [Value(other.shape, "int8", 16)], [x, other]
+        want = np.maximum(want + other, 0)
+        fanout = [_requant(rng, (cout, 1, 1), 0, 255, 2.0),
+                  _requant(rng, (cout, 1, 1), -(1 << 15), (1 << 15) - 1, 50.0)]
+        wants = [ref_requantize(want, f.consts["multiplier"], f.consts["shift"], f.lo, f.hi) for f in fanout]
+    else:
+        fanout, wants = [], [want]
+    kern = conv2d_kernel(op, Value(x.shape, "uint8", 16), steps, extras, HOST, fanout=fanout)
+    flags = set(open("/proc/cpuinfo").read().split())
+    out_w = size + 2 * pad - k + 1
+    amx_expected = {"amx_int8", "amx_tile"} <= flags and -(-out_w // 16) * 16 <= 1.15 * out_w and k > 1
+    assert kern.notes["path"] == ("amx" if amx_expected else "vnni" if "avx512_vnni" in flags else "generic")
+    got = run_kernel(kern, ins, HOST)
+    for g, w in zip(got if fan else [got], wants):
+        assert np.array_equal(g, w)
+    assert 0 < (wants[0] != 0).mean() < 1
+
 CONV_POOL_CASES = [  # cin, cout, size, conv (k, stride, pad), w_bits, signed, pool (k, stride, pad, dilation, ceil)
     (3, 20, 30, (7, 2, 3), 8, True, (3, 2, 1, 1, False)),    # the ResNet stem: signed image, 3x3/2 pool
     (16, 24, 19, (3, 1, 0), 4, False, (3, 2, 0, 1, True)),   # packed int4, ceil-mode pool (a window runs over)

@@ -19,6 +19,7 @@ import tvm
 from tvm import relax
 
 from hawq_ray.deploy import vnni  # noqa: F401  (registers the VNNI intrinsic)
+from hawq_ray.deploy.amx import enable_amx
 from hawq_ray.deploy.graph import build_relax, final_output, plan_kernels
 from hawq_ray.errors import HawqError
 from hawq_ray.quant.program import IntegerProgram
@@ -57,6 +58,8 @@ def parse_target(spec="llvm", check: bool = True) -> tvm.target.Target:
         raise HawqError(f"target {spec!r}: kind must be 'llvm' or 'cuda'")
     if kind == "llvm":
         from tvm.target.codegen import llvm_get_system_cpu, llvm_get_system_triple, llvm_is_valid_cpu
+        if "mcpu" not in attrs and "mattr" not in attrs and {"amx-tile", "amx-int8"} <= host_cpu_features():
+            attrs["mattr"] = ["+amx-tile", "+amx-int8"]     # LLVM names this CPU without its AMX units
         attrs.setdefault("mcpu", llvm_get_system_cpu())
         attrs.setdefault("num-cores", os.cpu_count() or 1)
         if not llvm_is_valid_cpu(str(attrs["mcpu"]), str(attrs.get("mtriple", llvm_get_system_triple()))):
@@ -131,6 +134,9 @@ class DeployedModel:
         if self._vm is None:
             # TVM's CPU thread pool has one thread unless TVM_NUM_THREADS is set before its first use
             os.environ.setdefault("TVM_NUM_THREADS", str(self.target.attrs.get("num-cores", os.cpu_count() or 1)))
+            if any(k.get("path") == "amx" for k in self.manifest.get("kernels", [])) and not enable_amx():
+                raise HawqError("this model's kernels use Intel AMX, which this process may not use "
+                                "(arch_prctl ARCH_REQ_XCOMP_PERM refused); compile it again on this machine")
             dev = device_of(self.target)
             self._vm = relax.VirtualMachine(self.executable, dev)
             self._args = [tvm.runtime.tensor(a, dev) for _, a in self.params]

@@ -18,7 +18,7 @@ import numpy as np
 import tvm
 from tvm import s_tir, te
 
-from hawq_ray.deploy import layout
+from hawq_ray.deploy import amx, layout
 from hawq_ray.deploy.epilogue import Value, epilogue, output_dtype
 from hawq_ray.errors import HawqError
 from hawq_ray.quant.program import Op
@@ -138,6 +138,29 @@ class ConvOperands:
             return te.if_then_else(inside, v, pad_value)
         return te.compute((N, x.storage_shape[1], height, width, x.block), padded_value, name="pad"), True
 
+    def source_rows(self, x: Value, top: int, left: int, rows: int, ws: int):
+        """The zero-padded input with its rows `ws` apart: (N, C/b, rows * ws, b), position q = row * ws + column,
+        zeros outside the map (for an AMX tile's constant row stride). Returns (tensor, True)."""
+        N, C, H, W = x.shape
+        data = self.data
+
+        def value(n, c, q, i):
+            h, ww = q // ws - top, q % ws - left
+            inside = te.all(h >= 0, h < H, ww >= 0, ww < W)
+            return te.if_then_else(inside, data[n, c, te.max(te.min(h, H - 1), 0), te.max(te.min(ww, W - 1), 0), i],
+                                   tvm.tirx.const(0, x.dtype))
+        return te.compute((N, x.storage_shape[1], rows * ws, x.block), value, name="pad"), True
+
+    def accumulate_rows(self, src: te.Tensor, shape: tuple, ws: int) -> te.Tensor:
+        """INT32 accumulator of a stride-1 conv on `source_rows`: output (h, w) reads (h + kh) * ws + w + kw."""
+        (KH, KW), Cb, ib = self.kernel, int(src.shape[1]), int(src.shape[3])
+        ico, kh, kw = te.reduce_axis((0, Cb), "ico"), te.reduce_axis((0, KH), "kh"), te.reduce_axis((0, KW), "kw")
+        icm, ici = te.reduce_axis((0, ib // 4), "icm"), te.reduce_axis((0, 4), "ici")
+        w8 = self.weight8
+        return te.compute(shape, lambda n, o, h, ww, oi: te.sum(
+            src[n, ico, (h + kh) * ws + ww + kw, icm * 4 + ici].astype("int32")
+            * w8[o, ico, kh, kw, icm, oi, ici].astype("int32"), axis=[ico, kh, kw, icm, ici]), name="acc")
+
     def accumulate(self, src: te.Tensor, shape: tuple, row=None) -> te.Tensor:
         """INT32 accumulator over output positions `shape` = (N, O/16, rows, columns, 16); output position
         (h, w) reads source rows h * stride + kh * dilation. With `row`, the shape is (N, O/16, bands, rows,
@@ -208,31 +231,46 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     out_values = [Value(out_value.shape, output_dtype(f), 16) for f in fanout] or [out_value]
 
     cv = conv_operands(op, x, target)
-    tile = _tile(OH, OW) if not is_gpu(target) else (1, 1)
-    OHp, OWp = -(-OH // tile[0]) * tile[0], -(-OW // tile[1]) * tile[1]
-    src, needs_pad = cv.source(x, ph, pw, (OHp - 1) * sh + dh * (KH - 1) + 1, (OWp - 1) * sw + dw * (KW - 1) + 1)
-    acc = cv.accumulate(src, (N, layout.ceil_to(O, 16) // 16, OHp, OWp, 16))
+    Ob = layout.ceil_to(O, 16) // 16
+    use_amx = cv.fast and amx.target_has_amx(target) and \
+        amx.amx_conv_applies(x.dtype, x.storage_shape[1], x.block, cv.kernel, cv.stride, cv.dilation, groups, OW, Ob)
     b_ph = cv.bias
+    if use_amx:      # input rows WS apart, output rows and columns rounded up to the AMX block (`amx.py`)
+        OHp, OWp = layout.ceil_to(OH, amx.PX_TILES), layout.ceil_to(OW, amx.ROWS)
+        WS = OWp + KW - 1
+        src, needs_pad = cv.source_rows(x, ph, pw, OHp + KH - 1, WS)
+        acc = cv.accumulate_rows(src, (N, Ob, OHp, OWp, 16), WS)
+    else:
+        tile = _tile(OH, OW) if not is_gpu(target) else (1, 1)
+        OHp, OWp = -(-OH // tile[0]) * tile[0], -(-OW // tile[1]) * tile[1]
+        src, needs_pad = cv.source(x, ph, pw, (OHp - 1) * sh + dh * (KH - 1) + 1,
+                                   (OWp - 1) * sw + dw * (KW - 1) + 1)
+        acc = cv.accumulate(src, (N, Ob, OHp, OWp, 16))
     epi = epilogue(steps, out_value, extras, fanout)
     if fanout:   # the chain once, into a tile-sized local buffer; each output requantizes it
         chain = te.compute(out_value.storage_shape,
-                           lambda n, o, h, ww, oi: epi.chain(acc[n, o, h, ww, oi] + b_ph[o, oi], (n, o, h, ww, oi)),
+                           lambda n, o, h, ww, oi: epi.chain(acc[n, o, h, ww, oi] + b_ph[o, oi],
+                                                             (n, o, h, ww, oi)),
                            name="chain")
         def requantized(k):
             return lambda n, o, h, ww, oi: epi.finish(k, chain[n, o, h, ww, oi], (n, o, h, ww, oi))
         outs = [te.compute(out_value.storage_shape, requantized(k), name=f"out{k}") for k in range(len(fanout))]
     else:
         outs = [te.compute(out_value.storage_shape,
-                           lambda n, o, h, ww, oi: epi.apply(acc[n, o, h, ww, oi] + b_ph[o, oi], (n, o, h, ww, oi)),
+                           lambda n, o, h, ww, oi: epi.apply(acc[n, o, h, ww, oi] + b_ph[o, oi],
+                                                             (n, o, h, ww, oi)),
                            name="out")]
     func = te.create_prim_func([cv.data, *epi.extra_tensors, cv.weight, b_ph, *epi.const_tensors, *outs])
     int4 = cv.w_bits <= 4
     weights_outer = w.size * cv.w_bits // 8 > x.storage_shape[1] * x.block * H * W
-    if not is_gpu(target):
+    if use_amx:
+        func = amx.schedule_conv(func, len(fanout) or 1, needs_pad, int4,
+                                 amx.conv_intrinsic(x.storage_shape[1], KH, KW, WS), weights_outer)
+    elif not is_gpu(target):
         func = _schedule_conv(func, tile, needs_pad, int4, len(fanout) or 1, weights_outer, cv.fast)
+    path = "amx" if use_amx else "vnni" if cv.fast else "gpu" if is_gpu(target) else "generic"
     return Kernel(name or _name("conv", op), func, [x, *extras], [*cv.consts, *epi.const_arrays], out_values,
-                  {"path": "vnni" if cv.fast else ("gpu" if is_gpu(target) else "generic"), "w_bits": cv.w_bits,
-                   "layer": op.layer})
+                  {"path": path, "w_bits": cv.w_bits, "layer": op.layer})
 
 
 def _out_blocks(n_out: int) -> list:

@@ -11,6 +11,7 @@ import tvm
 from hawq_ray.deploy import layout, vnni  # noqa: F401  (vnni registers the intrinsic)
 from hawq_ray.deploy.build import device_of, gpu_schedule, parse_target
 from hawq_ray.deploy.epilogue import Value
+from hawq_ray.deploy.amx import enable_amx
 from hawq_ray.deploy.kernels import Kernel, conv2d_kernel, dense_kernel
 from hawq_ray.errors import HawqError
 from hawq_ray.quant.program import Op
@@ -54,6 +55,8 @@ def compile_kernel(kernel: Kernel, target="llvm"):
     mod = tvm.IRModule({"main": kernel.func.with_attr("global_symbol", "main")})
     if target.kind.name == "cuda":
         mod = gpu_schedule(mod, target)
+    if kernel.notes.get("path") == "amx":
+        enable_amx()          # this process's AMX tile data (an AMX kernel without it dies of SIGILL)
     return tvm.compile(mod, target=target).jit()
 
 
