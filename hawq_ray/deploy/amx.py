@@ -17,8 +17,6 @@ from __future__ import annotations
 import ctypes
 import functools
 
-import tvm
-from tvm import s_tir
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
@@ -140,31 +138,3 @@ def conv_intrinsic(cb: int, kh: int, kw: int, ws: int) -> str:
 
     TensorIntrin.register(name, desc, impl, override=True)
     return name
-
-
-def schedule_conv(func, n_out: int, has_pad: bool, int4: bool, intrinsic: str, weights_outer: bool):
-    """As the VNNI schedule (`kernels._schedule_conv`) with a (2 rows x 16 columns x 32 channels) block
-    computed by one intrinsic call in place of the register tile."""
-    from hawq_ray.deploy.kernels import _out_blocks, schedule_side_stages
-    sch = s_tir.Schedule(func)
-    acc = sch.get_sblock("acc")
-    outs = [sch.get_sblock(nm) for nm in _out_blocks(n_out)]
-    n, o, h, w, oi, ico, kh, kw, icm, ici = sch.get_loops(acc)
-    oo, ob = sch.split(o, [None, OC_TILES])
-    ho, hb = sch.split(h, [None, PX_TILES])
-    wo, wi = sch.split(w, [None, ROWS])
-    outer = [oo, n, ho] if weights_outer else [n, oo, ho]
-    sch.reorder(*outer, wo, ob, hb, wi, oi, ico, kh, kw, icm, ici)
-    sch.set_scope(acc, 0, "local")
-    if n_out > 1:
-        sch.set_scope(outs[0], 0, "local")
-    for out in outs:
-        sch.reverse_compute_at(out, wo)
-    sch.parallel(sch.fuse(*outer))
-    init = sch.decompose_reduction(acc, ob)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ob, intrinsic)
-    for out in outs:
-        sch.vectorize(sch.get_loops(out)[-1])
-    schedule_side_stages(sch, has_pad, int4)
-    return sch.mod["main"]

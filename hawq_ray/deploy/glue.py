@@ -9,7 +9,6 @@ import numpy as np
 import tvm
 from tvm import s_tir, te
 
-from hawq_ray.deploy import layout
 from hawq_ray.deploy.epilogue import Value, epilogue, output_dtype
 from hawq_ray.deploy.kernels import Kernel, is_gpu
 from hawq_ray.errors import HawqError

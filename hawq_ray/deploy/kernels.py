@@ -263,11 +263,9 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     func = te.create_prim_func([cv.data, *epi.extra_tensors, cv.weight, b_ph, *epi.const_tensors, *outs])
     int4 = cv.w_bits <= 4
     weights_outer = w.size * cv.w_bits // 8 > x.storage_shape[1] * x.block * H * W
-    if use_amx:
-        func = amx.schedule_conv(func, len(fanout) or 1, needs_pad, int4,
-                                 amx.conv_intrinsic(x.storage_shape[1], KH, KW, WS), weights_outer)
-    elif not is_gpu(target):
-        func = _schedule_conv(func, tile, needs_pad, int4, len(fanout) or 1, weights_outer, cv.fast)
+    if not is_gpu(target):
+        func = _schedule_conv(func, None if use_amx else tile, needs_pad, int4, len(fanout) or 1, weights_outer,
+                              cv.fast, amx.conv_intrinsic(x.storage_shape[1], KH, KW, WS) if use_amx else None)
     path = "amx" if use_amx else "vnni" if cv.fast else "gpu" if is_gpu(target) else "generic"
     return Kernel(name or _name("conv", op), func, [x, *extras], [*cv.consts, *epi.const_arrays], out_values,
                   {"path": path, "w_bits": cv.w_bits, "layer": op.layer})
@@ -314,25 +312,38 @@ def finish_dot(sch, acc, first_reduction, oi, tile: list, fast: bool):
         sch.unroll(loop)
 
 
-def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, weights_outer: bool, fast: bool):
+def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, weights_outer: bool, fast: bool,
+                   amx_intrinsic: str | None = None):
     """Parallel over (image, channel block, row tiles) or, when the weights outweigh an image's input,
-    (channel block, image, row tiles); a (rows x columns x 16 channels) register tile; the epilogue at the
-    tile."""
+    (channel block, image, row tiles); a (rows x columns x 16 channels) register tile -- or, with
+    `amx_intrinsic`, a (2 rows x 16 columns x 32 channels) block that one AMX call computes; the epilogue at
+    the tile."""
     sch = s_tir.Schedule(func)
     acc = sch.get_sblock("acc")
     outs = [sch.get_sblock(nm) for nm in _out_blocks(n_out)]
     n, o, h, w, oi, ico, kh, kw, icm, ici = sch.get_loops(acc)
+    if amx_intrinsic:
+        o, ob = sch.split(o, [None, amx.OC_TILES])
+        tile = (amx.PX_TILES, amx.ROWS)
     ho, hi = sch.split(h, [None, tile[0]])
     wo, wi = sch.split(w, [None, tile[1]])
     outer = [o, n, ho] if weights_outer else [n, o, ho]
-    sch.reorder(*outer, wo, ico, kh, kw, icm, *reduction_order(fast, [hi, wi], oi, ici))
+    if amx_intrinsic:
+        sch.reorder(*outer, wo, ob, hi, wi, oi, ico, kh, kw, icm, ici)
+    else:
+        sch.reorder(*outer, wo, ico, kh, kw, icm, *reduction_order(fast, [hi, wi], oi, ici))
     sch.set_scope(acc, 0, "local")
     if n_out > 1:
         sch.set_scope(outs[0], 0, "local")
     for out in outs:
         sch.reverse_compute_at(out, wo)
     sch.parallel(sch.fuse(*outer))
-    finish_dot(sch, acc, ico, oi, [hi, wi], fast)
+    if amx_intrinsic:
+        init = sch.decompose_reduction(acc, ob)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.tensorize(ob, amx_intrinsic)
+    else:
+        finish_dot(sch, acc, ico, oi, [hi, wi], fast)
     for out in outs:
         sch.vectorize(sch.get_loops(out)[-1])
     schedule_side_stages(sch, has_pad, int4)
