@@ -110,6 +110,28 @@ def test_export_load_roundtrip(programs, tmp_path):
     assert compare(loaded(x), run_reference(prog, x)[prog.output]).differing == 0
 
 
+def test_amx_model_runs_exported_in_a_fresh_process(tmp_path):
+    """A program wide enough for the AMX path (128 channels at 14x14), exported, then loaded and run by a new
+    Python process: `load_model` must obtain the tile data from Linux itself (else the process dies of
+    SIGILL). Bit-exact against the numpy reference; on a CPU without AMX the same holds on VNNI."""
+    import subprocess
+    import sys
+    prog, x = make_program(8, 255, batch=2, size=28, channels=(3, 128, 128))
+    model = compile_program(prog, batch=2)
+    flags = set(open("/proc/cpuinfo").read().split())
+    paths = {k["path"] for k in model.manifest["kernels"]}
+    assert ("amx" in paths) == ({"amx_int8", "amx_tile"} <= flags)
+    out = export_model(model, tmp_path / "m")
+    np.save(tmp_path / "x.npy", x)
+    code = ("import numpy as np, sys; from hawq_ray.deploy import load_model; "
+            "m = load_model(sys.argv[1]); np.save(sys.argv[3], m(np.load(sys.argv[2])))")
+    proc = subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = np.load(tmp_path / "y.npy")
+    assert compare(got, run_reference(prog, x)[prog.output]).differing == 0 and np.abs(got).max() > 0
+
+
 def test_bad_inputs_raise_one_line_errors(programs, tmp_path):
     prog, x = programs["uniform8"]
     for bad in ({"kind": "llvm", "mcpu": "bogus"}, "cuda", "rocm", "not json {",
