@@ -4,12 +4,13 @@ A network's stem (ResNet: 7x7/2 conv, ReLU, 3x3/2 max pool) writes its widest ma
 INT32 in the program. As two kernels the conv writes it and the pool reads it back (25.7 MB at batch 8,
 more than the caches hold). Fused, each parallel task computes the conv rows of one band of pool rows into
 a band buffer that stays in cache, pools them and requantizes; only the pooled, narrow outputs are stored.
-Neighbouring bands share one conv row (3x3/2 pool), which is computed twice: 9 conv rows per 4 pool rows.
+Neighbouring bands share one conv row (3x3/2 pool), which is computed twice: on the resnet stem a band is 7
+pool rows and 15 conv rows (`band_plan`).
 
 The conv is computed on an "extended" grid: extended row e is conv row e - pool_pad, so every pool window
 reads extended rows r * stride + i * dilation with no clipping, and positions outside the conv's output
 (the pool's padding, the tail of a ceil-mode window, the columns that round the width up to the register
-tile) are masked to the INT32 minimum: padding never wins a max.
+tile) are set to the INT32 minimum when activated: padding never wins a max.
 """
 from __future__ import annotations
 
@@ -63,8 +64,8 @@ def band_plan(pool_h: int, pool_w: int, kernel: tuple, stride: tuple, dilation: 
     best = None
     for band in range(1, pool_h + 1):
         rows = _extent(band, kernel[0], stride[0], dilation[0])
-        if pool_h % band or (band > MAX_BAND and (band < pool_h or rows * _extent(pool_w, kernel[1], stride[1],
-                                                                                   dilation[1]) * 64 > BAND_BYTES)):
+        whole_map_fits = rows * _extent(pool_w, kernel[1], stride[1], dilation[1]) * 64 <= BAND_BYTES
+        if pool_h % band or (band > MAX_BAND and not (band == pool_h and whole_map_fits)):
             continue
         for th in range(1, MAX_ACC // 7 + 1):
             if rows % th:
