@@ -51,6 +51,13 @@ def pareto_mask(cost: np.ndarray, acc: np.ndarray) -> np.ndarray:
     return keep
 
 
+def _save(plt, fig, path: Path, rect=None) -> Path:
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_pareto(results: pd.DataFrame, path: Path) -> Path:
     plt = _plt()
     resources = [r for r in RESOURCE_LABELS if r in results and results[r].notna().any()]
@@ -70,10 +77,7 @@ def plot_pareto(results: pd.DataFrame, path: Path) -> Path:
         ax.set_title(f"Pareto front: accuracy vs {RESOURCE_LABELS[res].split(' (')[0]}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_bits_vs_sensitivity(table: pd.DataFrame, configs: pd.DataFrame, path: Path) -> Path:
@@ -104,10 +108,7 @@ def plot_bits_vs_sensitivity(table: pd.DataFrame, configs: pd.DataFrame, path: P
     axes[-1, 0].set_xlabel("layer (execution order)")
     axes[0, 0].legend(fontsize=6, loc="upper right")
     fig.suptitle("Bits chosen per layer vs sensitivity and INT4 speed-up (HAWQ-V3 Figure I.1)", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (2.6 * n)))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, rect=(0, 0, 1, 1 - 0.3 / (2.6 * n)))
 
 
 def plot_fake_vs_int(fvi: pd.DataFrame, path: Path) -> Path:
@@ -122,10 +123,7 @@ def plot_fake_vs_int(fvi: pd.DataFrame, path: Path) -> Path:
     ax.set_title("Fake vs integer-only quantization by layer (HAWQ-V3 Figure G.1)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _md(df: pd.DataFrame) -> str:
