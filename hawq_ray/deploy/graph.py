@@ -57,8 +57,9 @@ def _channelwise(op: Op) -> bool:
 
 
 def _fuses_after_conv(ops: list, pool: Op, readers: dict) -> bool:
-    """Whether `pool` alone reads the end of a conv's chain of channelwise relu/requantize ops, so that
-    `plan_groups` fuses it into the conv's kernel (then the INT32 map is never stored, narrow or not)."""
+    """Whether `pool` alone reads the end of a conv's chain of channelwise relu/requantize ops (each value
+    read once), so that `plan_groups` fuses it into the conv's kernel and `requantize_before_max_pool`
+    leaves it in place (then the INT32 map is never stored, narrow or not)."""
     if not fusable_max_pool(pool):
         return False
     producer = {op.output: op for op in ops}
@@ -145,10 +146,8 @@ def plan_groups(program: IntegerProgram, ops: list | None = None) -> list[Group]
         absorb(steps, op.op == "conv2d")
         pool, post = None, []
         j = readers.get(cur, [None])[0]
-        if op.op == "conv2d" and op.attrs.get("groups", 1) == 1 and uses.get(cur) == 1 and j is not None \
-                and j > last and ops[j].op == "max_pool2d" and cur != program.output \
-                and fusable_max_pool(ops[j]) \
-                and all(s.op == "relu" or _channelwise(s) for s in steps):
+        if op.op == "conv2d" and j is not None and j > last and ops[j].op == "max_pool2d" \
+                and cur != program.output and _fuses_after_conv(ops, ops[j], readers):
             pool = ops[j]      # conv -> steps -> max pool in one kernel: the conv's map is never stored
             absorbed.add(j)
             cur, last = pool.output, j

@@ -151,22 +151,13 @@ class ConvOperands:
                                    tvm.tirx.const(0, x.dtype))
         return te.compute((N, x.storage_shape[1], rows * ws, x.block), value, name="pad"), True
 
-    def accumulate_rows(self, src: te.Tensor, shape: tuple, ws: int) -> te.Tensor:
-        """INT32 accumulator of a stride-1 conv on `source_rows`: output (h, w) reads (h + kh) * ws + w + kw."""
-        (KH, KW), Cb, ib = self.kernel, int(src.shape[1]), int(src.shape[3])
-        ico, kh, kw = te.reduce_axis((0, Cb), "ico"), te.reduce_axis((0, KH), "kh"), te.reduce_axis((0, KW), "kw")
-        icm, ici = te.reduce_axis((0, ib // 4), "icm"), te.reduce_axis((0, 4), "ici")
-        w8 = self.weight8
-        return te.compute(shape, lambda n, o, h, ww, oi: te.sum(
-            src[n, ico, (h + kh) * ws + ww + kw, icm * 4 + ici].astype("int32")
-            * w8[o, ico, kh, kw, icm, oi, ici].astype("int32"), axis=[ico, kh, kw, icm, ici]), name="acc")
-
-    def accumulate(self, src: te.Tensor, shape: tuple, row=None) -> te.Tensor:
+    def accumulate(self, src: te.Tensor, shape: tuple, row=None, row_stride: int | None = None) -> te.Tensor:
         """INT32 accumulator over output positions `shape` = (N, O/16, rows, columns, 16); output position
         (h, w) reads source rows h * stride + kh * dilation. With `row`, the shape is (N, O/16, bands, rows,
-        columns, 16) and band b's row i is output row row(b, i)."""
+        columns, 16) and band b's row i is output row row(b, i). With `row_stride` the source is `source_rows`
+        (stride 1): output (h, w) reads position (h + kh) * row_stride + w + kw."""
         (sh, sw), (dh, dw), (KH, KW) = self.stride, self.dilation, self.kernel
-        Cb, ib = int(src.shape[1]), int(src.shape[4])
+        Cb, ib = int(src.shape[1]), int(src.shape[-1])
         ico = te.reduce_axis((0, Cb), "ico")
         kh = te.reduce_axis((0, KH), "kh")
         kw = te.reduce_axis((0, KW), "kw")
@@ -174,9 +165,15 @@ class ConvOperands:
         ici = te.reduce_axis((0, 4), "ici")
         w8 = self.weight8
 
+        def tap(n, h, ww):
+            c = icm * 4 + ici
+            if row_stride is None:
+                return src[n, ico, h * sh + kh * dh, ww * sw + kw * dw, c]
+            return src[n, ico, (h + kh) * row_stride + ww + kw, c]
+
         def dot(n, o, h, ww, oi):
-            return te.sum(src[n, ico, h * sh + kh * dh, ww * sw + kw * dw, icm * 4 + ici].astype("int32")
-                          * w8[o, ico, kh, kw, icm, oi, ici].astype("int32"), axis=[ico, kh, kw, icm, ici])
+            return te.sum(tap(n, h, ww).astype("int32") * w8[o, ico, kh, kw, icm, oi, ici].astype("int32"),
+                          axis=[ico, kh, kw, icm, ici])
         if row is None:
             return te.compute(shape, dot, name="acc")
         return te.compute(shape, lambda n, o, b, i, ww, oi: dot(n, o, row(b, i), ww, oi), name="acc")
@@ -239,7 +236,7 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
         OHp, OWp = layout.ceil_to(OH, amx.PX_TILES), layout.ceil_to(OW, amx.ROWS)
         WS = OWp + KW - 1
         src, needs_pad = cv.source_rows(x, ph, pw, OHp + KH - 1, WS)
-        acc = cv.accumulate_rows(src, (N, Ob, OHp, OWp, 16), WS)
+        acc = cv.accumulate(src, (N, Ob, OHp, OWp, 16), row_stride=WS)
     else:
         tile = _tile(OH, OW) if not is_gpu(target) else (1, 1)
         OHp, OWp = -(-OH // tile[0]) * tile[0], -(-OW // tile[1]) * tile[1]

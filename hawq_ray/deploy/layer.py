@@ -9,9 +9,9 @@ import numpy as np
 import tvm
 
 from hawq_ray.deploy import layout, vnni  # noqa: F401  (vnni registers the intrinsic)
+from hawq_ray.deploy.amx import enable_amx
 from hawq_ray.deploy.build import device_of, gpu_schedule, parse_target
 from hawq_ray.deploy.epilogue import Value
-from hawq_ray.deploy.amx import enable_amx
 from hawq_ray.deploy.kernels import Kernel, conv2d_kernel, dense_kernel
 from hawq_ray.errors import HawqError
 from hawq_ray.quant.program import Op
