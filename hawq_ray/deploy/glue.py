@@ -110,9 +110,11 @@ def concat_kernel(op: Op, inputs: list, steps: list, extras: list, target, name:
         raise HawqError(f"{op.output}: concat along axis {axis}; only the channel axis (1) is supported")
     channels = [v.shape[1] for v in inputs]
     shape = (inputs[0].shape[0], sum(channels), *inputs[0].shape[2:])
+    # The concatenation is held in its own dtype (every branch fits it); only the tail's result takes the
+    # output dtype. Casting the branches to a narrow tail dtype first would wrap them before the requantize.
     same = len({v.dtype for v in inputs}) == 1
-    dtype = output_dtype(steps[-1]) if steps else (inputs[0].dtype if same else output_dtype(op))
-    out_value = Value(shape, dtype, 16 if rank == 4 else None)
+    dtype = inputs[0].dtype if same else output_dtype(op)
+    out_value = Value(shape, output_dtype(steps[-1]) if steps else dtype, 16 if rank == 4 else None)
     tens = [te.placeholder(v.storage_shape, v.dtype, name=f"in{i}") for i, v in enumerate(inputs)]
     offsets = np.cumsum([0] + channels)
 
