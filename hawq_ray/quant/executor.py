@@ -1,9 +1,8 @@
 """The PyTorch integer executor: runs an IntegerProgram with integer tensors only (the reference).
 
-Convolutions are im2col + integer matrix products (int8 x int8 -> int32 where the operands fit, int64
-otherwise); pooling, requantization (dyadic.requantize), add and
-concat are integer ops. Every op checks that its inputs and output are integer tensors: a float tensor
-anywhere is an error.
+Convolutions are im2col + exact integer matrix products (`int_matmul`: a float GEMM only where a bound
+proves it exact, else int64); pooling, requantization (dyadic.requantize), add and concat are integer ops.
+Every op checks that its inputs and output are integer tensors: a float tensor anywhere is an error.
 """
 from __future__ import annotations
 
@@ -31,52 +30,49 @@ def _windows(x: torch.Tensor, kernel, stride, dilation) -> torch.Tensor:
     return win[..., ::dh, ::dw]
 
 
-def _int8_operand(x: torch.Tensor):
-    """Express integer activations as int8 for an int8 x int8 -> int32 product.
+FLOAT32_EXACT = 1 << 24   # every integer of magnitude up to 2^24 is a float32
+FLOAT64_EXACT = 1 << 53
 
-    Returns (x8, offset) with x = x8 + offset: offset 0 when x already fits int8, 128 for unsigned
-    8-bit activations (the product then gains offset * sum(W), added back exactly in INT32).
-    """
-    lo, hi = int(x.min()), int(x.max())
-    if -128 <= lo and hi <= 127:
-        return x.to(torch.int8), 0
-    if 0 <= lo and hi <= 255:
-        return (x - 128).to(torch.int8), 128
-    return None, 0
+
+def exact_dtype(x_absmax: int, w: torch.Tensor) -> torch.dtype:
+    """The cheapest dtype in which x @ w.T (w: (O, K) integers, |x| <= x_absmax) is computed exactly.
+
+    With B = x_absmax * max_o sum_k |w[o, k]|, every product and every partial sum, in any order, is an
+    integer of magnitude at most B; float32 holds all integers up to 2^24 and float64 up to 2^53 exactly, so
+    a float GEMM below those bounds is exact; int64 otherwise. (An int8 x int8 -> int32 GEMM is exact too,
+    but on a CPU without VNNI an order of magnitude slower than float32.)"""
+    bound = x_absmax * (int(w.to(torch.int64).abs().sum(1).max()) if w.numel() else 0)
+    return torch.float32 if bound < FLOAT32_EXACT else torch.float64 if bound < FLOAT64_EXACT else torch.int64
 
 
 def int_matmul(cols: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """cols (M, K) @ w (O, K).T exactly: int8 x int8 -> int32 when both fit, else int64."""
-    c8, offset = _int8_operand(cols)
-    if c8 is not None and w.numel() and int(w.abs().max()) <= 127:
-        out = torch._int_mm(c8, w.to(torch.int8).T.contiguous()).to(torch.int64)
-        if offset:
-            out += offset * w.to(torch.int64).sum(1)
-        return out
-    return cols.to(torch.int64) @ w.to(torch.int64).T
+    """cols (M, K) @ w (O, K).T exactly, as int64 (in the dtype `exact_dtype` picks)."""
+    dtype = exact_dtype(int(cols.abs().max()) if cols.numel() else 0, w)
+    return (cols.to(dtype) @ w.to(dtype).T).to(torch.int64)
 
 
 def conv2d(x, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
-    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))   # zero point 0: pad with 0
-    if int(x.min()) >= -128 and int(x.max()) <= 255:
-        x = x.to(torch.int16)                                         # narrower im2col copies
     o, ipg, kh, kw = weight.shape
+    dtype = exact_dtype(int(x.abs().max()) if x.numel() else 0, weight.reshape(o, -1))
+    x = F.pad(x.to(dtype), (padding[1], padding[1], padding[0], padding[0]))   # zero point 0: pad with 0
+    w = weight.to(dtype)
     win = _windows(x, (kh, kw), stride, dilation)                     # N, C, Ho, Wo, kh, kw
     n, _, ho, wo = win.shape[:4]
-    outs = []
-    for g in range(groups):
-        cols = win[:, g * ipg:(g + 1) * ipg].permute(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, ipg * kh * kw)
-        wg = weight[g * (o // groups):(g + 1) * (o // groups)].reshape(o // groups, -1)
-        outs.append(int_matmul(cols, wg))
-    out = torch.cat(outs, 1).reshape(n, ho, wo, o).permute(0, 3, 1, 2)
+    # one matrix product per group, batched: (G, N*Ho*Wo, ipg*kh*kw) @ (G, ipg*kh*kw, O/G)
+    cols = win.reshape(n, groups, ipg, ho, wo, kh, kw).permute(1, 0, 3, 4, 2, 5, 6).reshape(
+        groups, n * ho * wo, ipg * kh * kw)
+    out = torch.bmm(cols, w.reshape(groups, o // groups, -1).transpose(1, 2)).to(torch.int64)
+    out = out.permute(1, 0, 2).reshape(n, ho, wo, o).permute(0, 3, 1, 2)
     return out + bias.reshape(1, -1, 1, 1)
 
 
-def _pool_pad(x, kernel, stride, padding, ceil_mode, fill):
-    """Pad for pooling; ceil_mode adds the extra right/bottom padding torch would use."""
+def _pool_pad(x, kernel, stride, padding, ceil_mode, fill, dilation=(1, 1)):
+    """Pad for pooling; ceil_mode adds the extra right/bottom padding torch would use (for the window's
+    dilated extent)."""
     h, w = x.shape[2:]
     extra = []
-    for size, k, s, p in ((h, kernel[0], stride[0], padding[0]), (w, kernel[1], stride[1], padding[1])):
+    for size, k, s, p in ((h, (kernel[0] - 1) * dilation[0] + 1, stride[0], padding[0]),
+                          (w, (kernel[1] - 1) * dilation[1] + 1, stride[1], padding[1])):
         out = (size + 2 * p - k + ((s - 1) if ceil_mode else 0)) // s + 1
         if ceil_mode and (out - 1) * s >= size + p:
             out -= 1
@@ -105,7 +101,8 @@ def run_op(op: Op, ins: list[torch.Tensor]) -> torch.Tensor:
         return _windows(x, a["kernel"], a["stride"], (1, 1)).sum(dim=(-1, -2))
     if op.op == "max_pool2d":
         x = ins[0].to(torch.int64)
-        x = _pool_pad(x, a["kernel"], a["stride"], a["padding"], a["ceil_mode"], torch.iinfo(torch.int64).min)
+        x = _pool_pad(x, a["kernel"], a["stride"], a["padding"], a["ceil_mode"], torch.iinfo(torch.int64).min,
+                      a["dilation"])
         return _windows(x, a["kernel"], a["stride"], a["dilation"]).amax(dim=(-1, -2))
     if op.op == "flatten":
         return ins[0].reshape(ins[0].shape[0], -1)
