@@ -46,6 +46,9 @@ def test_verify_tvm_reports_zero_differences(capsys):
     assert main(["verify", "--bits", "uniform8", "--inputs", "4", "--tvm", "--json"]) == 0
     obj = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert obj["tvm_differing"] == 0 and obj["tvm_elements"] == 40 and obj["differing"] == 0
+    assert obj["tvm_first_divergence"] is None and obj["tvm_values"] >= 10
+    per_layer = {r["layer"]: r["tvm_vs_int_diff"] for r in obj["layers"]}
+    assert set(per_layer.values()) == {0} and "fc" in per_layer
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -79,7 +79,13 @@ def run_verify(args) -> int:
     x = torch.randn((args.inputs, *md.input_shape), generator=gen)
     summary, table = verify_model(qm, x)
     if args.tvm:
-        summary |= tvm_differences(qm.to_integer(), x, args.target)
+        tvm_summary, rows = tvm_differences(qm.to_integer(), x, args.target)
+        summary |= tvm_summary
+        per_layer = {}
+        for r in rows:
+            if r["layer"] is not None:
+                per_layer[r["layer"]] = per_layer.get(r["layer"], 0) + r["differing"]
+        table["tvm_vs_int_diff"] = [per_layer.get(layer, 0) for layer in table["layer"]]
     summary |= {"model": md.name, "bits": args.bits, "inputs": args.inputs, "seconds": time.time() - t0}
     if args.plot:
         plot_fake_vs_int(table, args.plot, f"{md.name} {args.bits}: fake vs integer-only, per layer")
@@ -93,15 +99,26 @@ def run_verify(args) -> int:
     if args.tvm and not args.json:
         print(f"TVM ({args.target}) vs integer executor: {summary['tvm_differing']} of "
               f"{summary['tvm_elements']} output elements differ")
+        first = summary["tvm_first_divergence"]
+        if not first:
+            print(f"every value the TVM kernels store agrees ({summary['tvm_values']} values compared)")
+        else:
+            where = f"layer {first['layer']}" if first["layer"] else f"kernel {first['kernel']}"
+            print(f"first divergence: value {first['value']!r} of {where} ({first['differing']} of "
+                  f"{first['elements']} elements, max |diff| {first['max_abs_diff']})")
     return 0 if summary["differing"] == 0 and summary.get("tvm_differing", 0) == 0 else 1
 
 
-def tvm_differences(program, x, target: str) -> dict:
+def tvm_differences(program, x, target: str) -> tuple[dict, list]:
+    """Compile `program` with every stored value returned; compare the output and each value with the
+    integer executor. Returns (summary, per-value rows of `deploy.verify.compare_values`)."""
     from hawq_ray.deploy.build import compile_program, parse_target
+    from hawq_ray.deploy.verify import compare, compare_values, first_divergence
     from hawq_ray.quant.executor import run_program
     parse_target(target)
     q = program.quantize_input(x)
-    deployed = compile_program(program, batch=q.shape[0], target=target)
-    got = torch.from_numpy(deployed(q.numpy()).astype("int64"))
-    want = run_program(program, q)
-    return {"tvm_differing": int((got != want).sum()), "tvm_elements": int(want.numel())}
+    deployed = compile_program(program, batch=q.shape[0], target=target, every_value=True)
+    out = compare(deployed(q.numpy()), run_program(program, q))
+    rows = compare_values(program, deployed, q)
+    return {"tvm_differing": out.differing, "tvm_elements": out.elements,
+            "tvm_values": len(rows), "tvm_first_divergence": first_divergence(rows)}, rows

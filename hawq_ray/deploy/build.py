@@ -20,7 +20,8 @@ from tvm import relax
 
 from hawq_ray.deploy import vnni  # noqa: F401  (registers the VNNI intrinsic)
 from hawq_ray.deploy.amx import enable_amx
-from hawq_ray.deploy.graph import build_relax, final_output, plan_kernels
+from hawq_ray.deploy.graph import build_relax, final_output, plan_kernels, stored_values
+from hawq_ray.deploy.layout import from_blocked
 from hawq_ray.errors import HawqError
 from hawq_ray.quant.program import IntegerProgram
 
@@ -143,13 +144,24 @@ class DeployedModel:
         return self._vm
 
     def __call__(self, x) -> np.ndarray:
+        out = self._run(x)
+        return (out[0] if self.manifest.get("values") else out).numpy()
+
+    def _run(self, x):
         vm = self._ready()
         x = np.ascontiguousarray(np.asarray(x.numpy() if hasattr(x, "numpy") else x))
         shape, dtype = tuple(self.manifest["input_shape"]), self.manifest["input_dtype"]
         if x.shape != shape or str(x.dtype) != dtype:
             raise HawqError(f"input of shape {x.shape} {x.dtype}: this model takes {shape} {dtype}")
-        out = vm["main"](tvm.runtime.tensor(x, device_of(self.target)), *self._args)
-        return out.numpy()
+        return vm["main"](tvm.runtime.tensor(x, device_of(self.target)), *self._args)
+
+    def values(self, x) -> dict:
+        """{value name: array in the program's logical layout (NCHW or (N, C))} of every value a kernel
+        stores, for a model compiled with `every_value=True`."""
+        if not self.manifest.get("values"):
+            raise HawqError("this model returns its output only: compile it with every_value=True")
+        out = self._run(x)
+        return {v["name"]: _logical(out[k + 1].numpy(), v) for k, v in enumerate(self.manifest["values"])}
 
     def time_ms(self, number: int = 5, repeat: int = 5) -> list:
         vm = self._ready()
@@ -159,10 +171,17 @@ class DeployedModel:
         return [r * 1e3 for r in res.results]
 
 
-def compile_program(program: IntegerProgram, batch: int = 8, target="llvm", check: bool = True) -> DeployedModel:
+def _logical(stored: np.ndarray, value: dict) -> np.ndarray:
+    return from_blocked(stored, value["shape"][1]) if value["block"] else stored
+
+
+def compile_program(program: IntegerProgram, batch: int = 8, target="llvm", check: bool = True,
+                    every_value: bool = False) -> DeployedModel:
+    """With `every_value`, the module also returns every value its kernels store (`DeployedModel.values`):
+    the same kernels, for locating a difference from the integer executor."""
     target = parse_target(target, check=check)
     calls = plan_kernels(program, batch, target)
-    mod, params = build_relax(program, calls, batch)
+    mod, params = build_relax(program, calls, batch, every_value)
     if target.kind.name == "cuda":
         mod = gpu_schedule(mod, target)
     ex = tvm.compile(mod, target=target)
@@ -177,6 +196,10 @@ def compile_program(program: IntegerProgram, batch: int = 8, target="llvm", chec
         "param_names": [n for n, _ in params],
         "kernels": [{"name": c.kernel.name, **c.kernel.notes} for c in calls],
     }
+    if every_value:
+        manifest["values"] = [{"name": name, "shape": list(v.shape), "block": v.block, "dtype": v.dtype,
+                               "kernel": c.kernel.name, "layer": c.kernel.notes.get("layer")}
+                              for name, v, c in stored_values(calls)]
     return DeployedModel(ex, params, manifest, target)
 
 

@@ -7,7 +7,8 @@ concat, flatten, or an elementwise op nobody absorbed) and absorbs the elementwi
 value between them has a single consumer. A kernel is emitted where its last op stood, so the other operand
 of a fused residual `add` is already computed. When every reader of a conv chain's end is a requantize (a
 residual block's output feeding the next conv and the next identity branch), those requantizes become extra
-outputs of the conv kernel and the INT32 value is never stored. A max pool (stride >= 2) that alone reads a
+outputs of the conv kernel and the INT32 value is never stored (not for grouped convs: their kernel writes
+one output). A max pool (stride >= 2) that alone reads a
 conv chain's end joins the conv's kernel (`conv_pool.py`), with the elementwise ops or requantize fan-out
 after it: the stem's 112x112 map is pooled in cache and never stored.
 Step 2 (`plan_kernels`): build each group's kernel (`kernels.py`, `conv_pool.py`, `glue.py`) in emission
@@ -154,7 +155,7 @@ def plan_groups(program: IntegerProgram, ops: list | None = None) -> list[Group]
             absorb(post, False)
         anchor_steps = steps[1:] if op.op in ELEMENTWISE else steps
         fan = readers.get(cur, [])
-        if op.op == "conv2d" and cur != program.output and len(fan) > 1 and \
+        if op.op == "conv2d" and op.attrs.get("groups", 1) == 1 and cur != program.output and len(fan) > 1 and \
                 all(ops[j].op == "requantize" and j not in absorbed and ops[j].inputs == [cur]
                     for j in fan):
             absorbed.update(fan)     # the chain's end is never stored: each reader is an output of the kernel
@@ -229,8 +230,17 @@ def final_output(program: IntegerProgram, calls: list[Call]) -> tuple:
     raise HawqError(f"program output {program.output!r} is never computed")
 
 
-def build_relax(program: IntegerProgram, calls: list[Call], batch: int):
-    """Relax IRModule `main(x, *params)` and the list of (param name, numpy array)."""
+def stored_values(calls: list[Call]) -> list:
+    """(value name, Value, Call) of every value a kernel of the program stores, in execution order (the
+    layout changes at the model's edges aside: they copy the image and the output)."""
+    return [(name, v, c) for c in calls if c.kernel.notes.get("path") != "layout"
+            for name, v in zip(c.outputs, c.kernel.outputs)]
+
+
+def build_relax(program: IntegerProgram, calls: list[Call], batch: int, every_value: bool = False):
+    """Relax IRModule `main(x, *params)` and the list of (param name, numpy array). `main` returns the model's
+    output; with `every_value`, the tuple (output, *every stored value) in `stored_values` order, so a
+    fault can be located at the first kernel whose output differs."""
     bb = relax.BlockBuilder()
     x = relax.Var(program.input_name, relax.TensorType((batch, *program.input_shape), "int8"))
     params, pvars = [], []
@@ -255,6 +265,9 @@ def build_relax(program: IntegerProgram, calls: list[Call], batch: int):
                 else:
                     for k, name in enumerate(c.outputs):
                         env[name] = bb.emit(relax.TupleGetItem(res, k))
-            result = bb.emit_output(env[final_output(program, calls)[0]])
+            result = env[final_output(program, calls)[0]]
+            if every_value:
+                result = relax.Tuple([result, *(env[name] for name, _, _ in stored_values(calls))])
+            result = bb.emit_output(result)
         bb.emit_func_output(result)
     return bb.get(), params
