@@ -1,0 +1,120 @@
+"""Random IntegerPrograms (hawq_ray.deploy.random_programs), compiled by TVM and compared value by value with
+the PyTorch integer executor; the executor in turn against the independent numpy reference.
+
+216 programs, 3 built around each of the 72 producer -> consumer pairs of op kinds, two in three on the host
+target (VNNI / AMX where the CPU has them) and one in three on the generic AVX2 schedule. A larger sweep:
+`python bench/random_programs.py --programs 2000`.
+"""
+from __future__ import annotations
+
+import multiprocessing
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from hawq_ray.deploy import compile_program
+from hawq_ray.deploy.random_programs import PAIRS, check_program, op_pairs, random_program
+from hawq_ray.deploy.verify import compare_values, first_divergence
+from hawq_ray.quant.executor import run_program
+from hawq_ray.quant.program import Op
+from test_deploy_reference import run_reference
+
+N_PROGRAMS = 3 * len(PAIRS)
+GENERIC = {"kind": "llvm", "mcpu": "skylake"}
+
+
+def target_of(seed: int):
+    return GENERIC if seed % 3 == 2 else "llvm"
+
+
+@pytest.fixture(scope="module")
+def results():
+    seeds = list(range(N_PROGRAMS))
+    # both cores: TVM's code generation is single-threaded; fresh interpreters, not forks of this one
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(check_program, seeds, map(target_of, seeds)))
+
+
+def test_every_random_program_compiles_and_matches_the_executor(results):
+    bad = [(r["seed"], r["pair"], r["error"] or r["first"]) for r in results if r["error"] or r["differing"]]
+    assert not bad, f"{len(bad)} of {len(results)} random programs differ or fail: {bad[:5]}"
+    assert len(results) >= 200
+    assert sum(r["values"] for r in results) > 5 * len(results)       # intermediate values compared, not one
+    assert all(r["elements"] > 0 for r in results)
+
+
+def test_random_programs_cover_every_producer_consumer_pair(results):
+    focus = Counter(r["pair"] for r in results)
+    assert set(focus) == set(PAIRS) and min(focus.values()) >= 3
+    seen = set().union(*(map(tuple, r["pairs"]) for r in results))
+    assert set(PAIRS) <= seen
+    # every op kind both produces and consumes; the only pairs missing are the rank-impossible ones
+    impossible = {(p, c) for p in ("dense", "flatten") for c in ("conv2d", "sum_pool2d", "max_pool2d")} | \
+                 {(p, "dense") for p in ("conv2d", "sum_pool2d", "max_pool2d")}
+    assert len(PAIRS) == 81 - len(impossible) and not (set(PAIRS) & impossible)
+
+
+def test_random_programs_exercise_every_kernel_kind(results):
+    paths = Counter(p for r in results for p in r["paths"])
+    flags = set(open("/proc/cpuinfo").read().split())
+    conv_path = "vnni" if "avx512_vnni" in flags else "generic"
+    wanted = {conv_path, "generic", "grouped", "concat", "sum_pool2d", "max_pool2d", "flatten", "elementwise",
+              f"{conv_path}+max_pool"}
+    if {"amx_int8", "amx_tile"} <= flags:
+        wanted.add("amx")
+    assert wanted <= set(paths), f"kernel paths never used: {wanted - set(paths)}"
+    assert sum(r["wide"] for r in results) >= 10          # 64..96-channel programs (AMX-sized concats)
+
+
+def test_executor_matches_the_numpy_reference_on_random_programs():
+    """The executor is the reference TVM is held to; here it is held to the independent numpy one (int64
+    loops over windows and taps), on every value of a third of the programs."""
+    for seed in range(0, N_PROGRAMS, 3):
+        rp = random_program(seed)
+        prog = replace(rp.program, ops=[_with_clamp_attrs(op) for op in rp.program.ops])
+        _, got = run_program(prog, torch.from_numpy(rp.inputs[1]), record=True)
+        want = run_reference(prog, rp.inputs[1])
+        for op in prog.ops:
+            assert np.array_equal(got[op.output].numpy(), want[op.output]), (seed, op.op, op.output)
+
+
+def _with_clamp_attrs(op: Op) -> Op:
+    """The numpy reference reads a requantize's clamp from its attributes, as the docstring states it."""
+    return replace(op, attrs={**op.attrs, "lo": op.lo, "hi": op.hi}) if op.op == "requantize" else op
+
+
+def test_random_programs_stay_in_int32_and_are_not_degenerate():
+    clamped, lively = 0, 0
+    for seed in range(0, N_PROGRAMS, 2):
+        rp = random_program(seed)
+        _, values = run_program(rp.program, torch.from_numpy(rp.inputs[1]), record=True)
+        for op in rp.program.ops:
+            v = values[op.output]
+            assert int(v.abs().max()) < 2 ** 31 and op.lo <= int(v.min()) and int(v.max()) <= op.hi
+            if op.op == "requantize" and op.hi <= 255:
+                clamped += 1
+                lively += len(torch.unique(v)) > 3
+    assert clamped > 50 and lively >= 0.9 * clamped
+
+
+def test_compare_values_names_the_first_value_that_differs():
+    """Compile a program, then hold it to a copy with one requantize's multiplier changed: the first
+    divergence is that requantize's value, and the values before it agree."""
+    rp = random_program(next(s for s in range(len(PAIRS)) if PAIRS[s] == ("concat", "requantize")))
+    prog = rp.program
+    model = compile_program(prog, batch=2, target="llvm", every_value=True)
+    stored = [v["name"] for v in model.manifest["values"]]
+    k = next(i for i, op in enumerate(prog.ops) if op.op == "requantize" and op.output in stored and op.hi <= 255)
+    bumped = prog.ops[k]
+    mult = np.asarray(bumped.consts["multiplier"]).astype(np.int64)
+    ops = list(prog.ops)
+    ops[k] = replace(bumped, consts={**bumped.consts, "multiplier": (mult * 3 // 4).astype(np.int32)})
+    rows = compare_values(replace(prog, ops=ops), model, rp.inputs[0])
+    first = first_divergence(rows)
+    assert first is not None and first["value"] == bumped.output
+    assert all(r["differing"] == 0 for r in rows[:[r["value"] for r in rows].index(bumped.output)])
+    assert first_divergence(compare_values(prog, model, rp.inputs[0])) is None
