@@ -47,10 +47,11 @@ def _widths(pool_w: int, k: int, s: int, d: int, max_tw: int) -> list:
 
 def fusable_max_pool(pool: Op) -> bool:
     """Whether `conv2d_max_pool_kernel` takes this pool: TensorIR's region analysis places a pool per band
-    for strides >= 2 and no dilation (it fails on stride-1 and dilated windows, which stay separate kernels)."""
+    for strides >= 2, windows of at least 2x2 and no dilation (it fails on stride-1 and dilated windows, and
+    on a unit window side, whose loop it drops; those stay separate kernels)."""
     k = tuple(pool.attrs["kernel"])
     stride = tuple(pool.attrs.get("stride", None) or k)
-    return min(stride) >= 2 and tuple(pool.attrs.get("dilation", (1, 1))) == (1, 1)
+    return min(stride) >= 2 and min(k) >= 2 and tuple(pool.attrs.get("dilation", (1, 1))) == (1, 1)
 
 
 def band_plan(pool_h: int, pool_w: int, kernel: tuple, stride: tuple, dilation: tuple) -> dict:
@@ -92,8 +93,8 @@ def conv2d_max_pool_kernel(op: Op, x: Value, steps: list, pool: Op, post: list, 
     qp = tuple(pool.attrs.get("padding", (0, 0)))
     qd = tuple(pool.attrs.get("dilation", (1, 1)))
     if not fusable_max_pool(pool):
-        raise HawqError(f"{pool.output}: a max pool fused after a conv needs stride >= 2 and dilation 1, "
-                        f"not stride {qs} and dilation {qd}")
+        raise HawqError(f"{pool.output}: a max pool fused after a conv needs stride >= 2, a window of at "
+                        f"least 2x2 and dilation 1, not stride {qs}, window {qk} and dilation {qd}")
     ceil_mode = bool(pool.attrs.get("ceil_mode", False))
     PH, PW = (pool_out_size(OH, qk[0], qs[0], qp[0], qd[0], ceil_mode),
               pool_out_size(OW, qk[1], qs[1], qp[1], qd[1], ceil_mode))
