@@ -243,16 +243,16 @@ def random_program(seed: int, batch: int = 2) -> RandomProgram:
     producer, consumer = PAIRS[seed % len(PAIRS)]
     wide = rng.random() < 0.15                   # >= 64-channel values: AMX-sized convs where a concat feeds one
     c_in = int(rng.choice([1, 3, 4, 8, 16]))
-    h = int(rng.integers(5, 15)) if not wide else int(rng.choice([14, 16]))
-    w = h if rng.random() < 0.7 else int(rng.integers(5, 17))
+    h = int(rng.integers(3, 12)) if not wide else int(rng.choice([14, 16]))
+    w = h if rng.random() < 0.7 else int(rng.integers(3, 14))
     x = rng.integers(-128, 128, (batch, c_in, h, w)).astype(np.int8)
     b = _Builder(rng, x, wide)
     first = b.conv2d("input")                      # the image enters a conv, as in every lowered model
-    if rng.random() < 0.3:
+    if rng.random() < 0.2:
         b.conv2d("input")                          # ... or two (the image read twice)
     if rng.random() < 0.7:
         b.op(str(rng.choice(["relu", "requantize"])), first)
-    for _ in range(int(rng.integers(0, 4))):
+    for _ in range(int(rng.integers(0, 3))):
         b.op(str(rng.choice(OPS)))
     rank = 4 if consumer in NEEDS_RANK4 else 2 if consumer in NEEDS_RANK2 else None
     made = None
@@ -266,7 +266,7 @@ def random_program(seed: int, batch: int = 2) -> RandomProgram:
     for _ in range(int(rng.integers(0, 3))):      # more readers of the pair's producer: fan-out
         if rng.random() < 0.4:
             b.op(str(rng.choice(["requantize", "requantize", "relu", "max_pool2d", "add", "concat"])), made)
-    for _ in range(int(rng.integers(0, 4))):
+    for _ in range(int(rng.integers(0, 3))):
         b.op(str(rng.choice(OPS)))
     prog = IntegerProgram(input_name="input", input_shape=tuple(x.shape[1:]), input_scale=1.0, ops=b.ops,
                           output=b.ops[-1].output, output_scale=np.asarray(1.0),
