@@ -208,6 +208,27 @@ def test_band_plan_covers_the_pool(pool_h, pool_w, k, s):
     assert plan["pool_w"] >= pool_w and plan["ext_w"] == (plan["pool_w"] - 1) * s + k and plan["ext_w"] % tw == 0
     assert th * tw <= MAX_ACC
 
+def test_unit_window_max_pool_after_a_conv_stays_a_kernel_of_its_own():
+    """A 1xK or 1x1 strided max pool (subsampling) is not fused into its conv: the band schedule cannot place a
+    unit window. The whole program still compiles and matches numpy."""
+    from hawq_ray.deploy import compile_program
+    from hawq_ray.deploy.conv_pool import fusable_max_pool
+    from hawq_ray.quant.program import IntegerProgram
+    rng = np.random.default_rng(5)
+    op = _conv_op(rng, 8, 16, 3, 1, 1, 8, True)
+    for window in ((1, 1), (1, 3), (2, 2)):
+        pool = Op("max_pool2d", [op.output], "p", dict(kernel=window, stride=(2, 2), padding=(0, 0),
+                                                       dilation=(1, 1), ceil_mode=False))
+        assert fusable_max_pool(pool) == (min(window) >= 2)
+        prog = IntegerProgram("x", (8, 7, 7), 1.0, [op, pool], "p", np.asarray(1.0),
+                              {op.layer: 8})
+        x = _input(rng, (2, 8, 7, 7), True)
+        model = compile_program(prog, batch=2, target=HOST)
+        fused = any(k["path"].endswith("+max_pool") for k in model.manifest["kernels"])
+        assert fused == (min(window) >= 2)
+        assert np.array_equal(model(x.astype(np.int8)), apply_op(pool, [apply_op(op, [x])]))
+
+
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("w_bits,signed,cin,cout", [(8, False, 512, 10), (4, True, 30, 33)])
 def test_dense_bit_exact(target, w_bits, signed, cin, cout):
