@@ -1,9 +1,9 @@
 """Per-layer Hessian traces on Ray: one `HessianActor` per device, each with a model replica and data shards.
 
 Shard b is batch b of the data; actor a holds the shards b with b % n_actors == a and answers, for a block
-of iterations, the per-layer v^T H_b v of each of its shards (`hawq_ray.sensitivity.shard_samples`, the
+of iterations, the per-layer v^T H_b v of each of its shards (`hawq_ray.analysis.sensitivity.shard_samples`, the
 vectors seeded from (seed, b, t)). The driver keys every answer by (shard, iteration) and merges them with
-`hawq_ray.sensitivity.iterate_traces` in sorted order, never in arrival order: the table is the same bit for
+`hawq_ray.analysis.sensitivity.iterate_traces` in sorted order, never in arrival order: the table is the same bit for
 bit whatever the number of actors. An actor that dies is replaced and its whole block asked again; an
 actor answers a block all at once, so a block is either counted once or not at all.
 """
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from actors.resources import actor_device, actor_options
-from hawq_ray import sensitivity as S
-from hawq_ray.errors import HawqError
+from hawq_ray.analysis import sensitivity as S
+from hawq_ray.contract import HawqError
 
 
 @ray.remote
@@ -51,7 +51,7 @@ def actor_layer_traces(model: nn.Module, batches, *, actors: int = 2, layers: Se
                        criterion=None, tol: float = 0.05, max_iter: int = 100, min_iter: int = 8, block: int = 4,
                        seed: int = 0, threads: int = 1, max_restarts: int = 3,
                        progress: Callable[[int, float], None] | None = None) -> pd.DataFrame:
-    """`hawq_ray.sensitivity.layer_traces` computed by `actors` HessianActors (at most one per batch).
+    """`hawq_ray.analysis.sensitivity.layer_traces` computed by `actors` HessianActors (at most one per batch).
 
     Same columns; attrs also hold "nodes" (node ids of the actors that answered), "restarts" (actors
     replaced after dying) and "actor_cpu_s" (CPU seconds the actors spent on the answers counted).

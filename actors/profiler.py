@@ -1,22 +1,19 @@
-"""Per-layer kernel latencies measured by `ProfilerActor`s on the nodes of one kind (`hawq_ray.profile` has the
-what and why of the numbers; this module is where they are measured).
+"""Kernel latencies measured by `ProfilerActor`s on the nodes of one kind (`analysis.latency` has the what and
+why of the numbers, `service.profile` the stage; this module is where they are measured, on the Ray session
+the front opened).
 
-    table = profile_layers(model, batch=8, resource="t4", actors=2, cache_dir="~/.cache/hawq-ray")
-
-1. The nodes of the kind: those holding the custom resource `resource` (e.g. "t4"), or every node when it is
-   None. A resource no node has raises HawqError at once (checked against `ray.cluster_resources()`), never
-   a pending actor. A zero-CPU task pinned to each of those nodes reports its target (TVM detects the CPU
-   there, or checks for CUDA) and CPU count; nodes of one kind must agree (else tag them apart).
-2. The driver plans the kernels of the uniform4 and uniform8 programs for that target (the calls the
-   whole-model build makes), dedupes them by signature and looks each up in the disk cache (key: target,
-   threads, batch, signature). A run with every item cached starts no actor; a local run (no Ray started,
-   no resource asked) with every item cached does not even start Ray.
-3. The rest is spread round-robin over `actors` ProfilerActors (placed SPREAD over the kind's nodes, each
-   reserving a fraction of a CPU so that plain tasks never starve). Phase "build": all actors compile their
-   items at once. Phase "time": on each node one actor at a time times its compiled items (nodes in
-   parallel), with TVM_NUM_THREADS (and torch threads) = the node's CPUs, what the deployed model uses; so
-   no compile or other profiler actor shares the node's cores while a kernel is timed.
-4. An actor that dies loses only what it had not yet timed: it is replaced and the new actor builds and
+1. The nodes of the kind (`kind_nodes`): those holding the custom resource `resource` (e.g. "t4"), or every
+   node when it is None. A resource no node has raises HawqError at once (checked against
+   `ray.cluster_resources()`), never a pending actor. A zero-CPU task pinned to each of those nodes reports its
+   target (TVM detects the CPU there, or checks for CUDA) and CPU count (`probe_kind`); nodes of one kind must
+   agree (else tag them apart).
+2. `measure` spreads the items round-robin over `actors` ProfilerActors (placed SPREAD over the kind's nodes,
+   each reserving a fraction of a CPU so that plain tasks never starve); each actor gets the driver's planned
+   kernel calls, so nothing is planned twice. Phase "build": all actors compile their items at once. Phase
+   "time": on each node one actor at a time times its compiled items (nodes in parallel), with
+   TVM_NUM_THREADS (and torch threads) = the node's CPUs, what the deployed model uses; so no compile or other
+   profiler actor shares the node's cores while a kernel is timed.
+3. An actor that dies loses only what it had not yet timed: it is replaced and the new actor builds and
    times those items in the next round; every answer is keyed by signature, so nothing is lost or counted
    twice.
 """
@@ -27,28 +24,21 @@ import os
 import statistics
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import pandas as pd
 import ray
 
-from hawq_ray import profile as P
-from hawq_ray.errors import HawqError
+from hawq_ray.analysis import latency as P
+from hawq_ray.contract import HawqError
 
 PROBE_TIMEOUT_S = 180.0
 
 
-def _target_spec(target) -> str:
-    """The kind of target ("llvm" or "cuda") and attributes given, as a string parse_target reads."""
-    if isinstance(target, dict):
-        return json.dumps(target)
-    return str(target)
-
-
 def node_target(spec: str) -> dict:
     """The target `spec` resolves to on this machine (checked runnable here), as a plain dict."""
-    from hawq_ray.deploy.build import parse_target, target_dict
+    from hawq_ray.deploy.target import parse_target, target_dict
     return target_dict(parse_target(spec))
 
 
@@ -62,9 +52,10 @@ def _probe(spec: str) -> dict:
 
 @ray.remote
 class ProfilerActor:
-    """Builds and times items (`hawq_ray.profile.Item`) for its node's target, keeping what it compiled."""
+    """Builds and times items (`analysis.latency.Item`) for its node's target, keeping what it compiled."""
 
-    def __init__(self, programs: dict, layers: dict, batch: int, spec: str, expected: dict, threads: int):
+    def __init__(self, programs: dict, calls: dict, layers: dict, batch: int, spec: str, expected: dict,
+                 threads: int):
         import torch
         os.environ["TVM_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
@@ -72,10 +63,10 @@ class ProfilerActor:
         here = node_target(spec)
         if here != expected:
             raise HawqError(f"node {self.node[:8]}: target {here} differs from the kind's {expected}")
-        from hawq_ray.deploy.build import parse_target
+        from hawq_ray.deploy.target import parse_target
         self.target = parse_target(expected)
-        self.programs, self.layers, self.batch, self.threads = programs, layers, batch, threads
-        self.calls, self.timers, self.numbers = {}, {}, {}
+        self.programs, self.calls, self.layers, self.batch, self.threads = programs, calls, layers, batch, threads
+        self.timers, self.numbers = {}, {}
 
     def info(self) -> dict:
         import tvm_ffi
@@ -87,14 +78,8 @@ class ProfilerActor:
             module, shape = self.layers[item.config]
             return P.torch_timer(module, shape, self.batch, "cuda" if self.target.kind.name == "cuda" else "cpu")
         if item.kind == "model":
-            return P.model_timer(self.programs[item.config], self.batch, self.target)
-        if item.config not in self.calls:
-            from hawq_ray.deploy.graph import plan_kernels
-            self.calls[item.config] = plan_kernels(self.programs[item.config], self.batch, self.target)
-        kernel = self.calls[item.config][item.index].kernel
-        if P.kernel_signature(kernel) != item.sig:
-            raise HawqError(f"node {self.node[:8]}: kernel {item.name} planned here differs from the driver's plan")
-        return P.kernel_timer(kernel, self.target)
+            return P.model_timer(self.programs[item.config], self.calls[item.config], self.batch, self.target)
+        return P.kernel_timer(self.calls[item.config][item.index].kernel, self.target)
 
     def build(self, items: list) -> list:
         for item in items:
@@ -193,19 +178,43 @@ def local_kind(spec: str, cache_dir=None) -> tuple[dict, int]:
 
 # ---------------------------------------------------------------------------------------------- measuring
 
-def measure(items: list, *, programs: dict, layers: dict, batch: int, spec: str, target: dict, threads: int,
-            resource: str | None, gpu: bool, kind_cpus: float, actors: int, rounds: int, min_ms: float,
-            chunk: int = 3, max_restarts: int = 3, progress: Callable | None = None) -> tuple[dict, dict]:
-    """Build and time `items` on `actors` ProfilerActors; returns ({sig: result}, stats)."""
-    n = max(1, min(actors, len(items)))
-    options = {"num_cpus": round(min(1.0, kind_cpus / 2 / n), 4), "scheduling_strategy": "SPREAD",
+@dataclass(frozen=True)
+class Kind:
+    """The nodes one measurement runs on, as `kind_nodes` and `probe_kind` found them."""
+    spec: str                # the target as given ("llvm", "cuda", a JSON dict)
+    target: dict             # what it resolves to on those nodes
+    threads: int             # their CPUs: TVM_NUM_THREADS while timing
+    resource: str | None     # the custom resource that tags them (None: every node)
+    gpu: bool
+    cpus: float              # CPUs of all those nodes together
+
+
+@dataclass(frozen=True)
+class Measure:
+    """How items are measured: actors, interleaved rounds (the median is the latency), the length of one
+    measurement, items per build call, and how often dead actors are replaced."""
+    actors: int = 2
+    rounds: int = 7
+    min_ms: float = 30.0
+    chunk: int = 3
+    max_restarts: int = 3
+
+
+def measure(items: list, *, programs: dict, calls: dict, layers: dict, batch: int, kind: Kind, how: Measure,
+            progress: Callable | None = None) -> tuple[dict, dict]:
+    """Build and time `items` on `how.actors` ProfilerActors; returns ({sig: result}, stats). `programs` and
+    `calls` ({config: program / planned calls}) and `layers` ({layer: (module, input shape)}) are what the
+    items refer to."""
+    threads, rounds, min_ms, chunk, max_restarts = kind.threads, how.rounds, how.min_ms, how.chunk, how.max_restarts
+    n = max(1, min(how.actors, len(items)))
+    options = {"num_cpus": round(min(1.0, kind.cpus / 2 / n), 4), "scheduling_strategy": "SPREAD",
                "max_restarts": 0, "max_concurrency": 1,
                "runtime_env": {"env_vars": {"TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}}}
-    if resource is not None:
-        options["resources"] = {resource: 1e-3}
-    if gpu:
+    if kind.resource is not None:
+        options["resources"] = {kind.resource: 1e-3}
+    if kind.gpu:
         options["num_gpus"] = 1
-    prog_ref, layer_ref = ray.put(programs), ray.put(layers)
+    prog_ref, calls_ref, layer_ref = ray.put(programs), ray.put(calls), ray.put(layers)
     run = uuid.uuid4().hex[:8]
     stats = {"restarts": 0, "nodes": set(), "actors": n, "threads": set(), "seconds": {}}
     clock = time.perf_counter()
@@ -228,7 +237,8 @@ def measure(items: list, *, programs: dict, layers: dict, batch: int, spec: str,
 
     def start(slot: int):
         name = f"profiler-{run}-{slot}-{stats['restarts']}"
-        return ProfilerActor.options(name=name, **options).remote(prog_ref, layer_ref, batch, spec, target, threads)
+        return ProfilerActor.options(name=name, **options).remote(prog_ref, calls_ref, layer_ref, batch, kind.spec,
+                                                                  kind.target, threads)
 
     handles = {s: start(s) for s in range(n)}
 
@@ -338,124 +348,3 @@ def measure(items: list, *, programs: dict, layers: dict, batch: int, spec: str,
         for h in handles.values():
             ray.kill(h)
     return done, stats
-
-
-# ---------------------------------------------------------------------------------------------- the stage
-
-def resolve_checks(table: pd.DataFrame, checks: dict | None) -> dict:
-    """{name: {layer: bits}}: uniform4, uniform8 and the extra configs to compare end to end."""
-    from hawq_ray.cost import bits_for
-    out = {cfg: bits_for(table, cfg) for cfg in P.CONFIGS}
-    for name, cfg in (checks or {}).items():
-        out[name] = bits_for(table, cfg)
-    return out
-
-
-def profile_layers(model, input_shape=None, *, batch: int = 8, target="llvm", resource: str | None = None,
-                   actors: int = 2, rounds: int = 7, min_ms: float = 30.0, cache_dir=None, checks: dict | None = None,
-                   fp32: bool = True, table: pd.DataFrame | None = None, max_restarts: int = 3, chunk: int = 3,
-                   progress: Callable | None = None) -> pd.DataFrame:
-    """The layer table of `model` with lat4_ms, lat8_ms (glue4_ms, glue8_ms) and lat32_ms measured on the nodes
-    holding `resource` (any node when None) for their `target` ("llvm" or "cuda"), at `batch`.
-
-    `checks` ({name: bits config}) adds configs whose compiled model is timed end to end beside uniform4 and
-    uniform8. attrs: "end_to_end" ([{config, sum_ms, e2e_ms, ratio, rest_ms}]), "breakdown" ({config: [{kernel,
-    layer, glue, ms}]}, every kernel call of uniform4/uniform8 and the layer it is charged to), "target", "threads", "batch",
-    "resource", "items" (unique kernels, models and fp32 layers), "cache_hits", "measured", "nodes",
-    "restarts", "actors", "stage_seconds", "seconds". Uses the Ray instance this process has initialized, or
-    $RAY_ADDRESS's cluster; else (no resource asked) it starts a private local one, only if something must be
-    measured.
-    """
-    from hawq_ray.layers import layer_table
-    from hawq_ray.models import input_shape as model_input_shape
-    t0 = time.perf_counter()
-    if batch < 1 or actors < 1 or rounds < 1:
-        raise HawqError(f"batch={batch} actors={actors} rounds={rounds}: each must be a positive integer")
-    spec = _target_spec(target)
-    gpu = spec.startswith("cuda") or '"cuda"' in spec
-    shape = tuple(input_shape or model_input_shape(model))
-    table = layer_table(model, shape) if table is None else table
-    if table.empty:
-        raise HawqError("the model has no quantizable layer (Conv2d or Linear) to profile")
-    bits = resolve_checks(table, checks)
-    extra = {name: checks[name] for name in bits if name not in P.CONFIGS}
-    seconds = {}
-    t1 = time.perf_counter()
-    configs = {cfg: extra.get(cfg, cfg) for cfg in (*P.CONFIGS, *extra)}
-    programs = {}
-
-    def program(cfg):   # built (or read from the cache) only when a plan or an actor needs it
-        if cfg not in programs:
-            programs[cfg] = P.latency_program(model, shape, configs[cfg], cache_dir)
-        return programs[cfg]
-    layers = P.layer_inputs(model, shape, list(table["layer"])) if fp32 else {}
-    t1 = time.perf_counter()
-
-    local = not ray.is_initialized() and resource is None and not os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():
-        nodes = kind_nodes(resource, gpu)
-        tgt, threads = probe_kind(nodes, spec)
-    elif local:
-        nodes, (tgt, threads) = None, local_kind(spec, cache_dir)
-    else:
-        ray.init(log_to_driver=False)
-        nodes = kind_nodes(resource, gpu)
-        tgt, threads = probe_kind(nodes, spec)
-
-    seconds["probe"] = round(time.perf_counter() - t1, 3)
-    t1 = time.perf_counter()
-    plans = {}
-    for cfg in configs:
-        key = P.plan_key(P.program_key(model, shape, configs[cfg]), batch, tgt)
-        plans[cfg] = P.load_plan(cache_dir, key)
-        if plans[cfg] is None:
-            from hawq_ray.deploy.build import parse_target
-            plans[cfg] = P.plan_program(program(cfg), batch, parse_target(tgt, check=False), cfg)
-            P.save_plan(cache_dir, key, plans[cfg])
-    items = P.plan_items({cfg: plans[cfg] for cfg in P.CONFIGS})
-    items += [P.Item(plans[cfg].model_sig, "model", cfg, -1, f"model {cfg}") for cfg in extra
-              if plans[cfg].model_sig not in {it.sig for it in items}]
-    t_items, torch_sig = P.torch_items(layers, batch, "cuda" if gpu else "cpu")
-    items += t_items
-
-    results, missing = {}, []
-    for it in items:
-        hit = P.read_cached(cache_dir, P.cache_key(tgt, threads, batch, it.sig, (rounds, min_ms)))
-        if hit is not None:
-            results[it.sig] = hit
-        else:
-            missing.append(it)
-    seconds["plan"] = round(time.perf_counter() - t1, 3)
-    stats = {"restarts": 0, "nodes": set(), "actors": 0, "threads": set(), "seconds": {}}
-    if missing:
-        if local:
-            # a private instance on this machine (address="local"): not a cluster some `ray start` left running
-            ray.init(address="local", num_cpus=threads, log_to_driver=False)
-            nodes = kind_nodes(None, gpu)
-            tgt2, threads2 = probe_kind(nodes, spec)
-            if (tgt2, threads2) != (tgt, threads):
-                raise HawqError(f"the local Ray node reports {tgt2} with {threads2} CPUs, not {tgt} with {threads}")
-        kind_cpus = sum(float(n["Resources"].get("CPU", 0)) for n in nodes)
-        t1 = time.perf_counter()
-        needed = {cfg: program(cfg) for cfg in configs}
-        seconds["programs"] = round(time.perf_counter() - t1, 3)
-        measured, stats = measure(missing, programs=needed, layers=layers, batch=batch, spec=spec, target=tgt,
-                                  threads=threads, resource=resource, gpu=gpu, kind_cpus=kind_cpus, actors=actors,
-                                  rounds=rounds, min_ms=min_ms, chunk=chunk, max_restarts=max_restarts,
-                                  progress=progress)
-        for it in missing:
-            res = measured[it.sig] | {"name": it.name, "kind": it.kind}
-            P.write_cached(cache_dir, P.cache_key(tgt, threads, batch, it.sig, (rounds, min_ms)), res)
-            results[it.sig] = res
-    ms = {sig: float(r["ms"]) for sig, r in results.items()}
-    lat32 = {layer: ms[sig] for layer, sig in torch_sig.items()} if fp32 else None
-    out = P.latency_table(table, {cfg: plans[cfg] for cfg in P.CONFIGS}, ms, lat32)
-    e2e = {name: ms[plans[name].model_sig] for name in bits}
-    out.attrs.update(
-        end_to_end=P.summary_rows(out, bits, e2e), breakdown={cfg: P.breakdown(plans[cfg], ms) for cfg in P.CONFIGS},
-        target=tgt, threads=threads, batch=batch, resource=resource,
-        items=len(items), kernels=sum(it.kind == "kernel" for it in items), cache_hits=len(items) - len(missing),
-        measured=len(missing), nodes=sorted(stats["nodes"]), restarts=stats["restarts"],
-        actors=stats["actors"], tvm_threads=sorted(stats["threads"]), stage_seconds=seconds | stats["seconds"],
-        seconds=round(time.perf_counter() - t0, 3))
-    return out

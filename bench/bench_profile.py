@@ -30,14 +30,14 @@ os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-# `hawq-ray profile ...`, also before the subcommand is registered in hawq_ray.cli.COMMAND_MODULES
+# `hawq-ray profile ...`, also before the subcommand is registered in hawq_ray.service.cli.COMMAND_MODULES
 RUNNER = """
 import argparse, sys
-from hawq_ray.cli import COMMAND_MODULES, main
+from hawq_ray.service.cli import COMMAND_MODULES, main
 if "profile" in COMMAND_MODULES:
     sys.exit(main(sys.argv[1:]))
-from hawq_ray.cli import profile
-from hawq_ray.errors import HawqError
+from hawq_ray.service.cli import profile
+from hawq_ray.contract import HawqError
 parser = argparse.ArgumentParser(prog="hawq-ray")
 profile.register(parser.add_subparsers(dest="command", required=True))
 args = parser.parse_args(sys.argv[1:])
@@ -68,7 +68,7 @@ def independent_e2e(model_name: str, configs: dict, batch: int, rounds: int) -> 
     import torch
 
     from hawq_ray.deploy import compile_program
-    from hawq_ray.models import get_model, input_shape
+    from hawq_ray.inputs.models import get_model, input_shape
     from hawq_ray.quant.qat import prepare
     model = get_model(model_name).eval()
     shape = tuple(input_shape(model))
@@ -99,8 +99,8 @@ def main() -> int:
     sys.path.insert(0, str(HERE))
     from deploy_latency import mixed_bits
 
-    from hawq_ray.layers import layer_table
-    from hawq_ray.models import get_model, input_shape
+    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.inputs.models import get_model, input_shape
     model = get_model(args.model)
     mixed = mixed_bits(layer_table(model, tuple(input_shape(model))))
     work = Path(tempfile.mkdtemp(prefix="bench-profile-"))

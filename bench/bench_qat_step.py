@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hawq_ray.models import get_model, input_shape
+from hawq_ray.inputs.models import get_model, input_shape
 from hawq_ray.quant.qat import prepare
 
 CASES = [("digits_resnet", 128, "uniform4"), ("digits_resnet", 128, "uniform8"),

@@ -1,6 +1,6 @@
 """Cost of per-layer Hessian traces, printed side by side with the issue's bars (issue 3).
 
-1. One process, same model and batch: per-iteration time of `hawq_ray.sensitivity` (per-layer traces of ALL
+1. One process, same model and batch: per-iteration time of `hawq_ray.analysis.sensitivity` (per-layer traces of ALL
    layers from one Hv) vs pyhessian's whole-model `trace()`.            bar: ours <= 1.2x pyhessian
 2. Ray, fixed work (shards x iterations, tol 0): 2 HessianActors vs 1, one torch thread each.
                                                                          bar: 2 actors >= 1.6x faster
@@ -21,12 +21,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hawq_ray.sensitivity import (gradient_graph, layer_traces, quantizable_layers,  # noqa: E402
+from hawq_ray.analysis.sensitivity import (gradient_graph, layer_traces, quantizable_layers,  # noqa: E402
                                   shard_samples, weight_positions)
 
 
 def model_and_batch(name: str, batch_size: int, seed: int = 0):
-    from hawq_ray.models import get_model, input_shape, num_classes
+    from hawq_ray.inputs.models import get_model, input_shape, num_classes
 
     torch.manual_seed(seed)
     model = get_model(name).eval()
@@ -86,7 +86,7 @@ def actors_speedup(model, batch_size: int, shards: int, iters: int):
 
     from actors.hessian import actor_layer_traces
 
-    from hawq_ray.models import input_shape, num_classes
+    from hawq_ray.inputs.models import input_shape, num_classes
 
     gen = torch.Generator().manual_seed(1)
     data = [(torch.randn(batch_size, *input_shape(model), generator=gen),

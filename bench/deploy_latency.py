@@ -122,14 +122,14 @@ def tvm_model(model, shape, bits, batch, calib, verify):
     deployed(xq)
     differing = None
     if verify:
-        from hawq_ray.quant.executor import run_program
+        from hawq_ray.program.executor import run_program
         differing = int((deployed(xq) != run_program(prog, torch.from_numpy(xq)).numpy()).sum())
     return (lambda: deployed(xq)), compile_s, differing
 
 
 def bench_model(name, batch, rounds, verify, configs, calls=3, pause=0.05):
-    from hawq_ray.layers import layer_table
-    from hawq_ray.models import get_model, input_shape
+    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.inputs.models import get_model, input_shape
     torch.manual_seed(0)
     model = get_model(name).eval()
     shape = tuple(input_shape(model))

@@ -24,12 +24,13 @@ def main():
 
     import pandas as pd
     import ray
-    from hawq_ray.data import batches, load_data
-    from hawq_ray.finetune import fp32_weights
-    from hawq_ray.finetune_tune import best_per_config, finetune_run
-    from hawq_ray.layers import layer_table
-    from hawq_ray.models import input_shape
-    from hawq_ray.sensitivity import layer_traces, sensitivity_columns, weight_deltas
+    from hawq_ray.inputs.data import batches, load_data
+    from hawq_ray.quant.finetune import fp32_weights
+    from hawq_ray.quant.finetune import Recipe
+    from hawq_ray.service.tune import TuneSettings, best_per_config, finetune_run
+    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.inputs.models import input_shape
+    from hawq_ray.analysis.sensitivity import layer_traces, sensitivity_columns, weight_deltas
     from solver.sweep import budget_grid, parse_axis, sweep_budgets
 
     import torch
@@ -50,8 +51,9 @@ def main():
     print(f"sweep: {len(sweep.configs)} distinct configs for BOPS budgets {args.budgets} "
           f"({time.perf_counter() - t0:.1f} s)")
     t1 = time.perf_counter()
-    result = finetune_run(["uniform4", "uniform8", str(sweep_path)], out=out, epochs=args.epochs,
-                          samples=args.samples, lr=args.lr)
+    result = finetune_run(["uniform4", "uniform8", str(sweep_path)], out=out,
+                          recipe=Recipe(epochs=args.epochs, **({"lr": args.lr} if args.lr else {})),
+                          settings=TuneSettings(samples=args.samples))
     print(f"fine-tuning: {time.perf_counter() - t1:.1f} s")
     best = best_per_config(result)
     shown = best.drop(columns=["bits", "trial", "error", "weight_decay", "best_checkpoint"]).copy()

@@ -1,10 +1,10 @@
 """A sweep of random IntegerPrograms through the TVM back end, each compared value by value with the integer
-executor (`hawq_ray.deploy.random_programs`); the suite runs the first 216 seeds, this runs as many as asked.
+executor (`hawq_ray.program.random`); the suite runs the first 216 seeds, this runs as many as asked.
 
     python bench/random_programs.py [--programs 2000] [--start 0] [--workers 2] [--target llvm|generic|both]
 
 Prints progress, every failing seed with the first value that differs (rerun one with
-`python -c "from hawq_ray.deploy.random_programs import check_program; print(check_program(SEED))"`), and a
+`python -c "from hawq_ray.analysis.verify import check_random_program as c; print(c(SEED))"`), and a
 table: programs, values and elements compared, differing, failures, kernels per path, pairs covered.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
-from hawq_ray.deploy.random_programs import PAIRS, check_program
+from hawq_ray.analysis.verify import check_random_program
+from hawq_ray.program.random import PAIRS
 
 GENERIC = {"kind": "llvm", "mcpu": "skylake"}
 
@@ -35,7 +36,7 @@ def main() -> int:
             "both": lambda s: GENERIC if s % 3 == 2 else "llvm"}[args.target]
     t0, results = time.perf_counter(), []
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for r in pool.map(check_program, seeds, map(pick, seeds)):
+        for r in pool.map(check_random_program, seeds, map(pick, seeds)):
             results.append(r)
             if r["error"] or r["differing"]:
                 print(f"seed {r['seed']} {r['pair']} on {r['target']}: {r['error'] or r['first']}", flush=True)

@@ -14,7 +14,6 @@ or an absolute value (keys `size_mib`, `gbops`, `latency_ms`) that bounds the wh
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import time
 import warnings
@@ -24,8 +23,10 @@ import numpy as np
 import pandas as pd
 import pulp
 
-MIB = 2 ** 20          # bytes in a MiB (model size)
-GIGA = 1e9             # BOPS in a GBOPS
+from hawq_ray.contract import HawqError, TableError  # noqa: F401  (TableError: part of this module's errors)
+from hawq_ray.contract.cost import RESOURCES, layer_gbops, layer_size_mib, omega
+from hawq_ray.contract.table import BIT_WIDTHS, check_table, delta_col, lat_col, omega_col
+
 FEASIBILITY_TOL = 1e-9  # slack on every budget, relative to the resource's range over the searchable layers
 
 # budget key -> (resource, is_fraction); resource names are also the keys of the totals
@@ -34,43 +35,34 @@ BUDGET_KEYS = {
     "bops": ("gbops", True), "gbops": ("gbops", False),
     "latency": ("latency_ms", True), "latency_ms": ("latency_ms", False),
 }
-RESOURCES = ("size_mib", "gbops", "latency_ms")
 
 
-class TableError(ValueError):
-    """The layer table is unusable (a missing column, a bad value); the message names the column and the layer."""
-
-
-class BudgetError(ValueError):
+class BudgetError(HawqError):
     """A budget is malformed, or no bit configuration meets the budgets; the message names the smallest achievable."""
 
 
-# ---------------------------------------------------------------- the paper's formulas, in one place
+# ---------------------------------------------------------------- the paper's quantities per layer and width
 def layer_omega(table: pd.DataFrame, bits: Sequence[int]) -> np.ndarray:
-    """Omega_i(b) = Tr(H_i) / n_i * ||Q_b(W_i) - W_i||^2 (HAWQ-V3 Eq. 8), shape (layers, len(bits)).
+    """Omega_i(b) of every layer at each width (contract.cost.omega, Eq. 8), shape (layers, len(bits)).
 
     Columns `omega{b}` are used as given when the table has them for every b."""
-    if all(f"omega{b}" in table for b in bits):
-        return np.column_stack([table[f"omega{b}"].to_numpy(float) for b in bits])
-    per_weight = table["trace"].to_numpy(float) / table["params"].to_numpy(float)
-    return np.column_stack([per_weight * table[f"delta{b}"].to_numpy(float) for b in bits])
+    if all(omega_col(b) in table for b in bits):
+        return np.column_stack([table[omega_col(b)].to_numpy(float) for b in bits])
+    return np.column_stack([omega(table["trace"], table["params"], table[delta_col(b)]) for b in bits])
 
 
 def layer_resources(table: pd.DataFrame, bits: Sequence[int]) -> dict[str, np.ndarray]:
-    """Per-layer resources at each bit width, as HAWQ-V3 counts them, each of shape (layers, len(bits)):
-    size in MiB of the weights (params * b / 8 bytes), GBOPS = macs * b_weight * b_activation / 1e9 with the
-    activations at the layer's weight bits, and latency in ms from the measured `lat{b}_ms` columns (if present)."""
+    """Per-layer resources at each bit width (contract.cost), each of shape (layers, len(bits)): size in MiB,
+    GBOPS, and latency in ms from the measured `lat{b}_ms` columns (if present)."""
     b = np.asarray(bits, float)[None, :]
-    params = table["params"].to_numpy(float)[:, None]
-    macs = table["macs"].to_numpy(float)[:, None]
-    out = {"size_mib": params * b / 8 / MIB, "gbops": macs * b * b / GIGA}
-    if all(f"lat{k}_ms" in table for k in bits):
-        out["latency_ms"] = np.column_stack([table[f"lat{k}_ms"].to_numpy(float) for k in bits])
+    out = {"size_mib": layer_size_mib(table["params"].to_numpy(float)[:, None], b),
+           "gbops": layer_gbops(table["macs"].to_numpy(float)[:, None], b)}
+    if all(lat_col(k) in table for k in bits):
+        out["latency_ms"] = np.column_stack([table[lat_col(k)].to_numpy(float) for k in bits])
     return out
 
 
-# ---------------------------------------------------------------- checking the input
-def check_bits(bits: Sequence[int]) -> tuple[int, ...]:
+def check_widths(bits: Sequence[int]) -> tuple[int, ...]:
     """The candidate bit widths, sorted; raises BudgetError unless they are distinct positive integers."""
     try:
         out = tuple(int(b) for b in bits)
@@ -80,90 +72,6 @@ def check_bits(bits: Sequence[int]) -> tuple[int, ...]:
     if not ok:
         raise BudgetError(f"bits={bits!r}: give distinct positive integer bit widths, e.g. (4, 8)")
     return tuple(sorted(out))
-
-
-def check_table(table: pd.DataFrame, bits: Sequence[int] = (4, 8)) -> pd.DataFrame:
-    """The table with `group` as str ('' = none) and `fixed_bits` as int (0 = searchable); raises TableError."""
-    bits = check_bits(bits)
-    if not isinstance(table, pd.DataFrame):
-        raise TableError(f"layer table: expected a pandas DataFrame, got {type(table).__name__}")
-    sens = ["omega%d" % b for b in bits]
-    if not all(c in table for c in sens):
-        sens = ["trace"] + ["delta%d" % b for b in bits]
-    need = ["layer", "params", "macs"] + sens
-    missing = [c for c in need if c not in table]
-    if missing:
-        c = missing[0]
-        close = difflib.get_close_matches(c, [str(x) for x in table.columns], n=1)
-        hint = f" (found {close[0]!r}: misspelt?)" if close else ""
-        raise TableError(f"layer table: missing column {c!r}{hint}; needed: {', '.join(need)} "
-                         f"(or omega{bits[0]}.. instead of trace and delta)")
-    t = table.reset_index(drop=True).copy()
-    if len(t) == 0:
-        raise TableError("layer table: no rows")
-    names = t["layer"]
-    if names.isna().any() or (names.astype(str).str.strip() == "").any():
-        raise TableError("layer table: column 'layer' has an empty name")
-    t["layer"] = names.astype(str)
-    dup = t["layer"][t["layer"].duplicated()]
-    if len(dup):
-        raise TableError(f"layer table: layer {dup.iloc[0]!r} appears twice; layer names must be unique")
-    t["group"] = _group_column(t)
-    t["fixed_bits"] = _fixed_bits_column(t, bits)
-    fixed = t["fixed_bits"].to_numpy() > 0
-    lat = [f"lat{b}_ms" for b in bits if f"lat{b}_ms" in t]
-    for c in ["params", "macs"] + sens + lat:
-        v = pd.to_numeric(t[c], errors="coerce").to_numpy(float)
-        bad_nan = np.isnan(v) & ~(fixed & (c in sens))   # a fixed layer's sensitivity is never used
-        bad = bad_nan | np.isinf(v) | (v < 0) | ((v <= 0) if c == "params" else False)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            what = "> 0" if c == "params" else ">= 0"
-            shown = t[c][i].item() if hasattr(t[c][i], "item") else t[c][i]
-            raise TableError(f"layer table: column {c!r} of layer {t['layer'][i]!r} is {shown!r}; "
-                             f"it must be a finite number {what}")
-        t[c] = v
-    if 0 < len(lat) < len(bits):
-        raise TableError(f"layer table: latency columns {lat} found but not "
-                         f"{[f'lat{b}_ms' for b in bits if f'lat{b}_ms' not in t]}; give one per bit width")
-    _check_groups(t)
-    return t
-
-
-def _group_column(t: pd.DataFrame) -> pd.Series:
-    if "group" not in t:
-        return pd.Series([""] * len(t))
-    g = t["group"]
-    return g.where(g.notna(), "").map(lambda x: str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
-                                      ).str.strip()
-
-
-def _fixed_bits_column(t: pd.DataFrame, bits: tuple[int, ...]) -> pd.Series:
-    if "fixed_bits" not in t:
-        return pd.Series(np.zeros(len(t), int))
-    out = []
-    for name, v in zip(t["layer"], t["fixed_bits"]):
-        if (not isinstance(v, str) and pd.isna(v)) or (isinstance(v, str) and not v.strip()):
-            out.append(0)
-            continue
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            f = float("nan")
-        if not f.is_integer() or int(f) not in bits:
-            raise TableError(f"layer table: fixed_bits of layer {name!r} is {v!r}; "
-                             f"it must be empty or one of {list(bits)}")
-        out.append(int(f))
-    return pd.Series(out, dtype=int)
-
-
-def _check_groups(t: pd.DataFrame) -> None:
-    grouped = t[t["group"] != ""]
-    for g, rows in grouped.groupby("group", sort=False):
-        if rows["fixed_bits"].nunique() > 1:
-            desc = ", ".join(f"{n}={f or 'empty'}" for n, f in zip(rows["layer"], rows["fixed_bits"]))
-            raise TableError(f"layer table: group {g!r} disagrees on fixed_bits ({desc}); "
-                             f"layers of a group must all be searchable or all fixed to the same bits")
 
 
 # ---------------------------------------------------------------- the problem in arrays
@@ -180,10 +88,10 @@ class IlpInputs:
     unit_resources: dict              # resource -> (units, bits)
 
 
-def ilp_inputs(table: pd.DataFrame, bits: Sequence[int] = (4, 8)) -> IlpInputs:
+def ilp_inputs(table: pd.DataFrame, bits: Sequence[int] = BIT_WIDTHS) -> IlpInputs:
+    bits = check_widths(bits)
     t = check_table(table, bits)
-    bits = check_bits(bits)
-    fixed = t["fixed_bits"].to_numpy(int)
+    fixed = t["fixed_bits"].fillna(0).to_numpy(int)
     keys = [g if g else f"\0{name}" for g, name in zip(t["group"], t["layer"])]
     unit_ids: dict[str, int] = {}
     unit = np.full(len(t), -1)
@@ -222,7 +130,7 @@ class BitAllocation:
         return dataclasses.asdict(self)
 
 
-def solve_bits(table: pd.DataFrame, budgets: Mapping[str, float], bits: Sequence[int] = (4, 8)) -> BitAllocation:
+def solve_bits(table: pd.DataFrame, budgets: Mapping[str, float], bits: Sequence[int] = BIT_WIDTHS) -> BitAllocation:
     """Per-layer bits minimizing sum Omega under `budgets` ({'size'|'bops'|'latency': fraction r,
     'size_mib'|'gbops'|'latency_ms': absolute}). Raises TableError or BudgetError on bad input."""
     start = time.perf_counter()
@@ -313,7 +221,7 @@ def _solve_units(inputs: IlpInputs, limits: dict) -> np.ndarray | None:
             <= rhs, f"budget_{key}"
     with warnings.catch_warnings():
         # PuLP 3.3 marks PULP_CBC_CMD deprecated in favour of a separately installed CBC; the bundled one is the
-        # only solver here (notes/stack-facts.md), so keep using it without the noise.
+        # only solver that installs from the package registry, so keep using it without the noise.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="pulp")
         status = prob.solve(pulp.PULP_CBC_CMD(msg=False))
     if pulp.LpStatus[status] == "Infeasible":

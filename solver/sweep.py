@@ -1,20 +1,21 @@
 """Budget sweeps: solve the bit-allocation ILP for every point of a budget grid, merge identical answers.
 
-Points are solved as Ray tasks when `ray.is_initialized()` (the table goes to the object store once; the grid is
-cut into a few chunks per CPU so the per-task overhead stays small), otherwise one after another in this process.
+Points are solved one after another by `solve_points`, or by whatever `solve` the caller passes (the front's
+`service.sweep.ray_solve` runs chunks of the grid as Ray tasks); either way the answers are merged in grid
+order, so the tables do not depend on how they were computed.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import time
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from hawq_ray.contract.table import BIT_WIDTHS
 from solver.frontier import pareto_frontiers
 from solver.ilp import RESOURCES, BudgetError, IlpInputs, budget_limits, ilp_inputs, solve_inputs
 
@@ -50,35 +51,26 @@ def budget_grid(axes: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
 class Sweep:
     """`points`: one row per budget point (its budget values, feasible, config id, objective, solve_s, reason).
     `configs`: one row per distinct bit configuration (config id, objective, model totals `size_mib`, `gbops`,
-    `latency_ms`, the `searchable_*` totals, how many points chose it and which (`budgets`, JSON), `bits` JSON).
+    `latency_ms`, the `searchable_*` totals, how many points chose it and which (`budgets`: a list of budget
+    dicts), `bits`: {layer: bits}).
     `frontier`: Pareto frontier of objective against each resource (see solver.frontier.pareto_frontiers)."""
     points: pd.DataFrame
     configs: pd.DataFrame
     frontier: pd.DataFrame
 
 
-def sweep_budgets(table: pd.DataFrame, grid: Sequence[Mapping[str, float]], bits: Sequence[int] = (4, 8)) -> Sweep:
-    """Solve every budget point of `grid` (a list of budget dicts as solver.ilp.solve_bits takes them)."""
+def sweep_budgets(table: pd.DataFrame, grid: Sequence[Mapping[str, float]], bits: Sequence[int] = BIT_WIDTHS,
+                  solve: Callable | None = None) -> Sweep:
+    """Solve every budget point of `grid` (a list of budget dicts as solver.ilp.solve_bits takes them).
+    `solve(inputs, grid)` answers the points as `solve_points` does (default: `solve_points` itself)."""
     inputs = ilp_inputs(table, bits)
     grid = [dict(b) for b in grid]
     if not grid:
         raise BudgetError("budget grid is empty: give at least one budget value")
     for b in grid:
         budget_limits(inputs, b)          # malformed budgets fail here, before any work is sent out
-    results = _solve_all(inputs, grid)
-    return _merge(inputs, grid, results)
-
-
-def _solve_all(inputs: IlpInputs, grid: list[dict]) -> list[dict]:
-    import ray
-    if not ray.is_initialized() or len(grid) == 1:
-        return solve_points(inputs, grid)
-    cpus = int(ray.cluster_resources().get("CPU", 1)) or 1
-    chunks = [c for c in np.array_split(np.arange(len(grid)), min(len(grid), 2 * cpus)) if len(c)]
-    ref = ray.put(inputs)
-    task = ray.remote(num_cpus=1)(solve_points)
-    futures = [task.remote(ref, [grid[i] for i in c]) for c in chunks]
-    return [r for part in ray.get(futures) for r in part]
+    results = (solve or solve_points)(inputs, grid)
+    return _merge_answers(inputs, grid, results)
 
 
 def solve_points(inputs: IlpInputs, grid: list[dict]) -> list[dict]:
@@ -96,7 +88,7 @@ def solve_points(inputs: IlpInputs, grid: list[dict]) -> list[dict]:
     return out
 
 
-def _merge(inputs: IlpInputs, grid: list[dict], results: list[dict]) -> Sweep:
+def _merge_answers(inputs: IlpInputs, grid: list[dict], results: list[dict]) -> Sweep:
     config_of: dict[tuple, int] = {}
     configs, points = [], []
     for budgets, r in zip(grid, results):
@@ -114,9 +106,6 @@ def _merge(inputs: IlpInputs, grid: list[dict], results: list[dict]) -> Sweep:
             configs[cid]["budgets"].append(budgets)
         points.append({**budgets, "feasible": cid is not None, "config": cid,
                        "objective": r.get("objective", np.nan), "solve_s": r["solve_s"], "reason": r["reason"]})
-    for row in configs:
-        row["budgets"] = json.dumps(row["budgets"])
-        row["bits"] = json.dumps(row["bits"])
     cols = ["config", "objective", "objective_model", *RESOURCES, *(f"searchable_{k}" for k in RESOURCES),
             "points", "budgets", "bits"]
     config_table = pd.DataFrame(configs, columns=cols)

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from hawq_ray.cli import main
+from hawq_ray.service.cli import main
 from hawq_ray.deploy.build import load_model
-from hawq_ray.errors import HawqError
-from hawq_ray.quant.executor import run_program
-from hawq_ray.quant.program import IntegerProgram
+from hawq_ray.contract import HawqError
+from hawq_ray.program.executor import run_program
+from hawq_ray.program.program import IntegerProgram
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from hawq_ray.cli import main
+from hawq_ray.service.cli import main
 
 
 def last_json(out: str):

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hawq_ray.cluster import documented_resources, missing_resources, node_type_resources, requested_resources
+from ray_cluster import documented_resources, missing_resources, node_type_resources, requested_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
 # where the code that asks Ray for resources lives, and where examples of requests are written down
 SOURCES = [ROOT / "actors", ROOT / "solver", ROOT / "hawq_ray"]
-DOCS = SOURCES + [ROOT / "README.md", ROOT / "DESIGN.md", ROOT / "docs", ROOT / "tests" / "data"]
+DOCS = SOURCES + [ROOT / "README.md", ROOT / "docs", ROOT / "tests" / "data"]
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +83,7 @@ def test_t4_worker_type(config):
 def test_every_requested_resource_exists_on_some_node_type(config):
     code = requested_resources(SOURCES, configs=sorted((ROOT / "tests" / "data").glob("*.yaml")))
     docs = documented_resources([p for p in DOCS if p.exists()])
-    assert "GPU" in code, "the scan no longer sees the actors' num_gpus: update hawq_ray.cluster._requests_in"
+    assert "GPU" in code, "the scan no longer sees the actors' num_gpus: update ray_cluster._requests_in"
     assert "t4" in docs, "the profiler's t4 example is gone: keep the check honest"
     wanted = {**docs, **code}
     missing = missing_resources(wanted, config)

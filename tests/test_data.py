@@ -7,8 +7,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from hawq_ray.data import batches, load_data
-from hawq_ray.errors import HawqError
+from hawq_ray.inputs.data import batches, load_data
+from hawq_ray.contract import HawqError
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import torchvision
 from torch import nn
 
 from hawq_ray.deploy import compile_program
-from hawq_ray.deploy.verify import compare_values, first_divergence
-from hawq_ray.quant.executor import run_program
+from hawq_ray.analysis.verify import compare_values, first_divergence
+from hawq_ray.program.executor import run_program
 from hawq_ray.quant.qat import prepare
 
 HOST = "llvm"
@@ -48,7 +48,7 @@ def mixed_bits(qm_layers, seed=0):
 def lowered(model, bits, shape, seed=0):
     torch.manual_seed(seed)
     if bits == "mixed":
-        from hawq_ray.layers import layer_table
+        from hawq_ray.analysis.layers import layer_table
         bits = mixed_bits(list(layer_table(model, shape)["layer"]), seed)
     qm = prepare(model, bits, shape).calibrate([torch.randn(4, *shape) for _ in range(2)])
     return qm.to_integer()

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 
 from hawq_ray.deploy import layout
-from hawq_ray.deploy.build import parse_target
+from hawq_ray.deploy.target import parse_target
 from hawq_ray.deploy.epilogue import Value
 from hawq_ray.deploy.glue import concat_kernel, elementwise_kernel, pool_kernel
 from hawq_ray.deploy.conv_pool import band_plan, conv2d_max_pool_kernel
-from hawq_ray.deploy.kernels import MAX_ACC, conv2d_kernel, dense_kernel, target_has_vnni
+from hawq_ray.deploy.kernels import MAX_ACC, conv2d_kernel, dense_kernel
+from hawq_ray.deploy.target import capabilities
 from hawq_ray.deploy.layer import build_layer_kernel, run_kernel, time_kernel
-from hawq_ray.quant.dyadic import dyadic
-from hawq_ray.quant.program import Op
+from hawq_ray.program.dyadic import dyadic
+from hawq_ray.program.program import Op
 from test_deploy_reference import apply_op, ref_requantize
 
 HOST = parse_target("llvm")
@@ -24,10 +25,10 @@ TARGETS = [pytest.param(HOST, id="host"), pytest.param(GENERIC, id="generic")]
 
 
 def test_targets_pick_their_path():
-    assert not target_has_vnni(GENERIC)
+    assert not capabilities(GENERIC).vnni
     # the host target takes the VNNI path exactly when the CPU reports avx512_vnni (read independently)
     flags = set(open("/proc/cpuinfo").read().split())
-    assert target_has_vnni(HOST) == ("avx512_vnni" in flags)
+    assert capabilities(HOST).vnni == ("avx512_vnni" in flags)
 
 
 def _conv_op(rng, cin, cout, k, stride, pad, w_bits, signed, groups=1, dilation=1):
@@ -70,7 +71,7 @@ def test_conv_requantize_relu_bit_exact(target, case):
     relu = Op("relu", ["q"], "r", lo=0, hi=255)
     kern = conv2d_kernel(op, Value(x.shape, "int8" if signed else "uint8", layout.channel_block(cin)),
                          [rq, relu], [], target)
-    assert kern.notes["path"] == ("vnni" if target_has_vnni(target) else "generic")
+    assert kern.notes["path"] == ("vnni" if capabilities(target).vnni else "generic")
     want = ref_requantize(z, rq.consts["multiplier"], rq.consts["shift"], 0, 255)
     got = run_kernel(kern, [x], target)
     assert got.dtype == np.uint8 and np.array_equal(got, want)
@@ -185,7 +186,7 @@ def test_conv_max_pool_fused_bit_exact(target, case):
     fan = [_requant(rng, (cout, 1, 1), 0, 255, 400 / pooled.max()),
            _requant(rng, (cout, 1, 1), -(1 << 31), (1 << 31) - 1, 5000 / pooled.max())]
     kern = conv2d_max_pool_kernel(op, xv, [relu], pool, [], target, "stem", fanout=fan)
-    assert kern.notes["path"] == ("vnni" if target_has_vnni(target) else "generic") + "+max_pool"
+    assert kern.notes["path"] == ("vnni" if capabilities(target).vnni else "generic") + "+max_pool"
     got = run_kernel(kern, [x], target)
     for g, rq in zip(got, fan):
         want = ref_requantize(pooled, rq.consts["multiplier"], rq.consts["shift"], rq.lo, rq.hi)
@@ -213,7 +214,7 @@ def test_unit_window_max_pool_after_a_conv_stays_a_kernel_of_its_own():
     unit window. The whole program still compiles and matches numpy."""
     from hawq_ray.deploy import compile_program
     from hawq_ray.deploy.conv_pool import fusable_max_pool
-    from hawq_ray.quant.program import IntegerProgram
+    from hawq_ray.program.program import IntegerProgram
     rng = np.random.default_rng(5)
     op = _conv_op(rng, 8, 16, 3, 1, 1, 8, True)
     for window in ((1, 1), (1, 3), (2, 2)):

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from hawq_ray.deploy import compile_program
-from hawq_ray.deploy.verify import verify_model
-from hawq_ray.layers import layer_table
-from hawq_ray.models import get_model, input_shape
-from hawq_ray.quant.executor import run_program
+from hawq_ray.analysis.verify import compare_batches
+from hawq_ray.analysis.layers import layer_table
+from hawq_ray.inputs.models import get_model, input_shape
+from hawq_ray.program.executor import run_program
 from hawq_ray.quant.qat import prepare
 
 
@@ -42,7 +42,7 @@ def test_model_matches_integer_executor(name, config):
     deployed = compile_program(prog, batch=4)
     xs = [prog.quantize_input(torch.randn(4, *shape) * s).numpy() for s in (0.5, 2.0)]
     ref = lambda x: run_program(prog, torch.from_numpy(x)).numpy()
-    result = verify_model(deployed, ref, xs)
+    result = compare_batches(deployed, ref, xs)
     assert result.differing == 0
     assert np.abs(ref(xs[0])).max() > 0
 
@@ -85,5 +85,5 @@ def test_stem_conv_max_pool_fusion_matches_integer_executor(config):
     assert len(fused) == 1 and not any(k["name"].startswith("max_pool2d") for k in deployed.manifest["kernels"])
     xs = [prog.quantize_input(torch.randn(4, *shape) * s).numpy() for s in (0.5, 2.0)]
     ref = lambda x: run_program(prog, torch.from_numpy(x)).numpy()
-    assert verify_model(deployed, ref, xs).differing == 0
+    assert compare_batches(deployed, ref, xs).differing == 0
     assert np.abs(ref(xs[0])).max() > 0

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from hawq_ray.quant.dyadic import dyadic
-from hawq_ray.quant.program import IntegerProgram, Op
+from hawq_ray.program.dyadic import dyadic
+from hawq_ray.program.program import IntegerProgram, Op
 
 
 # ------------------------------------------------------------------------------------ numpy reference

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from hawq_ray.quant.dyadic import dyadic, requantize
+from hawq_ray.program.dyadic import dyadic, requantize
 
 
 def python_int_requantize(z, b, c):

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hawq_ray.quant.executor import FLOAT32_EXACT, FLOAT64_EXACT, exact_dtype, int_matmul, run_op
-from hawq_ray.quant.program import Op
+from hawq_ray.program.executor import run_op
+from hawq_ray.program.integer import FLOAT32_EXACT, FLOAT64_EXACT, exact_dtype, int_matmul
+from hawq_ray.program.program import Op
 from test_deploy_reference import ref_conv2d
 
 

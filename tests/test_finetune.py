@@ -1,4 +1,4 @@
-"""hawq_ray.finetune without Ray: fp32 trainer and its cache, QAT, integer-executor top-1, distillation, checkpoints,
+"""hawq_ray.quant.finetune without Ray: fp32 trainer and its cache, QAT, integer-executor top-1, distillation, checkpoints,
 bad input. Numbers are checked against independent computations (numpy argmax, hand-written formulas)."""
 import argparse
 import dataclasses
@@ -10,13 +10,14 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from hawq_ray.data import DataSplits, load_data
-from hawq_ray.errors import HawqError
-from hawq_ray.finetune import (Recipe, calibrated, distillation_loss, finetune, finetune_epochs, fp32_weights,
-                               limited, load_checkpoint, load_teacher, resolve_bits, save_checkpoint)
-from hawq_ray.layers import layer_table
-from hawq_ray.models import input_shape
-from hawq_ray.quant.executor import run_program
+from hawq_ray.inputs.data import DataSplits, load_data
+from hawq_ray.contract import HawqError
+from hawq_ray.contract.bits import parse_bits
+from hawq_ray.quant.finetune import (Recipe, calibrated, distillation_loss, finetune, finetune_epochs, fp32_weights,
+                                     limited, load_checkpoint, load_teacher, save_checkpoint)
+from hawq_ray.analysis.layers import layer_table
+from hawq_ray.inputs.models import input_shape
+from hawq_ray.program.executor import run_program
 from hawq_ray.quant.qat import prepare
 
 SHAPE = input_shape()
@@ -111,7 +112,7 @@ def test_uniform4_recovers_within_one_point_and_mixed_config_fills_fixed_layers(
     _, model, _, _ = trained
     _, u4 = finetune(model, "uniform4", data, Recipe(epochs=1))
     assert u4["top1"] >= u4["top1_fp32"] - 0.01
-    mixed = resolve_bits(model, SHAPE, mixed_config(model))
+    mixed = parse_bits(mixed_config(model), layer_table(model, SHAPE))
     table = layer_table(model, SHAPE)
     fixed = table[table["fixed_bits"].notna()]["layer"]
     assert len(fixed) == 2 and all(mixed[layer] == 8 for layer in fixed)
@@ -123,10 +124,10 @@ def test_resumed_training_equals_uninterrupted(trained, data, tmp_path):
     _, model, _, _ = trained
     train = limited(data.train, 128)
     recipe = Recipe(lr=1e-3, epochs=2, batch_size=64, calib_batches=1)
-    straight = calibrated(model, resolve_bits(model, SHAPE, "uniform4"), train, recipe, SHAPE)
+    straight = calibrated(model, parse_bits("uniform4", layer_table(model, SHAPE)), train, recipe, SHAPE)
     list(finetune_epochs(straight, train, recipe))
 
-    first = calibrated(model, resolve_bits(model, SHAPE, "uniform4"), train, recipe, SHAPE)
+    first = calibrated(model, parse_bits("uniform4", layer_table(model, SHAPE)), train, recipe, SHAPE)
     for epoch, _, opt in finetune_epochs(first, train, dataclasses.replace(recipe, epochs=1)):
         save_checkpoint(tmp_path / "state.pt", first, opt, epoch, {"note": 1.5})
     state = load_checkpoint(tmp_path / "state.pt")
@@ -187,7 +188,7 @@ def test_config_naming_unknown_layers_is_one_line_error(trained, data, tmp_path)
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(bad))
     with pytest.raises(HawqError) as e:
-        resolve_bits(model, SHAPE, str(path))
+        parse_bits(str(path), layer_table(model, SHAPE))
     assert "block9.conv1" in one_line(e)
 
 
@@ -224,26 +225,31 @@ def test_recipe_defaults_are_the_papers():
 
 
 def test_read_configs_from_sweep_table_json_and_hawq_bit_config(trained, tmp_path):
-    from hawq_ray.finetune_tune import read_configs
-    from solver.bitconfig import write_hawq_bit_config
+    from hawq_ray.contract.bits import write_hawq_bit_config
+    from hawq_ray.service.tune import config_frame
     _, model, _, _ = trained
     table = layer_table(model, SHAPE)
     mixed = mixed_config(model)
-    full = resolve_bits(model, SHAPE, mixed)
-    sweep = pd.DataFrame({"config": [0, 1], "bits": [json.dumps(full), json.dumps(resolve_bits(model, SHAPE, "uniform4"))],
-                          "budgets": ['[{"bops": 0.5}]', '[{"bops": 0.1}]'], "latency_ms": [1.5, float("nan")]})
+    full = parse_bits(mixed, layer_table(model, SHAPE)).as_dict()
+    u4 = parse_bits("uniform4", layer_table(model, SHAPE)).as_dict()
+    sweep = pd.DataFrame({"config": [0, 1], "bits": [dict(full), u4],                  # a struct column
+                          "budgets": [[{"bops": 0.5}], [{"bops": 0.1}]], "latency_ms": [1.5, float("nan")]})
     sweep.to_parquet(tmp_path / "sweep.parquet")
+    text = sweep.assign(bits=[json.dumps(b) for b in sweep["bits"]], budgets=[json.dumps(b) for b in sweep["budgets"]])
+    text.to_csv(tmp_path / "sweep_text.csv", index=False)                             # JSON cells in a CSV
     (tmp_path / "two.json").write_text(json.dumps({"a": mixed, "b": full}))
     write_hawq_bit_config({"hawq": mixed}, tmp_path / "bit_config.py")
-    got = read_configs(["uniform8", str(tmp_path / "sweep.parquet"), str(tmp_path / "two.json"),
-                        str(tmp_path / "bit_config.py")], table)
-    assert list(got["config"]) == ["uniform8", "sweep.0", "sweep.1", "a", "b", "hawq"]
+    got = config_frame(["uniform8", str(tmp_path / "sweep.parquet"), str(tmp_path / "two.json"),
+                        str(tmp_path / "bit_config.py"), str(tmp_path / "sweep_text.csv")], table)
+    assert list(got["config"]) == ["uniform8", "sweep.0", "sweep.1", "a", "b", "hawq", "sweep_text.0", "sweep_text.1"]
     assert list(got["budget"])[:3] == ["", '[{"bops": 0.5}]', '[{"bops": 0.1}]']
-    assert got["latency_ms"].iloc[1] == 1.5 and got["latency_ms"].drop(index=1).isna().all()
-    for cid in ("sweep.0", "a", "b", "hawq"):
-        assert json.loads(got.set_index("config").loc[cid, "bits"]) == full
+    assert got["latency_ms"].iloc[1] == 1.5 and got["latency_ms"].iloc[6] == 1.5
+    assert got["latency_ms"].drop(index=[1, 6]).isna().all()
+    for cid in ("sweep.0", "a", "b", "hawq", "sweep_text.0"):
+        assert got.set_index("config").loc[cid, "bits"] == full
+    assert got.set_index("config").loc["sweep_text.1", "bits"] == u4
     (tmp_path / "bad.json").write_text(json.dumps({**mixed, "nope.conv": 4}))
     for bad in ([str(tmp_path / "bad.json")], ["uniform3"], [str(tmp_path / "two.json")] * 2):
         with pytest.raises(HawqError) as e:
-            read_configs(bad, table)
+            config_frame(bad, table)
         one_line(e)

@@ -15,14 +15,15 @@ import pytest
 import ray
 import torch
 
-from hawq_ray.cli import finetune as finetune_cli
-from hawq_ray.data import load_data
-from hawq_ray.errors import HawqError
-from hawq_ray.finetune import fp32_weights, load_checkpoint
-from hawq_ray.finetune_tune import COLUMNS, CHECKPOINT_FILE, finetune_run
-from hawq_ray.layers import layer_table
-from hawq_ray.models import get_model, input_shape
-from hawq_ray.quant.executor import run_program
+from hawq_ray.service.cli import finetune as finetune_cli
+from hawq_ray.inputs.data import load_data
+from hawq_ray.contract import HawqError
+from hawq_ray.quant.finetune import fp32_weights, load_checkpoint
+from hawq_ray.quant.finetune import Recipe
+from hawq_ray.service.tune import COLUMNS, CHECKPOINT_FILE, TuneSettings, finetune_run
+from hawq_ray.analysis.layers import layer_table
+from hawq_ray.inputs.models import get_model, input_shape
+from hawq_ray.program.executor import run_program
 from hawq_ray.quant.qat import prepare
 
 SHAPE = input_shape()
@@ -99,7 +100,7 @@ def test_cli_tune_table_matches_checkpoints(tmp_path, weights, mixed_json, data,
     assert set(table["config"]) == {"uniform4", "mixed"}
     assert table["epochs"].between(1, 2).all() and (table["epochs"] == 2).any()   # ASHA may stop a trial at 1
     for _, r in table.iterrows():
-        bits = json.loads(r["bits"])
+        bits = r["bits"]
         assert Path(r["checkpoint"]).name == f"checkpoint_{r['epochs'] - 1:06d}"
         assert load_checkpoint(Path(r["checkpoint"]) / CHECKPOINT_FILE)["epoch"] == r["epochs"] - 1
         assert r["top1"] == integer_top1_from_checkpoint(r["checkpoint"], bits, weights, data)
@@ -113,8 +114,8 @@ def test_cli_tune_table_matches_checkpoints(tmp_path, weights, mixed_json, data,
 
     # the same inputs again: the finished experiment is restored, nothing is trained again
     before = sorted(glob.glob(str(out / "tune" / "*" / "*" / "checkpoint_*")))
-    again = finetune_run(["uniform4", str(mixed_json)], out=out, weights=weights, epochs=2, samples=2, asha=True,
-                         lr_range=(1e-4, 1e-2), train_limit=LIMIT)
+    again = finetune_run(["uniform4", str(mixed_json)], out=out, weights=weights, recipe=Recipe(epochs=2),
+                         settings=TuneSettings(samples=2, asha=True, lr_range=(1e-4, 1e-2), train_limit=LIMIT))
     assert sorted(glob.glob(str(out / "tune" / "*" / "*" / "checkpoint_*"))) == before
     pd.testing.assert_frame_equal(again, table)
 
@@ -123,9 +124,10 @@ EPOCHS = 24     # long enough that Ctrl+C lands before the end, even on an idle 
 DRIVER = """
 import os, ray
 ray.init(address={address!r}, log_to_driver=False)
-from hawq_ray.finetune_tune import finetune_run
-finetune_run(["uniform4", {mixed!r}], out={out!r}, weights={weights!r}, epochs={epochs}, train_limit={limit},
-             lr=1e-3)
+from hawq_ray.quant.finetune import Recipe
+from hawq_ray.service.tune import TuneSettings, finetune_run
+finetune_run(["uniform4", {mixed!r}], out={out!r}, weights={weights!r}, recipe=Recipe(epochs={epochs}, lr=1e-3),
+             settings=TuneSettings(train_limit={limit}))
 """
 
 
@@ -149,8 +151,8 @@ def test_interrupted_run_resumes_from_checkpoints(tmp_path, weights, mixed_json)
     done_before = {t: int(df["epoch"].max()) for t, df in before.items() if len(df)}
     assert done_before and min(done_before.values()) < EPOCHS, "the run was not interrupted before its end"
 
-    table = finetune_run(["uniform4", str(mixed_json)], out=out, weights=weights, epochs=EPOCHS, train_limit=LIMIT,
-                         lr=1e-3)
+    table = finetune_run(["uniform4", str(mixed_json)], out=out, weights=weights, recipe=Recipe(epochs=EPOCHS, lr=1e-3),
+                         settings=TuneSettings(train_limit=LIMIT))
     assert (table["error"] == "").all() and (table["epochs"] == EPOCHS).all()
     after = {Path(p).parent.name: pd.read_csv(p) for p in glob.glob(str(out / "tune" / "*" / "*" / "progress.csv"))}
     assert set(after) == set(table["trial"]) and set(before) <= set(after)     # same trials, none recreated

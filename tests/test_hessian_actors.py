@@ -12,7 +12,7 @@ import torch
 
 from actors.hessian import actor_layer_traces
 from actors.resources import actor_device, actor_options
-from hawq_ray.errors import HawqError
+from hawq_ray.contract import HawqError
 from test_sensitivity_helpers import exact_block_traces, tiny_batches, tiny_model
 
 SETTINGS = dict(tol=0.05, max_iter=200, min_iter=8, block=4, seed=3)
@@ -56,7 +56,7 @@ def test_two_actors_give_the_same_table_bit_for_bit(tiny, one_actor):
     assert two.attrs["actors"] == 2 and two.attrs["restarts"] == 0
     assert_identical(one_actor, two)
     # and the same as one process with one torch thread (the actors' setting)
-    from hawq_ray.sensitivity import layer_traces
+    from hawq_ray.analysis.sensitivity import layer_traces
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -8,7 +8,7 @@ import torch
 from ray.cluster_utils import Cluster
 
 from actors.hessian import actor_layer_traces
-from hawq_ray.sensitivity import layer_traces
+from hawq_ray.analysis.sensitivity import layer_traces
 from test_sensitivity_helpers import exact_block_traces, tiny_batches, tiny_model
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from hawq_ray.cluster import ray_executable, start_local_head
+from ray_cluster import ray_executable, start_local_head
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,10 +6,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from hawq_ray.errors import HawqError
-from hawq_ray.models import DEFAULT_MODEL, DigitsResNet, get_model, input_shape, num_classes
+from hawq_ray.contract import HawqError
+from hawq_ray.inputs.models import DEFAULT_MODEL, DigitsResNet, get_model, input_shape, num_classes
 
-# Parameter counts measured with pytorchcv 0.0.74 (shared/notes/stack-facts.md).
+# Parameter counts measured with pytorchcv 0.0.74.
 PYTORCHCV_PARAMS = {"resnet18": 11_689_512, "resnet50": 25_557_032, "inceptionv3": 23_834_568,
                     "resnet20_cifar10": 272_474}
 PYTORCHCV_SHAPES = {"resnet18": (3, 224, 224), "resnet50": (3, 224, 224), "inceptionv3": (3, 299, 299),

@@ -10,15 +10,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from hawq_ray.errors import HawqError
-from hawq_ray.pipeline import STAGES, load_config
+from hawq_ray.contract import HawqError
+from hawq_ray.service.pipeline import STAGES, load_config
 
 TINY = Path(__file__).parent / "data" / "tiny_run.yaml"
 TABLES = ("layers", "sensitivity", "latency", "sweep", "finetune", "deploy", "fake_vs_int")
 
 
 def hawq(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "hawq_ray.cli", *args], stderr=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "hawq_ray.service.cli", *args], stderr=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 

@@ -13,14 +13,15 @@ import pytest
 import ray
 import torch
 
-from actors.profiler import profile_layers
-from hawq_ray import profile as P
-from hawq_ray.errors import HawqError
-from hawq_ray.models import get_model, input_shape
+from actors.profiler import Measure
+from hawq_ray.service.profile import profile_layers
+from hawq_ray.analysis import latency as P
+from hawq_ray.contract import HawqError
+from hawq_ray.inputs.models import get_model, input_shape
 from hawq_ray.quant.qat import prepare
 
 BATCH, ROUNDS = 2, 2
-FAST = dict(batch=BATCH, rounds=ROUNDS, min_ms=2.0, actors=2)
+FAST = dict(batch=BATCH, how=Measure(actors=2, rounds=ROUNDS, min_ms=2.0))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,7 +51,8 @@ def killed_run(digits, tmp_path_factory):
             killed.append(names[0])
             ray.kill(ray.get_actor(names[0]))
 
-    table = profile_layers(model, shape, cache_dir=cache, chunk=1, progress=kill_one, **FAST)
+    table = profile_layers(model, shape, cache_dir=cache, progress=kill_one, batch=BATCH,
+                           how=Measure(actors=2, rounds=ROUNDS, min_ms=2.0, chunk=1))
     return table, cache, killed
 
 
@@ -109,7 +111,7 @@ def test_every_deployed_kernel_is_charged_once_and_the_layers_add_up(digits, kil
 def test_identical_kernels_are_measured_once(digits, killed_run):
     model, shape = digits
     table, cache, _ = killed_run
-    from hawq_ray.deploy.build import parse_target
+    from hawq_ray.deploy.target import parse_target
     from hawq_ray.deploy.graph import plan_kernels
     progs = independent_programs(model, shape)
     scripts = set()
@@ -167,7 +169,7 @@ def test_a_resource_no_node_has_fails_at_once(digits):
 
 
 def run_cli(argv):
-    from hawq_ray.cli import profile as cli_profile
+    from hawq_ray.service.cli import profile as cli_profile
     parser = argparse.ArgumentParser(prog="hawq-ray")
     cli_profile.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

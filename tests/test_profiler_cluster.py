@@ -6,11 +6,12 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from actors.profiler import profile_layers
-from hawq_ray.errors import HawqError
-from hawq_ray.models import get_model, input_shape
+from actors.profiler import Measure
+from hawq_ray.service.profile import profile_layers
+from hawq_ray.contract import HawqError
+from hawq_ray.inputs.models import get_model, input_shape
 
-FAST = dict(batch=1, rounds=2, min_ms=2.0, actors=1, fp32=False)
+FAST = dict(batch=1, how=Measure(actors=1, rounds=2, min_ms=2.0), fp32=False)
 
 
 @pytest.fixture(scope="module")

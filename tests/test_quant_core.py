@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from hawq_ray.cost import bits_for, gbops, size_mib
-from hawq_ray.errors import HawqError
-from hawq_ray.layers import layer_table
-from hawq_ray.models import get_model, input_shape
+from hawq_ray.contract import HawqError
+from hawq_ray.contract.bits import parse_bits
+from hawq_ray.contract.cost import config_costs
+from hawq_ray.analysis.layers import layer_table
+from hawq_ray.inputs.models import get_model, input_shape
 from hawq_ray.quant.fold import fold_bn
 from hawq_ray.quant.qat import prepare
 from hawq_ray.quant.quantizers import quantize_weight, weight_perturbation
@@ -108,37 +109,44 @@ def test_layer_table_resnet18_columns_groups_and_fixed_layers():
 ])
 def test_size_and_bops_match_the_paper(name, config, mib, gb):
     t = layer_table(get_model(name), input_shape(name))
-    bits = bits_for(t, config)
+    bits = {layer: 32 for layer in t["layer"]} if config == "fp32" else parse_bits(config, t)
+    costs = config_costs(t, bits)
     if mib is not None:
-        assert round(size_mib(t, bits), 1) == mib
+        assert round(costs["size_mib"], 1) == mib
     if gb is not None:
-        assert round(gbops(t, bits)) == gb
+        assert round(costs["gbops"]) == gb
 
 
 def test_cost_counts_by_hand_on_a_tiny_table():
     t = pd.DataFrame({"layer": ["a", "b"], "params": [1000, 2 ** 20], "macs": [10 ** 6, 10 ** 9],
                       "fixed_bits": pd.array([8, pd.NA], dtype="Int64")})
-    bits = bits_for(t, "uniform4")
+    bits = parse_bits("uniform4", t)
     assert bits == {"a": 8, "b": 4}
-    assert size_mib(t, bits) == pytest.approx((1000 * 1 + 2 ** 20 * 0.5) / 2 ** 20)
-    assert gbops(t, bits) == pytest.approx((10 ** 6 * 64 + 10 ** 9 * 16) / 1e9)
+    costs = config_costs(t, bits)
+    assert costs["size_mib"] == pytest.approx((1000 * 1 + 2 ** 20 * 0.5) / 2 ** 20)
+    assert costs["gbops"] == pytest.approx((10 ** 6 * 64 + 10 ** 9 * 16) / 1e9)
+    assert np.isnan(costs["latency_ms"])                               # no measured latencies
+    t["lat4_ms"], t["lat8_ms"] = [1.0, 2.0], [3.0, 5.0]
+    assert config_costs(t, bits)["latency_ms"] == 3.0 + 2.0            # a at 8 bits, b at 4
 
 
 def test_bit_config_errors_name_the_input(tmp_path):
     t = layer_table(get_model(), (1, 16, 16))
     with pytest.raises(HawqError, match="unknown layers"):
-        bits_for(t, {"nope": 4})
+        parse_bits({"nope": 4}, t)
+    with pytest.raises(HawqError, match=r"no bits for layers \['block1.conv2'"):
+        parse_bits({"block1.conv1": 4}, t)
     cfg = {r: 4 for r in t["layer"]}
     cfg["stem.conv"] = 8
     cfg["fc"] = 8
     cfg["block1.conv1"] = 6
     with pytest.raises(HawqError, match="valid bits are 4 and 8"):
-        bits_for(t, cfg)
+        parse_bits(cfg, t)
     cfg["block1.conv1"] = 4
     cfg["fc"] = 4
     with pytest.raises(HawqError, match="fixed at 8"):
-        bits_for(t, cfg)
+        parse_bits(cfg, t)
     bad = tmp_path / "c.json"
     bad.write_text("{not json")
-    with pytest.raises(HawqError, match="not valid JSON"):
-        bits_for(t, str(bad))
+    with pytest.raises(HawqError, match="cannot read a JSON bit config"):
+        parse_bits(str(bad), t)

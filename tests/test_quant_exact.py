@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-from hawq_ray.layers import layer_table
-from hawq_ray.models import get_model, input_shape
-from hawq_ray.quant.executor import FloatTensorError, run_program
+from hawq_ray.analysis.layers import layer_table
+from hawq_ray.inputs.models import get_model, input_shape
+from hawq_ray.program.executor import FloatTensorError, run_program
 from hawq_ray.quant.qat import prepare
 
 MODELS = ["digits_resnet", "resnet20_cifar10", "resnet18", "resnet50", "inceptionv3"]

@@ -1,4 +1,4 @@
-"""Random IntegerPrograms (hawq_ray.deploy.random_programs), compiled by TVM and compared value by value with
+"""Random IntegerPrograms (hawq_ray.program.random), compiled by TVM and compared value by value with
 the PyTorch integer executor; the executor in turn against the independent numpy reference.
 
 216 programs, 3 built around each of the 72 producer -> consumer pairs of op kinds, two in three on the host
@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from hawq_ray.deploy import compile_program
-from hawq_ray.deploy.random_programs import PAIRS, check_program, op_pairs, random_program
-from hawq_ray.deploy.verify import compare_values, first_divergence
-from hawq_ray.quant.executor import run_program
-from hawq_ray.quant.program import Op
+from hawq_ray.analysis.verify import check_random_program
+from hawq_ray.program.random import PAIRS, op_pairs, random_program
+from hawq_ray.analysis.verify import compare_values, first_divergence
+from hawq_ray.program.executor import run_program
+from hawq_ray.program.program import Op
 from test_deploy_reference import run_reference
 
 N_PROGRAMS = 3 * len(PAIRS)
@@ -36,7 +37,7 @@ def results():
     seeds = list(range(N_PROGRAMS))
     # both cores: TVM's code generation is single-threaded; fresh interpreters, not forks of this one
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(check_program, seeds, map(target_of, seeds)))
+        return list(pool.map(check_random_program, seeds, map(target_of, seeds)))
 
 
 def test_every_random_program_compiles_and_matches_the_executor(results):

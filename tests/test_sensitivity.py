@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from hawq_ray.errors import HawqError
-from hawq_ray.sensitivity import (layer_traces, merge_samples, omega, rademacher, sensitivity_columns,
+from hawq_ray.contract import HawqError
+from hawq_ray.contract.cost import omega
+from hawq_ray.analysis.sensitivity import (layer_traces, merge_samples, rademacher, sensitivity_columns,
                                   weight_deltas)
 from test_sensitivity_helpers import exact_block_traces, tiny_batches, tiny_model
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-import hawq_ray.cli as cli
+import hawq_ray.service.cli as cli
 
 FAST = ["--batches", "1", "--batch-size", "8", "--max-iter", "4", "--min-iter", "4"]
 
@@ -47,7 +47,7 @@ def test_writes_table_then_second_identical_call_is_cached(tmp_path, capsys):
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
-    from hawq_ray.models import get_model
+    from hawq_ray.inputs.models import get_model
 
     wrong = tmp_path / "wrong.pt"
     torch.save({"conv.weight": torch.zeros(3, 3)}, wrong)

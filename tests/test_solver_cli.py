@@ -7,18 +7,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import hawq_ray.cli
-from solver.bitconfig import read_bits
+import hawq_ray.service.cli
+from hawq_ray.contract.bits import read_bits
 
 DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture
 def cli(monkeypatch, capsys):
-    monkeypatch.setattr(hawq_ray.cli, "COMMAND_MODULES", ("solve",))
+    monkeypatch.setattr(hawq_ray.service.cli, "COMMAND_MODULES", ("solve",))
 
     def run(*argv):
-        code = hawq_ray.cli.main([str(a) for a in argv])
+        code = hawq_ray.service.cli.main([str(a) for a in argv])
         out, err = capsys.readouterr()
         return code, out, err
     return run

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import hawq_ray.cli
-from solver.bitconfig import read_bits_json, read_hawq_bit_config
+import hawq_ray.service.cli
+from hawq_ray.contract.bits import read_bits_json, read_hawq_bit_config
 from solver.ilp import solve_bits
 from solver.sweep import budget_grid, sweep_budgets
 
@@ -33,7 +33,7 @@ def notebook(model: str) -> pd.DataFrame:
 
 
 def layer_table(model: str) -> pd.DataFrame:
-    """The notebook's numbers as a layer table (DESIGN.md columns), counts as integers."""
+    """The notebook's numbers as a layer table (`contract.table` columns), counts as integers."""
     d = notebook(model)
     scale = 1e6 if model == "resnet50" else 1.0       # ResNet50's params and MACs are published in millions
     params = (d.parameters * scale).round().astype("int64")
@@ -105,7 +105,7 @@ def test_sweep_gives_all_published_configs_of_a_kind():
     s = sweep_budgets(t, budget_grid({"bops": [0.25, 0.5, 0.75]}))
     for r in (0.25, 0.5, 0.75):
         cid = s.points.loc[s.points.bops == r, "config"].item()
-        assert json.loads(s.configs.loc[s.configs.config == cid, "bits"].item()) == published_bits("resnet18", "bops", r)
+        assert s.configs.loc[s.configs.config == cid, "bits"].item() == published_bits("resnet18", "bops", r)
 
 
 @pytest.mark.parametrize("model", ["resnet18", "resnet50"])
@@ -121,19 +121,19 @@ def test_committed_layer_tables_match_the_notebook(model):
 
 
 def test_cli_solve_and_sweep_on_the_published_table(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(hawq_ray.cli, "COMMAND_MODULES", ("solve",))
+    monkeypatch.setattr(hawq_ray.service.cli, "COMMAND_MODULES", ("solve",))
     table = DATA / "hawq_v3_resnet50_layers.csv"
     out = tmp_path / "cfg.json"
-    assert hawq_ray.cli.main(["solve", "--table", str(table), "--latency", "0.5", "--out", str(out), "--json"]) == 0
+    assert hawq_ray.service.cli.main(["solve", "--table", str(table), "--latency", "0.5", "--out", str(out), "--json"]) == 0
     assert read_bits_json(out) == published_bits("resnet50", "latency", 0.5)
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["bits"] == published_bits("resnet50", "latency", 0.5)
-    assert hawq_ray.cli.main(["sweep", "--table", str(table), "--bops", "0.25:0.75:0.25",
+    assert hawq_ray.service.cli.main(["sweep", "--table", str(table), "--bops", "0.25:0.75:0.25",
                               "--out", str(tmp_path / "sweep.parquet"), "--json"]) == 0
     configs = pd.read_parquet(tmp_path / "sweep.parquet")
     points = pd.read_parquet(tmp_path / "sweep.points.parquet")
     for r in (0.25, 0.5, 0.75):
         cid = points.loc[np.isclose(points.bops, r), "config"].item()
-        assert json.loads(configs.loc[configs.config == cid, "bits"].item()) == published_bits("resnet50", "bops", r)
+        assert configs.loc[configs.config == cid, "bits"].item() == published_bits("resnet50", "bops", r)
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["points"] == 3 and last["configs"] == 3

@@ -10,7 +10,7 @@ the epilogue then runs on that block, as on a VNNI register tile.
 
 Linux hands out the tile registers per process on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`):
 `enable_amx()` asks once; a process that runs an AMX kernel without it dies of SIGILL, so every runner here
-(`DeployedModel`, `compile_kernel`) asks first, and `target_has_amx` says no where it is refused.
+(`DeployedModel`, `compile_kernel`) asks first, and `target.capabilities` says no AMX where it is refused.
 """
 from __future__ import annotations
 
@@ -33,13 +33,6 @@ def enable_amx() -> bool:
         return libc.syscall(158, 0x1023, 18) == 0      # SYS_arch_prctl on x86-64
     except (OSError, AttributeError):
         return False
-
-
-def target_has_amx(target) -> bool:
-    if target.kind.name != "llvm":
-        return False
-    from tvm.target.codegen import llvm_cpu_has_features
-    return bool(llvm_cpu_has_features("amx-int8", target)) and enable_amx()
 
 
 MIN_IN_BLOCKS = 8   # input channel blocks (x 16 channels) below which the VNNI tile is faster

@@ -1,11 +1,10 @@
-"""Targets, whole-model compile, export and load.
+"""Whole-model compile, export and load.
 
     model = compile_program(program, batch=8, target="llvm")     # TVM module + params, in memory
     export_model(model, "out/")                                  # model.so, params.npz, manifest.json
     model = load_model("out/"); logits = model(x_int8)           # the three-line load (x: (N, C, H, W) int8)
 
-`target` is "llvm" (the host CPU, detected), "cuda", a TVM target dict, or its JSON string. A target this
-machine cannot run raises HawqError unless `check=False` (to export for another machine).
+Targets are parsed and checked by `deploy.target.parse_target` ("llvm", "cuda", a dict or its JSON).
 """
 from __future__ import annotations
 
@@ -18,90 +17,21 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from hawq_ray.contract import HawqError
 from hawq_ray.deploy import vnni  # noqa: F401  (registers the VNNI intrinsic)
 from hawq_ray.deploy.amx import enable_amx
 from hawq_ray.deploy.graph import build_relax, final_output, plan_kernels, stored_values
 from hawq_ray.deploy.layout import from_blocked
-from hawq_ray.errors import HawqError
-from hawq_ray.quant.program import IntegerProgram
+from hawq_ray.deploy.target import device_of, parse_target, target_dict
+from hawq_ray.program.program import IntegerProgram
 
 MANIFEST_VERSION = 1
 LIBRARY, PARAMS, MANIFEST = "model.so", "params.npz", "manifest.json"
-_ISA = ("avx2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vnni", "avxvnni", "avx512bf16",
-        "avx512fp16", "amx-tile", "amx-int8", "amx-bf16", "amx-fp16")
-
-
-def host_cpu_features() -> set:
-    from tvm.target.codegen import llvm_get_cpu_features, llvm_get_system_cpu
-    feats = set(llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": llvm_get_system_cpu()})))
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-        feats |= {f.replace("amx_", "amx-").replace("_", "") for f in flags.split(":", 1)[1].split()}
-    except (OSError, StopIteration):
-        pass
-    return feats
-
-
-def parse_target(spec="llvm", check: bool = True) -> tvm.target.Target:
-    """'llvm' | 'cuda' | dict | JSON string | Target -> Target; check that this machine can run it."""
-    if isinstance(spec, tvm.target.Target):
-        attrs = target_dict(spec)
-    elif isinstance(spec, dict):
-        attrs = dict(spec)
-    else:
-        text = str(spec).strip()
-        try:
-            attrs = json.loads(text) if text.startswith("{") else {"kind": text}
-        except json.JSONDecodeError as e:
-            raise HawqError(f"target {text!r}: not valid JSON ({e.msg})") from None
-    kind = attrs.get("kind")
-    if kind not in ("llvm", "cuda"):
-        raise HawqError(f"target {spec!r}: kind must be 'llvm' or 'cuda'")
-    if kind == "llvm":
-        from tvm.target.codegen import llvm_get_system_cpu, llvm_get_system_triple, llvm_is_valid_cpu
-        if "mcpu" not in attrs and "mattr" not in attrs and {"amx-tile", "amx-int8"} <= host_cpu_features():
-            attrs["mattr"] = ["+amx-tile", "+amx-int8"]     # LLVM names this CPU without its AMX units
-        attrs.setdefault("mcpu", llvm_get_system_cpu())
-        attrs.setdefault("num-cores", os.cpu_count() or 1)
-        if not llvm_is_valid_cpu(str(attrs["mcpu"]), str(attrs.get("mtriple", llvm_get_system_triple()))):
-            raise HawqError(f"target llvm: unknown mcpu {attrs['mcpu']!r}")
-    try:
-        target = tvm.target.Target(attrs)
-    except Exception as e:  # TVM raises several types for a bad attribute
-        raise HawqError(f"target {spec!r}: {str(e).strip().splitlines()[-1]}") from None
-    if check:
-        _check_runnable(target)
-    return target
-
-
-def _check_runnable(target):
-    if target.kind.name == "cuda":
-        if not tvm.cuda(0).exist:
-            raise HawqError("target cuda: this machine has no CUDA device (use llvm, or check=False to export)")
-        return
-    from tvm.target.codegen import llvm_get_cpu_features, llvm_get_system_triple
-    arch = str(target.attrs.get("mtriple", llvm_get_system_triple())).split("-")[0]
-    if arch != llvm_get_system_triple().split("-")[0]:
-        raise HawqError(f"target llvm -mtriple={target.attrs['mtriple']}: this machine is "
-                        f"{llvm_get_system_triple().split('-')[0]} (use check=False to export)")
-    lacking = sorted(f for f in set(llvm_get_cpu_features(target)) & set(_ISA) if f not in host_cpu_features())
-    if lacking:
-        raise HawqError(f"target llvm -mcpu={target.attrs['mcpu']}: this CPU lacks {', '.join(lacking)}")
-
-
-def target_dict(target) -> dict:
-    """The target as a plain JSON-able dict (kind and attributes), as the manifest stores it."""
-    d = json.loads(str(target))
-    return {k: v for k, v in d.items() if k not in ("tag", "keys") and v not in ("", None)}
-
-
-def device_of(target):
-    return tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu(0)
 
 
 def gpu_schedule(mod, target, threads: int = 128):
-    """CUDA (written, not yet run on a GPU): the kernels carry no CPU schedule; give every block of every
-    PrimFunc a plain one, spatial loops fused and bound to blockIdx.x/threadIdx.x, reductions serial."""
+    """CUDA: the kernels carry no CPU schedule; give every block of every PrimFunc a plain one, spatial loops
+    fused and bound to blockIdx.x/threadIdx.x, reductions serial."""
     from tvm import s_tir
     out = {}
     for gv, func in mod.functions.items():
@@ -180,7 +110,11 @@ def compile_program(program: IntegerProgram, batch: int = 8, target="llvm", chec
     """With `every_value`, the module also returns every value its kernels store (`DeployedModel.values`):
     the same kernels, for locating a difference from the integer executor."""
     target = parse_target(target, check=check)
-    calls = plan_kernels(program, batch, target)
+    return compile_calls(program, plan_kernels(program, batch, target), batch, target, every_value)
+
+
+def compile_calls(program: IntegerProgram, calls: list, batch: int, target, every_value: bool = False) -> DeployedModel:
+    """The module of kernel calls already planned for `target` (`graph.plan_kernels`)."""
     mod, params = build_relax(program, calls, batch, every_value)
     if target.kind.name == "cuda":
         mod = gpu_schedule(mod, target)

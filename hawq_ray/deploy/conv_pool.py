@@ -22,9 +22,10 @@ from hawq_ray.deploy import layout
 from hawq_ray.deploy.epilogue import Value, epilogue, output_dtype
 from hawq_ray.deploy.glue import pool_out_size
 from hawq_ray.deploy.kernels import (MAX_ACC, TILE_COST, Kernel, check_channels, conv_operands, conv_out_size,
-                                     finish_dot, is_gpu, reduction_order, schedule_side_stages)
-from hawq_ray.errors import HawqError
-from hawq_ray.quant.program import Op
+                                     finish_dot, reduction_order, schedule_side_stages)
+from hawq_ray.deploy.target import capabilities
+from hawq_ray.contract import HawqError
+from hawq_ray.program.program import Op
 
 MAX_BAND = 16              # pool rows per parallel task, at most (unless the whole map fits BAND_BYTES)
 BAND_BYTES = 2 * 1024 ** 2  # a band buffer (INT32 x 16 channels) as large as this stays in a core's L2
@@ -146,10 +147,11 @@ def conv2d_max_pool_kernel(op: Op, x: Value, steps: list, pool: Op, post: list, 
     else:
         outs = [te.compute(out_value.storage_shape, lambda *i: epi.apply(pooled(*i), i), name="out")]
     func = te.create_prim_func([cv.data, cv.weight, cv.bias, *pre.const_tensors, *epi.const_tensors, *outs])
-    if not is_gpu(target):
+    caps = capabilities(target)
+    if not caps.gpu:
         func = _schedule(func, plan, needs_pad, cv.w_bits <= 4, [o.op.name for o in outs], cv.fast)
     return Kernel(name, func, [x], [*cv.consts, *pre.const_arrays, *epi.const_arrays], out_values,
-                  {"path": ("vnni" if cv.fast else "gpu" if is_gpu(target) else "generic") + "+max_pool",
+                  {"path": caps.conv_path(False, cv.fast) + "+max_pool",
                    "w_bits": cv.w_bits, "layer": op.layer})
 
 

@@ -10,9 +10,10 @@ import tvm
 from tvm import s_tir, te
 
 from hawq_ray.deploy.epilogue import Value, epilogue, output_dtype
-from hawq_ray.deploy.kernels import Kernel, is_gpu
-from hawq_ray.errors import HawqError
-from hawq_ray.quant.program import Op
+from hawq_ray.deploy.kernels import Kernel
+from hawq_ray.deploy.target import capabilities
+from hawq_ray.contract import HawqError
+from hawq_ray.program.program import Op
 
 
 def _schedule_flat(func):
@@ -26,7 +27,7 @@ def _schedule_flat(func):
 
 
 def _finish(name, func, inputs, consts, out, target, notes):
-    if not is_gpu(target):
+    if not capabilities(target).gpu:
         func = _schedule_flat(func)
     return Kernel(name, func, inputs, consts, [out], notes)
 
@@ -66,7 +67,7 @@ def pool_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str) 
     epi = epilogue(steps, out_value, extras)
     out = te.compute(out_value.storage_shape, lambda *i: epi.apply(acc[i], i), name="out")
     func = te.create_prim_func([data, *epi.extra_tensors, *epi.const_tensors, out])
-    if not is_gpu(target):
+    if not capabilities(target).gpu:
         sch = s_tir.Schedule(func)
         acc_b, out_b = sch.get_sblock("acc"), sch.get_sblock("out")
         n, c, oh, ow, ci, _, _ = sch.get_loops(acc_b)
@@ -86,7 +87,7 @@ def elementwise_kernel(steps: list, inputs: list, target, name: str) -> Kernel:
     epi = epilogue(steps, out_value, inputs[1:])
     out = te.compute(out_value.storage_shape, lambda *i: epi.apply(data[i], i), name="out")
     func = te.create_prim_func([data, *epi.extra_tensors, *epi.const_tensors, out])
-    if not is_gpu(target):
+    if not capabilities(target).gpu:
         sch = s_tir.Schedule(func)
         loops = sch.get_loops(sch.get_sblock("out"))
         if len(loops) > 1:
@@ -133,7 +134,7 @@ def concat_kernel(op: Op, inputs: list, steps: list, extras: list, target, name:
     epi = epilogue(steps, out_value, extras)
     out = te.compute(out_value.storage_shape, lambda *i: epi.apply(cat[i], i), name="out")
     func = te.create_prim_func([*tens, *epi.extra_tensors, *epi.const_tensors, out])
-    if not is_gpu(target):
+    if not capabilities(target).gpu:
         sch = s_tir.Schedule(func)
         sch.compute_inline(sch.get_sblock("cat"))
         func = _schedule_flat(sch.mod["main"])

@@ -1,7 +1,7 @@
 """IntegerProgram -> one Relax module that calls one kernel per layer.
 
 Step 0: an exact reordering so a max pool runs on narrow values (`requantize_before_max_pool`),
-and value ranges derived by interval arithmetic so values are stored as narrow as they are (`ranges.py`).
+and value ranges derived by interval arithmetic so values are stored as narrow as they are (`program.ranges`).
 Step 1 (`plan_groups`): cut the op list into kernels. A kernel starts at an anchor op (conv2d, dense, pooling,
 concat, flatten, or an elementwise op nobody absorbed) and absorbs the elementwise ops that follow while the
 value between them has a single consumer. A kernel is emitted where its last op stood, so the other operand
@@ -11,8 +11,9 @@ outputs of the conv kernel and the INT32 value is never stored (not for grouped 
 one output). A max pool (stride >= 2) that alone reads a
 conv chain's end joins the conv's kernel (`conv_pool.py`), with the elementwise ops or requantize fan-out
 after it: the stem's 112x112 map is pooled in cache and never stored.
-Step 2 (`plan_kernels`): build each group's kernel (`kernels.py`, `conv_pool.py`, `glue.py`) in emission
-order, tracking the storage of every value. The image enters as NCHW int8 and is blocked once; rank-4
+Step 2 (`plan_kernels`): build each group's kernel in emission order -- the `kernel` of its anchor op's
+registry entry (`hawq_ray.ops`: `kernels.py`, `conv_pool.py`, `glue.py`), or a standalone elementwise chain --
+tracking the storage of every value. The image enters as NCHW int8 and is blocked once; rank-4
 outputs are unblocked once.
 Step 3 (`build_relax`): a BlockBuilder emits `call_tir` for each kernel; constants become parameters.
 """
@@ -23,13 +24,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from tvm import relax
 
+from hawq_ray.contract import HawqError
 from hawq_ray.deploy import glue, layout
-from hawq_ray.deploy.conv_pool import conv2d_max_pool_kernel, fusable_max_pool
-from hawq_ray.deploy.epilogue import ELEMENTWISE, Value, storage_dtype
-from hawq_ray.deploy.kernels import Kernel, conv2d_kernel, dense_kernel
-from hawq_ray.deploy.ranges import narrow_ranges
-from hawq_ray.errors import HawqError
-from hawq_ray.quant.program import IntegerProgram, Op
+from hawq_ray.deploy.conv_pool import fusable_max_pool
+from hawq_ray.deploy.epilogue import Value, storage_dtype
+from hawq_ray.deploy.kernels import Kernel, kernel_name
+from hawq_ray.ops import PROGRAM_OPS, elementwise
+from hawq_ray.program.program import IntegerProgram, Op
+from hawq_ray.program.ranges import narrow_ranges
 
 
 @dataclass
@@ -52,9 +54,8 @@ class Call:
 
 
 def _channelwise(op: Op) -> bool:
-    """A requantize whose constants do not vary over H and W (so it commutes with max pooling)."""
-    return op.op == "requantize" and all(
-        np.size(c) == 1 or (np.ndim(c) >= 3 and np.shape(c)[-2:] == (1, 1)) for c in op.consts.values())
+    """An elementwise op that commutes with max pooling (monotone, the same per channel)."""
+    return op.op in PROGRAM_OPS and PROGRAM_OPS[op.op].channelwise(op)
 
 
 def _fuses_after_conv(ops: list, pool: Op, readers: dict) -> bool:
@@ -69,7 +70,7 @@ def _fuses_after_conv(ops: list, pool: Op, readers: dict) -> bool:
         op = producer[name]
         if op.op == "conv2d":
             return op.attrs.get("groups", 1) == 1
-        if not (op.op == "relu" or _channelwise(op)):
+        if not _channelwise(op):
             return False
         name = op.inputs[0]
     return False
@@ -92,7 +93,8 @@ def requantize_before_max_pool(ops: list, program_output: str, narrow: set = fro
             continue
         rs = readers.get(op.output, [])
         if op.op == "max_pool2d" and op.output != program_output and rs and \
-                not _fuses_after_conv(ops, op, readers) and all(_channelwise(ops[j]) for j in rs) and \
+                not _fuses_after_conv(ops, op, readers) and \
+                all(ops[j].op == "requantize" and _channelwise(ops[j]) for j in rs) and \
                 (len(rs) == 1 or all(ops[j].output in narrow for j in rs)):
             for j in rs:
                 rq = ops[j]
@@ -124,10 +126,10 @@ def plan_groups(program: IntegerProgram, ops: list | None = None) -> list[Group]
         if i in absorbed:
             continue
         args = list(op.inputs)
-        steps = [op] if op.op in ELEMENTWISE else []
-        if op.op in ELEMENTWISE:   # a standalone chain reads its first operand, then the adds' other ones
+        steps = [op] if elementwise(op.op) else []
+        if elementwise(op.op):   # a standalone chain reads its first operand, then binary steps' second ones
             args = [op.inputs[0]]
-            if op.op == "add":
+            if PROGRAM_OPS[op.op].binary:
                 args.append(op.inputs[1])
         cur, last = op.output, i
 
@@ -136,9 +138,10 @@ def plan_groups(program: IntegerProgram, ops: list | None = None) -> list[Group]
             while uses.get(cur) == 1 and cur in readers and readers[cur][0] > last:
                 j = readers[cur][0]
                 nxt = ops[j]
-                if nxt.op not in ELEMENTWISE or j in absorbed or (nxt.op == "add" and not allow_add):
+                binary = elementwise(nxt.op) and PROGRAM_OPS[nxt.op].binary
+                if not elementwise(nxt.op) or j in absorbed or (binary and not allow_add):
                     break    # a residual add rides with a conv (the big kernel), not with a pool or a requantize
-                if nxt.op == "add":
+                if binary:
                     a, b = nxt.inputs
                     args.append(b if a == cur else a)
                 chain.append(nxt)
@@ -153,7 +156,7 @@ def plan_groups(program: IntegerProgram, ops: list | None = None) -> list[Group]
             absorbed.add(j)
             cur, last = pool.output, j
             absorb(post, False)
-        anchor_steps = steps[1:] if op.op in ELEMENTWISE else steps
+        anchor_steps = steps[1:] if elementwise(op.op) else steps
         fan = readers.get(cur, [])
         if op.op == "conv2d" and op.attrs.get("groups", 1) == 1 and cur != program.output and len(fan) > 1 and \
                 all(ops[j].op == "requantize" and j not in absorbed and ops[j].inputs == [cur]
@@ -166,31 +169,17 @@ def plan_groups(program: IntegerProgram, ops: list | None = None) -> list[Group]
     return sorted(groups, key=lambda g: g.last)
 
 
-def _kernel_name(op: Op) -> str:
-    base = op.layer or op.output
-    return f"{op.op}_" + "".join(ch if ch.isalnum() else "_" for ch in str(base))
-
-
 def group_kernel(group: Group, values: dict, target) -> Kernel:
-    op, steps = group.anchor, group.steps
+    """The kernel of a group: its anchor op's registry `kernel`, or a standalone elementwise chain."""
+    op = group.anchor
     ins = [values[a] for a in group.args]
-    name = _kernel_name(op)
-    if op.op == "conv2d" and group.pool is not None:
-        return conv2d_max_pool_kernel(op, ins[0], steps, group.pool, group.post, target, name, group.fanout)
-    if op.op == "conv2d":
-        return conv2d_kernel(op, ins[0], steps, ins[1:], target, name, fanout=group.fanout)
-    if op.op == "dense":
-        return dense_kernel(op, ins[0], steps, ins[1:], target, name)
-    if op.op in ("sum_pool2d", "max_pool2d"):
-        return glue.pool_kernel(op, ins[0], steps, ins[1:], target, name)
-    if op.op == "concat":
-        k = len(op.inputs)
-        return glue.concat_kernel(op, ins[:k], steps, ins[k:], target, name)
-    if op.op == "flatten":
-        return glue.flatten_kernel(op, ins[0], steps, ins[1:], target, name)
-    if op.op in ELEMENTWISE:
-        return glue.elementwise_kernel([op, *steps], ins, target, name)
-    raise HawqError(f"{op.output}: op {op.op!r} has no TVM kernel")
+    name = kernel_name(op)
+    if elementwise(op.op):
+        return glue.elementwise_kernel([op, *group.steps], ins, target, name)
+    entry = PROGRAM_OPS.get(op.op)
+    if entry is None or entry.kernel is None:
+        raise HawqError(f"{op.output}: op {op.op!r} has no TVM kernel")
+    return entry.kernel(group, ins, target, name)
 
 
 def plan_kernels(program: IntegerProgram, batch: int, target) -> list[Call]:

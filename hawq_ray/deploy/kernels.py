@@ -18,10 +18,11 @@ import numpy as np
 import tvm
 from tvm import s_tir, te
 
+from hawq_ray.contract import HawqError
 from hawq_ray.deploy import amx, layout
 from hawq_ray.deploy.epilogue import Value, epilogue, output_dtype
-from hawq_ray.errors import HawqError
-from hawq_ray.quant.program import Op
+from hawq_ray.deploy.target import capabilities
+from hawq_ray.program.program import Op
 
 
 @dataclass
@@ -39,15 +40,10 @@ class Kernel:
         return self.outputs[0]
 
 
-def target_has_vnni(target) -> bool:
-    if target.kind.name != "llvm":
-        return False
-    from tvm.target.codegen import llvm_cpu_has_features
-    return bool(llvm_cpu_has_features("avx512vnni", target))
-
-
-def is_gpu(target) -> bool:
-    return target.kind.name in ("cuda", "rocm", "vulkan", "metal", "opencl")
+def kernel_name(op: Op) -> str:
+    """`<op>_<layer or value>`, letters and digits only: the kernel's name in the compiled module."""
+    base = op.layer or op.output
+    return f"{op.op}_" + "".join(ch if ch.isalnum() else "_" for ch in str(base))
 
 
 def conv_out_size(size, k, s, p, d):
@@ -193,7 +189,7 @@ def conv_operands(op: Op, x: Value, target) -> ConvOperands:
     w = np.asarray(op.consts["weight"])
     O, Ig, KH, KW = w.shape
     check_channels(op, x)
-    fast = target_has_vnni(target) and x.dtype in ("uint8", "int8")
+    fast = capabilities(target).vnni and x.dtype in ("uint8", "int8")
     shift_input = fast and x.dtype == "int8"
     w_bits = int(op.attrs.get("w_bits", 8))
     bias = _bias(op, O)
@@ -228,8 +224,9 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     out_values = [Value(out_value.shape, output_dtype(f), 16) for f in fanout] or [out_value]
 
     cv = conv_operands(op, x, target)
+    caps = capabilities(target)
     Ob = layout.ceil_to(O, 16) // 16
-    use_amx = cv.fast and amx.target_has_amx(target) and \
+    use_amx = cv.fast and caps.amx and \
         amx.amx_conv_applies(x.dtype, x.storage_shape[1], x.block, cv.kernel, cv.stride, cv.dilation, groups, OW, Ob)
     b_ph = cv.bias
     if use_amx:      # input rows WS apart, output rows and columns rounded up to the AMX block (`amx.py`)
@@ -238,7 +235,7 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
         src, needs_pad = cv.source_rows(x, ph, pw, OHp + KH - 1, WS)
         acc = cv.accumulate(src, (N, Ob, OHp, OWp, 16), row_stride=WS)
     else:
-        tile = _tile(OH, OW) if not is_gpu(target) else (1, 1)
+        tile = _tile(OH, OW) if not caps.gpu else (1, 1)
         OHp, OWp = -(-OH // tile[0]) * tile[0], -(-OW // tile[1]) * tile[1]
         src, needs_pad = cv.source(x, ph, pw, (OHp - 1) * sh + dh * (KH - 1) + 1,
                                    (OWp - 1) * sw + dw * (KW - 1) + 1)
@@ -260,11 +257,11 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     func = te.create_prim_func([cv.data, *epi.extra_tensors, cv.weight, b_ph, *epi.const_tensors, *outs])
     int4 = cv.w_bits <= 4
     weights_outer = w.size * cv.w_bits // 8 > x.storage_shape[1] * x.block * H * W
-    if not is_gpu(target):
+    if not caps.gpu:
         func = _schedule_conv(func, None if use_amx else tile, needs_pad, int4, len(fanout) or 1, weights_outer,
                               cv.fast, amx.conv_intrinsic(x.storage_shape[1], KH, KW, WS) if use_amx else None)
-    path = "amx" if use_amx else "vnni" if cv.fast else "gpu" if is_gpu(target) else "generic"
-    return Kernel(name or _name("conv", op), func, [x, *extras], [*cv.consts, *epi.const_arrays], out_values,
+    path = caps.conv_path(use_amx, cv.fast)
+    return Kernel(name or kernel_name(op), func, [x, *extras], [*cv.consts, *epi.const_arrays], out_values,
                   {"path": path, "w_bits": cv.w_bits, "layer": op.layer})
 
 
@@ -382,13 +379,13 @@ def _grouped_conv(op, x, steps, extras, target, name, out_value):
                      lambda n, o, h, ww, oi: epi.apply(acc[n, o, h, ww, oi] + b_ph[o, oi], (n, o, h, ww, oi)),
                      name="out")
     func = te.create_prim_func([data, *epi.extra_tensors, w_ph, b_ph, *epi.const_tensors, out])
-    if not is_gpu(target):
+    if not capabilities(target).gpu:
         sch = s_tir.Schedule(func)
         for blk in ("acc", "out"):
             loops = sch.get_loops(sch.get_sblock(blk))
             sch.parallel(sch.fuse(*loops[:3]))
         func = sch.mod["main"]
-    return Kernel(name or _name("conv", op), func, [x, *extras], [w_arr, bias_arr, *epi.const_arrays], [out_value],
+    return Kernel(name or kernel_name(op), func, [x, *extras], [w_arr, bias_arr, *epi.const_arrays], [out_value],
                   {"path": "grouped", "w_bits": 8, "layer": op.layer})
 
 
@@ -402,7 +399,8 @@ def dense_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str 
     if Ix != I:
         raise HawqError(f"{op.layer or op.output}: weight expects {I} inputs, input has {Ix}")
     out_value = Value((N, O), output_dtype(steps[-1] if steps else op), None)
-    fast = target_has_vnni(target) and x.dtype in ("uint8", "int8")
+    caps = capabilities(target)
+    fast = caps.vnni and x.dtype in ("uint8", "int8")
     shift_input = fast and x.dtype == "int8"
     w_bits = int(op.attrs.get("w_bits", 8))
     bias = _bias(op, O)
@@ -434,10 +432,10 @@ def dense_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str 
     epi = epilogue(steps, out_value, extras)
     out = te.compute((N, O), lambda n, o: epi.apply(acc[n, o // 16, o % 16] + b_ph[o], (n, o)), name="out")
     func = te.create_prim_func([data, *epi.extra_tensors, w_ph, b_ph, *epi.const_tensors, out])
-    if not is_gpu(target):
+    if not caps.gpu:
         func = _schedule_dense(func, N, O, fast, needs_pad, w_bits <= 4)
-    return Kernel(name or _name("dense", op), func, [x, *extras], [w_arr, bias_arr, *epi.const_arrays],
-                  [out_value], {"path": "vnni" if fast else ("gpu" if is_gpu(target) else "generic"),
+    return Kernel(name or kernel_name(op), func, [x, *extras], [w_arr, bias_arr, *epi.const_arrays],
+                  [out_value], {"path": caps.conv_path(False, fast),
                                 "w_bits": w_bits, "layer": op.layer})
 
 
@@ -466,8 +464,3 @@ def _schedule_dense(func, N: int, O: int, fast: bool, has_pad: bool, int4: bool)
         sch.parallel(loops[0])
         sch.vectorize(sch.fuse(*sch.split(loops[2], [2, 8])[1:], loops[3]))
     return sch.mod["main"]
-
-
-def _name(kind: str, op: Op) -> str:
-    base = op.layer or op.output
-    return f"{kind}_" + "".join(ch if ch.isalnum() else "_" for ch in str(base))

@@ -10,11 +10,12 @@ import tvm
 
 from hawq_ray.deploy import layout, vnni  # noqa: F401  (vnni registers the intrinsic)
 from hawq_ray.deploy.amx import enable_amx
-from hawq_ray.deploy.build import device_of, gpu_schedule, parse_target
+from hawq_ray.deploy.build import gpu_schedule
+from hawq_ray.deploy.target import as_target, device_of
 from hawq_ray.deploy.epilogue import Value
 from hawq_ray.deploy.kernels import Kernel, conv2d_kernel, dense_kernel
-from hawq_ray.errors import HawqError
-from hawq_ray.quant.program import Op
+from hawq_ray.contract import HawqError
+from hawq_ray.program.program import Op
 
 
 def default_requantize(channels: int, rank: int, out_bits: int = 8) -> Op:
@@ -32,7 +33,7 @@ def build_layer_kernel(op: Op, input_shape, target="llvm", steps=None, input_dty
     `steps` are the elementwise ops fused after it (default: a per-channel requantize to uint8, the usual
     case); `input_dtype` defaults to int8 for a signed input (`x_signed`) and uint8 otherwise.
     """
-    target = parse_target(target) if not isinstance(target, tvm.target.Target) else target
+    target = as_target(target)
     dtype = input_dtype or ("int8" if op.attrs.get("x_signed") else "uint8")
     shape = tuple(int(s) for s in input_shape)
     if op.op == "conv2d":
@@ -51,7 +52,7 @@ def build_layer_kernel(op: Op, input_shape, target="llvm", steps=None, input_dty
 
 def compile_kernel(kernel: Kernel, target="llvm"):
     """A runtime module with `time_evaluator`; call it as mod(*inputs, *consts, out)."""
-    target = parse_target(target) if not isinstance(target, tvm.target.Target) else target
+    target = as_target(target)
     mod = tvm.IRModule({"main": kernel.func.with_attr("global_symbol", "main")})
     if target.kind.name == "cuda":
         mod = gpu_schedule(mod, target)
@@ -75,7 +76,7 @@ def kernel_args(kernel: Kernel, dev, seed: int = 0) -> list:
 
 def time_kernel(kernel: Kernel, target="llvm", number: int = 10, repeat: int = 5, compiled=None) -> list:
     """Per-run milliseconds of `repeat` measurements (each the mean of `number` runs, after one warm-up run)."""
-    target = parse_target(target) if not isinstance(target, tvm.target.Target) else target
+    target = as_target(target)
     mod = compiled or compile_kernel(kernel, target)
     dev = device_of(target)
     args = kernel_args(kernel, dev)
@@ -87,7 +88,7 @@ def time_kernel(kernel: Kernel, target="llvm", number: int = 10, repeat: int = 5
 def run_kernel(kernel: Kernel, inputs: list, target="llvm", compiled=None):
     """Run a kernel on logical-layout numpy inputs ((N, C, H, W) or (N, C)); returns the logical output
     (a list of them for a kernel with several outputs)."""
-    target = parse_target(target) if not isinstance(target, tvm.target.Target) else target
+    target = as_target(target)
     mod = compiled or compile_kernel(kernel, target)
     dev = device_of(target)
     args = []
@@ -103,21 +104,10 @@ def run_kernel(kernel: Kernel, inputs: list, target="llvm", compiled=None):
 
 
 def kernel_signature(kernel: Kernel) -> str:
-    """A key that is equal for kernels with the same code and argument shapes (constants' values aside):
-    layers with identical kernels need to be built and timed only once."""
-    import tvm_ffi
-    return f"{tvm_ffi.structural_hash(kernel.func) & (2**64 - 1):016x}"
-
-
-def model_kernel_times(program, batch: int, target="llvm", number: int = 5, repeat: int = 3) -> list:
-    """Time every kernel the whole-model build calls, in order: [(kernel name, layer or None, ms)].
-    Their sum is the model's latency less the VM's call overhead; glue kernels have layer None."""
-    from hawq_ray.deploy.graph import plan_kernels
-    target = parse_target(target) if not isinstance(target, tvm.target.Target) else target
-    rows, seen = [], {}
-    for call in plan_kernels(program, batch, target):
-        key = kernel_signature(call.kernel)
-        if key not in seen:
-            seen[key] = float(np.median(time_kernel(call.kernel, target, number, repeat)))
-        rows.append((call.kernel.name, call.kernel.notes.get("layer"), seen[key]))
-    return rows
+    """sha256 of the kernel's scheduled TIR (shapes, dtypes, schedule; not its name or constant values): equal
+    for kernels that compile to the same code, stable across processes (disk caches are keyed by it)."""
+    import hashlib
+    func = kernel.func
+    if func.attrs is not None and "global_symbol" in func.attrs:
+        func = func.without_attr("global_symbol")
+    return hashlib.sha256(func.script().encode()).hexdigest()[:32]

@@ -1,28 +1,25 @@
 """Trace a CNN with torch.fx into the small graph that quantization works on.
 
-Supported: Conv2d (+ a BatchNorm2d right after it, folded), Linear, ReLU, add, cat (channels), avg/max
-pooling, global average pooling, flatten/view(N, -1), dropout/identity. Anything else is an error that names
-the module and its type.
+Each fx call becomes a node of a kind from the op registry (`hawq_ray.ops`: the module types, functions and
+tensor methods each kind converts); a BatchNorm2d right after a conv is folded into it, Dropout and Identity
+vanish, and shape queries (`x.size()`, `x.shape[0]` as a view argument) are skipped. Anything else is an
+error that names the module and its type.
 """
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from hawq_ray.errors import HawqError
-
-SUPPORTED = ("Conv2d (+BatchNorm2d), Linear, ReLU, add, cat, AvgPool2d, MaxPool2d, AdaptiveAvgPool2d(1), "
-             "flatten/view, Dropout, Identity")
+from hawq_ray.contract import HawqError
+from hawq_ray.ops import GRAPH_NODES
 
 
 @dataclass
 class GNode:
     name: str
-    kind: str                      # input conv linear relu add cat avgpool maxpool flatten output
+    kind: str                      # "input", or a kind of the op registry
     inputs: list[str]
     layer: str | None = None       # qualified module name (conv/linear)
     module: nn.Module | None = None
@@ -41,7 +38,7 @@ class Graph:
         return {n.name: n for n in self.nodes}
 
     def layer_nodes(self) -> list[GNode]:
-        return [n for n in self.nodes if n.kind in ("conv", "linear")]
+        return [n for n in self.nodes if n.kind in GRAPH_NODES and GRAPH_NODES[n.kind].layer]
 
     def users(self) -> dict[str, list[GNode]]:
         out: dict[str, list[GNode]] = {n.name: [] for n in self.nodes}
@@ -50,16 +47,51 @@ class Graph:
                 out[i].append(n)
         return out
 
+    @property
+    def input_name(self) -> str:
+        return next(n.name for n in self.nodes if n.kind == "input")
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+def supported() -> str:
+    return ", ".join([e.supported for e in GRAPH_NODES.values() if e.supported] + ["Dropout", "Identity"])
 
 
-def _pool_attrs(kind, kernel, stride, padding, ceil_mode, dilation=1, count_include_pad=True):
-    stride = kernel if stride is None or stride == [] else stride
-    return {"kernel": _pair(kernel), "stride": _pair(stride), "padding": _pair(padding),
-            "dilation": _pair(dilation), "ceil_mode": bool(ceil_mode),
-            "count_include_pad": bool(count_include_pad)}
+class _Tracer:
+    """What a converter sees: `node(...)` makes a graph node of fx node `n` (its tensor arguments mapped to
+    graph nodes), `unsupported(...)` raises the error that names the module and its type."""
+
+    def __init__(self):
+        self.nodes: list[GNode] = []
+        self.alias: dict[str, str] = {}        # fx node name -> graph node name
+        self.by_name: dict[str, GNode] = {}
+
+    def src(self, a) -> str:
+        if not isinstance(a, fx.Node):
+            raise HawqError(f"unsupported non-tensor argument {a!r} in the model graph")
+        if a.name not in self.alias:
+            raise HawqError(f"value {a.name!r} is used as a tensor but is not one the quantizer supports")
+        return self.alias[a.name]
+
+    def node(self, n: fx.Node, kind: str, args: list, **kw) -> GNode:
+        return GNode(n.name, kind, [self.src(a) for a in args], **kw)
+
+    def add(self, node: GNode) -> None:
+        self.nodes.append(node)
+        self.by_name[node.name] = node
+        self.alias[node.name] = node.name
+
+    @staticmethod
+    def unsupported(what: str, typ: str):
+        raise HawqError(f"cannot quantize {what} of type {typ}; supported: {supported()}")
+
+
+def _entry_for(n: fx.Node, module):
+    for e in GRAPH_NODES.values():
+        if (module is not None and isinstance(module, e.modules)) or \
+                (n.op == "call_function" and n.target in e.functions) or \
+                (n.op == "call_method" and n.target in e.methods):
+            return e
+    return None
 
 
 def trace_graph(model: nn.Module) -> Graph:
@@ -69,128 +101,57 @@ def trace_graph(model: nn.Module) -> Graph:
         raise HawqError(f"model {type(model).__name__} is not torch.fx-traceable: "
                         f"{str(e).splitlines()[0]}") from None
     modules = dict(gm.named_modules())
-    nodes: list[GNode] = []
-    alias: dict[str, str] = {}        # fx node name -> graph node name
-    by_name: dict[str, GNode] = {}
     fx_users = {n.name: list(n.users) for n in gm.graph.nodes}
+    t = _Tracer()
     output = None
-
-    def src(a) -> str:
-        if not isinstance(a, fx.Node):
-            raise HawqError(f"unsupported non-tensor argument {a!r} in the model graph")
-        if a.name not in alias:
-            raise HawqError(f"value {a.name!r} is used as a tensor but is not one the quantizer supports")
-        return alias[a.name]
-
-    def add(node: GNode):
-        nodes.append(node)
-        by_name[node.name] = node
-        alias[node.name] = node.name
-
-    def unsupported(what: str, typ: str):
-        raise HawqError(f"cannot quantize {what} of type {typ}; supported: {SUPPORTED}")
-
     for n in gm.graph.nodes:
         if n.op == "placeholder":
-            if any(x.kind == "input" for x in nodes):
+            if any(x.kind == "input" for x in t.nodes):
                 raise HawqError("model takes more than one input; hawq-ray quantizes single-input CNNs")
-            add(GNode(n.name, "input", []))
+            t.add(GNode(n.name, "input", []))
         elif n.op == "get_attr":
-            unsupported(f"attribute {n.target!r}", "get_attr (a tensor constant in forward)")
-        elif n.op == "call_module":
-            m = modules[n.target]
-            if isinstance(m, nn.Conv2d):
-                if m.padding_mode != "zeros" or isinstance(m.padding, str):
-                    unsupported(f"module {n.target!r} (padding {m.padding!r}, mode {m.padding_mode})",
-                                type(m).__name__)
-                add(GNode(n.name, "conv", [src(n.args[0])], layer=n.target, module=m,
-                          attrs={"stride": _pair(m.stride), "padding": _pair(m.padding),
-                                 "dilation": _pair(m.dilation), "groups": m.groups}))
-            elif isinstance(m, nn.Linear):
-                add(GNode(n.name, "linear", [src(n.args[0])], layer=n.target, module=m))
-            elif isinstance(m, nn.BatchNorm2d):
-                prev = by_name.get(alias.get(n.args[0].name, ""))
-                if prev is None or prev.kind != "conv" or prev.bn is not None \
-                        or len(fx_users[n.args[0].name]) != 1:
-                    unsupported(f"module {n.target!r} (a BatchNorm2d not directly after a conv)",
-                                type(m).__name__)
-                prev.bn, prev.bn_name = m, n.target
-                alias[n.name] = prev.name
-            elif isinstance(m, nn.ReLU):
-                add(GNode(n.name, "relu", [src(n.args[0])]))
-            elif isinstance(m, (nn.Dropout, nn.Identity)):
-                alias[n.name] = src(n.args[0])
-            elif isinstance(m, nn.MaxPool2d):
-                add(GNode(n.name, "maxpool", [src(n.args[0])],
-                          attrs=_pool_attrs("max", m.kernel_size, m.stride, m.padding, m.ceil_mode,
-                                            m.dilation)))
-            elif isinstance(m, nn.AvgPool2d):
-                if m.divisor_override is not None:
-                    unsupported(f"module {n.target!r} (divisor_override)", type(m).__name__)
-                add(GNode(n.name, "avgpool", [src(n.args[0])],
-                          attrs=_pool_attrs("avg", m.kernel_size, m.stride, m.padding, m.ceil_mode,
-                                            1, m.count_include_pad)))
-            elif isinstance(m, nn.AdaptiveAvgPool2d) and _pair(m.output_size) == (1, 1):
-                add(GNode(n.name, "avgpool", [src(n.args[0])], attrs={"global": True}))
-            elif isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
-                add(GNode(n.name, "flatten", [src(n.args[0])]))
-            else:
-                unsupported(f"module {n.target!r}", type(m).__name__)
-        elif n.op == "call_function":
-            f = n.target
-            if f in (operator.add, torch.add, operator.iadd) and len(n.args) == 2 and not n.kwargs:
-                add(GNode(n.name, "add", [src(n.args[0]), src(n.args[1])]))
-            elif f is torch.cat:
-                tensors = n.args[0]
-                dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
-                if dim != 1:
-                    unsupported(f"torch.cat at {n.name!r} along dim {dim}", "cat (only dim=1)")
-                add(GNode(n.name, "cat", [src(t) for t in tensors]))
-            elif f in (torch.relu, F.relu):
-                add(GNode(n.name, "relu", [src(n.args[0])]))
-            elif f is torch.flatten and (n.args[1:] or (n.kwargs.get("start_dim", 0),)) in ((1,), (1, -1)):
-                add(GNode(n.name, "flatten", [src(n.args[0])]))
-            elif f is F.adaptive_avg_pool2d and _pair(n.args[1] if len(n.args) > 1
-                                                      else n.kwargs["output_size"]) == (1, 1):
-                add(GNode(n.name, "avgpool", [src(n.args[0])], attrs={"global": True}))
-            elif f is getattr and n.args[1] == "shape":
-                continue
-            elif f is operator.getitem and isinstance(n.args[0], fx.Node) and n.args[0].name not in alias:
-                continue  # x.shape[0] used as a view argument
-            else:
-                unsupported(f"function {getattr(f, '__name__', f)!r} at {n.name!r}", "call_function")
-        elif n.op == "call_method":
-            if n.target == "size":
-                continue
-            if n.target in ("view", "reshape") and len(n.args) == 3 and n.args[2] == -1:
-                add(GNode(n.name, "flatten", [src(n.args[0])]))
-            elif n.target == "flatten" and tuple(n.args[1:]) in ((1,), (1, -1)):
-                add(GNode(n.name, "flatten", [src(n.args[0])]))
-            elif n.target == "relu":
-                add(GNode(n.name, "relu", [src(n.args[0])]))
-            elif n.target == "add" and len(n.args) == 2:
-                add(GNode(n.name, "add", [src(n.args[0]), src(n.args[1])]))
-            else:
-                unsupported(f"method .{n.target}() at {n.name!r}", "call_method")
+            t.unsupported(f"attribute {n.target!r}", "get_attr (a tensor constant in forward)")
         elif n.op == "output":
-            out = n.args[0]
-            if not isinstance(out, fx.Node):
+            if not isinstance(n.args[0], fx.Node):
                 raise HawqError("model returns more than one tensor; hawq-ray quantizes single-output CNNs")
-            output = src(out)
-    _mark_nonneg(nodes)
-    graph = Graph(nodes=nodes, output=output)
+            output = t.src(n.args[0])
+        elif _structural(t, n, modules, fx_users):
+            continue
+        else:
+            m = modules[n.target] if n.op == "call_module" else None
+            entry = _entry_for(n, m)
+            node = entry.convert(t, n, m) if entry is not None else None
+            if node is None:
+                what = {"call_module": f"module {n.target!r}", "call_method": f"method .{n.target}() at {n.name!r}",
+                        "call_function": f"function {getattr(n.target, '__name__', n.target)!r} at {n.name!r}"}
+                t.unsupported(what[n.op], type(m).__name__ if m is not None else n.op)
+            t.add(node)
+    for node in t.nodes:    # nonneg: by construction (ReLU), or inherited through shape-keeping ops
+        entry = GRAPH_NODES.get(node.kind)
+        node.nonneg = entry is not None and bool(entry.nonneg([t.by_name[i].nonneg for i in node.inputs]))
+    graph = Graph(nodes=t.nodes, output=output)
     if not graph.layer_nodes():
         raise HawqError(f"model {type(model).__name__} has no quantizable layer (Conv2d or Linear)")
     return graph
 
 
-def _mark_nonneg(nodes: list[GNode]) -> None:
-    known = {}
-    for n in nodes:
-        if n.kind == "relu":
-            n.nonneg = True
-        elif n.kind in ("avgpool", "maxpool", "flatten", "add", "cat"):
-            n.nonneg = all(known[i] for i in n.inputs)
-        else:
-            n.nonneg = False
-        known[n.name] = n.nonneg
+def _structural(t: _Tracer, n: fx.Node, modules: dict, fx_users: dict) -> bool:
+    """Calls that make no node of their own: BN folded into the conv before it, Dropout / Identity, shape
+    queries. True when `n` was one of them (and handled)."""
+    if n.op == "call_module":
+        m = modules[n.target]
+        if isinstance(m, nn.BatchNorm2d):
+            prev = t.by_name.get(t.alias.get(n.args[0].name, ""))
+            if prev is None or prev.kind != "conv" or prev.bn is not None or len(fx_users[n.args[0].name]) != 1:
+                t.unsupported(f"module {n.target!r} (a BatchNorm2d not directly after a conv)", type(m).__name__)
+            prev.bn, prev.bn_name = m, n.target
+            t.alias[n.name] = prev.name
+            return True
+        if isinstance(m, (nn.Dropout, nn.Identity)):
+            t.alias[n.name] = t.src(n.args[0])
+            return True
+        return False
+    if n.op == "call_function":
+        return (n.target is getattr and n.args[1] == "shape") or (
+            n.target is operator.getitem and isinstance(n.args[0], fx.Node) and n.args[0].name not in t.alias)
+    return n.op == "call_method" and n.target == "size"

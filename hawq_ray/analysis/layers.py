@@ -1,0 +1,86 @@
+"""The layer table of a model: its first columns (layer, kind, params, macs, group, fixed_bits; the schema is
+`contract.table`), from the traced graph and one forward pass."""
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from torch import nn
+
+from hawq_ray.contract.table import FIXED_BITS
+from hawq_ray.quant.graph import Graph, trace_graph
+
+
+def probe_forward(model: nn.Module, input_shape, hooks: dict) -> None:
+    """One eval-mode, no-grad forward pass at batch 1 with forward hooks {module name: hook(mod, inp, out)}
+    attached; hooks are removed and the model's train/eval mode restored afterwards."""
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(fn) for name, fn in hooks.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape)))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+def layer_macs(model: nn.Module, input_shape) -> dict[str, int]:
+    """Multiply-accumulates per sample of every Conv2d / Linear, from one forward pass at batch 1."""
+    macs, hooks = {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            def hook(mod, inp, out, name=name):
+                k = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+                macs[name] = macs.get(name, 0) + int(out[0].numel()) * k
+        elif isinstance(m, nn.Linear):
+            def hook(mod, inp, out, name=name):
+                macs[name] = macs.get(name, 0) + mod.in_features * mod.out_features
+        else:
+            continue
+        hooks[name] = hook
+    probe_forward(model, input_shape, hooks)
+    return macs
+
+
+def layer_groups(graph: Graph) -> dict[str, str]:
+    """A shortcut (downsample) conv shares bits with the conv that reads the same input beside it."""
+    users = graph.users()
+    groups = {}
+    for node in graph.layer_nodes():
+        if node.kind != "conv" or not any(u.kind == "add" for u in users[node.name]):
+            continue
+        siblings = [u for u in users[node.inputs[0]] if u.kind == "conv" and u is not node]
+        if siblings:
+            groups[node.layer] = groups[siblings[0].layer] = siblings[0].layer
+    return groups
+
+
+def fixed_layers(graph: Graph) -> dict[str, int]:
+    """Layers that read the model input or produce its output keep 8 bits."""
+    out = {}
+    for node in graph.layer_nodes():
+        if graph.input_name in node.inputs or node.name == graph.output:
+            out[node.layer] = FIXED_BITS
+    return out
+
+
+def layer_table(model: nn.Module, input_shape, graph: Graph | None = None) -> pd.DataFrame:
+    """One row per conv / linear layer of `model` in execution order (`graph`: its trace, if at hand)."""
+    graph = trace_graph(model) if graph is None else graph
+    macs = layer_macs(model, input_shape)
+    groups, fixed = layer_groups(graph), fixed_layers(graph)
+    rows = []
+    for node in graph.layer_nodes():
+        rows.append({
+            "layer": node.layer,
+            "kind": node.kind,
+            "params": int(node.module.weight.numel()),
+            "macs": int(macs.get(node.layer, 0)),
+            "group": groups.get(node.layer, ""),
+            "fixed_bits": fixed.get(node.layer, pd.NA),
+        })
+    table = pd.DataFrame(rows)
+    table["fixed_bits"] = table["fixed_bits"].astype("Int64")
+    return table

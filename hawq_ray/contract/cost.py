@@ -1,0 +1,54 @@
+"""The cost of a bit configuration, as HAWQ-V3 counts it, and the sensitivity it minimizes. Each formula is
+written once here; the solver evaluates them per layer and bit width, the stages sum them per config.
+
+    Omega_i(b)   = Tr(H_i) / n_i * ||Q_b(W_i) - W_i||^2         HAWQ-V3 Eq. 8 (n_i = params of layer i;
+                                                                  a negative trace estimate counts as 0)
+    size_i(b)    = n_i * b / 8 bytes, in MiB (2^20 bytes)        the model-size sum of Eq. 9
+    bops_i(b)    = MACs_i * b * b, in GBOPS (1e9)                 the BOPS sum of Eq. 9 (activations at the
+                                                                  layer's weight bits)
+    latency_i(b) = the measured lat{b}_ms of the layer            the latency sum of Eq. 9
+A config's size, BOPS and latency are the sums over its layers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from hawq_ray.contract.table import lat_col
+
+MIB = 2 ** 20          # bytes in a MiB
+GIGA = 1e9             # BOPS in a GBOPS
+RESOURCES = ("size_mib", "gbops", "latency_ms")
+
+
+def omega(trace, params, delta):
+    """Omega_i = Tr(H_i) / n_i * ||Q(W_i) - W_i||^2 (Eq. 8); numpy-broadcasting. A negative trace estimate
+    (noise around a flat direction) counts as zero sensitivity."""
+    return np.maximum(np.asarray(trace, float), 0.0) / np.asarray(params, float) * np.asarray(delta, float)
+
+
+def layer_size_mib(params, bits):
+    """Weight storage of a layer at `bits`, in MiB; numpy-broadcasting."""
+    return np.asarray(params, float) * np.asarray(bits, float) / 8 / MIB
+
+
+def layer_gbops(macs, bits):
+    """Bit operations of a layer at `bits` (weights and activations), in GBOPS; numpy-broadcasting."""
+    b = np.asarray(bits, float)
+    return np.asarray(macs, float) * b * b / GIGA
+
+
+def config_costs(table: pd.DataFrame, bits: Mapping[str, int]) -> dict:
+    """size_mib, gbops and latency_ms of a config over the table's layers; latency is NaN unless the table has
+    a measured latency for every layer at its bits."""
+    b = np.array([bits[layer] for layer in table["layer"]])
+    latency = math.nan
+    if all(lat_col(int(x)) in table for x in set(b.tolist())):
+        per_layer = np.array([table[lat_col(int(x))].iloc[i] for i, x in enumerate(b)], float)
+        if not np.isnan(per_layer).any():
+            latency = float(per_layer.sum())
+    return {"size_mib": float(layer_size_mib(table["params"], b).sum()),
+            "gbops": float(layer_gbops(table["macs"], b).sum()), "latency_ms": latency}

@@ -1,0 +1,135 @@
+"""Pooling (graph nodes `avgpool`, `maxpool`; program ops `sum_pool2d`, `max_pool2d`).
+
+Average pooling runs on the INT32 values (Appendix E: pooling 4-bit data loses information): a window sum,
+then a dyadic requantize by 1/count (per output position where the counts differ). Max pooling takes the
+max of the integers, which keep their scale.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hawq_ray.contract import HawqError
+from hawq_ray.ops.registry import GraphNode, ProgramOp, as_pair, register_ops
+from hawq_ray.program.dyadic import dyadic, requantize
+from hawq_ray.program.integer import pool_pad, windows
+from hawq_ray.quant.values import V, dyadic_consts, np_scale
+
+SUM_POOL = """inputs [x]; attrs kernel, stride, padding, ceil_mode; out = the sum of each window, zero padding
+(INT32; the division by the window's count is the requantize that follows, Appendix E)."""
+MAX_POOL = """inputs [x]; attrs kernel, stride, padding, dilation, ceil_mode; out = the max of each window;
+padding never wins."""
+
+
+def _attrs(kernel, stride, padding, ceil_mode, dilation=1, count_include_pad=True):
+    stride = kernel if stride is None or stride == [] else stride
+    return {"kernel": as_pair(kernel), "stride": as_pair(stride), "padding": as_pair(padding),
+            "dilation": as_pair(dilation), "ceil_mode": bool(ceil_mode), "count_include_pad": bool(count_include_pad)}
+
+
+# ---------------------------------------------------------------------------------------------- tracing
+
+def _convert_avg(tracer, n, m):
+    if isinstance(m, nn.AvgPool2d):
+        if m.divisor_override is not None:
+            tracer.unsupported(f"module {n.target!r} (divisor_override)", type(m).__name__)
+        return tracer.node(n, "avgpool", [n.args[0]], attrs=_attrs(m.kernel_size, m.stride, m.padding,
+                                                                   m.ceil_mode, 1, m.count_include_pad))
+    size = m.output_size if m is not None else (n.args[1] if len(n.args) > 1 else n.kwargs["output_size"])
+    if as_pair(size) != (1, 1):
+        return None
+    return tracer.node(n, "avgpool", [n.args[0]], attrs={"global": True})
+
+
+def _convert_max(tracer, n, m):
+    return tracer.node(n, "maxpool", [n.args[0]], attrs=_attrs(m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                                                               m.dilation))
+
+
+# ---------------------------------------------------------------------------------------------- QAT steps
+
+def avgpool_step(qm, node, ins):
+    """A window sum on INT32, then a dyadic 1/count requantization (Appendix E)."""
+    v = ins[0]
+    at = node.attrs
+    if at.get("global"):
+        shape = (v.q if v.q is not None else v.r).shape
+        k, st, pad, ceil, incl = tuple(shape[2:]), tuple(shape[2:]), (0, 0), False, True
+    else:
+        k, st, pad, ceil, incl = at["kernel"], at["stride"], at["padding"], at["ceil_mode"], at["count_include_pad"]
+    if qm.mode != "qat":
+        return V(None, v.s, F.avg_pool2d(v.r, k, st, pad, ceil, incl), node.name)
+    if ceil:
+        raise HawqError(f"average pooling {node.name!r} with ceil_mode=True is not supported")
+    real = qm.lazy(v, lambda t: F.avg_pool2d(t, k, st, pad, ceil, incl))
+    ones = torch.ones((1, 1, *v.q.shape[2:]), dtype=torch.float64, device=v.q.device)
+    counts = F.avg_pool2d(ones, k, st, pad, ceil, count_include_pad=incl, divisor_override=1)
+    total = torch.round(F.avg_pool2d(v.q.to(torch.float64), k, st, pad, ceil, True, divisor_override=1))
+    inv = (1.0 / counts[0]).cpu().numpy()                       # (1, Ho, Wo)
+    if np.all(inv == inv.flat[0]):
+        inv = np.asarray(inv.flat[0])
+    b, c = dyadic(inv)
+    b, c = torch.from_numpy(b).to(v.q.device), torch.from_numpy(c).to(v.q.device)
+    q = requantize(total.to(torch.int64), b, c)
+    sum_name = qm.emit("sum_pool2d", [v.name], f"{node.name}.sum",
+                       attrs={"kernel": tuple(k), "stride": tuple(st), "padding": tuple(pad), "ceil_mode": False})
+    qm.emit("requantize", [sum_name], node.name, consts=dyadic_consts(b, c), scale=np_scale(v.s), lo=v.lo, hi=v.hi)
+    return V(q, v.s, qm.real(real, q, v.s), node.name, v.lo, v.hi)
+
+
+def maxpool_step(qm, node, ins):
+    v = ins[0]
+    at = node.attrs
+    args = (at["kernel"], at["stride"], at["padding"], at["dilation"], at["ceil_mode"])
+    if qm.mode != "qat":
+        return V(None, v.s, F.max_pool2d(v.r, *args), node.name)
+    if qm.training and torch.is_grad_enabled():   # the integers at the surrogate's argmax
+        real, idx = F.max_pool2d(v.r, *args, return_indices=True)
+        q = v.q.flatten(2).gather(2, idx.flatten(2)).view_as(idx)
+    else:
+        real = qm.lazy(v, lambda t: F.max_pool2d(t, *args))
+        q = torch.round(F.max_pool2d(v.q.to(torch.float64), *args)).to(torch.int64)
+    qm.emit("max_pool2d", [v.name], node.name, scale=np_scale(v.s), lo=v.lo, hi=v.hi,
+            attrs={"kernel": args[0], "stride": args[1], "padding": args[2], "dilation": args[3],
+                   "ceil_mode": args[4]})
+    return V(q, v.s, qm.real(real, q, v.s), node.name, v.lo, v.hi)
+
+
+# ---------------------------------------------------------------------------------------------- executor
+
+def execute_sum(op, ins):
+    a = op.attrs
+    x = pool_pad(ins[0].to(torch.int64), a["kernel"], a["stride"], a["padding"], a["ceil_mode"], 0)
+    return windows(x, a["kernel"], a["stride"], (1, 1)).sum(dim=(-1, -2))
+
+
+def execute_max(op, ins):
+    a = op.attrs
+    x = pool_pad(ins[0].to(torch.int64), a["kernel"], a["stride"], a["padding"], a["ceil_mode"],
+                 torch.iinfo(torch.int64).min, a["dilation"])
+    return windows(x, a["kernel"], a["stride"], a["dilation"]).amax(dim=(-1, -2))
+
+
+def sum_range(op, ins):
+    k = int(np.prod(op.attrs["kernel"]))
+    return k * min(ins[0][0], 0), k * max(ins[0][1], 0)
+
+
+# ---------------------------------------------------------------------------------------------- TVM
+
+def lower_pool(group, ins, target, name):
+    from hawq_ray.deploy.glue import pool_kernel as build
+    return build(group.anchor, ins[0], group.steps, ins[1:], target, name)
+
+
+register_ops(
+    GraphNode("avgpool", avgpool_step, modules=(nn.AvgPool2d, nn.AdaptiveAvgPool2d),
+              functions=(F.adaptive_avg_pool2d,), convert=_convert_avg, nonneg=all,
+              supported="AvgPool2d, AdaptiveAvgPool2d(1)"),
+    GraphNode("maxpool", maxpool_step, modules=(nn.MaxPool2d,), convert=_convert_max, nonneg=all,
+              supported="MaxPool2d"),
+    ProgramOp("sum_pool2d", SUM_POOL, execute_sum, sum_range, kernel=lower_pool),
+    ProgramOp("max_pool2d", MAX_POOL, execute_max, lambda op, r: r[0], kernel=lower_pool),
+)

@@ -1,0 +1,79 @@
+"""The op registry: what each kind of graph node and each op of the integer program is, in one entry apiece.
+
+A `GraphNode` is a kind of node of the traced model (`quant.graph.trace_graph`): the torch.fx calls that
+become it (`convert`), and its step in the QAT interpreter (`step`: values in, value out, emitting the
+program ops it lowers to). A `ProgramOp` is an op of the IntegerProgram: its exact semantics in the integer
+executor (`execute`, the reference), the sound integer range of its output (`value_range`, for storage), and
+how the TVM back end computes it: as the anchor of a kernel (`kernel`) or, for an elementwise op, as a step
+fused at the output tile of the kernel before it (`tile`).
+
+The modules of `hawq_ray.ops` each define one op family (a node kind and the program ops it lowers to) and
+register it on import; `hawq_ray.ops` imports them all. Adding an op means adding such a module (or, in a
+test, calling `register_ops`), not editing the interpreter, the executor, the range analysis or the back end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class GraphNode:
+    kind: str
+    step: Callable                    # (QuantModel, GNode, [V]) -> V
+    modules: tuple = ()               # nn.Module types this kind converts: convert(tracer, fx_node, module)
+    functions: tuple = ()             # callables of call_function nodes: convert(tracer, fx_node, None)
+    methods: tuple = ()               # tensor method names of call_method nodes: convert(tracer, fx_node, None)
+    convert: Callable | None = None   # (tracer, fx node, module or None) -> GNode, or None to decline
+    nonneg: Callable = field(default=lambda inputs_nonneg: False)   # is the output >= 0 by construction?
+    observers: Callable = field(default=lambda node, input_name: [])   # activation-range keys the step reads
+    layer: bool = False               # a quantizable layer (a row of the layer table)
+    supported: str = ""               # how the supported-ops list in errors names it
+
+
+@dataclass(frozen=True)
+class ProgramOp:
+    name: str
+    semantics: str                    # exact semantics, as the docs state them
+    execute: Callable                 # (Op, [int tensors]) -> int tensor: the integer executor
+    value_range: Callable             # (Op, [(lo, hi)]) -> (lo, hi): a sound range of the output
+    kernel: Callable | None = None    # (Group, [Value], target, name) -> Kernel: a kernel anchored at this op
+    tile: Callable | None = None      # elementwise: (TileContext, Op, k) -> fn(z, idx) -> expr, fused at a tile
+    binary: bool = False              # elementwise with a second operand (stored in the output's layout)
+    channelwise: Callable = field(default=lambda op: False)   # commutes with max pooling (per channel, monotone)
+
+
+GRAPH_NODES: dict[str, GraphNode] = {}
+PROGRAM_OPS: dict[str, ProgramOp] = {}
+
+
+def as_pair(v) -> tuple:
+    """An int or a pair as a pair (converters read torch's kernel / stride / padding arguments with it)."""
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def register_ops(*entries) -> None:
+    """Add graph-node kinds and program ops; a name given twice is an error (remove it first to replace it)."""
+    for e in entries:
+        table, key = (GRAPH_NODES, e.kind) if isinstance(e, GraphNode) else (PROGRAM_OPS, e.name)
+        if key in table:
+            raise ValueError(f"op {key!r} is registered already")
+        table[key] = e
+
+
+def unregister_ops(*names) -> None:
+    for name in names:
+        GRAPH_NODES.pop(name, None)
+        PROGRAM_OPS.pop(name, None)
+
+
+def program_op(name: str) -> ProgramOp:
+    try:
+        return PROGRAM_OPS[name]
+    except KeyError:
+        raise ValueError(f"unknown integer op {name!r}; valid: {', '.join(PROGRAM_OPS)}") from None
+
+
+def elementwise(name: str) -> bool:
+    op = PROGRAM_OPS.get(name)
+    return op is not None and op.tile is not None

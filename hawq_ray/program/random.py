@@ -1,0 +1,283 @@
+"""Random IntegerPrograms, for checking a back end against the integer executor on the pattern space.
+
+Whole-model checks only see the patterns their models happen to contain: a conv reading a concatenation
+through a fused requantize (SqueezeNet's fire modules) passed through every one of them. `random_program(seed)`
+builds a small random program around one producer -> consumer pair of op kinds (`PAIRS`: every program op
+of the registry as the producer and as the consumer of every other kind where the ranks allow), with random
+context before and after it, fan-out, mixed 4/8-bit weights, grouped and depthwise convs, and requantize
+constants calibrated on the values the program computes (so values are neither all clamped nor all zero).
+Every value's integer range is derived soundly (`ranges.derived_range`) while building, so each program
+obeys the IntegerProgram's INT32 contract: no accumulator, sum or product leaves int32.
+
+`analysis.verify.check_random_program(seed, target)` compiles one with every stored value returned and
+compares each value with the integer executor on two int8 batches; `tests/test_random_programs.py` runs a
+fixed-seed set in the suite and `bench/random_programs.py` a larger sweep.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from hawq_ray.program.dyadic import dyadic
+from hawq_ray.program.executor import run_op
+from hawq_ray.program.program import INT32_MAX, INT32_MIN, IntegerProgram, Op
+from hawq_ray.program.ranges import derived_range
+
+# the program ops this generator builds (a test holds it to the registry: a new op needs a builder here)
+OPS = ("conv2d", "dense", "requantize", "relu", "add", "concat", "sum_pool2d", "max_pool2d", "flatten")
+
+NEEDS_RANK4 = ("conv2d", "sum_pool2d", "max_pool2d")   # consumers of a (N, C, H, W) value
+NEEDS_RANK2 = ("dense",)                               # consumers of a (N, F) value
+MAKES_RANK4 = ("conv2d", "sum_pool2d", "max_pool2d")   # producers of rank 4 only
+MAKES_RANK2 = ("dense", "flatten")                     # producers of rank 2 only
+PAIRS = [(p, c) for p in OPS for c in OPS
+         if not (p in MAKES_RANK2 and c in NEEDS_RANK4) and not (p in MAKES_RANK4 and c in NEEDS_RANK2)]
+SAFE = (1 << 30)        # bound on |value| of every op (int32 with a margin for the back end's bias folding)
+CLAMPS = ((0, 255), (-128, 127), (0, 15), (-8, 7), None)   # None: a wide (16-bit scale) requantize, no clamp
+
+
+@dataclass
+class RandomProgram:
+    program: IntegerProgram
+    inputs: list                 # int8 batches (N, C, H, W) to run it on
+    pair: tuple                  # the (producer, consumer) op kinds it was built around
+    notes: dict = field(default_factory=dict)
+
+
+class _Builder:
+    """Emits ops while running them (the executor's semantics) on a sample batch, tracking each value's sound
+    integer range, so constants can be chosen from real magnitudes and INT32 is never left."""
+
+    def __init__(self, rng: np.random.Generator, x: np.ndarray, wide: bool):
+        self.rng, self.wide = rng, wide
+        self.ops: list[Op] = []
+        self.env = {"input": torch.from_numpy(x.astype(np.int64))}
+        self.range = {"input": (-128, 127)}
+        self.declared = {"input": (-128, 127)}
+        self.readers = {"input": 0}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def shape(self, name):
+        return tuple(self.env[name].shape)
+
+    def values(self, rank=None, exclude_input=True):
+        return [n for n in self.env if (rank is None or len(self.shape(n)) == rank)
+                and not (exclude_input and n == "input")]
+
+    def emit(self, kind, inputs, attrs=None, consts=None, lo=INT32_MIN, hi=INT32_MAX, layer=None) -> str | None:
+        name = f"v{len(self.ops)}_{kind}"
+        op = Op(kind, list(inputs), name, attrs=attrs or {}, consts=consts or {}, layer=layer, lo=lo, hi=hi)
+        rlo, rhi = derived_range(op, [self.range[i] for i in inputs])
+        rlo, rhi = max(rlo, lo), min(rhi, hi)
+        if max(abs(rlo), abs(rhi)) >= SAFE:
+            return None
+        out = run_op(op, [self.env[i] for i in inputs])
+        if out.numel() == 0:
+            return None
+        self.ops.append(op)
+        self.env[name], self.range[name], self.declared[name] = out, (rlo, rhi), (lo, hi)
+        self.readers[name] = 0
+        for i in inputs:
+            self.readers[i] += 1
+        return name
+
+    def pick(self, rank=None, prefer_unread=True):
+        names = self.values(rank)
+        if not names:
+            return None
+        unread = [n for n in names if self.readers[n] == 0]
+        pool = unread if prefer_unread and unread and self.rng.random() < 0.7 else names
+        return pool[int(self.rng.integers(len(pool)))]
+
+    def partner(self, name, same: str):
+        """Another value to add to (`same`='shape') or concatenate with (`same`='spatial') `name`; or itself."""
+        key = (lambda s: s) if same == "shape" else (lambda s: (s[0], *s[2:]))
+        want = key(self.shape(name))
+        cands = [n for n in self.values(len(self.shape(name))) if n != name and key(self.shape(n)) == want]
+        if cands and self.rng.random() < 0.8:
+            return cands[int(self.rng.integers(len(cands)))]
+        if self.rng.random() < 0.5:     # a sibling of the same shape: a requantize of the value
+            sib = self.requantize(name)
+            if sib is not None:
+                return sib
+        return name
+
+    # ------------------------------------------------------------------ ops
+    def _weights(self, shape, w_bits):
+        lim = 1 << (w_bits - 1)
+        return self.rng.integers(-lim, lim, shape).astype(np.int8)
+
+    def _linear(self, kind, x, shape, attrs, w_bits):
+        """conv2d / dense with random weights, halved until the output's range fits (then a requantize
+        narrows the input instead)."""
+        w = self._weights(shape, w_bits)
+        lo, hi = self.range[x]
+        span = max(abs(lo), abs(hi), 1)
+        bias = self.rng.integers(-1, 2, shape[0]) * self.rng.integers(0, 1 + min(span * 64, 1 << 24), shape[0])
+        attrs = {**attrs, "w_bits": w_bits, "x_bits": 8, "x_signed": bool(lo < 0)}
+        consts = {"weight": w, "bias": bias.astype(np.int32)}
+        for _ in range(12):
+            out = self.emit(kind, [x], attrs, consts, layer=f"layer{len(self.ops)}")
+            if out is not None:
+                return out
+            consts = {"weight": (consts["weight"] // 2).astype(np.int8), "bias": consts["bias"] // 2}
+        narrow = self.requantize(x, clamp=(0, 255))
+        return None if narrow is None else self._linear(kind, narrow, shape, attrs, w_bits)
+
+    def conv2d(self, x):
+        n, c, h, w = self.shape(x)
+        rng = self.rng
+        k = [(1, 1), (2, 2), (3, 3), (3, 3), (5, 5), (7, 7), (1, 3), (3, 1)][int(rng.integers(8))]
+        stride = [(1, 1), (1, 1), (2, 2), (2, 1)][int(rng.integers(4))]
+        dilation = (2, 2) if rng.random() < 0.15 else (1, 1)
+        span = [dilation[i] * (k[i] - 1) + 1 for i in range(2)]
+        if span[0] > h + 2 * (span[0] // 2) or span[1] > w + 2 * (span[1] // 2):
+            k, span, dilation = (1, 1), [1, 1], (1, 1)
+        pad = tuple(int(rng.integers(0, span[i] // 2 + 1)) for i in range(2))
+        if any((h, w)[i] + 2 * pad[i] < span[i] for i in range(2)):
+            pad = tuple(span[i] // 2 for i in range(2))
+        groups, out = 1, self._channels()
+        r = rng.random()
+        if r < 0.15:
+            groups, out = c, c * int(rng.integers(1, 3))            # depthwise (multiplier 1 or 2)
+        elif r < 0.25:
+            g = [d for d in (2, 3, 4, 8) if c % d == 0]
+            if g:
+                groups = g[int(rng.integers(len(g)))]
+                out = groups * max(1, out // groups)
+        w_bits = 8 if x == "input" else int(rng.choice([4, 8]))
+        attrs = {"stride": stride, "padding": pad, "dilation": dilation, "groups": groups}
+        return self._linear("conv2d", x, (out, c // groups, *k), attrs, w_bits)
+
+    def dense(self, x):
+        return self._linear("dense", x, (self._channels(), self.shape(x)[1]), {}, int(self.rng.choice([4, 8])))
+
+    def _channels(self):
+        if self.wide:
+            return int(self.rng.integers(64, 97))
+        return int(self.rng.choice([1, 3, 8, 12, 16, 20, 24, 32, 40]))
+
+    def requantize(self, x, clamp="random"):
+        v = self.env[x].to(torch.float64).abs()
+        shape = self.shape(x)
+        per = self.rng.choice(["tensor", "channel", "position"] if len(shape) == 4 else ["tensor", "channel"])
+        if per == "channel" and len(shape) == 4:
+            amax = v.amax(dim=(0, 2, 3)).reshape(-1, 1, 1)
+        elif per == "channel":
+            amax = v.amax(dim=0)
+        elif per == "position":
+            amax = v.amax(dim=(0, 1)).reshape(1, *shape[2:])
+        else:
+            amax = v.max()
+        if clamp == "random":
+            clamp = CLAMPS[int(self.rng.integers(len(CLAMPS)))]
+        top = (1 << 15) if clamp is None else max(abs(clamp[0]), clamp[1])
+        spread = self.rng.uniform(0.6, 1.6, tuple(amax.shape))     # some values saturate, most do not
+        mult, shift = dyadic(top / (np.maximum(amax.numpy(), 1.0) * spread))
+        consts = {"multiplier": mult.astype(np.int32), "shift": shift.astype(np.int32)}
+        lo, hi = clamp if clamp is not None else (INT32_MIN, INT32_MAX)
+        return self.emit("requantize", [x], consts=consts, lo=lo, hi=hi)
+
+    def relu(self, x):
+        lo, hi = self.declared[x]
+        return self.emit("relu", [x], lo=max(lo, 0), hi=hi)
+
+    def add(self, x):
+        return self.emit("add", [x, self.partner(x, "shape")])
+
+    def concat(self, x):
+        parts = [x, self.partner(x, "spatial")]
+        if self.rng.random() < 0.3:
+            parts.append(self.partner(x, "spatial"))
+        order = self.rng.permutation(len(parts))
+        return self.emit("concat", [parts[i] for i in order], attrs={"axis": 1})
+
+    def _window(self, x, dilated: bool):
+        _, _, h, w = self.shape(x)
+        k = int(self.rng.integers(2, 4))
+        d = 2 if dilated and self.rng.random() < 0.25 else 1
+        if d * (k - 1) + 1 > min(h, w):
+            k, d = min(2, h, w), 1
+        s = int(self.rng.integers(1, 4))
+        p = int(self.rng.integers(0, k // 2 + 1))
+        return (k, k), (s, s), (p, p), (d, d), bool(self.rng.random() < 0.4)
+
+    def sum_pool2d(self, x):
+        _, _, h, w = self.shape(x)
+        if self.rng.random() < 0.3:       # global: the whole map
+            k, s, p, ceil = (h, w), (h, w), (0, 0), False
+        else:
+            k, s, p, _, ceil = self._window(x, dilated=False)
+        return self.emit("sum_pool2d", [x], {"kernel": k, "stride": s, "padding": p, "ceil_mode": ceil})
+
+    def max_pool2d(self, x):
+        k, s, p, d, ceil = self._window(x, dilated=True)
+        lo, hi = self.declared[x]
+        return self.emit("max_pool2d", [x], {"kernel": k, "stride": s, "padding": p, "dilation": d,
+                                             "ceil_mode": ceil}, lo=lo, hi=hi)
+
+    def flatten(self, x):
+        lo, hi = self.declared[x]
+        return self.emit("flatten", [x], lo=lo, hi=hi)
+
+    # ------------------------------------------------------------------ one op of a kind on a fitting input
+    def op(self, kind, x=None, rank=None) -> str | None:
+        """An op of `kind` on `x`, or on a value that fits it (of `rank` for the kinds of any rank)."""
+        rank = 4 if kind in NEEDS_RANK4 else 2 if kind in NEEDS_RANK2 else rank
+        if x is None:
+            x = self.pick(rank)
+            if x is None and rank == 2:
+                x = self.flatten(self.pick(4))
+        if x is None or (rank is not None and len(self.shape(x)) != rank):
+            return None
+        out = getattr(self, kind)(x)
+        if out is None:        # the result would leave the INT32 contract: narrow the input first
+            narrow = self.requantize(x, clamp=CLAMPS[int(self.rng.integers(4))])
+            out = None if narrow is None else getattr(self, kind)(narrow)
+        return out
+
+
+def random_program(seed: int, batch: int = 2) -> RandomProgram:
+    """A random program built around `PAIRS[seed % len(PAIRS)]`; `seed // len(PAIRS)` varies the rest."""
+    rng = np.random.default_rng([seed, 20261201])
+    producer, consumer = PAIRS[seed % len(PAIRS)]
+    wide = rng.random() < 0.15                   # >= 64-channel values: AMX-sized convs where a concat feeds one
+    c_in = int(rng.choice([1, 3, 4, 8, 16]))
+    h = int(rng.integers(3, 12)) if not wide else int(rng.choice([14, 16]))
+    w = h if rng.random() < 0.7 else int(rng.integers(3, 14))
+    x = rng.integers(-128, 128, (batch, c_in, h, w)).astype(np.int8)
+    b = _Builder(rng, x, wide)
+    first = b.conv2d("input")                      # the image enters a conv, as in every lowered model
+    if rng.random() < 0.2:
+        b.conv2d("input")                          # ... or two (the image read twice)
+    if rng.random() < 0.7:
+        b.op(str(rng.choice(["relu", "requantize"])), first)
+    for _ in range(int(rng.integers(0, 3))):
+        b.op(str(rng.choice(OPS)))
+    rank = 4 if consumer in NEEDS_RANK4 else 2 if consumer in NEEDS_RANK2 else None
+    made = None
+    for _ in range(20):                            # the pair itself: the consumer reads the producer's output
+        made = b.op(producer, rank=rank)
+        if made is not None and rank in (None, len(b.shape(made))):
+            break
+        made = None
+    if made is None or b.op(consumer, made) is None:
+        raise RuntimeError(f"random_program({seed}): could not build the pair {producer} -> {consumer}")
+    for _ in range(int(rng.integers(0, 3))):      # more readers of the pair's producer: fan-out
+        if rng.random() < 0.4:
+            b.op(str(rng.choice(["requantize", "requantize", "relu", "max_pool2d", "add", "concat"])), made)
+    for _ in range(int(rng.integers(0, 3))):
+        b.op(str(rng.choice(OPS)))
+    prog = IntegerProgram(input_name="input", input_shape=tuple(x.shape[1:]), input_scale=1.0, ops=b.ops,
+                          output=b.ops[-1].output, output_scale=np.asarray(1.0),
+                          bits={op.layer: op.attrs["w_bits"] for op in b.ops if op.layer})
+    fresh = np.random.default_rng([seed, 1]).integers(-128, 128, x.shape).astype(np.int8)
+    return RandomProgram(prog, [x, fresh], (producer, consumer), {"wide": wide})
+
+
+def op_pairs(program: IntegerProgram) -> set:
+    """The (producer kind, consumer kind) pairs a program contains."""
+    kind = {op.output: op.op for op in program.ops}
+    return {(kind[i], op.op) for op in program.ops for i in op.inputs if i in kind}

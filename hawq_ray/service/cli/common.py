@@ -1,0 +1,60 @@
+"""Arguments every model-facing subcommand shares: --model, --weights, --data, --json."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hawq_ray.contract import HawqError
+
+
+def add_model_args(parser, data: bool = True) -> None:
+    parser.add_argument("--model", default=None,
+                        help="pytorchcv model name (default: the embedded digits_resnet)")
+    parser.add_argument("--weights", default=None, help="state-dict file to load (read with weights_only=True)")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="load pytorchcv weights from the local cache (~/.torch/models); never downloads")
+    if data:
+        parser.add_argument("--data", default=None,
+                            help="digits | synthetic | an ImageFolder or CIFAR-10 folder "
+                                 "(default: digits for the default model, synthetic for any other)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+@dataclass
+class ModelAndData:
+    model: torch.nn.Module
+    name: str
+    input_shape: tuple
+    data: object = None   # hawq_ray.inputs.data.DataSplits
+
+
+def resolve(args, need_data: bool = True) -> ModelAndData:
+    from hawq_ray.inputs import data as data_mod
+    from hawq_ray.inputs import models
+    name = args.model or models.DEFAULT_MODEL
+    model = models.get_model(args.model, pretrained=args.pretrained, weights=args.weights)
+    shape = tuple(models.input_shape(args.model if args.model else model))
+    splits = None
+    if need_data:
+        spec = getattr(args, "data", None) or ("digits" if name == models.DEFAULT_MODEL else "synthetic")
+        splits = data_mod.load_data(spec, input_shape=shape)
+    return ModelAndData(model, name, shape, splits)
+
+
+def fmt_table(df, floatfmt: str = ".4g") -> str:
+    if df.empty:
+        return "(empty)"
+    return df.to_string(index=False, float_format=lambda v: format(v, floatfmt))
+
+
+def data_note(splits) -> str:
+    if splits is None:
+        return ""
+    return f" [data: {splits.name}{' (SYNTHETIC random images)' if splits.synthetic else ''}]"
+
+
+def check_positive(value: int, flag: str) -> int:
+    if value is None or value < 1:
+        raise HawqError(f"{flag} must be a positive integer, got {value}")
+    return value

@@ -1,0 +1,335 @@
+"""The main job: stages from tables to tables in one run folder (docs/design.md, "Data flow").
+
+layer table -> Hessian traces (HessianActors) -> kernel latencies (ProfilerActors) -> budget sweep (Ray tasks)
+-> QAT fine-tuning of the chosen configs (Ray Tune) -> TVM compile + bit-exact check of each -> report.
+
+Every stage writes its table (parquet) into the run folder and records a fingerprint of its inputs in
+`stages.json`; a stage whose table exists with the same fingerprint is skipped, so a stopped run resumes
+where it stopped and loses nothing (Tune trials resume from their last epoch checkpoint, compiled configs
+are kept one by one).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hawq_ray.contract import HawqError
+
+DEFAULT_CONFIG = {
+    "model": None,            # None: the embedded digits_resnet
+    "weights": None,          # a state-dict file; the default model is trained on digits when None
+    "pretrained": False,
+    "data": None,             # digits for the default model, synthetic for others
+    "seed": 0,
+    "budgets": {"size": [0.25, 0.5, 0.75], "bops": [0.25, 0.5, 0.75], "latency": [0.25, 0.5, 0.75]},
+    "uniform": ["uniform4", "uniform8"],
+    "fp32_epochs": 8,
+    "sensitivity": {"actors": 2, "batches": 4, "batch_size": 64, "tol": 0.05, "max_iter": 64},
+    "profile": {"batch": 8, "target": "llvm", "resource": None, "actors": 1, "rounds": 5},
+    "tune": {"epochs": 4, "samples": 1, "lr": 0.01, "distill": False, "teacher": None, "asha": False},
+    "deploy": {"target": "llvm", "batch": 8, "inputs": 4},
+}
+TABLES_FORMAT = 2     # bump when what a stage's table holds changes: older run folders recompute, never misread
+STAGES = ("fp32", "layers", "sensitivity", "latency", "sweep", "finetune", "deploy", "fake_vs_int", "report")
+
+
+# ------------------------------------------------------------------------------------------------ config
+def load_config(path=None, overrides: dict | None = None) -> dict:
+    """DEFAULT_CONFIG updated by a YAML file and then by `overrides` (nested dicts merge key by key)."""
+    cfg = copy.deepcopy(DEFAULT_CONFIG)
+    if path is not None:
+        import yaml
+        p = Path(path)
+        if not p.is_file():
+            raise HawqError(f"run config {path}: no such file (give a YAML file like the README's run.yaml)")
+        try:
+            user = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise HawqError(f"run config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(user, dict):
+            raise HawqError(f"run config {path}: expected a mapping of settings, got {type(user).__name__}")
+        _merge_settings(cfg, user, str(path))
+    _merge_settings(cfg, overrides or {}, "overrides")
+    bad = [k for k in cfg["budgets"] if k not in ("size", "bops", "latency")]
+    if bad:
+        raise HawqError(f"budgets: unknown resource {bad[0]!r}; valid: size, bops, latency (fractions r in [0, 1])")
+    bad = [u for u in cfg["uniform"] if u not in ("uniform4", "uniform8")]
+    if bad:
+        raise HawqError(f"uniform: {bad[0]!r} is not valid; valid: uniform4, uniform8")
+    return cfg
+
+
+def _merge_settings(into: dict, new: dict, where: str) -> None:
+    for k, v in new.items():
+        if k not in into:
+            raise HawqError(f"{where}: unknown setting {k!r}; valid: {', '.join(sorted(into))}")
+        if isinstance(into[k], dict) and k != "budgets":
+            if not isinstance(v, dict):
+                raise HawqError(f"{where}: setting {k!r} must be a mapping")
+            _merge_settings(into[k], v, f"{where}.{k}")
+        else:
+            into[k] = v
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def fingerprint(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stages_file(run_dir: Path) -> Path:
+    return run_dir / "stages.json"
+
+
+def _done(run_dir: Path) -> dict:
+    f = _stages_file(run_dir)
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError:
+        raise HawqError(f"{f}: corrupt stage record; delete it to recompute the run") from None
+
+
+def cached_stage(run_dir: Path, name: str, key: str, compute, log=print) -> pd.DataFrame:
+    """Load `<name>.parquet` when its recorded fingerprint equals `key`, else compute, write and record it."""
+    path = run_dir / f"{name}.parquet"
+    done = _done(run_dir)
+    if done.get(name, {}).get("key") == key and path.is_file():
+        log(f"[{name}] up to date ({path.name})")
+        return pd.read_parquet(path)
+    t0 = time.time()
+    log(f"[{name}] running")
+    table = compute()
+    tmp = path.with_suffix(".tmp")
+    table.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    table = pd.read_parquet(path)      # what a resumed run reads: the same types either way
+    done = _done(run_dir)
+    done[name] = {"key": key, "seconds": round(time.time() - t0, 2), "rows": len(table)}
+    _stages_file(run_dir).write_text(json.dumps(done, indent=1))
+    log(f"[{name}] done in {time.time() - t0:.1f} s ({len(table)} rows) -> {path.name}")
+    return table
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(config: dict | str | None = None, out="runs/default", *, address: str | None = None, log=_log,
+        **settings) -> dict:
+    """Run (or resume) the main job; returns {stage: table} and writes everything under `out`.
+
+    `config`: a run.yaml path or a dict of settings (see DEFAULT_CONFIG); keyword `settings` override it,
+    e.g. run(out="runs/r20", model="resnet20_cifar10", tune={"epochs": 2}). Joins the Ray cluster at
+    `address` (or the one already initialized), else starts a local Ray.
+    """
+    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.inputs import data as data_mod
+    from hawq_ray.inputs import models
+    from hawq_ray.quant.finetune import fp32_weights, state_sha1
+    from hawq_ray.service.session import connect
+
+    if isinstance(config, dict):
+        cfg = load_config(None, {**config, **settings})
+    else:
+        cfg = load_config(config, settings)
+    run_dir = Path(out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(json.dumps(cfg, indent=1, default=str))
+    connect(address)
+    name = cfg["model"] or models.DEFAULT_MODEL
+    shape = tuple(models.input_shape(cfg["model"]))
+    spec = cfg["data"] or ("digits" if name == models.DEFAULT_MODEL else "synthetic")
+    data = data_mod.load_data(spec, input_shape=shape, seed=cfg["seed"])
+    if data.synthetic:
+        log("[data] SYNTHETIC random images: accuracies in this run mean nothing about the model")
+
+    # fp32 weights: given, pretrained from the local cache, or (default model) trained once on digits
+    if cfg["weights"] or cfg["pretrained"] or name != models.DEFAULT_MODEL:
+        model = models.get_model(cfg["model"], pretrained=cfg["pretrained"], weights=cfg["weights"]).eval()
+    else:
+        model, path, trained = fp32_weights(run_dir, data, model_name=name, epochs=cfg["fp32_epochs"],
+                                            seed=cfg["seed"])
+        log(f"[fp32] {'trained' if trained else 'reused'} {path.name}")
+    weights_key = state_sha1(model.state_dict())
+    base = fingerprint(TABLES_FORMAT, name, weights_key, spec, cfg["seed"], shape)
+    tables = {}
+
+    tables["layers"] = cached_stage(run_dir, "layers", base, lambda: layer_table(model, shape), log)
+
+    s = cfg["sensitivity"]
+    key = fingerprint(base, s)
+    tables["sensitivity"] = cached_stage(
+        run_dir, "sensitivity", key, lambda: _sensitivity(model, data, tables["layers"], s, cfg["seed"], log), log)
+
+    p = cfg["profile"]
+    key = fingerprint(base, p)
+    tables["latency"] = cached_stage(
+        run_dir, "latency", key, lambda: _latency(model, shape, tables["layers"], p, run_dir, log), log)
+
+    table = tables["sensitivity"].merge(
+        tables["latency"][["layer", "lat4_ms", "lat8_ms", "lat32_ms"]], on="layer", how="left")
+    table.to_parquet(run_dir / "table.parquet", index=False)
+    key = fingerprint(fingerprint(table.to_json()), cfg["budgets"], cfg["uniform"])
+    tables["sweep"] = cached_stage(run_dir, "sweep", key,
+                                   lambda: _sweep(table, cfg["budgets"], cfg["uniform"]), log)
+
+    t = cfg["tune"]
+    key = fingerprint(fingerprint(tables["sweep"].to_json()), weights_key, t, spec)
+    tables["finetune"] = cached_stage(
+        run_dir, "finetune", key, lambda: _finetune(model, shape, data, spec, cfg, tables["sweep"], table, run_dir), log)
+
+    d = cfg["deploy"]
+    key = fingerprint(fingerprint(tables["finetune"][["config", "checkpoint"]].to_json()), d)
+    tables["deploy"] = cached_stage(
+        run_dir, "deploy", key, lambda: _deploy(model, shape, tables["layers"], tables["finetune"], d, run_dir, log), log)
+
+    key = fingerprint(key, "fake_vs_int")
+    tables["fake_vs_int"] = cached_stage(
+        run_dir, "fake_vs_int", key, lambda: _fake_vs_int(model, shape, tables["layers"], data, tables["finetune"]), log)
+
+    from hawq_ray.service.report import write_report
+    report = write_report(run_dir)
+    log(f"[report] {report}")
+    return tables
+
+
+# ------------------------------------------------------------------------------------------------ stage bodies
+def _sensitivity(model, data, layers: pd.DataFrame, s: dict, seed: int, log) -> pd.DataFrame:
+    from actors.hessian import actor_layer_traces
+    from hawq_ray.inputs.data import batches
+    from hawq_ray.analysis.sensitivity import sensitivity_columns, weight_deltas
+    from tqdm import tqdm
+    shards = batches(data.train, s["batch_size"], s["batches"])
+    bar = tqdm(total=s["max_iter"], desc="hessian traces", unit="it", file=sys.stderr, leave=False)
+
+    def progress(iterations, worst):
+        bar.n = iterations
+        bar.set_postfix(worst_rel_stderr=f"{worst:.3f}")
+        bar.refresh()
+
+    try:
+        traces = actor_layer_traces(model, shards, actors=s["actors"], layers=list(layers["layer"]),
+                                    tol=s["tol"], max_iter=s["max_iter"], seed=seed, progress=progress)
+    finally:
+        bar.close()
+    out = sensitivity_columns(layers, traces, weight_deltas(model, list(layers["layer"])))
+    bad = traces.attrs.get("not_converged", [])
+    if bad:
+        log(f"[sensitivity] {len(bad)} layer(s) did not reach tol {s['tol']}: {', '.join(bad[:5])}")
+    return out
+
+
+def _latency(model, shape, layers: pd.DataFrame, p: dict, run_dir: Path, log) -> pd.DataFrame:
+    from actors.profiler import Measure
+    from hawq_ray.service.profile import profile_layers
+    from tqdm import tqdm
+    bar = tqdm(desc="kernel latency", unit="kernel", file=sys.stderr, leave=False)
+
+    def progress(done, total, *rest):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        lat = profile_layers(model, shape, batch=p["batch"], target=p["target"], resource=p["resource"],
+                             how=Measure(actors=p["actors"], rounds=p["rounds"]), cache_dir=run_dir / "latency_cache",
+                             table=layers, progress=progress)
+    finally:
+        bar.close()
+    for row in lat.attrs.get("end_to_end", []):
+        log(f"[latency] {row['config']}: sum of layers {row['sum_ms']:.3f} ms, end to end {row['e2e_ms']:.3f} ms, "
+            f"ratio {row['ratio']:.3f}")
+    return lat
+
+
+def _sweep(table: pd.DataFrame, budgets: dict, uniform: list) -> pd.DataFrame:
+    from hawq_ray.contract.bits import parse_bits
+    from hawq_ray.service.sweep import ray_solve
+    from solver.sweep import sweep_budgets
+    grid = [{resource: float(r)} for resource, values in budgets.items() for r in values]
+    if not table[["lat4_ms", "lat8_ms"]].notna().all().all():
+        grid = [g for g in grid if "latency" not in g]
+    rows = {u: {"config": u, "budget": [], "bits": parse_bits(u, table).as_dict()} for u in uniform}
+    if grid:
+        sweep = sweep_budgets(table, grid, solve=ray_solve)
+        for r in sweep.configs.itertuples():
+            same = [u for u in rows.values() if u["bits"] == r.bits]
+            if same:                      # an ILP answer that is a uniform config: one trial, both labels
+                same[0]["budget"] += list(r.budgets)
+            else:
+                rows[f"ilp{int(r.config)}"] = {"config": f"ilp{int(r.config)}", "budget": list(r.budgets),
+                                               "bits": r.bits}
+    for row in rows.values():
+        row["budget"] = json.dumps(row["budget"]) if row["budget"] else ""
+    return pd.DataFrame(list(rows.values()), columns=["config", "budget", "bits"])
+
+
+def _finetune(model, shape, data, spec, cfg, configs: pd.DataFrame, table: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+    from hawq_ray.inputs.models import DEFAULT_MODEL
+    from hawq_ray.quant.finetune import Recipe
+    from hawq_ray.service.tune import DataSource, Student, TuneSettings, tune_finetune
+    t = cfg["tune"]
+    recipe = Recipe(epochs=t["epochs"], lr=t["lr"], distill=t["distill"])
+    student = Student(cfg["model"] or DEFAULT_MODEL, dict(model.state_dict()), tuple(shape), table)
+    return tune_finetune(configs, student, data, DataSource(spec, cfg["seed"]), out=run_dir, recipe=recipe,
+                         settings=TuneSettings(samples=t["samples"], asha=t["asha"]), teacher_spec=t["teacher"])
+
+
+def _restore(model, shape, table, row) -> "torch.nn.Module":
+    from hawq_ray.quant.finetune import load_checkpoint
+    from hawq_ray.quant.qat import prepare
+    qm = prepare(model, row["bits"], shape, table)
+    ckpt = row.get("best_checkpoint") or row["checkpoint"]
+    state = load_checkpoint(Path(ckpt) / "state.pt" if Path(ckpt).is_dir() else ckpt)
+    qm.load_state_dict(state["model"])
+    return qm.eval()
+
+
+def _deploy(model, shape, table, finetuned: pd.DataFrame, d: dict, run_dir: Path, log) -> pd.DataFrame:
+    from hawq_ray.analysis.verify import compare_batches, executor_of, random_inputs
+    from hawq_ray.deploy.build import compile_program, export_model
+    rows = []
+    for _, row in finetuned.iterrows():
+        out_dir = run_dir / "deploy" / str(row["config"])
+        done = out_dir / "deploy.json"
+        if done.is_file():                      # compiled and checked in an earlier (stopped) run
+            rows.append(json.loads(done.read_text()))
+            continue
+        t0 = time.time()
+        program = _restore(model, shape, table, row).to_integer()
+        deployed = compile_program(program, batch=d["batch"], target=d["target"])
+        compile_s = time.time() - t0
+        export_model(deployed, out_dir)
+        check = compare_batches(deployed, executor_of(program),
+                                random_inputs((d["batch"], *shape), batches=d["inputs"], seed=0))
+        differing, elements = check.differing, check.elements
+        lat = float(np.median(deployed.time_ms(number=5, repeat=5)))
+        result = {"config": row["config"], "tvm_differing": differing, "tvm_elements": elements,
+                  "tvm_latency_ms": lat, "compile_s": round(compile_s, 2), "module": str(out_dir)}
+        log(f"[deploy] {row['config']}: {differing}/{elements} differing elements vs the integer executor, "
+            f"{lat:.3f} ms at batch {d['batch']}")
+        done.write_text(json.dumps(result))
+        rows.append(result)
+    return pd.DataFrame(rows)
+
+
+def _fake_vs_int(model, shape, table, data, finetuned: pd.DataFrame) -> pd.DataFrame:
+    from hawq_ray.inputs.data import batches
+    from hawq_ray.analysis.verify import check_simulation
+    x = torch.cat([b[0] for b in batches(data.test, 64, 2)])
+    frames = []
+    for _, row in finetuned.iterrows():
+        summary, layers = check_simulation(_restore(model, shape, table, row), x)
+        layers.insert(0, "config", row["config"])
+        layers["qat_vs_int_output_diff"] = summary["differing"]
+        frames.append(layers)
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,274 @@
+"""Fine-tuning of chosen bit configs on Ray Tune: one trial per (config x hyperparameter sample).
+
+Each trial (`qat_trial`) calibrates its config (PTQ top-1 by the integer executor), then runs the paper's QAT
+recipe one epoch at a time; after every epoch it saves a checkpoint (torch.save of plain tensors, read back with
+weights_only=True) and calls `tune.report` with the loss and the integer top-1 on the held-out split. Trials get
+`tune.with_resources`: one GPU each where the cluster has GPUs, a fraction of a CPU otherwise (so Ray tasks of
+other stages are not starved). ASHA (optional) stops trials by `gain` = top-1 now - PTQ top-1 of the same config,
+so configs of different difficulty compete on what fine-tuning adds, not on where they start.
+
+The experiment lives in `<out>/tune/finetune-<fingerprint>`, the fingerprint hashing every input (weights, data,
+configs, recipe, settings); calling again with the same inputs restores it with `Tuner.restore`: finished trials
+are kept, interrupted ones continue from their last checkpoint (epoch counter and optimizer state included).
+Trials run on the Ray session the front opened (`service.session`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from hawq_ray.contract import HawqError
+from hawq_ray.contract.bits import read_configs
+from hawq_ray.contract.cost import config_costs
+from hawq_ray.quant.finetune import (Recipe, calibrated, checked_split, finetune_epochs, float_predictions,
+                                     fp32_weights, integer_predictions, labels_of, limited, load_checkpoint,
+                                     load_teacher, save_checkpoint, state_sha1, top1)
+
+CHECKPOINT_FILE = "state.pt"
+RESULT_FILE = "finetune.parquet"
+COLUMNS = ["config", "budget", "data", "size_mib", "gbops", "latency_ms", "lr", "weight_decay", "epochs", "top1_fp32",
+           "top1_ptq", "top1", "loss", "start_epoch", "int_matches_qat", "checkpoint", "top1_best", "best_epoch",
+           "best_checkpoint", "trial", "error", "bits"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneSettings:
+    """How the experiment runs (the recipe is `quant.finetune.Recipe`)."""
+    samples: int = 1                       # hyperparameter samples per config (lr log-uniform in lr_range)
+    lr_range: tuple = (1e-4, 1e-2)
+    asha: bool = False                     # stop trials early by their gain over PTQ
+    train_limit: int | None = None         # the first N training samples only
+    cpus_per_trial: float | None = None    # default: 1 with a GPU, else 0.5
+    gpus_per_trial: float | None = None    # default: 1 where the cluster has GPUs
+    keep_checkpoints: int | None = None    # epoch checkpoints kept per trial (None: all; the newest always)
+
+    def __post_init__(self):
+        if int(self.samples) < 1:
+            raise HawqError(f"samples {self.samples} is not valid; valid: at least 1")
+        if not (0 < self.lr_range[0] <= self.lr_range[1]):
+            raise HawqError(f"learning-rate range {self.lr_range} is not valid; valid: 0 < low <= high")
+
+
+@dataclasses.dataclass
+class Student:
+    """The fp32 model the trials fine-tune, as each trial rebuilds it: its registry name, weights, input shape
+    and layer table."""
+    name: str
+    state: dict
+    input_shape: tuple
+    table: pd.DataFrame
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """The data as each trial loads it again (`inputs.data.load_data(spec, seed=...)`)."""
+    spec: str
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def config_frame(specs, table: pd.DataFrame) -> pd.DataFrame:
+    """One row per config (`contract.bits.read_configs`): config (id), budget (JSON of the budget points that
+    chose it, or ''), bits ({layer: bits}), latency_ms (the sweep's, when it had measured latencies)."""
+    rows = [{"config": c.config, "budget": json.dumps(list(c.budget)) if c.budget else "", "bits": c.bits.as_dict(),
+             "latency_ms": c.latency_ms} for c in read_configs(specs, table)]
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------ the trial
+def qat_trial(hp: dict, setup: dict) -> None:
+    """One Tune trial: QAT of config `hp['config']` with learning rate `hp['lr']`; reports after every epoch."""
+    from ray import tune
+    from hawq_ray.inputs.data import load_data
+    from hawq_ray.inputs.models import get_model
+    from hawq_ray.quant.qat import prepare
+
+    torch.set_num_threads(setup["threads"])
+    recipe = dataclasses.replace(Recipe(**setup["recipe"]), lr=float(hp["lr"]),
+                                 weight_decay=float(hp.get("weight_decay", setup["recipe"]["weight_decay"])))
+    student, source = setup["student"], setup["data"]
+    model = get_model(student.name)
+    model.load_state_dict(student.state)
+    model.eval()
+    data = load_data(source.spec, input_shape=student.input_shape, seed=source.seed, num_classes=setup["num_classes"])
+    train, test = limited(data.train, setup["train_limit"]), data.test
+    labels = labels_of(test)
+    bits = setup["configs"][hp["config"]]
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:                      # resumed: continue after the last finished epoch
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+        qm = prepare(model, bits, student.input_shape, student.table)
+        qm.load_state_dict(state["model"])
+        start, optimizer_state, extra = state["epoch"] + 1, state["optimizer"], state["extra"]
+    else:
+        qm = calibrated(model, bits, train, recipe, student.input_shape, student.table)
+        start, optimizer_state = 0, None
+        extra = {"top1_ptq": top1(integer_predictions(qm, test), labels)}
+    teacher = setup["teacher"].to(device) if recipe.distill else None
+    qm.to(device)
+    epochs = finetune_epochs(qm, train, recipe, teacher=teacher, start_epoch=start,
+                             optimizer_state=optimizer_state, device=device)
+    for epoch, loss, opt in epochs:
+        qm.cpu()                                    # the integer executor and lowering run on the CPU
+        preds = integer_predictions(qm, test)
+        acc = top1(preds, labels)
+        metrics = {"epoch": epoch + 1, "loss": loss, "top1_int": acc, "top1_ptq": extra["top1_ptq"],
+                   "gain": acc - extra["top1_ptq"], "start_epoch": start,
+                   "int_matches_qat": top1(preds, float_predictions(qm, test))}
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(Path(d) / CHECKPOINT_FILE, qm, opt, epoch, extra)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        qm.to(device)
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+def trial_resources(settings: TuneSettings) -> dict:
+    """A GPU per trial where the cluster has GPUs; otherwise half a CPU (fractional, so other stages' tasks run)."""
+    import ray
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    gpus = settings.gpus_per_trial if settings.gpus_per_trial is not None else (1 if has_gpu else 0)
+    cpus = settings.cpus_per_trial if settings.cpus_per_trial is not None else (1 if gpus else 0.5)
+    if cpus <= 0 or gpus < 0:
+        raise HawqError(f"trial resources cpu={cpus}, gpu={gpus} are not valid; valid: cpu > 0, gpu >= 0")
+    return {"cpu": cpus, "gpu": gpus} if gpus else {"cpu": cpus}
+
+
+def tune_finetune(configs: pd.DataFrame, student: Student, data, source: DataSource, *, out,
+                  recipe: Recipe = Recipe(), settings: TuneSettings = TuneSettings(), teacher=None,
+                  teacher_spec=None) -> pd.DataFrame:
+    """Run (or resume) the Tune experiment for `configs` (see `config_frame`) on the Ray session this
+    process has joined; returns the result table, one row per trial, and writes it to `<out>/finetune.parquet`.
+    `data` is the loaded DataSplits (its test split scores the fp32 model), `source` how trials load it."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    if recipe.epochs < 1:
+        raise HawqError(f"epochs {recipe.epochs} is not valid; valid: at least 1")
+    test = checked_split(data.test, "test")
+    checked_split(limited(checked_split(data.train, "train"), settings.train_limit), "train")
+    if recipe.distill and teacher is None:
+        teacher = load_teacher(teacher_spec, _fp32_model(student), student.input_shape, data.num_classes)
+    setup = {"student": student, "data": source, "num_classes": data.num_classes,
+             "train_limit": settings.train_limit, "configs": dict(zip(configs["config"], configs["bits"])),
+             "recipe": dataclasses.asdict(recipe), "teacher": teacher if recipe.distill else None}
+    resources = trial_resources(settings)
+    setup["threads"] = max(1, int(resources["cpu"]))
+    fingerprint = _fingerprint(setup, settings, teacher_spec)
+    storage, name = (Path(out) / "tune").resolve(), f"finetune-{fingerprint}"
+    trainable = tune.with_resources(tune.with_parameters(qat_trial, setup=setup), resources)
+    if tune.Tuner.can_restore(str(storage / name)):
+        tuner = tune.Tuner.restore(str(storage / name), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        lr = recipe.lr if settings.samples == 1 else tune.loguniform(*settings.lr_range)
+        scheduler = ASHAScheduler(time_attr="epoch", metric="gain", mode="max", max_t=recipe.epochs,
+                                  grace_period=1, reduction_factor=2) if settings.asha else None
+        tuner = tune.Tuner(
+            trainable, param_space={"config": tune.grid_search(list(configs["config"])), "lr": lr},
+            tune_config=tune.TuneConfig(num_samples=settings.samples, scheduler=scheduler),
+            run_config=tune.RunConfig(storage_path=str(storage), name=name, verbose=0,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints)))
+    grid = tuner.fit()
+    fp32_top1 = top1(float_predictions(_fp32_model(student), test), labels_of(test))
+    label = f"{data.name} (synthetic)" if data.synthetic else data.name
+    result = _result_table(grid, configs, student.table, recipe, fp32_top1, label)
+    result.to_parquet(Path(out) / RESULT_FILE, index=False)
+    return result
+
+
+def _fp32_model(student: Student):
+    from hawq_ray.inputs.models import get_model
+    model = get_model(student.name)
+    model.load_state_dict(student.state)
+    return model.eval()
+
+
+def _fingerprint(setup, settings: TuneSettings, teacher_spec) -> str:
+    student = setup["student"]
+    keyed = {k: v for k, v in setup.items() if k not in ("student", "teacher", "threads", "data")}
+    keyed.update(model=student.name, input_shape=list(student.input_shape), weights=state_sha1(student.state),
+                 data=[setup["data"].spec, setup["data"].seed], samples=settings.samples,
+                 lr_range=list(settings.lr_range), asha=settings.asha,
+                 teacher=str(teacher_spec) if setup["recipe"]["distill"] else None)
+    return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _result_table(grid, configs: pd.DataFrame, table: pd.DataFrame, recipe: Recipe, fp32_top1: float, data: str):
+    by_id = configs.set_index("config")
+    rows = []
+    for res in grid:
+        cid = res.config["config"]
+        bits = by_id.loc[cid, "bits"]
+        m = res.metrics or {}
+        costs = config_costs(table, bits)
+        if math.isnan(costs["latency_ms"]) and "latency_ms" in by_id.columns:
+            costs["latency_ms"] = float(by_id.loc[cid, "latency_ms"])       # the sweep's measured latency
+        rows.append({"config": cid, "budget": by_id.loc[cid, "budget"], "data": data, **costs,
+                     "lr": float(res.config["lr"]), "weight_decay": recipe.weight_decay,
+                     "epochs": m.get("epoch", 0), "top1_fp32": fp32_top1, "top1_ptq": m.get("top1_ptq", math.nan),
+                     "top1": m.get("top1_int", math.nan), "loss": m.get("loss", math.nan),
+                     "start_epoch": m.get("start_epoch", 0), "int_matches_qat": m.get("int_matches_qat", math.nan),
+                     "checkpoint": res.checkpoint.path if res.checkpoint else "", **_best_epoch(res),
+                     "trial": Path(res.path).name if res.path else "",
+                     "error": (str(res.error).splitlines() or [""])[0] if res.error else "", "bits": dict(bits)})
+    return pd.DataFrame(rows, columns=COLUMNS).sort_values(["config", "lr"], ignore_index=True)
+
+
+def _best_epoch(res) -> dict:
+    """The epoch with the highest integer top-1 (the earliest of ties) and its checkpoint, as HAWQ's training
+    script keeps its best checkpoint; '' when that checkpoint was not kept."""
+    frame = res.metrics_dataframe
+    if frame is None or "top1_int" not in getattr(frame, "columns", []) or frame["top1_int"].isna().all():
+        return {"top1_best": math.nan, "best_epoch": 0, "best_checkpoint": ""}
+    best = frame.loc[frame["top1_int"].idxmax()]
+    paths = [c.path for c, m in (res.best_checkpoints or []) if m.get("epoch") == best["epoch"]]
+    return {"top1_best": float(best["top1_int"]), "best_epoch": int(best["epoch"]),
+            "best_checkpoint": paths[0] if paths else ""}
+
+
+def best_per_config(result: pd.DataFrame) -> pd.DataFrame:
+    """The trial with the highest fine-tuned top-1 of each config (ties: the lower loss)."""
+    ranked = result.sort_values(["config", "top1", "loss"], ascending=[True, False, True])
+    return ranked.groupby("config", sort=False).head(1).reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------------ front door
+def finetune_run(configs, *, out, model=None, weights=None, data=None, recipe: Recipe = Recipe(),
+                 settings: TuneSettings = TuneSettings(), teacher=None, layer_table=None, fp32_epochs: int = 8,
+                 seed: int = 0, address: str | None = None) -> pd.DataFrame:
+    """The `hawq-ray finetune` stage as a function (joins Ray at `address`, see `service.session.connect`).
+    `model`: None (the default digits model: without `weights` its fp32 weights are trained on digits and cached
+    in `out`) or a pytorchcv name (weights from `weights` or the local pytorchcv cache). `data`: 'digits' for the
+    default model, 'synthetic' otherwise, or a folder. With `recipe.distill`, `teacher` is the teacher spec
+    (None: the fp32 model; a pytorchcv name, or NAME=WEIGHTS)."""
+    from hawq_ray.analysis.layers import layer_table as make_layer_table
+    from hawq_ray.inputs.data import load_data
+    from hawq_ray.inputs.models import DEFAULT_MODEL, get_model, input_shape, num_classes
+    from hawq_ray.service.session import connect
+
+    name = model or DEFAULT_MODEL
+    spec = data or ("digits" if name == DEFAULT_MODEL else "synthetic")
+    shape = tuple(input_shape(name))
+    out = Path(out)
+    if name == DEFAULT_MODEL and weights is None:
+        splits = load_data(spec, input_shape=shape, seed=seed)
+        fp32_model, weights, _ = fp32_weights(out, splits, model_name=name, epochs=fp32_epochs, seed=seed)
+    else:
+        fp32_model = get_model(name, pretrained=weights is None, weights=weights).eval()
+        splits = load_data(spec, input_shape=shape, seed=seed, num_classes=num_classes(fp32_model))
+    table = layer_table if layer_table is not None else make_layer_table(fp32_model, shape)
+    chosen = config_frame(configs, table)
+    teacher_model = load_teacher(teacher, fp32_model, shape, splits.num_classes) if recipe.distill else None
+    connect(address)
+    student = Student(name, dict(fp32_model.state_dict()), shape, table)
+    return tune_finetune(chosen, student, splits, DataSource(spec, seed), out=out, recipe=recipe, settings=settings,
+                         teacher=teacher_model, teacher_spec=teacher)
