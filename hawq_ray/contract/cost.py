@@ -30,15 +30,25 @@ def omega(trace, params, delta):
     return np.maximum(np.asarray(trace, float), 0.0) / np.asarray(params, float) * np.asarray(delta, float)
 
 
+def _weight_bits(params, bits):
+    """n_i * b: the layer's weight storage in bits, an exact integer (so a config's sum is order-free)."""
+    return np.asarray(params, np.int64) * np.asarray(bits, np.int64)
+
+
+def _bops(macs, bits):
+    """MACs_i * b * b, an exact integer."""
+    b = np.asarray(bits, np.int64)
+    return np.asarray(macs, np.int64) * b * b
+
+
 def layer_size_mib(params, bits):
     """Weight storage of a layer at `bits`, in MiB; numpy-broadcasting."""
-    return np.asarray(params, float) * np.asarray(bits, float) / 8 / MIB
+    return _weight_bits(params, bits) / 8 / MIB
 
 
 def layer_gbops(macs, bits):
     """Bit operations of a layer at `bits` (weights and activations), in GBOPS; numpy-broadcasting."""
-    b = np.asarray(bits, float)
-    return np.asarray(macs, float) * b * b / GIGA
+    return _bops(macs, bits) / GIGA
 
 
 def config_costs(table: pd.DataFrame, bits: Mapping[str, int]) -> dict:
@@ -50,5 +60,5 @@ def config_costs(table: pd.DataFrame, bits: Mapping[str, int]) -> dict:
         per_layer = np.array([table[lat_col(int(x))].iloc[i] for i, x in enumerate(b)], float)
         if not np.isnan(per_layer).any():
             latency = float(per_layer.sum())
-    return {"size_mib": float(layer_size_mib(table["params"], b).sum()),
-            "gbops": float(layer_gbops(table["macs"], b).sum()), "latency_ms": latency}
+    return {"size_mib": float(_weight_bits(table["params"], b).sum() / 8 / MIB),
+            "gbops": float(_bops(table["macs"], b).sum() / GIGA), "latency_ms": latency}
