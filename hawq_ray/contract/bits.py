@@ -192,6 +192,12 @@ def bits_of_cell(cell, where: str) -> dict:
     return _raw_bits(data, where)
 
 
+def budget_cell(points) -> str:
+    """The budget points that chose a config as one table cell: JSON text, '' for none (budgets_of_cell reads
+    it back)."""
+    return json.dumps([dict(p) for p in points]) if points else ""
+
+
 def budgets_of_cell(cell) -> tuple:
     """A table cell holding the budget points of a config: a list of dicts, or its JSON text; () for none."""
     if isinstance(cell, str):

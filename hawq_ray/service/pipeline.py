@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from hawq_ray.contract import HawqError
+from hawq_ray.contract.bits import budget_cell, parse_bits
 
 DEFAULT_CONFIG = {
     "model": None,            # None: the embedded digits_resnet
@@ -252,7 +253,6 @@ def _latency(model, shape, layers: pd.DataFrame, p: dict, run_dir: Path, log) ->
 
 
 def _sweep(table: pd.DataFrame, budgets: dict, uniform: list) -> pd.DataFrame:
-    from hawq_ray.contract.bits import parse_bits
     from hawq_ray.service.sweep import ray_solve
     from solver.sweep import sweep_budgets
     grid = [{resource: float(r)} for resource, values in budgets.items() for r in values]
@@ -269,7 +269,7 @@ def _sweep(table: pd.DataFrame, budgets: dict, uniform: list) -> pd.DataFrame:
                 rows[f"ilp{int(r.config)}"] = {"config": f"ilp{int(r.config)}", "budget": list(r.budgets),
                                                "bits": r.bits}
     for row in rows.values():
-        row["budget"] = json.dumps(row["budget"]) if row["budget"] else ""
+        row["budget"] = budget_cell(row["budget"])
     return pd.DataFrame(list(rows.values()), columns=["config", "budget", "bits"])
 
 

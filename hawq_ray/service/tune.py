@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from hawq_ray.contract import HawqError
-from hawq_ray.contract.bits import read_configs
+from hawq_ray.contract.bits import budget_cell, read_configs
 from hawq_ray.contract.cost import config_costs
 from hawq_ray.quant.finetune import (Recipe, calibrated, checked_split, finetune_epochs, float_predictions,
                                      fp32_weights, integer_predictions, labels_of, limited, load_checkpoint,
@@ -77,7 +77,7 @@ class DataSource:
 def config_frame(specs, table: pd.DataFrame) -> pd.DataFrame:
     """One row per config (`contract.bits.read_configs`): config (id), budget (JSON of the budget points that
     chose it, or ''), bits ({layer: bits}), latency_ms (the sweep's, when it had measured latencies)."""
-    rows = [{"config": c.config, "budget": json.dumps(list(c.budget)) if c.budget else "", "bits": c.bits.as_dict(),
+    rows = [{"config": c.config, "budget": budget_cell(c.budget), "bits": c.bits.as_dict(),
              "latency_ms": c.latency_ms} for c in read_configs(specs, table)]
     return pd.DataFrame(rows)
 
