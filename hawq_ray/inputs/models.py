@@ -1,14 +1,21 @@
-"""Models by name: the embedded default (a small residual CNN for the digits data), any pytorchcv model, or a module.
+"""Models by name or as a module. A name is one of
+- the embedded default `digits_resnet` (a small residual CNN for the digits data) or any pytorchcv name;
+- `torchvision:NAME`, a torchvision classification model (any of `list_models(module=torchvision.models)`);
+- `package.module:callable`, user code: the callable (a function or class) is called with no arguments.
 
 Weights are only ever read from local files, never downloaded:
 - `weights=PATH`: a state dict saved with `torch.save` (bare, or under "state_dict" / "model");
 - `pretrained=True` with a pytorchcv name: the file pytorchcv itself caches, `{name}-{error}-{sha1[:8]}.pth` in
-  `cache_dir` (default `~/.torch/models`), used only if the file's SHA1 starts with the 8 hex digits in its name.
+  `cache_dir` (default `~/.torch/models`), used only if the file's SHA1 starts with the 8 hex digits in its name;
+- `pretrained=True` with `torchvision:NAME`: the file torch.hub caches, the basename of the default weights' URL
+  (e.g. `resnet18-f37072fd.pth`) in `cache_dir` (default `torch.hub.get_dir()/checkpoints`), used only if its
+  SHA256 starts with the hex digits after the name's last '-' (torch.hub's convention).
 Every file is read with `torch.load(..., weights_only=True)`, so a checkpoint crafted to run code is refused.
 """
 
 import difflib
 import hashlib
+import importlib
 import re
 from pathlib import Path
 
@@ -19,6 +26,14 @@ from hawq_ray.contract import HawqError
 
 DEFAULT_MODEL = "digits_resnet"
 DEFAULT_CACHE_DIR = Path("~/.torch/models")
+TORCHVISION_PREFIX = "torchvision:"
+DEFAULT_INPUT_SHAPE = (3, 224, 224)  # ImageNet's, for torchvision and user models that say nothing else
+# torchvision builds these with auxiliary heads (a namedtuple output in training mode) and, unless told, a slow
+# scipy-based init that warns; hawq-ray wants one output, and random init is replaced by weights anyway.
+# transform_input stays off (torchvision turns it on with its weights): its per-channel slicing does not quantize,
+# so their pretrained weights want inputs normalised with mean = std = 0.5 rather than ImageNet's statistics.
+TORCHVISION_SINGLE_OUTPUT = {"googlenet": {"aux_logits": False, "init_weights": False},
+                             "inception_v3": {"aux_logits": False, "init_weights": False}}
 
 
 class ConvBNReLU(nn.Module):
@@ -94,7 +109,8 @@ class DigitsResNet(nn.Module):
 
 
 def get_model(name=None, *, pretrained=False, weights=None, cache_dir=None):
-    """A model by name (None: the default), or the module itself; weights from `weights` or the local cache."""
+    """A model by name (None: the default; a pytorchcv name, `torchvision:NAME` or `package.module:callable`), or
+    the module itself; weights from `weights` or, with `pretrained`, the local cache (see the module docstring)."""
     if isinstance(name, nn.Module):
         if pretrained:
             raise HawqError("pretrained=True needs a pytorchcv model name, not a module object; pass weights=PATH")
@@ -103,6 +119,12 @@ def get_model(name=None, *, pretrained=False, weights=None, cache_dir=None):
         if pretrained and weights is None:
             raise HawqError(f"model {DEFAULT_MODEL!r} has no pretrained weights; train it or pass weights=PATH")
         model = DigitsResNet()
+    elif isinstance(name, str) and name.startswith(TORCHVISION_PREFIX):
+        return _torchvision_model(name, pretrained=pretrained, weights=weights, cache_dir=cache_dir)
+    elif isinstance(name, str) and ":" in name:
+        if pretrained and weights is None:
+            raise HawqError(f"model {name!r} is user code with no pretrained weights; pass weights=PATH")
+        model = _user_model(name)
     elif isinstance(name, str):
         model = _pytorchcv_model(name)
         if pretrained and weights is None:
@@ -122,17 +144,111 @@ def _pytorchcv_model(name):
     if name.lower() not in _models:
         close = difflib.get_close_matches(name.lower(), [DEFAULT_MODEL, *_models], n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise HawqError(f"unknown model {name!r}: {hint}valid: {DEFAULT_MODEL!r} or a pytorchcv name "
-                        f"(e.g. resnet18, resnet50, inceptionv3, resnet20_cifar10)")
+        raise HawqError(f"unknown model {name!r}: {hint}valid: {DEFAULT_MODEL!r}, a pytorchcv name "
+                        f"(e.g. resnet18, resnet50, inceptionv3, resnet20_cifar10), torchvision:NAME "
+                        f"(e.g. torchvision:resnet18) or package.module:callable")
     return pytorchcv_get_model(name, pretrained=False)
 
 
-def file_sha1(path):
-    sha1 = hashlib.sha1()
+def _torchvision_name(spec):
+    """NAME of `torchvision:NAME`, checked to be a torchvision classification model."""
+    from torchvision import models as tv
+
+    name = spec[len(TORCHVISION_PREFIX):].lower()
+    valid = tv.list_models(module=tv)  # the top-level package holds exactly the classification models
+    if name in valid:
+        return name
+    if name in tv.list_models():  # the builder's subpackage says which kind: detection, segmentation, ...
+        kind = tv.get_model_builder(name).__module__.split(".")[2]
+        problem = f"is a {kind} model; hawq-ray takes classification models only"
+    else:
+        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+        problem = "is not a torchvision model" + (f" (did you mean {', '.join(close)}?)" if close else "")
+    raise HawqError(f"model {spec!r} {problem}; valid: torchvision:NAME for one of {len(valid)} classification "
+                    f"models (e.g. resnet18, mobilenet_v2, efficientnet_b0, inception_v3)")
+
+
+def _torchvision_model(spec, *, pretrained, weights, cache_dir):
+    from torchvision import models as tv
+
+    name = _torchvision_name(spec)
+    single = TORCHVISION_SINGLE_OUTPUT.get(name, {})
+    model = tv.get_model(name, weights=None, **single)
+    if weights is None and pretrained:
+        weights = torchvision_weights_file(name, cache_dir)
+    if weights is not None:
+        load_weights(model, weights, ignore_unexpected=bool(single))  # the aux heads we left out have weights
+    return model
+
+
+def torchvision_weights_filename(name):
+    """The name torch.hub caches torchvision model `name`'s default weights under: the basename of their URL."""
+    from torchvision import models as tv
+
+    return tv.get_model_weights(name).DEFAULT.url.rsplit("/", 1)[-1]
+
+
+def torchvision_weights_file(name, cache_dir=None):
+    """torch.hub's cache file for torchvision model `name`'s default weights, checked against its hash prefix."""
+    folder = Path(cache_dir if cache_dir is not None else Path(torch.hub.get_dir()) / "checkpoints").expanduser()
+    path = folder / torchvision_weights_filename(name)
+    if not path.is_file():
+        raise HawqError(f"no cached weights for torchvision:{name}: expected {path}; hawq-ray never downloads: "
+                        f"copy the file there or pass weights=PATH")
+    prefix = re.fullmatch(r".+-([0-9a-f]+)\.pth", path.name)
+    if prefix and not file_digest(path, "sha256").startswith(prefix.group(1)):
+        raise HawqError(f"cached weights {path} are corrupt or not torchvision's: their SHA256 does not start "
+                        f"with {prefix.group(1)} as the file name says; replace the file or pass weights=PATH")
+    return path
+
+
+def _user_callable(spec):
+    """The module and the callable named by `package.module:callable` (the callable may be dotted: Class.build)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise HawqError(f"model {spec!r} is not package.module:callable (e.g. mypkg.nets:build_net)")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, SyntaxError, or whatever the module raises at import
+        raise HawqError(f"model {spec!r}: cannot import {module_name}: {_first_line(exc)}") from None
+    target = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            close = difflib.get_close_matches(part, dir(target), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise HawqError(f"model {spec!r}: {module_name} has no attribute {attr!r}{hint}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise HawqError(f"model {spec!r}: {attr} is a {type(target).__name__}, not a callable")
+    return module, target
+
+
+def _user_model(spec, factory=None):
+    factory = factory or _user_callable(spec)[1]
+    try:
+        model = factory()
+    except Exception as exc:  # user code: any failure becomes one line naming the spec
+        raise HawqError(f"model {spec!r}: calling it raised {_first_line(exc)}") from None
+    if not isinstance(model, nn.Module):
+        raise HawqError(f"model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _first_line(exc):
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def file_digest(path, algorithm):
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha1.update(chunk)
-    return sha1.hexdigest()
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha1(path):
+    return file_digest(path, "sha1")
 
 
 def cached_weights_file(name, cache_dir=None):
@@ -203,6 +319,10 @@ def input_shape(model_or_name=None):
     if model_or_name is None or model_or_name == DEFAULT_MODEL:
         return (1, 16, 16)
     model = model_or_name
+    if isinstance(model, str) and model.startswith(TORCHVISION_PREFIX):
+        return _torchvision_input_shape(_torchvision_name(model))
+    if isinstance(model, str) and ":" in model:
+        return _user_input_shape(model)
     if isinstance(model, str):
         model = _pytorchcv_model(model)
     if not isinstance(model, nn.Module):
@@ -214,6 +334,30 @@ def input_shape(model_or_name=None):
         raise HawqError(f"cannot tell the input shape of {type(model).__name__} (no in_size attribute); "
                         f"give it explicitly as (C, H, W)")
     return (int(channels), int(in_size[0]), int(in_size[1]))
+
+
+def _torchvision_input_shape(name):
+    """(3, S, S) with S the default weights' eval crop (299 for inception_v3, 224 for most), read without a build."""
+    from torchvision import models as tv
+
+    crop = tv.get_model_weights(name).DEFAULT.transforms().crop_size
+    return (3, int(crop[0]), int(crop[-1]))
+
+
+def _user_input_shape(spec):
+    """The module's `input_shape`, else the model's (`input_shape`, or pytorchcv's `in_size`), else 3x224x224."""
+    module, factory = _user_callable(spec)
+    shape = getattr(module, "input_shape", None)
+    if shape is None:  # only then build the model: user code may be slow to build
+        model = _user_model(spec, factory)
+        shape = getattr(model, "input_shape", None)
+        if shape is None and getattr(model, "in_size", None) is not None:
+            return input_shape(model)
+    if shape is None:
+        return DEFAULT_INPUT_SHAPE
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 3 and all(type(d) is int and d > 0 for d in shape)):
+        raise HawqError(f"model {spec!r}: input_shape must be a (C, H, W) tuple of positive ints, got {shape!r}")
+    return tuple(shape)
 
 
 def num_classes(model):

@@ -10,10 +10,13 @@ from hawq_ray.contract import HawqError
 
 def add_model_args(parser, data: bool = True) -> None:
     parser.add_argument("--model", default=None,
-                        help="pytorchcv model name (default: the embedded digits_resnet)")
+                        help="a pytorchcv name (e.g. resnet18), torchvision:NAME (a torchvision classification "
+                             "model, e.g. torchvision:mobilenet_v2) or package.module:callable (your code, called "
+                             "with no arguments, returning an nn.Module) (default: the embedded digits_resnet)")
     parser.add_argument("--weights", default=None, help="state-dict file to load (read with weights_only=True)")
     parser.add_argument("--pretrained", action="store_true",
-                        help="load pytorchcv weights from the local cache (~/.torch/models); never downloads")
+                        help="load pytorchcv weights from ~/.torch/models, torchvision weights from "
+                             "$TORCH_HOME/hub/checkpoints (local caches only); never downloads")
     if data:
         parser.add_argument("--data", default=None,
                             help="digits | synthetic | an ImageFolder or CIFAR-10 folder "

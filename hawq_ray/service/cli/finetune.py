@@ -13,7 +13,7 @@ SHOWN = ["config", "budget", "size_mib", "gbops", "latency_ms", "lr", "epochs", 
 def register(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="QAT of bit configs on Ray Tune; integer top-1, checkpoints, resume",
                               description=__doc__)
-    p.add_argument("--model", default=None, help="digits_resnet (default) or a pytorchcv name")
+    p.add_argument("--model", default=None, help="digits_resnet (default), a pytorchcv name, torchvision:NAME or package.module:callable")
     p.add_argument("--weights", help="fp32 state dict (torch.save); default model without it: trained on digits "
                    "and cached in --out; pytorchcv model without it: the local pytorchcv cache")
     p.add_argument("--configs", nargs="+", required=True, metavar="CONFIG",
