@@ -85,6 +85,17 @@ def apply_op(op: Op, ins: list) -> np.ndarray:
                         a.get("dilation", (1, 1)), a.get("ceil_mode", False))
     if op.op == "flatten":
         return ins[0].reshape(ins[0].shape[0], -1)
+    if op.op == "clamp":
+        return np.minimum(np.maximum(ins[0], c["lo"].astype(np.int64)), c["hi"].astype(np.int64))
+    if op.op == "lookup":                     # table[x - offset], element by element
+        table, off = c["table"].astype(np.int64), int(a["offset"])
+        return np.vectorize(lambda v: table[v - off], otypes=[np.int64])(ins[0])
+    if op.op == "mul":
+        return ins[0] * ins[1]                # numpy broadcasting: a gate (N, C, 1, 1) over (N, C, H, W)
+    if op.op == "affine":
+        z = (ins[0] + c["bias"].astype(np.int64)) * c["multiplier"].astype(np.int64)
+        shift = c["shift"].astype(np.int64)
+        return np.clip((z + (np.int64(1) << (shift - 1))) >> shift, a["lo"], a["hi"])
     raise ValueError(op.op)
 
 

@@ -79,8 +79,8 @@ def test_uniform8_qat_output_is_close_to_fp32_and_uniform4_further():
 
 
 def test_unsupported_module_names_module_and_type():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
-    with pytest.raises(HawqError, match=r"module '1' of type Sigmoid"):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softmax2d(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    with pytest.raises(HawqError, match=r"module '1' of type Softmax2d"):
         prepare(model, "uniform8", (3, 8, 8))
     with pytest.raises(HawqError, match="no quantizable layer"):
         prepare(nn.Sequential(nn.ReLU()), "uniform8", (3, 8, 8))

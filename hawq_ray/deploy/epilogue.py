@@ -72,14 +72,26 @@ class TileContext:
         pick = lambda i, v: v if int(t.shape[i]) > 1 else 0    # noqa: E731
         return t[pick(0, co), pick(1, h), pick(2, w), pick(3, ci)]
 
-    def operand(self, op) -> te.Tensor:
-        """The next second operand of a binary step (in the order the steps read them)."""
+    def table(self, arr, name: str) -> te.Tensor:
+        """A lookup table (1-D int32), read at a computed index."""
+        arr = np.ascontiguousarray(np.asarray(arr, np.int32).reshape(-1))
+        t = te.placeholder(arr.shape, "int32", name=name)
+        self.const_arrays.append(arr)
+        self.const_tensors.append(t)
+        return t
+
+    def operand(self, op, broadcast: bool = False):
+        """The next second operand of a binary step (in the order the steps read them), as a function of
+        the output's storage index. Stored in the output's layout; with `broadcast`, its size-1 dimensions
+        (a squeeze-excite gate's H and W) are read at 0."""
         k = self._operands
         self._operands += 1
-        if self.extras[k].storage_shape != self.out.storage_shape:
-            raise HawqError(f"{op.output}: {op.op} of tensors stored as {self.extras[k].storage_shape} "
-                            f"and {self.out.storage_shape}")
-        return self.extra_tensors[k]
+        t, shape, want = self.extra_tensors[k], self.extras[k].storage_shape, self.out.storage_shape
+        fits = shape == want or (broadcast and len(shape) == len(want) and
+                                 all(a in (1, b) for a, b in zip(shape, want)))
+        if not fits:
+            raise HawqError(f"{op.output}: {op.op} of tensors stored as {shape} and {want}")
+        return lambda idx: t[tuple(i if int(d) > 1 else 0 for i, d in zip(idx, shape))]
 
 
 def _check_broadcast(a: np.ndarray, value: Value, what: str):

@@ -138,9 +138,12 @@ def plan_groups(program: IntegerProgram, ops: list | None = None) -> list[Group]
             while uses.get(cur) == 1 and cur in readers and readers[cur][0] > last:
                 j = readers[cur][0]
                 nxt = ops[j]
-                binary = elementwise(nxt.op) and PROGRAM_OPS[nxt.op].binary
-                if not elementwise(nxt.op) or j in absorbed or (binary and not allow_add):
+                entry = PROGRAM_OPS.get(nxt.op)
+                binary = elementwise(nxt.op) and entry.binary
+                if not elementwise(nxt.op) or j in absorbed or (binary and not allow_add and not entry.broadcast):
                     break    # a residual add rides with a conv (the big kernel), not with a pool or a requantize
+                if binary and entry.broadcast and nxt.inputs[0] != cur:
+                    break    # the chain computes the small operand: the product has the other one's shape
                 if binary:
                     a, b = nxt.inputs
                     args.append(b if a == cur else a)

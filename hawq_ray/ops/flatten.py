@@ -14,12 +14,12 @@ SEMANTICS = "inputs [x]; out = x.reshape(N, -1)."
 def _convert_flatten(tracer, n, m):
     if m is not None:
         ok = m.start_dim == 1 and m.end_dim == -1
-    elif n.op == "call_function":
-        ok = (tuple(n.args[1:]) or (n.kwargs.get("start_dim", 0),)) in ((1,), (1, -1))
-    elif n.target in ("view", "reshape"):
+    elif n.op == "call_method" and n.target in ("view", "reshape"):
         ok = len(n.args) == 3 and n.args[2] == -1
-    else:
-        ok = tuple(n.args[1:]) in ((1,), (1, -1))
+    else:                       # torch.flatten(x, 1) / x.flatten(start_dim=1[, end_dim=-1])
+        names = ("start_dim", "end_dim")
+        dims = [n.kwargs.get(k, a) for k, a in zip(names, list(n.args[1:3]) + [0, -1][len(n.args[1:3]):])]
+        ok = tuple(dims) == (1, -1)
     return tracer.node(n, "flatten", [n.args[0]]) if ok else None
 
 

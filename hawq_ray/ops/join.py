@@ -58,7 +58,7 @@ def join_step(qm, node, ins):
 
 def add_tile(ctx, op, k):
     other = ctx.operand(op)
-    return lambda z, idx: z + other[idx].astype("int32")
+    return lambda z, idx: z + other(idx).astype("int32")
 
 
 def lower_concat(group, ins, target, name):

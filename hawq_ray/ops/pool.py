@@ -6,6 +6,8 @@ max of the integers, which keep their scale.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,19 +33,49 @@ def _attrs(kernel, stride, padding, ceil_mode, dilation=1, count_include_pad=Tru
 
 # ---------------------------------------------------------------------------------------------- tracing
 
+_AVG_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+
+
 def _convert_avg(tracer, n, m):
-    if isinstance(m, nn.AvgPool2d):
+    if isinstance(m, nn.AvgPool2d) or n.target is F.avg_pool2d:
+        if m is None:               # F.avg_pool2d(x, kernel_size, stride=None, padding=0, ...)
+            given = dict(zip(_AVG_ARGS, n.args[1:])) | dict(n.kwargs)
+            m = nn.AvgPool2d(**{k: v for k, v in given.items() if k in _AVG_ARGS})
         if m.divisor_override is not None:
-            tracer.unsupported(f"module {n.target!r} (divisor_override)", type(m).__name__)
+            tracer.unsupported(f"{n.target!r} (divisor_override)", "AvgPool2d")
         return tracer.node(n, "avgpool", [n.args[0]], attrs=_attrs(m.kernel_size, m.stride, m.padding,
                                                                    m.ceil_mode, 1, m.count_include_pad))
+    if n.op == "call_method" or n.target is torch.mean:      # x.mean((2, 3)[, keepdim])
+        return _convert_mean(tracer, n)
     size = m.output_size if m is not None else (n.args[1] if len(n.args) > 1 else n.kwargs["output_size"])
     if as_pair(size) != (1, 1):
         return None
     return tracer.node(n, "avgpool", [n.args[0]], attrs={"global": True})
 
 
+def _convert_mean(tracer, n):
+    """A mean over H and W is a global average pool (then a flatten unless keepdim)."""
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+    if dims is None or sorted(d % 4 for d in (dims if isinstance(dims, (list, tuple)) else [dims])) != [2, 3]:
+        return None
+    pool = tracer.node(n, "avgpool", [n.args[0]], attrs={"global": True})
+    if keep:
+        return pool
+    pool.name = f"{n.name}.pool"
+    tracer.add(pool)
+    return replace(pool, name=n.name, kind="flatten", inputs=[pool.name], attrs={})
+
+
+_MAX_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+
+
 def _convert_max(tracer, n, m):
+    if m is None:                   # F.max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode)
+        given = dict(zip(_MAX_ARGS, n.args[1:])) | dict(n.kwargs)
+        if given.get("return_indices"):
+            return None
+        m = nn.MaxPool2d(**{k: v for k, v in given.items() if k in _MAX_ARGS})
     return tracer.node(n, "maxpool", [n.args[0]], attrs=_attrs(m.kernel_size, m.stride, m.padding, m.ceil_mode,
                                                                m.dilation))
 
@@ -126,9 +158,10 @@ def lower_pool(group, ins, target, name):
 
 register_ops(
     GraphNode("avgpool", avgpool_step, modules=(nn.AvgPool2d, nn.AdaptiveAvgPool2d),
-              functions=(F.adaptive_avg_pool2d,), convert=_convert_avg, nonneg=all,
-              supported="AvgPool2d, AdaptiveAvgPool2d(1)"),
-    GraphNode("maxpool", maxpool_step, modules=(nn.MaxPool2d,), convert=_convert_max, nonneg=all,
+              functions=(F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean), methods=("mean",), convert=_convert_avg,
+              nonneg=all, supported="AvgPool2d, AdaptiveAvgPool2d(1), mean over H and W"),
+    GraphNode("maxpool", maxpool_step, modules=(nn.MaxPool2d,), functions=(F.max_pool2d,), convert=_convert_max,
+              nonneg=all,
               supported="MaxPool2d"),
     ProgramOp("sum_pool2d", SUM_POOL, execute_sum, sum_range, kernel=lower_pool),
     ProgramOp("max_pool2d", MAX_POOL, execute_max, lambda op, r: r[0], kernel=lower_pool),

@@ -40,6 +40,8 @@ class ProgramOp:
     kernel: Callable | None = None    # (Group, [Value], target, name) -> Kernel: a kernel anchored at this op
     tile: Callable | None = None      # elementwise: (TileContext, Op, k) -> fn(z, idx) -> expr, fused at a tile
     binary: bool = False              # elementwise with a second operand (stored in the output's layout)
+    broadcast: bool = False           # binary whose second operand may be smaller (broadcast over H, W): fused
+                                      # only into the chain of its first operand
     channelwise: Callable = field(default=lambda op: False)   # commutes with max pooling (per channel, monotone)
 
 

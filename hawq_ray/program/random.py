@@ -3,7 +3,8 @@
 Whole-model checks only see the patterns their models happen to contain: a conv reading a concatenation
 through a fused requantize (SqueezeNet's fire modules) passed through every one of them. `random_program(seed)`
 builds a small random program around one producer -> consumer pair of op kinds (`PAIRS`: every program op
-of the registry as the producer and as the consumer of every other kind where the ranks allow), with random
+of the registry as the producer and as the consumer of every other kind where the ranks allow; a lookup or a
+product reads a wide producer through a requantize to 8 bits, as in every lowered model), with random
 context before and after it, fan-out, mixed 4/8-bit weights, grouped and depthwise convs, and requantize
 constants calibrated on the values the program computes (so values are neither all clamped nor all zero).
 Every value's integer range is derived soundly (`ranges.derived_range`) while building, so each program
@@ -26,12 +27,14 @@ from hawq_ray.program.program import INT32_MAX, INT32_MIN, IntegerProgram, Op
 from hawq_ray.program.ranges import derived_range
 
 # the program ops this generator builds (a test holds it to the registry: a new op needs a builder here)
-OPS = ("conv2d", "dense", "requantize", "relu", "add", "concat", "sum_pool2d", "max_pool2d", "flatten")
+OPS = ("conv2d", "dense", "requantize", "relu", "add", "concat", "sum_pool2d", "max_pool2d", "flatten", "clamp",
+       "lookup", "mul", "affine")
 
 NEEDS_RANK4 = ("conv2d", "sum_pool2d", "max_pool2d")   # consumers of a (N, C, H, W) value
 NEEDS_RANK2 = ("dense",)                               # consumers of a (N, F) value
 MAKES_RANK4 = ("conv2d", "sum_pool2d", "max_pool2d")   # producers of rank 4 only
 MAKES_RANK2 = ("dense", "flatten")                     # producers of rank 2 only
+NARROWED = ("lookup", "mul")      # consumers whose wide inputs are requantized to 8 bits first, as in every model
 PAIRS = [(p, c) for p in OPS for c in OPS
          if not (p in MAKES_RANK2 and c in NEEDS_RANK4) and not (p in MAKES_RANK4 and c in NEEDS_RANK2)]
 SAFE = (1 << 30)        # bound on |value| of every op (int32 with a margin for the back end's bias folding)
@@ -221,6 +224,63 @@ class _Builder:
     def flatten(self, x):
         lo, hi = self.declared[x]
         return self.emit("flatten", [x], lo=lo, hi=hi)
+
+    def _per_channel(self, x, draw):
+        """A constant per tensor or per channel of x (shaped to broadcast against it), values from `draw`."""
+        shape = self.shape(x)
+        if self.rng.random() < 0.5:
+            return np.asarray(draw(()), np.int64)
+        return np.asarray(draw((shape[1],)), np.int64).reshape((-1, 1, 1) if len(shape) == 4 else (-1,))
+
+    def clamp(self, x):
+        lo, hi = self.range[x]
+        span = max(hi - lo, 1)
+        a = self._per_channel(x, lambda n: lo + self.rng.integers(0, span // 2 + 1, n))
+        b = a + self._per_channel(x, lambda n: self.rng.integers(0, span + 1, n))
+        return self.emit("clamp", [x], consts={"lo": a.astype(np.int32), "hi": b.astype(np.int32)})
+
+    def lookup(self, x):
+        """A table over 8-bit codes: the input requantized to them first unless it already is."""
+        lo, hi = self.range[x]
+        if not (-128 <= lo and hi <= 255 and hi - lo < 256):
+            x = self.requantize(x, clamp=[(0, 255), (-128, 127)][int(self.rng.integers(2))])
+            if x is None:
+                return None
+        off = self.range[x][0]          # the codes x can take start here (a sound range)
+        top = [127, 255, 1 << 15][int(self.rng.integers(3))]
+        table = self.rng.integers(-top if self.rng.random() < 0.5 else 0, top + 1, 256)
+        return self.emit("lookup", [x], attrs={"offset": int(off)}, consts={"table": table.astype(np.int32)})
+
+    def _narrow(self, x):
+        lo, hi = self.range[x]
+        return x if max(abs(lo), abs(hi)) < (1 << 14) else self.requantize(x, clamp=CLAMPS[int(self.rng.integers(4))])
+
+    def mul(self, x):
+        """x times a partner of its shape, or a rank-4 x times a gate (N, C, 1, 1) pooled from a value."""
+        if len(self.shape(x)) == 4 and self.rng.random() < 0.5:
+            gate = self.sum_pool2d_global(self.pick(4) if self.rng.random() < 0.3 else x)
+            other = None if gate is None or self.shape(gate)[1] != self.shape(x)[1] else gate
+        else:
+            other = self.partner(x, "shape")
+        if other is None:
+            other = x
+        a, b = self._narrow(x), self._narrow(other)
+        return None if a is None or b is None else self.emit("mul", [a, b])
+
+    def sum_pool2d_global(self, x):
+        _, _, h, w = self.shape(x)
+        total = self.emit("sum_pool2d", [x], {"kernel": (h, w), "stride": (h, w), "padding": (0, 0), "ceil_mode": False})
+        return None if total is None else self.requantize(total, clamp=[(0, 255), (-128, 127)][int(self.rng.integers(2))])
+
+    def affine(self, x):
+        mult = self._per_channel(x, lambda n: self.rng.integers(1, 1 << 12, n) * self.rng.choice([-1, 1], n))
+        lo, hi = self.range[x]
+        bias = self._per_channel(x, lambda n: self.rng.integers(-max(abs(lo), abs(hi), 1), max(abs(lo), abs(hi), 1) + 1, n))
+        shift = self._per_channel(x, lambda n: self.rng.integers(8, 17, n))
+        wide = (-(1 << 15), (1 << 15) - 1)
+        return self.emit("affine", [x], attrs={"lo": wide[0], "hi": wide[1]}, lo=wide[0], hi=wide[1],
+                         consts={"bias": bias.astype(np.int32), "multiplier": mult.astype(np.int32),
+                                 "shift": shift.astype(np.int32)})
 
     # ------------------------------------------------------------------ one op of a kind on a fitting input
     def op(self, kind, x=None, rank=None) -> str | None:

@@ -2,7 +2,7 @@
 
 Each fx call becomes a node of a kind from the op registry (`hawq_ray.ops`: the module types, functions and
 tensor methods each kind converts); a BatchNorm2d right after a conv is folded into it, Dropout and Identity
-vanish, and shape queries (`x.size()`, `x.shape[0]` as a view argument) are skipped. Anything else is an
+(and stochastic depth) vanish, and shape queries (`x.size()`, `x.shape[0]` as a view argument) are skipped. Anything else is an
 error that names the module and its type.
 """
 from __future__ import annotations
@@ -72,6 +72,10 @@ class _Tracer:
             raise HawqError(f"value {a.name!r} is used as a tensor but is not one the quantizer supports")
         return self.alias[a.name]
 
+    def is_tensor(self, a) -> bool:
+        """Whether an fx argument is a tensor value of the graph (not a constant or a shape)."""
+        return isinstance(a, fx.Node) and a.name in self.alias
+
     def node(self, n: fx.Node, kind: str, args: list, **kw) -> GNode:
         return GNode(n.name, kind, [self.src(a) for a in args], **kw)
 
@@ -94,9 +98,31 @@ def _entry_for(n: fx.Node, module):
     return None
 
 
+class _LeafTracer(fx.Tracer):
+    """torch.fx's tracer, with every module type an op converts kept whole (a zoo's own activation modules
+    are converted as what they compute, not traced into their arithmetic)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, tuple(t for e in GRAPH_NODES.values() for t in e.modules)) or \
+            super().is_leaf_module(m, qualname)
+
+
+def _refuse_transformers(model: nn.Module) -> None:
+    """Attention and LayerNorm (vision transformers, ConvNeXt) have no integer-only form here: say so before
+    tracing, in words, instead of failing at whichever tensor op the tracer meets first."""
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.LayerNorm, nn.MultiheadAttention)) or "attention" in type(m).__name__.lower():
+            raise HawqError(f"model {type(model).__name__} has transformer layers (module {name!r} of type "
+                            f"{type(m).__name__}): attention and LayerNorm have no integer-only form in hawq-ray; "
+                            "it quantizes CNNs (see the supported layers in the README)")
+
+
 def trace_graph(model: nn.Module) -> Graph:
+    _refuse_transformers(model)
     try:
-        gm = fx.symbolic_trace(model)
+        tracer = _LeafTracer()
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph)
     except Exception as e:  # fx raises many types
         raise HawqError(f"model {type(model).__name__} is not torch.fx-traceable: "
                         f"{str(e).splitlines()[0]}") from None
@@ -126,13 +152,22 @@ def trace_graph(model: nn.Module) -> Graph:
                         "call_function": f"function {getattr(n.target, '__name__', n.target)!r} at {n.name!r}"}
                 t.unsupported(what[n.op], type(m).__name__ if m is not None else n.op)
             t.add(node)
-    for node in t.nodes:    # nonneg: by construction (ReLU), or inherited through shape-keeping ops
+    for node in t.nodes:    # nonneg: by construction (ReLU, a converter's say), or inherited through shape-keeping ops
         entry = GRAPH_NODES.get(node.kind)
-        node.nonneg = entry is not None and bool(entry.nonneg([t.by_name[i].nonneg for i in node.inputs]))
+        node.nonneg = node.nonneg or (entry is not None and bool(entry.nonneg([t.by_name[i].nonneg for i in node.inputs])))
     graph = Graph(nodes=t.nodes, output=output)
     if not graph.layer_nodes():
         raise HawqError(f"model {type(model).__name__} has no quantizable layer (Conv2d or Linear)")
     return graph
+
+
+def _stochastic_depth() -> tuple:
+    """torchvision's stochastic depth (function, module): residual-branch dropout, identity at inference."""
+    try:
+        from torchvision.ops import StochasticDepth, stochastic_depth
+    except ImportError:
+        return ()
+    return stochastic_depth, StochasticDepth
 
 
 def _structural(t: _Tracer, n: fx.Node, modules: dict, fx_users: dict) -> bool:
@@ -143,14 +178,17 @@ def _structural(t: _Tracer, n: fx.Node, modules: dict, fx_users: dict) -> bool:
         if isinstance(m, nn.BatchNorm2d):
             prev = t.by_name.get(t.alias.get(n.args[0].name, ""))
             if prev is None or prev.kind != "conv" or prev.bn is not None or len(fx_users[n.args[0].name]) != 1:
-                t.unsupported(f"module {n.target!r} (a BatchNorm2d not directly after a conv)", type(m).__name__)
+                return False    # no conv to fold into: a node of its own (ops/batchnorm.py)
             prev.bn, prev.bn_name = m, n.target
             t.alias[n.name] = prev.name
             return True
-        if isinstance(m, (nn.Dropout, nn.Identity)):
+        if isinstance(m, (nn.Dropout, nn.Identity, *_stochastic_depth()[1:])):
             t.alias[n.name] = t.src(n.args[0])
             return True
         return False
+    if n.op == "call_function" and n.target in _stochastic_depth()[:1]:
+        t.alias[n.name] = t.src(n.args[0])      # identity at inference; QAT trains without dropping blocks
+        return True
     if n.op == "call_function":
         return (n.target is getattr and n.args[1] == "shape") or (
             n.target is operator.getitem and isinstance(n.args[0], fx.Node) and n.args[0].name not in t.alias)

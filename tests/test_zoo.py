@@ -1,0 +1,159 @@
+"""The mobile and dense CNNs of torchvision and pytorchcv (depthwise and grouped convs, ReLU6, hardswish,
+hardsigmoid, SiLU, sigmoid, squeeze-excite, pre-activation BN, `.mean()`, `.flatten()`): QAT simulation =
+integer executor on 8 random inputs under uniform4, uniform8 and a random mixed config, and the compiled TVM
+module = the integer executor on the models that hold every new op.
+
+Random weights at 32x32 keep the suite short; the 224x224 runs are `bench/zoo.py`'s.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hawq_ray.analysis.layers import layer_table
+from hawq_ray.analysis.verify import check_compiled
+from hawq_ray.contract import HawqError
+from hawq_ray.inputs.models import get_model
+from hawq_ray.program.executor import run_program
+from hawq_ray.quant.qat import prepare
+
+SHAPE = (3, 32, 32)
+TORCHVISION = ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5", "regnet_x_400mf",
+               "densenet121", "googlenet", "resnext50_32x4d"]
+PYTORCHCV = ["mobilenetv2_w1", "mobilenetv3_small_w7d20", "efficientnet_b0"]
+GENERIC = {"kind": "llvm", "mcpu": "skylake"}
+
+
+def mixed(table: pd.DataFrame, seed: int = 0) -> dict:
+    """4 or 8 bits at random per searchable layer, the fixed ones at theirs."""
+    rng = np.random.default_rng(seed)
+    return {layer: int(fixed) if not pd.isna(fixed) else int(rng.choice([4, 8]))
+            for layer, fixed in zip(table["layer"], table["fixed_bits"])}
+
+
+def quantized(model, bits, shape=SHAPE, seed=0):
+    torch.manual_seed(seed)
+    table = layer_table(model, shape)
+    qm = prepare(model, mixed(table, seed) if bits == "mixed" else bits, shape, table=table)
+    return qm.calibrate([torch.randn(4, *shape) for _ in range(2)])
+
+
+def assert_simulation_is_the_executor(qm, shape=SHAPE):
+    program = qm.to_integer()
+    x = torch.randn(8, *shape)
+    with torch.no_grad():
+        sim = qm.set_mode("qat").run(x)[0].q
+    want = run_program(program, program.quantize_input(x))
+    assert torch.equal(sim, want), f"{int((sim != want).sum())} of {want.numel()} output elements differ"
+    assert len(torch.unique(want)) > 10          # not a constant output
+    return program, x
+
+
+def _model(zoo, name, shape=SHAPE):
+    """The model with BN statistics of random images: at random initialization some zoo models' signal
+    vanishes (torchvision's efficientnet_b0 outputs ~1e-14), which would make every output code 0."""
+    model = get_model(f"torchvision:{name}" if zoo == "torchvision" else name)
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None                  # a cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(4, *shape))
+    return model.eval()
+
+
+def _shape(zoo):
+    return SHAPE if zoo == "torchvision" else (3, 224, 224)     # pytorchcv's final pools are fixed 7x7
+
+
+@pytest.mark.parametrize("bits", ["uniform8", "uniform4", "mixed"])
+@pytest.mark.parametrize("zoo,name", [("torchvision", n) for n in TORCHVISION] + [("pytorchcv", n) for n in PYTORCHCV])
+def test_simulation_equals_integer_executor(zoo, name, bits):
+    shape = _shape(zoo)
+    assert_simulation_is_the_executor(quantized(_model(zoo, name, shape), bits, shape), shape)
+
+
+class SqueezeExcite(nn.Module):
+    """Every new op in a few layers: ReLU6, hardswish, SiLU, sigmoid / hardsigmoid gates, the product, a
+    pre-activation BN on a concat, `.mean()`; depthwise and grouped convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16)
+        self.dw, self.group = nn.Conv2d(16, 16, 3, 1, 1, groups=16), nn.Conv2d(16, 16, 3, 1, 1, groups=4)
+        self.f1, self.f2 = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1)
+        self.pre = nn.BatchNorm2d(32)
+        self.proj, self.fc = nn.Conv2d(32, 24, 1), nn.Linear(24, 10)
+        with torch.no_grad():          # BN statistics away from the identity, so the affine is not trivial
+            for bn in (self.bn, self.pre):
+                bn.running_mean.normal_(0, 0.5)
+                bn.running_var.uniform_(0.5, 2)
+                bn.weight.normal_(0, 1)
+                bn.bias.normal_(0, 0.5)
+
+    def forward(self, x):
+        y = F.hardswish(self.bn(self.stem(x)))
+        d = F.silu(self.dw(y))
+        gate = torch.sigmoid(self.f2(F.relu6(self.f1(F.adaptive_avg_pool2d(d, 1)))))
+        g = F.hardsigmoid(self.group(y)) * (gate * d)
+        z = self.proj(F.relu(self.pre(torch.cat([d, g], 1))))
+        return self.fc(z.clamp(0, 4).mean((2, 3)))
+
+
+@pytest.mark.parametrize("target", ["llvm", GENERIC], ids=["host", "generic"])
+@pytest.mark.parametrize("bits", ["uniform8", "uniform4", "mixed"])
+def test_every_new_op_compiles_bit_exact(bits, target):
+    program, x = assert_simulation_is_the_executor(quantized(SqueezeExcite().eval(), bits))
+    kinds = {op.op for op in program.ops}
+    assert {"clamp", "lookup", "mul", "affine", "conv2d"} <= kinds
+    assert any(op.op == "conv2d" and op.attrs["groups"] == 16 for op in program.ops)
+    summary, rows = check_compiled(program, program.quantize_input(x), target)
+    assert summary["tvm_differing"] == 0 and summary["tvm_first_divergence"] is None
+    assert summary["tvm_values"] > 5
+
+
+def test_mobilenet_v3_small_compiles_bit_exact():
+    program, x = assert_simulation_is_the_executor(quantized(_model("torchvision", "mobilenet_v3_small"), "mixed"))
+    summary, _ = check_compiled(program, program.quantize_input(x), "llvm")
+    assert summary["tvm_differing"] == 0, summary["tvm_first_divergence"]
+
+
+def test_the_lookup_table_is_the_function_on_the_codes():
+    """Hand-checked: the table of a hardswish is round(hardswish(k S_in) / S_out) for every input code k."""
+    qm = quantized(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Hardswish(), nn.Conv2d(8, 4, 1)).eval(), "uniform8",
+                   (3, 8, 8))
+    program = qm.to_integer()
+    lut = next(op for op in program.ops if op.op == "lookup")
+    s_in = float(next(op for op in program.ops if op.output == lut.inputs[0]).scale)
+    codes = np.arange(-128, 128)
+    f = codes * s_in * np.clip(codes * s_in + 3, 0, 6) / 6                        # hardswish, numpy
+    s_out = np.abs(f).max() / 127
+    assert np.isclose(float(lut.scale), s_out)
+    assert lut.attrs["offset"] == -128
+    assert np.array_equal(lut.consts["table"], np.clip(np.floor(f / s_out + 0.5), -128, 127))
+
+
+def test_relu6_is_an_integer_clamp_at_six():
+    qm = quantized(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Conv2d(8, 4, 1)).eval(), "uniform8", (3, 8, 8))
+    program = qm.to_integer()
+    clamp = next(op for op in program.ops if op.op == "clamp")
+    conv = next(op for op in program.ops if op.output == clamp.inputs[0])
+    s = np.asarray(conv.scale).reshape(-1, 1, 1)                              # the accumulator's per-channel scale
+    assert np.array_equal(clamp.consts["lo"], np.zeros_like(clamp.consts["lo"]))
+    assert np.array_equal(clamp.consts["hi"], np.floor(6.0 / s).astype(np.int32))
+
+
+@pytest.mark.parametrize("name", ["vit_b_16", "swin_t", "convnext_tiny"])
+def test_transformers_are_refused_in_words(name):
+    model = get_model(f"torchvision:{name}").eval()
+    with pytest.raises(HawqError) as err:
+        prepare(model, "uniform8", (3, 224, 224))
+    msg = str(err.value)
+    assert "\n" not in msg and ("LayerNorm" in msg or "attention" in msg.lower())
