@@ -97,3 +97,15 @@ def test_bad_run_config(tmp_path):
     with pytest.raises(HawqError, match="no such file"):
         load_config(tmp_path / "missing.yaml")
     assert STAGES[0] == "fp32" and load_config(TINY)["tune"]["epochs"] == 1
+
+
+def test_input_size_overrides_the_model_size(tmp_path):
+    from hawq_ray.service.pipeline import _input_shape
+    cfg = load_config(None, {"model": "torchvision:mobilenet_v2", "input_size": 96})
+    assert _input_shape(cfg) == (3, 96, 96)
+    assert _input_shape(load_config(None, {"model": "torchvision:mobilenet_v2", "input_size": [64, 80]})) == (3, 64, 80)
+    assert _input_shape(load_config(None, {"model": "torchvision:mobilenet_v2"})) == (3, 224, 224)
+    for bad in ("big", 4, [32, 32, 3], 1.5, True):
+        with pytest.raises(HawqError, match="input_size") as err:
+            load_config(None, {"input_size": bad})
+        assert "\n" not in str(err.value)

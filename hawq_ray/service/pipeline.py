@@ -30,6 +30,7 @@ DEFAULT_CONFIG = {
     "pretrained": False,
     "data": None,             # digits for the default model, synthetic for others
     "seed": 0,
+    "input_size": None,       # H (or [H, W]) of the images; None: the model's own (224 for ImageNet models)
     "budgets": {"size": [0.25, 0.5, 0.75], "bops": [0.25, 0.5, 0.75], "latency": [0.25, 0.5, 0.75]},
     "uniform": ["uniform4", "uniform8"],
     "fp32_epochs": 8,
@@ -62,10 +63,26 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
     bad = [k for k in cfg["budgets"] if k not in ("size", "bops", "latency")]
     if bad:
         raise HawqError(f"budgets: unknown resource {bad[0]!r}; valid: size, bops, latency (fractions r in [0, 1])")
+    size = cfg["input_size"]
+    pair = size if isinstance(size, (list, tuple)) else [size]
+    if size is not None and not (len(pair) in (1, 2) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                              and v >= 8 for v in pair)):
+        raise HawqError(f"input_size: {size!r} is not valid; give an integer >= 8 (H = W) or [H, W], or null")
     bad = [u for u in cfg["uniform"] if u not in ("uniform4", "uniform8")]
     if bad:
         raise HawqError(f"uniform: {bad[0]!r} is not valid; valid: uniform4, uniform8")
     return cfg
+
+
+def _input_shape(cfg: dict) -> tuple:
+    """(C, H, W): the model's channels, its own size unless `input_size` says otherwise."""
+    from hawq_ray.inputs.models import input_shape
+    shape = tuple(input_shape(cfg["model"]))
+    size = cfg["input_size"]
+    if size is None:
+        return shape
+    h, w = (size, size) if isinstance(size, int) else size
+    return (shape[0], h, w)
 
 
 def _merge_settings(into: dict, new: dict, where: str) -> None:
@@ -147,7 +164,7 @@ def run(config: dict | str | None = None, out="runs/default", *, address: str | 
     (run_dir / "run.json").write_text(json.dumps(cfg, indent=1, default=str))
     connect(address)
     name = cfg["model"] or models.DEFAULT_MODEL
-    shape = tuple(models.input_shape(cfg["model"]))
+    shape = _input_shape(cfg)
     spec = cfg["data"] or ("digits" if name == models.DEFAULT_MODEL else "synthetic")
     data = data_mod.load_data(spec, input_shape=shape, seed=cfg["seed"])
     if data.synthetic:
