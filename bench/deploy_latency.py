@@ -132,7 +132,7 @@ def bench_model(name, batch, rounds, verify, configs, calls=3, pause=0.05):
     from hawq_ray.inputs.models import get_model, input_shape
     torch.manual_seed(0)
     model = get_model(name).eval()
-    shape = tuple(input_shape(model))
+    shape = tuple(input_shape(name))
     x = torch.randn(batch, *shape)
     calib = [torch.randn(batch, *shape) for _ in range(2)]
     runners, info = {}, {}

@@ -5,6 +5,8 @@ The deploy tests import `run_reference` and `make_program` from here.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -80,6 +82,15 @@ def apply_op(op: Op, ins: list) -> np.ndarray:
         return ins[0] + ins[1]
     if op.op == "concat":
         return np.concatenate(ins, axis=a.get("axis", 1))
+    if op.op == "sum_pool2d" and a.get("adaptive"):     # torch's windows: [floor(i H / o), ceil((i + 1) H / o))
+        (oh, ow), (_, _, h, w) = a["adaptive"], ins[0].shape
+        out = np.zeros(ins[0].shape[:2] + (oh, ow), np.int64)
+        for i in range(oh):
+            for j in range(ow):
+                r0, r1 = math.floor(i * h / oh), math.ceil((i + 1) * h / oh)
+                c0, c1 = math.floor(j * w / ow), math.ceil((j + 1) * w / ow)
+                out[:, :, i, j] = ins[0][:, :, r0:r1, c0:c1].sum(axis=(2, 3))
+        return out
     if op.op in ("sum_pool2d", "max_pool2d"):
         return ref_pool(ins[0], op.op[:3], a["kernel"], a.get("stride") or a["kernel"], a.get("padding", (0, 0)),
                         a.get("dilation", (1, 1)), a.get("ceil_mode", False))
@@ -92,6 +103,16 @@ def apply_op(op: Op, ins: list) -> np.ndarray:
         return np.vectorize(lambda v: table[v - off], otypes=[np.int64])(ins[0])
     if op.op == "mul":
         return ins[0] * ins[1]                # numpy broadcasting: a gate (N, C, 1, 1) over (N, C, H, W)
+    if op.op == "channel_shuffle":           # out channel j g + i <- input channel i C/g + j
+        n, ch, h, w = ins[0].shape
+        g = op.attrs["groups"]
+        out = np.empty_like(ins[0])
+        for i in range(g):
+            for j in range(ch // g):
+                out[:, j * g + i] = ins[0][:, i * (ch // g) + j]
+        return out
+    if op.op == "slice":
+        return ins[0][:, op.attrs["start"]:op.attrs["stop"]]
     if op.op == "affine":
         z = (ins[0] + c["bias"].astype(np.int64)) * c["multiplier"].astype(np.int64)
         shift = c["shift"].astype(np.int64)

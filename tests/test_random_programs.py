@@ -1,7 +1,7 @@
 """Random IntegerPrograms (hawq_ray.program.random), compiled by TVM and compared value by value with
 the PyTorch integer executor; the executor in turn against the independent numpy reference.
 
-216 programs, at least one built around each of the 160 producer -> consumer pairs of the 13 op kinds, two in
+At least 216 programs, one or more built around each of the 210 producer -> consumer pairs of the 15 op kinds, two in
 three on the host target (VNNI / AMX where the CPU has them) and one in three on the generic AVX2 schedule. A larger sweep:
 `python bench/random_programs.py --programs 2000`.
 """
@@ -55,8 +55,8 @@ def test_random_programs_cover_every_producer_consumer_pair(results):
     assert {p for p in PAIRS if p[1] not in NARROWED} <= seen
     assert {("requantize", c) for c in NARROWED} <= seen    # wide producers reach them through a requantize
     # every op kind both produces and consumes; the only pairs missing are the rank-impossible ones
-    impossible = {(p, c) for p in ("dense", "flatten") for c in ("conv2d", "sum_pool2d", "max_pool2d")} | \
-                 {(p, "dense") for p in ("conv2d", "sum_pool2d", "max_pool2d")}
+    rank4 = ("conv2d", "sum_pool2d", "max_pool2d", "channel_shuffle", "slice")
+    impossible = {(p, c) for p in ("dense", "flatten") for c in rank4} | {(p, "dense") for p in rank4}
     assert len(PAIRS) == len(OPS) ** 2 - len(impossible) and not (set(PAIRS) & impossible)
 
 
@@ -65,6 +65,7 @@ def test_random_programs_exercise_every_kernel_kind(results):
     flags = set(open("/proc/cpuinfo").read().split())
     conv_path = "vnni" if "avx512_vnni" in flags else "generic"
     wanted = {conv_path, "generic", "grouped", "concat", "sum_pool2d", "max_pool2d", "flatten", "elementwise",
+              "channel_shuffle", "slice",
               f"{conv_path}+max_pool"}
     if {"amx_int8", "amx_tile"} <= flags:
         wanted.add("amx")

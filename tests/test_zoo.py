@@ -1,5 +1,6 @@
 """The mobile and dense CNNs of torchvision and pytorchcv (depthwise and grouped convs, ReLU6, hardswish,
-hardsigmoid, SiLU, sigmoid, squeeze-excite, pre-activation BN, `.mean()`, `.flatten()`): QAT simulation =
+hardsigmoid, SiLU, sigmoid, squeeze-excite, pre-activation BN, channel shuffle and split, adaptive pooling,
+`.mean()`, `.flatten()`): QAT simulation =
 integer executor on 8 random inputs under uniform4, uniform8 and a random mixed config, and the compiled TVM
 module = the integer executor on the models that hold every new op.
 
@@ -23,8 +24,8 @@ from hawq_ray.quant.qat import prepare
 
 SHAPE = (3, 32, 32)
 TORCHVISION = ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5", "regnet_x_400mf",
-               "densenet121", "googlenet", "resnext50_32x4d"]
-PYTORCHCV = ["mobilenetv2_w1", "mobilenetv3_small_w7d20", "efficientnet_b0"]
+               "densenet121", "googlenet", "resnext50_32x4d", "shufflenet_v2_x0_5", "vgg11_bn", "alexnet"]
+PYTORCHCV = ["mobilenetv2_w1", "mobilenetv3_small_w7d20", "efficientnet_b0", "shufflenetv2_wd2"]
 GENERIC = {"kind": "llvm", "mcpu": "skylake"}
 
 
@@ -69,14 +70,16 @@ def _model(zoo, name, shape=SHAPE):
     return model.eval()
 
 
-def _shape(zoo):
-    return SHAPE if zoo == "torchvision" else (3, 224, 224)     # pytorchcv's final pools are fixed 7x7
+def _shape(zoo, name):
+    if zoo == "pytorchcv":
+        return (3, 224, 224)                     # pytorchcv's final pools are fixed 7x7
+    return (3, 64, 64) if name == "alexnet" else SHAPE   # alexnet's stem needs more than 32x32
 
 
 @pytest.mark.parametrize("bits", ["uniform8", "uniform4", "mixed"])
 @pytest.mark.parametrize("zoo,name", [("torchvision", n) for n in TORCHVISION] + [("pytorchcv", n) for n in PYTORCHCV])
 def test_simulation_equals_integer_executor(zoo, name, bits):
-    shape = _shape(zoo)
+    shape = _shape(zoo, name)
     assert_simulation_is_the_executor(quantized(_model(zoo, name, shape), bits, shape), shape)
 
 
@@ -157,3 +160,21 @@ def test_transformers_are_refused_in_words(name):
         prepare(model, "uniform8", (3, 224, 224))
     msg = str(err.value)
     assert "\n" not in msg and ("LayerNorm" in msg or "attention" in msg.lower())
+
+
+@pytest.mark.parametrize("size,out", [((10, 10), (3, 3)), ((7, 5), (4, 6)), ((2, 2), (7, 7))])
+def test_adaptive_pooling_is_the_average_over_torchs_windows(size, out):
+    """The integer adaptive pool against torch's float adaptive_avg_pool2d of the same integers: within half a
+    step plus the dyadic 1/count's rounding (the requantize rounds half up)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(out), nn.Flatten(),
+                          nn.Linear(8 * out[0] * out[1], 4)).eval()
+    qm = quantized(model, "uniform8", (3, *size))
+    program = qm.to_integer()
+    x = program.quantize_input(torch.randn(4, 3, *size))
+    _, values = run_program(program, x, record=True)
+    pool = next(op for op in program.ops if op.op == "sum_pool2d")
+    assert pool.attrs.get("adaptive") == out or size[0] % out[0] == 0
+    before = values[pool.inputs[0]].to(torch.float64)
+    after = values[next(op.output for op in program.ops if op.inputs == [pool.output])].to(torch.float64)
+    want = F.adaptive_avg_pool2d(before, out)
+    assert after.shape == want.shape and float((after - want).abs().max()) <= 0.5 + 1e-6

@@ -68,7 +68,7 @@ def fixed_layers(graph: Graph) -> dict[str, int]:
 
 def layer_table(model: nn.Module, input_shape, graph: Graph | None = None) -> pd.DataFrame:
     """One row per conv / linear layer of `model` in execution order (`graph`: its trace, if at hand)."""
-    graph = trace_graph(model) if graph is None else graph
+    graph = trace_graph(model, input_shape) if graph is None else graph
     macs = layer_macs(model, input_shape)
     groups, fixed = layer_groups(graph), fixed_layers(graph)
     rows = []

@@ -1,4 +1,5 @@
-"""The kernels between the layers: INT32 sum pooling, max pooling, concat, flatten, standalone elementwise
+"""The kernels between the layers: INT32 sum pooling, max pooling, concat, channel gathers (shuffle, slice),
+flatten, standalone elementwise
 chains, and the two layout changes at the model's edges (NCHW int8 image -> NCHW[b]c, and back).
 
 Each may carry an elementwise tail (`epilogue.py`): sum_pool2d -> requantize is one kernel.
@@ -42,6 +43,8 @@ def pool_out_size(size, k, s, p, d, ceil_mode):
 
 def pool_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str) -> Kernel:
     """sum_pool2d (INT32 window sum, zero padding) or max_pool2d (padding never wins) on NCHW[b]c."""
+    if op.attrs.get("adaptive"):
+        return _adaptive_sum_kernel(op, x, steps, extras, target, name)
     kh, kw = op.attrs["kernel"]
     sh, sw = op.attrs.get("stride", None) or (kh, kw)
     ph, pw = op.attrs.get("padding", (0, 0))
@@ -76,6 +79,29 @@ def pool_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str) 
         sch.vectorize(sch.get_loops(out_b)[-1])
         func = sch.mod["main"]
     return Kernel(name, func, [x, *extras], epi.const_arrays, [out_value], {"path": op.op})
+
+
+def _adaptive_sum_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str) -> Kernel:
+    """Adaptive pooling's INT32 window sums: output row i sums input rows [i H // oh, ceil((i + 1) H / oh)),
+    over a reduction as long as the largest window, masked past each window's end."""
+    N, C, H, W = x.shape
+    oh, ow = op.attrs["adaptive"]
+    kh, kw = op.attrs["kernel"]
+    out_value = Value((N, C, oh, ow), output_dtype(steps[-1]) if steps else output_dtype(op), x.block)
+    data = te.placeholder(x.storage_shape, x.dtype, name="data")
+    rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
+
+    def window(n, c, i, j, ci):
+        h0, h1 = (i * H) // oh, ((i + 1) * H + oh - 1) // oh
+        w0, w1 = (j * W) // ow, ((j + 1) * W + ow - 1) // ow
+        ih, iw = h0 + rh, w0 + rw
+        v = data[n, c, te.min(ih, H - 1), te.min(iw, W - 1), ci].astype("int32")
+        return te.sum(te.if_then_else(te.all(ih < h1, iw < w1), v, tvm.tirx.const(0, "int32")), axis=[rh, rw])
+    acc = te.compute(out_value.storage_shape, window, name="acc")
+    epi = epilogue(steps, out_value, extras)
+    out = te.compute(out_value.storage_shape, lambda *i: epi.apply(acc[i], i), name="out")
+    func = te.create_prim_func([data, *epi.extra_tensors, *epi.const_tensors, out])
+    return _finish(name, func, [x, *extras], epi.const_arrays, out_value, target, {"path": "sum_pool2d"})
 
 
 def elementwise_kernel(steps: list, inputs: list, target, name: str) -> Kernel:
@@ -139,6 +165,23 @@ def concat_kernel(op: Op, inputs: list, steps: list, extras: list, target, name:
         sch.compute_inline(sch.get_sblock("cat"))
         func = _schedule_flat(sch.mod["main"])
     return Kernel(name, func, [*inputs, *extras], epi.const_arrays, [out_value], {"path": "concat"})
+
+
+def channel_gather_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str, channels: int,
+                          source) -> Kernel:
+    """out[n, c] = x[n, source(c)] on NCHW[16]c (a channel shuffle, a slice of the channels), with a tail."""
+    if len(x.shape) != 4:
+        raise HawqError(f"{op.output}: {op.op} of a rank-{len(x.shape)} value; only (N, C, H, W) is supported")
+    n_, _, h_, w_ = x.shape
+    out_value = Value((n_, channels, h_, w_), output_dtype(steps[-1]) if steps else x.dtype, 16)
+    data = te.placeholder(x.storage_shape, x.dtype, name="data")
+
+    def gather(n, co, h, w, ci):    # padded channels read a real one: nobody reads them
+        return _read_channel(data, x, n, source(te.min(co * 16 + ci, channels - 1)), h, w)
+    epi = epilogue(steps, out_value, extras)
+    out = te.compute(out_value.storage_shape, lambda *i: epi.apply(gather(*i), i), name="out")
+    func = te.create_prim_func([data, *epi.extra_tensors, *epi.const_tensors, out])
+    return _finish(name, func, [x, *extras], epi.const_arrays, out_value, target, {"path": op.op})
 
 
 def flatten_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str) -> Kernel:

@@ -20,7 +20,8 @@ from hawq_ray.program.integer import pool_pad, windows
 from hawq_ray.quant.values import V, dyadic_consts, np_scale
 
 SUM_POOL = """inputs [x]; attrs kernel, stride, padding, ceil_mode; out = the sum of each window, zero padding
-(INT32; the division by the window's count is the requantize that follows, Appendix E)."""
+(INT32; the division by the window's count is the requantize that follows, Appendix E). With attrs adaptive
+(oh, ow) and kernel (the largest window): torch's adaptive windows, rows [floor(i H / oh), ceil((i + 1) H / oh))."""
 MAX_POOL = """inputs [x]; attrs kernel, stride, padding, dilation, ceil_mode; out = the max of each window;
 padding never wins."""
 
@@ -48,9 +49,21 @@ def _convert_avg(tracer, n, m):
     if n.op == "call_method" or n.target is torch.mean:      # x.mean((2, 3)[, keepdim])
         return _convert_mean(tracer, n)
     size = m.output_size if m is not None else (n.args[1] if len(n.args) > 1 else n.kwargs["output_size"])
-    if as_pair(size) != (1, 1):
-        return None
-    return tracer.node(n, "avgpool", [n.args[0]], attrs={"global": True})
+    if as_pair(size) == (1, 1):
+        return tracer.node(n, "avgpool", [n.args[0]], attrs={"global": True})
+    return tracer.node(n, "avgpool", [n.args[0]], attrs={"adaptive": as_pair(size)})
+
+
+def adaptive_windows(size: int, out: int) -> list:
+    """torch's adaptive pooling windows along one axis: [floor(i size / out), ceil((i + 1) size / out))."""
+    return [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]
+
+
+def adaptive_sums(x: torch.Tensor, out: tuple) -> torch.Tensor:
+    """The window sums of adaptive pooling to `out` (exact on integer tensors: int64 sums)."""
+    rows, cols = adaptive_windows(x.shape[2], out[0]), adaptive_windows(x.shape[3], out[1])
+    return torch.stack([torch.stack([x[:, :, a:b, c:d].sum(dim=(2, 3)) for c, d in cols], -1)
+                        for a, b in rows], -2)
 
 
 def _convert_mean(tracer, n):
@@ -86,8 +99,14 @@ def avgpool_step(qm, node, ins):
     """A window sum on INT32, then a dyadic 1/count requantization (Appendix E)."""
     v = ins[0]
     at = node.attrs
-    if at.get("global"):
-        shape = (v.q if v.q is not None else v.r).shape
+    shape = (v.q if v.q is not None else v.r).shape
+    if at.get("adaptive"):
+        out = tuple(o if o is not None else s for o, s in zip(at["adaptive"], shape[2:]))
+        if shape[2] % out[0] or shape[3] % out[1]:
+            return _adaptive_step(qm, node, v, out)
+        k = st = (shape[2] // out[0], shape[3] // out[1])         # equal windows: a plain pool
+        pad, ceil, incl = (0, 0), False, True
+    elif at.get("global"):
         k, st, pad, ceil, incl = tuple(shape[2:]), tuple(shape[2:]), (0, 0), False, True
     else:
         k, st, pad, ceil, incl = at["kernel"], at["stride"], at["padding"], at["ceil_mode"], at["count_include_pad"]
@@ -108,6 +127,22 @@ def avgpool_step(qm, node, ins):
     sum_name = qm.emit("sum_pool2d", [v.name], f"{node.name}.sum",
                        attrs={"kernel": tuple(k), "stride": tuple(st), "padding": tuple(pad), "ceil_mode": False})
     qm.emit("requantize", [sum_name], node.name, consts=dyadic_consts(b, c), scale=np_scale(v.s), lo=v.lo, hi=v.hi)
+    return V(q, v.s, qm.real(real, q, v.s), node.name, v.lo, v.hi)
+
+
+def _adaptive_step(qm, node, v, out):
+    """Adaptive pooling with windows of unequal size: their INT32 sums, then a dyadic 1/count per position."""
+    if qm.mode != "qat":
+        return V(None, v.s, F.adaptive_avg_pool2d(v.r, out), node.name)
+    rows, cols = adaptive_windows(v.q.shape[2], out[0]), adaptive_windows(v.q.shape[3], out[1])
+    counts = np.array([[(b - a) * (d - c) for c, d in cols] for a, b in rows], np.float64)[None]
+    mult, shift = dyadic(1.0 / counts)
+    b, c = torch.from_numpy(mult).to(v.q.device), torch.from_numpy(shift).to(v.q.device)
+    q = requantize(adaptive_sums(v.q.to(torch.int64), out), b, c)
+    kernel = (max(e - s for s, e in rows), max(e - s for s, e in cols))
+    sum_name = qm.emit("sum_pool2d", [v.name], f"{node.name}.sum", attrs={"adaptive": tuple(out), "kernel": kernel})
+    qm.emit("requantize", [sum_name], node.name, consts=dyadic_consts(b, c), scale=np_scale(v.s), lo=v.lo, hi=v.hi)
+    real = qm.lazy(v, lambda t: F.adaptive_avg_pool2d(t, out))
     return V(q, v.s, qm.real(real, q, v.s), node.name, v.lo, v.hi)
 
 
@@ -133,6 +168,8 @@ def maxpool_step(qm, node, ins):
 
 def execute_sum(op, ins):
     a = op.attrs
+    if a.get("adaptive"):
+        return adaptive_sums(ins[0].to(torch.int64), tuple(a["adaptive"]))
     x = pool_pad(ins[0].to(torch.int64), a["kernel"], a["stride"], a["padding"], a["ceil_mode"], 0)
     return windows(x, a["kernel"], a["stride"], (1, 1)).sum(dim=(-1, -2))
 
@@ -159,7 +196,7 @@ def lower_pool(group, ins, target, name):
 register_ops(
     GraphNode("avgpool", avgpool_step, modules=(nn.AvgPool2d, nn.AdaptiveAvgPool2d),
               functions=(F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean), methods=("mean",), convert=_convert_avg,
-              nonneg=all, supported="AvgPool2d, AdaptiveAvgPool2d(1), mean over H and W"),
+              nonneg=all, supported="AvgPool2d, AdaptiveAvgPool2d, mean over H and W"),
     GraphNode("maxpool", maxpool_step, modules=(nn.MaxPool2d,), functions=(F.max_pool2d,), convert=_convert_max,
               nonneg=all,
               supported="MaxPool2d"),

@@ -45,6 +45,8 @@ class ProgramOp:
     channelwise: Callable = field(default=lambda op: False)   # commutes with max pooling (per channel, monotone)
 
 
+HANDLED = object()    # a converter's answer when it made no node: it recorded an alias or a value in the making
+
 GRAPH_NODES: dict[str, GraphNode] = {}
 PROGRAM_OPS: dict[str, ProgramOp] = {}
 

@@ -28,11 +28,11 @@ from hawq_ray.program.ranges import derived_range
 
 # the program ops this generator builds (a test holds it to the registry: a new op needs a builder here)
 OPS = ("conv2d", "dense", "requantize", "relu", "add", "concat", "sum_pool2d", "max_pool2d", "flatten", "clamp",
-       "lookup", "mul", "affine")
+       "lookup", "mul", "affine", "channel_shuffle", "slice")
 
-NEEDS_RANK4 = ("conv2d", "sum_pool2d", "max_pool2d")   # consumers of a (N, C, H, W) value
+NEEDS_RANK4 = ("conv2d", "sum_pool2d", "max_pool2d", "channel_shuffle", "slice")   # consumers of (N, C, H, W)
 NEEDS_RANK2 = ("dense",)                               # consumers of a (N, F) value
-MAKES_RANK4 = ("conv2d", "sum_pool2d", "max_pool2d")   # producers of rank 4 only
+MAKES_RANK4 = ("conv2d", "sum_pool2d", "max_pool2d", "channel_shuffle", "slice")   # producers of rank 4 only
 MAKES_RANK2 = ("dense", "flatten")                     # producers of rank 2 only
 NARROWED = ("lookup", "mul")      # consumers whose wide inputs are requantized to 8 bits first, as in every model
 PAIRS = [(p, c) for p in OPS for c in OPS
@@ -209,6 +209,10 @@ class _Builder:
 
     def sum_pool2d(self, x):
         _, _, h, w = self.shape(x)
+        if self.rng.random() < 0.2:       # adaptive: unequal, overlapping or repeated windows
+            out = (int(self.rng.integers(1, h + 3)), int(self.rng.integers(1, w + 3)))
+            kernel = tuple(max(-(-((i + 1) * n) // o) - (i * n) // o for i in range(o)) for n, o in zip((h, w), out))
+            return self.emit("sum_pool2d", [x], {"adaptive": out, "kernel": kernel})
         if self.rng.random() < 0.3:       # global: the whole map
             k, s, p, ceil = (h, w), (h, w), (0, 0), False
         else:
@@ -281,6 +285,19 @@ class _Builder:
         return self.emit("affine", [x], attrs={"lo": wide[0], "hi": wide[1]}, lo=wide[0], hi=wide[1],
                          consts={"bias": bias.astype(np.int32), "multiplier": mult.astype(np.int32),
                                  "shift": shift.astype(np.int32)})
+
+    def channel_shuffle(self, x):
+        c = self.shape(x)[1]
+        groups = [g for g in (2, 3, 4, 8) if c % g == 0 and g < c] or [c]     # g = C: the identity order
+        lo, hi = self.declared[x]
+        return self.emit("channel_shuffle", [x], {"groups": groups[int(self.rng.integers(len(groups)))]}, lo=lo, hi=hi)
+
+    def slice(self, x):
+        c = self.shape(x)[1]
+        start = int(self.rng.integers(0, c))
+        stop = int(self.rng.integers(start + 1, c + 1))
+        lo, hi = self.declared[x]
+        return self.emit("slice", [x], {"start": start, "stop": stop}, lo=lo, hi=hi)
 
     # ------------------------------------------------------------------ one op of a kind on a fitting input
     def op(self, kind, x=None, rank=None) -> str | None:

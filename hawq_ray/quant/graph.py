@@ -7,13 +7,12 @@ error that names the module and its type.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 from torch import fx, nn
 
 from hawq_ray.contract import HawqError
-from hawq_ray.ops import GRAPH_NODES
+from hawq_ray.ops import GRAPH_NODES, HANDLED
 
 
 @dataclass
@@ -60,10 +59,20 @@ class _Tracer:
     """What a converter sees: `node(...)` makes a graph node of fx node `n` (its tensor arguments mapped to
     graph nodes), `unsupported(...)` raises the error that names the module and its type."""
 
-    def __init__(self):
+    def __init__(self, gm: fx.GraphModule | None = None, input_shape=None):
         self.nodes: list[GNode] = []
         self.alias: dict[str, str] = {}        # fx node name -> graph node name
         self.by_name: dict[str, GNode] = {}
+        self.pending: dict[str, tuple] = {}     # fx node name -> a value in the making (a 5-D view, a tuple of parts)
+        self._gm, self._input_shape, self._shapes = gm, input_shape, None
+
+    def shape(self, n: fx.Node):
+        """The concrete shape of fx node `n`'s value (a tuple, or a tuple of them for a tuple), batch 2: from one
+        forward pass of a zero image, run the first time a converter asks."""
+        if self._shapes is None:
+            shape = self._input_shape() if callable(self._input_shape) else self._input_shape
+            self._shapes = _propagate_shapes(self._gm, shape)
+        return self._shapes.get(n.name)
 
     def src(self, a) -> str:
         if not isinstance(a, fx.Node):
@@ -89,13 +98,32 @@ class _Tracer:
         raise HawqError(f"cannot quantize {what} of type {typ}; supported: {supported()}")
 
 
-def _entry_for(n: fx.Node, module):
-    for e in GRAPH_NODES.values():
-        if (module is not None and isinstance(module, e.modules)) or \
-                (n.op == "call_function" and n.target in e.functions) or \
-                (n.op == "call_method" and n.target in e.methods):
-            return e
-    return None
+def _entries_for(n: fx.Node, module) -> list:
+    """The registry entries that claim an fx call, in registration order (the first whose converter accepts
+    the call makes its node)."""
+    return [e for e in GRAPH_NODES.values()
+            if (module is not None and isinstance(module, e.modules)) or
+            (n.op == "call_function" and n.target in e.functions) or
+            (n.op == "call_method" and n.target in e.methods)]
+
+
+def _propagate_shapes(gm: fx.GraphModule, input_shape) -> dict:
+    import torch
+    from torch.fx.passes.shape_prop import ShapeProp
+    was = {m: m.training for m in gm.modules()}
+    gm.eval()                               # no BN statistics change
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(2, *input_shape))
+    finally:
+        for m, flag in was.items():
+            m.training = flag
+
+    def shape(meta):
+        if meta is None:
+            return None
+        return tuple(meta.shape) if hasattr(meta, "shape") else tuple(shape(x) for x in meta)
+    return {n.name: shape(n.meta.get("tensor_meta")) for n in gm.graph.nodes}
 
 
 class _LeafTracer(fx.Tracer):
@@ -117,7 +145,9 @@ def _refuse_transformers(model: nn.Module) -> None:
                             "it quantizes CNNs (see the supported layers in the README)")
 
 
-def trace_graph(model: nn.Module) -> Graph:
+def trace_graph(model: nn.Module, input_shape=None) -> Graph:
+    """The graph of `model`; `input_shape` (C, H, W) is used only where a converter needs concrete shapes
+    (channel shuffles, splits), the model's own size when not given."""
     _refuse_transformers(model)
     try:
         tracer = _LeafTracer()
@@ -128,7 +158,10 @@ def trace_graph(model: nn.Module) -> Graph:
                         f"{str(e).splitlines()[0]}") from None
     modules = dict(gm.named_modules())
     fx_users = {n.name: list(n.users) for n in gm.graph.nodes}
-    t = _Tracer()
+    if input_shape is None:
+        from hawq_ray.inputs.models import input_shape as model_input_shape
+        input_shape = (lambda: model_input_shape(model))       # asked for only if a converter needs shapes
+    t = _Tracer(gm, input_shape)
     output = None
     for n in gm.graph.nodes:
         if n.op == "placeholder":
@@ -145,8 +178,9 @@ def trace_graph(model: nn.Module) -> Graph:
             continue
         else:
             m = modules[n.target] if n.op == "call_module" else None
-            entry = _entry_for(n, m)
-            node = entry.convert(t, n, m) if entry is not None else None
+            node = next((r for r in (e.convert(t, n, m) for e in _entries_for(n, m)) if r is not None), None)
+            if node is HANDLED:             # the converter recorded a value in the making, or an alias
+                continue
             if node is None:
                 what = {"call_module": f"module {n.target!r}", "call_method": f"method .{n.target}() at {n.name!r}",
                         "call_function": f"function {getattr(n.target, '__name__', n.target)!r} at {n.name!r}"}
@@ -189,7 +223,20 @@ def _structural(t: _Tracer, n: fx.Node, modules: dict, fx_users: dict) -> bool:
     if n.op == "call_function" and n.target in _stochastic_depth()[:1]:
         t.alias[n.name] = t.src(n.args[0])      # identity at inference; QAT trains without dropping blocks
         return True
-    if n.op == "call_function":
-        return (n.target is getattr and n.args[1] == "shape") or (
-            n.target is operator.getitem and isinstance(n.args[0], fx.Node) and n.args[0].name not in t.alias)
+    if n.op == "call_function" and n.target is getattr and n.args[1] == "shape":
+        return True
+    if n.op == "call_method" and n.target == "contiguous" and t.is_tensor(n.args[0]):
+        t.alias[n.name] = t.alias[n.args[0].name]
+        return True
+    if any(a.name in t.pending for a in _fx_args(n)):
+        return False                        # a converter finishes a value in the making
+    if n.op in ("call_function", "call_method") and not any(t.is_tensor(a) for a in _fx_args(n)) and \
+            any(isinstance(a, fx.Node) for a in _fx_args(n)):
+        return True                         # arithmetic on shapes (x.size(1) // groups): no value of the graph
     return n.op == "call_method" and n.target == "size"
+
+
+def _fx_args(n: fx.Node) -> list:
+    out = []
+    fx.node.map_arg((n.args, n.kwargs), out.append)
+    return out

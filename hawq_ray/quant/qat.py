@@ -36,7 +36,7 @@ class QuantModel(nn.Module):
     def __init__(self, model: nn.Module, bits: dict[str, int], input_shape, graph: Graph | None = None):
         super().__init__()
         self.model = model
-        self.graph = graph or trace_graph(model)
+        self.graph = graph or trace_graph(model, input_shape)
         self.bits = dict(bits)
         self.input_shape = tuple(input_shape)
         self.mode = "qat"
@@ -228,6 +228,6 @@ def prepare(model: nn.Module, bits="uniform8", input_shape=None, table: pd.DataF
         from hawq_ray.inputs.models import input_shape as model_input_shape
         input_shape = model_input_shape(model)
     model = copy.deepcopy(model).eval()
-    graph = trace_graph(model)
+    graph = trace_graph(model, input_shape)
     table = layer_table(model, input_shape, graph) if table is None else table
     return QuantModel(model, dict(parse_bits(bits, table)), input_shape, graph=graph).eval()
