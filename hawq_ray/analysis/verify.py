@@ -108,6 +108,7 @@ def check_random_program(seed: int, target="llvm") -> dict:
     rp = random_program(seed)
     prog = rp.program
     out = {"seed": seed, "pair": rp.pair, "ops": len(prog.ops), "pairs": sorted(op_pairs(prog)),
+           "pairs_via_requantize": sorted(op_pairs(prog, through="requantize")),
            "wide": rp.notes["wide"], "target": str(target), "error": None}
     try:
         model = compile_program(prog, batch=rp.inputs[0].shape[0], target=target, every_value=True)

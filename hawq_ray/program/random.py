@@ -3,8 +3,8 @@
 Whole-model checks only see the patterns their models happen to contain: a conv reading a concatenation
 through a fused requantize (SqueezeNet's fire modules) passed through every one of them. `random_program(seed)`
 builds a small random program around one producer -> consumer pair of op kinds (`PAIRS`: every program op
-of the registry as the producer and as the consumer of every other kind where the ranks allow; a lookup or a
-product reads a wide producer through a requantize to 8 bits, as in every lowered model), with random
+of the registry as the producer and as the consumer of every other kind where the ranks allow; a lookup, a
+product or a layer reads a producer too wide for it through a requantize, as in every lowered model), with random
 context before and after it, fan-out, mixed 4/8-bit weights, grouped and depthwise convs, and requantize
 constants calibrated on the values the program computes (so values are neither all clamped nor all zero).
 Every value's integer range is derived soundly (`ranges.derived_range`) while building, so each program
@@ -34,7 +34,8 @@ NEEDS_RANK4 = ("conv2d", "sum_pool2d", "max_pool2d", "channel_shuffle", "slice")
 NEEDS_RANK2 = ("dense",)                               # consumers of a (N, F) value
 MAKES_RANK4 = ("conv2d", "sum_pool2d", "max_pool2d", "channel_shuffle", "slice")   # producers of rank 4 only
 MAKES_RANK2 = ("dense", "flatten")                     # producers of rank 2 only
-NARROWED = ("lookup", "mul")      # consumers whose wide inputs are requantized to 8 bits first, as in every model
+NARROWED = ("lookup", "mul", "conv2d", "dense")   # consumers that read a wide producer through a requantize
+                                                  # (as every layer and table of a lowered model does)
 PAIRS = [(p, c) for p in OPS for c in OPS
          if not (p in MAKES_RANK2 and c in NEEDS_RANK4) and not (p in MAKES_RANK4 and c in NEEDS_RANK2)]
 SAFE = (1 << 30)        # bound on |value| of every op (int32 with a margin for the back end's bias folding)
@@ -354,7 +355,12 @@ def random_program(seed: int, batch: int = 2) -> RandomProgram:
     return RandomProgram(prog, [x, fresh], (producer, consumer), {"wide": wide})
 
 
-def op_pairs(program: IntegerProgram) -> set:
-    """The (producer kind, consumer kind) pairs a program contains."""
-    kind = {op.output: op.op for op in program.ops}
-    return {(kind[i], op.op) for op in program.ops for i in op.inputs if i in kind}
+def op_pairs(program: IntegerProgram, through: str | None = None) -> set:
+    """The (producer kind, consumer kind) pairs a program contains; with `through` (an op kind), the pairs
+    that an op of that kind sits between (a conv reading an add through the requantize in front of it)."""
+    made = {op.output: op for op in program.ops}
+    direct = {(made[i].op, op.op) for op in program.ops for i in op.inputs if i in made}
+    if through is None:
+        return direct
+    return {(made[m.inputs[0]].op, op.op) for op in program.ops for i in op.inputs
+            if i in made and (m := made[i]).op == through and m.inputs and m.inputs[0] in made}
