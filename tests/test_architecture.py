@@ -108,8 +108,11 @@ def test_no_two_top_level_definitions_share_a_name():
     assert not twice, twice
 
 
+# The workspace files outside the repository, spelled in pieces so this file does not cite them itself.
+OUTSIDE = tuple("".join(parts) for parts in ((".." + "/", "shared"), ("stack", "-facts"), ("DES", "IGN.md")))
+
+
 def test_nothing_cites_files_outside_the_repository():
     tracked = subprocess.run(["git", "ls-files", "*.py", "*.md"], cwd=ROOT, capture_output=True, text=True).stdout
-    hits = [f for f in tracked.split() if f != "tests/test_architecture.py"
-            and any(s in (ROOT / f).read_text() for s in ("../shared", "stack-facts", "DESIGN.md"))]
+    hits = [f for f in tracked.split() if any(s in (ROOT / f).read_text() for s in OUTSIDE)]
     assert not hits, hits

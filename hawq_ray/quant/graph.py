@@ -1,9 +1,10 @@
 """Trace a CNN with torch.fx into the small graph that quantization works on.
 
 Each fx call becomes a node of a kind from the op registry (`hawq_ray.ops`: the module types, functions and
-tensor methods each kind converts); a BatchNorm2d right after a conv is folded into it, Dropout and Identity
-(and stochastic depth) vanish, and shape queries (`x.size()`, `x.shape[0]` as a view argument) are skipped. Anything else is an
-error that names the module and its type.
+tensor methods each kind converts); a BatchNorm2d right after a conv is folded into it (any other is a node
+of its own), Dropout, Identity and stochastic depth vanish, and shape queries and arithmetic on shapes
+(`x.size(1) // groups`) are skipped. Models with attention or LayerNorm are refused first; anything else
+unknown is an error that names the module and its type.
 """
 from __future__ import annotations
 
