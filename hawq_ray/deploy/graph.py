@@ -76,13 +76,14 @@ def _fuses_after_conv(ops: list, pool: Op, readers: dict) -> bool:
     return False
 
 
-def requantize_before_max_pool(ops: list, program_output: str, narrow: set = frozenset()) -> list:
+def requantize_before_max_pool(ops: list, program_output: str, narrow: set = frozenset(),
+                               keep_conv_pools: bool = True) -> list:
     """max_pool2d -> requantize(s)  ==>  requantize -> max_pool2d, once per reader (exact: a per-channel
     requantize is non-decreasing and max pooling takes the max per channel; padding never wins). The pool's
     producer then stores narrow values instead of INT32 and the readers need no requantize pass. Returns a new
     op list; value names are kept. With several readers it pays only when each requantized value is narrow
     (its name in `narrow`); otherwise the pool would run once per reader on wide values. A pool that follows
-    a conv's chain stays: it is fused into the conv's kernel instead."""
+    a conv's chain stays (unless not `keep_conv_pools`): it is fused into the conv's kernel instead."""
     readers: dict[str, list] = {}
     for i, op in enumerate(ops):
         for name in op.inputs:
@@ -93,7 +94,7 @@ def requantize_before_max_pool(ops: list, program_output: str, narrow: set = fro
             continue
         rs = readers.get(op.output, [])
         if op.op == "max_pool2d" and op.output != program_output and rs and \
-                not _fuses_after_conv(ops, op, readers) and \
+                not (keep_conv_pools and _fuses_after_conv(ops, op, readers)) and \
                 all(ops[j].op == "requantize" and _channelwise(ops[j]) for j in rs) and \
                 (len(rs) == 1 or all(ops[j].output in narrow for j in rs)):
             for j in rs:

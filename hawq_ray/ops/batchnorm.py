@@ -104,8 +104,25 @@ def _bn_observers(node, input_name):
     return [f"out:{node.name}"]
 
 
+def affine_onnx(g, op):
+    """The integer affine itself where the export computes exactly (`integer_requantize` with the bias);
+    else x A + B on real values, A = S_out m / (2^c S_in) and B = S_out bias m / 2^c per channel, then the
+    Q/DQ pair of the output."""
+    x = g.value(op.inputs[0])
+    ratio = np.asarray(op.consts["multiplier"], np.float64) / np.exp2(np.asarray(op.consts["shift"], np.float64))
+    lo, hi = int(op.attrs["lo"]), int(op.attrs["hi"])
+    if g.rounds_in_float(op, lo, hi):
+        g.integer_requantize(op, x, ratio, lo, hi, bias=np.asarray(op.consts["bias"], np.float64))
+        return
+    s_out = g.out_scale(op)
+    y = g.node("Mul", [x.name, g.const(s_out * ratio / x.scale, f"{op.output}.a")], f"{op.output}.mul")
+    y = g.node("Add", [y, g.const(s_out * ratio * np.asarray(op.consts["bias"], np.float64), f"{op.output}.b")],
+               f"{op.output}.add")
+    g.quantize(op, y, lo, hi)
+
+
 register_ops(
     GraphNode("batchnorm", batchnorm_step, modules=(nn.BatchNorm2d,), convert=_convert_bn, observers=_bn_observers,
               supported="BatchNorm2d (pre-activation)"),
-    ProgramOp("affine", SEMANTICS, execute_affine, affine_range, tile=affine_tile),
+    ProgramOp("affine", SEMANTICS, execute_affine, affine_range, tile=affine_tile, onnx=affine_onnx),
 )

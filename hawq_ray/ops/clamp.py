@@ -78,11 +78,19 @@ def clamp_channelwise(op) -> bool:
     return all(np.size(c) == 1 or (np.ndim(c) >= 3 and np.shape(c)[-2:] == (1, 1)) for c in op.consts.values())
 
 
+def clamp_onnx(g, op):
+    x = g.value(op.inputs[0])
+    lo = g.const(np.asarray(op.consts["lo"], np.float64) * x.scale, f"{op.output}.lo")
+    hi = g.const(np.asarray(op.consts["hi"], np.float64) * x.scale, f"{op.output}.hi")
+    g.bind(op, g.node("Min", [g.node("Max", [x.name, lo], f"{op.output}.max"), hi], op.output), x.scale)
+
+
 register_ops(
     GraphNode("clamp", clamp_step, modules=(nn.ReLU6, nn.Hardtanh), functions=(F.relu6, F.hardtanh, torch.clamp,
               torch.clip), methods=("clamp", "clip"), convert=_convert_clamp,
               nonneg=all, supported="ReLU6, Hardtanh, clamp"),
     ProgramOp("clamp", SEMANTICS, execute_clamp,
               lambda op, r: clamp_value_range_of(op.consts["lo"], op.consts["hi"], r[0]),
-              tile=clamp_tile, channelwise=clamp_channelwise),
+              tile=clamp_tile, channelwise=clamp_channelwise,
+              onnx=clamp_onnx),
 )

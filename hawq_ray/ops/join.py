@@ -71,13 +71,26 @@ def _out_key(node, input_name):
     return [f"out:{node.name}"]
 
 
+def add_onnx(g, op):
+    a, b = g.value(op.inputs[0]), g.value(op.inputs[1])
+    g.bind(op, g.node("Add", [a.name, b.name], op.output), g.out_scale(op))
+
+
+def concat_onnx(g, op):
+    ins = [g.value(i) for i in op.inputs]
+    y = g.node("Concat", [t.name for t in ins], op.output, axis=int(op.attrs.get("axis", 1)))
+    g.bind(op, y, g.out_scale(op))
+
+
 register_ops(
     GraphNode("add", join_step, functions=(operator.add, torch.add, operator.iadd), methods=("add",),
               convert=_convert_add, nonneg=all, observers=_out_key, supported="add"),
     GraphNode("cat", join_step, functions=(torch.cat,), convert=_convert_cat, nonneg=all, observers=_out_key,
               supported="cat (channels)"),
     ProgramOp("add", ADD, lambda op, ins: ins[0].to(torch.int64) + ins[1].to(torch.int64),
-              lambda op, r: (r[0][0] + r[1][0], r[0][1] + r[1][1]), tile=add_tile, binary=True),
+              lambda op, r: (r[0][0] + r[1][0], r[0][1] + r[1][1]), tile=add_tile, binary=True,
+              onnx=add_onnx),
     ProgramOp("concat", CONCAT, lambda op, ins: torch.cat([t.to(torch.int64) for t in ins], op.attrs.get("axis", 1)),
-              lambda op, r: (min(x[0] for x in r), max(x[1] for x in r)), kernel=lower_concat),
+              lambda op, r: (min(x[0] for x in r), max(x[1] for x in r)), kernel=lower_concat,
+              onnx=concat_onnx),
 )

@@ -5,7 +5,7 @@ become it (`convert`), and its step in the QAT interpreter (`step`: values in, v
 program ops it lowers to). A `ProgramOp` is an op of the IntegerProgram: its exact semantics in the integer
 executor (`execute`, the reference), the sound integer range of its output (`value_range`, for storage), and
 how the TVM back end computes it: as the anchor of a kernel (`kernel`) or, for an elementwise op, as a step
-fused at the output tile of the kernel before it (`tile`).
+fused at the output tile of the kernel before it (`tile`); and how the ONNX export writes it (`onnx`).
 
 The modules of `hawq_ray.ops` each define one op family (a node kind and the program ops it lowers to) and
 register it on import; `hawq_ray.ops` imports them all. Adding an op means adding such a module (or, in a
@@ -39,6 +39,7 @@ class ProgramOp:
     value_range: Callable             # (Op, [(lo, hi)]) -> (lo, hi): a sound range of the output
     kernel: Callable | None = None    # (Group, [Value], target, name) -> Kernel: a kernel anchored at this op
     tile: Callable | None = None      # elementwise: (TileContext, Op, k) -> fn(z, idx) -> expr, fused at a tile
+    onnx: Callable | None = None      # (deploy.qdq.QdqGraph, Op) -> None: the op in an ONNX QDQ graph
     binary: bool = False              # elementwise with a second operand (stored in the output's layout)
     broadcast: bool = False           # binary whose second operand may be smaller (broadcast over H, W): fused
                                       # only into the chain of its first operand

@@ -57,5 +57,27 @@ def requantize_tile(ctx, op, k):
     return fn
 
 
+def requantize_onnx(g, op):
+    """The exact form (and any output wider than 8 bits): the integer arithmetic itself, in float64, then a
+    Q/DQ pair. The int8 form: a Q/DQ pair of the float input at the output's scale, which runtimes fuse into
+    the producing conv; the program's multiplier b / 2^c is S_in / S_out times a factor that is 1 for a change
+    of scale and 1 / count after a window sum, an explicit Mul."""
+    x = g.value(op.inputs[0])
+    ratio = np.asarray(op.consts["multiplier"], np.float64) / np.exp2(np.asarray(op.consts["shift"], np.float64))
+    if g.rounds_in_float(op, *clamp_of(op)):
+        g.integer_requantize(op, x, ratio, *clamp_of(op))
+        return
+    factor = ratio * g.out_scale(op) / x.scale
+    name = x.name
+    if not np.allclose(factor, 1.0, rtol=1e-6, atol=0):
+        name = g.node("Mul", [x.name, g.const(factor, f"{op.output}.factor")], f"{op.output}.mul")
+        if np.all(factor <= 1):
+            # sum / count ties exactly (x.5) for whole sums; QuantizeLinear rounds those to even, the program
+            # up. A quarter of the finest step 1 / count sends them up and moves no other value.
+            nudge = 0.25 * float(np.min(factor)) * g.out_scale(op)
+            name = g.node("Add", [name, g.const(nudge, f"{op.output}.nudge")], f"{op.output}.up")
+    g.quantize(op, name, *clamp_of(op))
+
+
 register_ops(ProgramOp("requantize", SEMANTICS, execute_requantize, requantize_value_range, tile=requantize_tile,
-                       channelwise=requantize_channelwise))
+                       channelwise=requantize_channelwise, onnx=requantize_onnx))
