@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import onnx
 import pandas as pd
 import pytest
 
@@ -14,7 +15,7 @@ from hawq_ray.contract import HawqError
 from hawq_ray.service.pipeline import STAGES, load_config
 
 TINY = Path(__file__).parent / "data" / "tiny_run.yaml"
-TABLES = ("layers", "sensitivity", "latency", "sweep", "finetune", "deploy", "fake_vs_int")
+TABLES = ("layers", "sensitivity", "latency", "sweep", "finetune", "deploy", "export", "fake_vs_int")
 
 
 def hawq(*args, **kw):
@@ -71,6 +72,11 @@ def test_tables_of_the_run(killed_then_resumed):
     assert ft["top1_fp32"].min() >= 0.9            # the default model trained on digits
     dep = pd.read_parquet(out / "deploy.parquet")
     assert (dep["tvm_differing"] == 0).all() and (dep["tvm_elements"] > 0).all()
+    exported = pd.read_parquet(out / "export.parquet")          # export: {onnx: true} in the tiny run
+    assert set(exported["config"]) == set(ft["config"]) and (exported["samples"] == 128).all()
+    assert (exported["top1_agreement"] >= 0.95).all()
+    for path in exported["onnx"]:
+        onnx.checker.check_model(path, full_check=True)
     fvi = pd.read_parquet(out / "fake_vs_int.parquet")
     assert (fvi["qat_vs_int_diff"] == 0).all()
     obj = json.loads(stdout.strip().splitlines()[-1])
@@ -80,6 +86,7 @@ def test_tables_of_the_run(killed_then_resumed):
 def test_report_has_its_plots(killed_then_resumed):
     out = killed_then_resumed[0]
     text = (out / "report.md").read_text()
+    assert "## ONNX export (QDQ)" in text
     for png in ("pareto.png", "bits_vs_sensitivity.png", "fake_vs_int.png"):
         assert f"plots/{png}" in text
         data = (out / "plots" / png).read_bytes()
@@ -97,6 +104,11 @@ def test_bad_run_config(tmp_path):
     with pytest.raises(HawqError, match="no such file"):
         load_config(tmp_path / "missing.yaml")
     assert STAGES[0] == "fp32" and load_config(TINY)["tune"]["epochs"] == 1
+    for bad_export, key in (("export: {onnx: 1}", "export.onnx"), ("export: {form: int16}", "export.form"),
+                            ("export: {batches: 0}", "export.batches")):
+        bad.write_text(bad_export + "\n")
+        with pytest.raises(HawqError, match=key):
+            load_config(bad)
 
 
 def test_input_size_overrides_the_model_size(tmp_path):

@@ -38,9 +38,11 @@ DEFAULT_CONFIG = {
     "profile": {"batch": 8, "target": "llvm", "resource": None, "actors": 1, "rounds": 5},
     "tune": {"epochs": 4, "samples": 1, "lr": 0.01, "distill": False, "teacher": None, "asha": False},
     "deploy": {"target": "llvm", "batch": 8, "inputs": 4},
+    "export": {"onnx": False, "form": "exact", "batches": 4},   # ONNX QDQ of each config, checked in onnxruntime
 }
 TABLES_FORMAT = 2     # bump when what a stage's table holds changes: older run folders recompute, never misread
-STAGES = ("fp32", "layers", "sensitivity", "latency", "sweep", "finetune", "deploy", "fake_vs_int", "report")
+STAGES = ("fp32", "layers", "sensitivity", "latency", "sweep", "finetune", "deploy", "export", "fake_vs_int",
+          "report")
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -68,10 +70,21 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
     if size is not None and not (len(pair) in (1, 2) and all(isinstance(v, int) and not isinstance(v, bool)
                                                               and v >= 8 for v in pair)):
         raise HawqError(f"input_size: {size!r} is not valid; give an integer >= 8 (H = W) or [H, W], or null")
+    _check_export(cfg["export"])
     bad = [u for u in cfg["uniform"] if u not in ("uniform4", "uniform8")]
     if bad:
         raise HawqError(f"uniform: {bad[0]!r} is not valid; valid: uniform4, uniform8")
     return cfg
+
+
+def _check_export(e: dict) -> None:
+    from hawq_ray.deploy.qdq import FORMS
+    if not isinstance(e["onnx"], bool):
+        raise HawqError(f"export.onnx: {e['onnx']!r} is not valid; valid: true, false")
+    if e["form"] not in FORMS:
+        raise HawqError(f"export.form: {e['form']!r} is not valid; valid: {', '.join(FORMS)}")
+    if not isinstance(e["batches"], int) or isinstance(e["batches"], bool) or not 1 <= e["batches"] <= 1000:
+        raise HawqError(f"export.batches: {e['batches']!r} is not valid; valid: an integer from 1 to 1000")
 
 
 def _input_shape(cfg: dict) -> tuple:
@@ -210,6 +223,13 @@ def run(config: dict | str | None = None, out="runs/default", *, address: str | 
     tables["deploy"] = cached_stage(
         run_dir, "deploy", key, lambda: _deploy(model, shape, tables["layers"], tables["finetune"], d, run_dir, log), log)
 
+    e = cfg["export"]
+    if e["onnx"]:
+        ekey = fingerprint(fingerprint(tables["finetune"][["config", "checkpoint"]].to_json()), e)
+        tables["export"] = cached_stage(
+            run_dir, "export", ekey, lambda: _export(model, shape, tables["layers"], tables["finetune"], data, e,
+                                                     run_dir, log), log)
+
     key = fingerprint(key, "fake_vs_int")
     tables["fake_vs_int"] = cached_stage(
         run_dir, "fake_vs_int", key, lambda: _fake_vs_int(model, shape, tables["layers"], data, tables["finetune"]), log)
@@ -336,6 +356,27 @@ def _deploy(model, shape, table, finetuned: pd.DataFrame, d: dict, run_dir: Path
             f"{lat:.3f} ms at batch {d['batch']}")
         done.write_text(json.dumps(result))
         rows.append(result)
+    return pd.DataFrame(rows)
+
+
+def _export(model, shape, table, finetuned: pd.DataFrame, data, e: dict, run_dir: Path, log) -> pd.DataFrame:
+    """Each fine-tuned config as an ONNX QDQ model, run in onnxruntime against the integer executor on the
+    held-out split."""
+    from hawq_ray.deploy.qdq import check_onnx, export_onnx
+    from hawq_ray.inputs.data import batches
+    held_out = [b[0] for b in batches(data.test, 64, e["batches"])]
+    rows = []
+    for _, row in finetuned.iterrows():
+        path = run_dir / "export" / f"{row['config']}.onnx"
+        program = _restore(model, shape, table, row).to_integer()
+        ckpt = row.get("best_checkpoint") or row["checkpoint"]
+        export_onnx(program, path, {"config": str(row["config"]), "scales": f"fine-tuned QAT checkpoint {ckpt}"},
+                    form=e["form"])
+        check = check_onnx(path, program, held_out)
+        log(f"[export] {row['config']}: {path}, top-1 agreement with the integer executor "
+            f"{check['top1_agreement']:.4f} on {check['samples']} held-out images, largest logit difference "
+            f"{check['max_logit_diff_units']:g} output-scale units")
+        rows.append({"config": row["config"], "onnx": str(path), **check})
     return pd.DataFrame(rows)
 
 

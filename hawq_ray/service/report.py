@@ -153,6 +153,13 @@ def write_report(run_dir) -> Path:
         show = [c for c in ["layer", "params", "macs", "trace", "trace_stderr", "omega4", "omega8", "lat4_ms",
                             "lat8_ms", "lat32_ms"] if c in table.columns]
         parts += ["## Layer table", "", _md(table[show]), ""]
+    exported = _read(run_dir, "export")
+    if exported is not None and not exported.empty:
+        parts += ["## ONNX export (QDQ)", "", "Each config as an ONNX model with QuantizeLinear / DequantizeLinear "
+                  "pairs, run in onnxruntime on the held-out split and compared with the integer executor: "
+                  "top-1 agreement and the logit difference in units of the output scale. ONNX rounds with "
+                  "float scales where the program uses dyadic integers, so these differ slightly "
+                  "(docs/design.md, \"ONNX export\").", "", _md(exported), ""]
     if fvi is not None and not fvi.empty:
         plot_fake_vs_int(fvi, plots / "fake_vs_int.png", "Fake vs integer-only quantization by layer (HAWQ-V3 Figure G.1)")
         parts += ["## Fake vs integer-only quantization (Figure G.1)", "", "![G.1](plots/fake_vs_int.png)", ""]

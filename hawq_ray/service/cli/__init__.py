@@ -13,7 +13,7 @@ import sys
 
 from hawq_ray.contract import HawqError
 
-COMMAND_MODULES = ("quant", "sensitivity", "profile", "solve", "finetune", "deploy", "run")
+COMMAND_MODULES = ("quant", "sensitivity", "profile", "solve", "finetune", "deploy", "export", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:

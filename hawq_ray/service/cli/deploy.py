@@ -18,15 +18,20 @@ from hawq_ray.service.cli.common import add_model_args, check_positive, data_not
 
 def register(sub) -> None:
     p = sub.add_parser("compile", help="compile a bit config to an integer-only TVM library (+ manifest)")
-    add_model_args(p)
-    p.add_argument("--bits", required=True, help="uniform4 | uniform8 | a JSON file {layer: bits}")
-    p.add_argument("--checkpoint", default=None,
-                   help="a fine-tuned QAT checkpoint (state.pt from hawq-ray finetune); else calibrate on data")
+    add_config_args(p)
     p.add_argument("--target", default="llvm", help="llvm (this CPU; VNNI when it has it) or cuda")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--calibration-batches", type=int, default=2)
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run_compile)
+
+
+def add_config_args(p) -> None:
+    """The model, the bit config and where its scales come from (`compile` and `export`)."""
+    add_model_args(p)
+    p.add_argument("--bits", required=True, help="uniform4 | uniform8 | a JSON file {layer: bits}")
+    p.add_argument("--checkpoint", default=None,
+                   help="a fine-tuned QAT checkpoint (state.pt from hawq-ray finetune); else calibrate on data")
 
 
 def quantized_model(md, bits, checkpoint=None, calibration_batches: int = 2, batch_size: int = 64):
