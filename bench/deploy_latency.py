@@ -10,7 +10,9 @@ a table of median ms and ratios; --json prints one JSON object last.
                                    [--pause 0.05] [--verify] [--json]
 
 The issue's bars (resnet18, batch 8, uniform8): >= 4x faster than torch fp32 eager, <= 1.5x onnxruntime int8
-QDQ; uniform4 within 10% of uniform8; resnet18 compile < 180 s.
+QDQ; uniform4 within 10% of uniform8; resnet18 compile < 180 s. The rows `ORT hawq-ray u8 fused / exact` are
+hawq-ray's own ONNX export of uniform8 (`hawq-ray export --form fused | exact`) in onnxruntime: the fused
+form should match onnxruntime's own quantizer within 10%.
 """
 from __future__ import annotations
 
@@ -127,6 +129,18 @@ def tvm_model(model, shape, bits, batch, calib, verify):
     return (lambda: deployed(xq)), compile_s, differing
 
 
+def hawq_onnx(model, shape, bits, x, calib, form, workdir):
+    """The config exported by hawq-ray as ONNX QDQ (`hawq-ray export`), run in onnxruntime."""
+    from hawq_ray.deploy.qdq import export_onnx, onnx_session
+    from hawq_ray.quant.qat import prepare
+    program = prepare(model, bits, shape).calibrate([c[:2] for c in calib[:2]]).to_integer()
+    path = os.path.join(workdir, f"hawq_{bits}_{form}.onnx")
+    export_onnx(program, path, form=form)
+    sess = onnx_session(path)
+    feed = {"input": x.numpy()}
+    return lambda: sess.run(None, feed)
+
+
 def bench_model(name, batch, rounds, verify, configs, calls=3, pause=0.05):
     from hawq_ray.analysis.layers import layer_table
     from hawq_ray.inputs.models import get_model, input_shape
@@ -145,6 +159,9 @@ def bench_model(name, batch, rounds, verify, configs, calls=3, pause=0.05):
             runners[label] = make()
         except Exception as e:  # a baseline that cannot be built here is reported, not fatal
             print(f"# {name}: {label} unavailable: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
+    for form in ("fused", "exact"):        # hawq-ray's own ONNX export of uniform8, in onnxruntime
+        runners[f"ORT hawq-ray u8 {form}"] = hawq_onnx(model, shape, "uniform8", x, calib, form,
+                                                           tempfile.mkdtemp())
     table = layer_table(model, shape)
     for cfg in configs:
         bits = mixed_bits(table) if cfg == "mixed" else cfg
