@@ -253,8 +253,9 @@ def requantizes_first(ops: list) -> list:
         placed.add(id(op))
         for r in by_input.get(op.output, []):
             emit(r)
+    produced = {o.output for o in ops}
     for op in ops:
-        if op.op == "requantize" and op.inputs[0] not in {o.output for o in ops}:
+        if op.op == "requantize" and op.inputs[0] not in produced:
             emit(op)           # reads the program input
     for op in ops:
         if id(op) not in placed:
