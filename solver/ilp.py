@@ -117,8 +117,9 @@ class BitAllocation:
     """The solver's answer. `totals["model"]` counts every layer (fixed ones at their fixed bits);
     `totals["searchable"]` only the layers the ILP chose, the sums the fraction budgets constrain.
     `objective` is sum Omega over the searchable layers (what the ILP minimized); `objective_model` adds the
-    fixed layers (NaN when their sensitivity is not in the table). `limits` holds each budget as given and the
-    limit it put on the searchable layers' sum, in the resource's unit."""
+    fixed layers (NaN when their sensitivity is not in the table). `limits` holds each budget as given, the
+    limit it put on the searchable layers' sum and the same limit on the whole model (fixed layers at their
+    bits added), in the resource's unit."""
     bits: dict
     objective: float
     objective_model: float
@@ -247,6 +248,7 @@ def _allocation(inputs: IlpInputs, unit_choice: np.ndarray, limits: dict, solve_
     omega = pick(inputs.layer_omega)
     return BitAllocation(
         bits=bits, objective=float(omega[~fixed].sum()), objective_model=float(omega.sum()), totals=totals,
-        limits={k: {"given": v["given"], "resource": v["resource"], "searchable_limit": v["searchable_limit"]}
+        limits={k: {"given": v["given"], "resource": v["resource"], "searchable_limit": v["searchable_limit"],
+                    "model_limit": v["searchable_limit"] + fixed_layers_total(inputs, v["resource"])}
                 for k, v in limits.items()},
         solve_s=solve_s)

@@ -51,8 +51,9 @@ def budget_grid(axes: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
 class Sweep:
     """`points`: one row per budget point (its budget values, feasible, config id, objective, solve_s, reason).
     `configs`: one row per distinct bit configuration (config id, objective, model totals `size_mib`, `gbops`,
-    `latency_ms`, the `searchable_*` totals, how many points chose it and which (`budgets`: a list of budget
-    dicts), `bits`: {layer: bits}).
+    `latency_ms`, the `searchable_*` totals, `latency_limit_ms` (the tightest whole-model latency any of its
+    points allowed, NaN when none had a latency budget: what its measured latency is checked against), how many
+    points chose it and which (`budgets`: a list of budget dicts), `bits`: {layer: bits}).
     `frontier`: Pareto frontier of objective against each resource (see solver.frontier.pareto_frontiers)."""
     points: pd.DataFrame
     configs: pd.DataFrame
@@ -84,8 +85,13 @@ def solve_points(inputs: IlpInputs, grid: list[dict]) -> list[dict]:
             out.append({"bits": None, "reason": str(e), "solve_s": time.perf_counter() - start})
             continue
         out.append({"bits": tuple(a.bits.values()), "objective": a.objective, "objective_model": a.objective_model,
-                    "totals": a.totals, "solve_s": a.solve_s, "reason": ""})
+                    "totals": a.totals, "limits": a.limits, "solve_s": a.solve_s, "reason": ""})
     return out
+
+
+def _latency_limit(limits: dict) -> float:
+    """The tightest latency a point's budgets allow the whole model (sum of layers, ms); NaN without one."""
+    return min((v["model_limit"] for v in limits.values() if v["resource"] == "latency_ms"), default=np.nan)
 
 
 def _merge_answers(inputs: IlpInputs, grid: list[dict], results: list[dict]) -> Sweep:
@@ -100,14 +106,16 @@ def _merge_answers(inputs: IlpInputs, grid: list[dict], results: list[dict]) -> 
                 row = {"config": cid, "objective": r["objective"], "objective_model": r["objective_model"]}
                 row.update({k: r["totals"]["model"].get(k, np.nan) for k in RESOURCES})
                 row.update({f"searchable_{k}": r["totals"]["searchable"].get(k, np.nan) for k in RESOURCES})
-                row.update({"points": 0, "budgets": [], "bits": dict(zip(inputs.layers, r["bits"]))})
+                row.update({"latency_limit_ms": np.nan, "points": 0, "budgets": [],
+                            "bits": dict(zip(inputs.layers, r["bits"]))})
                 configs.append(row)
             configs[cid]["points"] += 1
             configs[cid]["budgets"].append(budgets)
+            configs[cid]["latency_limit_ms"] = np.fmin(configs[cid]["latency_limit_ms"], _latency_limit(r["limits"]))
         points.append({**budgets, "feasible": cid is not None, "config": cid,
                        "objective": r.get("objective", np.nan), "solve_s": r["solve_s"], "reason": r["reason"]})
     cols = ["config", "objective", "objective_model", *RESOURCES, *(f"searchable_{k}" for k in RESOURCES),
-            "points", "budgets", "bits"]
+            "latency_limit_ms", "points", "budgets", "bits"]
     config_table = pd.DataFrame(configs, columns=cols)
     point_table = pd.DataFrame(points)
     point_table["config"] = point_table["config"].astype("Int64")

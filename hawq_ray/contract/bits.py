@@ -123,17 +123,18 @@ class NamedConfig:
     bits: BitConfig
     budget: tuple = ()        # the budget points that chose it (dicts), empty for a given config
     latency_ms: float = math.nan   # the sweep's predicted latency, when it had measured latencies
+    latency_limit_ms: float = math.nan   # the tightest latency budget that chose it (whole model, ms)
 
 
 def read_configs(specs, table: pd.DataFrame) -> list[NamedConfig]:
     """Named, checked configs from each spec: "uniform4" / "uniform8", a mapping, a sweep table (.parquet or
-    .csv with columns config and bits[, budgets, latency_ms]; ids `<file stem>.<config>`), a JSON file
+    .csv with columns config and bits[, budgets, latency_ms, latency_limit_ms]; ids `<file stem>.<config>`), a JSON file
     {layer: bits} (id: the file stem) or {name: {layer: bits}}, or a HAWQ bit_config.py."""
     out = []
     for spec in ([specs] if isinstance(specs, (str, Path, Mapping)) else list(specs)):
-        for cid, bits, budget, latency in _configs_of(spec, table):
+        for cid, bits, budget, *latency in _configs_of(spec, table):
             out.append(NamedConfig(str(cid), check_bits(table, bits, where=f"config {cid!r} ({spec})"),
-                                   budget, latency))
+                                   budget, *latency))
     if not out:
         raise BitConfigError("no bit configs given: pass uniform4, uniform8, a sweep table or a bit-config file")
     ids = [c.config for c in out]
@@ -163,8 +164,7 @@ def _configs_of(spec, table: pd.DataFrame) -> list:
             raise BitConfigError(f"configs {spec}: a sweep table needs columns config and bits "
                                  "(hawq-ray sweep --out)")
         return [(f"{path.stem}.{r['config']}", bits_of_cell(r["bits"], str(spec)),
-                 budgets_of_cell(r.get("budgets", ())),
-                 float(r["latency_ms"]) if pd.notna(r.get("latency_ms", math.nan)) else math.nan)
+                 budgets_of_cell(r.get("budgets", ())), _number(r, "latency_ms"), _number(r, "latency_limit_ms"))
                 for _, r in frame.iterrows()]
     if suffix == ".py":
         return [(name, bits, (), math.nan) for name, bits in read_hawq_bit_config(path).items()]
@@ -177,6 +177,11 @@ def _configs_of(spec, table: pd.DataFrame) -> list:
     if isinstance(data, dict) and data:
         return [(path.stem, _raw_bits(data, str(spec)), (), math.nan)]
     raise BitConfigError(f"configs {spec}: expected a JSON object {{layer: bits}} or {{name: {{layer: bits}}}}")
+
+
+def _number(row, column: str) -> float:
+    value = row.get(column, math.nan)
+    return float(value) if pd.notna(value) else math.nan
 
 
 def bits_of_cell(cell, where: str) -> dict:
@@ -202,7 +207,7 @@ def budgets_of_cell(cell) -> tuple:
     """A table cell holding the budget points of a config: a list of dicts, or its JSON text; () for none."""
     if isinstance(cell, str):
         cell = json.loads(cell) if cell.strip() else []
-    if cell is None or (not isinstance(cell, (list, tuple)) and pd.isna(cell)):
+    if cell is None or (not isinstance(cell, (list, tuple, np.ndarray)) and pd.isna(cell)):   # parquet: an array
         return ()
     return tuple({k: float(v) for k, v in dict(p).items() if v is not None and not pd.isna(v)} for p in cell)
 
