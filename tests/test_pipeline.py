@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pandas as pd
 import pytest
@@ -72,6 +73,7 @@ def test_tables_of_the_run(killed_then_resumed):
     assert ft["top1_fp32"].min() >= 0.9            # the default model trained on digits
     dep = pd.read_parquet(out / "deploy.parquet")
     assert (dep["tvm_differing"] == 0).all() and (dep["tvm_elements"] > 0).all()
+    check_deployed_latencies(dep, lat, sweep, pd.read_parquet(out / "layers.parquet"))
     exported = pd.read_parquet(out / "export.parquet")          # export: {onnx: true} in the tiny run
     assert set(exported["config"]) == set(ft["config"]) and (exported["samples"] == 128).all()
     assert (exported["top1_agreement"] >= 0.95).all()
@@ -83,10 +85,34 @@ def test_tables_of_the_run(killed_then_resumed):
     assert obj["report"].endswith("report.md") and len(obj["results"]) == len(ft)
 
 
+def check_deployed_latencies(dep, lat, sweep, layers):
+    """All configs timed together (5 rounds in the tiny run); the predicted latency is the sum of each layer's
+    measured kernel latency at its bits, the budget R4 + r (R8 - R4) over the searchable layers (r = 0.5) plus
+    the fixed layers at their bits (HAWQ-V3's latency constraint, whole model)."""
+    assert (dep["latency_samples"] == 5).all() and (dep["latency_q25_ms"] > 0).all()
+    assert ((dep["latency_q25_ms"] <= dep["latency_median_ms"]) & (dep["latency_median_ms"] <= dep["latency_q75_ms"])).all()
+    lat = lat.set_index("layer")
+    fixed = layers.set_index("layer")["fixed_bits"]
+    searchable = fixed.isna()
+    low, high = lat.loc[searchable, "lat4_ms"].sum(), lat.loc[searchable, "lat8_ms"].sum()
+    fixed_ms = sum(lat.loc[name, f"lat{int(b)}_ms"] for name, b in fixed.dropna().items())
+    dep = dep.set_index("config")
+    for row in sweep.itertuples():
+        bits = {k: v for k, v in row.bits.items() if v is not None}
+        assert dep.loc[row.config, "predicted_ms"] == pytest.approx(sum(lat.loc[k, f"lat{b}_ms"] for k, b in bits.items()))
+        if '"latency": 0.5' in row.budget:
+            assert dep.loc[row.config, "latency_limit_ms"] == pytest.approx(low + 0.5 * (high - low) + fixed_ms)
+        else:
+            assert np.isnan(dep.loc[row.config, "latency_limit_ms"])
+    assert any('"latency": 0.5' in b for b in sweep["budget"])
+    assert (dep["over_budget"] == (dep["latency_q25_ms"] > dep["latency_limit_ms"])).all()
+
+
 def test_report_has_its_plots(killed_then_resumed):
     out = killed_then_resumed[0]
     text = (out / "report.md").read_text()
     assert "## ONNX export (QDQ)" in text
+    assert "| predicted_ms | measured_ms (IQR) | budget_ms | over_budget |" in text
     for png in ("pareto.png", "bits_vs_sensitivity.png", "fake_vs_int.png"):
         assert f"plots/{png}" in text
         data = (out / "plots" / png).read_bytes()

@@ -37,7 +37,7 @@ DEFAULT_CONFIG = {
     "sensitivity": {"actors": 2, "batches": 4, "batch_size": 64, "tol": 0.05, "max_iter": 64},
     "profile": {"batch": 8, "target": "llvm", "resource": None, "actors": 1, "rounds": 5},
     "tune": {"epochs": 4, "samples": 1, "lr": 0.01, "distill": False, "teacher": None, "asha": False},
-    "deploy": {"target": "llvm", "batch": 8, "inputs": 4},
+    "deploy": {"target": "llvm", "batch": 8, "inputs": 4, "rounds": 15},   # rounds: of interleaved timing
     "export": {"onnx": False, "form": "exact", "batches": 4},   # ONNX QDQ of each config, checked in onnxruntime
 }
 TABLES_FORMAT = 2     # bump when what a stage's table holds changes: older run folders recompute, never misread
@@ -71,6 +71,7 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
                                                               and v >= 8 for v in pair)):
         raise HawqError(f"input_size: {size!r} is not valid; give an integer >= 8 (H = W) or [H, W], or null")
     _check_export(cfg["export"])
+    _check_count(cfg["deploy"]["rounds"], "deploy.rounds", 1000)
     bad = [u for u in cfg["uniform"] if u not in ("uniform4", "uniform8")]
     if bad:
         raise HawqError(f"uniform: {bad[0]!r} is not valid; valid: uniform4, uniform8")
@@ -83,8 +84,12 @@ def _check_export(e: dict) -> None:
         raise HawqError(f"export.onnx: {e['onnx']!r} is not valid; valid: true, false")
     if e["form"] not in FORMS:
         raise HawqError(f"export.form: {e['form']!r} is not valid; valid: {', '.join(FORMS)}")
-    if not isinstance(e["batches"], int) or isinstance(e["batches"], bool) or not 1 <= e["batches"] <= 1000:
-        raise HawqError(f"export.batches: {e['batches']!r} is not valid; valid: an integer from 1 to 1000")
+    _check_count(e["batches"], "export.batches", 1000)
+
+
+def _check_count(value, key: str, most: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+        raise HawqError(f"{key}: {value!r} is not valid; valid: an integer from 1 to {most}")
 
 
 def _input_shape(cfg: dict) -> tuple:
@@ -221,7 +226,8 @@ def run(config: dict | str | None = None, out="runs/default", *, address: str | 
     d = cfg["deploy"]
     key = fingerprint(fingerprint(tables["finetune"][["config", "checkpoint"]].to_json()), d)
     tables["deploy"] = cached_stage(
-        run_dir, "deploy", key, lambda: _deploy(model, shape, tables["layers"], tables["finetune"], d, run_dir, log), log)
+        run_dir, "deploy", key, lambda: _deploy(model, shape, tables["layers"], tables["finetune"], d, run_dir, log,
+                                                _latency_budgets(tables["finetune"], tables["sweep"], cfg)), log)
 
     e = cfg["export"]
     if e["onnx"]:
@@ -295,19 +301,21 @@ def _sweep(table: pd.DataFrame, budgets: dict, uniform: list) -> pd.DataFrame:
     grid = [{resource: float(r)} for resource, values in budgets.items() for r in values]
     if not table[["lat4_ms", "lat8_ms"]].notna().all().all():
         grid = [g for g in grid if "latency" not in g]
-    rows = {u: {"config": u, "budget": [], "bits": parse_bits(u, table).as_dict()} for u in uniform}
+    rows = {u: {"config": u, "budget": [], "latency_limit_ms": np.nan, "bits": parse_bits(u, table).as_dict()}
+            for u in uniform}
     if grid:
         sweep = sweep_budgets(table, grid, solve=ray_solve)
         for r in sweep.configs.itertuples():
             same = [u for u in rows.values() if u["bits"] == r.bits]
             if same:                      # an ILP answer that is a uniform config: one trial, both labels
                 same[0]["budget"] += list(r.budgets)
+                same[0]["latency_limit_ms"] = np.fmin(same[0]["latency_limit_ms"], r.latency_limit_ms)
             else:
                 rows[f"ilp{int(r.config)}"] = {"config": f"ilp{int(r.config)}", "budget": list(r.budgets),
-                                               "bits": r.bits}
+                                               "latency_limit_ms": r.latency_limit_ms, "bits": r.bits}
     for row in rows.values():
         row["budget"] = budget_cell(row["budget"])
-    return pd.DataFrame(list(rows.values()), columns=["config", "budget", "bits"])
+    return pd.DataFrame(list(rows.values()), columns=["config", "budget", "latency_limit_ms", "bits"])
 
 
 def _finetune(model, shape, data, spec, cfg, configs: pd.DataFrame, table: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
@@ -331,32 +339,55 @@ def _restore(model, shape, table, row) -> "torch.nn.Module":
     return qm.eval()
 
 
-def _deploy(model, shape, table, finetuned: pd.DataFrame, d: dict, run_dir: Path, log) -> pd.DataFrame:
+def _latency_budgets(finetuned: pd.DataFrame, sweep: pd.DataFrame, cfg: dict) -> tuple[dict, dict]:
+    """({config: latency the ILP predicted}, {config: its latency budget}), whole model in ms; empty when the
+    profiled kernels are not the deployed ones (another batch or target), whose latencies they do not predict."""
+    p, d = cfg["profile"], cfg["deploy"]
+    if (p["batch"], p["target"]) != (d["batch"], d["target"]) or "latency_ms" not in finetuned:
+        return {}, {}
+    limits = dict(zip(sweep["config"], sweep["latency_limit_ms"])) if "latency_limit_ms" in sweep else {}
+    return dict(zip(finetuned["config"], finetuned["latency_ms"])), limits
+
+
+def _deploy(model, shape, table, finetuned: pd.DataFrame, d: dict, run_dir: Path, log,
+            budgets: tuple[dict, dict]) -> pd.DataFrame:
+    """Compile and check each config (kept one by one, so a stopped run resumes), then time the saved modules
+    together in interleaved rounds (analysis.timing) and set each beside its predicted latency and budget."""
+    from hawq_ray.analysis.timing import against_budget, time_models
+    from hawq_ray.deploy.build import load_model
+    rows = [_compile_config(model, shape, table, row, d, run_dir, log) for _, row in finetuned.iterrows()]
+    log(f"[deploy] timing {len(rows)} module(s) together: {d['rounds']} interleaved rounds")
+    timed = against_budget(time_models({r["config"]: load_model(r["module"]) for r in rows}, rounds=d["rounds"]),
+                           *budgets)
+    for r in timed.itertuples():
+        log(f"[deploy] {r.config}: median {r.latency_median_ms:.3f} ms at batch {d['batch']} (interquartile "
+            f"{r.latency_q25_ms:.3f}-{r.latency_q75_ms:.3f}, {r.latency_samples} rounds), predicted "
+            f"{r.predicted_ms:.3f} ms" + (f", OVER its budget of {r.latency_limit_ms:.3f} ms" if r.over_budget else ""))
+    return pd.DataFrame(rows).merge(timed, on="config")
+
+
+def _compile_config(model, shape, table, row, d: dict, run_dir: Path, log) -> dict:
     from hawq_ray.analysis.verify import compare_batches, executor_of, random_inputs
     from hawq_ray.deploy.build import compile_program, export_model
-    rows = []
-    for _, row in finetuned.iterrows():
-        out_dir = run_dir / "deploy" / str(row["config"])
-        done = out_dir / "deploy.json"
-        if done.is_file():                      # compiled and checked in an earlier (stopped) run
-            rows.append(json.loads(done.read_text()))
-            continue
-        t0 = time.time()
-        program = _restore(model, shape, table, row).to_integer()
-        deployed = compile_program(program, batch=d["batch"], target=d["target"])
-        compile_s = time.time() - t0
-        export_model(deployed, out_dir)
-        check = compare_batches(deployed, executor_of(program),
-                                random_inputs((d["batch"], *shape), batches=d["inputs"], seed=0))
-        differing, elements = check.differing, check.elements
-        lat = float(np.median(deployed.time_ms(number=5, repeat=5)))
-        result = {"config": row["config"], "tvm_differing": differing, "tvm_elements": elements,
-                  "tvm_latency_ms": lat, "compile_s": round(compile_s, 2), "module": str(out_dir)}
-        log(f"[deploy] {row['config']}: {differing}/{elements} differing elements vs the integer executor, "
-            f"{lat:.3f} ms at batch {d['batch']}")
-        done.write_text(json.dumps(result))
-        rows.append(result)
-    return pd.DataFrame(rows)
+    out_dir = run_dir / "deploy" / str(row["config"])
+    done = out_dir / "deploy.json"
+    keys = ("config", "tvm_differing", "tvm_elements", "compile_s", "module")
+    if done.is_file():                      # compiled and checked in an earlier (stopped) run
+        saved = json.loads(done.read_text())
+        return {k: saved[k] for k in keys}
+    t0 = time.time()
+    program = _restore(model, shape, table, row).to_integer()
+    deployed = compile_program(program, batch=d["batch"], target=d["target"])
+    compile_s = time.time() - t0
+    export_model(deployed, out_dir)
+    check = compare_batches(deployed, executor_of(program),
+                            random_inputs((d["batch"], *shape), batches=d["inputs"], seed=0))
+    result = {"config": row["config"], "tvm_differing": check.differing, "tvm_elements": check.elements,
+              "compile_s": round(compile_s, 2), "module": str(out_dir)}
+    log(f"[deploy] {row['config']}: {check.differing}/{check.elements} differing elements vs the integer "
+        f"executor, compiled in {compile_s:.1f} s")
+    done.write_text(json.dumps(result))
+    return result
 
 
 def _export(model, shape, table, finetuned: pd.DataFrame, data, e: dict, run_dir: Path, log) -> pd.DataFrame:

@@ -12,6 +12,8 @@ from hawq_ray.contract import HawqError
 from hawq_ray.contract.bits import bits_of_cell
 
 RESOURCE_LABELS = {"size_mib": "model size (MiB)", "gbops": "GBOPS", "latency_ms": "latency (ms, sum of layers)"}
+DEPLOY_COLUMNS = ["config", "tvm_differing", "tvm_elements", "predicted_ms", "latency_median_ms", "latency_q25_ms", "latency_q75_ms",
+                  "latency_samples", "latency_limit_ms", "over_budget"]
 
 
 def _read(run_dir: Path, name: str) -> pd.DataFrame | None:
@@ -33,7 +35,7 @@ def results_table(run_dir: Path) -> pd.DataFrame:
     out = ft[[c for c in cols if c in ft.columns]].copy()
     dep = _read(run_dir, "deploy")
     if dep is not None and not dep.empty:
-        out = out.merge(dep[["config", "tvm_differing", "tvm_elements", "tvm_latency_ms"]], on="config", how="left")
+        out = out.merge(dep[[c for c in DEPLOY_COLUMNS if c in dep.columns]], on="config", how="left")
     return out
 
 
@@ -66,6 +68,10 @@ def plot_pareto(results: pd.DataFrame, path: Path) -> Path:
     fig, axes = plt.subplots(1, len(resources), figsize=(5 * len(resources), 4), squeeze=False)
     for ax, res in zip(axes[0], resources):
         cost, acc = results[res].to_numpy(float), 100 * results["top1"].to_numpy(float)
+        label = RESOURCE_LABELS[res]
+        if res == "latency_ms" and "latency_median_ms" in results and results["latency_median_ms"].notna().all():
+            cost = _measured_beside_predicted(ax, results, acc)
+            label = "latency (ms): measured median, interquartile bar; predicted: sum of layers"
         mask = pareto_mask(cost, acc)
         ax.scatter(cost, acc, c="tab:gray", label="configs")
         order = np.argsort(cost[mask])
@@ -74,12 +80,29 @@ def plot_pareto(results: pd.DataFrame, path: Path) -> Path:
             ax.annotate(str(name), (c, a), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if "top1_fp32" in results:
             ax.axhline(100 * float(results["top1_fp32"].iloc[0]), ls="--", c="tab:blue", label="fp32")
-        ax.set_xlabel(RESOURCE_LABELS[res])
+        ax.set_xlabel(label, fontsize=8 if res == "latency_ms" else None)
         ax.set_ylabel("top-1 (%), integer executor")
         ax.set_title(f"Pareto front: accuracy vs {RESOURCE_LABELS[res].split(' (')[0]}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(plt, fig, path)
+
+
+def _measured_beside_predicted(ax, results: pd.DataFrame, acc: np.ndarray) -> np.ndarray:
+    """The deployed modules' measured latency (median, interquartile bar) joined to the ILP's prediction of each
+    config and its budget; returns the measured medians, on which the front is drawn."""
+    med = results["latency_median_ms"].to_numpy(float)
+    predicted = results["predicted_ms"].to_numpy(float)
+    lo, hi = med - results["latency_q25_ms"].to_numpy(float), results["latency_q75_ms"].to_numpy(float) - med
+    ax.errorbar(med, acc, xerr=[lo, hi], fmt="none", ecolor="tab:red", capsize=3)
+    ax.scatter(predicted, acc, marker="x", c="tab:purple", label="predicted (sum of layers)")
+    for p, m, a in zip(predicted, med, acc):
+        ax.plot([p, m], [a, a], ":", c="tab:purple", lw=0.8)
+    if "latency_limit_ms" in results:
+        limit = results["latency_limit_ms"].to_numpy(float)
+        ok = np.isfinite(limit)
+        ax.scatter(limit[ok], acc[ok], marker="|", s=200, c="k", label="latency budget")
+    return med
 
 
 def plot_bits_vs_sensitivity(table: pd.DataFrame, configs: pd.DataFrame, path: Path) -> Path:
@@ -120,9 +143,47 @@ def _md(df: pd.DataFrame) -> str:
         cells = []
         for c in cols:
             v = r[c]
-            cells.append(f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v))
+            if isinstance(v, (float, np.floating)):
+                cells.append("" if np.isnan(v) else f"{v:.4g}")
+            else:
+                cells.append(str(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _shown(results: pd.DataFrame) -> pd.DataFrame:
+    """The results as the report prints them: each measured latency as one cell, median (q25-q75), beside the
+    latency the ILP predicted for it, and the budget that chose it."""
+    out = results.drop(columns=[c for c in DEPLOY_COLUMNS[3:] if c in results.columns])
+    if "latency_median_ms" not in results:
+        return out
+    at = list(out.columns).index("latency_ms") if "latency_ms" in out else len(out.columns)
+    out = out.drop(columns=["latency_ms"], errors="ignore")
+    cells = {"predicted_ms": results["predicted_ms"],
+             "measured_ms (IQR)": [f"{m:.4g} ({a:.4g}-{b:.4g})" for m, a, b in
+                                   results[["latency_median_ms", "latency_q25_ms", "latency_q75_ms"]].to_numpy()],
+             "budget_ms": results["latency_limit_ms"], "over_budget": results["over_budget"]}
+    for k, (name, cell) in enumerate(cells.items()):
+        out.insert(at + k, name, cell)
+    return out
+
+
+def _latency_notes(results: pd.DataFrame) -> list:
+    if "latency_median_ms" not in results:
+        return []
+    n = int(results["latency_samples"].min())
+    lines = [f"`measured_ms`: the compiled modules of every config timed together, in {n} interleaved rounds "
+             "with a rotating order (each sample the mean of back-to-back calls at the deploy batch): the median "
+             "and, in brackets, the interquartile range. Two configs whose ranges overlap are not distinguished "
+             "by this machine. `predicted_ms`: the sum of the per-layer kernel latencies the ILP used (empty when "
+             "the profiled batch or target is not the deployed one). `budget_ms`: the tightest latency budget "
+             "that chose the config, over the whole model.", ""]
+    over = results[results["over_budget"].fillna(False).astype(bool)]
+    for r in over.itertuples():
+        lines += [f"**{r.config} breaks its latency budget**: measured {r.latency_median_ms:.4g} ms "
+                  f"(interquartile from {r.latency_q25_ms:.4g}) against a budget of {r.latency_limit_ms:.4g} ms "
+                  f"(predicted {r.predicted_ms:.4g} ms).", ""]
+    return lines
 
 
 def write_report(run_dir) -> Path:
@@ -143,7 +204,8 @@ def write_report(run_dir) -> Path:
                   f"seed {c.get('seed')}.", ""]
     parts += ["## Results", "", "Accuracy is top-1 on the held-out split computed by the integer executor; "
               "`tvm_differing` counts output elements where the compiled TVM module differs from the integer "
-              "executor (must be 0).", "", _md(results), ""]
+              "executor (must be 0).", "", _md(_shown(results)), ""]
+    parts += _latency_notes(results)
     plot_pareto(results, plots / "pareto.png")
     parts += ["## Pareto fronts", "", "![Pareto fronts](plots/pareto.png)", ""]
     if table is not None and sweep is not None and {"omega4", "omega8"} <= set(table.columns):

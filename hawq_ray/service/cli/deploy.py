@@ -1,4 +1,5 @@
-"""`hawq-ray compile`: a bit config (optionally fine-tuned) -> an integer-only TVM library in a folder.
+"""`hawq-ray compile`: bit configs (optionally fine-tuned) -> integer-only TVM libraries, one folder each, timed
+together in interleaved rounds (median and interquartile range, beside the sweep's predicted latency).
 
 The folder holds model.so, params.npz, manifest.json (input shape, dtype, scales, bits per layer, target)
 and program/ (the IntegerProgram it was built from). Load it with three lines:
@@ -11,25 +12,34 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from hawq_ray.service.cli import print_json
-from hawq_ray.service.cli.common import add_model_args, check_positive, data_note, resolve
+from hawq_ray.service.cli.common import add_model_args, check_positive, data_note, fmt_table, resolve
 
 
 def register(sub) -> None:
-    p = sub.add_parser("compile", help="compile a bit config to an integer-only TVM library (+ manifest)")
-    add_config_args(p)
+    p = sub.add_parser("compile", help="compile bit configs to integer-only TVM libraries (+ manifest), timed together")
+    add_config_args(p, several=True)
     p.add_argument("--target", default="llvm", help="llvm (this CPU; VNNI when it has it) or cuda")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--calibration-batches", type=int, default=2)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--rounds", type=int, default=15,
+                   help="interleaved timing rounds of the compiled modules, all configs together (0: no timing)")
+    p.add_argument("--out", required=True, help="output folder (one subfolder per config when several)")
     p.set_defaults(func=run_compile)
 
 
-def add_config_args(p) -> None:
-    """The model, the bit config and where its scales come from (`compile` and `export`)."""
+def add_config_args(p, several: bool = False) -> None:
+    """The model, the bit config (`several`: one or more) and where its scales come from (`compile`, `export`)."""
     add_model_args(p)
-    p.add_argument("--bits", required=True, help="uniform4 | uniform8 | a JSON file {layer: bits}")
+    if several:
+        p.add_argument("--bits", required=True, nargs="+", metavar="CONFIG",
+                       help="uniform4 | uniform8 | a JSON file {layer: bits} or {name: {layer: bits}} | a sweep "
+                            "table (.parquet/.csv from hawq-ray sweep: its predicted latencies and budgets are "
+                            "shown beside the measured ones)")
+    else:
+        p.add_argument("--bits", required=True, help="uniform4 | uniform8 | a JSON file {layer: bits}")
     p.add_argument("--checkpoint", default=None,
                    help="a fine-tuned QAT checkpoint (state.pt from hawq-ray finetune); else calibrate on data")
 
@@ -55,22 +65,48 @@ def quantized_model(md, bits, checkpoint=None, calibration_batches: int = 2, bat
 
 
 def run_compile(args) -> int:
+    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.contract import HawqError
+    from hawq_ray.contract.bits import read_configs
     from hawq_ray.deploy.build import compile_program, export_model
     from hawq_ray.deploy.target import parse_target
     check_positive(args.batch, "--batch")
+    if not 0 <= args.rounds <= 1000:
+        raise HawqError(f"--rounds {args.rounds}: give 0 (no timing) to 1000")
     parse_target(args.target)                    # a target this machine can't run fails before any work
     t0 = time.time()
     md = resolve(args)
-    program = quantized_model(md, args.bits, args.checkpoint, args.calibration_batches).to_integer()
-    deployed = compile_program(program, batch=args.batch, target=args.target)
-    out = export_model(deployed, args.out)
-    program.save(out / "program")
-    result = {"out": str(out), "target": args.target, "batch": args.batch, "seconds": round(time.time() - t0, 1),
-              "input_shape": deployed.manifest["input_shape"], "input_scale": deployed.manifest["input_scale"]}
+    configs = read_configs(args.bits, layer_table(md.model, md.input_shape))
+    if args.checkpoint and len(configs) > 1:
+        raise HawqError(f"--checkpoint {args.checkpoint}: fits one config; {len(configs)} were given")
+    compiled, outs = {}, {}
+    for c in configs:
+        program = quantized_model(md, c.bits, args.checkpoint, args.calibration_batches).to_integer()
+        compiled[c.config] = compile_program(program, batch=args.batch, target=args.target)
+        outs[c.config] = export_model(compiled[c.config], Path(args.out) / c.config if len(configs) > 1 else args.out)
+        program.save(outs[c.config] / "program")
+        print(f"compiled {md.name} {c.config} for {args.target} (batch {args.batch}) -> {outs[c.config]}",
+              file=sys.stderr)
+    result = {"out": {k: str(v) for k, v in outs.items()}, "target": args.target, "batch": args.batch,
+              "seconds": round(time.time() - t0, 1), "input_shape": next(iter(compiled.values())).manifest["input_shape"]}
+    timed = _timed(compiled, configs, args.rounds)
+    if timed is not None:
+        result["latency"] = timed.astype(object).where(timed.notna(), None).to_dict("records")
     if args.json:
         print_json(result)
-    else:
-        print(f"compiled {md.name} {args.bits} for {args.target} (batch {args.batch}) in {result['seconds']} s "
-              f"-> {out}")
-        print(__doc__.split("three lines:")[1].strip("\n").replace("DIR", str(out)))
+        return 0
+    print(f"compiled {len(configs)} config(s) in {result['seconds']} s")
+    if timed is not None:
+        print(f"latency per call at batch {args.batch}, all configs timed together in {args.rounds} interleaved "
+              "rounds (median and interquartile range; predicted and budget from a sweep table, where given):")
+        print(fmt_table(timed.drop(columns=["calls"])))
+    print(__doc__.split("three lines:")[1].strip("\n").replace("DIR", str(next(iter(outs.values())))))
     return 0
+
+
+def _timed(compiled: dict, configs: list, rounds: int):
+    from hawq_ray.analysis.timing import against_budget, time_models
+    if rounds == 0:
+        return None
+    return against_budget(time_models(compiled, rounds=rounds), {c.config: c.latency_ms for c in configs},
+                          {c.config: c.latency_limit_ms for c in configs})
