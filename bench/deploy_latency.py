@@ -28,6 +28,8 @@ os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from hawq_ray.analysis.timing import interleaved_samples  # noqa: E402
+
 
 def _timer(fn, inner: int):
     def run():
@@ -170,13 +172,7 @@ def bench_model(name, batch, rounds, verify, configs, calls=3, pause=0.05):
         info[f"TVM int-only {cfg}"] = {"compile_s": round(compile_s, 1), "differing": differing}
     for run in runners.values():     # warm-up
         run()
-    timers = {k: _timer(v, calls) for k, v in runners.items()}
-    samples = {k: [] for k in runners}
-    names = list(timers)
-    for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:   # rotate who runs first
-            time.sleep(pause)    # let the previous runtime's spinning worker threads go idle
-            samples[k].append(timers[k]())
+    samples = interleaved_samples({k: _timer(v, calls) for k, v in runners.items()}, rounds, pause)
     return {k: {"median_ms": float(np.median(v)), **info.get(k, {})} for k, v in samples.items()}
 
 
