@@ -6,7 +6,7 @@ back to numpy) with its own timer loop, in its own interleaved rounds with a rot
 A run's latencies are trustworthy when each re-timed median falls inside the run's interquartile range, or
 the two ranges overlap; the order of two configs means something only where their ranges do not overlap.
 
-    python bench/retime_deployed.py RUN [--rounds 15] [--calls 5] [--json]
+    python bench/retime_deployed.py RUN [--rounds 15] [--calls 0] [--json]
 """
 from __future__ import annotations
 
@@ -26,10 +26,17 @@ from hawq_ray.analysis.timing import interleaved_samples, spread  # noqa: E402
 from hawq_ray.deploy.build import load_model  # noqa: E402
 
 
-def call_timer(model, calls: int):
+def call_timer(model, calls: int, min_ms: float = 30.0):
+    """mean ms of `calls` calls (0: as many as last about min_ms; a short sample is dominated by the first call
+    after the pause, which wakes the thread pool)."""
     shape = model.manifest["input_shape"]
     x = np.random.default_rng(1).integers(-128, 128, size=shape, dtype=np.int8)
     model(x)                                               # warm up: first call loads the VM and the params
+    if calls == 0:
+        t0 = time.perf_counter()
+        for _ in range(3):
+            model(x)
+        calls = max(1, int(np.ceil(min_ms / ((time.perf_counter() - t0) / 3 * 1e3))))
 
     def run():
         t0 = time.perf_counter()
@@ -43,7 +50,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a run folder with deploy.parquet")
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--calls", type=int, default=5, help="back-to-back calls per sample (mean)")
+    ap.add_argument("--calls", type=int, default=0,
+                    help="back-to-back calls per sample (mean); 0: enough to last about 30 ms")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     deploy = pd.read_parquet(args.run / "deploy.parquet")
@@ -59,7 +67,8 @@ def main(argv=None):
                      "retimed_median_ms": a["latency_median_ms"], "retimed_q25_ms": a["latency_q25_ms"],
                      "retimed_q75_ms": a["latency_q75_ms"], "median_inside_run_iqr": bool(inside),
                      "iqrs_overlap": bool(overlap)})
-    print(f"{args.run}: {len(rows)} modules, re-timed in {args.rounds} interleaved rounds x {args.calls} calls, "
+    print(f"{args.run}: {len(rows)} modules, re-timed in {args.rounds} interleaved rounds x "
+          f"{args.calls or 'about 30 ms of'} calls, "
           f"{os.cpu_count()} threads", file=sys.stderr)
     print(f"{'config':12s} {'run median (IQR) ms':>26s} {'re-timed median (IQR) ms':>28s} {'predicted':>9s} "
           f"{'inside':>6s} {'overlap':>7s}")
