@@ -14,6 +14,8 @@ from typing import Callable, Mapping
 import numpy as np
 import pandas as pd
 
+from hawq_ray.analysis.latency import warm_number
+
 SPREAD_COLUMNS = ["latency_median_ms", "latency_q25_ms", "latency_q75_ms", "latency_samples", "calls"]
 
 
@@ -39,12 +41,6 @@ def spread(samples) -> dict:
             "latency_samples": int(a.size)}
 
 
-def calls_per_sample(run_ms: Callable[[int], float], min_ms: float, max_calls: int = 100) -> int:
-    """Back-to-back calls per sample so that one sample lasts about `min_ms` (after three warm-up calls)."""
-    est = min(run_ms(1) for _ in range(3))
-    return int(min(max_calls, max(1, math.ceil(min_ms / max(est, 1e-4)))))
-
-
 def time_models(models: Mapping[str, object], rounds: int = 15, min_ms: float = 30.0,
                 pause: float = 0.05) -> pd.DataFrame:
     """One row per compiled model ({name: DeployedModel}, e.g. deploy.build.load_model of each folder): its
@@ -55,7 +51,7 @@ def time_models(models: Mapping[str, object], rounds: int = 15, min_ms: float = 
         raise ValueError(f"rounds={rounds}: give at least 1")
     calls, timers = {}, {}
     for name, model in models.items():
-        calls[name] = calls_per_sample(model.call_ms, min_ms)
+        calls[name] = warm_number(model.call_ms, min_ms=min_ms)
         timers[name] = lambda run_ms=model.call_ms, n=calls[name]: run_ms(n)
     samples = interleaved_samples(timers, rounds, pause)
     return pd.DataFrame([{"config": k, **spread(v), "calls": calls[k]} for k, v in samples.items()],

@@ -88,7 +88,8 @@ def run_compile(args) -> int:
         print(f"compiled {md.name} {c.config} for {args.target} (batch {args.batch}) -> {outs[c.config]}",
               file=sys.stderr)
     result = {"out": {k: str(v) for k, v in outs.items()}, "target": args.target, "batch": args.batch,
-              "seconds": round(time.time() - t0, 1), "input_shape": next(iter(compiled.values())).manifest["input_shape"]}
+              "seconds": round(time.time() - t0, 1), "input_shape": next(iter(compiled.values())).manifest["input_shape"],
+              "input_scale": {k: m.manifest["input_scale"] for k, m in compiled.items()}}
     timed = _timed(compiled, configs, args.rounds)
     if timed is not None:
         result["latency"] = timed.astype(object).where(timed.notna(), None).to_dict("records")
