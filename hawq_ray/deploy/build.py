@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ import tvm
 from tvm import relax
 
 from hawq_ray.contract import HawqError
+from hawq_ray.contract.integrity import file_sha256
 from hawq_ray.deploy import vnni  # noqa: F401  (registers the VNNI intrinsic)
 from hawq_ray.deploy.amx import enable_amx
 from hawq_ray.deploy.graph import build_relax, final_output, plan_kernels, stored_values
@@ -26,7 +29,7 @@ from hawq_ray.deploy.layout import from_blocked
 from hawq_ray.deploy.target import device_of, parse_target, target_dict
 from hawq_ray.program.program import IntegerProgram
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2    # 2: the SHA-256 of the library and the params, checked before loading
 LIBRARY, PARAMS, MANIFEST = "model.so", "params.npz", "manifest.json"
 
 
@@ -158,11 +161,13 @@ def export_model(model: DeployedModel, out_dir) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.executable.export_library(str(out / LIBRARY))
     np.savez(out / PARAMS, **{f"p{i}": a for i, (_, a) in enumerate(model.params)})
+    model.manifest.update(library_sha256=file_sha256(out / LIBRARY), params_sha256=file_sha256(out / PARAMS))
     (out / MANIFEST).write_text(json.dumps(model.manifest, indent=1))
     return out
 
 
-_REQUIRED = ("format", "library", "params", "input_shape", "input_dtype", "output_shape", "target", "param_names")
+_REQUIRED = ("format", "library", "params", "input_shape", "input_dtype", "output_shape", "target", "param_names",
+             "library_sha256", "params_sha256")
 
 
 def read_manifest(out_dir) -> dict:
@@ -182,13 +187,42 @@ def read_manifest(out_dir) -> dict:
 
 
 def load_model(out_dir, check: bool = True) -> DeployedModel:
+    """The compiled model in `out_dir`. Its library is native code and runs when loaded: only a library inside
+    the folder whose bytes have the manifest's SHA-256 is loaded (from a private copy, so it cannot change
+    between the check and the load). Load only folders from a source you trust."""
     out = Path(out_dir)
     manifest = read_manifest(out)
     target = parse_target(manifest["target"], check=check)
+    library = _own_file(out, manifest, "library")
+    params = _own_file(out, manifest, "params")
     try:
-        lib = tvm.runtime.load_module(str(out / manifest["library"]))
-        with np.load(out / manifest["params"], allow_pickle=False) as z:
+        with tempfile.TemporaryDirectory() as private:
+            copy = Path(private) / LIBRARY
+            shutil.copyfile(library, copy)
+            _check_sha256(copy, manifest["library_sha256"], library)
+            lib = tvm.runtime.load_module(str(copy))
+        _check_sha256(params, manifest["params_sha256"], params)
+        with np.load(params, allow_pickle=False) as z:
             arrays = [z[f"p{i}"] for i in range(len(manifest["param_names"]))]
+    except HawqError:
+        raise
     except Exception as e:  # a missing or truncated file
         raise HawqError(f"{out}: cannot load the compiled model ({str(e).strip().splitlines()[-1][:200]})") from None
     return DeployedModel(lib, list(zip(manifest["param_names"], arrays)), manifest, target)
+
+
+def _own_file(out: Path, manifest: dict, key: str) -> Path:
+    """The file the manifest names under `key`, refused unless it is a plain file directly inside `out`."""
+    name = manifest[key]
+    path = out / str(name)
+    ok = isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
+    if not ok or path.is_symlink() or path.resolve().parent != out.resolve():
+        raise HawqError(f"{out / MANIFEST}: {key} {name!r} is not a file of this folder; a compiled model loads "
+                        f"only its own files")
+    return path
+
+
+def _check_sha256(path: Path, expected, named: Path) -> None:
+    if file_sha256(path) != expected:
+        raise HawqError(f"{named}: its SHA-256 is not the manifest's; the file was changed after export "
+                        f"(recompile it)")

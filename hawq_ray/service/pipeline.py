@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -368,13 +369,18 @@ def _deploy(model, shape, table, finetuned: pd.DataFrame, d: dict, run_dir: Path
 
 def _compile_config(model, shape, table, row, d: dict, run_dir: Path, log) -> dict:
     from hawq_ray.analysis.verify import compare_batches, executor_of, random_inputs
-    from hawq_ray.deploy.build import compile_program, export_model
+    from hawq_ray.contract.integrity import sign
+    from hawq_ray.deploy.build import MANIFEST, compile_program, export_model
     out_dir = run_dir / "deploy" / str(row["config"])
     done = out_dir / "deploy.json"
     keys = ("config", "tvm_differing", "tvm_elements", "compile_s", "module")
-    if done.is_file():                      # compiled and checked in an earlier (stopped) run
-        saved = json.loads(done.read_text())
+    saved = _signed_module(out_dir, done)
+    if saved is not None:                   # compiled and checked in an earlier (stopped) run
         return {k: saved[k] for k in keys}
+    if done.is_file():
+        log(f"[deploy] {row['config']}: the saved module is not signed with this user's key (changed, or "
+            f"written elsewhere): compiling it again")
+    shutil.rmtree(out_dir, ignore_errors=True)
     t0 = time.time()
     program = _restore(model, shape, table, row).to_integer()
     deployed = compile_program(program, batch=d["batch"], target=d["target"])
@@ -386,8 +392,21 @@ def _compile_config(model, shape, table, row, d: dict, run_dir: Path, log) -> di
               "compile_s": round(compile_s, 2), "module": str(out_dir)}
     log(f"[deploy] {row['config']}: {check.differing}/{check.elements} differing elements vs the integer "
         f"executor, compiled in {compile_s:.1f} s")
+    result["signature"] = sign((out_dir / MANIFEST).read_bytes())
     done.write_text(json.dumps(result))
-    return result
+    return {k: result[k] for k in keys}
+
+
+def _signed_module(out_dir: Path, done: Path) -> dict | None:
+    """deploy.json of a module this user's key signed (its manifest, which holds the library's SHA-256), else
+    None: a resumed run loads no library it did not build."""
+    from hawq_ray.contract.integrity import signed
+    from hawq_ray.deploy.build import MANIFEST
+    try:
+        saved = json.loads(done.read_text())
+        return saved if signed((out_dir / MANIFEST).read_bytes(), saved.get("signature")) else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _export(model, shape, table, finetuned: pd.DataFrame, data, e: dict, run_dir: Path, log) -> pd.DataFrame:
