@@ -101,7 +101,7 @@ def test_cli_tune_table_matches_checkpoints(tmp_path, weights, mixed_json, data,
     assert table["epochs"].between(1, 2).all() and (table["epochs"] == 2).any()   # ASHA may stop a trial at 1
     for _, r in table.iterrows():
         bits = r["bits"]
-        assert Path(r["checkpoint"]).name == f"checkpoint_{r['epochs'] - 1:06d}"
+        assert Path(r["checkpoint"]).name == f"epoch_{r['epochs']:04d}"
         assert load_checkpoint(Path(r["checkpoint"]) / CHECKPOINT_FILE)["epoch"] == r["epochs"] - 1
         assert r["top1"] == integer_top1_from_checkpoint(r["checkpoint"], bits, weights, data)
         assert r["top1_best"] == integer_top1_from_checkpoint(r["best_checkpoint"], bits, weights, data)
@@ -112,11 +112,12 @@ def test_cli_tune_table_matches_checkpoints(tmp_path, weights, mixed_json, data,
     # PTQ top-1 is the same for both samples of a config (calibration does not depend on the learning rate)
     assert (table.groupby("config")["top1_ptq"].nunique() == 1).all()
 
-    # the same inputs again: the finished experiment is restored, nothing is trained again
-    before = sorted(glob.glob(str(out / "tune" / "*" / "*" / "checkpoint_*")))
+    # the same inputs again: the finished experiment is read back, nothing is trained again
+    before = {p: Path(p).stat().st_mtime_ns for p in glob.glob(str(out / "tune" / "*" / "*" / "epoch_*" / "*"))}
     again = finetune_run(["uniform4", str(mixed_json)], out=out, weights=weights, recipe=Recipe(epochs=2),
                          settings=TuneSettings(samples=2, asha=True, lr_range=(1e-4, 1e-2), train_limit=LIMIT))
-    assert sorted(glob.glob(str(out / "tune" / "*" / "*" / "checkpoint_*"))) == before
+    assert len(before) >= 4
+    assert {p: Path(p).stat().st_mtime_ns for p in glob.glob(str(out / "tune" / "*" / "*" / "epoch_*" / "*"))} == before
     pd.testing.assert_frame_equal(again, table)
 
 
@@ -131,6 +132,12 @@ finetune_run(["uniform4", {mixed!r}], out={out!r}, weights={weights!r}, recipe=R
 """
 
 
+def progress_of(out) -> dict:
+    """{trial: its committed epochs' metrics} (service.trial_record's progress.json, read independently)."""
+    return {Path(p).parent.name: json.loads(Path(p).read_text())
+            for p in glob.glob(str(out / "tune" / "finetune-*" / "*" / "progress.json"))}
+
+
 def test_interrupted_run_resumes_from_checkpoints(tmp_path, weights, mixed_json):
     out = tmp_path / "run"
     code = DRIVER.format(address=ray.get_runtime_context().gcs_address, mixed=str(mixed_json), out=str(out),
@@ -138,40 +145,30 @@ def test_interrupted_run_resumes_from_checkpoints(tmp_path, weights, mixed_json)
     driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     deadline = time.time() + 300
-    # interrupt (Ctrl+C) once a trial has a checkpoint the driver has recorded (its progress.csv row)
-    while not [p for p in glob.glob(str(out / "tune" / "*" / "*" / "progress.csv")) if len(Path(p).read_text().splitlines()) > 1]:
+    # interrupt (Ctrl+C) as soon as both trials have committed an epoch (the event, not a timer, triggers it)
+    while len([t for t in progress_of(out).values() if t]) < 2:
         assert driver.poll() is None, driver.communicate()[0][-2000:]
-        assert time.time() < deadline, "no checkpoint within 300 s"
+        assert time.time() < deadline, "no committed epoch within 300 s"
         time.sleep(0.05)
     driver.send_signal(signal.SIGINT)
     log = driver.communicate(timeout=120)[0]
-    assert "interrupted" in log, log[-2000:]
+    assert driver.returncode != 0 and "KeyboardInterrupt" in log, log[-2000:]   # stopped, not "finished"
+    assert not (out / "finetune.parquet").exists()
 
-    before = {Path(p).parent.name: pd.read_csv(p) for p in glob.glob(str(out / "tune" / "*" / "*" / "progress.csv"))}
-    done_before = {t: int(df["epoch"].max()) for t, df in before.items() if len(df)}
-    assert done_before and min(done_before.values()) < EPOCHS, "the run was not interrupted before its end"
+    done_before = {t: rows[-1]["epoch"] for t, rows in progress_of(out).items() if rows}
+    assert len(done_before) == 2 and max(done_before.values()) < EPOCHS, done_before
 
     table = finetune_run(["uniform4", str(mixed_json)], out=out, weights=weights, recipe=Recipe(epochs=EPOCHS, lr=1e-3),
                          settings=TuneSettings(train_limit=LIMIT))
     assert (table["error"] == "").all() and (table["epochs"] == EPOCHS).all()
-    after = {Path(p).parent.name: pd.read_csv(p) for p in glob.glob(str(out / "tune" / "*" / "*" / "progress.csv"))}
-    assert set(after) == set(table["trial"]) and set(before) <= set(after)     # same trials, none recreated
-    resumed = 0
-    for trial, df in after.items():
-        k = done_before.get(trial, 0)                           # epochs reported before the interrupt
-        later = df["start_epoch"].iloc[k:] if 0 < k < EPOCHS else df["start_epoch"].iloc[:0]
-        if len(later):
-            # resumed from its last checkpoint: the checkpoint of epoch k, or of k - 1 when the interrupt
-            # landed between epoch k's report and its checkpoint being committed (that epoch is redone)
-            s = int(later.iloc[0])
-            assert s in (k - 1, k) and (later == s).all(), (trial, df)
-            assert list(df["epoch"]) == list(range(1, k + 1)) + list(range(s + 1, EPOCHS + 1)), (trial, df)
-            assert list(df["start_epoch"].iloc[:k]) == [0] * k, (trial, df)
-            resumed += s > 0                                     # continued, did not start over
-        else:
-            assert list(df["epoch"]) == list(range(1, EPOCHS + 1)), (trial, df)
-    assert resumed >= 1
-    assert (table["start_epoch"] > 0).any()
+    after = progress_of(out)
+    assert set(after) == set(table["trial"]) == set(done_before)          # same trials, none recreated
+    for trial, rows in after.items():
+        k = done_before[trial]                                            # epochs committed before the interrupt
+        assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1)), (trial, rows)
+        assert [r["start_epoch"] for r in rows] == [0] * k + [k] * (EPOCHS - k), (trial, rows)
+    # every trial continued from its last committed epoch, none started over
+    assert dict(zip(table["trial"], table["start_epoch"])) == done_before
 
 
 def test_cli_bad_input_is_one_line_error(tmp_path, weights, mixed_json):

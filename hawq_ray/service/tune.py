@@ -1,16 +1,20 @@
 """Fine-tuning of chosen bit configs on Ray Tune: one trial per (config x hyperparameter sample).
 
 Each trial (`qat_trial`) calibrates its config (PTQ top-1 by the integer executor), then runs the paper's QAT
-recipe one epoch at a time; after every epoch it saves a checkpoint (torch.save of plain tensors, read back with
-weights_only=True) and calls `tune.report` with the loss and the integer top-1 on the held-out split. Trials get
-`tune.with_resources`: one GPU each where the cluster has GPUs, a fraction of a CPU otherwise (so Ray tasks of
-other stages are not starved). ASHA (optional) stops trials by `gain` = top-1 now - PTQ top-1 of the same config,
-so configs of different difficulty compete on what fine-tuning adds, not on where they start.
+recipe one epoch at a time; after every epoch it commits a checkpoint and its metrics to its own folder
+(`service.trial_record`: torch.save of plain tensors read back with weights_only=True, and JSON) and then calls
+`tune.report`. Trials get `tune.with_resources`: one GPU each where the cluster has GPUs, a fraction of a CPU
+otherwise (so Ray tasks of other stages are not starved). ASHA (optional) stops trials by `gain` = top-1 now -
+PTQ top-1 of the same config, so configs of different difficulty compete on what fine-tuning adds, not on where
+they start.
 
 The experiment lives in `<out>/tune/finetune-<fingerprint>`, the fingerprint hashing every input (weights, data,
-configs, recipe, settings); calling again with the same inputs restores it with `Tuner.restore`: finished trials
-are kept, interrupted ones continue from their last checkpoint (epoch counter and optimizer state included).
-Trials run on the Ray session the front opened (`service.session`).
+configs, recipe, settings), one folder per trial. Calling again with the same inputs continues it: a finished
+experiment's table is read back, and otherwise a new Tune run starts in which each trial continues from its
+last committed epoch (epoch counter and optimizer state included) or reports its finished record. Tune's own
+state, pickles that would run code when read, is never restored (`Tuner.restore` is not used), so a run folder
+written by someone else cannot run code here. Trials run on the Ray session the front opened
+(`service.session`).
 """
 from __future__ import annotations
 
@@ -18,20 +22,23 @@ import dataclasses
 import hashlib
 import json
 import math
-import tempfile
+import os
+import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.bits import budget_cell, read_configs
 from hawq_ray.contract.cost import config_costs
+from hawq_ray.service.trial_record import CHECKPOINT_FILE, TrialRecord
 from hawq_ray.quant.finetune import (Recipe, calibrated, checked_split, finetune_epochs, float_predictions,
                                      fp32_weights, integer_predictions, labels_of, limited, load_checkpoint,
                                      load_teacher, save_checkpoint, state_sha1, top1)
 
-CHECKPOINT_FILE = "state.pt"
 RESULT_FILE = "finetune.parquet"
 COLUMNS = ["config", "budget", "data", "size_mib", "gbops", "latency_ms", "lr", "weight_decay", "epochs", "top1_fp32",
            "top1_ptq", "top1", "loss", "start_epoch", "int_matches_qat", "checkpoint", "top1_best", "best_epoch",
@@ -84,15 +91,16 @@ def config_frame(specs, table: pd.DataFrame) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------------------ the trial
 def qat_trial(hp: dict, setup: dict) -> None:
-    """One Tune trial: QAT of config `hp['config']` with learning rate `hp['lr']`; reports after every epoch."""
+    """One Tune trial, `hp['trial']` of setup['trials'] (a config and a learning rate): QAT one epoch at a time,
+    each committed to the trial's TrialRecord and then reported; a trial with a record continues from it."""
     from ray import tune
     from hawq_ray.inputs.data import load_data
     from hawq_ray.inputs.models import get_model
     from hawq_ray.quant.qat import prepare
 
     torch.set_num_threads(setup["threads"])
-    recipe = dataclasses.replace(Recipe(**setup["recipe"]), lr=float(hp["lr"]),
-                                 weight_decay=float(hp.get("weight_decay", setup["recipe"]["weight_decay"])))
+    spec = setup["trials"][hp["trial"]]
+    recipe = dataclasses.replace(Recipe(**setup["recipe"]), lr=spec["lr"])
     student, source = setup["student"], setup["data"]
     model = get_model(student.name)
     model.load_state_dict(student.state)
@@ -100,13 +108,16 @@ def qat_trial(hp: dict, setup: dict) -> None:
     data = load_data(source.spec, input_shape=student.input_shape, seed=source.seed, num_classes=setup["num_classes"])
     train, test = limited(data.train, setup["train_limit"]), data.test
     labels = labels_of(test)
-    bits = setup["configs"][hp["config"]]
+    bits = setup["configs"][spec["config"]]
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:                      # resumed: continue after the last finished epoch
-        with checkpoint.as_directory() as d:
-            state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+    record = TrialRecord(Path(setup["trial_folder"]) / hp["trial"])
+    done = record.progress()
+    if done and done[-1]["epoch"] >= recipe.epochs:    # finished before the run was stopped: report, train nothing
+        tune.report(done[-1])
+        return
+    if done:                                            # resumed: continue after the last committed epoch
+        state = load_checkpoint(record.checkpoint(done[-1]["epoch"]) / CHECKPOINT_FILE)
         qm = prepare(model, bits, student.input_shape, student.table)
         qm.load_state_dict(state["model"])
         start, optimizer_state, extra = state["epoch"] + 1, state["optimizer"], state["extra"]
@@ -125,9 +136,9 @@ def qat_trial(hp: dict, setup: dict) -> None:
         metrics = {"epoch": epoch + 1, "loss": loss, "top1_int": acc, "top1_ptq": extra["top1_ptq"],
                    "gain": acc - extra["top1_ptq"], "start_epoch": start,
                    "int_matches_qat": top1(preds, float_predictions(qm, test))}
-        with tempfile.TemporaryDirectory() as d:
-            save_checkpoint(Path(d) / CHECKPOINT_FILE, qm, opt, epoch, extra)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        record.commit(metrics, lambda path: save_checkpoint(path, qm, opt, epoch, extra))
+        record.prune(setup["keep_checkpoints"])
+        tune.report(metrics)
         qm.to(device)
 
 
@@ -164,25 +175,61 @@ def tune_finetune(configs: pd.DataFrame, student: Student, data, source: DataSou
     resources = trial_resources(settings)
     setup["threads"] = max(1, int(resources["cpu"]))
     fingerprint = _fingerprint(setup, settings, teacher_spec)
-    storage, name = (Path(out) / "tune").resolve(), f"finetune-{fingerprint}"
-    trainable = tune.with_resources(tune.with_parameters(qat_trial, setup=setup), resources)
-    if tune.Tuner.can_restore(str(storage / name)):
-        tuner = tune.Tuner.restore(str(storage / name), trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        lr = recipe.lr if settings.samples == 1 else tune.loguniform(*settings.lr_range)
-        scheduler = ASHAScheduler(time_attr="epoch", metric="gain", mode="max", max_t=recipe.epochs,
-                                  grace_period=1, reduction_factor=2) if settings.asha else None
-        tuner = tune.Tuner(
-            trainable, param_space={"config": tune.grid_search(list(configs["config"])), "lr": lr},
-            tune_config=tune.TuneConfig(num_samples=settings.samples, scheduler=scheduler),
-            run_config=tune.RunConfig(storage_path=str(storage), name=name, verbose=0,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints)))
-    grid = tuner.fit()
+    experiment = (Path(out) / "tune" / f"finetune-{fingerprint}").resolve()
+    finished = experiment / RESULT_FILE
+    if finished.is_file():                       # the same inputs finished before: nothing to train
+        result = pd.read_parquet(finished)
+        result.to_parquet(Path(out) / RESULT_FILE, index=False)
+        return result
+    trials = _trials(configs, recipe, settings, fingerprint)
+    setup.update(trial_folder=str(experiment), trials=trials, keep_checkpoints=settings.keep_checkpoints)
+    grid = _fit(trials, setup, resources, settings, recipe, experiment)
     fp32_top1 = top1(float_predictions(_fp32_model(student), test), labels_of(test))
     label = f"{data.name} (synthetic)" if data.synthetic else data.name
-    result = _result_table(grid, configs, student.table, recipe, fp32_top1, label)
+    errors = {r.config["trial"]: (str(r.error).splitlines() or [""])[0] for r in grid if r.error}
+    result = _result_table(trials, experiment, errors, configs, student.table, recipe, fp32_top1, label)
+    if not errors and len(grid) == len(trials):
+        result.to_parquet(finished, index=False)
     result.to_parquet(Path(out) / RESULT_FILE, index=False)
     return result
+
+
+def _trials(configs: pd.DataFrame, recipe: Recipe, settings: TuneSettings, fingerprint: str) -> dict:
+    """{trial name: {config, lr}}: each config with the same `samples` learning rates (log-uniform in lr_range,
+    drawn from the fingerprint, so a resumed run names and configures its trials as the first did)."""
+    if settings.samples == 1:
+        lrs = [recipe.lr]
+    else:
+        low, high = np.log(settings.lr_range[0]), np.log(settings.lr_range[1])
+        lrs = np.exp(np.random.default_rng(int(fingerprint, 16)).uniform(low, high, settings.samples)).tolist()
+    trials = {}
+    for config in configs["config"]:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(config))
+        for k, lr in enumerate(lrs):
+            name = f"{safe}-s{k}"
+            if name in trials:
+                raise HawqError(f"configs {trials[name]['config']!r} and {config!r} name the same trial folder "
+                                f"{name}; rename one")
+            trials[name] = {"config": config, "lr": float(lr)}
+    return trials
+
+
+def _fit(trials: dict, setup: dict, resources: dict, settings: TuneSettings, recipe: Recipe, experiment: Path):
+    """Run every trial on Ray Tune. Tune's own experiment state (pickles) goes to a folder that is cleared first
+    and never read back: trials resume from their TrialRecords, not from Tune's state."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    # Ctrl-C must stop the caller, not end the experiment early and return as if it had finished
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    shutil.rmtree(experiment / "ray", ignore_errors=True)
+    trainable = tune.with_resources(tune.with_parameters(qat_trial, setup=setup), resources)
+    scheduler = ASHAScheduler(time_attr="epoch", metric="gain", mode="max", max_t=recipe.epochs,
+                              grace_period=1, reduction_factor=2) if settings.asha else None
+    tuner = tune.Tuner(
+        trainable, param_space={"trial": tune.grid_search(list(trials))},
+        tune_config=tune.TuneConfig(num_samples=1, scheduler=scheduler),
+        run_config=tune.RunConfig(storage_path=str(experiment), name="ray", verbose=0))
+    return tuner.fit()
 
 
 def _fp32_model(student: Student):
@@ -202,37 +249,40 @@ def _fingerprint(setup, settings: TuneSettings, teacher_spec) -> str:
     return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def _result_table(grid, configs: pd.DataFrame, table: pd.DataFrame, recipe: Recipe, fp32_top1: float, data: str):
+def _result_table(trials: dict, experiment: Path, errors: dict, configs: pd.DataFrame, table: pd.DataFrame,
+                  recipe: Recipe, fp32_top1: float, data: str) -> pd.DataFrame:
+    """One row per trial, read from its TrialRecord (the last committed epoch and the best one)."""
     by_id = configs.set_index("config")
     rows = []
-    for res in grid:
-        cid = res.config["config"]
+    for name, spec in trials.items():
+        cid = spec["config"]
         bits = by_id.loc[cid, "bits"]
-        m = res.metrics or {}
+        record = TrialRecord(experiment / name)
+        progress = record.progress()
+        m = progress[-1] if progress else {}
         costs = config_costs(table, bits)
         if math.isnan(costs["latency_ms"]) and "latency_ms" in by_id.columns:
             costs["latency_ms"] = float(by_id.loc[cid, "latency_ms"])       # the sweep's measured latency
         rows.append({"config": cid, "budget": by_id.loc[cid, "budget"], "data": data, **costs,
-                     "lr": float(res.config["lr"]), "weight_decay": recipe.weight_decay,
+                     "lr": spec["lr"], "weight_decay": recipe.weight_decay,
                      "epochs": m.get("epoch", 0), "top1_fp32": fp32_top1, "top1_ptq": m.get("top1_ptq", math.nan),
                      "top1": m.get("top1_int", math.nan), "loss": m.get("loss", math.nan),
                      "start_epoch": m.get("start_epoch", 0), "int_matches_qat": m.get("int_matches_qat", math.nan),
-                     "checkpoint": res.checkpoint.path if res.checkpoint else "", **_best_epoch(res),
-                     "trial": Path(res.path).name if res.path else "",
-                     "error": (str(res.error).splitlines() or [""])[0] if res.error else "", "bits": dict(bits)})
+                     "checkpoint": str(record.checkpoint(m["epoch"])) if m else "", **_best_epoch(record, progress),
+                     "trial": name, "error": errors.get(name, ""), "bits": dict(bits)})
     return pd.DataFrame(rows, columns=COLUMNS).sort_values(["config", "lr"], ignore_index=True)
 
 
-def _best_epoch(res) -> dict:
+def _best_epoch(record: TrialRecord, progress: list) -> dict:
     """The epoch with the highest integer top-1 (the earliest of ties) and its checkpoint, as HAWQ's training
     script keeps its best checkpoint; '' when that checkpoint was not kept."""
-    frame = res.metrics_dataframe
-    if frame is None or "top1_int" not in getattr(frame, "columns", []) or frame["top1_int"].isna().all():
+    scored = [m for m in progress if isinstance(m.get("top1_int"), (int, float))]
+    if not scored:
         return {"top1_best": math.nan, "best_epoch": 0, "best_checkpoint": ""}
-    best = frame.loc[frame["top1_int"].idxmax()]
-    paths = [c.path for c, m in (res.best_checkpoints or []) if m.get("epoch") == best["epoch"]]
+    best = max(scored, key=lambda m: (m["top1_int"], -m["epoch"]))
+    path = record.checkpoint(best["epoch"])
     return {"top1_best": float(best["top1_int"]), "best_epoch": int(best["epoch"]),
-            "best_checkpoint": paths[0] if paths else ""}
+            "best_checkpoint": str(path) if path.is_dir() else ""}
 
 
 def best_per_config(result: pd.DataFrame) -> pd.DataFrame:
