@@ -1,0 +1,85 @@
+"""The local Ray a front starts (service.session.connect) is private: every server it starts listens on
+loopback only, its token file has mode 600, and none of its processes outlives a SIGKILL of the driver."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from hawq_ray.service.ray_watchdog import session_processes
+
+DRIVER = """
+import os, sys, ray
+from hawq_ray.service.session import connect
+connect(num_cpus=2)
+
+@ray.remote
+class Echo:
+    def pid(self):
+        return os.getpid()
+
+actor = Echo.remote()
+ray.get(actor.pid.remote())
+print("ready", flush=True)
+sys.stdin.read()          # until the test kills this process
+"""
+
+
+def listening_sockets() -> dict:
+    """{socket inode: (address, port)} of every listening TCP socket, from /proc/net/tcp and tcp6."""
+    out = {}
+    for name, width in (("tcp", 8), ("tcp6", 32)):
+        for line in open(f"/proc/net/{name}").read().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] != "0A":                       # LISTEN
+                continue
+            hex_addr, hex_port = cols[1].split(":")
+            raw = bytes.fromhex(hex_addr)
+            if width == 8:
+                addr = ipaddress.IPv4Address(raw[::-1])
+            else:                                     # four little-endian 32-bit words
+                addr = ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+                addr = addr.ipv4_mapped or addr
+            out[cols[9]] = (addr, int(hex_port, 16))
+    return out
+
+
+def sockets_of(pids) -> list:
+    listening, found = listening_sockets(), []
+    for pid in pids:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        for link in links:
+            if link.startswith("socket:[") and link[8:-1] in listening:
+                found.append((pid, *listening[link[8:-1]]))
+    return found
+
+
+def test_local_ray_is_loopback_only_private_and_dies_with_its_driver(tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path)}                  # a fresh home: no token file yet
+    for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS"):
+        env.pop(key, None)
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert driver.stdout.readline().strip() == "ready"
+        pids = session_processes(driver.pid, os.getpid()) | {driver.pid}
+        assert len(pids) >= 5                                     # gcs, raylet, agents, a worker, the driver
+        sockets = sockets_of(pids)
+        assert len(sockets) >= 5
+        outside = [s for s in sockets if not s[1].is_loopback]
+        assert outside == [], outside
+        token = tmp_path / ".ray" / "auth_token"
+        assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text()) == 64
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    deadline = time.time() + 15
+    while session_processes(driver.pid, os.getpid()) and time.time() < deadline:
+        time.sleep(0.2)
+    assert session_processes(driver.pid, os.getpid()) == set()
