@@ -147,3 +147,60 @@ def test_input_size_overrides_the_model_size(tmp_path):
         with pytest.raises(HawqError, match="input_size") as err:
             load_config(None, {"input_size": bad})
         assert "\n" not in str(err.value)
+
+
+EVIL_C = '__attribute__((constructor)) static void run_on_load(void) { fclose(fopen("%s", "w")); }\n'
+
+
+class RunsCode:
+    """Unpickling this runs a command that creates `marker`."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_tampered_run_folder_runs_no_code_and_damage_is_recomputed(killed_then_resumed, tmp_path):
+    """The run folder rewritten as an attacker (or a bad disk) would: a truncated stage table, a compiled module
+    replaced by a library whose constructor runs (its manifest hash updated to match), Tune's tuner.pkl replaced
+    by a pickle that runs a command. A rerun recomputes the damaged table, rebuilds the unsigned module, resumes
+    fine-tuning without unpickling anything, and no marker file appears."""
+    import pickle
+    out = killed_then_resumed[0]
+    marker_so, marker_pkl = tmp_path / "so-ran", tmp_path / "pickle-ran"
+    kept = {n: pd.read_parquet(out / f"{n}.parquet") for n in ("layers", "latency")}
+    with open(out / "sensitivity.parquet", "r+b") as f:
+        f.truncate(1000)
+    module = sorted((out / "deploy").iterdir())[0]
+    (tmp_path / "evil.c").write_text("#include <stdio.h>\n" + EVIL_C % marker_so)
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(module / "model.so"), str(tmp_path / "evil.c")], check=True)
+    manifest = json.loads((module / "manifest.json").read_text())
+    manifest["library_sha256"] = __import__("hashlib").sha256((module / "model.so").read_bytes()).hexdigest()
+    (module / "manifest.json").write_text(json.dumps(manifest))
+    pickles = list(out.glob("tune/finetune-*/ray/tuner.pkl"))
+    assert pickles
+    for p in pickles:
+        p.write_bytes(pickle.dumps(RunsCode(marker_pkl)))
+    for finished in out.glob("tune/finetune-*/finetune.parquet"):
+        finished.unlink()                                   # so fine-tuning runs Tune again over the records
+    checkpoints = {p: p.stat().st_mtime_ns for p in out.glob("tune/finetune-*/*/epoch_*/state.pt")}
+    assert checkpoints
+    stages = json.loads((out / "stages.json").read_text())
+    for name in ("finetune", "deploy"):
+        del stages[name]
+    (out / "stages.json").write_text(json.dumps(stages))
+
+    proc = hawq("run", "--config", str(TINY), "--out", str(out))
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert not marker_so.exists() and not marker_pkl.exists()
+    assert "[sensitivity] sensitivity.parquet is damaged" in stderr and "recomputing" in stderr
+    assert f"[deploy] {module.name}: the saved module is not signed" in stderr
+    for name, table in kept.items():
+        assert f"[{name}] up to date" in stderr
+        pd.testing.assert_frame_equal(pd.read_parquet(out / f"{name}.parquet"), table)
+    assert (pd.read_parquet(out / "deploy.parquet")["tvm_differing"] == 0).all()
+    ft = pd.read_parquet(out / "finetune.parquet")
+    assert (ft["error"] == "").all() and (ft["epochs"] == 1).all()      # reported from the records, not retrained
+    assert {p: p.stat().st_mtime_ns for p in out.glob("tune/finetune-*/*/epoch_*/state.pt")} == checkpoints

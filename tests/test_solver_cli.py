@@ -68,7 +68,7 @@ def test_sweep_writes_configs_and_points(cli, tmp_path):
 @pytest.mark.parametrize("argv,match", [
     (["solve", "--table", "{t}", "--latency", "0.5"], None),
     (["solve", "--table", "{dir}/nope.csv", "--bops", "0.5"], r"--table .*nope.csv: no such file"),
-    (["solve", "--table", "{t}", "--bops", "-1"], r"budget bops=-1 cannot be met: the smallest achievable is bops=0"),
+    (["solve", "--table", "{t}", "--bops", "-1"], r"argument --bops: '-1' is not valid; valid: a number >= 0 and <= 1"),
     (["solve", "--table", "{t}", "--gbops", "0.001"], r"smallest achievable is gbops=48.0641 "),
     (["solve", "--table", "{t}", "--bops", "0.5", "--bits", "4,x"], r"--bits 4,x"),
     (["sweep", "--table", "{t}"], r"give at least one budget axis"),

@@ -44,6 +44,19 @@ def layer_macs(model: nn.Module, input_shape) -> dict[str, int]:
     return macs
 
 
+def activation_elements(model: nn.Module, input_shape) -> int:
+    """Elements of every module output of one sample (the input included): what a forward pass at batch B
+    holds, times B, when nothing is freed early (an upper bound for inference, the saved tensors of training)."""
+    total = [int(torch.Size(input_shape).numel())]
+
+    def hook(mod, inp, out):
+        total[0] += sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out])
+                        if isinstance(t, torch.Tensor))
+    leaves = {name: hook for name, m in model.named_modules() if not any(True for _ in m.children())}
+    probe_forward(model, input_shape, leaves)
+    return total[0]
+
+
 def layer_groups(graph: Graph) -> dict[str, str]:
     """A shortcut (downsample) conv shares bits with the conv that reads the same input beside it."""
     users = graph.users()

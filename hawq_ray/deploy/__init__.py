@@ -7,6 +7,15 @@
 The CPU runtime uses TVM_NUM_THREADS threads; a model sets it to the target's cores if it is unset when the
 model first runs (set it yourself before anything else runs TVM code to choose).
 """
-from hawq_ray.deploy.build import compile_program, export_model, load_model, read_manifest  # noqa: F401
-from hawq_ray.deploy.target import parse_target  # noqa: F401
-from hawq_ray.deploy.layer import build_layer_kernel, compile_kernel, time_kernel  # noqa: F401
+import importlib
+
+_EXPORTS = {"compile_program": "build", "export_model": "build", "load_model": "build", "read_manifest": "build",
+            "parse_target": "target", "build_layer_kernel": "layer", "compile_kernel": "layer", "time_kernel": "layer"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    """Import TVM only when a TVM function is used, so `hawq_ray.deploy.qdq` (ONNX) and the CLI start fast."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hawq_ray.deploy' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"hawq_ray.deploy.{_EXPORTS[name]}"), name)

@@ -24,6 +24,9 @@ import torch
 
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.bits import budget_cell, parse_bits
+from hawq_ray.contract.integrity import file_sha256
+from hawq_ray.service.settings import (ACTORS, BATCH, COUNT, EPOCHS, FRACTION, ITERATIONS, LEARNING_RATE, SEED,
+                                       TOLERANCE, Bool, Choice, TargetSpec, Text, check_mapping, fits_in_memory)
 
 DEFAULT_CONFIG = {
     "model": None,            # None: the embedded digits_resnet
@@ -40,6 +43,16 @@ DEFAULT_CONFIG = {
     "tune": {"epochs": 4, "samples": 1, "lr": 0.01, "distill": False, "teacher": None, "asha": False},
     "deploy": {"target": "llvm", "batch": 8, "inputs": 4, "rounds": 15},   # rounds: of interleaved timing
     "export": {"onnx": False, "form": "exact", "batches": 4},   # ONNX QDQ of each config, checked in onnxruntime
+}
+RUN_SCHEMA = {   # the type and range of every setting above except budgets, input_size and uniform
+    "model": Text(), "weights": Text(), "pretrained": Bool(), "data": Text(), "seed": SEED, "fp32_epochs": EPOCHS,
+    "sensitivity": {"actors": ACTORS, "batches": COUNT, "batch_size": BATCH, "tol": TOLERANCE,
+                    "max_iter": ITERATIONS},
+    "profile": {"batch": BATCH, "target": TargetSpec(), "resource": Text(), "actors": ACTORS, "rounds": COUNT},
+    "tune": {"epochs": EPOCHS, "samples": COUNT, "lr": LEARNING_RATE, "distill": Bool(), "teacher": Text(),
+             "asha": Bool()},
+    "deploy": {"target": TargetSpec(), "batch": BATCH, "inputs": COUNT, "rounds": COUNT},
+    "export": {"onnx": Bool(), "form": Choice(("exact", "fused")), "batches": COUNT},   # deploy.qdq.FORMS
 }
 TABLES_FORMAT = 2     # bump when what a stage's table holds changes: older run folders recompute, never misread
 STAGES = ("fp32", "layers", "sensitivity", "latency", "sweep", "finetune", "deploy", "export", "fake_vs_int",
@@ -63,34 +76,28 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
             raise HawqError(f"run config {path}: expected a mapping of settings, got {type(user).__name__}")
         _merge_settings(cfg, user, str(path))
     _merge_settings(cfg, overrides or {}, "overrides")
-    bad = [k for k in cfg["budgets"] if k not in ("size", "bops", "latency")]
-    if bad:
-        raise HawqError(f"budgets: unknown resource {bad[0]!r}; valid: size, bops, latency (fractions r in [0, 1])")
+    check_mapping(cfg, RUN_SCHEMA)
+    _check_budgets(cfg["budgets"])
     size = cfg["input_size"]
     pair = size if isinstance(size, (list, tuple)) else [size]
     if size is not None and not (len(pair) in (1, 2) and all(isinstance(v, int) and not isinstance(v, bool)
                                                               and v >= 8 for v in pair)):
         raise HawqError(f"input_size: {size!r} is not valid; give an integer >= 8 (H = W) or [H, W], or null")
-    _check_export(cfg["export"])
-    _check_count(cfg["deploy"]["rounds"], "deploy.rounds", 1000)
-    bad = [u for u in cfg["uniform"] if u not in ("uniform4", "uniform8")]
-    if bad:
-        raise HawqError(f"uniform: {bad[0]!r} is not valid; valid: uniform4, uniform8")
+    uniform = cfg["uniform"]
+    if not isinstance(uniform, list) or not all(u in ("uniform4", "uniform8") for u in uniform):
+        raise HawqError(f"uniform: {uniform!r} is not valid; valid: a list of uniform4, uniform8")
     return cfg
 
 
-def _check_export(e: dict) -> None:
-    from hawq_ray.deploy.qdq import FORMS
-    if not isinstance(e["onnx"], bool):
-        raise HawqError(f"export.onnx: {e['onnx']!r} is not valid; valid: true, false")
-    if e["form"] not in FORMS:
-        raise HawqError(f"export.form: {e['form']!r} is not valid; valid: {', '.join(FORMS)}")
-    _check_count(e["batches"], "export.batches", 1000)
-
-
-def _check_count(value, key: str, most: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
-        raise HawqError(f"{key}: {value!r} is not valid; valid: an integer from 1 to {most}")
+def _check_budgets(budgets) -> None:
+    if not isinstance(budgets, dict):
+        raise HawqError(f"budgets: {budgets!r} is not valid; valid: a mapping such as {{size: [0.25, 0.5]}}")
+    for resource, values in budgets.items():
+        if resource not in ("size", "bops", "latency"):
+            raise HawqError(f"budgets: unknown resource {resource!r}; valid: size, bops, latency (fractions r in "
+                            f"[0, 1])")
+        if not isinstance(values, list) or not all(FRACTION.ok(v) for v in values):
+            raise HawqError(f"budgets.{resource}: {values!r} is not valid; valid: a list of fractions from 0 to 1")
 
 
 def _input_shape(cfg: dict) -> tuple:
@@ -136,12 +143,16 @@ def _done(run_dir: Path) -> dict:
 
 
 def cached_stage(run_dir: Path, name: str, key: str, compute, log=print) -> pd.DataFrame:
-    """Load `<name>.parquet` when its recorded fingerprint equals `key`, else compute, write and record it."""
+    """Load `<name>.parquet` when its recorded fingerprint equals `key` and the file is the one recorded
+    (SHA-256, columns, rows), else compute, write and record it; a damaged table is recomputed with a notice."""
     path = run_dir / f"{name}.parquet"
-    done = _done(run_dir)
-    if done.get(name, {}).get("key") == key and path.is_file():
-        log(f"[{name}] up to date ({path.name})")
-        return pd.read_parquet(path)
+    record = _done(run_dir).get(name, {})
+    if record.get("key") == key:
+        table, damage = _verified(path, record)
+        if table is not None:
+            log(f"[{name}] up to date ({path.name})")
+            return table
+        log(f"[{name}] {path.name} is damaged ({damage}): recomputing")
     t0 = time.time()
     log(f"[{name}] running")
     table = compute()
@@ -150,10 +161,30 @@ def cached_stage(run_dir: Path, name: str, key: str, compute, log=print) -> pd.D
     tmp.replace(path)
     table = pd.read_parquet(path)      # what a resumed run reads: the same types either way
     done = _done(run_dir)
-    done[name] = {"key": key, "seconds": round(time.time() - t0, 2), "rows": len(table)}
-    _stages_file(run_dir).write_text(json.dumps(done, indent=1))
+    done[name] = {"key": key, "seconds": round(time.time() - t0, 2), "rows": len(table),
+                  "columns": list(table.columns), "sha256": file_sha256(path)}
+    tmp = _stages_file(run_dir).with_suffix(".tmp")
+    tmp.write_text(json.dumps(done, indent=1))
+    tmp.replace(_stages_file(run_dir))
     log(f"[{name}] done in {time.time() - t0:.1f} s ({len(table)} rows) -> {path.name}")
     return table
+
+
+def _verified(path: Path, record: dict) -> tuple[pd.DataFrame | None, str]:
+    """(the table, '') when `path` is the table `record` describes, else (None, what is wrong)."""
+    if not path.is_file():
+        return None, "missing"
+    if "sha256" not in record:
+        return None, "recorded by an older hawq-ray without its SHA-256"
+    if record["sha256"] != file_sha256(path):
+        return None, "not the file this stage wrote: its SHA-256 differs"
+    try:
+        table = pd.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 (whatever pyarrow raises for a file it cannot read)
+        return None, f"unreadable: {(str(e).splitlines() or [type(e).__name__])[0][:120]}"
+    if list(table.columns) != record.get("columns") or len(table) != record.get("rows"):
+        return None, "not the columns and rows recorded"
+    return table, ""
 
 
 def _log(msg: str) -> None:
@@ -168,22 +199,42 @@ def run(config: dict | str | None = None, out="runs/default", *, address: str | 
     e.g. run(out="runs/r20", model="resnet20_cifar10", tune={"epochs": 2}). Joins the Ray cluster at
     `address` (or the one already initialized), else starts a local Ray.
     """
+    from hawq_ray.inputs import models
+    from hawq_ray.service.outputs import run_folder_lock, writable_folder
+
+    if isinstance(config, dict):
+        cfg = load_config(None, {**config, **settings})
+    else:
+        cfg = load_config(config, settings)
+    name = cfg["model"] or models.DEFAULT_MODEL
+    shape = _input_shape(cfg)
+    _check_memory(cfg, shape)
+    run_dir = writable_folder(out)
+    with run_folder_lock(run_dir, log):
+        return _run_stages(cfg, name, shape, run_dir, address, log)
+
+
+def _check_memory(cfg: dict, shape: tuple) -> None:
+    """The batch sizes against this machine's free memory, before any work (the architecture alone, no
+    weights loaded)."""
+    from hawq_ray.analysis.layers import activation_elements
+    from hawq_ray.inputs.models import get_model
+    elements = activation_elements(get_model(cfg["model"]), shape)
+    what = f"{cfg['model'] or 'the default model'} at {shape[1]}x{shape[2]}"
+    fits_in_memory({"sensitivity.batch_size": (cfg["sensitivity"]["batch_size"], "sensitivity"),
+                    "profile.batch": (cfg["profile"]["batch"], "profile"),
+                    "deploy.batch": (cfg["deploy"]["batch"], "deploy")}, elements, what)
+
+
+def _run_stages(cfg: dict, name: str, shape: tuple, run_dir: Path, address, log) -> dict:
     from hawq_ray.analysis.layers import layer_table
     from hawq_ray.inputs import data as data_mod
     from hawq_ray.inputs import models
     from hawq_ray.quant.finetune import fp32_weights, state_sha1
     from hawq_ray.service.session import connect
 
-    if isinstance(config, dict):
-        cfg = load_config(None, {**config, **settings})
-    else:
-        cfg = load_config(config, settings)
-    run_dir = Path(out)
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(json.dumps(cfg, indent=1, default=str))
     connect(address)
-    name = cfg["model"] or models.DEFAULT_MODEL
-    shape = _input_shape(cfg)
     spec = cfg["data"] or ("digits" if name == models.DEFAULT_MODEL else "synthetic")
     data = data_mod.load_data(spec, input_shape=shape, seed=cfg["seed"])
     if data.synthetic:

@@ -160,9 +160,6 @@ def tune_finetune(configs: pd.DataFrame, student: Student, data, source: DataSou
     """Run (or resume) the Tune experiment for `configs` (see `config_frame`) on the Ray session this
     process has joined; returns the result table, one row per trial, and writes it to `<out>/finetune.parquet`.
     `data` is the loaded DataSplits (its test split scores the fp32 model), `source` how trials load it."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     if recipe.epochs < 1:
         raise HawqError(f"epochs {recipe.epochs} is not valid; valid: at least 1")
     test = checked_split(data.test, "test")

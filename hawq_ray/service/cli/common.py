@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import torch
 
-from hawq_ray.contract import HawqError
 
 
 def add_model_args(parser, data: bool = True) -> None:
@@ -55,9 +54,3 @@ def data_note(splits) -> str:
     if splits is None:
         return ""
     return f" [data: {splits.name}{' (SYNTHETIC random images)' if splits.synthetic else ''}]"
-
-
-def check_positive(value: int, flag: str) -> int:
-    if value is None or value < 1:
-        raise HawqError(f"{flag} must be a positive integer, got {value}")
-    return value

@@ -15,16 +15,17 @@ import time
 from pathlib import Path
 
 from hawq_ray.service.cli import print_json
-from hawq_ray.service.cli.common import add_model_args, check_positive, data_note, fmt_table, resolve
+from hawq_ray.service.cli.common import add_model_args, data_note, fmt_table, resolve
+from hawq_ray.service.settings import BATCH, COUNT, Int
 
 
 def register(sub) -> None:
     p = sub.add_parser("compile", help="compile bit configs to integer-only TVM libraries (+ manifest), timed together")
     add_config_args(p, several=True)
     p.add_argument("--target", default="llvm", help="llvm (this CPU; VNNI when it has it) or cuda")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--calibration-batches", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=15,
+    p.add_argument("--batch", type=BATCH, default=8)
+    p.add_argument("--calibration-batches", type=COUNT, default=2)
+    p.add_argument("--rounds", type=Int(0, COUNT.high), default=15,
                    help="interleaved timing rounds of the compiled modules, all configs together (0: no timing)")
     p.add_argument("--out", required=True, help="output folder (one subfolder per config when several)")
     p.set_defaults(func=run_compile)
@@ -70,9 +71,8 @@ def run_compile(args) -> int:
     from hawq_ray.contract.bits import read_configs
     from hawq_ray.deploy.build import compile_program, export_model
     from hawq_ray.deploy.target import parse_target
-    check_positive(args.batch, "--batch")
-    if not 0 <= args.rounds <= 1000:
-        raise HawqError(f"--rounds {args.rounds}: give 0 (no timing) to 1000")
+    from hawq_ray.service.outputs import writable_folder
+    writable_folder(args.out)
     parse_target(args.target)                    # a target this machine can't run fails before any work
     t0 = time.time()
     md = resolve(args)

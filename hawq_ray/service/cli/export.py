@@ -15,7 +15,8 @@ from pathlib import Path
 
 from hawq_ray.contract import HawqError
 from hawq_ray.service.cli import print_json
-from hawq_ray.service.cli.common import check_positive, data_note, resolve
+from hawq_ray.service.cli.common import data_note, resolve
+from hawq_ray.service.settings import COUNT
 
 
 def register(sub) -> None:
@@ -31,35 +32,16 @@ def register(sub) -> None:
                         "own int8 quantizer; residual branches on 8 bits, so further from the program)")
     p.add_argument("--int4-weights", action="store_true",
                    help="store 4-bit weights as ONNX INT4 (opset 21) instead of int8 storage of the 4-bit codes")
-    p.add_argument("--calibration-batches", type=int, default=2)
-    p.add_argument("--check-batches", type=int, default=4, help="held-out batches of 64 for the onnxruntime check")
+    p.add_argument("--calibration-batches", type=COUNT, default=2)
+    p.add_argument("--check-batches", type=COUNT, default=4, help="held-out batches of 64 for the onnxruntime check")
     p.set_defaults(func=run_export)
-
-
-def writable_file(path: str) -> Path:
-    """The output path, checked before any work: a file (not a folder) that can be created or overwritten
-    (its folder is made if missing)."""
-    out = Path(path)
-    if out.is_dir():
-        raise HawqError(f"--out {path}: is a folder; give a file name such as {out / 'model.onnx'}")
-    existed = out.exists()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "ab"):
-            pass
-    except OSError as e:
-        raise HawqError(f"--out {path}: cannot be written ({e.strerror or e})") from None
-    if not existed:
-        out.unlink()
-    return out
 
 
 def run_export(args) -> int:
     from hawq_ray.deploy.qdq import check_onnx, export_onnx
     from hawq_ray.inputs.data import batches
     from hawq_ray.service.cli.deploy import quantized_model
-    check_positive(args.calibration_batches, "--calibration-batches")
-    check_positive(args.check_batches, "--check-batches")
+    from hawq_ray.service.outputs import writable_file
     out = writable_file(args.out)
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise HawqError(f"--checkpoint {args.checkpoint}: no such file (a state.pt from hawq-ray finetune)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from hawq_ray.contract import HawqError
+from hawq_ray.service.settings import BATCH, COUNT, EPOCHS, LEARNING_RATE, RESOURCES_PER_TRIAL, SAMPLES, WEIGHT_DECAY
 
 SHOWN = ["config", "budget", "size_mib", "gbops", "latency_ms", "lr", "epochs", "top1_fp32", "top1_ptq", "top1",
          "checkpoint"]
@@ -20,21 +21,21 @@ def register(subparsers) -> None:
                    help="uniform4, uniform8, a sweep table (.parquet/.csv from hawq-ray sweep), a {layer: bits} "
                    ".json or a HAWQ bit_config.py; several may be given")
     p.add_argument("--data", help="digits (default model), synthetic (other models), or a data folder")
-    p.add_argument("--epochs", type=int, default=3, help="QAT epochs per trial (default 3)")
-    p.add_argument("--samples", type=int, default=1, help="hyperparameter samples per config (default 1: the "
+    p.add_argument("--epochs", type=EPOCHS, default=3, help="QAT epochs per trial (default 3)")
+    p.add_argument("--samples", type=COUNT, default=1, help="hyperparameter samples per config (default 1: the "
                    "recipe's lr; more: lr drawn log-uniformly from --lr-range)")
-    p.add_argument("--lr", type=float, help="learning rate when --samples 1 (default 1e-4, the paper's)")
+    p.add_argument("--lr", type=LEARNING_RATE, help="learning rate when --samples 1 (default 1e-4, the paper's)")
     p.add_argument("--lr-range", default="1e-4,1e-2", help="LOW,HIGH for sampled learning rates (default 1e-4,1e-2)")
-    p.add_argument("--weight-decay", type=float, help="default 1e-4 (the paper's)")
-    p.add_argument("--batch-size", type=int, help="default 128, or the train split's size if smaller")
+    p.add_argument("--weight-decay", type=WEIGHT_DECAY, help="default 1e-4 (the paper's)")
+    p.add_argument("--batch-size", type=BATCH, help="default 128, or the train split's size if smaller")
     p.add_argument("--distill", nargs="?", const=True, default=False, metavar="TEACHER",
                    help="Hinton distillation; TEACHER: fp32 (default: the model's fp32 weights), a pytorchcv name "
                    "(local cache) or NAME=WEIGHTS_PATH")
     p.add_argument("--asha", action="store_true", help="ASHA early stopping on the gain over PTQ top-1")
-    p.add_argument("--train-limit", type=int, help="use only the first N training samples")
+    p.add_argument("--train-limit", type=SAMPLES, help="use only the first N training samples")
     p.add_argument("--table", help="layer table with lat4_ms/lat8_ms (parquet/csv) to fill the latency column")
-    p.add_argument("--cpus-per-trial", type=float, help="default 0.5 without GPUs, 1 with")
-    p.add_argument("--gpus-per-trial", type=float, help="default 1 where the cluster has GPUs, else 0")
+    p.add_argument("--cpus-per-trial", type=RESOURCES_PER_TRIAL, help="default 0.5 without GPUs, 1 with")
+    p.add_argument("--gpus-per-trial", type=RESOURCES_PER_TRIAL, help="default 1 where the cluster has GPUs, else 0")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, or a local instance)")
     p.add_argument("--out", required=True, help="run folder: fp32 weights cache, tune/ experiment, finetune.parquet")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -66,6 +67,8 @@ def run_finetune(args) -> int:
                             train_limit=args.train_limit, cpus_per_trial=args.cpus_per_trial,
                             gpus_per_trial=args.gpus_per_trial)
     teacher = None if args.distill in (False, True) else args.distill
+    from hawq_ray.service.outputs import writable_folder
+    writable_folder(args.out)
     result = finetune_run(args.configs, out=args.out, model=args.model, weights=args.weights, data=args.data,
                           recipe=recipe, settings=settings, teacher=teacher, layer_table=table, address=args.address)
     shown = result[SHOWN].copy()

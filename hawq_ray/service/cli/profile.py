@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 from hawq_ray.service.cli import print_json
-from hawq_ray.service.cli.common import add_model_args, check_positive, fmt_table, resolve
+from hawq_ray.service.cli.common import add_model_args, fmt_table, resolve
 from hawq_ray.contract import HawqError
+from hawq_ray.service.settings import ACTORS, BATCH, COUNT, MILLISECONDS
 
 SHOWN = ["layer", "kind", "fixed_bits", "lat4_ms", "lat8_ms", "lat32_ms", "glue8_ms"]
 
@@ -21,14 +22,14 @@ SHOWN = ["layer", "kind", "fixed_bits", "lat4_ms", "lat8_ms", "lat32_ms", "glue8
 def register(sub) -> None:
     p = sub.add_parser("profile", help="per-layer INT4/INT8 TVM kernel latencies measured on the cluster's nodes")
     add_model_args(p, data=False)
-    p.add_argument("--batch", type=int, default=8, help="batch size of the kernels (default 8)")
+    p.add_argument("--batch", type=BATCH, default=8, help="batch size of the kernels (default 8)")
     p.add_argument("--target", default="llvm",
                    help="llvm | cuda | a TVM target as JSON; detected on each node (default llvm)")
     p.add_argument("--resource", default=None,
                    help="profile on the nodes holding this custom Ray resource, e.g. t4 (default: any node)")
-    p.add_argument("--actors", type=int, default=2, help="ProfilerActors to spread the kernels over (default 2)")
-    p.add_argument("--rounds", type=int, default=7, help="timed rounds per kernel; the median is kept (default 7)")
-    p.add_argument("--min-ms", type=float, default=30.0,
+    p.add_argument("--actors", type=ACTORS, default=2, help="ProfilerActors to spread the kernels over (default 2)")
+    p.add_argument("--rounds", type=COUNT, default=7, help="timed rounds per kernel; the median is kept (default 7)")
+    p.add_argument("--min-ms", type=MILLISECONDS, default=30.0,
                    help="each measurement repeats a kernel for about this long (default 30)")
     p.add_argument("--check", action="append", default=[], metavar="CONFIG",
                    help="also time this bit config (JSON file {layer: bits}) end to end (repeatable)")
@@ -70,13 +71,10 @@ def summary_text(rows: list) -> str:
 
 
 def run_profile(args) -> int:
-    for flag, value in (("--batch", args.batch), ("--actors", args.actors), ("--rounds", args.rounds)):
-        check_positive(value, flag)
-    if not args.min_ms > 0:
-        raise HawqError(f"--min-ms {args.min_ms}: give a positive number of milliseconds")
-    out = Path(args.out).expanduser()
-    if out.suffix not in (".parquet", ".csv"):
+    from hawq_ray.service.outputs import writable_file
+    if Path(args.out).suffix not in (".parquet", ".csv"):
         raise HawqError(f"--out {args.out}: give a .parquet or .csv file")
+    out = writable_file(args.out)
     checks = {}
     for path in args.check:
         if not Path(path).is_file():

@@ -7,7 +7,8 @@ import time
 import torch
 
 from hawq_ray.service.cli import print_json
-from hawq_ray.service.cli.common import add_model_args, check_positive, data_note, fmt_table, resolve
+from hawq_ray.service.cli.common import add_model_args, data_note, fmt_table, resolve
+from hawq_ray.service.settings import BATCH, COUNT, SEED
 
 
 def register(sub) -> None:
@@ -24,11 +25,11 @@ def register(sub) -> None:
                                       "fake vs integer quantization per layer (Figure G.1)")
     add_model_args(p)
     p.add_argument("--bits", default="uniform8", help="uniform4 | uniform8 | a JSON file {layer: bits}")
-    p.add_argument("--inputs", type=int, default=8, help="number of random inputs to compare (default 8)")
-    p.add_argument("--calibration-batches", type=int, default=2, help="batches of data to calibrate on")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--inputs", type=COUNT, default=8, help="number of random inputs to compare (default 8)")
+    p.add_argument("--calibration-batches", type=COUNT, default=2, help="batches of data to calibrate on")
+    p.add_argument("--batch-size", type=BATCH, default=8)
     p.add_argument("--plot", default=None, help="write the per-layer normalized difference plot (PNG)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--tvm", action="store_true", help="also compile with TVM and count elements that differ "
                                                        "from the integer executor (must be 0)")
     p.add_argument("--target", default="llvm", help="TVM target for --tvm (llvm or cuda)")
@@ -69,9 +70,6 @@ def run_verify(args) -> int:
     from hawq_ray.inputs.data import batches
     from hawq_ray.quant.qat import prepare
     from hawq_ray.analysis.verify import check_compiled, check_simulation, plot_fake_vs_int
-    check_positive(args.inputs, "--inputs")
-    check_positive(args.batch_size, "--batch-size")
-    check_positive(args.calibration_batches, "--calibration-batches")
     t0 = time.time()
     md = resolve(args)
     qm = prepare(md.model, args.bits, md.input_shape)

@@ -10,11 +10,11 @@ import json
 import shutil
 import sys
 import time
-from pathlib import Path
 
 from hawq_ray.service.cli import print_json
-from hawq_ray.service.cli.common import add_model_args, check_positive, data_note, fmt_table, resolve
+from hawq_ray.service.cli.common import add_model_args, data_note, fmt_table, resolve
 from hawq_ray.contract import HawqError
+from hawq_ray.service.settings import ACTORS, BATCH, COUNT, ITERATIONS, SEED, TOLERANCE, Int
 
 SHOWN = ["layer", "params", "trace", "trace_stderr", "trace_converged", "delta4", "delta8", "omega4", "omega8"]
 
@@ -22,14 +22,14 @@ SHOWN = ["layer", "params", "trace", "trace_stderr", "trace_converged", "delta4"
 def register(sub) -> None:
     p = sub.add_parser("sensitivity", help="per-layer Hessian traces (Hutchinson) and Omega = Tr/n * delta")
     add_model_args(p)
-    p.add_argument("--batches", type=int, default=4, help="number of training batches (shards) to use (default 4)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
-    p.add_argument("--actors", type=int, default=0,
+    p.add_argument("--batches", type=COUNT, default=4, help="number of training batches (shards) to use (default 4)")
+    p.add_argument("--batch-size", type=BATCH, default=32, help="images per batch (default 32)")
+    p.add_argument("--actors", type=Int(0, ACTORS.high), default=0,
                    help="Ray HessianActors, one per device (default 0: one process, no Ray)")
-    p.add_argument("--tol", type=float, default=0.05, help="target relative standard error per layer (default 0.05)")
-    p.add_argument("--max-iter", type=int, default=100, help="most Hutchinson iterations (default 100)")
-    p.add_argument("--min-iter", type=int, default=8, help="fewest Hutchinson iterations (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random vectors (default 0)")
+    p.add_argument("--tol", type=TOLERANCE, default=0.05, help="target relative standard error per layer (default 0.05)")
+    p.add_argument("--max-iter", type=ITERATIONS, default=100, help="most Hutchinson iterations (default 100)")
+    p.add_argument("--min-iter", type=ITERATIONS, default=8, help="fewest Hutchinson iterations (default 8)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the random vectors (default 0)")
     p.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
     p.add_argument("--out", required=True, help="output parquet file, e.g. sens.parquet")
     p.set_defaults(func=run_sensitivity)
@@ -85,14 +85,9 @@ def run_sensitivity(args) -> int:
     import pandas as pd
 
     from hawq_ray.inputs.data import batches
-    for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size),
-                        ("--max-iter", args.max_iter), ("--min-iter", args.min_iter)):
-        check_positive(value, flag)
-    if args.actors < 0 or not args.tol >= 0 or args.seed < 0:
-        raise HawqError(f"--actors {args.actors} --tol {args.tol} --seed {args.seed}: valid are actors >= 0, "
-                        f"tol >= 0 and seed >= 0")
+    from hawq_ray.service.outputs import writable_file
     t0 = time.time()
-    out = Path(args.out).expanduser()
+    out = writable_file(args.out)
     md = resolve(args)
     data = batches(md.data.train, args.batch_size, args.batches)
     settings = {"stage": "sensitivity", "batches": args.batches, "batch_size": args.batch_size,

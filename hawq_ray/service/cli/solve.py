@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from hawq_ray.contract import HawqError
+from hawq_ray.service.settings import FRACTION
 
 # (fraction flag, absolute flag, unit of the absolute flag); flag dests are the solver's budget keys
 BUDGET_FLAGS = (("size", "size_mib", "MiB"), ("bops", "gbops", "GBOPS"), ("latency", "latency_ms", "ms"))
@@ -20,7 +21,7 @@ def register(subparsers) -> None:
     _common(solve)
     for frac, absolute, unit in BUDGET_FLAGS:
         g = solve.add_mutually_exclusive_group()
-        g.add_argument(f"--{frac}", type=float, metavar="R",
+        g.add_argument(f"--{frac}", type=FRACTION, metavar="R",
                        help=f"{frac} budget as a fraction r: R4 + r*(R8-R4) over the searchable layers")
         g.add_argument(f"--{absolute.replace('_', '-')}", dest=absolute, type=float, metavar="X",
                        help=f"{frac} budget in {unit} for the whole model (fixed layers included)")
@@ -81,7 +82,10 @@ def _flag(key: str) -> str:
 def run_solve(args) -> int:
     from hawq_ray.contract.bits import write_bits
     from solver.ilp import solve_bits
+    from hawq_ray.service.outputs import writable_file
     table = read_layer_table(args.table)
+    if args.out:
+        writable_file(args.out)
     budgets = {k: getattr(args, k) for f in BUDGET_FLAGS for k in f[:2] if getattr(args, k) is not None}
     try:
         a = solve_bits(table, budgets, _bits(args.bits))
@@ -124,6 +128,11 @@ def run_sweep(args) -> int:
     if not axes:
         raise HawqError("sweep: give at least one budget axis, e.g. --bops 0.1:0.9:0.1")
     table = read_layer_table(args.table)
+    if args.out:
+        from hawq_ray.service.outputs import writable_file
+        out = Path(args.out)
+        for path in (out, out.with_name(f"{out.stem}.points{out.suffix}")):
+            writable_file(path)
     solve = None
     if args.ray:
         from hawq_ray.service.session import connect
