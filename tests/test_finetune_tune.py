@@ -176,10 +176,11 @@ def test_cli_bad_input_is_one_line_error(tmp_path, weights, mixed_json):
     bad.write_text(json.dumps({**json.loads(mixed_json.read_text()), "block7.conv2": 4}))
     cases = [["--configs", str(bad)],
              ["--configs", "uniform4", "--distill", "resnet_no_such_teacher"],
-             ["--configs", "uniform4", "--train-limit", "0"],
              ["--configs", "uniform4", "--distill", f"digits_resnet={tmp_path / 'missing.pt'}"]]
     for argv in cases:
         with pytest.raises(HawqError) as e:
             cli(["--weights", str(weights), "--out", str(tmp_path / "o"), *argv])
         assert str(e.value) and "\n" not in str(e.value), argv
+    from hawq_ray.service.cli import main
+    assert main(["finetune", "--configs", "uniform4", "--train-limit", "0", "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o" / "tune").exists()       # rejected before any trial started

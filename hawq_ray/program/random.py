@@ -133,6 +133,9 @@ class _Builder:
     def conv2d(self, x):
         n, c, h, w = self.shape(x)
         rng = self.rng
+        if self.wide and c >= 128 and rng.random() < 0.5:   # the shape AMX tiles take (3x3, stride 1, even blocks)
+            attrs = {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups": 1}
+            return self._linear("conv2d", x, (int(rng.choice([64, 96, 128])), c, 3, 3), attrs, 8)
         k = [(1, 1), (2, 2), (3, 3), (3, 3), (5, 5), (7, 7), (1, 3), (3, 1)][int(rng.integers(8))]
         stride = [(1, 1), (1, 1), (2, 2), (2, 1)][int(rng.integers(4))]
         dilation = (2, 2) if rng.random() < 0.15 else (1, 1)
@@ -159,8 +162,8 @@ class _Builder:
         return self._linear("dense", x, (self._channels(), self.shape(x)[1]), {}, int(self.rng.choice([4, 8])))
 
     def _channels(self):
-        if self.wide:
-            return int(self.rng.integers(64, 97))
+        if self.wide:      # 64..96 (a concat of two is AMX-sized), or 128 (AMX-sized on its own)
+            return int(self.rng.integers(64, 97)) if self.rng.random() < 0.75 else 128
         return int(self.rng.choice([1, 3, 8, 12, 16, 20, 24, 32, 40]))
 
     def requantize(self, x, clamp="random"):
