@@ -13,7 +13,7 @@ from torch import nn
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.cost import omega
 from hawq_ray.analysis.sensitivity import (layer_traces, merge_samples, rademacher, sensitivity_columns,
-                                  weight_deltas)
+                                  shard_weights, weight_deltas)
 from test_sensitivity_helpers import exact_block_traces, tiny_batches, tiny_model
 
 LAYERS = ["0", "2", "6"]
@@ -38,6 +38,36 @@ def test_each_layer_within_3_stderr_of_exact_block_trace(tiny, traces):
     for row in traces.itertuples():
         assert row.trace_stderr <= 0.05 * abs(row.trace)
         assert abs(row.trace - exact[row.layer]) <= 3 * row.trace_stderr, (row, exact[row.layer])
+
+
+def test_shards_are_weighted_by_their_size_not_equally():
+    """Batches of 40, 4 and 4 samples: the Hessian of the mean loss weights them 40/48, 4/48, 4/48. Estimated to a
+    tight tolerance, each layer's trace lies within 3 stderr of that exact trace, and the layers where weighting
+    the three batches equally moves the exact trace by more than 5 stderr sit more than 3 stderr away from the
+    equal-weight value (so do the layer sums): an equal weighting of the shards fails this test."""
+    model, batches = tiny_model(), tiny_batches(sizes=(40, 4, 4))
+    exact = exact_block_traces(model, batches, LAYERS)
+    equal = exact_block_traces(model, batches, LAYERS, equal_weights=True)
+    table = layer_traces(model, batches, tol=0.015, max_iter=3000, seed=0)
+    moved = 0
+    for row in table.itertuples():
+        assert abs(row.trace - exact[row.layer]) <= 3 * row.trace_stderr, (row, exact[row.layer])
+        if abs(exact[row.layer] - equal[row.layer]) > 5 * row.trace_stderr:
+            moved += 1
+            assert abs(row.trace - equal[row.layer]) > 3 * row.trace_stderr, (row, equal[row.layer])
+    assert moved >= 2
+    total, total_se = table["trace"].sum(), math.sqrt((table["trace_stderr"] ** 2).sum())
+    assert abs(total - sum(exact.values())) <= 3 * total_se
+    assert abs(total - sum(equal.values())) > 3 * total_se
+
+
+def test_shard_weights_are_batch_sizes_over_the_total():
+    batches = [(torch.zeros(n, 1), torch.zeros(n)) for n in (40, 4, 4)]
+    assert shard_weights(batches) == {0: 40 / 48, 1: 4 / 48, 2: 4 / 48}
+    # merged with these weights, per-shard means of per-sample values give the mean over all samples
+    values = np.arange(48.0)
+    per_shard = {(0, 0): values[:40].mean(), (1, 0): values[40:44].mean(), (2, 0): values[44:].mean()}
+    assert merge_samples(per_shard, shard_weights(batches), 1)[0] == pytest.approx(values.mean(), rel=1e-15)
 
 
 def test_sum_over_layers_agrees_with_pyhessian_whole_model_trace(tiny, traces):

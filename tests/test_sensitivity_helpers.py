@@ -31,7 +31,8 @@ def tiny_data(seed: int = 0, n: int = 48):
 
 
 def tiny_batches(seed: int = 0, sizes=(20, 16, 12)):
-    """Uneven batches, so the size weighting of the shards matters."""
+    """Uneven batches. Lopsided ones (40, 4, 4) make the size weighting of the shards matter by many standard
+    errors: the exact trace of the mean loss over all samples and the plain mean of the batches' traces differ."""
     x, y = tiny_data(seed, sum(sizes))
     out, start = [], 0
     for s in sizes:
@@ -40,8 +41,9 @@ def tiny_batches(seed: int = 0, sizes=(20, 16, 12)):
     return out
 
 
-def exact_block_traces(model: nn.Module, batches, layers) -> dict[str, float]:
-    """Tr of each layer's weight block of the Hessian of the mean loss over all batches, in eval mode."""
+def exact_block_traces(model: nn.Module, batches, layers, equal_weights: bool = False) -> dict[str, float]:
+    """Tr of each layer's weight block of the Hessian of the mean loss over all samples, in eval mode; with
+    `equal_weights`, of the plain mean of the batches' mean losses instead (what ignoring batch sizes gives)."""
     model.eval()
     names = [n for n, p in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
@@ -56,7 +58,7 @@ def exact_block_traces(model: nn.Module, batches, layers) -> dict[str, float]:
             start += s.numel()
         return nn.functional.cross_entropy(functional_call(model, {**params, **buffers}, (x.double(),)), y)
 
-    hess = sum(len(x) / total * torch.autograd.functional.hessian(lambda f: loss(f, x, y), flat, vectorize=True)
+    hess = sum((1 / len(batches) if equal_weights else len(x) / total) * torch.autograd.functional.hessian(lambda f: loss(f, x, y), flat, vectorize=True)
                for x, y in batches)
     out, start = {}, 0
     for n, s in zip(names, shapes):
