@@ -149,22 +149,54 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def numpy_cross_entropy(student, labels) -> float:
+    return float(np.mean(-np.log(softmax(student)[np.arange(len(labels)), labels])))
+
+
+def numpy_distillation_loss(student, teacher, labels, T: float, alpha: float) -> float:
+    """alpha T^2 KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) CE(student, labels), in float64."""
+    p_t, p_s = softmax(teacher / T), softmax(student / T)
+    kl = np.mean(np.sum(p_t * (np.log(p_t) - np.log(p_s)), 1))
+    return float(alpha * T * T * kl + (1 - alpha) * numpy_cross_entropy(student, labels))
+
+
 def test_distillation_loss_matches_hand_formula():
     g = torch.Generator().manual_seed(1)
     s, t = torch.randn(5, 10, generator=g), torch.randn(5, 10, generator=g)
     y = torch.randint(10, (5,), generator=g)
-    T, alpha = 6.0, 0.95
-    sn, tn = s.double().numpy(), t.double().numpy()
+    expected = numpy_distillation_loss(s.double().numpy(), t.double().numpy(), y.numpy(), 6.0, 0.95)
+    assert float(distillation_loss(s, t, y, 6.0, 0.95)) == pytest.approx(expected, rel=1e-5)
 
-    def softmax(z):
-        e = np.exp(z - z.max(1, keepdims=True))
-        return e / e.sum(1, keepdims=True)
 
-    p_t, p_s = softmax(tn / T), softmax(sn / T)
-    kl = np.mean(np.sum(p_t * (np.log(p_t) - np.log(p_s)), 1))
-    ce = np.mean(-np.log(softmax(sn)[np.arange(5), y.numpy()]))
-    expected = alpha * T * T * kl + (1 - alpha) * ce
-    assert float(distillation_loss(s, t, y, T, alpha)) == pytest.approx(expected, rel=1e-5)
+def test_distillation_step_is_the_loss_against_the_teachers_logits(trained, data):
+    """One training step (the train split is one batch): with distill=True its loss is the distillation loss of
+    the student's logits against the fp32 teacher's, computed here in numpy; with distill=False, from the same
+    calibrated model and seed, the cross entropy; the two differ."""
+    import copy
+    _, model, _, _ = trained
+    train = limited(data.train, 64)
+    x = torch.stack([train[i][0] for i in range(len(train))])
+    y = np.array([int(train[i][1]) for i in range(len(train))])
+    losses = {}
+    for distill in (True, False):
+        recipe = Recipe(epochs=1, distill=distill, lr=1e-3, batch_size=64)
+        qm = calibrated(model, "uniform4", train, recipe, SHAPE)
+        probe = copy.deepcopy(qm).train()                  # the student as the step sees it
+        with torch.no_grad():
+            student = probe(x).double().numpy()
+            teacher = model(x).double().numpy()
+        teacher_model = load_teacher(None, model, SHAPE, data.num_classes) if distill else None
+        (_, loss, _), = finetune_epochs(qm, train, recipe, teacher=teacher_model)
+        expected = (numpy_distillation_loss(student, teacher, y, recipe.temperature, recipe.distill_alpha)
+                    if distill else numpy_cross_entropy(student, y))
+        assert loss == pytest.approx(expected, rel=1e-5), distill
+        losses[distill] = loss
+    assert abs(losses[True] - losses[False]) > 0.01 * losses[False]
 
 
 def test_distillation_with_fp32_teacher_trains(trained, data):
