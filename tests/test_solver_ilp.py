@@ -39,9 +39,9 @@ def random_table(rng: np.random.Generator, n: int, bits=(4, 8), ties=False, fixe
     return t
 
 
-def brute_force(t: pd.DataFrame, budgets: dict, bits=(4, 8)):
-    """Best objective over all bit assignments by enumeration (None if none meets the budgets), written from the
-    definitions: Omega from omega{b}; size = params*b/8 MiB; GBOPS = macs*b*b/1e9; latency = lat{b}_ms sums;
+def definition_limits(t: pd.DataFrame, budgets: dict, bits=(4, 8)):
+    """(searchable layer indices, units of layers sharing bits, {budget key: (cost(i, b), limit on the searchable
+    layers, slack)}), from the definitions: size = params*b/8 MiB; GBOPS = macs*b*b/1e9; latency = lat{b}_ms sums;
     fraction r -> R4 + r*(R8 - R4) over non-fixed layers; absolute -> whole model."""
     n = len(t)
     fixed = [int(v) if str(v).strip() else 0 for v in t.fixed_bits]
@@ -63,6 +63,13 @@ def brute_force(t: pd.DataFrame, budgets: dict, bits=(4, 8)):
         limit = low + v * (high - low) if key in ("size", "bops", "latency") else v - fixed_sum
         least = sum(min(sum(f(i, b) for i in u) for b in bits) for u in units)
         limits[key] = (f, limit, TOL * max(abs(high - least), abs(high)))
+    return searchable, units, limits
+
+
+def brute_force(t: pd.DataFrame, budgets: dict, bits=(4, 8)):
+    """Best objective over all bit assignments by enumeration (None if none meets the budgets), written from the
+    definitions (Omega from omega{b}; the budgets of `definition_limits`)."""
+    searchable, units, limits = definition_limits(t, budgets, bits)
     # every assignment at once: choice[c, u] = bit width of unit u in configuration c
     choice = np.array(list(itertools.product(bits, repeat=len(units))), dtype=int).reshape(-1, len(units))
     layer_bits = {i: choice[:, k] for k, u in enumerate(units) for i in u}
@@ -110,9 +117,9 @@ def test_matches_brute_force(seed):
         for name, f in zip(t.layer, t.fixed_bits):
             if str(f).strip():
                 assert a.bits[name] == int(f)
-        for key, lim in a.limits.items():
-            used = a.totals["searchable"][lim["resource"]]
-            assert used <= lim["searchable_limit"] + 1e-6 * max(1.0, abs(lim["searchable_limit"]))
+        searchable, _, limits = definition_limits(t, budgets)
+        for key, (cost, limit, slack) in limits.items():        # recomputed from the table, not the solver's totals
+            assert sum(cost(i, a.bits[t.layer[i]]) for i in searchable) <= limit + slack, (key, budgets)
 
 
 @pytest.mark.parametrize("seed", range(6))
