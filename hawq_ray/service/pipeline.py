@@ -54,7 +54,7 @@ RUN_SCHEMA = {   # the type and range of every setting above except budgets, inp
     "deploy": {"target": TargetSpec(), "batch": BATCH, "inputs": COUNT, "rounds": COUNT},
     "export": {"onnx": Bool(), "form": Choice(("exact", "fused")), "batches": COUNT},   # deploy.qdq.FORMS
 }
-TABLES_FORMAT = 2     # bump when what a stage's table holds changes: older run folders recompute, never misread
+TABLES_FORMAT = 3     # bump when what a stage's table holds changes: older run folders recompute, never misread
 STAGES = ("fp32", "layers", "sensitivity", "latency", "sweep", "finetune", "deploy", "export", "fake_vs_int",
           "report")
 
