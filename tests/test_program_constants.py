@@ -2,7 +2,8 @@
 calibrated activation ranges by the paper's rules, and compared exactly: the BN fold (eq. 16), per-channel
 weight integers (eq. 12), INT32 biases at S_b = S_h S_W (eq. 17), the dyadic multiplier and shift of every
 requantize (Section 3.1: b in [2^30, 2^31), c = 31 - exponent), the 1/count of the average pool (Appendix E) and
-the branch multipliers of each residual add, each branch to the add's 16-bit output scale (Appendix F).
+the branch multipliers of each residual add and concat, each branch to the join's 16-bit output scale
+(Appendix F, eq. 18).
 The simulation and the executor share these constants, so only an independent recomputation can catch a wrong
 one. Then the integer program's dequantized output against fp32 on trained weights and held-out digits."""
 from __future__ import annotations
@@ -17,6 +18,7 @@ from hawq_ray.inputs.data import load_data
 from hawq_ray.inputs.models import input_shape
 from hawq_ray.program.executor import run_program
 from hawq_ray.quant.finetune import Recipe, calibrated, fp32_weights
+from hawq_ray.quant.qat import prepare
 
 BN_OF = {"conv": "bn", "conv1": "bn1", "conv2": "bn2"}   # the BatchNorm after each conv of the default model
 
@@ -56,7 +58,7 @@ def folded(model, layer: str):
     w = mod.weight.detach().numpy().astype(np.float32)
     b = mod.bias.detach().numpy().astype(np.float32) if mod.bias is not None else np.zeros(w.shape[0], np.float32)
     parent, _, leaf = layer.rpartition(".")
-    if leaf not in BN_OF:
+    if leaf not in BN_OF or not parent:
         return w, b
     bn = model.get_submodule(f"{parent}.{BN_OF[leaf]}")
     sigma = np.sqrt(bn.running_var.numpy() + np.float32(bn.eps))
@@ -91,16 +93,17 @@ def expected_program(model, qm, program) -> dict:
                 b = user.attrs["x_bits"]
                 levels = 2 ** (b - 1) - 1 if user.attrs["x_signed"] else 2 ** b - 1
                 target = ranges[f"in:{user.layer}"] / levels
-            elif user.op == "add":                             # a residual branch to the add's output scale
+            elif user.op in ("add", "concat"):                 # a branch to the join's 16-bit output scale
                 target = ranges[f"out:{user.output}"] / (2 ** 15 - 1)
             else:                                              # the average pool's 1/count: the mean, scale kept
                 (pool,) = [p for p in program.ops if p.output == op.inputs[0]]
-                target = np.asarray(s_in) * int(np.prod(pool.attrs["kernel"]))
-            m = np.asarray(s_in, np.float64) / target
+                target = None
+            m = np.asarray(s_in, np.float64) / target if target is not None else \
+                np.asarray(1.0 / np.prod(pool.attrs["kernel"]))
             b, c = dyadic_array(m.reshape(-1, 1, 1) if m.ndim else m)
             want[op.output] = {"multiplier": b, "shift": c}
-            scale[op.output] = s_in if user.op not in ("conv2d", "dense", "add") else target
-        elif op.op == "add":
+            scale[op.output] = s_in if user.op not in ("conv2d", "dense", "add", "concat") else target
+        elif op.op in ("add", "concat"):
             scale[op.output] = ranges[f"out:{op.output}"] / (2 ** 15 - 1)
         else:                                                  # relu, sum_pool2d, flatten: the scale passes
             scale[op.output] = s_in
@@ -145,3 +148,21 @@ def test_dequantized_integer_output_is_close_to_fp32(trained):
     got = q.to(torch.float64) * torch.as_tensor(np.asarray(out_scale_of(model, qm, program)), dtype=torch.float64)
     assert float((got - ref).norm() / ref.norm()) < 0.03
     assert float((got.argmax(1) == ref.argmax(1)).double().mean()) >= 0.99
+
+
+def test_every_constant_of_a_concat_model_is_the_papers():
+    """A conv reading a concatenation (SqueezeNet's fire module): each concat branch requantized to the concat's
+    scale (eq. 18), plus the plain convs with biases and no BN."""
+    from test_deploy_concat import ConcatThenConv
+    torch.manual_seed(0)
+    model = ConcatThenConv(width=16, k=3).eval()
+    qm = prepare(model, "uniform8", (3, 16, 16))
+    qm.calibrate([torch.rand(8, 3, 16, 16) * 2 - 1 for _ in range(2)])
+    program = qm.to_integer()
+    want, out_scale = expected_program(model, qm, program)
+    assert any(op.op == "concat" for op in program.ops)
+    for op in program.ops:
+        for name, value in op.consts.items():
+            assert np.array_equal(np.asarray(value, np.int64), np.asarray(want[op.output][name]).astype(
+                np.int64).reshape(np.shape(value))), (op.output, name)
+    np.testing.assert_array_equal(np.asarray(program.output_scale, np.float64), out_scale)
