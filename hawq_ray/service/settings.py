@@ -7,6 +7,7 @@ can only fail; `fits_in_memory` checks the batch sizes against this machine's fr
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import math
 from dataclasses import dataclass
@@ -14,12 +15,16 @@ from dataclasses import dataclass
 from hawq_ray.contract import HawqError
 
 
-class Setting:
-    def valid(self) -> str:
-        raise NotImplementedError
+class Setting(abc.ABC):
+    convert = None                 # how a CLI option's text becomes a value (int, float); None: kept as text
 
+    @abc.abstractmethod
+    def valid(self) -> str:
+        """What is valid, in words, for the one-line error."""
+
+    @abc.abstractmethod
     def ok(self, value) -> bool:
-        raise NotImplementedError
+        """Whether `value` is of the type and in the range."""
 
     def check(self, value, key: str):
         if not self.ok(value):
@@ -27,7 +32,10 @@ class Setting:
         return value
 
     def parse(self, text: str):
-        return text
+        try:
+            return type(self).convert(text) if type(self).convert else text
+        except ValueError:
+            return text                # not a number: `ok` rejects it, and the error shows the text
 
     def __call__(self, text: str):
         """As argparse `type=` (e.g. `type=BATCH`): the option's text parsed and checked; argparse names the
@@ -40,6 +48,7 @@ class Setting:
 
 @dataclass(frozen=True)
 class Int(Setting):
+    convert = int
     low: int
     high: int
 
@@ -49,15 +58,10 @@ class Int(Setting):
     def valid(self) -> str:
         return f"an integer from {self.low} to {self.high}"
 
-    def parse(self, text: str):
-        try:
-            return int(text)
-        except ValueError:
-            return text
-
 
 @dataclass(frozen=True)
 class Float(Setting):
+    convert = float
     low: float
     high: float
     open_low: bool = False         # low itself is not valid
@@ -69,12 +73,6 @@ class Float(Setting):
 
     def valid(self) -> str:
         return f"a number {'>' if self.open_low else '>='} {self.low:g} and <= {self.high:g}"
-
-    def parse(self, text: str):
-        try:
-            return float(text)
-        except ValueError:
-            return text
 
 
 @dataclass(frozen=True)
