@@ -4,6 +4,8 @@ Shapes are tiny; each kernel compiles in well under a second.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -294,3 +296,25 @@ def test_layer_kernel_is_timeable():
         kern = build_layer_kernel(op, (1, 16, 8, 8), HOST)
         times = time_kernel(kern, HOST, number=2, repeat=2)
         assert len(times) == 2 and all(t > 0 for t in times)
+
+
+class ClockedModule:
+    """A stand-in for a compiled kernel whose evaluator reports known seconds: what time_kernel makes of them."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args):
+        self.calls.append("run")
+
+    def time_evaluator(self, name, dev, number, repeat):
+        self.calls.append((name, number, repeat))
+        return lambda *args: SimpleNamespace(results=[0.0015 * (i + 1) for i in range(repeat)])
+
+
+def test_kernel_times_are_milliseconds_per_run_after_a_warm_up():
+    rng = np.random.default_rng(9)
+    kern = build_layer_kernel(_conv_op(rng, 16, 16, 3, 1, 1, 8, False), (1, 16, 8, 8), HOST)
+    clock = ClockedModule()
+    assert time_kernel(kern, HOST, number=3, repeat=2, compiled=clock) == pytest.approx([1.5, 3.0], rel=1e-12)
+    assert clock.calls == ["run", ("main", 3, 2)]

@@ -7,7 +7,6 @@ import urllib.request
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 from hawq_ray.contract import HawqError
 from hawq_ray.inputs import models

@@ -18,7 +18,7 @@ import torch
 
 from hawq_ray.deploy import compile_program
 from hawq_ray.analysis.verify import check_random_program
-from hawq_ray.program.random import NARROWED, OPS, PAIRS, op_pairs, random_program
+from hawq_ray.program.random import NARROWED, OPS, PAIRS, random_program
 from hawq_ray.analysis.verify import compare_values, first_divergence
 from hawq_ray.program.executor import run_program
 from hawq_ray.program.program import Op

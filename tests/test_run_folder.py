@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,14 +23,6 @@ TINY = Path(__file__).parent / "data" / "tiny_run.yaml"
 def hawq(*args):
     return subprocess.Popen([sys.executable, "-m", "hawq_ray.service.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def one_line_error(proc, within_s: float):
-    t0 = time.time()
-    _, err = proc.communicate(timeout=120)
-    took = time.time() - t0
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    return proc.returncode, lines, took, within_s
 
 
 BAD_SETTINGS = [
@@ -57,13 +48,11 @@ def test_bad_setting_is_one_line_before_any_work(tmp_path, text, named):
 def test_bad_setting_from_the_cli_exits_2_at_once(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text('tune: {epochs: "four"}\n')
-    t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "hawq_ray.service.cli", "run", "--config", str(config), "--out",
                            str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "tune.epochs" in lines[0], proc.stderr
     assert not (tmp_path / "run").exists()               # nothing was started
-    assert time.time() - t0 < 60                         # (the bound checked by hand is 5 s; see the note)
     for argv, flag in ((["profile", "--batch", "100000", "--out", str(tmp_path / "l.parquet")], "--batch"),
                        (["sensitivity", "--actors", "1000", "--out", str(tmp_path / "s.parquet")], "--actors"),
                        (["compile", "--bits", "uniform8", "--batch", "0", "--out", str(tmp_path / "c")], "--batch")):
