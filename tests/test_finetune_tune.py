@@ -16,6 +16,7 @@ import ray
 import torch
 
 from hawq_ray.service.cli import finetune as finetune_cli
+from test_run_folder import as_from_a_terminal
 from hawq_ray.inputs.data import load_data
 from hawq_ray.contract import HawqError
 from hawq_ray.quant.finetune import fp32_weights, load_checkpoint
@@ -143,7 +144,7 @@ def test_interrupted_run_resumes_from_checkpoints(tmp_path, weights, mixed_json)
     code = DRIVER.format(address=ray.get_runtime_context().gcs_address, mixed=str(mixed_json), out=str(out),
                          weights=str(weights), limit=LIMIT, epochs=EPOCHS)
     driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
+                              text=True, preexec_fn=as_from_a_terminal)
     # interrupt (Ctrl+C) as soon as both trials have committed an epoch (the event, not a timer, triggers it)
     while len([t for t in progress_of(out).values() if t]) < 2:
         assert driver.poll() is None, driver.communicate()[0][-2000:]

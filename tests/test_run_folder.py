@@ -20,9 +20,15 @@ from hawq_ray.service.settings import fits_in_memory
 TINY = Path(__file__).parent / "data" / "tiny_run.yaml"
 
 
+def as_from_a_terminal():
+    """Ctrl-C's default action in the child, whatever this process inherited: a shell that starts a job in the
+    background makes it (and so its children) ignore SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def hawq(*args):
     return subprocess.Popen([sys.executable, "-m", "hawq_ray.service.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=as_from_a_terminal)
 
 
 BAD_SETTINGS = [
