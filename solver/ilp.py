@@ -195,7 +195,7 @@ def solve_inputs(inputs: IlpInputs, budgets: Mapping[str, float], start: float |
         given = ", ".join(f"{k}={v['given']:g}" for k, v in limits.items())
         raise BudgetError(f"budgets {given} cannot be met together; "
                           f"smallest achievable of each alone: {_describe(limits)}")
-    return _allocation(inputs, choice, limits, time.perf_counter() - start)
+    return allocation(inputs, choice, limits, time.perf_counter() - start)
 
 
 def _solve_units(inputs: IlpInputs, limits: dict) -> np.ndarray | None:
@@ -232,7 +232,8 @@ def _solve_units(inputs: IlpInputs, limits: dict) -> np.ndarray | None:
     return np.array([int(np.argmax([v.value() or 0.0 for v in row])) for row in x])
 
 
-def _allocation(inputs: IlpInputs, unit_choice: np.ndarray, limits: dict, solve_s: float) -> BitAllocation:
+def allocation(inputs: IlpInputs, unit_choice: np.ndarray, limits: dict, solve_s: float) -> BitAllocation:
+    """The BitAllocation of a width index per unit (checked against every limit)."""
     fixed = inputs.fixed_bits > 0
     col = np.where(fixed, np.searchsorted(inputs.bits, np.maximum(inputs.fixed_bits, inputs.bits[0])),
                    unit_choice[np.maximum(inputs.unit_of_layer, 0)] if len(unit_choice) else 0)

@@ -16,7 +16,7 @@ from hawq_ray.contract import HawqError
 from hawq_ray.service.pipeline import STAGES, load_config
 
 TINY = Path(__file__).parent / "data" / "tiny_run.yaml"
-TABLES = ("layers", "sensitivity", "latency", "sweep", "finetune", "deploy", "export", "fake_vs_int")
+TABLES = ("layers", "sensitivity", "latency", "sweep", "evidence", "finetune", "deploy", "export", "fake_vs_int")
 
 
 def hawq(*args, **kw):
@@ -81,6 +81,12 @@ def test_tables_of_the_run(killed_then_resumed):
         onnx.checker.check_model(path, full_check=True)
     fvi = pd.read_parquet(out / "fake_vs_int.parquet")
     assert (fvi["qat_vs_int_diff"] == 0).all()
+    evidence = pd.read_parquet(out / "evidence.parquet")        # evidence: {randoms: 3} in the tiny run
+    assert evidence["kind"].value_counts()[["ilp", "reversed"]].tolist() == [1, 1]
+    assert (evidence["kind"] == "random").sum() <= 3 and (evidence["kl"] >= 0).all()
+    ilp = evidence[evidence["kind"] == "ilp"].iloc[0]
+    chosen = sweep[sweep["budget"].str.contains('"latency": 0.5')].iloc[0]    # the sweep's answer, the same ILP
+    assert json.loads(ilp["bits"]) == {k: v for k, v in chosen["bits"].items() if v is not None}
     obj = json.loads(stdout.strip().splitlines()[-1])
     assert obj["report"].endswith("report.md") and len(obj["results"]) == len(ft)
 
@@ -113,7 +119,8 @@ def test_report_has_its_plots(killed_then_resumed):
     text = (out / "report.md").read_text()
     assert "## ONNX export (QDQ)" in text
     assert "| predicted_ms | measured_ms (IQR) | budget_ms | over_budget |" in text
-    for png in ("pareto.png", "bits_vs_sensitivity.png", "fake_vs_int.png"):
+    assert "## Evidence: the ILP's configs against random and reversed ones" in text
+    for png in ("pareto.png", "evidence.png", "bits_vs_sensitivity.png", "fake_vs_int.png"):
         assert f"plots/{png}" in text
         data = (out / "plots" / png).read_bytes()
         assert data[:4] == b"\x89PNG" and len(data) > 5000

@@ -90,26 +90,34 @@ def top1(predictions: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def float_predictions(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> torch.Tensor:
-    """argmax of a float model's (or a QuantModel's QAT simulation's) logits, in eval mode."""
+def float_logits(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> torch.Tensor:
+    """A float model's (or a QuantModel's QAT simulation's) logits, in eval mode."""
     was = model.training
     model.eval()
     try:
-        return torch.cat([model(x).argmax(1).cpu() for x, _ in loader(dataset, batch_size)])
+        return torch.cat([model(x).cpu() for x, _ in loader(dataset, batch_size)])
     finally:
         model.train(was)
 
 
+def float_predictions(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> torch.Tensor:
+    """argmax of `float_logits`."""
+    return float_logits(model, dataset, batch_size).argmax(1)
+
+
 @torch.no_grad()
-def integer_predictions(qm: QuantModel, dataset: Dataset, batch_size: int = 256) -> torch.Tensor:
-    """Predictions of the deployed integers: the IntegerProgram run by the integer executor; the class is the
-    argmax of the dequantized INT32 logits (per-class output scales, so not the argmax of the raw integers)."""
+def integer_logits(qm: QuantModel, dataset: Dataset, batch_size: int = 256) -> torch.Tensor:
+    """The deployed integers' logits: the IntegerProgram run by the integer executor, its INT32 output
+    dequantized (float64; per-class output scales)."""
     program = qm.to_integer()
-    out = []
-    for x, _ in loader(dataset, batch_size):
-        q = run_program(program, program.quantize_input(x))
-        out.append(program.dequantize_output(q).argmax(1))
-    return torch.cat(out)
+    return torch.cat([program.dequantize_output(run_program(program, program.quantize_input(x)))
+                      for x, _ in loader(dataset, batch_size)])
+
+
+def integer_predictions(qm: QuantModel, dataset: Dataset, batch_size: int = 256) -> torch.Tensor:
+    """The class the deployed integers predict: the argmax of the dequantized logits (per-class output scales,
+    so not the argmax of the raw integers)."""
+    return integer_logits(qm, dataset, batch_size).argmax(1)
 
 
 # ---------------------------------------------------------------------------------------------- fp32 trainer

@@ -43,6 +43,7 @@ DEFAULT_CONFIG = {
     "tune": {"epochs": 4, "samples": 1, "lr": 0.01, "distill": False, "teacher": None, "asha": False},
     "deploy": {"target": "llvm", "batch": 8, "inputs": 4, "rounds": 15},   # rounds: of interleaved timing
     "export": {"onnx": False, "form": "exact", "batches": 4},   # ONNX QDQ of each config, checked in onnxruntime
+    "evidence": {"enabled": True, "randoms": 20},   # the ILP's configs against random and reversed ones (PTQ)
 }
 RUN_SCHEMA = {   # the type and range of every setting above except budgets, input_size and uniform
     "model": Text(), "weights": Text(), "pretrained": Bool(), "data": Text(), "seed": SEED, "fp32_epochs": EPOCHS,
@@ -53,10 +54,11 @@ RUN_SCHEMA = {   # the type and range of every setting above except budgets, inp
              "asha": Bool()},
     "deploy": {"target": TargetSpec(), "batch": BATCH, "inputs": COUNT, "rounds": COUNT},
     "export": {"onnx": Bool(), "form": Choice(("exact", "fused")), "batches": COUNT},   # deploy.qdq.FORMS
+    "evidence": {"enabled": Bool(), "randoms": COUNT},
 }
 TABLES_FORMAT = 3     # bump when what a stage's table holds changes: older run folders recompute, never misread
-STAGES = ("fp32", "layers", "sensitivity", "latency", "sweep", "finetune", "deploy", "export", "fake_vs_int",
-          "report")
+STAGES = ("fp32", "layers", "sensitivity", "latency", "sweep", "evidence", "finetune", "deploy", "export",
+          "fake_vs_int", "report")
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -270,6 +272,12 @@ def _run_stages(cfg: dict, name: str, shape: tuple, run_dir: Path, address, log)
     tables["sweep"] = cached_stage(run_dir, "sweep", key,
                                    lambda: _sweep(table, cfg["budgets"], cfg["uniform"]), log)
 
+    v = cfg["evidence"]
+    if v["enabled"]:
+        vkey = fingerprint(fingerprint(table.to_json()), weights_key, spec, cfg["budgets"], v, cfg["seed"])
+        tables["evidence"] = cached_stage(run_dir, "evidence", vkey,
+                                          lambda: _evidence(model, shape, data, table, cfg, log), log)
+
     t = cfg["tune"]
     key = fingerprint(fingerprint(tables["sweep"].to_json()), weights_key, t, spec)
     tables["finetune"] = cached_stage(
@@ -347,12 +355,18 @@ def _latency(model, shape, layers: pd.DataFrame, p: dict, run_dir: Path, log) ->
     return lat
 
 
-def _sweep(table: pd.DataFrame, budgets: dict, uniform: list) -> pd.DataFrame:
-    from hawq_ray.service.sweep import ray_solve
-    from solver.sweep import sweep_budgets
+def _budget_grid(table: pd.DataFrame, budgets: dict) -> list:
+    """One budget point per value of run.yaml's budgets; latency ones only where every layer has its latency."""
     grid = [{resource: float(r)} for resource, values in budgets.items() for r in values]
     if not table[["lat4_ms", "lat8_ms"]].notna().all().all():
         grid = [g for g in grid if "latency" not in g]
+    return grid
+
+
+def _sweep(table: pd.DataFrame, budgets: dict, uniform: list) -> pd.DataFrame:
+    from hawq_ray.service.sweep import ray_solve
+    from solver.sweep import sweep_budgets
+    grid = _budget_grid(table, budgets)
     rows = {u: {"config": u, "budget": [], "latency_limit_ms": np.nan, "bits": parse_bits(u, table).as_dict()}
             for u in uniform}
     if grid:
@@ -368,6 +382,35 @@ def _sweep(table: pd.DataFrame, budgets: dict, uniform: list) -> pd.DataFrame:
     for row in rows.values():
         row["budget"] = budget_cell(row["budget"])
     return pd.DataFrame(list(rows.values()), columns=["config", "budget", "latency_limit_ms", "bits"])
+
+
+def _evidence(model, shape, data, table: pd.DataFrame, cfg: dict, log) -> pd.DataFrame:
+    from hawq_ray.analysis.evidence import omega_kl_correlation, standing
+    from hawq_ray.service.evidence import evidence_table
+    from tqdm import tqdm
+    bar = tqdm(desc="evidence", unit="config", file=sys.stderr, leave=False)
+
+    def progress(done, total):
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    try:
+        rows = evidence_table(model, shape, data, table, _budget_grid(table, cfg["budgets"]),
+                              randoms=cfg["evidence"]["randoms"], seed=cfg["seed"], progress=progress)
+    finally:
+        bar.close()
+    rho, n = omega_kl_correlation(rows)
+    s = standing(rows)
+    said = [f"Spearman(predicted Omega, measured KL) {rho:.2f} over {n} configs" if n >= 3 else
+            f"{n} distinct config(s), too few for a correlation"]
+    if s["randoms"].sum():
+        said.append(f"the ILP's config has a lower KL than {s['beats_random_fraction'].mean():.0%} of the random "
+                    "ones on average")
+    rev = s["beats_reversed"].dropna()
+    if len(rev):
+        said.append(f"and than the reversed one at {int(rev.sum())} of {len(rev)} budgets")
+    log("[evidence] " + "; ".join(said))
+    return rows
 
 
 def _finetune(model, shape, data, spec, cfg, configs: pd.DataFrame, table: pd.DataFrame, run_dir: Path) -> pd.DataFrame:

@@ -14,7 +14,7 @@ import sys
 
 from hawq_ray.contract import HawqError
 
-COMMAND_MODULES = ("quant", "sensitivity", "profile", "solve", "finetune", "deploy", "export", "run")
+COMMAND_MODULES = ("quant", "sensitivity", "profile", "solve", "validate", "finetune", "deploy", "export", "run")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -31,10 +31,7 @@ def register(subparsers) -> None:
     sweep = subparsers.add_parser("sweep", help="solve a grid of budgets (Ray tasks when --ray) and print the "
                                   "Pareto frontier", description=__doc__)
     _common(sweep)
-    for frac, absolute, unit in BUDGET_FLAGS:
-        sweep.add_argument(f"--{frac}", metavar="AXIS", help="fractions: start:stop:step (stop included), a,b,c or r")
-        sweep.add_argument(f"--{absolute.replace('_', '-')}", dest=absolute, metavar="AXIS",
-                           help=f"absolute values in {unit}, same forms")
+    add_budget_axes(sweep)
     sweep.add_argument("--out", help="write the distinct configs (parquet, or CSV if *.csv); the grid points go "
                        "next to it as <stem>.points<suffix>")
     sweep.add_argument("--ray", action="store_true", help="solve as Ray tasks (joins RAY_ADDRESS or "
@@ -113,9 +110,17 @@ def run_solve(args) -> int:
     return 0
 
 
-def run_sweep(args) -> int:
+def add_budget_axes(p: argparse.ArgumentParser) -> None:
+    for frac, absolute, unit in BUDGET_FLAGS:
+        p.add_argument(f"--{frac}", metavar="AXIS", help="fractions: start:stop:step (stop included), a,b,c or r")
+        p.add_argument(f"--{absolute.replace('_', '-')}", dest=absolute, metavar="AXIS",
+                       help=f"absolute values in {unit}, same forms")
+
+
+def budget_axes(args, command: str) -> dict:
+    """{budget key: values} of the budget axis flags given; an error naming the flag when one is malformed."""
     from solver.ilp import BudgetError
-    from solver.sweep import budget_grid, parse_axis, sweep_budgets
+    from solver.sweep import parse_axis
     axes = {}
     for f in BUDGET_FLAGS:
         for key in f[:2]:
@@ -126,7 +131,13 @@ def run_sweep(args) -> int:
                 except BudgetError as e:
                     raise HawqError(f"{_flag(key)}: {e}") from None
     if not axes:
-        raise HawqError("sweep: give at least one budget axis, e.g. --bops 0.1:0.9:0.1")
+        raise HawqError(f"{command}: give at least one budget axis, e.g. --bops 0.1:0.9:0.1")
+    return axes
+
+
+def run_sweep(args) -> int:
+    from solver.sweep import budget_grid, sweep_budgets
+    axes = budget_axes(args, "sweep")
     table = read_layer_table(args.table)
     if args.out:
         from hawq_ray.service.outputs import writable_file
