@@ -68,6 +68,9 @@ def test_tables_of_the_run(killed_then_resumed):
     assert (lat["lat4_ms"] > 0).all() and (lat["lat8_ms"] > 0).all()
     sweep = pd.read_parquet(out / "sweep.parquet")
     assert "uniform4" in set(sweep["config"]) and len(sweep) >= 1
+    chosen = sweep[sweep["budget"] != ""]                       # configs a budget chose: re-solved for 200 draws
+    assert chosen["confidence"].between(0, 1).all() and len(chosen) >= 1
+    assert all(set(json.loads(f)) <= set(sens["layer"]) for f in chosen["flips"])
     ft = pd.read_parquet(out / "finetune.parquet")
     assert set(ft["config"]) == set(sweep["config"])
     assert ft["top1_fp32"].min() >= 0.9            # the default model trained on digits

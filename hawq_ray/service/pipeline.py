@@ -37,6 +37,7 @@ DEFAULT_CONFIG = {
     "input_size": None,       # H (or [H, W]) of the images; None: the model's own (224 for ImageNet models)
     "budgets": {"size": [0.25, 0.5, 0.75], "bops": [0.25, 0.5, 0.75], "latency": [0.25, 0.5, 0.75]},
     "uniform": ["uniform4", "uniform8"],
+    "sweep": {"draws": 200},  # trace draws re-solved per budget: how firmly the traces support each choice
     "fp32_epochs": 8,
     "sensitivity": {"actors": 2, "batches": 4, "batch_size": 64, "tol": 0.05, "max_iter": 64},
     "profile": {"batch": 8, "target": "llvm", "resource": None, "actors": 1, "rounds": 5},
@@ -47,6 +48,7 @@ DEFAULT_CONFIG = {
 }
 RUN_SCHEMA = {   # the type and range of every setting above except budgets, input_size and uniform
     "model": Text(), "weights": Text(), "pretrained": Bool(), "data": Text(), "seed": SEED, "fp32_epochs": EPOCHS,
+    "sweep": {"draws": COUNT},
     "sensitivity": {"actors": ACTORS, "batches": COUNT, "batch_size": BATCH, "tol": TOLERANCE,
                     "max_iter": ITERATIONS},
     "profile": {"batch": BATCH, "target": TargetSpec(), "resource": Text(), "actors": ACTORS, "rounds": COUNT},
@@ -56,7 +58,7 @@ RUN_SCHEMA = {   # the type and range of every setting above except budgets, inp
     "export": {"onnx": Bool(), "form": Choice(("exact", "fused")), "batches": COUNT},   # deploy.qdq.FORMS
     "evidence": {"enabled": Bool(), "randoms": COUNT},
 }
-TABLES_FORMAT = 3     # bump when what a stage's table holds changes: older run folders recompute, never misread
+TABLES_FORMAT = 4     # bump when what a stage's table holds changes: older run folders recompute, never misread
 STAGES = ("fp32", "layers", "sensitivity", "latency", "sweep", "evidence", "finetune", "deploy", "export",
           "fake_vs_int", "report")
 
@@ -268,9 +270,10 @@ def _run_stages(cfg: dict, name: str, shape: tuple, run_dir: Path, address, log)
     table = tables["sensitivity"].merge(
         tables["latency"][["layer", "lat4_ms", "lat8_ms", "lat32_ms"]], on="layer", how="left")
     table.to_parquet(run_dir / "table.parquet", index=False)
-    key = fingerprint(fingerprint(table.to_json()), cfg["budgets"], cfg["uniform"])
+    key = fingerprint(fingerprint(table.to_json()), cfg["budgets"], cfg["uniform"], cfg["sweep"], cfg["seed"])
     tables["sweep"] = cached_stage(run_dir, "sweep", key,
-                                   lambda: _sweep(table, cfg["budgets"], cfg["uniform"]), log)
+                                   lambda: _sweep(table, cfg["budgets"], cfg["uniform"], cfg["sweep"]["draws"],
+                                                  cfg["seed"]), log)
 
     v = cfg["evidence"]
     if v["enabled"]:
@@ -363,25 +366,45 @@ def _budget_grid(table: pd.DataFrame, budgets: dict) -> list:
     return grid
 
 
-def _sweep(table: pd.DataFrame, budgets: dict, uniform: list) -> pd.DataFrame:
+def _sweep(table: pd.DataFrame, budgets: dict, uniform: list, draws: int, seed: int) -> pd.DataFrame:
+    """The uniform configs and each distinct ILP answer, with its confidence: the lowest, over the budget points
+    that chose it, of the fraction of trace draws that choose it again, and for each layer whose bits flip in
+    some draw the highest such fraction (`flips`, JSON); NaN and {} for a uniform config no budget chose."""
     from hawq_ray.service.sweep import ray_solve
     from solver.sweep import sweep_budgets
     grid = _budget_grid(table, budgets)
-    rows = {u: {"config": u, "budget": [], "latency_limit_ms": np.nan, "bits": parse_bits(u, table).as_dict()}
-            for u in uniform}
+    rows = {u: {"config": u, "budget": [], "latency_limit_ms": np.nan, "bits": parse_bits(u, table).as_dict(),
+                "confidence": np.nan, "flips": {}} for u in uniform}
     if grid:
         sweep = sweep_budgets(table, grid, solve=ray_solve)
+        support = _support(table, grid, sweep, draws, seed)
         for r in sweep.configs.itertuples():
             same = [u for u in rows.values() if u["bits"] == r.bits]
-            if same:                      # an ILP answer that is a uniform config: one trial, both labels
-                same[0]["budget"] += list(r.budgets)
-                same[0]["latency_limit_ms"] = np.fmin(same[0]["latency_limit_ms"], r.latency_limit_ms)
-            else:
-                rows[f"ilp{int(r.config)}"] = {"config": f"ilp{int(r.config)}", "budget": list(r.budgets),
-                                               "latency_limit_ms": r.latency_limit_ms, "bits": r.bits}
+            if not same:
+                rows[f"ilp{int(r.config)}"] = {"config": f"ilp{int(r.config)}", "budget": [], "latency_limit_ms":
+                                               np.nan, "bits": r.bits, "confidence": np.nan, "flips": {}}
+            row = same[0] if same else rows[f"ilp{int(r.config)}"]   # an ILP answer that is a uniform config:
+            row["budget"] += list(r.budgets)                              # one trial, both labels
+            row["latency_limit_ms"] = np.fmin(row["latency_limit_ms"], r.latency_limit_ms)
+            for k in np.flatnonzero(sweep.points["config"].fillna(-1).to_numpy() == r.config):
+                row["confidence"] = np.fmin(row["confidence"], support[k]["confidence"])
+                for layer, f in support[k]["flips"].items():
+                    row["flips"][layer] = max(row["flips"].get(layer, 0.0), f)
     for row in rows.values():
         row["budget"] = budget_cell(row["budget"])
-    return pd.DataFrame(list(rows.values()), columns=["config", "budget", "latency_limit_ms", "bits"])
+        row["flips"] = json.dumps(row["flips"])
+    return pd.DataFrame(list(rows.values()), columns=["config", "budget", "latency_limit_ms", "bits", "confidence",
+                                                      "flips"])
+
+
+def _support(table: pd.DataFrame, grid: list, sweep, draws: int, seed: int) -> list:
+    """`solver.confidence.confidence` of each grid point's answer over `draws` trace draws (Ray tasks)."""
+    from hawq_ray.service.sweep import ray_draw_answers
+    from solver.confidence import confidence
+    by_id = dict(zip(sweep.configs["config"], sweep.configs["bits"]))
+    chosen = [None if pd.isna(c) else tuple(by_id[int(c)].values()) for c in sweep.points["config"]]
+    answers = ray_draw_answers(table, grid, draws, seed) if "trace_stderr" in table else []
+    return confidence(list(table["layer"]), chosen, answers)
 
 
 def _evidence(model, shape, data, table: pd.DataFrame, cfg: dict, log) -> pd.DataFrame:

@@ -34,10 +34,26 @@ def results_table(run_dir: Path) -> pd.DataFrame:
         raise HawqError(f"{run_dir}: no finetune.parquet; run `hawq-ray run --out {run_dir}` first")
     cols = ["config", "budget", "size_mib", "gbops", "latency_ms", "top1_fp32", "top1_ptq", "top1"]
     out = ft[[c for c in cols if c in ft.columns]].copy()
+    sweep = _read(run_dir, "sweep")
+    if sweep is not None and "confidence" in sweep:
+        out = out.merge(sweep[["config", "confidence"]], on="config", how="left")
     dep = _read(run_dir, "deploy")
     if dep is not None and not dep.empty:
         out = out.merge(dep[[c for c in DEPLOY_COLUMNS if c in dep.columns]], on="config", how="left")
     return out
+
+
+def _confidence_section(sweep: pd.DataFrame) -> list:
+    """Each ILP config's confidence and the layers whose bits flip under trace draws."""
+    chosen = sweep[sweep["confidence"].notna()]
+    if chosen.empty:
+        return []
+    rows = [{"config": r.config, "confidence": r.confidence, "flipping layers (fraction of draws)": ", ".join(
+        f"{k} ({v:.2f})" for k, v in json.loads(r.flips).items()) or "none"} for r in chosen.itertuples()]
+    return ["## Confidence of each choice", "", "Each budget's ILP re-solved with every layer's trace drawn from "
+            "its estimate (normal, the estimate's mean and standard error): `confidence` is the fraction of draws "
+            "that choose the same config (the lowest over the budgets that chose it); a layer flips in a draw when "
+            "its bits differ.", "", _md(pd.DataFrame(rows)), ""]
 
 
 def _plt():
@@ -243,6 +259,8 @@ def write_report(run_dir) -> Path:
     parts += _latency_notes(results)
     plot_pareto(results, plots / "pareto.png")
     parts += ["## Pareto fronts", "", "![Pareto fronts](plots/pareto.png)", ""]
+    if sweep is not None and "confidence" in sweep:
+        parts += _confidence_section(sweep)
     evidence = _read(run_dir, "evidence")
     if evidence is not None and not evidence.empty:
         parts += _evidence_section(evidence, plots)
