@@ -32,7 +32,7 @@ def results_table(run_dir: Path) -> pd.DataFrame:
     ft = _read(run_dir, "finetune")
     if ft is None:
         raise HawqError(f"{run_dir}: no finetune.parquet; run `hawq-ray run --out {run_dir}` first")
-    cols = ["config", "budget", "size_mib", "gbops", "latency_ms", "top1_fp32", "top1_ptq", "top1"]
+    cols = ["config", "budget", "size_mib", "gbops", "latency_ms", "top1_fp32", "top1_ptq", "top1", "test_loss"]
     out = ft[[c for c in cols if c in ft.columns]].copy()
     sweep = _read(run_dir, "sweep")
     if sweep is not None and "confidence" in sweep:
@@ -80,29 +80,41 @@ def _save(plt, fig, path: Path, rect=None) -> Path:
 
 
 def plot_pareto(results: pd.DataFrame, path: Path) -> Path:
+    """Top-1 (higher is better) and, where the results have it, the held-out loss (lower is better) of each
+    fine-tuned config against each resource, with the Pareto front: the loss shows the trade-off where top-1
+    saturates."""
     plt = _plt()
     resources = [r for r in RESOURCE_LABELS if r in results and results[r].notna().any()]
-    fig, axes = plt.subplots(1, len(resources), figsize=(5 * len(resources), 4), squeeze=False)
-    for ax, res in zip(axes[0], resources):
-        cost, acc = results[res].to_numpy(float), 100 * results["top1"].to_numpy(float)
-        label = RESOURCE_LABELS[res]
-        if res == "latency_ms" and "latency_median_ms" in results and results["latency_median_ms"].notna().all():
-            cost = _measured_beside_predicted(ax, results, acc)
-            label = "latency (ms): measured median, interquartile bar; predicted: sum of layers"
-        mask = pareto_mask(cost, acc)
-        ax.scatter(cost, acc, c="tab:gray", label="configs")
-        order = np.argsort(cost[mask])
-        ax.plot(cost[mask][order], acc[mask][order], "o-", c="tab:red", label="Pareto front")
-        for c, a, name in zip(cost, acc, results["config"]):
-            ax.annotate(str(name), (c, a), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if "top1_fp32" in results:
-            ax.axhline(100 * float(results["top1_fp32"].iloc[0]), ls="--", c="tab:blue", label="fp32")
-        ax.set_xlabel(label, fontsize=8 if res == "latency_ms" else None)
-        ax.set_ylabel("top-1 (%), integer executor")
-        ax.set_title(f"Pareto front: accuracy vs {RESOURCE_LABELS[res].split(' (')[0]}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    metrics = [m for m in ("top1", "test_loss") if m in results and results[m].notna().any()]
+    fig, axes = plt.subplots(len(metrics), len(resources), figsize=(5 * len(resources), 4 * len(metrics)),
+                             squeeze=False)
+    for row, metric in zip(axes, metrics):
+        for ax, res in zip(row, resources):
+            _pareto_panel(ax, results, res, metric)
     return _save(plt, fig, path)
+
+
+def _pareto_panel(ax, results: pd.DataFrame, res: str, metric: str) -> None:
+    cost = results[res].to_numpy(float)
+    value = 100 * results[metric].to_numpy(float) if metric == "top1" else results[metric].to_numpy(float)
+    label = RESOURCE_LABELS[res]
+    if res == "latency_ms" and "latency_median_ms" in results and results["latency_median_ms"].notna().all():
+        cost = _measured_beside_predicted(ax, results, value)
+        label = "latency (ms): measured median, interquartile bar; predicted: sum of layers"
+    mask = pareto_mask(cost, value if metric == "top1" else -value)
+    ax.scatter(cost, value, c="tab:gray", label="configs")
+    order = np.argsort(cost[mask])
+    ax.plot(cost[mask][order], value[mask][order], "o-", c="tab:red", label="Pareto front")
+    for c, v, name in zip(cost, value, results["config"]):
+        ax.annotate(str(name), (c, v), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if metric == "top1" and "top1_fp32" in results:
+        ax.axhline(100 * float(results["top1_fp32"].iloc[0]), ls="--", c="tab:blue", label="fp32")
+    ax.set_xlabel(label, fontsize=8 if res == "latency_ms" else None)
+    ax.set_ylabel("top-1 (%), integer executor" if metric == "top1" else "held-out loss, integer executor")
+    name = "accuracy" if metric == "top1" else "loss"
+    ax.set_title(f"Pareto front: {name} vs {RESOURCE_LABELS[res].split(' (')[0]}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _measured_beside_predicted(ax, results: pd.DataFrame, acc: np.ndarray) -> np.ndarray:
@@ -123,21 +135,38 @@ def _measured_beside_predicted(ax, results: pd.DataFrame, acc: np.ndarray) -> np
 
 
 def plot_evidence(rows: pd.DataFrame, path: Path) -> Path:
-    """Measured KL against predicted sum Omega for every config evaluated, by kind, on log axes."""
+    """Measured KL against predicted sum Omega for every config evaluated, by kind, on log axes; then the KL
+    against each resource with its Pareto front (post-training quantization, every config of the stage)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
     distinct = rows.drop_duplicates(["config", "kind"])
-    for kind, style in (("random", dict(c="tab:gray", marker="o", s=14)), ("reversed", dict(c="tab:blue", marker="v")),
-                        ("ilp", dict(c="tab:red", marker="*", s=90))):
-        part = distinct[distinct["kind"] == kind]
-        ax.scatter(part["predicted_omega"].clip(lower=1e-12), part["kl"].clip(lower=1e-12), label=kind, **style)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("predicted sum of Omega (searchable layers, Eq. 8)")
-    ax.set_ylabel("measured KL(fp32 || integer), held-out")
-    ax.set_title("Does the predicted sensitivity order the configs?")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    resources = [r for r in RESOURCE_LABELS if r in rows and rows[r].notna().all()]
+    fig, axes = plt.subplots(1, 1 + len(resources), figsize=(5.5 * (1 + len(resources)), 4.5), squeeze=False)
+    styles = (("random", dict(c="tab:gray", marker="o", s=14)), ("reversed", dict(c="tab:blue", marker="v")),
+              ("ilp", dict(c="tab:red", marker="*", s=90)))
+    for k, ax in enumerate(axes[0]):
+        x_of = (lambda part: part["predicted_omega"].clip(lower=1e-12)) if k == 0 else \
+            (lambda part, r=resources[k - 1]: part[r])
+        for kind, style in styles:
+            part = distinct[distinct["kind"] == kind]
+            ax.scatter(x_of(part), part["kl"].clip(lower=1e-12), label=kind, **style)
+        ax.set_yscale("log")
+        ax.set_ylabel("measured KL(fp32 || integer), held-out")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        if k == 0:
+            from matplotlib.ticker import NullFormatter
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel("predicted sum of Omega (searchable layers, Eq. 8)")
+            ax.set_title("Does the predicted sensitivity order the configs?")
+            continue
+        one = rows.drop_duplicates("config")
+        cost, kl = one[resources[k - 1]].to_numpy(float), one["kl"].to_numpy(float)
+        front = pareto_mask(cost, -kl)
+        order = np.argsort(cost[front])
+        ax.plot(cost[front][order], kl[front][order].clip(1e-12), "-", c="tab:red", lw=1, label="Pareto front")
+        ax.set_xlabel(RESOURCE_LABELS[resources[k - 1]])
+        ax.set_title(f"KL vs {RESOURCE_LABELS[resources[k - 1]].split(' (')[0]} (no fine-tuning)")
     return _save(plt, fig, path)
 
 

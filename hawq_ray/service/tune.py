@@ -36,12 +36,12 @@ from hawq_ray.contract.bits import budget_cell, read_configs
 from hawq_ray.contract.cost import config_costs
 from hawq_ray.service.trial_record import CHECKPOINT_FILE, TrialRecord
 from hawq_ray.quant.finetune import (Recipe, calibrated, checked_split, finetune_epochs, float_predictions,
-                                     fp32_weights, integer_predictions, labels_of, limited, load_checkpoint,
-                                     load_teacher, save_checkpoint, state_sha1, top1)
+                                     fp32_weights, integer_logits, integer_predictions, labels_of, limited,
+                                     load_checkpoint, load_teacher, save_checkpoint, state_sha1, top1)
 
 RESULT_FILE = "finetune.parquet"
 COLUMNS = ["config", "budget", "data", "size_mib", "gbops", "latency_ms", "lr", "weight_decay", "epochs", "top1_fp32",
-           "top1_ptq", "top1", "loss", "start_epoch", "int_matches_qat", "checkpoint", "top1_best", "best_epoch",
+           "top1_ptq", "top1", "loss", "test_loss", "start_epoch", "int_matches_qat", "checkpoint", "top1_best", "best_epoch",
            "best_checkpoint", "trial", "error", "bits"]
 
 
@@ -131,9 +131,11 @@ def qat_trial(hp: dict, setup: dict) -> None:
                              optimizer_state=optimizer_state, device=device)
     for epoch, loss, opt in epochs:
         qm.cpu()                                    # the integer executor and lowering run on the CPU
-        preds = integer_predictions(qm, test)
+        logits = integer_logits(qm, test)
+        preds = logits.argmax(1)
         acc = top1(preds, labels)
         metrics = {"epoch": epoch + 1, "loss": loss, "top1_int": acc, "top1_ptq": extra["top1_ptq"],
+                   "test_loss": float(torch.nn.functional.cross_entropy(logits, labels.to(logits.device))),
                    "gain": acc - extra["top1_ptq"], "start_epoch": start,
                    "int_matches_qat": top1(preds, float_predictions(qm, test))}
         record.commit(metrics, lambda path: save_checkpoint(path, qm, opt, epoch, extra))
@@ -264,6 +266,7 @@ def _result_table(trials: dict, experiment: Path, errors: dict, configs: pd.Data
                      "lr": spec["lr"], "weight_decay": recipe.weight_decay,
                      "epochs": m.get("epoch", 0), "top1_fp32": fp32_top1, "top1_ptq": m.get("top1_ptq", math.nan),
                      "top1": m.get("top1_int", math.nan), "loss": m.get("loss", math.nan),
+                     "test_loss": m.get("test_loss", math.nan),
                      "start_epoch": m.get("start_epoch", 0), "int_matches_qat": m.get("int_matches_qat", math.nan),
                      "checkpoint": str(record.checkpoint(m["epoch"])) if m else "", **_best_epoch(record, progress),
                      "trial": name, "error": errors.get(name, ""), "bits": dict(bits)})
