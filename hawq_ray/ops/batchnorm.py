@@ -17,6 +17,7 @@ from torch import nn
 from hawq_ray.ops.registry import GraphNode, ProgramOp, register_ops
 from hawq_ray.program.dyadic import dyadic
 from hawq_ray.program.program import INT32_MAX, INT32_MIN
+from hawq_ray.quant.fold import bn_sigma
 from hawq_ray.quant.quantizers import activation_scale, signed_range
 from hawq_ray.quant.values import WIDE_BITS, V, absmax, channel_view, np_scale, ste
 
@@ -31,7 +32,7 @@ def _convert_bn(tracer, n, m):
 
 
 def _gain_shift(bn):
-    sigma = torch.sqrt(bn.running_var.to(torch.float64) + bn.eps)
+    sigma = bn_sigma(bn, torch.float64)
     g = (bn.weight.detach().to(torch.float64) if bn.weight is not None else torch.ones_like(sigma)) / sigma
     beta = bn.bias.detach().to(torch.float64) if bn.bias is not None else torch.zeros_like(sigma)
     return g, beta - bn.running_mean.to(torch.float64) * g
