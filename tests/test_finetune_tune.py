@@ -124,7 +124,8 @@ def test_cli_tune_table_matches_checkpoints(tmp_path, weights, mixed_json, data,
 
 EPOCHS = 24     # long enough that Ctrl+C lands before the end, even on an idle machine
 DRIVER = """
-import os, ray
+import faulthandler, os, signal, ray
+faulthandler.register(signal.SIGUSR2, all_threads=True)   # the test asks for every thread's stack if it hangs
 ray.init(address={address!r}, log_to_driver=False)
 from hawq_ray.quant.finetune import Recipe
 from hawq_ray.service.tune import TuneSettings, finetune_run
@@ -139,6 +140,18 @@ def progress_of(out) -> dict:
             for p in glob.glob(str(out / "tune" / "finetune-*" / "*" / "progress.json"))}
 
 
+def finished_or_stacks(proc, timeout: float) -> str:
+    """The process's output once it exits; if it has not within `timeout`, a failure that shows where each of its
+    threads was (faulthandler on SIGUSR2)."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR2)
+        time.sleep(5)
+        proc.kill()
+        pytest.fail(f"no exit {timeout:.0f} s after Ctrl-C; its threads:\n{proc.communicate()[0][-12000:]}")
+
+
 def test_interrupted_run_resumes_from_checkpoints(tmp_path, weights, mixed_json):
     out = tmp_path / "run"
     code = DRIVER.format(address=ray.get_runtime_context().gcs_address, mixed=str(mixed_json), out=str(out),
@@ -150,7 +163,7 @@ def test_interrupted_run_resumes_from_checkpoints(tmp_path, weights, mixed_json)
         assert driver.poll() is None, driver.communicate()[0][-2000:]
         time.sleep(0.05)
     driver.send_signal(signal.SIGINT)
-    log = driver.communicate(timeout=120)[0]
+    log = finished_or_stacks(driver, 120)
     assert driver.returncode != 0 and "KeyboardInterrupt" in log, log[-2000:]   # stopped, not "finished"
     assert not (out / "finetune.parquet").exists()
 
