@@ -197,3 +197,14 @@ def test_validate_cli_prints_the_standing_and_writes_every_row(tmp_path):
         bad = validate(*args)
         lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
         assert bad.returncode == 2 and len(lines) == 1 and named in lines[0], bad.stderr
+
+
+def test_a_point_whose_fills_cannot_start_keeps_its_ilp_row(monkeypatch):
+    import hawq_ray.service.evidence as E
+    t = random_table(np.random.default_rng(0), 6)
+
+    def cannot_start(inputs, budgets):
+        raise BudgetError("cannot be filled from the cheapest width of every unit")
+    monkeypatch.setattr(E, "reversed_allocation", cannot_start)
+    rows = E.alternatives(t, [{"size": 0.5}, {"size": -5.0}], randoms=3)     # the second point is infeasible
+    assert rows["kind"].tolist() == ["ilp"] and rows["budget"].tolist() == ['[{"size": 0.5}]']

@@ -17,8 +17,6 @@ import torch.nn.functional as F
 
 from hawq_ray.quant.finetune import Recipe, calibrated, integer_logits, labels_of
 
-KINDS = ("ilp", "reversed", "random")
-
 
 def logit_metrics(fp32: torch.Tensor, quantized: torch.Tensor, labels: torch.Tensor) -> dict:
     """top1 and loss (cross-entropy) of the quantized logits, and their mean KL(p_fp32 || p_quantized)."""

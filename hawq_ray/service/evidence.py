@@ -16,6 +16,7 @@ from hawq_ray.analysis.evidence import evaluate_bits
 from hawq_ray.contract.bits import budget_cell
 from hawq_ray.contract.cost import RESOURCES
 from hawq_ray.quant.finetune import float_logits
+from hawq_ray.service.sweep import cpu_chunks
 from solver.alternatives import random_allocations, reversed_allocation
 from solver.ilp import BudgetError, ilp_inputs, solve_inputs
 
@@ -24,16 +25,20 @@ COLUMNS = ["budget", "kind", "config", "predicted_omega", *RESOURCES, "top1", "l
 
 def alternatives(table: pd.DataFrame, grid: Sequence[dict], randoms: int, seed: int = 0) -> pd.DataFrame:
     """One row per (budget point, config): the ILP's, the reversed and up to `randoms` random allocations, with
-    their predicted sum of Omega over the searchable layers and their totals. Infeasible points are left out."""
+    their predicted sum of Omega over the searchable layers and their totals. Infeasible points are left out; a
+    point whose fills cannot start (combined budgets the cheapest widths break) keeps its ILP row alone."""
     inputs = ilp_inputs(table)
     rows = []
     for k, budgets in enumerate(grid):
+        chosen = []
         try:
-            chosen = [("ilp", solve_inputs(inputs, budgets)), ("reversed", reversed_allocation(inputs, budgets))]
-        except BudgetError:
-            continue
-        chosen += [("random", a) for a in random_allocations(inputs, budgets, randoms, seed + k,
-                                                             exclude=[a.bits for _, a in chosen])]
+            chosen = [("ilp", solve_inputs(inputs, budgets))]
+            chosen.append(("reversed", reversed_allocation(inputs, budgets)))
+            chosen += [("random", a) for a in random_allocations(inputs, budgets, randoms, seed + k,
+                                                                 exclude=[a.bits for _, a in chosen])]
+        except BudgetError:       # infeasible; or (budgets combined) no fill can start: the ILP's row stays
+            if not chosen:
+                continue
         for kind, a in chosen:
             rows.append({"budget": budget_cell([budgets]), "kind": kind, "config": _config_id(a.bits),
                          "predicted_omega": a.objective, **{r: a.totals["model"].get(r, np.nan) for r in RESOURCES},
@@ -59,8 +64,7 @@ def evidence_table(model, shape, data, table: pd.DataFrame, grid: Sequence[dict]
     distinct = list(dict.fromkeys(rows["config"]))
     bits_of = dict(zip(rows["config"], rows["bits"]))
     fp32 = float_logits(model, data.test)
-    cpus = int(ray.cluster_resources().get("CPU", 1)) or 1
-    chunks = [c for c in np.array_split(np.arange(len(distinct)), min(len(distinct), 2 * cpus)) if len(c)]
+    chunks = cpu_chunks(len(distinct))
     refs = [ray.put(x) for x in (model, shape, data, table, fp32)]
     task = ray.remote(num_cpus=1)(_evaluate_chunk)
     pending = {task.remote(*refs, [bits_of[distinct[i]] for i in c]): c for c in chunks}

@@ -270,14 +270,15 @@ def _run_stages(cfg: dict, name: str, shape: tuple, run_dir: Path, address, log)
     table = tables["sensitivity"].merge(
         tables["latency"][["layer", "lat4_ms", "lat8_ms", "lat32_ms"]], on="layer", how="left")
     table.to_parquet(run_dir / "table.parquet", index=False)
-    key = fingerprint(fingerprint(table.to_json()), cfg["budgets"], cfg["uniform"], cfg["sweep"], cfg["seed"])
+    table_key = fingerprint(table.to_json())
+    key = fingerprint(table_key, cfg["budgets"], cfg["uniform"], cfg["sweep"], cfg["seed"])
     tables["sweep"] = cached_stage(run_dir, "sweep", key,
                                    lambda: _sweep(table, cfg["budgets"], cfg["uniform"], cfg["sweep"]["draws"],
                                                   cfg["seed"]), log)
 
     v = cfg["evidence"]
     if v["enabled"]:
-        vkey = fingerprint(fingerprint(table.to_json()), weights_key, spec, cfg["budgets"], v, cfg["seed"])
+        vkey = fingerprint(table_key, weights_key, spec, cfg["budgets"], v, cfg["seed"])
         tables["evidence"] = cached_stage(run_dir, "evidence", vkey,
                                           lambda: _evidence(model, shape, data, table, cfg, log), log)
 

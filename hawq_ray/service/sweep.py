@@ -20,7 +20,7 @@ def _solve_chunk(inputs, grid: list) -> tuple:
 def ray_solve(inputs, grid: list, workers: set | None = None) -> list:
     """`solver.sweep.solve_points(inputs, grid)` as Ray tasks on the cluster this process has joined; the
     process ids of the workers that answered are added to `workers` when given."""
-    chunks = _chunks(len(grid))
+    chunks = cpu_chunks(len(grid))
     ref = ray.put(inputs)
     task = ray.remote(num_cpus=1)(_solve_chunk)
     answers = ray.get([task.remote(ref, [grid[i] for i in c]) for c in chunks])
@@ -29,7 +29,8 @@ def ray_solve(inputs, grid: list, workers: set | None = None) -> list:
     return [r for _, part in answers for r in part]
 
 
-def _chunks(n: int) -> list:
+def cpu_chunks(n: int) -> list:
+    """Index chunks of range(n), a few per CPU of the cluster, so that the per-task overhead stays small."""
     cpus = int(ray.cluster_resources().get("CPU", 1)) or 1
     return [c for c in np.array_split(np.arange(n), min(n, 2 * cpus)) if len(c)]
 
@@ -42,7 +43,7 @@ def ray_draw_answers(table, grid: list, draws: int, seed: int = 0, workers: set 
     """`solver.confidence.draw_answers(table, grid, range(draws), seed)` as Ray tasks."""
     ref = ray.put(table)
     task = ray.remote(num_cpus=1)(_draw_chunk)
-    answers = ray.get([task.remote(ref, grid, range(int(c[0]), int(c[-1]) + 1), seed) for c in _chunks(draws)])
+    answers = ray.get([task.remote(ref, grid, range(int(c[0]), int(c[-1]) + 1), seed) for c in cpu_chunks(draws)])
     if workers is not None:
         workers.update(pid for pid, _ in answers)
     return [draw for _, part in answers for draw in part]

@@ -41,8 +41,8 @@ from hawq_ray.quant.finetune import (Recipe, calibrated, checked_split, finetune
 
 RESULT_FILE = "finetune.parquet"
 COLUMNS = ["config", "budget", "data", "size_mib", "gbops", "latency_ms", "lr", "weight_decay", "epochs", "top1_fp32",
-           "top1_ptq", "top1", "loss", "test_loss", "start_epoch", "int_matches_qat", "checkpoint", "top1_best", "best_epoch",
-           "best_checkpoint", "trial", "error", "bits"]
+           "top1_ptq", "top1", "loss", "test_loss", "start_epoch", "int_matches_qat", "checkpoint", "top1_best",
+           "best_epoch", "best_checkpoint", "trial", "error", "bits"]
 
 
 @dataclasses.dataclass(frozen=True)
