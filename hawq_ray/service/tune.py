@@ -18,6 +18,7 @@ written by someone else cannot run code here. Trials run on the Ray session the 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,6 +26,8 @@ import math
 import os
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -218,17 +221,60 @@ def _fit(trials: dict, setup: dict, resources: dict, settings: TuneSettings, rec
     and never read back: trials resume from their TrialRecords, not from Tune's state."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    # Ctrl-C must stop the caller, not end the experiment early and return as if it had finished
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     shutil.rmtree(experiment / "ray", ignore_errors=True)
     trainable = tune.with_resources(tune.with_parameters(qat_trial, setup=setup), resources)
     scheduler = ASHAScheduler(time_attr="epoch", metric="gain", mode="max", max_t=recipe.epochs,
                               grace_period=1, reduction_factor=2) if settings.asha else None
-    tuner = tune.Tuner(
-        trainable, param_space={"trial": tune.grid_search(list(trials))},
-        tune_config=tune.TuneConfig(num_samples=1, scheduler=scheduler),
-        run_config=tune.RunConfig(storage_path=str(experiment), name="ray", verbose=0))
-    return tuner.fit()
+    with _ctrl_c_stops_tune() as interrupted:
+        tuner = tune.Tuner(
+            trainable, param_space={"trial": tune.grid_search(list(trials))},
+            tune_config=tune.TuneConfig(num_samples=1, scheduler=scheduler),
+            run_config=tune.RunConfig(storage_path=str(experiment), name="ray", verbose=0,
+                                      stop=_stop_all_when(interrupted)))
+        grid = tuner.fit()
+    if interrupted.is_set():
+        raise KeyboardInterrupt
+    return grid
+
+
+def _stop_all_when(event):
+    """A Tune stopper that ends the whole experiment once `event` is set."""
+    from ray.tune import Stopper
+
+    class StopAllWhen(Stopper):
+        def __call__(self, trial_id, result) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return event.is_set()
+
+        def __reduce__(self):          # Tune pickles its state; the copy (never read back here) needs no event
+            return Stopper, ()
+    return StopAllWhen()
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops_tune():
+    """Ctrl-C during the run sets the yielded event instead of raising inside Tune's loop (a KeyboardInterrupt
+    there can land in Ray's own locks and hang the interpreter's exit); Tune then stops its trials, and `_fit`
+    raises KeyboardInterrupt in the caller, so an interrupted run never returns as if it had finished. A second
+    Ctrl-C raises at once. Tune's own handler, which ends the run and returns normally, stays off."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():     # only the main thread may take signals
+        yield interrupted
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def stop(signum, frame):
+        interrupted.set()
+        signal.signal(signal.SIGINT, previous)
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    signal.signal(signal.SIGINT, stop)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _fp32_model(student: Student):
