@@ -263,7 +263,7 @@ def _ctrl_c_stops_tune():
     if threading.current_thread() is not threading.main_thread():     # only the main thread may take signals
         yield interrupted
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = signal.getsignal(signal.SIGINT) or signal.default_int_handler   # None: a handler set outside Python
 
     def stop(signum, frame):
         interrupted.set()
