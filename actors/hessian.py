@@ -1,11 +1,12 @@
 """Per-layer Hessian traces on Ray: one `HessianActor` per device, each with a model replica and data shards.
 
-Shard b is batch b of the data; actor a holds the shards b with b % n_actors == a and answers, for a block
-of iterations, the per-layer v^T H_b v of each of its shards (`hawq_ray.analysis.sensitivity.shard_samples`, the
+Shard b is batch b of the data; actor a holds the shards b with b % n_actors == a and answers two questions:
+H_b X for the rows of the deflation (`hawq_ray.analysis.sensitivity.hessian_products`), and for a block of
+iterations the per-layer samples of each of its shards (`hawq_ray.analysis.sensitivity.shard_samples`, the
 vectors seeded from (seed, b, t)). The driver keys every answer by (shard, iteration) and merges them with
 `hawq_ray.analysis.sensitivity.iterate_traces` in sorted order, never in arrival order: the table is the same bit for
 bit whatever the number of actors. An actor that dies is replaced and its whole block asked again; an
-actor answers a block all at once, so a block is either counted once or not at all.
+actor answers a question all at once, so an answer is either counted once or not at all.
 """
 from __future__ import annotations
 
@@ -35,21 +36,29 @@ class HessianActor:
         self.positions = S.weight_positions(self.model, layers)
         self.graphs = {}
 
-    def samples(self, seed: int, iterations: range) -> dict:
-        """{"node": node id, "cpu_s": CPU seconds of this call, "samples": {(shard, t): per-layer v^T H v}}."""
+    def graph(self, b: int):
+        if b not in self.graphs:
+            self.graphs[b] = S.gradient_graph(self.model, self.shards[b], self.criterion)
+        return self.graphs[b]
+
+    def products(self, rows) -> dict:
+        """{"node", "cpu_s", "answer": {shard: H_b rows}} for the (k, n) rows of the deflation."""
+        cpu = time.process_time()
+        out = {b: S.hessian_products(*self.graph(b), rows) for b in sorted(self.shards)}
+        return {"node": ray.get_runtime_context().get_node_id(), "cpu_s": time.process_time() - cpu, "answer": out}
+
+    def samples(self, seed: int, iterations: range, basis) -> dict:
+        """{"node", "cpu_s", "answer": {(shard, t): per-layer sample}} for a block of iterations."""
         cpu, out = time.process_time(), {}
         for b in sorted(self.shards):
-            if b not in self.graphs:
-                self.graphs[b] = S.gradient_graph(self.model, self.shards[b], self.criterion)
-            params, grads = self.graphs[b]
-            rows = S.shard_samples(params, grads, self.positions, seed, b, iterations)
+            rows = S.shard_samples(*self.graph(b), self.positions, seed, b, iterations, basis)
             out.update({(b, t): row for t, row in zip(iterations, rows)})
-        return {"node": ray.get_runtime_context().get_node_id(), "cpu_s": time.process_time() - cpu, "samples": out}
+        return {"node": ray.get_runtime_context().get_node_id(), "cpu_s": time.process_time() - cpu, "answer": out}
 
 
 def actor_layer_traces(model: nn.Module, batches, *, actors: int = 2, layers: Sequence[str] | None = None,
                        criterion=None, tol: float = 0.05, max_iter: int = 100, min_iter: int = 8, block: int = 4,
-                       seed: int = 0, threads: int = 1, max_restarts: int = 3,
+                       seed: int = 0, rank: int = S.DEFAULT_RANK, threads: int = 1, max_restarts: int = 3,
                        progress: Callable[[int, float], None] | None = None) -> pd.DataFrame:
     """`hawq_ray.analysis.sensitivity.layer_traces` computed by `actors` HessianActors (at most one per batch).
 
@@ -59,11 +68,11 @@ def actor_layer_traces(model: nn.Module, batches, *, actors: int = 2, layers: Se
     """
     layers = list(layers) if layers is not None else S.quantizable_layers(model)
     batches = S.check_batches(batches)
-    S.check_settings(tol, min_iter, max_iter, block, seed)
+    S.check_settings(tol, min_iter, max_iter, block, seed, rank)
     if actors < 1:
         raise HawqError(f"actors={actors}: valid is a positive number of Hessian actors")
     with S.eval_mode(model):
-        S.weight_positions(model, layers)
+        positions = S.weight_positions(model, layers)
         S.check_loss(model, batches, criterion)
     n = min(actors, len(batches))
     options = actor_options(n, ray.cluster_resources())
@@ -79,8 +88,9 @@ def actor_layer_traces(model: nn.Module, batches, *, actors: int = 2, layers: Se
 
     handles = [start(a) for a in range(n)]
 
-    def sample_block(its: range) -> dict:
-        pending = {handles[a].samples.remote(seed, its): a for a in range(n)}
+    def ask(question) -> dict:
+        """Every actor's answer to `question(handle)`, merged; an actor that died is replaced and asked again."""
+        pending = {question(handles[a]): a for a in range(n)}
         got = {}
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
@@ -93,7 +103,7 @@ def actor_layer_traces(model: nn.Module, batches, *, actors: int = 2, layers: Se
                 state["restarts"] += 1
                 ray.kill(handles[a])
                 handles[a] = start(a)
-                pending[handles[a].samples.remote(seed, its)] = a
+                pending[question(handles[a])] = a
                 continue
             except ray.exceptions.RayTaskError as err:
                 if isinstance(err.cause, HawqError):
@@ -101,12 +111,23 @@ def actor_layer_traces(model: nn.Module, batches, *, actors: int = 2, layers: Se
                 raise
             state["nodes"].add(answer["node"])
             state["cpu_s"] += answer["cpu_s"]
-            got.update(answer["samples"])
+            got.update(answer["answer"])
         return got
 
+    def products(rows):
+        ref = ray.put(rows)
+        return ask(lambda h: h.products.remote(ref))
+
+    def sample_block(its: range, basis) -> dict:
+        ref = ray.put(basis)
+        return ask(lambda h: h.samples.remote(seed, its, ref))
+
+    params = [p for p in model.parameters() if p.requires_grad]
     try:
-        table = S.iterate_traces(sample_block, layers, S.shard_weights(batches), tol=tol, min_iter=min_iter,
-                                 max_iter=max_iter, block=block, progress=progress)
+        table = S.iterate_traces(sample_block, products, layers, S.shard_weights(batches),
+                                 S.layer_slices(params, positions), sum(p.numel() for p in params), rank=rank,
+                                 seed=seed, tol=tol, min_iter=min_iter, max_iter=max_iter, block=block,
+                                 progress=progress)
     finally:
         for h in handles:
             ray.kill(h)
