@@ -22,11 +22,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hawq_ray.analysis.sensitivity import DEFAULT_RANK
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.bits import budget_cell, parse_bits
 from hawq_ray.contract.integrity import file_sha256
-from hawq_ray.service.settings import (ACTORS, BATCH, COUNT, EPOCHS, FRACTION, ITERATIONS, LEARNING_RATE, SEED,
-                                       TOLERANCE, Bool, Choice, TargetSpec, Text, check_mapping, fits_in_memory)
+from hawq_ray.service.settings import (ACTORS, BATCH, COUNT, EPOCHS, FRACTION, ITERATIONS, LEARNING_RATE, RANK,
+                                       SEED, TOLERANCE, Bool, Choice, TargetSpec, Text, check_mapping, fits_in_memory)
 
 DEFAULT_CONFIG = {
     "model": None,            # None: the embedded digits_resnet
@@ -39,7 +40,7 @@ DEFAULT_CONFIG = {
     "uniform": ["uniform4", "uniform8"],
     "sweep": {"draws": 200},  # trace draws re-solved per budget: how firmly the traces support each choice
     "fp32_epochs": 8,
-    "sensitivity": {"actors": 2, "batches": 4, "batch_size": 64, "tol": 0.05, "max_iter": 64},
+    "sensitivity": {"actors": 2, "batches": 4, "batch_size": 64, "tol": 0.05, "max_iter": 64, "rank": DEFAULT_RANK},
     "profile": {"batch": 8, "target": "llvm", "resource": None, "actors": 1, "rounds": 5},
     "tune": {"epochs": 4, "samples": 1, "lr": 0.01, "distill": False, "teacher": None, "asha": False},
     "deploy": {"target": "llvm", "batch": 8, "inputs": 4, "rounds": 15},   # rounds: of interleaved timing
@@ -50,7 +51,7 @@ RUN_SCHEMA = {   # the type and range of every setting above except budgets, inp
     "model": Text(), "weights": Text(), "pretrained": Bool(), "data": Text(), "seed": SEED, "fp32_epochs": EPOCHS,
     "sweep": {"draws": COUNT},
     "sensitivity": {"actors": ACTORS, "batches": COUNT, "batch_size": BATCH, "tol": TOLERANCE,
-                    "max_iter": ITERATIONS},
+                    "max_iter": ITERATIONS, "rank": RANK},
     "profile": {"batch": BATCH, "target": TargetSpec(), "resource": Text(), "actors": ACTORS, "rounds": COUNT},
     "tune": {"epochs": EPOCHS, "samples": COUNT, "lr": LEARNING_RATE, "distill": Bool(), "teacher": Text(),
              "asha": Bool()},
@@ -326,7 +327,8 @@ def _sensitivity(model, data, layers: pd.DataFrame, s: dict, seed: int, log) -> 
 
     try:
         traces = actor_layer_traces(model, shards, actors=s["actors"], layers=list(layers["layer"]),
-                                    tol=s["tol"], max_iter=s["max_iter"], seed=seed, progress=progress)
+                                    tol=s["tol"], max_iter=s["max_iter"], rank=s["rank"], seed=seed,
+                                    progress=progress)
     finally:
         bar.close()
     out = sensitivity_columns(layers, traces, weight_deltas(model, list(layers["layer"])))

@@ -122,6 +122,7 @@ ACTORS = Int(1, 256)
 EPOCHS = Int(1, 10000)
 COUNT = Int(1, 1000)              # rounds, inputs, batches, samples
 ITERATIONS = Int(1, 100000)
+RANK = Int(0, 4096)               # deflation basis of the Hessian traces; 0: plain Hutchinson
 SEED = Int(0, 2**32 - 1)
 TOLERANCE = Float(0.0, 1.0)       # relative stderr of a trace; 0: run every iteration
 SAMPLES = Int(1, 10**9)           # images of a split

@@ -13,8 +13,9 @@ import time
 
 from hawq_ray.service.cli import print_json
 from hawq_ray.service.cli.common import add_model_args, data_note, fmt_table, resolve
+from hawq_ray.analysis.sensitivity import DEFAULT_RANK
 from hawq_ray.contract import HawqError
-from hawq_ray.service.settings import ACTORS, BATCH, COUNT, ITERATIONS, SEED, TOLERANCE, Int
+from hawq_ray.service.settings import ACTORS, BATCH, COUNT, ITERATIONS, RANK, SEED, TOLERANCE, Int
 
 SHOWN = ["layer", "params", "trace", "trace_stderr", "trace_converged", "delta4", "delta8", "omega4", "omega8"]
 
@@ -29,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--tol", type=TOLERANCE, default=0.05, help="target relative standard error per layer (default 0.05)")
     p.add_argument("--max-iter", type=ITERATIONS, default=100, help="most Hutchinson iterations (default 100)")
     p.add_argument("--min-iter", type=ITERATIONS, default=8, help="fewest Hutchinson iterations (default 8)")
+    p.add_argument("--rank", type=RANK, default=DEFAULT_RANK,
+                   help=f"directions whose trace is computed exactly before sampling the rest (Hutch++-style "
+                        f"deflation; 0: plain Hutchinson; default {DEFAULT_RANK})")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the random vectors (default 0)")
     p.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
     p.add_argument("--out", required=True, help="output parquet file, e.g. sens.parquet")
@@ -70,7 +74,7 @@ def compute(md, data, args, progress):
     if table.empty:
         raise HawqError(f"model {md.name} has no quantizable layer: valid models contain a Conv2d or Linear")
     settings = dict(layers=table["layer"].tolist(), tol=args.tol, max_iter=args.max_iter,
-                    min_iter=args.min_iter, seed=args.seed, progress=progress)
+                    min_iter=args.min_iter, rank=args.rank, seed=args.seed, progress=progress)
     if args.actors > 0:
         from actors.hessian import actor_layer_traces
         from hawq_ray.service.session import connect
@@ -91,7 +95,8 @@ def run_sensitivity(args) -> int:
     md = resolve(args)
     data = batches(md.data.train, args.batch_size, args.batches)
     settings = {"stage": "sensitivity", "batches": args.batches, "batch_size": args.batch_size,
-                "tol": args.tol, "max_iter": args.max_iter, "min_iter": args.min_iter, "seed": args.seed,
+                "tol": args.tol, "max_iter": args.max_iter, "min_iter": args.min_iter, "rank": args.rank,
+                "seed": args.seed,
                 "actors": args.actors > 0, "data": md.data.name}
     cached = out.parent / ".hawq-ray-cache" / f"sensitivity-{traces_cache_key(md.model, data, settings)[:32]}.parquet"
     hit = cached.is_file() and not args.no_cache
@@ -113,6 +118,7 @@ def run_sensitivity(args) -> int:
     not_converged = result.loc[~result["trace_converged"], "layer"].tolist()
     summary = {"model": md.name, "data": md.data.name, "synthetic": bool(md.data.synthetic), "out": str(out),
                "cached": hit, "layers": len(result), "iterations": int(result["trace_samples"].max()),
+               "hv_products": result.attrs.get("hv_products"),
                "not_converged": not_converged, "seconds": round(time.time() - t0, 3)}
     print(fmt_table(result[SHOWN]))
     print(f"{summary['layers']} layers, {summary['iterations']} iterations, {len(not_converged)} not converged "
