@@ -4,8 +4,14 @@
    layers from one Hv) vs pyhessian's whole-model `trace()`.            bar: ours <= 1.2x pyhessian
 2. Ray, fixed work (shards x iterations, tol 0): 2 HessianActors vs 1, one torch thread each.
                                                                          bar: 2 actors >= 1.6x faster
+3. Hessian-vector products until every layer reaches 5% relative stderr, plain Hutchinson (rank 0) vs the
+   deflated estimator (rank 16), on models trained on the digits data (the default model, 8 epochs, and
+   resnet20_cifar10, 2 epochs), 4 shards of 64 as in the default run.  bar (issue 15): deflated <= half
+   Plain Hutchinson runs to --plain-max-iter; where it has not converged by then, the count it would need
+   is projected from its measured variance (n * (rel_stderr / tol)^2) and marked as projected.
 
     python bench/bench_sensitivity.py [--model resnet20_cifar10] [--batch-size 32] [--iters 20]
+    python bench/bench_sensitivity.py --only-hv [--hv-models digits_resnet,resnet20_cifar10]
 """
 from __future__ import annotations
 
@@ -76,7 +82,7 @@ def end_to_end(model, batch, iters: int):
     for p in model.parameters():
         p.grad = None
     t = time.perf_counter()
-    layer_traces(model, [batch], tol=0.0, max_iter=iters, min_iter=iters, block=iters)
+    layer_traces(model, [batch], tol=0.0, max_iter=iters, min_iter=iters, block=iters, rank=0)
     return t_ph, time.perf_counter() - t
 
 
@@ -98,7 +104,7 @@ def actors_speedup(model, batch_size: int, shards: int, iters: int):
             marks = []
             t = time.perf_counter()
             table = actor_layer_traces(model, data, actors=n, tol=0.0, max_iter=iters, min_iter=iters, block=2,
-                               threads=1, progress=lambda it, w: marks.append(time.perf_counter()))
+                               rank=0, threads=1, progress=lambda it, w: marks.append(time.perf_counter()))
             total = time.perf_counter() - t
             steady = (marks[-1] - marks[0]) / (len(marks) - 1)  # per block, after the actors started
             prev = out.get(n)
@@ -107,6 +113,47 @@ def actors_speedup(model, batch_size: int, shards: int, iters: int):
     finally:
         ray.shutdown()
     return out
+
+
+def trained_on_digits(name: str, epochs: int, cache: Path):
+    from hawq_ray.inputs.data import batches, load_data
+    from hawq_ray.inputs.models import input_shape
+    from hawq_ray.quant.finetune import fp32_weights
+
+    data = load_data("digits", input_shape=input_shape(name), seed=0)
+    model, _, _ = fp32_weights(cache, data, model_name=name, epochs=epochs, seed=0)
+    return model, batches(data.train, 64, 4)
+
+
+def hv_to_tolerance(model, shards, rank: int, tol: float, max_iter: int):
+    """(Hv spent, converged, projected Hv): one run of layer_traces; the projection from the sample variance."""
+    import numpy as np
+
+    t = time.perf_counter()
+    table = layer_traces(model, shards, tol=tol, max_iter=max_iter, rank=rank, block=4)
+    seconds = time.perf_counter() - t
+    rel = (table["trace_stderr"] / table["trace"].abs()).to_numpy()
+    iters = int(table["trace_samples"].iloc[0])
+    projected = len(shards) * (2 * table.attrs["rank"] + int(np.ceil(iters * (rel.max() / tol) ** 2)))
+    return table.attrs["hv_products"], bool(table["trace_converged"].all()), projected, float(rel.max()), seconds
+
+
+def hv_counts(names, tol: float, rank: int, plain_max_iter: int, cache: Path) -> None:
+    print(f"\n3. Hv products until every layer reaches relative stderr {tol} (4 shards of 64 digits images)")
+    print(f"{'model':20s}{'estimator':22s}{'Hv':>8s}{'reached':>9s}{'worst rel':>11s}{'seconds':>9s}"
+          f"{'ratio':>8s}{'bar':>8s}")
+    for name in names:
+        model, shards = trained_on_digits(name, 8 if name == "digits_resnet" else 2, cache)
+        plain = hv_to_tolerance(model, shards, 0, tol, plain_max_iter)
+        deflated = hv_to_tolerance(model, shards, rank, tol, 100000)
+        plain_hv = plain[0] if plain[1] else plain[2]
+        label = f"{plain_hv}{'' if plain[1] else '*'}"
+        print(f"{name:20s}{'plain Hutchinson':22s}{label:>8s}{str(plain[1]):>9s}{plain[3]:11.3f}{plain[4]:9.1f}"
+              f"{1:8.2f}")
+        ratio = deflated[0] / plain_hv
+        print(f"{'':20s}{f'deflated, rank {rank}':22s}{deflated[0]:8d}{str(deflated[1]):>9s}{deflated[3]:11.3f}"
+              f"{deflated[4]:9.1f}{ratio:8.3f}{'<= 0.5':>8s}  {'PASS' if ratio <= 0.5 and deflated[1] else 'FAIL'}")
+    print(f"* projected from the variance measured over {plain_max_iter} iterations (not reached by then)")
 
 
 def main(argv=None) -> int:
@@ -119,10 +166,18 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-actors", action="store_true")
     ap.add_argument("--shards", type=int, default=2, help="batches of fixed work for the actor comparison")
     ap.add_argument("--actor-iters", type=int, default=32)
+    ap.add_argument("--only-hv", action="store_true", help="only section 3 (Hv products to tolerance)")
+    ap.add_argument("--hv-models", default="digits_resnet,resnet20_cifar10")
+    ap.add_argument("--rank", type=int, default=16, help="deflation rank of section 3")
+    ap.add_argument("--plain-max-iter", type=int, default=200, help="most plain-Hutchinson iterations, section 3")
+    ap.add_argument("--cache", type=Path, default=Path("runs/bench-sensitivity"), help="trained weights cached here")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.only_hv:
+        hv_counts(args.hv_models.split(","), 0.05, args.rank, args.plain_max_iter, args.cache)
+        return 0
     model, batch = model_and_batch(args.model, args.batch_size)
     nparams = sum(p.numel() for p in model.parameters())
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (timings are contended above ~2)")
@@ -153,6 +208,7 @@ def main(argv=None) -> int:
     print(f"{'implied by actor CPU s/Hv':28s}{s_cpu:10.2f}{'':13s}   (speedup if each actor had an idle core)")
     print(f"{'speedup 2 vs 1':28s}{s_total:10.2f}{s_steady:13.2f}   bar >= 1.6  "
           f"{'PASS' if s_total >= 1.6 else 'FAIL'} (total)  {'PASS' if s_steady >= 1.6 else 'FAIL'} (steady)")
+    hv_counts(args.hv_models.split(","), 0.05, args.rank, args.plain_max_iter, args.cache)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     return 0
 
