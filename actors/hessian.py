@@ -118,9 +118,12 @@ def actor_layer_traces(model: nn.Module, batches, *, actors: int = 2, layers: Se
         ref = ray.put(rows)
         return ask(lambda h: h.products.remote(ref))
 
+    shared = {}   # the basis, put into the object store once rather than with every block
+
     def sample_block(its: range, basis) -> dict:
-        ref = ray.put(basis)
-        return ask(lambda h: h.samples.remote(seed, its, ref))
+        if shared.get("basis") is not basis:
+            shared.update(basis=basis, ref=ray.put(basis))
+        return ask(lambda h: h.samples.remote(seed, its, shared["ref"]))
 
     params = [p for p in model.parameters() if p.requires_grad]
     try:
