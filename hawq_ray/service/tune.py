@@ -228,7 +228,8 @@ def _fit(trials: dict, setup: dict, resources: dict, settings: TuneSettings, rec
     with _ctrl_c_stops_tune() as interrupted:
         tuner = tune.Tuner(
             trainable, param_space={"trial": tune.grid_search(list(trials))},
-            tune_config=tune.TuneConfig(num_samples=1, scheduler=scheduler),
+            # a reused trial process skips Python start-up and the imports: most of a small trial's time
+            tune_config=tune.TuneConfig(num_samples=1, scheduler=scheduler, reuse_actors=True),
             run_config=tune.RunConfig(storage_path=str(experiment), name="ray", verbose=0,
                                       stop=_stop_all_when(interrupted)))
         grid = tuner.fit()
