@@ -129,6 +129,29 @@ def test_report_has_its_plots(killed_then_resumed):
         assert data[:4] == b"\x89PNG" and len(data) > 5000
 
 
+def test_reported_evidence_is_recomputed_from_the_stored_rows(killed_then_resumed):
+    """The report's Spearman figure and each budget's rank, recomputed by scipy / numpy from evidence.parquet."""
+    import re
+    from scipy.stats import spearmanr
+    out = killed_then_resumed[0]
+    text = (out / "report.md").read_text()
+    rows = pd.read_parquet(out / "evidence.parquet")
+    distinct = rows.drop_duplicates("config")
+    rho, n = re.search(r"measured KL: \*\*(\S+)\*\* over (\d+) distinct configs", text).groups()
+    assert int(n) == len(distinct)
+    expected = spearmanr(distinct["predicted_omega"], distinct["kl"]).statistic if len(distinct) > 1 else np.nan
+    assert (rho == "nan" and np.isnan(expected)) or float(rho) == pytest.approx(expected, abs=0.005)
+    table = text[text.index("| budget | ilp_config |"):].split("\n\n")[0].splitlines()[2:]
+    assert len(table) == rows["budget"].nunique()
+    for line in table:
+        budget, config, _, randoms, _, rank = [c.strip() for c in line.strip("|").split("|")][:6]
+        group = rows[rows["budget"] == budget]
+        ilp_kl = group.loc[group["kind"] == "ilp", "kl"].iloc[0]
+        assert group.loc[group["kind"] == "ilp", "config"].iloc[0] == config
+        kl = group.loc[group["kind"] == "random", "kl"].to_numpy()
+        assert int(randoms) == len(kl) and int(rank) == 1 + int(np.sum(kl < ilp_kl))
+
+
 def test_bad_run_config(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("budgets: {flops: [0.5]}\n")
