@@ -34,9 +34,9 @@ def count(model):
 def test_default_model_architecture_and_size():
     model = get_model()
     assert get_model(DEFAULT_MODEL).__class__ is DigitsResNet
-    convs = 9 * 1 * 16 + 2 * 9 * 16 * 16 + (9 * 16 * 32 + 9 * 32 * 32 + 16 * 32) + (9 * 32 * 48 + 9 * 48 * 48 + 32 * 48)
-    bns = 2 * (3 * 16 + 3 * 32 + 3 * 48)
-    assert count(model) == convs + bns + 48 * 10 + 10 == 56_250
+    convs = 9 * 1 * 8 + 2 * 9 * 8 * 8 + (9 * 8 * 16 + 9 * 16 * 16 + 8 * 16) + (9 * 16 * 24 + 9 * 24 * 24 + 16 * 24)
+    bns = 2 * (3 * 8 + 3 * 16 + 3 * 24)
+    assert count(model) == convs + bns + 24 * 10 + 10 == 14_370
     assert input_shape(model) == input_shape(None) == input_shape(DEFAULT_MODEL) == (1, 16, 16)
     assert num_classes(model) == 10
     assert model.block1.downsample is None
@@ -153,7 +153,7 @@ def test_weights_that_do_not_match_the_model_name_the_keys(tmp_path):
     with pytest.raises(HawqError, match=r"does not match model .*missing \d+: .*unexpected \d+: stem\.conv\.weight"):
         get_model("resnet20_cifar10", weights=path)
     torch.save(DigitsResNet(num_classes=7).state_dict(), path)
-    with pytest.raises(HawqError, match=r"shape mismatch 2: fc\.weight \(7, 48\) vs \(10, 48\)"):
+    with pytest.raises(HawqError, match=r"shape mismatch 2: fc\.weight \(7, 24\) vs \(10, 24\)"):
         get_model(weights=path)
 
 
