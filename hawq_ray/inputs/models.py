@@ -86,8 +86,8 @@ class DigitsResNet(nn.Module):
     have a strided 1x1 downsample conv on the shortcut. Global average pool, flatten, linear 24->10.
     14,370 parameters: narrow enough that 4-bit weights and activations cost it accuracy (uniform4 after
     post-training quantization loses clearly more than the mixed configs), so the default run shows the
-    trade-off that bit allocation is for. Plain modules and `+`, so torch.fx traces it. Initialised from `seed` without touching the
-    global random state, so two builds are identical.
+    trade-off that bit allocation is for. Plain modules and `+`, so torch.fx traces it. Initialised from `seed`
+    without touching the global random state, so two builds are identical.
     """
 
     def __init__(self, in_channels=1, in_size=(16, 16), num_classes=10, widths=(8, 16, 24), seed=0):
