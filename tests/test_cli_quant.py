@@ -16,8 +16,8 @@ def test_layers_json_lists_the_default_model(capsys):
     layers = obj["layers"]
     assert obj["model"] == "digits_resnet" and layers[0]["layer"] == "stem.conv"
     assert layers[0]["fixed_bits"] == 8 and layers[-1]["fixed_bits"] == 8
-    # stem: 16 x 1 x 3 x 3 weights over 16 x 16 outputs
-    assert layers[0]["params"] == 144 and layers[0]["macs"] == 144 * 256
+    # stem: 8 x 1 x 3 x 3 weights over 16 x 16 outputs
+    assert layers[0]["params"] == 72 and layers[0]["macs"] == 72 * 256
 
 
 def test_cost_json_resnet18_fp32_is_the_papers(capsys):
