@@ -1,18 +1,21 @@
-"""End-to-end latency of the TVM integer-only deployment against torch fp32 eager, torch.ao int8 (x86 backend)
-and onnxruntime int8 QDQ, all in one process, measured in interleaved rounds with a rotating order (so a load
-spike on a shared machine hits every path alike) and a short pause before each path (--pause, so the previous
-runtime's spinning worker threads go idle). In each round a path runs --calls times back to back and its mean
-call is its sample: steady-state latency. The first call after a pause also pays for waking the runtime's
-threads and refilling the caches the other runtimes evicted; --calls 1 measures that cold call alone. Prints
-a table of median ms and ratios; --json prints one JSON object last.
+"""End-to-end latency of the TVM integer-only deployment against torch fp32 eager, torch.ao int8 (x86 backend:
+oneDNN), onnxruntime int8 QDQ and OpenVINO int8 (NNCF's default post-training quantization of the same model),
+all in one process, measured in interleaved rounds with a rotating order (so a load spike on a shared machine
+hits every path alike) and a short pause before each path (--pause, so the previous runtime's spinning worker
+threads go idle). In each round a path runs --calls times back to back and its mean call is its sample:
+steady-state latency. The first call after a pause also pays for waking the runtime's threads and refilling the
+caches the other runtimes evicted; --calls 1 measures that cold call alone. Prints a table of median ms and
+ratios per model and batch, then TVM uniform8 against torch.ao and OpenVINO and, with several batch sizes, the
+per-image cost of the largest batch over batch 1; --json prints one JSON object last. OpenVINO and NNCF come
+with the `bench` extra (`pip install -e '.[bench]'`); a baseline that cannot be built is reported and skipped.
 
-    python bench/deploy_latency.py [--models resnet18,resnet50] [--batch 8] [--rounds 7] [--calls 3]
+    python bench/deploy_latency.py [--models resnet18,resnet50] [--batch 1,8] [--rounds 7] [--calls 3]
                                    [--pause 0.05] [--verify] [--json]
 
-The issue's bars (resnet18, batch 8, uniform8): >= 4x faster than torch fp32 eager, <= 1.5x onnxruntime int8
-QDQ; uniform4 within 10% of uniform8; resnet18 compile < 180 s. The rows `ORT hawq-ray u8 fused / exact` are
-hawq-ray's own ONNX export of uniform8 (`hawq-ray export --form fused | exact`) in onnxruntime: the fused
-form should match onnxruntime's own quantizer within 10%.
+Issue 14's bars (uniform8, 224x224): TVM no slower than torch.ao int8 at batch 8 and batch 1; uniform4 within 10%
+of uniform8; per-image time at batch 8 at most 0.75x that of batch 1 on resnet18. The rows `ORT hawq-ray u8
+fused / exact` are hawq-ray's own ONNX export of uniform8 (`hawq-ray export --form fused | exact`) in
+onnxruntime: the fused form should match onnxruntime's own quantizer within 10%.
 """
 from __future__ import annotations
 
@@ -97,6 +100,19 @@ def ort_int8_qdq(model, x, calib, workdir):
     return lambda: sess.run(None, feed)
 
 
+def openvino_int8(model, x, calib):
+    """OpenVINO int8: the model converted to OpenVINO, NNCF's default post-training quantization (calibrated on
+    `calib`), compiled for the CPU with a latency hint and every core."""
+    import nncf
+    import openvino as ov
+    fp32 = ov.convert_model(model.eval(), example_input=x)
+    q8 = nncf.quantize(fp32, nncf.Dataset([c.numpy() for c in calib]), subset_size=len(calib))
+    compiled = ov.Core().compile_model(q8, "CPU", {"PERFORMANCE_HINT": "LATENCY",
+                                                   "INFERENCE_NUM_THREADS": os.cpu_count() or 1})
+    request, feed = compiled.create_infer_request(), x.numpy()
+    return lambda: request.infer({0: feed})
+
+
 def mixed_bits(table):
     """4 bits for the layers of the second half of the network (groups follow their first member), else 8."""
     import pandas as pd
@@ -156,7 +172,8 @@ def bench_model(name, batch, rounds, verify, configs, calls=3, pause=0.05):
     runners["torch fp32 (channels_last)"] = torch_fp32(get_model(name).eval(), x, channels_last=True)
     for label, make in (("torch.ao int8 (x86)", lambda: torch_ao_int8(get_model(name), x, calib)),
                         ("onnxruntime int8 QDQ", lambda: ort_int8_qdq(get_model(name), x, calib,
-                                                                      tempfile.mkdtemp()))):
+                                                                      tempfile.mkdtemp())),
+                        ("OpenVINO int8 (NNCF)", lambda: openvino_int8(get_model(name), x, calib))):
         try:
             runners[label] = make()
         except Exception as e:  # a baseline that cannot be built here is reported, not fatal
@@ -176,35 +193,64 @@ def bench_model(name, batch, rounds, verify, configs, calls=3, pause=0.05):
     return {k: {"median_ms": float(np.median(v)), **info.get(k, {})} for k, v in samples.items()}
 
 
+TORCH_AO, OPENVINO, UINT8 = "torch.ao int8 (x86)", "OpenVINO int8 (NNCF)", "TVM int-only uniform8"
+
+
+def print_rows(name, batch, rows, args):
+    fp32 = rows["torch fp32 (NCHW)"]["median_ms"]
+    ort = rows.get("onnxruntime int8 QDQ", {}).get("median_ms")
+    u8 = rows.get(UINT8, {}).get("median_ms")
+    print(f"\n{name}, batch {batch}, {os.cpu_count()} threads, "
+          f"median of {args.rounds} rounds x mean of {args.calls} calls")
+    print(f"{'path':30s} {'median ms':>10s} {'fp32/x':>8s} {'x/ORT':>7s} {'x/u8':>6s} {'compile s':>9s} {'diff':>5s}")
+    for k, r in rows.items():
+        ms = r["median_ms"]
+        print(f"{k:30s} {ms:10.1f} {fp32 / ms:8.2f} {ms / ort if ort else float('nan'):7.2f} "
+              f"{ms / u8 if u8 and k.startswith('TVM') else float('nan'):6.2f} "
+              f"{r.get('compile_s', ''):>9} {'' if r.get('differing') is None else r['differing']:>5}")
+
+
+def print_summary(results, batches):
+    """TVM uniform8 against torch.ao and OpenVINO per model and batch, and the per-image cost of the largest batch
+    over that of batch 1 (the issue's bars: TVM / torch.ao <= 1; per-image ratio <= 0.75)."""
+    def ms(rows, key):
+        return rows.get(key, {}).get("median_ms", float("nan"))
+    print(f"\n{'model':18s}{'batch':>6s}{'torch.ao':>10s}{'OpenVINO':>10s}{'TVM u8':>9s}{'TVM/ao':>8s}{'TVM/OV':>8s}")
+    for name, per_batch in results.items():
+        for b in batches:
+            rows = per_batch[b]
+            tvm, ao, ov = ms(rows, UINT8), ms(rows, TORCH_AO), ms(rows, OPENVINO)
+            print(f"{name:18s}{b:6d}{ao:10.1f}{ov:10.1f}{tvm:9.1f}{tvm / ao:8.2f}{tvm / ov:8.2f}")
+        if len(batches) > 1:
+            lo, hi = min(batches), max(batches)
+            per_image = {k: ms(per_batch[hi], k) / hi / (ms(per_batch[lo], k) / lo) for k in (UINT8, TORCH_AO, OPENVINO)}
+            print(f"{'':18s}per-image time, batch {hi} over batch {lo}: TVM {per_image[UINT8]:.2f}, torch.ao "
+                  f"{per_image[TORCH_AO]:.2f}, OpenVINO {per_image[OPENVINO]:.2f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet18,resnet50")
     ap.add_argument("--configs", default="uniform8,uniform4,mixed")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", default="8", help="one batch size or several, comma-separated (e.g. 1,8)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=3, help="back-to-back calls per path and round (mean)")
     ap.add_argument("--pause", type=float, default=0.05, help="seconds of sleep before each path's calls")
     ap.add_argument("--verify", action="store_true", help="count differing elements vs the integer executor")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    batches = [int(b) for b in str(args.batch).split(",")]
     torch.set_num_threads(os.cpu_count() or 1)
-    result = {"batch": args.batch, "threads": os.cpu_count(), "rounds": args.rounds, "calls": args.calls,
+    result = {"batches": batches, "threads": os.cpu_count(), "rounds": args.rounds, "calls": args.calls,
               "models": {}}
     for name in args.models.split(","):
-        rows = bench_model(name, args.batch, args.rounds, args.verify, args.configs.split(","), args.calls,
-                           args.pause)
-        result["models"][name] = rows
-        fp32 = rows["torch fp32 (NCHW)"]["median_ms"]
-        ort = rows.get("onnxruntime int8 QDQ", {}).get("median_ms")
-        u8 = rows.get("TVM int-only uniform8", {}).get("median_ms")
-        print(f"\n{name}, batch {args.batch}, {os.cpu_count()} threads, "
-              f"median of {args.rounds} rounds x mean of {args.calls} calls")
-        print(f"{'path':30s} {'median ms':>10s} {'fp32/x':>8s} {'x/ORT':>7s} {'x/u8':>6s} {'compile s':>9s} {'diff':>5s}")
-        for k, r in rows.items():
-            ms = r["median_ms"]
-            print(f"{k:30s} {ms:10.1f} {fp32 / ms:8.2f} {ms / ort if ort else float('nan'):7.2f} "
-                  f"{ms / u8 if u8 and k.startswith('TVM') else float('nan'):6.2f} "
-                  f"{r.get('compile_s', ''):>9} {'' if r.get('differing') is None else r['differing']:>5}")
+        result["models"][name] = {}
+        for batch in batches:
+            rows = bench_model(name, batch, args.rounds, args.verify, args.configs.split(","), args.calls,
+                               args.pause)
+            result["models"][name][batch] = rows
+            print_rows(name, batch, rows, args)
+    print_summary(result["models"], batches)
     if args.json:
         print(json.dumps(result))
 
