@@ -9,8 +9,8 @@ held-out digits and measure the KL divergence of its predictions from the fp32 m
   * Spearman correlation of predicted sum Omega and measured KL over every distinct config:  >= 0.7, >= 30 configs
   * at every budget the ILP config's KL is lower than that of >= 80% of the random fills, and than the reversed one
 
-`--seeds` trains each model once per seed (data order and, for the default model, initialisation), because a
-bar met on one training run can miss on the next: the spread is part of the answer.
+`--seeds` trains each model once per seed (the seed sets the order of the training data; the initial weights
+are the same), because a bar met on one training run can miss on the next: the spread is part of the answer.
 
     python bench/bench_evidence.py [--models digits_resnet,resnet20_cifar10] [--seeds 0,1,2] [--randoms 20]
                                    [--max-iter 64] [--batches 4]

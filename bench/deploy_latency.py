@@ -223,7 +223,8 @@ def print_summary(results, batches):
             print(f"{name:18s}{b:6d}{ao:10.1f}{ov:10.1f}{tvm:9.1f}{tvm / ao:8.2f}{tvm / ov:8.2f}")
         if len(batches) > 1:
             lo, hi = min(batches), max(batches)
-            per_image = {k: ms(per_batch[hi], k) / hi / (ms(per_batch[lo], k) / lo) for k in (UINT8, TORCH_AO, OPENVINO)}
+            per_image = {k: ms(per_batch[hi], k) / hi / (ms(per_batch[lo], k) / lo)
+                         for k in (UINT8, TORCH_AO, OPENVINO)}
             print(f"{'':18s}per-image time, batch {hi} over batch {lo}: TVM {per_image[UINT8]:.2f}, torch.ao "
                   f"{per_image[TORCH_AO]:.2f}, OpenVINO {per_image[OPENVINO]:.2f}")
 
