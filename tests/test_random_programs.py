@@ -66,7 +66,7 @@ def test_random_programs_exercise_every_kernel_kind(results):
     paths = Counter(p for r in results for p in r["paths"])
     flags = set(open("/proc/cpuinfo").read().split())
     conv_path = "vnni" if "avx512_vnni" in flags else "generic"
-    wanted = {conv_path, "generic", "grouped", "concat", "sum_pool2d", "max_pool2d", "flatten", "elementwise",
+    wanted = {conv_path, "generic", "grouped", "depthwise", "concat", "sum_pool2d", "max_pool2d", "flatten", "elementwise",
               "channel_shuffle", "slice",
               f"{conv_path}+max_pool"}
     if {"amx_int8", "amx_tile"} <= flags:

@@ -19,7 +19,7 @@ import tvm
 from tvm import s_tir, te
 
 from hawq_ray.contract import HawqError
-from hawq_ray.deploy import amx, layout
+from hawq_ray.deploy import amx, depthwise, layout
 from hawq_ray.deploy.epilogue import Value, epilogue, output_dtype
 from hawq_ray.deploy.target import capabilities
 from hawq_ray.program.program import Op
@@ -345,7 +345,13 @@ def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, wei
 
 
 def _grouped_conv(op, x, steps, extras, target, name, out_value):
-    """Grouped / depthwise conv: generic computation on logical channel indices (int8 weights)."""
+    """Grouped / depthwise conv: `depthwise.py`'s kernel on a CPU, else a generic computation on logical
+    channel indices (int8 weights)."""
+    if depthwise.applies(op, x) and not capabilities(target).gpu:
+        bias = _check_bias(_bias(op, out_value.shape[1]), op.layer or op.output)
+        func, consts = depthwise.depthwise_kernel(op, x, steps, extras, out_value, bias)
+        return Kernel(name or kernel_name(op), func, [x, *extras], consts, [out_value],
+                      {"path": "depthwise", "w_bits": int(op.attrs.get("w_bits", 8)), "layer": op.layer})
     w = np.asarray(op.consts["weight"])
     O, Ig, KH, KW = w.shape
     sh, sw = op.attrs.get("stride", (1, 1))

@@ -1,0 +1,101 @@
+"""Depthwise conv2d (one input channel per output channel: MobileNet's and EfficientNet's 3x3 and 5x5 layers)
+as a vectorized multiply-add kernel, with the elementwise steps after it computed on the same vector.
+
+VNNI's `vpdpbusd` reduces four input channels into one output lane; a depthwise output reads one channel, so
+its reduction (the kh x kw window) would have to be transposed into the lanes first. Here each of the 16 lanes
+of a channel block is one channel: an output vector is the window's sum of input x weight, widened to INT32,
+written out tap by tap (no reduction loop, so TensorIR vectorizes it), then the epilogue. Each parallel task
+computes one band of output rows of one channel block and pads the input rows that band reads into a buffer of
+its own (the whole padded map is never stored); the band's rows and columns are unrolled in tiles. 4-bit
+weights are kept one per byte: a depthwise layer holds kh x kw bytes per channel, too few for packing to pay for
+its unpacking.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import s_tir, te
+
+from hawq_ray.deploy import layout
+from hawq_ray.deploy.epilogue import Value, epilogue
+
+LANES = layout.OC_BLOCK     # channels per vector: the activations' block
+MAX_UNROLL = 24             # output vectors per unrolled tile
+MAX_TILE_W = 8
+
+
+def applies(op, x: Value) -> bool:
+    """A depthwise conv (groups = input channels = output channels) on 16-channel blocks."""
+    w = np.shape(op.consts["weight"])
+    return op.attrs.get("groups", 1) == x.shape[1] == w[0] and w[1] == 1 and x.block == LANES
+
+
+def _tile(height: int, width: int) -> tuple:
+    """(rows, columns) of a tile: the columns that leave the shortest tail (then the most columns), then the
+    rows, up to MAX_UNROLL vectors, that leave the shortest tail (then the most rows)."""
+    tw = min(range(MAX_TILE_W, 0, -1), key=lambda t: (-(-width // t) * t - width, -t))
+    th = min(range(1, max(1, min(height, MAX_UNROLL // tw)) + 1),
+             key=lambda t: (-(-height // t) * t - height, -t))
+    return th, tw
+
+
+def pack_weight(w: np.ndarray) -> np.ndarray:
+    """(C, 1, kh, kw) -> (C/16, kh, kw, 16) int8, channels padded with zeros."""
+    c, _, kh, kw = w.shape
+    cp = layout.ceil_to(c, LANES)
+    out = np.zeros((cp, kh, kw), np.int8)
+    out[:c] = w[:, 0]
+    return np.ascontiguousarray(out.reshape(cp // LANES, LANES, kh, kw).transpose(0, 2, 3, 1))
+
+
+def depthwise_kernel(op, x: Value, steps: list, extras: list, out_value: Value, bias: np.ndarray):
+    """(scheduled func, its constants) of the depthwise conv `op` on `x` followed by `steps`; `bias` is the
+    INT32 bias per channel."""
+    w = np.asarray(op.consts["weight"])
+    C, _, KH, KW = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = (tuple(op.attrs.get(k, d)) for k, d in
+                                    (("stride", (1, 1)), ("padding", (0, 0)), ("dilation", (1, 1))))
+    N, _, H, W = x.shape
+    _, _, OH, OW = out_value.shape
+    th, tw = _tile(OH, OW)
+    OHp, OWp = layout.ceil_to(OH, th), layout.ceil_to(OW, tw)
+    Cb = x.storage_shape[1]
+    w_arr, b_arr = pack_weight(w), layout.pack_channel_vector(bias, C)
+    data = te.placeholder(x.storage_shape, x.dtype, name="data")
+    w_ph = te.placeholder(w_arr.shape, "int8", name="weight")
+    b_ph = te.placeholder(b_arr.shape, "int32", name="bias")
+
+    def padded(n, c, h, ww, i):
+        inside = te.all(h >= ph, h < H + ph, ww >= pw, ww < W + pw)
+        return te.if_then_else(inside, data[n, c, h - ph, ww - pw, i], tvm.tirx.const(0, x.dtype))
+    pad = te.compute((N, Cb, (OHp - 1) * sh + dh * (KH - 1) + 1, (OWp - 1) * sw + dw * (KW - 1) + 1, LANES),
+                     padded, name="pad")
+    taps = [(kh, kw) for kh in range(KH) for kw in range(KW)]
+
+    def window(n, c, h, ww, i):   # a sum written out over the window: a spatial block, vectorized over i
+        return sum(pad[n, c, h * sh + kh * dh, ww * sw + kw * dw, i].astype("int32") *
+                   w_ph[c, kh, kw, i].astype("int32") for kh, kw in taps)
+    epi = epilogue(steps, out_value, extras)
+    out = te.compute(out_value.storage_shape, lambda n, c, h, ww, i: epi.apply(window(n, c, h, ww, i) + b_ph[c, i],
+                                                                                (n, c, h, ww, i)), name="out")
+    func = te.create_prim_func([data, *epi.extra_tensors, w_ph, b_ph, *epi.const_tensors, out])
+    return _schedule(func, th, tw), [w_arr, b_arr, *epi.const_arrays]
+
+
+def _schedule(func, th: int, tw: int):
+    """Parallel over (image, channel block, band of th rows); per band the padded rows into a local buffer,
+    then tiles of th rows x tw columns, unrolled, 16 lanes at a time."""
+    sch = s_tir.Schedule(func)
+    out, pad = sch.get_sblock("out"), sch.get_sblock("pad")
+    n, c, h, w, i = sch.get_loops(out)
+    ho, hi = sch.split(h, [None, th])
+    wo, wi = sch.split(w, [None, tw])
+    sch.reorder(n, c, ho, wo, hi, wi, i)
+    band = sch.fuse(n, c, ho)
+    sch.parallel(band)
+    sch.compute_at(pad, band)
+    sch.vectorize(sch.get_loops(pad)[-1])
+    sch.vectorize(i)
+    sch.unroll(hi)
+    sch.unroll(wi)
+    return sch.mod["main"]
