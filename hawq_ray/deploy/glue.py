@@ -73,9 +73,14 @@ def pool_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str) 
     if not capabilities(target).gpu:
         sch = s_tir.Schedule(func)
         acc_b, out_b = sch.get_sblock("acc"), sch.get_sblock("out")
-        n, c, oh, ow, ci, _, _ = sch.get_loops(acc_b)
+        n, c, oh, ow, ci, rh, rw = sch.get_loops(acc_b)
+        sch.reorder(ow, rh, rw, ci)             # the window outside the 16 lanes: one vector per input position
+        sch.set_scope(acc_b, 0, "local")
         sch.reverse_compute_at(out_b, ow)
         sch.parallel(sch.fuse(n, c, oh))
+        init = sch.decompose_reduction(acc_b, rh)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.unroll(ci)
         sch.vectorize(sch.get_loops(out_b)[-1])
         func = sch.mod["main"]
     return Kernel(name, func, [x, *extras], epi.const_arrays, [out_value], {"path": op.op})
