@@ -240,20 +240,19 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
         src, needs_pad = cv.source(x, ph, pw, (OHp - 1) * sh + dh * (KH - 1) + 1,
                                    (OWp - 1) * sw + dw * (KW - 1) + 1)
         acc = cv.accumulate(src, (N, Ob, OHp, OWp, 16))
+    # acc + bias as a stage of its own, in registers: read from a buffer, it stays an int32 in the int64
+    # product of a requantize (one vpmuldq per 8 lanes) where an inline sum is widened term by term
+    biased = te.compute(acc.shape, lambda n, o, h, ww, oi: acc[n, o, h, ww, oi] + b_ph[o, oi], name="biased")
     epi = epilogue(steps, out_value, extras, fanout)
     if fanout:   # the chain once, into a tile-sized local buffer; each output requantizes it
         chain = te.compute(out_value.storage_shape,
-                           lambda n, o, h, ww, oi: epi.chain(acc[n, o, h, ww, oi] + b_ph[o, oi],
-                                                             (n, o, h, ww, oi)),
-                           name="chain")
+                           lambda n, o, h, ww, oi: epi.chain(biased[n, o, h, ww, oi], (n, o, h, ww, oi)), name="chain")
         def requantized(k):
             return lambda n, o, h, ww, oi: epi.finish(k, chain[n, o, h, ww, oi], (n, o, h, ww, oi))
         outs = [te.compute(out_value.storage_shape, requantized(k), name=f"out{k}") for k in range(len(fanout))]
     else:
         outs = [te.compute(out_value.storage_shape,
-                           lambda n, o, h, ww, oi: epi.apply(acc[n, o, h, ww, oi] + b_ph[o, oi],
-                                                             (n, o, h, ww, oi)),
-                           name="out")]
+                           lambda n, o, h, ww, oi: epi.apply(biased[n, o, h, ww, oi], (n, o, h, ww, oi)), name="out")]
     func = te.create_prim_func([cv.data, *epi.extra_tensors, cv.weight, b_ph, *epi.const_tensors, *outs])
     int4 = cv.w_bits <= 4
     weights_outer = w.size * cv.w_bits // 8 > x.storage_shape[1] * x.block * H * W
@@ -327,10 +326,12 @@ def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, wei
     else:
         sch.reorder(*outer, wo, ico, kh, kw, icm, *reduction_order(fast, [hi, wi], oi, ici))
     sch.set_scope(acc, 0, "local")
+    biased = sch.get_sblock("biased")
+    sch.set_scope(biased, 0, "local")
     if n_out > 1:
         sch.set_scope(outs[0], 0, "local")
-    for out in outs:
-        sch.reverse_compute_at(out, wo)
+    for block in (biased, *outs):
+        sch.reverse_compute_at(block, wo)
     sch.parallel(sch.fuse(*outer))
     if amx_intrinsic:
         init = sch.decompose_reduction(acc, ob)
@@ -338,8 +339,8 @@ def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, wei
         sch.tensorize(ob, amx_intrinsic)
     else:
         finish_dot(sch, acc, ico, oi, [hi, wi], fast)
-    for out in outs:
-        sch.vectorize(sch.get_loops(out)[-1])
+    for block in (biased, *outs):
+        sch.vectorize(sch.get_loops(block)[-1])
     schedule_side_stages(sch, has_pad, int4)
     return sch.mod["main"]
 
