@@ -49,11 +49,18 @@ def requantize_tile(ctx, op, k):
     tb, tc = ctx.const(b, f"mult{k}", op.output), ctx.const(c, f"shift{k}", op.output)
     lo, hi = clamp_of(op)
 
+    # with every shift >= 31 the rounded product of an int32 z and b < 2^31 lies in int32: the clamp runs on
+    # int32 lanes (16 a vector, not 8)
+    narrow = bool(np.all(c >= 31))
+
     def fn(z, idx):
         bb, cc = ctx.at(tb, idx).astype("int64"), ctx.at(tc, idx).astype("int64")
         t = (z.astype("int64") * bb + (tvm.tirx.const(1, "int64") << (cc - 1))) >> cc
-        t = tvm.te.max(tvm.te.min(t, tvm.tirx.const(hi, "int64")), tvm.tirx.const(lo, "int64"))
-        return t.astype("int32")
+        if narrow:
+            t, dtype, top, bottom = t.astype("int32"), "int32", min(hi, (1 << 31) - 1), max(lo, -(1 << 31))
+        else:
+            dtype, top, bottom = "int64", hi, lo
+        return tvm.te.max(tvm.te.min(t, tvm.tirx.const(top, dtype)), tvm.tirx.const(bottom, dtype)).astype("int32")
     return fn
 
 
