@@ -5,8 +5,8 @@ hits every path alike) and a short pause before each path (--pause, so the previ
 threads go idle). In each round a path runs --calls times back to back and its mean call is its sample:
 steady-state latency. The first call after a pause also pays for waking the runtime's threads and refilling the
 caches the other runtimes evicted; --calls 1 measures that cold call alone. Prints a table of median ms and
-ratios per model and batch, then TVM uniform8 against torch.ao and OpenVINO and, with several batch sizes, the
-per-image cost of the largest batch over batch 1; --json prints one JSON object last. OpenVINO and NNCF come
+ratios per model and batch, then TVM uniform8 against torch.ao, onnxruntime and OpenVINO and, with several batch
+sizes, the per-image cost of the largest batch over batch 1; --json prints one JSON object last. OpenVINO and NNCF come
 with the `bench` extra (`pip install -e '.[bench]'`); a baseline that cannot be built is reported and skipped.
 
     python bench/deploy_latency.py [--models resnet18,resnet50] [--batch 1,8] [--rounds 7] [--calls 3]
@@ -193,7 +193,8 @@ def bench_model(name, batch, rounds, verify, configs, calls=3, pause=0.05):
     return {k: {"median_ms": float(np.median(v)), **info.get(k, {})} for k, v in samples.items()}
 
 
-TORCH_AO, OPENVINO, UINT8 = "torch.ao int8 (x86)", "OpenVINO int8 (NNCF)", "TVM int-only uniform8"
+TORCH_AO, OPENVINO, ORT, UINT8 = ("torch.ao int8 (x86)", "OpenVINO int8 (NNCF)", "onnxruntime int8 QDQ",
+                                  "TVM int-only uniform8")
 
 
 def print_rows(name, batch, rows, args):
@@ -211,21 +212,23 @@ def print_rows(name, batch, rows, args):
 
 
 def print_summary(results, batches):
-    """TVM uniform8 against torch.ao and OpenVINO per model and batch, and the per-image cost of the largest batch
+    """TVM uniform8 against torch.ao, onnxruntime and OpenVINO per model and batch, and the per-image cost of the largest batch
     over that of batch 1 (the issue's bars: TVM / torch.ao <= 1; per-image ratio <= 0.75)."""
     def ms(rows, key):
         return rows.get(key, {}).get("median_ms", float("nan"))
-    print(f"\n{'model':18s}{'batch':>6s}{'torch.ao':>10s}{'OpenVINO':>10s}{'TVM u8':>9s}{'TVM/ao':>8s}{'TVM/OV':>8s}")
+    print(f"\n{'model':26s}{'batch':>6s}{'torch.ao':>10s}{'ORT':>8s}{'OpenVINO':>10s}{'TVM u8':>9s}{'TVM/ao':>8s}"
+          f"{'TVM/ORT':>8s}{'TVM/OV':>8s}")
     for name, per_batch in results.items():
         for b in batches:
             rows = per_batch[b]
-            tvm, ao, ov = ms(rows, UINT8), ms(rows, TORCH_AO), ms(rows, OPENVINO)
-            print(f"{name:18s}{b:6d}{ao:10.1f}{ov:10.1f}{tvm:9.1f}{tvm / ao:8.2f}{tvm / ov:8.2f}")
+            tvm, ao, ort, ov = ms(rows, UINT8), ms(rows, TORCH_AO), ms(rows, ORT), ms(rows, OPENVINO)
+            print(f"{name:26s}{b:6d}{ao:10.1f}{ort:8.1f}{ov:10.1f}{tvm:9.1f}{tvm / ao:8.2f}{tvm / ort:8.2f}"
+                  f"{tvm / ov:8.2f}")
         if len(batches) > 1:
             lo, hi = min(batches), max(batches)
             per_image = {k: ms(per_batch[hi], k) / hi / (ms(per_batch[lo], k) / lo)
                          for k in (UINT8, TORCH_AO, OPENVINO)}
-            print(f"{'':18s}per-image time, batch {hi} over batch {lo}: TVM {per_image[UINT8]:.2f}, torch.ao "
+            print(f"{'':26s}per-image time, batch {hi} over batch {lo}: TVM {per_image[UINT8]:.2f}, torch.ao "
                   f"{per_image[TORCH_AO]:.2f}, OpenVINO {per_image[OPENVINO]:.2f}")
 
 
