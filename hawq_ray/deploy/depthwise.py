@@ -30,7 +30,7 @@ def applies(op, x: Value) -> bool:
     return op.attrs.get("groups", 1) == x.shape[1] == w[0] and w[1] == 1 and x.block == LANES
 
 
-def _tile(height: int, width: int) -> tuple:
+def _band_tile(height: int, width: int) -> tuple:
     """(rows, columns) of a tile: the columns that leave the shortest tail (then the most columns), then the
     rows, up to MAX_UNROLL vectors, that leave the shortest tail (then the most rows)."""
     tw = min(range(MAX_TILE_W, 0, -1), key=lambda t: (-(-width // t) * t - width, -t))
@@ -57,7 +57,7 @@ def depthwise_kernel(op, x: Value, steps: list, extras: list, out_value: Value, 
                                     (("stride", (1, 1)), ("padding", (0, 0)), ("dilation", (1, 1))))
     N, _, H, W = x.shape
     _, _, OH, OW = out_value.shape
-    th, tw = _tile(OH, OW)
+    th, tw = _band_tile(OH, OW)
     OHp, OWp = layout.ceil_to(OH, th), layout.ceil_to(OW, tw)
     Cb = x.storage_shape[1]
     w_arr, b_arr = pack_weight(w), layout.pack_channel_vector(bias, C)
@@ -82,10 +82,10 @@ def depthwise_kernel(op, x: Value, steps: list, extras: list, out_value: Value, 
     out = te.compute(out_value.storage_shape, lambda n, c, h, ww, i: epi.apply(acc[n, c, h, ww, i], (n, c, h, ww, i)),
                      name="out")
     func = te.create_prim_func([data, *epi.extra_tensors, w_ph, b_ph, *epi.const_tensors, out])
-    return _schedule(func, th, tw), [w_arr, b_arr, *epi.const_arrays]
+    return _schedule_depthwise(func, th, tw), [w_arr, b_arr, *epi.const_arrays]
 
 
-def _schedule(func, th: int, tw: int):
+def _schedule_depthwise(func, th: int, tw: int):
     """Parallel over (image, channel block, band of th rows); per band the padded rows into a local buffer,
     then tiles of th rows x tw columns, unrolled, 16 lanes at a time, and the epilogue after each tile."""
     sch = s_tir.Schedule(func)
