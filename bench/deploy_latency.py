@@ -212,8 +212,9 @@ def print_rows(name, batch, rows, args):
 
 
 def print_summary(results, batches):
-    """TVM uniform8 against torch.ao, onnxruntime and OpenVINO per model and batch, and the per-image cost of the largest batch
-    over that of batch 1 (the issue's bars: TVM / torch.ao <= 1; per-image ratio <= 0.75)."""
+    """TVM uniform8 against torch.ao, onnxruntime and OpenVINO per model and batch, and the per-image cost of the
+    largest batch over that of batch 1 (the bars: TVM / torch.ao and TVM / onnxruntime <= 1; per-image ratio
+    <= 0.75)."""
     def ms(rows, key):
         return rows.get(key, {}).get("median_ms", float("nan"))
     print(f"\n{'model':26s}{'batch':>6s}{'torch.ao':>10s}{'ORT':>8s}{'OpenVINO':>10s}{'TVM u8':>9s}{'TVM/ao':>8s}"

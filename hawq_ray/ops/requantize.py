@@ -51,7 +51,7 @@ def requantize_tile(ctx, op, k):
 
     # with every shift >= 31 the rounded product of an int32 z and b < 2^31 lies in int32: the clamp runs on
     # int32 lanes (16 a vector, not 8)
-    narrow = bool(np.all(c >= 31))
+    narrow = bool(np.all(c >= 31) and np.all(b < (1 << 31)))
 
     def fn(z, idx):
         bb, cc = ctx.at(tb, idx).astype("int64"), ctx.at(tc, idx).astype("int64")
