@@ -121,8 +121,9 @@ def test_grouped_conv_generic():
 
 
 DEPTHWISE_CASES = [  # channels, size, k, stride, pad, dilation, w_bits, signed
-    (32, 11, 3, 1, 1, 1, 8, False),     # MobileNet's 3x3, 11 columns (a tile of 6 and a tail)
-    (24, 13, 3, 2, 1, 1, 4, True),      # 24 channels (a half-empty block), stride 2, signed input, 4-bit weights
+    (32, 12, 3, 1, 1, 1, 8, False),     # MobileNet's 3x3, 12 columns (tiles of 6 x 4 columns)
+    (24, 13, 3, 2, 1, 1, 4, True),      # 24 channels (a half-empty block), stride 2 to a prime 7x7, signed
+                                        # input, 4-bit weights
     (16, 9, 5, 1, 2, 1, 8, False),      # EfficientNet's 5x5
     (40, 10, 3, 1, 2, 2, 8, True),      # dilation 2
 ]

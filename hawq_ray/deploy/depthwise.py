@@ -31,11 +31,10 @@ def applies(op, x: Value) -> bool:
 
 
 def _band_tile(height: int, width: int) -> tuple:
-    """(rows, columns) of a tile: the columns that leave the shortest tail (then the most columns), then the
-    rows, up to MAX_UNROLL vectors, that leave the shortest tail (then the most rows)."""
-    tw = min(range(MAX_TILE_W, 0, -1), key=lambda t: (-(-width // t) * t - width, -t))
-    th = min(range(1, max(1, min(height, MAX_UNROLL // tw)) + 1),
-             key=lambda t: (-(-height // t) * t - height, -t))
+    """(rows, columns) of a tile: the largest divisors of the output's width (up to MAX_TILE_W) and height (up
+    to MAX_UNROLL vectors in all), so tiles cover the map with no tail."""
+    tw = max(t for t in range(1, MAX_TILE_W + 1) if width % t == 0)
+    th = max(t for t in range(1, max(1, MAX_UNROLL // tw) + 1) if height % t == 0)
     return th, tw
 
 
@@ -53,12 +52,12 @@ def depthwise_kernel(op, x: Value, steps: list, extras: list, out_value: Value, 
     INT32 bias per channel."""
     w = np.asarray(op.consts["weight"])
     C, _, KH, KW = w.shape
-    (sh, sw), (ph, pw), (dh, dw) = (tuple(op.attrs.get(k, d)) for k, d in
-                                    (("stride", (1, 1)), ("padding", (0, 0)), ("dilation", (1, 1))))
+    sh, sw = op.attrs.get("stride", (1, 1))
+    ph, pw = op.attrs.get("padding", (0, 0))
+    dh, dw = op.attrs.get("dilation", (1, 1))
     N, _, H, W = x.shape
     _, _, OH, OW = out_value.shape
     th, tw = _band_tile(OH, OW)
-    OHp, OWp = layout.ceil_to(OH, th), layout.ceil_to(OW, tw)
     Cb = x.storage_shape[1]
     w_arr, b_arr = pack_weight(w), layout.pack_channel_vector(bias, C)
     data = te.placeholder(x.storage_shape, x.dtype, name="data")
@@ -68,7 +67,7 @@ def depthwise_kernel(op, x: Value, steps: list, extras: list, out_value: Value, 
     def padded(n, c, h, ww, i):
         inside = te.all(h >= ph, h < H + ph, ww >= pw, ww < W + pw)
         return te.if_then_else(inside, data[n, c, h - ph, ww - pw, i], tvm.tirx.const(0, x.dtype))
-    pad = te.compute((N, Cb, (OHp - 1) * sh + dh * (KH - 1) + 1, (OWp - 1) * sw + dw * (KW - 1) + 1, LANES),
+    pad = te.compute((N, Cb, (OH - 1) * sh + dh * (KH - 1) + 1, (OW - 1) * sw + dw * (KW - 1) + 1, LANES),
                      padded, name="pad")
     taps = [(kh, kw) for kh in range(KH) for kw in range(KW)]
 
@@ -77,7 +76,7 @@ def depthwise_kernel(op, x: Value, steps: list, extras: list, out_value: Value, 
                     w_ph[c, kh, kw, i].astype("int32") for kh, kw in taps), b_ph[c, i])
     # its own stage: read by the epilogue's int64 requantize, it stays an int32 (one vpmuldq per 8 lanes)
     # instead of a sum of int64 terms
-    acc = te.compute((N, Cb, OHp, OWp, LANES), window, name="acc")
+    acc = te.compute(out_value.storage_shape, window, name="acc")
     epi = epilogue(steps, out_value, extras)
     out = te.compute(out_value.storage_shape, lambda n, c, h, ww, i: epi.apply(acc[n, c, h, ww, i], (n, c, h, ww, i)),
                      name="out")
