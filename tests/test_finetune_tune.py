@@ -96,6 +96,7 @@ def test_cli_tune_table_matches_checkpoints(tmp_path, weights, mixed_json, data,
     table = pd.read_parquet(out / "finetune.parquet")
     assert list(table.columns) == COLUMNS and len(printed["trials"]) == len(table) == 4  # 2 configs x 2 samples
     assert (table["error"] == "").all()
+    assert (table["device"] == ("cuda" if torch.cuda.is_available() else "cpu")).all()   # trials take a GPU where Ray has one
     for config, rows in table.groupby("config"):
         assert rows["lr"].nunique() == 2 and rows["lr"].between(1e-4, 1e-2).all()
     assert set(table["config"]) == {"uniform4", "mixed"}

@@ -45,7 +45,7 @@ from hawq_ray.quant.finetune import (Recipe, calibrated, checked_split, finetune
 RESULT_FILE = "finetune.parquet"
 COLUMNS = ["config", "budget", "data", "size_mib", "gbops", "latency_ms", "lr", "weight_decay", "epochs", "top1_fp32",
            "top1_ptq", "top1", "loss", "test_loss", "start_epoch", "int_matches_qat", "checkpoint", "top1_best",
-           "best_epoch", "best_checkpoint", "trial", "error", "bits"]
+           "best_epoch", "best_checkpoint", "trial", "device", "error", "bits"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +140,7 @@ def qat_trial(hp: dict, setup: dict) -> None:
         metrics = {"epoch": epoch + 1, "loss": loss, "top1_int": acc, "top1_ptq": extra["top1_ptq"],
                    "test_loss": float(torch.nn.functional.cross_entropy(logits, labels.to(logits.device))),
                    "gain": acc - extra["top1_ptq"], "start_epoch": start,
-                   "int_matches_qat": top1(preds, float_predictions(qm, test))}
+                   "int_matches_qat": top1(preds, float_predictions(qm, test)), "device": device.type}
         record.commit(metrics, lambda path: save_checkpoint(path, qm, opt, epoch, extra))
         record.prune(setup["keep_checkpoints"])
         tune.report(metrics)
@@ -316,7 +316,8 @@ def _result_table(trials: dict, experiment: Path, errors: dict, configs: pd.Data
                      "test_loss": m.get("test_loss", math.nan),
                      "start_epoch": m.get("start_epoch", 0), "int_matches_qat": m.get("int_matches_qat", math.nan),
                      "checkpoint": str(record.checkpoint(m["epoch"])) if m else "", **_best_epoch(record, progress),
-                     "trial": name, "error": errors.get(name, ""), "bits": dict(bits)})
+                     "trial": name, "device": m.get("device", ""), "error": errors.get(name, ""),
+                     "bits": dict(bits)})
     return pd.DataFrame(rows, columns=COLUMNS).sort_values(["config", "lr"], ignore_index=True)
 
 
