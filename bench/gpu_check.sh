@@ -7,7 +7,8 @@
 #   bash bench/gpu_check.sh [gpu_check.py options]
 #
 # PYTHON picks the interpreter (default python3: the one that holds a CUDA build of torch). On a machine that
-# reaches no package registry, HAWQ_WHEELS=DIR installs the missing packages from a folder of wheels.
+# reaches no package registry, HAWQ_WHEELS=DIR installs the missing packages from a folder of wheels (the
+# build uses the setuptools already installed).
 # GPU_CHECK_LIMIT (seconds, default 480) bounds the whole check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,7 @@ fi
 if ! "$PY" -c "import hawq_ray, actors, tvm, ray, pulp, pytorchcv, pyhessian, pandas" 2>/dev/null; then
     echo "gpu_check: installing hawq-ray into $("$PY" -c 'import sys; print(sys.prefix)')"
     if [ -n "${HAWQ_WHEELS:-}" ]; then
-        "$PY" -m pip install -q --no-index --find-links "$HAWQ_WHEELS" -e .
+        "$PY" -m pip install -q --no-index --no-build-isolation --find-links "$HAWQ_WHEELS" -e .
     else
         "$PY" -m pip install -q -e .
     fi

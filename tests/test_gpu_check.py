@@ -43,3 +43,18 @@ def test_shell_entry_point_without_a_gpu_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no NVIDIA GPU" in proc.stderr
     assert "python bench/gpu_check.py --device cpu" in proc.stderr
+
+
+def test_shell_entry_point_runs_the_check_and_reports_an_unusable_gpu(tmp_path):
+    """An nvidia-smi that lists a GPU torch cannot use: the installed packages are found (no install), the
+    check runs under its time limit and fails at its first row, with the table printed and exit status 1."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: a GPU this process cannot use'\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHON": sys.executable,
+           "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "installing" not in proc.stdout
+    assert "| environment | FAILED | torch sees no CUDA device |" in proc.stdout
