@@ -21,6 +21,7 @@ script itself on a machine without a GPU.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -81,10 +82,9 @@ def tvm_modules(model, shape, args, target):
 
 def latency_rows(model, shape, modules, args, device):
     from hawq_ray.analysis.timing import interleaved_samples
-    x = torch.randn((args.batch, *shape))
-    timers = {"torch fp32": torch_timer(model.to(device).eval(), x.to(device), device)}
+    x = torch.randn((args.batch, *shape))          # copies on the device: the CPU model stays for the later steps
+    timers = {"torch fp32": torch_timer(copy.deepcopy(model).to(device).eval(), x.to(device), device)}
     if device == "cuda":
-        import copy
         timers["torch fp16"] = torch_timer(copy.deepcopy(model).half().to(device).eval(),
                                            x.half().to(device), device)
     for config, (deployed, _, _) in modules.items():
@@ -92,7 +92,6 @@ def latency_rows(model, shape, modules, args, device):
     for fn in timers.values():                          # warm-up: cuDNN autotuning, TVM's first launch
         fn()
     samples = interleaved_samples(timers, args.rounds)
-    model.cpu()
     return {name: float(np.median(s)) for name, s in samples.items()}
 
 
