@@ -75,7 +75,7 @@ def apply_op(op: Op, ins: list) -> np.ndarray:
     if op.op == "dense":
         return ins[0] @ c["weight"].astype(np.int64).T + c["bias"].astype(np.int64)
     if op.op == "requantize":
-        return ref_requantize(ins[0], c["multiplier"], c["shift"], a["lo"], a["hi"])
+        return ref_requantize(ins[0], c["multiplier"], c["shift"], a.get("lo", op.lo), a.get("hi", op.hi))
     if op.op == "relu":
         return np.maximum(ins[0], 0)
     if op.op == "add":

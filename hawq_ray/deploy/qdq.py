@@ -14,7 +14,7 @@ input codes. Two forms (`form`):
   executor on every element on the models measured; its convs run in float.
 - "fused" writes what runtimes fuse into integer kernels: a Q/DQ pair of the float conv output at the
   output scale (QuantizeLinear divides by a float scale and rounds half to even, so a code moves by one near a
-  rounding tie), and each residual / concat branch of the program (unclamped INT32 at 16-bit resolution) on 8
+  rounding tie), and each residual / concat branch of the program (a 16-bit integer, clamped, in the program) on 8
   bits: a branch from a layer quantized over the sum's 16-bit range, a branch that is a value some layer
   reads at 8 bits that quantization of it, an 8-bit value itself. That is the graph onnxruntime's own
   quantizer writes, and its CPU kernels run every conv on integers; it is further from the program.

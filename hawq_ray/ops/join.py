@@ -1,8 +1,10 @@
 """Residual add and channel concatenation (graph nodes `add`, `cat`; program ops `add`, `concat`).
 
 Each branch is requantized to the output's scale on its own before the add (Appendix F) or the concat
-(Appendix E, eq. 18): integer-only hardware cannot add first and requantize once. The output is an INT32
-tensor at 16-bit resolution (HAWQ's quant_act_int32) on a static scale.
+(Appendix E, eq. 18): integer-only hardware cannot add first and requantize once. The output's scale has
+16-bit resolution (HAWQ's quant_act_int32), and each branch's requantize clamps to the signed 16-bit range,
+so a branch that is stored between kernels (a residual read by the next block's conv) is an INT16 tensor,
+not an INT32 one; the sum of two branches is an INT32 value, requantized where it is consumed.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 
 from hawq_ray.ops.registry import GraphNode, ProgramOp, register_ops
 from hawq_ray.program.dyadic import requantize
-from hawq_ray.quant.quantizers import activation_scale
+from hawq_ray.quant.quantizers import activation_scale, signed_range
 from hawq_ray.quant.values import WIDE_BITS, V, absmax, dyadic_consts, np_scale, ste
 
 ADD = "inputs [a, b]; out = a + b (each branch was requantized to the output scale before it, Appendix F)."
@@ -46,11 +48,12 @@ def join_step(qm, node, ins):
         q = torch.floor(real.detach().to(torch.float64) / scale + 0.5)
         return V(None, s, ste(real, q * scale), node.name)
     parts, names = [], []
+    lo, hi = signed_range(WIDE_BITS)
     for i, v in enumerate(ins):
         b, c = qm.dyadic(v.s / scale, v.r.dim())
-        parts.append(requantize(v.q, b, c))
+        parts.append(requantize(v.q, b, c, lo, hi))
         names.append(qm.emit("requantize", [v.name], f"{node.name}.b{i}", consts=dyadic_consts(b, c),
-                             scale=np_scale(s)))
+                             attrs={"lo": lo, "hi": hi}, scale=np_scale(s)))
     q = parts[0] + parts[1] if add else torch.cat(parts, 1)
     qm.emit("add" if add else "concat", names, node.name, scale=np_scale(s), attrs={} if add else {"axis": 1})
     return V(q, s, None if real is None else qm.exact_real(real, lambda: q * scale), node.name)

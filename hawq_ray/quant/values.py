@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hawq_ray.program.program import INT32_MAX, INT32_MIN
 
 FP32_EXACT = 2 ** 24  # integers below this are exact in float32
-WIDE_BITS = 16       # residual / concat outputs: INT32 tensors at 16-bit resolution (HAWQ's quant_act_int32)
+WIDE_BITS = 16       # residual / concat branches: 16-bit scale and clamp (HAWQ's quant_act_int32)
 
 
 class V:
