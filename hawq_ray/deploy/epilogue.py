@@ -111,9 +111,36 @@ class Epilogue:
     finish: callable        # (k, int32 chain value, storage index) -> expr of output k in its dtype
     n_outputs: int
 
+    byte_table: te.Tensor | None = None   # the last step's table as 256 bytes, read by `bytelut`'s intrinsic
+    index: callable | None = None         # (int32 expr, storage index) -> its index: the steps before it
+
     def apply(self, z, idx):
         """The steps and the cast of the single output."""
         return self.finish(0, self.chain(z, idx), idx)
+
+    def output_stages(self, shape: tuple, value: callable, name: str = "out") -> list:
+        """The stages computing the single output over `shape` from the int32 `value(*index)`: [out], or with
+        a byte table, [table index (int32, "lut_index"), out = the table at it]."""
+        if self.byte_table is None:
+            return [te.compute(shape, lambda *i: self.apply(value(*i), i), name=name)]
+        from hawq_ray.deploy.bytelut import table_read
+        index = te.compute(shape, lambda *i: self.index(value(*i), i), name="lut_index")
+        return [index, te.compute(shape, lambda *i: table_read(self.byte_table, index[i]), name=name)]
+
+
+def schedule_output(sch, blocks: list, table_dtype: str | None = None) -> None:
+    """Vectorize the innermost loop of each of `blocks` (an output stage last, the stages it reads before
+    it). With `table_dtype` the output reads a byte table of that dtype at "lut_index" (kept in registers):
+    it is tensorized 16 lanes at a time (`bytelut`)."""
+    from hawq_ray.deploy.bytelut import tensorize_table_read
+    for block in blocks:
+        loop = sch.get_loops(block)[-1]
+        if table_dtype and block == blocks[-1]:
+            tensorize_table_read(sch, block, table_dtype)
+            continue
+        if table_dtype and sch.get(block).name_hint == "lut_index":
+            sch.set_scope(block, 0, "local")
+        sch.vectorize(loop)
 
 
 def _step(ctx: TileContext, op, k: int):
@@ -123,15 +150,50 @@ def _step(ctx: TileContext, op, k: int):
     return entry.tile(ctx, op, k)
 
 
-def epilogue(steps: list, out: Value, extras: list, fanout: list = ()) -> Epilogue:
+FOLDABLE = ("requantize", "clamp", "relu")    # unary steps that, with per-tensor constants, fold into a table
+
+
+def _foldable(op) -> bool:
+    return op.op in FOLDABLE and len(op.inputs) == 1 and all(np.size(c) == 1 for c in op.consts.values())
+
+
+def _byte_table(ctx: TileContext, steps: list, out: Value):
+    """(placeholder, k) where step k is a 256-entry lookup and each step after it is unary with per-tensor
+    constants: the table of codes that the steps from k on give for each input code, as bytes of out's 8-bit
+    dtype (each later step applied to the table by its executor, so the table is exactly their composition).
+    None where there is no such lookup or the codes do not fit out's dtype."""
+    import torch
+    k = next((i for i in range(len(steps) - 1, -1, -1) if steps[i].op == "lookup"), None)
+    if k is None or out.dtype not in ("int8", "uint8") or np.size(steps[k].consts["table"]) != 256 or \
+            not all(_foldable(op) for op in steps[k + 1:]):
+        return None
+    codes = torch.as_tensor(np.asarray(steps[k].consts["table"]), dtype=torch.int64)
+    for op in steps[k + 1:]:
+        codes = PROGRAM_OPS[op.op].execute(op, [codes])
+    info = np.iinfo(out.dtype)
+    if int(codes.min()) < info.min or int(codes.max()) > info.max:
+        return None
+    arr = codes.numpy().astype(out.dtype)
+    t = te.placeholder(arr.shape, out.dtype, name="byte_table")
+    ctx.const_arrays.append(arr)
+    ctx.const_tensors.append(t)
+    return t, k
+
+
+def epilogue(steps: list, out: Value, extras: list, fanout: list = (), byte_table: bool = False) -> Epilogue:
     """Build the tail of `steps` (program Ops, each consuming the previous result) for output `out`.
 
     `extras` holds the Value of the second operand of each binary step, in order; they share out's storage
     layout. With `fanout` (requantize ops that all read the end of the chain), `apply` returns one expression
-    per fanout op, each in its own output dtype, and the chain's end itself is not stored.
+    per fanout op, each in its own output dtype, and the chain's end itself is not stored. With `byte_table`
+    (the target has AVX512-VBMI) and a lookup of 256 8-bit codes that only per-tensor unary steps follow,
+    `output_stages` computes the steps before it, then reads the table of the rest (`_byte_table`) with
+    `bytelut`'s intrinsic; `chain` is then the steps before the lookup.
     """
     ctx = TileContext(out, extras)
-    plan = [_step(ctx, op, k) for k, op in enumerate(steps)]
+    folded = _byte_table(ctx, steps, out) if byte_table and not fanout else None
+    table, lookup_at = folded or (None, len(steps))
+    plan = [_step(ctx, op, k) for k, op in enumerate(steps[:lookup_at])]     # with a table: the steps before it
     fan_plans = [_step(ctx, op, len(steps) + k) for k, op in enumerate(fanout)]
     fan_dtypes = [storage_dtype(op.lo, op.hi) for op in fanout]
 
@@ -147,4 +209,8 @@ def epilogue(steps: list, out: Value, extras: list, fanout: list = ()) -> Epilog
             return v.astype(out.dtype)
         return fan_plans[k](v, idx).astype(fan_dtypes[k])
 
-    return Epilogue(ctx.extra_tensors, ctx.const_tensors, ctx.const_arrays, chain, finish, max(1, len(fanout)))
+    def index(z, idx):
+        return chain(z, idx) - int(steps[lookup_at].attrs["offset"])
+
+    return Epilogue(ctx.extra_tensors, ctx.const_tensors, ctx.const_arrays, chain, finish, max(1, len(fanout)),
+                    table, index if table is not None else None)

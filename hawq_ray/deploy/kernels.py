@@ -20,7 +20,7 @@ from tvm import s_tir, te
 
 from hawq_ray.contract import HawqError
 from hawq_ray.deploy import amx, depthwise, layout
-from hawq_ray.deploy.epilogue import Value, epilogue, output_dtype
+from hawq_ray.deploy.epilogue import Value, epilogue, output_dtype, schedule_output
 from hawq_ray.deploy.target import capabilities
 from hawq_ray.program.program import Op
 
@@ -243,7 +243,9 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     # acc + bias as a stage of its own, in registers: read from a buffer, it stays an int32 in the int64
     # product of a requantize (one vpmuldq per 8 lanes) where an inline sum is widened term by term
     biased = te.compute(acc.shape, lambda n, o, h, ww, oi: acc[n, o, h, ww, oi] + b_ph[o, oi], name="biased")
-    epi = epilogue(steps, out_value, extras, fanout)
+    # the byte-table read is tensorized where no output row or column of a tile is past the map's end (a
+    # predicated block does not match the intrinsic)
+    epi = epilogue(steps, out_value, extras, fanout, byte_table=caps.vbmi and (OHp, OWp) == (OH, OW))
     if fanout:   # the chain once, into a tile-sized local buffer; each output requantizes it
         chain = te.compute(out_value.storage_shape,
                            lambda n, o, h, ww, oi: epi.chain(biased[n, o, h, ww, oi], (n, o, h, ww, oi)), name="chain")
@@ -251,22 +253,25 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
             return lambda n, o, h, ww, oi: epi.finish(k, chain[n, o, h, ww, oi], (n, o, h, ww, oi))
         outs = [te.compute(out_value.storage_shape, requantized(k), name=f"out{k}") for k in range(len(fanout))]
     else:
-        outs = [te.compute(out_value.storage_shape,
-                           lambda n, o, h, ww, oi: epi.apply(biased[n, o, h, ww, oi], (n, o, h, ww, oi)), name="out")]
+        outs = epi.output_stages(out_value.storage_shape, lambda n, o, h, ww, oi: biased[n, o, h, ww, oi])[-1:]
     func = te.create_prim_func([cv.data, *epi.extra_tensors, cv.weight, b_ph, *epi.const_tensors, *outs])
     int4 = cv.w_bits <= 4
     weights_outer = w.size * cv.w_bits // 8 > x.storage_shape[1] * x.block * H * W
     if not caps.gpu:
         func = _schedule_conv(func, None if use_amx else tile, needs_pad, int4, len(fanout) or 1, weights_outer,
-                              cv.fast, amx.conv_intrinsic(x.storage_shape[1], KH, KW, WS) if use_amx else None)
+                              cv.fast, amx.conv_intrinsic(x.storage_shape[1], KH, KW, WS) if use_amx else None,
+                              str(epi.byte_table.dtype) if epi.byte_table is not None else None)
     path = caps.conv_path(use_amx, cv.fast)
     return Kernel(name or kernel_name(op), func, [x, *extras], [*cv.consts, *epi.const_arrays], out_values,
                   {"path": path, "w_bits": cv.w_bits, "layer": op.layer})
 
 
-def _out_blocks(n_out: int) -> list:
-    """Names of the epilogue blocks in order: "out", or "chain" then "out0", "out1"... for a fan-out."""
-    return ["out"] if n_out == 1 else ["chain", *(f"out{k}" for k in range(n_out))]
+def _out_blocks(n_out: int, byte_table: bool = False) -> list:
+    """Names of the epilogue blocks in order: "out" ("lut_index" then "out" with a byte table), or "chain"
+    then "out0", "out1"... for a fan-out."""
+    if n_out > 1:
+        return ["chain", *(f"out{k}" for k in range(n_out))]
+    return ["lut_index", "out"] if byte_table else ["out"]
 
 
 def schedule_side_stages(sch, has_pad: bool, int4: bool):
@@ -306,14 +311,14 @@ def finish_dot(sch, acc, first_reduction, oi, tile: list, fast: bool):
 
 
 def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, weights_outer: bool, fast: bool,
-                   amx_intrinsic: str | None = None):
+                   amx_intrinsic: str | None = None, table_dtype: str | None = None):
     """Parallel over (image, channel block, row tiles) or, when the weights outweigh an image's input,
     (channel block, image, row tiles); a (rows x columns x 16 channels) register tile -- or, with
     `amx_intrinsic`, a (2 rows x 16 columns x 32 channels) block that one AMX call computes; the epilogue at
     the tile."""
     sch = s_tir.Schedule(func)
     acc = sch.get_sblock("acc")
-    outs = [sch.get_sblock(nm) for nm in _out_blocks(n_out)]
+    outs = [sch.get_sblock(nm) for nm in _out_blocks(n_out, table_dtype is not None)]
     n, o, h, w, oi, ico, kh, kw, icm, ici = sch.get_loops(acc)
     if amx_intrinsic:
         o, ob = sch.split(o, [None, amx.OC_TILES])
@@ -339,8 +344,7 @@ def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, wei
         sch.tensorize(ob, amx_intrinsic)
     else:
         finish_dot(sch, acc, ico, oi, [hi, wi], fast)
-    for block in (biased, *outs):
-        sch.vectorize(sch.get_loops(block)[-1])
+    schedule_output(sch, [biased, *outs], table_dtype)
     schedule_side_stages(sch, has_pad, int4)
     return sch.mod["main"]
 
@@ -350,7 +354,8 @@ def _grouped_conv(op, x, steps, extras, target, name, out_value):
     channel indices (int8 weights)."""
     if depthwise.applies(op, x) and not capabilities(target).gpu:
         bias = _check_bias(_bias(op, out_value.shape[1]), op.layer or op.output)
-        func, consts = depthwise.depthwise_kernel(op, x, steps, extras, out_value, bias)
+        func, consts = depthwise.depthwise_kernel(op, x, steps, extras, out_value, bias,
+                                                  byte_table=capabilities(target).vbmi)
         return Kernel(name or kernel_name(op), func, [x, *extras], consts, [out_value],
                       {"path": "depthwise", "w_bits": int(op.attrs.get("w_bits", 8)), "layer": op.layer})
     w = np.asarray(op.consts["weight"])

@@ -20,7 +20,7 @@ import tvm
 
 from hawq_ray.contract import HawqError
 
-_ISA = ("avx2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vnni", "avxvnni", "avx512bf16",
+_ISA = ("avx2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vnni", "avx512vbmi", "avxvnni", "avx512bf16",
         "avx512fp16", "amx-tile", "amx-int8", "amx-bf16", "amx-fp16")
 GPU_KINDS = ("cuda", "rocm", "vulkan", "metal", "opencl")
 
@@ -30,6 +30,7 @@ class Capabilities:
     vnni: bool       # AVX512-VNNI dot products
     amx: bool        # AMX int8 tiles, usable by this process
     gpu: bool
+    vbmi: bool = False   # AVX512-VBMI byte permutes (a 256-entry byte table in registers, `bytelut`)
 
     def conv_path(self, use_amx: bool, fast: bool) -> str:
         """The label a conv / dense kernel's manifest entry carries."""
@@ -51,7 +52,7 @@ def _capabilities(text: str) -> Capabilities:
     from hawq_ray.deploy.amx import enable_amx
     vnni = bool(llvm_cpu_has_features("avx512vnni", target))
     amx = bool(llvm_cpu_has_features("amx-int8", target)) and enable_amx()
-    return Capabilities(vnni, amx, gpu)
+    return Capabilities(vnni, amx, gpu, bool(llvm_cpu_has_features("avx512vbmi", target)))
 
 
 def is_gpu(target) -> bool:
