@@ -6,14 +6,17 @@ and stored in the narrowest dtype that holds the last op's guaranteed range.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from tvm import te
 
 from hawq_ray.contract import HawqError
 from hawq_ray.deploy import layout
 from hawq_ray.ops import PROGRAM_OPS
+from hawq_ray.ops.requantize import clamp_of
+from hawq_ray.program.dyadic import requantize
 
 
 def storage_dtype(lo: int, hi: int) -> str:
@@ -150,6 +153,51 @@ def _step(ctx: TileContext, op, k: int):
     return entry.tile(ctx, op, k)
 
 
+def _step_bounds(op):
+    """(lo, hi) of a relu or clamp step as int64 arrays (hi None: none), or None for another op."""
+    if op.op == "relu":
+        return np.int64(0), None
+    if op.op == "clamp":
+        return np.asarray(op.consts["lo"], np.int64), np.asarray(op.consts["hi"], np.int64)
+    return None
+
+
+def _clamp_into_requantize(clamp, rq):
+    """The requantize `rq` of the clamp's (or relu's) output as one requantize of its input, or None.
+
+    R = the requantize before its own clamp [lo, hi] is non-decreasing (multiplier > 0), so
+    R(clamp(z, a, b)) = clamp(R(z), R(a), R(b)), and then the two clamps are one,
+    [max(lo, R(a)), min(hi, R(b))], where those bounds overlap and are the same for every channel."""
+    bounds = _step_bounds(clamp)
+    if bounds is None or rq.op != "requantize" or rq.inputs != [clamp.output]:
+        return None
+    b, c = (torch.as_tensor(np.asarray(rq.consts[k]), dtype=torch.int64) for k in ("multiplier", "shift"))
+    lo, hi = clamp_of(rq)
+
+    def at(v):
+        return np.asarray(requantize(torch.as_tensor(np.broadcast_to(v, np.broadcast_shapes(np.shape(v), b.shape))
+                                                     .copy()), b, c).numpy())
+    new_lo = np.maximum(lo, at(bounds[0]))
+    new_hi = np.full_like(new_lo, hi) if bounds[1] is None else np.minimum(hi, at(bounds[1]))
+    if np.ptp(new_lo) or np.ptp(new_hi) or new_lo.flat[0] > new_hi.flat[0]:
+        return None
+    return replace(rq, inputs=list(clamp.inputs),
+                   attrs={**rq.attrs, "lo": int(new_lo.flat[0]), "hi": int(new_hi.flat[0])})
+
+
+def fold_clamps(steps: list) -> list:
+    """`steps` with each relu or clamp that a requantize follows folded into that requantize's clamp where
+    `_clamp_into_requantize` can (ReLU6 before the requantize to the next layer's input: one clamp)."""
+    out = []
+    for op in steps:
+        folded = _clamp_into_requantize(out[-1], op) if out else None
+        if folded is not None:
+            out[-1] = folded
+        else:
+            out.append(op)
+    return out
+
+
 FOLDABLE = ("requantize", "clamp", "relu")    # unary steps that, with per-tensor constants, fold into a table
 
 
@@ -162,7 +210,6 @@ def _byte_table(ctx: TileContext, steps: list, out: Value):
     constants: the table of codes that the steps from k on give for each input code, as bytes of out's 8-bit
     dtype (each later step applied to the table by its executor, so the table is exactly their composition).
     None where there is no such lookup or the codes do not fit out's dtype."""
-    import torch
     k = next((i for i in range(len(steps) - 1, -1, -1) if steps[i].op == "lookup"), None)
     if k is None or out.dtype not in ("int8", "uint8") or np.size(steps[k].consts["table"]) != 256 or \
             not all(_foldable(op) for op in steps[k + 1:]):
@@ -190,6 +237,7 @@ def epilogue(steps: list, out: Value, extras: list, fanout: list = (), byte_tabl
     `output_stages` computes the steps before it, then reads the table of the rest (`_byte_table`) with
     `bytelut`'s intrinsic; `chain` is then the steps before the lookup.
     """
+    steps = fold_clamps(steps)
     ctx = TileContext(out, extras)
     folded = _byte_table(ctx, steps, out) if byte_table and not fanout else None
     table, lookup_at = folded or (None, len(steps))
