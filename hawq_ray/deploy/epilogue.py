@@ -172,11 +172,13 @@ def _clamp_into_requantize(clamp, rq):
     if bounds is None or rq.op != "requantize" or rq.inputs != [clamp.output]:
         return None
     b, c = (torch.as_tensor(np.asarray(rq.consts[k]), dtype=torch.int64) for k in ("multiplier", "shift"))
+    if bool((b <= 0).any()):
+        return None           # not non-decreasing (the tile refuses such a requantize anyway)
     lo, hi = clamp_of(rq)
 
-    def at(v):
-        return np.asarray(requantize(torch.as_tensor(np.broadcast_to(v, np.broadcast_shapes(np.shape(v), b.shape))
-                                                     .copy()), b, c).numpy())
+    def at(v):      # R at per-channel (or per-tensor) bounds, broadcast against the requantize's constants
+        v = np.broadcast_to(np.asarray(v, np.int64), np.broadcast_shapes(np.shape(v), tuple(b.shape)))
+        return requantize(torch.from_numpy(v.copy()), b, c).numpy()
     new_lo = np.maximum(lo, at(bounds[0]))
     new_hi = np.full_like(new_lo, hi) if bounds[1] is None else np.minimum(hi, at(bounds[1]))
     if np.ptp(new_lo) or np.ptp(new_hi) or new_lo.flat[0] > new_hi.flat[0]:

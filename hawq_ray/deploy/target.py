@@ -20,8 +20,8 @@ import tvm
 
 from hawq_ray.contract import HawqError
 
-_ISA = ("avx2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vnni", "avx512vbmi", "avxvnni", "avx512bf16",
-        "avx512fp16", "amx-tile", "amx-int8", "amx-bf16", "amx-fp16")
+_ISA = ("avx2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vnni", "avx512vbmi", "avxvnni",
+        "avx512bf16", "avx512fp16", "amx-tile", "amx-int8", "amx-bf16", "amx-fp16")
 GPU_KINDS = ("cuda", "rocm", "vulkan", "metal", "opencl")
 
 
