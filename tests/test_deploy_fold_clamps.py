@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hawq_ray.deploy.epilogue import fold_clamps
+from hawq_ray.deploy.folds import fold_clamps
 from hawq_ray.program.program import Op
 from test_deploy_reference import ref_requantize
 

@@ -6,17 +6,15 @@ and stored in the narrowest dtype that holds the last op's guaranteed range.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 from tvm import te
 
 from hawq_ray.contract import HawqError
 from hawq_ray.deploy import layout
+from hawq_ray.deploy.folds import fold_clamps, table_of_tail
 from hawq_ray.ops import PROGRAM_OPS
-from hawq_ray.ops.requantize import clamp_of
-from hawq_ray.program.dyadic import requantize
 
 
 def storage_dtype(lo: int, hi: int) -> str:
@@ -114,8 +112,8 @@ class Epilogue:
     finish: callable        # (k, int32 chain value, storage index) -> expr of output k in its dtype
     n_outputs: int
 
-    byte_table: te.Tensor | None = None   # the last step's table as 256 bytes, read by `bytelut`'s intrinsic
-    index: callable | None = None         # (int32 expr, storage index) -> its index: the steps before it
+    byte_table: te.Tensor | None = None   # 256 bytes: a lookup and the steps after it (`folds.table_of_tail`)
+    index: callable | None = None         # (int32 expr, storage index) -> the table's index: the steps before it
 
     def apply(self, z, idx):
         """The steps and the cast of the single output."""
@@ -153,76 +151,14 @@ def _step(ctx: TileContext, op, k: int):
     return entry.tile(ctx, op, k)
 
 
-def _step_bounds(op):
-    """(lo, hi) of a relu or clamp step as int64 arrays (hi None: none), or None for another op."""
-    if op.op == "relu":
-        return np.int64(0), None
-    if op.op == "clamp":
-        return np.asarray(op.consts["lo"], np.int64), np.asarray(op.consts["hi"], np.int64)
-    return None
-
-
-def _clamp_into_requantize(clamp, rq):
-    """The requantize `rq` of the clamp's (or relu's) output as one requantize of its input, or None.
-
-    R = the requantize before its own clamp [lo, hi] is non-decreasing (multiplier > 0), so
-    R(clamp(z, a, b)) = clamp(R(z), R(a), R(b)), and then the two clamps are one,
-    [max(lo, R(a)), min(hi, R(b))], where those bounds overlap and are the same for every channel."""
-    bounds = _step_bounds(clamp)
-    if bounds is None or rq.op != "requantize" or rq.inputs != [clamp.output]:
-        return None
-    b, c = (torch.as_tensor(np.asarray(rq.consts[k]), dtype=torch.int64) for k in ("multiplier", "shift"))
-    if bool((b <= 0).any()):
-        return None           # not non-decreasing (the tile refuses such a requantize anyway)
-    lo, hi = clamp_of(rq)
-
-    def at(v):      # R at per-channel (or per-tensor) bounds, broadcast against the requantize's constants
-        v = np.broadcast_to(np.asarray(v, np.int64), np.broadcast_shapes(np.shape(v), tuple(b.shape)))
-        return requantize(torch.from_numpy(v.copy()), b, c).numpy()
-    new_lo = np.maximum(lo, at(bounds[0]))
-    new_hi = np.full_like(new_lo, hi) if bounds[1] is None else np.minimum(hi, at(bounds[1]))
-    if np.ptp(new_lo) or np.ptp(new_hi) or new_lo.flat[0] > new_hi.flat[0]:
-        return None
-    return replace(rq, inputs=list(clamp.inputs),
-                   attrs={**rq.attrs, "lo": int(new_lo.flat[0]), "hi": int(new_hi.flat[0])})
-
-
-def fold_clamps(steps: list) -> list:
-    """`steps` with each relu or clamp that a requantize follows folded into that requantize's clamp where
-    `_clamp_into_requantize` can (ReLU6 before the requantize to the next layer's input: one clamp)."""
-    out = []
-    for op in steps:
-        folded = _clamp_into_requantize(out[-1], op) if out else None
-        if folded is not None:
-            out[-1] = folded
-        else:
-            out.append(op)
-    return out
-
-
-FOLDABLE = ("requantize", "clamp", "relu")    # unary steps that, with per-tensor constants, fold into a table
-
-
-def _foldable(op) -> bool:
-    return op.op in FOLDABLE and len(op.inputs) == 1 and all(np.size(c) == 1 for c in op.consts.values())
-
-
 def _byte_table(ctx: TileContext, steps: list, out: Value):
-    """(placeholder, k) where step k is a 256-entry lookup and each step after it is unary with per-tensor
-    constants: the table of codes that the steps from k on give for each input code, as bytes of out's 8-bit
-    dtype (each later step applied to the table by its executor, so the table is exactly their composition).
-    None where there is no such lookup or the codes do not fit out's dtype."""
-    k = next((i for i in range(len(steps) - 1, -1, -1) if steps[i].op == "lookup"), None)
-    if k is None or out.dtype not in ("int8", "uint8") or np.size(steps[k].consts["table"]) != 256 or \
-            not all(_foldable(op) for op in steps[k + 1:]):
+    """(placeholder, k): `folds.table_of_tail`'s codes as bytes of out's 8-bit dtype, a constant of the tile."""
+    from hawq_ray.deploy.bytelut import ENTRIES
+    folded = table_of_tail(steps, out.dtype) if out.dtype in ("int8", "uint8") else None
+    if folded is None or len(folded[0]) != ENTRIES:
         return None
-    codes = torch.as_tensor(np.asarray(steps[k].consts["table"]), dtype=torch.int64)
-    for op in steps[k + 1:]:
-        codes = PROGRAM_OPS[op.op].execute(op, [codes])
-    info = np.iinfo(out.dtype)
-    if int(codes.min()) < info.min or int(codes.max()) > info.max:
-        return None
-    arr = codes.numpy().astype(out.dtype)
+    codes, k = folded
+    arr = codes.astype(out.dtype)
     t = te.placeholder(arr.shape, out.dtype, name="byte_table")
     ctx.const_arrays.append(arr)
     ctx.const_tensors.append(t)
@@ -236,8 +172,9 @@ def epilogue(steps: list, out: Value, extras: list, fanout: list = (), byte_tabl
     layout. With `fanout` (requantize ops that all read the end of the chain), `apply` returns one expression
     per fanout op, each in its own output dtype, and the chain's end itself is not stored. With `byte_table`
     (the target has AVX512-VBMI) and a lookup of 256 8-bit codes that only per-tensor unary steps follow,
-    `output_stages` computes the steps before it, then reads the table of the rest (`_byte_table`) with
-    `bytelut`'s intrinsic; `chain` is then the steps before the lookup.
+    `output_stages` computes the steps before it, then reads the table of the rest (`folds.table_of_tail`)
+    with `bytelut`'s intrinsic; `chain` is then the steps before the lookup. Clamps before a requantize
+    fold into it first (`folds.fold_clamps`).
     """
     steps = fold_clamps(steps)
     ctx = TileContext(out, extras)
