@@ -124,3 +124,17 @@ def test_a_per_channel_step_after_the_lookup_is_not_folded():
     assert not reads_byte_table(kernel)
     got = run_kernel(kernel, [x], "llvm")
     assert np.array_equal(got, reference(z, steps))
+
+
+def test_a_per_tensor_step_stored_as_1x1x1_folds_into_the_table():
+    """A per-tensor constant may be stored as (1, 1, 1): it broadcasts the table to 3-D, and the folded table
+    is still the 256 codes, each the tail's value at that code (numpy)."""
+    from hawq_ray.deploy.folds import table_of_tail
+    table = silu_table(signed_out=True)
+    lut = Op("lookup", ["a"], "s", attrs={"offset": -128}, consts={"table": table}, lo=-128, hi=127)
+    tail = Op("requantize", ["s"], "q", attrs={"lo": -100, "hi": 100}, lo=-100, hi=100,
+              consts={"multiplier": np.full((1, 1, 1), 1_500_000_000, np.int32),
+                      "shift": np.full((1, 1, 1), 31, np.int32)})
+    codes, k = table_of_tail([lut, tail], "int8")
+    assert k == 0 and codes.shape == (256,)
+    assert np.array_equal(codes, ref_requantize(table, 1_500_000_000, 31, -100, 100))

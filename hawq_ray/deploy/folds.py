@@ -38,6 +38,10 @@ def _clamp_into_requantize(clamp, rq):
     def at(v):      # R at per-channel (or per-tensor) bounds, broadcast against the requantize's constants
         v = np.broadcast_to(np.asarray(v, np.int64), np.broadcast_shapes(np.shape(v), tuple(b.shape)))
         return requantize(torch.from_numpy(v.copy()), b, c).numpy()
+    try:
+        at(bounds[0])
+    except ValueError:          # constants that do not broadcast together: left to the tile to refuse
+        return None
     new_lo = np.maximum(lo, at(bounds[0]))
     new_hi = np.full_like(new_lo, hi) if bounds[1] is None else np.minimum(hi, at(bounds[1]))
     if np.ptp(new_lo) or np.ptp(new_hi) or new_lo.flat[0] > new_hi.flat[0]:
@@ -77,6 +81,7 @@ def table_of_tail(steps: list, dtype: str):
     codes = torch.as_tensor(np.asarray(steps[k].consts["table"]), dtype=torch.int64)
     for op in steps[k + 1:]:
         codes = PROGRAM_OPS[op.op].execute(op, [codes])
+    codes = codes.reshape(-1)        # a per-tensor constant stored as (1, 1, 1) broadcasts the table to 3-D
     info = np.iinfo(dtype)
     if int(codes.min()) < info.min or int(codes.max()) > info.max:
         return None
