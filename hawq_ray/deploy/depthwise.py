@@ -17,7 +17,7 @@ import tvm
 from tvm import s_tir, te
 
 from hawq_ray.deploy import layout
-from hawq_ray.deploy.epilogue import Value, epilogue, schedule_output
+from hawq_ray.deploy.epilogue import Value, epilogue, output_block_names, schedule_output
 
 LANES = layout.OC_BLOCK     # channels per vector: the activations' block
 MAX_UNROLL = 24             # output vectors per unrolled tile
@@ -89,8 +89,8 @@ def _schedule_depthwise(func, th: int, tw: int, table_dtype: str | None = None):
     """Parallel over (image, channel block, band of th rows); per band the padded rows into a local buffer,
     then tiles of th rows x tw columns, unrolled, 16 lanes at a time, and the epilogue after each tile."""
     sch = s_tir.Schedule(func)
-    acc, out, pad = sch.get_sblock("acc"), sch.get_sblock("out"), sch.get_sblock("pad")
-    tail = [sch.get_sblock("lut_index"), out] if table_dtype else [out]
+    acc, pad = sch.get_sblock("acc"), sch.get_sblock("pad")
+    tail = [sch.get_sblock(nm) for nm in output_block_names(table_dtype is not None)]
     n, c, h, w, i = sch.get_loops(acc)
     ho, hi = sch.split(h, [None, th])
     wo, wi = sch.split(w, [None, tw])

@@ -16,6 +16,8 @@ from hawq_ray.deploy import layout
 from hawq_ray.deploy.folds import fold_clamps, table_of_tail
 from hawq_ray.ops import PROGRAM_OPS
 
+LUT_INDEX = "lut_index"     # the stage of a byte table's index, before the output stage that reads the table
+
 
 def storage_dtype(lo: int, hi: int) -> str:
     if 0 <= lo and hi <= 255:
@@ -121,17 +123,22 @@ class Epilogue:
 
     def output_stages(self, shape: tuple, value: callable, name: str = "out") -> list:
         """The stages computing the single output over `shape` from the int32 `value(*index)`: [out], or with
-        a byte table, [table index (int32, "lut_index"), out = the table at it]."""
+        a byte table, [table index (int32, `LUT_INDEX`), out = the table at it]."""
         if self.byte_table is None:
             return [te.compute(shape, lambda *i: self.apply(value(*i), i), name=name)]
         from hawq_ray.deploy.bytelut import table_read
-        index = te.compute(shape, lambda *i: self.index(value(*i), i), name="lut_index")
+        index = te.compute(shape, lambda *i: self.index(value(*i), i), name=LUT_INDEX)
         return [index, te.compute(shape, lambda *i: table_read(self.byte_table, index[i]), name=name)]
+
+
+def output_block_names(byte_table: bool, name: str = "out") -> list:
+    """The names of `output_stages`' blocks, in order."""
+    return [LUT_INDEX, name] if byte_table else [name]
 
 
 def schedule_output(sch, blocks: list, table_dtype: str | None = None) -> None:
     """Vectorize the innermost loop of each of `blocks` (an output stage last, the stages it reads before
-    it). With `table_dtype` the output reads a byte table of that dtype at "lut_index" (kept in registers):
+    it). With `table_dtype` the output reads a byte table of that dtype at `LUT_INDEX` (kept in registers):
     it is tensorized 16 lanes at a time (`bytelut`)."""
     from hawq_ray.deploy.bytelut import tensorize_table_read
     for block in blocks:
@@ -139,7 +146,7 @@ def schedule_output(sch, blocks: list, table_dtype: str | None = None) -> None:
         if table_dtype and block == blocks[-1]:
             tensorize_table_read(sch, block, table_dtype)
             continue
-        if table_dtype and sch.get(block).name_hint == "lut_index":
+        if sch.get(block).name_hint == LUT_INDEX:
             sch.set_scope(block, 0, "local")
         sch.vectorize(loop)
 

@@ -12,6 +12,7 @@ from hawq_ray.ops import PROGRAM_OPS
 from hawq_ray.ops.requantize import clamp_of
 from hawq_ray.program.dyadic import requantize
 
+
 def _step_bounds(op):
     """(lo, hi) of a relu or clamp step as int64 arrays (hi None: none), or None for another op."""
     if op.op == "relu":
@@ -39,10 +40,10 @@ def _clamp_into_requantize(clamp, rq):
         v = np.broadcast_to(np.asarray(v, np.int64), np.broadcast_shapes(np.shape(v), tuple(b.shape)))
         return requantize(torch.from_numpy(v.copy()), b, c).numpy()
     try:
-        at(bounds[0])
+        at_lo = at(bounds[0])
     except ValueError:          # constants that do not broadcast together: left to the tile to refuse
         return None
-    new_lo = np.maximum(lo, at(bounds[0]))
+    new_lo = np.maximum(lo, at_lo)
     new_hi = np.full_like(new_lo, hi) if bounds[1] is None else np.minimum(hi, at(bounds[1]))
     if np.ptp(new_lo) or np.ptp(new_hi) or new_lo.flat[0] > new_hi.flat[0]:
         return None

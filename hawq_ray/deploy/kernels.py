@@ -20,7 +20,7 @@ from tvm import s_tir, te
 
 from hawq_ray.contract import HawqError
 from hawq_ray.deploy import amx, depthwise, layout
-from hawq_ray.deploy.epilogue import Value, epilogue, output_dtype, schedule_output
+from hawq_ray.deploy.epilogue import Value, epilogue, output_block_names, output_dtype, schedule_output
 from hawq_ray.deploy.target import capabilities
 from hawq_ray.program.program import Op
 
@@ -267,11 +267,11 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
 
 
 def _out_blocks(n_out: int, byte_table: bool = False) -> list:
-    """Names of the epilogue blocks in order: "out" ("lut_index" then "out" with a byte table), or "chain"
-    then "out0", "out1"... for a fan-out."""
+    """Names of the epilogue blocks in order: `output_block_names`, or "chain" then "out0", "out1"... for a
+    fan-out."""
     if n_out > 1:
         return ["chain", *(f"out{k}" for k in range(n_out))]
-    return ["lut_index", "out"] if byte_table else ["out"]
+    return output_block_names(byte_table)
 
 
 def schedule_side_stages(sch, has_pad: bool, int4: bool):
