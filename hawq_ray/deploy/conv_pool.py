@@ -22,7 +22,7 @@ from hawq_ray.deploy import layout
 from hawq_ray.deploy.epilogue import Value, epilogue, output_dtype
 from hawq_ray.deploy.glue import pool_out_size
 from hawq_ray.deploy.kernels import (MAX_ACC, TILE_COST, Kernel, check_channels, conv_operands, conv_out_size,
-                                     finish_dot, reduction_order, schedule_side_stages)
+                                     finish_dot, merge_outputs, reduction_order, schedule_side_stages)
 from hawq_ray.deploy.target import capabilities
 from hawq_ray.contract import HawqError
 from hawq_ray.program.program import Op
@@ -173,9 +173,10 @@ def _schedule(func, plan: dict, has_pad: bool, int4: bool, out_names: list, fast
     task = sch.fuse(n, o, b)
     sch.parallel(task)
     finish_dot(sch, acc, ico, oi, [ei, fi], fast)
-    for name in ("pool", *out_names):
-        blk = sch.get_sblock(name)
+    blocks = [sch.get_sblock(name) for name in ("pool", *out_names)]
+    for blk in blocks:
         sch.reverse_compute_at(blk, task)
+    for blk in [blocks[0], *merge_outputs(sch, blocks[1:])]:
         sch.vectorize(sch.get_loops(blk)[-1])
     schedule_side_stages(sch, has_pad, int4)
     return sch.mod["main"]
