@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from hawq_ray.deploy import compile_program, export_model, load_model, parse_target
-from hawq_ray.deploy.graph import plan_groups, plan_kernels, requantize_before_max_pool
+from hawq_ray.deploy.graph import merge_equal_requantizes, plan_groups, plan_kernels, requantize_before_max_pool
 from hawq_ray.analysis.verify import compare, compare_batches, random_inputs
 from hawq_ray.contract import HawqError
 from hawq_ray.program.program import IntegerProgram, Op
@@ -98,6 +99,34 @@ def test_requantize_moves_before_a_max_pool_that_reads_no_conv():
     conv = Op("conv2d", ["x"], "c", dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1),
               dict(weight=np.ones((2, 2, 1, 1), np.int8)))
     assert requantize_before_max_pool([conv, *ops[1:]], "out", {"q1", "q2"}) == [conv, *ops[1:]]
+
+
+def test_equal_requantizes_of_one_value_are_computed_once():
+    """Two requantizes of the block output with equal constants (each conv reading it has its own input
+    quantizer, calibrated on the same tensor) become one stored value read by both convs; a requantize that
+    differs in one multiplier, or in its clamp, stays; the compiled program matches numpy on every output."""
+    prog, _ = make_program(8, 255)
+    block = next(o for o in prog.ops if o.op == "relu" and sum(o.output in p.inputs for p in prog.ops) == 2)
+    readers = [o for o in prog.ops if block.output in o.inputs]
+    assert [o.op for o in readers] == ["requantize", "requantize"]
+    first, second = readers
+    i = prog.ops.index(second)
+    for change, merged in ((None, True), ("multiplier", False), ("clamp", False)):
+        twin = replace(second, consts={k: np.array(v, copy=True) for k, v in first.consts.items()},
+                       attrs=dict(first.attrs), lo=first.lo, hi=first.hi)
+        if change == "multiplier":
+            twin.consts["multiplier"].reshape(-1)[0] += 1
+        elif change == "clamp":
+            twin.attrs["hi"] = twin.hi = int(first.attrs["hi"]) - 1
+        ops = [*prog.ops[:i], twin, *prog.ops[i + 1:]]
+        program = replace(prog, ops=ops)
+        kept = merge_equal_requantizes(ops, program.output)
+        assert (len(kept) == len(ops) - 1) == merged
+        stored = {name for c in plan_kernels(program, 2, parse_target("llvm")) for name in c.outputs}
+        assert (twin.output not in stored) == merged and first.output in stored
+        x = np.random.default_rng(3).integers(-128, 128, (2, *program.input_shape)).astype(np.int8)
+        got = compile_program(program, batch=2, target="llvm")(x)
+        assert np.array_equal(got, run_reference(program, x)[program.output])
 
 
 def test_export_load_roundtrip(programs, tmp_path):

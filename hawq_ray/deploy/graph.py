@@ -1,6 +1,7 @@
 """IntegerProgram -> one Relax module that calls one kernel per layer.
 
-Step 0: an exact reordering so a max pool runs on narrow values (`requantize_before_max_pool`),
+Step 0: exact rewrites -- equal requantizes of one value merged (`merge_equal_requantizes`), a max pool
+moved after its requantizes so it runs on narrow values (`requantize_before_max_pool`) --
 and value ranges derived by interval arithmetic so values are stored as narrow as they are (`program.ranges`).
 Step 1 (`plan_groups`): cut the op list into kernels. A kernel starts at an anchor op (conv2d, dense, pooling,
 concat, flatten, or an elementwise op nobody absorbed) and absorbs the elementwise ops that follow while the
@@ -107,11 +108,31 @@ def requantize_before_max_pool(ops: list, program_output: str, narrow: set = fro
     return out
 
 
+def merge_equal_requantizes(ops: list, program_output: str) -> list:
+    """Requantizes of one value with equal constants and clamp compute equal values: the later ones are
+    dropped and their readers read the first (a block's output that the next block's first conv and its
+    downsample conv both read at one calibrated scale). Returns a new op list."""
+    first, rename, out = {}, {}, []
+    for op in ops:
+        op = replace(op, inputs=[rename.get(a, a) for a in op.inputs]) if any(a in rename for a in op.inputs) else op
+        if op.op == "requantize" and op.output != program_output:
+            key = (op.inputs[0], op.lo, op.hi, tuple(sorted((k, str(v)) for k, v in op.attrs.items())),
+                   *((k, np.shape(v), np.asarray(v).tobytes()) for k, v in sorted(op.consts.items())))
+            if key in first:
+                rename[op.output] = first[key]
+                continue
+            first[key] = op.output
+        out.append(op)
+    return out
+
+
 def planned_ops(program: IntegerProgram) -> list:
-    """The op list the kernels are planned from: max pools moved after their requantizes where that pays,
-    ranges narrowed. `plan_groups(program, planned_ops(program))` gives the groups `plan_kernels` builds."""
-    narrow = {op.output for op in narrow_ranges(program) if storage_dtype(op.lo, op.hi) != "int32"}
-    return narrow_ranges(program, requantize_before_max_pool(program.ops, program.output, narrow))
+    """The op list the kernels are planned from: equal requantizes merged, max pools moved after their
+    requantizes where that pays, ranges narrowed. `plan_groups(program, planned_ops(program))` gives the groups
+    `plan_kernels` builds."""
+    ops = merge_equal_requantizes(program.ops, program.output)
+    narrow = {op.output for op in narrow_ranges(program, ops) if storage_dtype(op.lo, op.hi) != "int32"}
+    return narrow_ranges(program, requantize_before_max_pool(ops, program.output, narrow))
 
 
 def plan_groups(program: IntegerProgram, ops: list | None = None) -> list[Group]:
