@@ -55,12 +55,18 @@ TILE_COST = 12.0   # a register tile of A accumulators costs about (1 + TILE_COS
                    # the resnet18 stem: 13 accumulators 3.7 ms, 27 accumulators 2.9 ms)
 
 
-def _tile(height: int, width: int) -> tuple:
-    """Register tile (rows, columns) of the output: 7..14 columns with the fewest wasted, then the widest;
-    then the rows (as many as fit MAX_ACC accumulators) that minimize rows computed x tile cost: weights
-    are loaded once per tile, so taller is cheaper, but rows past the map's end are computed for nothing."""
+OC_PAIR = 2    # output channel blocks of a VNNI register tile: each broadcast input feeds two weight vectors
+               # (resnet18 / resnet50 / mobilenet_v2 at batch 8, A/B in one process: 5% / 6.7% / 5.5% faster
+               # than one block of twice the pixels; four blocks, at most 24 accumulators: 2%)
+
+
+def _tile(height: int, width: int, blocks: int = 1) -> tuple:
+    """Register tile (rows, columns) of the output for `blocks` channel blocks: 7..14 columns with the fewest
+    wasted, then the widest; then the rows (as many as fit MAX_ACC accumulators) that minimize rows computed
+    x tile cost: weights are loaded once per tile, so taller is cheaper, but rows past the map's end are
+    computed for nothing."""
     tw = width if width <= 14 else min(range(14, 6, -1), key=lambda t: (-(-width // t) * t - width, -t))
-    th = min(range(1, min(height, MAX_ACC // tw) + 1),
+    th = min(range(1, max(1, min(height, MAX_ACC // blocks // tw)) + 1),
              key=lambda t: (-(-height // t) * t * (1 + TILE_COST / (t * tw)), -t))
     return th, tw
 
@@ -235,7 +241,8 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
         src, needs_pad = cv.source_rows(x, ph, pw, OHp + KH - 1, WS)
         acc = cv.accumulate(src, (N, Ob, OHp, OWp, 16), row_stride=WS)
     else:
-        tile = _tile(OH, OW) if not caps.gpu else (1, 1)
+        pair = OC_PAIR if cv.fast and Ob % OC_PAIR == 0 else 1
+        tile = (*_tile(OH, OW, pair), pair) if not caps.gpu else (1, 1, 1)
         OHp, OWp = -(-OH // tile[0]) * tile[0], -(-OW // tile[1]) * tile[1]
         src, needs_pad = cv.source(x, ph, pw, (OHp - 1) * sh + dh * (KH - 1) + 1,
                                    (OWp - 1) * sw + dw * (KW - 1) + 1)
@@ -319,24 +326,28 @@ def finish_dot(sch, acc, first_reduction, oi, tile: list, fast: bool):
 
 def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, weights_outer: bool, fast: bool,
                    amx_intrinsic: str | None = None, table_dtype: str | None = None):
-    """Parallel over (image, channel block, row tiles) or, when the weights outweigh an image's input,
-    (channel block, image, row tiles); a (rows x columns x 16 channels) register tile -- or, with
-    `amx_intrinsic`, a (2 rows x 16 columns x 32 channels) block that one AMX call computes; the epilogue at
-    the tile."""
+    """Parallel over (image, channel block group, row tiles) or, when the weights outweigh an image's input,
+    (channel block group, image, row tiles); a (rows x columns x blocks of 16 channels) register tile, the
+    blocks innermost (each broadcast input meets every block's weights) -- or, with `amx_intrinsic`, a (2 rows
+    x 16 columns x 32 channels) block that one AMX call computes; the epilogue at the tile."""
     sch = s_tir.Schedule(func)
     acc = sch.get_sblock("acc")
     outs = [sch.get_sblock(nm) for nm in _out_blocks(n_out, table_dtype is not None)]
     n, o, h, w, oi, ico, kh, kw, icm, ici = sch.get_loops(acc)
     if amx_intrinsic:
         o, ob = sch.split(o, [None, amx.OC_TILES])
-        tile = (amx.PX_TILES, amx.ROWS)
+        tile = (amx.PX_TILES, amx.ROWS, 1)
+    blocks = []          # the tile's channel blocks, when it has several
+    if tile[2] > 1:
+        o, block = sch.split(o, [None, tile[2]])
+        blocks = [block]
     ho, hi = sch.split(h, [None, tile[0]])
     wo, wi = sch.split(w, [None, tile[1]])
     outer = [o, n, ho] if weights_outer else [n, o, ho]
     if amx_intrinsic:
         sch.reorder(*outer, wo, ob, hi, wi, oi, ico, kh, kw, icm, ici)
     else:
-        sch.reorder(*outer, wo, ico, kh, kw, icm, *reduction_order(fast, [hi, wi], oi, ici))
+        sch.reorder(*outer, wo, ico, kh, kw, icm, *reduction_order(fast, [hi, wi, *blocks], oi, ici))
     sch.set_scope(acc, 0, "local")
     biased = sch.get_sblock("biased")
     sch.set_scope(biased, 0, "local")
@@ -350,7 +361,7 @@ def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, wei
         sch.vectorize(sch.get_loops(init)[-1])
         sch.tensorize(ob, amx_intrinsic)
     else:
-        finish_dot(sch, acc, ico, oi, [hi, wi], fast)
+        finish_dot(sch, acc, ico, oi, [hi, wi, *blocks], fast)
     schedule_output(sch, [biased, *outs], table_dtype)
     schedule_side_stages(sch, has_pad, int4)
     return sch.mod["main"]
