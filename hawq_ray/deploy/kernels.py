@@ -7,7 +7,7 @@ A kernel is one scheduled TIR function: `kernel(inputs..., consts..., out)`. The
 
 Two schedules share one computation: on x86 with AVX512-VNNI the reduction is tensorized with `vpdpbusd`
 (u8 x s8 -> s32; a signed int8 input is shifted by +128 and `-128 * sum(W)` folded into the bias, padding with
-128 so the shift is exact everywhere), with an (ow x 16 channel) register tile and the epilogue computed at the
+128 so the shift is exact everywhere), with a (rows x columns x 2 x 16 channel) register tile and the epilogue computed at the
 tile; anywhere else a generic vectorized schedule (and, for CUDA, a default GPU schedule at build time).
 """
 from __future__ import annotations
