@@ -115,6 +115,19 @@ def test_lookup_with_folded_tail_matches_numpy(target, depthwise, signed_out):
     assert len(np.unique(want)) > 50           # the table's codes, not a few saturated ones
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_lookup_on_a_one_pixel_map_matches_numpy(target):
+    """A squeeze-excite's expand conv: a 1x1 map, so the output's loops hold one vector each and the first
+    requantize's 16-lane stage (`lanerequant`) sits beside the table's index stage, not inside its loop."""
+    rng = np.random.default_rng(11)
+    op, x = conv_case(rng, depthwise=False, channels=48, size=1)
+    z = conv_reference(op, x)
+    steps = steps_after_conv(z, signed_out=False)
+    kernel = build_layer_kernel(op, x.shape, target, steps=steps, input_dtype="uint8")
+    got = run_kernel(kernel, [x], target)
+    assert np.array_equal(got, reference(z, steps))
+
+
 def test_a_per_channel_step_after_the_lookup_is_not_folded():
     rng = np.random.default_rng(7)
     op, x = conv_case(rng, depthwise=False)

@@ -75,6 +75,15 @@ class TileContext:
         pick = lambda i, v: v if int(t.shape[i]) > 1 else 0    # noqa: E731
         return t[pick(0, co), pick(1, h), pick(2, w), pick(3, ci)]
 
+    def lane_const(self, arr, name: str) -> te.Tensor:
+        """A constant given for every lane of the output's channel blocks (padding lanes included)."""
+        arr = np.asarray(arr)
+        packed = layout.pack_broadcast_const(arr.reshape(-1, 1, 1), self.rank, len(arr))
+        t = te.placeholder(packed.shape, "int32", name=name)
+        self.const_arrays.append(packed)
+        self.const_tensors.append(t)
+        return t
+
     def table(self, arr, name: str) -> te.Tensor:
         """A lookup table (1-D int32), read at a computed index."""
         arr = np.ascontiguousarray(np.asarray(arr, np.int32).reshape(-1))
@@ -115,38 +124,63 @@ class Epilogue:
     n_outputs: int
 
     byte_table: te.Tensor | None = None   # 256 bytes: a lookup and the steps after it (`folds.table_of_tail`)
-    index: callable | None = None         # (int32 expr, storage index) -> the table's index: the steps before it
+    offset: int = 0                       # the lookup's first code: its index is the chain's value minus it
+    head: callable | None = None          # (int32 expr, storage index) -> the first requantize (`lanerequant`)
+    head_block: str | None = None         # the name of its stage
+    rest: callable | None = None          # the steps after the head, clamp first
 
     def apply(self, z, idx):
         """The steps and the cast of the single output."""
         return self.finish(0, self.chain(z, idx), idx)
 
-    def output_stages(self, shape: tuple, value: callable, name: str = "out") -> list:
+    @property
+    def block_names(self) -> list:
+        """The names of `output_stages`' blocks, in order."""
+        return ([self.head_block] if self.head else []) + output_block_names(self.byte_table is not None)
+
+    def output_stages(self, shape: tuple, value: callable, name: str = "out", value_shape: tuple | None = None) -> list:
         """The stages computing the single output over `shape` from the int32 `value(*index)`: [out], or with
-        a byte table, [table index (int32, `LUT_INDEX`), out = the table at it]."""
+        a byte table, [table index (int32, `LUT_INDEX`), out = the table at it]; with a head requantize, its
+        16-lane stage first (`lanerequant`), over all of `value_shape` (a register tile's rows and columns past
+        the map's end too: a predicated block does not match the intrinsic), and the other stages read it."""
+        stages, chain = [], self.chain
+        if self.head is not None:
+            head = te.compute(value_shape or shape, lambda *i: self.head(value(*i), i), name=self.head_block)
+            stages, value, chain = [head], (lambda *i: head[i]), self.rest
         if self.byte_table is None:
-            return [te.compute(shape, lambda *i: self.apply(value(*i), i), name=name)]
+            return stages + [te.compute(shape, lambda *i: self.finish(0, chain(value(*i), i), i), name=name)]
         from hawq_ray.deploy.bytelut import table_read
-        index = te.compute(shape, lambda *i: self.index(value(*i), i), name=LUT_INDEX)
-        return [index, te.compute(shape, lambda *i: table_read(self.byte_table, index[i]), name=name)]
+        index = te.compute(shape, lambda *i: chain(value(*i), i) - self.offset, name=LUT_INDEX)
+        return stages + [index, te.compute(shape, lambda *i: table_read(self.byte_table, index[i]), name=name)]
 
 
 def output_block_names(byte_table: bool, name: str = "out") -> list:
-    """The names of `output_stages`' blocks, in order."""
+    """The names of `output_stages`' blocks after a head requantize, in order."""
     return [LUT_INDEX, name] if byte_table else [name]
 
 
-def schedule_output(sch, blocks: list, table_dtype: str | None = None) -> None:
+def schedule_output(sch, blocks: list, table_dtype: str | None = None, tile_scope: str = "local") -> None:
     """Vectorize the innermost loop of each of `blocks` (an output stage last, the stages it reads before
     it). With `table_dtype` the output reads a byte table of that dtype at `LUT_INDEX` (kept in registers):
-    it is tensorized 16 lanes at a time (`bytelut`)."""
+    it is tensorized 16 lanes at a time (`bytelut`); a head requantize's stage is tensorized too
+    (`lanerequant`), in `tile_scope`, the scope of the tile buffer it reads."""
     from hawq_ray.deploy.bytelut import tensorize_table_read
-    for block in blocks:
+    from hawq_ray.deploy.lanerequant import STAGE, tensorize_lane_requantize
+    for k, block in enumerate(blocks):
+        name = sch.get(block).name_hint
+        if name.startswith(STAGE):
+            # one vector at a time, inside the loop of the stage that reads it: its 16 lanes stay in a register
+            sch.set_scope(block, 0, tile_scope)
+            outer = sch.get_loops(blocks[k + 1])[:-1]
+            if outer and not any(sch.get(outer[-1]).same_as(sch.get(loop)) for loop in sch.get_loops(block)):
+                sch.compute_at(block, outer[-1])
+            tensorize_lane_requantize(sch, block, name.endswith("_up"), tile_scope)
+            continue
         loop = sch.get_loops(block)[-1]
         if table_dtype and block == blocks[-1]:
             tensorize_table_read(sch, block, table_dtype)
             continue
-        if sch.get(block).name_hint == LUT_INDEX:
+        if name == LUT_INDEX:
             sch.set_scope(block, 0, "local")
         sch.vectorize(loop)
 
@@ -172,7 +206,30 @@ def _byte_table(ctx: TileContext, steps: list, out: Value):
     return t, k
 
 
-def epilogue(steps: list, out: Value, extras: list, fanout: list = (), byte_table: bool = False) -> Epilogue:
+def _lane_head(ctx: TileContext, op, out: Value):
+    """(head, block name) of a requantize computed 16 lanes at a time (`lanerequant`), or None where its
+    constants or the value's layout do not allow it."""
+    from hawq_ray.deploy.lanerequant import CONSTS, STAGE, lane_constants, lane_requantize
+    if op.op != "requantize" or len(out.shape) != 4 or out.block != 16:
+        return None
+    consts = lane_constants(op.consts["multiplier"], op.consts["shift"], out.shape[1])
+    if consts is None:
+        return None
+    tensors = [ctx.lane_const(consts[k], f"{k}0") for k in CONSTS]
+    up = bool(np.any(consts["up_even"]) or np.any(consts["up_odd"]))
+    return (lambda z, idx: lane_requantize(z, [ctx.at(t, idx) for t in tensors])), STAGE + ("_up" if up else "")
+
+
+def _clamp(op):
+    from tvm import tirx
+    from hawq_ray.ops.requantize import clamp_of
+    lo, hi = clamp_of(op)
+    return lambda z, idx: te.max(te.min(z, tirx.const(min(hi, 2**31 - 1), "int32")),
+                                 tirx.const(max(lo, -2**31), "int32"))
+
+
+def epilogue(steps: list, out: Value, extras: list, fanout: list = (), byte_table: bool = False,
+             lanes: bool = False) -> Epilogue:
     """Build the tail of `steps` (program Ops, each consuming the previous result) for output `out`.
 
     `extras` holds the Value of the second operand of each binary step, in order; they share out's storage
@@ -180,31 +237,36 @@ def epilogue(steps: list, out: Value, extras: list, fanout: list = (), byte_tabl
     per fanout op, each in its own output dtype, and the chain's end itself is not stored. With `byte_table`
     (the target has AVX512-VBMI) and a lookup of 256 8-bit codes that only per-tensor unary steps follow,
     `output_stages` computes the steps before it, then reads the table of the rest (`folds.table_of_tail`)
-    with `bytelut`'s intrinsic; `chain` is then the steps before the lookup. Clamps before a requantize
-    fold into it first (`folds.fold_clamps`).
+    with `bytelut`'s intrinsic; `chain` is then the steps before the lookup. With `lanes` (the target has
+    AVX-512) a first requantize that `lanerequant` computes becomes `output_stages`' first stage. Clamps
+    before a requantize fold into it first (`folds.fold_clamps`).
     """
     steps = fold_clamps(steps)
     ctx = TileContext(out, extras)
     folded = _byte_table(ctx, steps, out) if byte_table and not fanout else None
     table, lookup_at = folded or (None, len(steps))
-    plan = [_step(ctx, op, k) for k, op in enumerate(steps[:lookup_at])]     # with a table: the steps before it
+    head = _lane_head(ctx, steps[0], out) if lanes and not fanout and lookup_at > 0 else None
+    first = 1 if head else 0
+    plan = ([_clamp(steps[0])] if head else []) + \
+        [_step(ctx, op, k) for k, op in enumerate(steps[:lookup_at]) if k >= first]   # with a table: before it
     fan_plans = [_step(ctx, op, len(steps) + k) for k, op in enumerate(fanout)]
     fan_dtypes = [storage_dtype(op.lo, op.hi) for op in fanout]
 
-    def chain(z, idx):
+    def rest(z, idx):
         # values between steps stay int32: every op's range lies in int32
         z = z.astype("int32")
         for fn in plan:
             z = fn(z, idx)
         return z
 
+    def chain(z, idx):
+        return rest(head[0](z.astype("int32"), idx) if head else z, idx)
+
     def finish(k, v, idx):
         if not fanout:
             return v.astype(out.dtype)
         return fan_plans[k](v, idx).astype(fan_dtypes[k])
 
-    def index(z, idx):
-        return chain(z, idx) - int(steps[lookup_at].attrs["offset"])
-
     return Epilogue(ctx.extra_tensors, ctx.const_tensors, ctx.const_arrays, chain, finish, max(1, len(fanout)),
-                    table, index if table is not None else None)
+                    table, int(steps[lookup_at].attrs["offset"]) if table is not None else 0,
+                    head[0] if head else None, head[1] if head else None, rest if head else None)

@@ -252,20 +252,23 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     biased = te.compute(acc.shape, lambda n, o, h, ww, oi: acc[n, o, h, ww, oi] + b_ph[o, oi], name="biased")
     # the byte-table read is tensorized where no output row or column of a tile is past the map's end (a
     # predicated block does not match the intrinsic)
-    epi = epilogue(steps, out_value, extras, fanout, byte_table=caps.vbmi and (OHp, OWp) == (OH, OW))
+    epi = epilogue(steps, out_value, extras, fanout, byte_table=caps.vbmi and (OHp, OWp) == (OH, OW),
+                   lanes=caps.avx512)
     if fanout:   # each output requantizes the chain (`merge_outputs` puts them in one loop)
         def requantized(k):
             return lambda n, o, h, ww, oi: epi.finish(k, epi.chain(biased[n, o, h, ww, oi], (n, o, h, ww, oi)),
                                                       (n, o, h, ww, oi))
         outs = [te.compute(out_value.storage_shape, requantized(k), name=f"out{k}") for k in range(len(fanout))]
     else:
-        outs = epi.output_stages(out_value.storage_shape, lambda n, o, h, ww, oi: biased[n, o, h, ww, oi])[-1:]
+        outs = epi.output_stages(out_value.storage_shape, lambda n, o, h, ww, oi: biased[n, o, h, ww, oi],
+                                 value_shape=acc.shape)[-1:]
+    names = [f"out{k}" for k in range(len(fanout))] if fanout else epi.block_names
     func = te.create_prim_func([cv.data, *epi.extra_tensors, cv.weight, b_ph, *epi.const_tensors, *outs])
     int4 = cv.w_bits <= 4
     weights_outer = w.size * cv.w_bits // 8 > x.storage_shape[1] * x.block * H * W
     if not caps.gpu:
         func = _schedule_conv(func, None if use_amx else tile, needs_pad, int4, len(fanout) or 1, weights_outer,
-                              cv.fast, amx.conv_intrinsic(x.storage_shape[1], KH, KW, WS) if use_amx else None,
+                              cv.fast, names, amx.conv_intrinsic(x.storage_shape[1], KH, KW, WS) if use_amx else None,
                               str(epi.byte_table.dtype) if epi.byte_table is not None else None)
     path = caps.conv_path(use_amx, cv.fast)
     return Kernel(name or kernel_name(op), func, [x, *extras], [*cv.consts, *epi.const_arrays], out_values,
@@ -279,13 +282,6 @@ def merge_outputs(sch, outs: list) -> list:
     if len(outs) > 1:
         sch.merge(*(sch.get_loops(b)[-1] for b in outs))
     return outs[:1]
-
-
-def _out_blocks(n_out: int, byte_table: bool = False) -> list:
-    """Names of the epilogue blocks in order: `output_block_names`, or "out0", "out1"... for a fan-out."""
-    if n_out > 1:
-        return [f"out{k}" for k in range(n_out)]
-    return output_block_names(byte_table)
 
 
 def schedule_side_stages(sch, has_pad: bool, int4: bool):
@@ -325,14 +321,14 @@ def finish_dot(sch, acc, first_reduction, oi, tile: list, fast: bool):
 
 
 def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, weights_outer: bool, fast: bool,
-                   amx_intrinsic: str | None = None, table_dtype: str | None = None):
+                   out_names: list, amx_intrinsic: str | None = None, table_dtype: str | None = None):
     """Parallel over (image, channel block group, row tiles) or, when the weights outweigh an image's input,
     (channel block group, image, row tiles); a (rows x columns x blocks of 16 channels) register tile, the
     blocks innermost (each broadcast input meets every block's weights) -- or, with `amx_intrinsic`, a (2 rows
     x 16 columns x 32 channels) block that one AMX call computes; the epilogue at the tile."""
     sch = s_tir.Schedule(func)
     acc = sch.get_sblock("acc")
-    outs = [sch.get_sblock(nm) for nm in _out_blocks(n_out, table_dtype is not None)]
+    outs = [sch.get_sblock(nm) for nm in out_names]
     n, o, h, w, oi, ico, kh, kw, icm, ici = sch.get_loops(acc)
     if amx_intrinsic:
         o, ob = sch.split(o, [None, amx.OC_TILES])
@@ -373,7 +369,8 @@ def _grouped_conv(op, x, steps, extras, target, name, out_value):
     if depthwise.applies(op, x) and not capabilities(target).gpu:
         bias = _check_bias(_bias(op, out_value.shape[1]), op.layer or op.output)
         func, consts = depthwise.depthwise_kernel(op, x, steps, extras, out_value, bias,
-                                                  byte_table=capabilities(target).vbmi)
+                                                  byte_table=capabilities(target).vbmi,
+                                                  lanes=capabilities(target).avx512)
         return Kernel(name or kernel_name(op), func, [x, *extras], consts, [out_value],
                       {"path": "depthwise", "w_bits": int(op.attrs.get("w_bits", 8)), "layer": op.layer})
     w = np.asarray(op.consts["weight"])

@@ -31,6 +31,7 @@ class Capabilities:
     amx: bool        # AMX int8 tiles, usable by this process
     gpu: bool
     vbmi: bool = False   # AVX512-VBMI byte permutes (a 256-entry byte table in registers, `bytelut`)
+    avx512: bool = False  # AVX512-F: a requantize 16 int32 lanes at a time (`lanerequant`)
 
     def conv_path(self, use_amx: bool, fast: bool) -> str:
         """The label a conv / dense kernel's manifest entry carries."""
@@ -52,7 +53,8 @@ def _capabilities(text: str) -> Capabilities:
     from hawq_ray.deploy.amx import enable_amx
     vnni = bool(llvm_cpu_has_features("avx512vnni", target))
     amx = bool(llvm_cpu_has_features("amx-int8", target)) and enable_amx()
-    return Capabilities(vnni, amx, gpu, bool(llvm_cpu_has_features("avx512vbmi", target)))
+    return Capabilities(vnni, amx, gpu, bool(llvm_cpu_has_features("avx512vbmi", target)),
+                        bool(llvm_cpu_has_features("avx512f", target)))
 
 
 def is_gpu(target) -> bool:
