@@ -121,7 +121,7 @@ def actor_layer_traces(model: nn.Module, batches, *, actors: int = 2, layers: Se
     shared = {}   # the basis, put into the object store once rather than with every block
 
     def sample_block(its: range, basis) -> dict:
-        if shared.get("basis") is not basis:
+        if "ref" not in shared or shared["basis"] is not basis:    # basis None: rank 0, plain Hutchinson
             shared.update(basis=basis, ref=ray.put(basis))
         return ask(lambda h: h.samples.remote(seed, its, shared["ref"]))
 

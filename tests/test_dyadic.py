@@ -74,3 +74,56 @@ def test_paper_o1_example_true_vs_fake_quantization():
     true_q = requantize(q_r, b, c) + requantize(q_m, b, c)             # eq. 18/23: DN each branch, then add
     fake_q = np.floor((s_branch * 24 + s_branch * 44) / s_out + 0.5)  # eq. 20/22: add in float, then Int
     assert int(true_q) == 6 and int(fake_q) == 7
+
+
+def closest_31_bit_dyadic_error(m):
+    """The smallest |b / 2^c - m| over every b in [1, 2^31) and c in [1, 62], exactly (Fractions): for each c
+    the best b is round(m 2^c), or 2^31 - 1 where that rounds to 2^31 or more. An oracle for dyadic()."""
+    from fractions import Fraction
+    m = Fraction(m)
+    best = None
+    for c in range(1, 63):
+        b = min((m * 2 ** c + Fraction(1, 2)).__floor__(), 2 ** 31 - 1)
+        if b >= 1:
+            err = abs(Fraction(b, 2 ** c) - m)
+            best = err if best is None else min(best, err)
+    return best
+
+
+# Multipliers just below a power of two round f 2^31 up to 2^31 (the guard must halve b and the shift); the
+# exactly representable ones must come back exact.
+JUST_BELOW = [1 - 2.0 ** -33, 1 - 2.0 ** -32, 1 - 2.0 ** -40, 0.5 * (1 - 2.0 ** -33), 2.0 ** 20 * (1 - 2.0 ** -34),
+              2.0 ** 29 * (1 - 2.0 ** -33), 2.0 ** -31 * (1 - 2.0 ** -33), 2.0 ** -20 * (1 - 2.0 ** -35)]
+EXACT = {1 - 2.0 ** -31: (2 ** 31 - 1, 31), 1.0: (2 ** 30, 30), 0.75: (3 * 2 ** 29, 31),
+         2.0 ** 30 - 1: (2 ** 31 - 2, 1), 2.0 ** -31: (2 ** 30, 61), (2 ** 31 - 1) * 2.0 ** -62: (2 ** 31 - 1, 62)}
+
+
+@pytest.mark.parametrize("m", JUST_BELOW + list(EXACT))
+def test_dyadic_at_the_31_bit_edge_is_in_range_and_closest(m):
+    """b < 2^31 (a signed INT32), 2^30 <= b, 1 <= c <= 62, and b / 2^c as close to m as any 31-bit dyadic number
+    (Fractions). Hand bound: m = f 2^e with f in [1/2, 1) and b rounded at shift 31 - e, so the error is at most
+    2^-(32 - e) = 2^-31 2^(e - 1) <= 2^-31 m, halving b included (2^30 / 2^(c-1) is the same number as 2^31 / 2^c).
+    Guards the `>=` of the overflow guard: with `>`, 1 - 2^-33 gives b = 2^31."""
+    from fractions import Fraction
+    b, c = (int(v) for v in dyadic(np.array(m)))
+    assert b < 2 ** 31 and b >= 2 ** 30 and 1 <= c <= 62, (b, c)
+    err = abs(Fraction(b, 2 ** c) - Fraction(m))
+    assert err <= Fraction(m) / 2 ** 31
+    assert err == closest_31_bit_dyadic_error(m)
+    if m in EXACT:
+        assert (b, c) == EXACT[m] and err == 0
+
+
+def test_dyadic_just_below_a_power_of_two_halves_to_the_power():
+    """Hand-worked: f 2^31 = 2^31 - 1/4 for m = 1 - 2^-33 rounds to 2^31, which is 2^30 at one shift less."""
+    b, c = dyadic(np.array([1 - 2.0 ** -33, 0.25 * (1 - 2.0 ** -33), 1 - 2.0 ** -32]))
+    assert b.tolist() == [2 ** 30] * 3 and c.tolist() == [30, 32, 30]
+
+
+def test_dyadic_refuses_a_multiplier_that_rounds_to_2_to_the_30():
+    """2^30 - 1/8 < 2^30 rounds to 2^30, which needs shift 0 (< 1): refused like any multiplier >= 2^30, never
+    returned with c = 0 (requantize's 2^(c-1) would be 2^-1)."""
+    with pytest.raises(ValueError, match="too large"):
+        dyadic(np.array([2.0 ** 30 * (1 - 2.0 ** -33)]))
+    with pytest.raises(ValueError, match="too large"):
+        dyadic(np.array([2.0 ** 30]))

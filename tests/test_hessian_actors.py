@@ -64,6 +64,22 @@ def test_two_actors_give_the_same_table_bit_for_bit(tiny, one_actor):
         torch.set_num_threads(threads)
 
 
+
+def test_plain_hutchinson_through_actors_is_the_in_process_estimate(tiny):
+    """rank 0 (no deflation basis: run.yaml's `sensitivity.rank: 0`) through an actor: the in-process table bit
+    for bit. The actors' sampling once read a basis reference that only a basis ever stored."""
+    from hawq_ray.analysis.sensitivity import layer_traces
+    model, batches = tiny
+    plain = {**SETTINGS, "rank": 0, "max_iter": 8}
+    got = actor_layer_traces(model, batches, actors=1, **plain)
+    assert got.attrs["rank"] == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert_identical(got, layer_traces(model, batches, **plain))
+    finally:
+        torch.set_num_threads(threads)
+
 def test_killed_actor_is_replaced_and_nothing_is_lost_or_counted_twice(tiny, one_actor, tmp_path):
     """The first actor to compute its loss dies inside that work (the loss function takes a one-off token file
     and ends its process); the driver replaces it, asks its block again, and the table equals the undisturbed

@@ -349,3 +349,56 @@ def test_every_constant_of_a_concat_model_is_the_papers():
     qm.calibrate([torch.rand(8, 3, 16, 16) * 2 - 1 for _ in range(2)])
     _, _, kinds = assert_constants_match(model, qm, (3, 16, 16))
     assert "concat" in kinds
+
+
+def _erf(x):
+    return np.vectorize(math.erf)(x)
+
+
+# every function the lookup op covers, in numpy from its definition (torch's defaults or the module's settings)
+LOOKUP_FUNCTIONS = {
+    "hardswish": (nn.Hardswish(), NUMPY_FUNCTIONS["hardswish"]),
+    "hardsigmoid": (nn.Hardsigmoid(), NUMPY_FUNCTIONS["hardsigmoid"]),
+    "silu": (nn.SiLU(), NUMPY_FUNCTIONS["silu"]),
+    "sigmoid": (nn.Sigmoid(), NUMPY_FUNCTIONS["sigmoid"]),
+    "tanh": (nn.Tanh(), np.tanh),
+    "gelu": (nn.GELU(), lambda x: 0.5 * x * (1 + _erf(x / math.sqrt(2)))),
+    "gelu_tanh": (nn.GELU(approximate="tanh"),
+                  lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))),
+    "mish": (nn.Mish(), lambda x: x * np.tanh(np.log1p(np.exp(x)))),
+    "elu_0.5": (nn.ELU(alpha=0.5), lambda x: np.where(x > 0, x, 0.5 * np.expm1(x))),
+    "leaky_relu_0.2": (nn.LeakyReLU(0.2), lambda x: np.where(x > 0, x, 0.2 * x)),
+    "softplus_2_1": (nn.Softplus(beta=2.0, threshold=1.0),
+                     lambda x: np.where(2 * x > 1.0, x, np.log1p(np.exp(2 * x)) / 2)),
+}
+
+
+@pytest.mark.parametrize("after_relu", [False, True], ids=["signed_in", "unsigned_in"])
+@pytest.mark.parametrize("fn", list(LOOKUP_FUNCTIONS))
+def test_every_lookup_table_is_its_function_on_the_codes(fn, after_relu):
+    """The lookup table of each supported nonlinearity, recomputed in numpy from the float function (with the
+    module's own alpha / slope / beta / threshold / approximation), the input scale S_in and the output scale:
+    T[k - offset] = clamp(round(f(k S_in) / S_out)), k over the 8-bit input codes (signed after a conv, unsigned
+    after a ReLU: offset -128 or 0), S_out = max |f| / 127 (255 where f >= 0 on the codes). The simulation and
+    the executor read the same table, so only this recomputation catches a wrong entry. Where numpy's f and
+    torch's differ in the last bits, a code exactly at a rounding tie may go either way (none is expected)."""
+    module, f_numpy = LOOKUP_FUNCTIONS[fn]
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1)] + [nn.ReLU()] * after_relu + [module, nn.Conv2d(8, 4, 1),
+                                                                            nn.Flatten(), nn.Linear(4 * 8 * 8, 3)]
+    qm = calibrated_random(nn.Sequential(*layers).eval(), "uniform8", (3, 8, 8))
+    program = qm.to_integer()
+    (lut,) = [op for op in program.ops if op.op == "lookup"]
+    s_in = float(np.asarray(next(op for op in program.ops if op.output == lut.inputs[0]).scale))
+    codes = np.arange(0, 256) if after_relu else np.arange(-128, 128)
+    f = f_numpy(codes * s_in)
+    lo, hi = (-128, 127) if (f < 0).any() else (0, 255)
+    s_out = np.abs(f).max() / hi
+    assert lut.attrs["offset"] == codes[0]
+    assert float(np.asarray(lut.scale)) == pytest.approx(s_out, rel=1e-12)
+    want = np.clip(np.floor(f / s_out + 0.5), lo, hi)
+    got = np.asarray(lut.consts["table"], np.int64)
+    tie = np.abs(f / s_out - np.floor(f / s_out) - 0.5) < 1e-9
+    assert got.shape == want.shape and np.all((got == want) | (tie & (np.abs(got - want) <= 1))), \
+        (fn, np.flatnonzero(got != want)[:5].tolist())
+    assert len(np.unique(got)) > 20                     # the table spans many codes: the scales are exercised

@@ -200,3 +200,59 @@ def test_bit_config_errors_name_the_input(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(HawqError, match="cannot read a JSON bit config"):
         parse_bits(str(bad), t)
+
+
+def test_macs_of_grouped_and_depthwise_convs_divide_by_the_groups():
+    """MACs of a conv = Cout * (Cin / groups) * KH * KW * OH * OW: each output reads only its group's inputs.
+    Guards the layer table against counting a grouped or depthwise conv as dense (groups x too many MACs,
+    and BOPS with them). Every expected number is worked out by hand below."""
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=4), nn.ReLU(),      # grouped
+                          nn.Conv2d(16, 16, (3, 5), padding=(1, 2), groups=16), nn.ReLU(),  # depthwise
+                          nn.Conv2d(16, 6, 1), nn.Flatten(), nn.Linear(6 * 5 * 6, 3)).eval()
+    t = layer_table(model, (8, 10, 12)).set_index("layer")
+    # conv 0: 10x12 -> stride 2, pad 1, 3x3: OH = (10 + 2 - 3) // 2 + 1 = 5, OW = (12 + 2 - 3) // 2 + 1 = 6
+    assert t.loc["0", "macs"] == 16 * (8 // 4) * 3 * 3 * 5 * 6 == 8640
+    assert t.loc["2", "macs"] == 16 * (16 // 16) * 3 * 5 * 5 * 6 == 7200     # depthwise 3x5, 'same' padding
+    assert t.loc["4", "macs"] == 6 * 16 * 1 * 1 * 5 * 6 == 2880
+    assert t.loc["6", "macs"] == 180 * 3 == 540
+    assert t.loc["0", "params"] == 16 * 2 * 9 and t.loc["2", "params"] == 16 * 15
+    # BOPS = MACs * b * b (Eq. 9), in GBOPS, for the grouped and the depthwise layer alone at 4 and 8 bits
+    for layer, macs in (("0", 8640), ("2", 7200)):
+        one = t.loc[[layer]].reset_index()
+        assert config_costs(one, {layer: 4})["gbops"] == pytest.approx(macs * 16 / 1e9, rel=1e-12)
+        assert config_costs(one, {layer: 8})["gbops"] == pytest.approx(macs * 64 / 1e9, rel=1e-12)
+
+
+def test_macs_of_mobilenet_v2_depthwise_convs_and_total():
+    """torchvision's MobileNetV2 at 224x224: its depthwise convs by hand, and the whole model's 300.8 M
+    multiply-adds (the paper's 300 M; counting depthwise convs as dense would give several G)."""
+    t = layer_table(get_model("torchvision:mobilenet_v2"), (3, 224, 224)).set_index("layer")
+    assert t.loc["features.1.conv.0.0", "macs"] == 32 * 1 * 3 * 3 * 112 * 112        # 32 channels, stride 1
+    assert t.loc["features.2.conv.1.0", "macs"] == 96 * 1 * 3 * 3 * 56 * 56          # 96 channels, stride 2
+    assert t.loc["features.0.0", "macs"] == 32 * 3 * 3 * 3 * 112 * 112                # the dense stem
+    assert int(t["macs"].sum()) == pytest.approx(300.8e6, rel=1e-3)
+    one = t.loc[["features.2.conv.1.0"]].reset_index()
+    assert config_costs(one, {"features.2.conv.1.0": 4})["gbops"] == pytest.approx(96 * 9 * 56 * 56 * 16 / 1e9)
+
+
+def test_bn_fold_keeps_eps_where_the_running_variance_is_tiny():
+    """Eq. 16 with sigma = sqrt(running_var + eps): on channels whose running variance is 0 or far below eps
+    (dead channels are common in trained CNNs), dropping eps changes the folded weights by orders of magnitude.
+    The folded weights and bias against numpy's formula, and the folded conv against conv then BN."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1, bias=True), nn.BatchNorm2d(4, eps=1e-3)
+    with torch.no_grad():
+        bn.running_var.copy_(torch.tensor([0.0, 1e-7, 1e-4, 1.0]))
+        bn.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+        bn.weight.copy_(torch.tensor([1.0, 0.5, 2.0, 1.5]))
+        bn.bias.copy_(torch.tensor([0.0, 0.1, -0.1, 0.2]))
+    bn.eval()
+    w, b = fold_bn(conv.weight, conv.bias, bn)
+    gain = bn.weight.detach().numpy().astype(np.float64) / np.sqrt(bn.running_var.numpy().astype(np.float64) + 1e-3)
+    np.testing.assert_allclose(w.detach().numpy(), conv.weight.detach().numpy() * gain[:, None, None, None],
+                               rtol=1e-6)
+    np.testing.assert_allclose(b.detach().numpy(), (conv.bias.detach().numpy() - bn.running_mean.numpy()) * gain
+                               + bn.bias.detach().numpy(), rtol=1e-6, atol=1e-7)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(nn.functional.conv2d(x, w, b, padding=1), bn(conv(x)), rtol=1e-5, atol=1e-5)

@@ -153,6 +153,46 @@ def test_relu6_is_an_integer_clamp_at_six():
     assert np.array_equal(clamp.consts["hi"], np.floor(6.0 / s).astype(np.int32))
 
 
+class NegativeClamps(nn.Module):
+    """Clamps whose lower bound is below zero, on conv accumulators: Hardtanh(-1, 1) and clamp(-0.3, 0.7)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.act, self.c2 = nn.Conv2d(3, 8, 3), nn.Hardtanh(-1.0, 1.0), nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6 * 6 * 6, 4)
+
+    def forward(self, x):
+        return self.fc(self.c2(self.act(self.c1(x))).clamp(-0.3, 0.7).flatten(1))
+
+
+def test_a_clamp_below_zero_is_ceil_of_its_lower_bound():
+    """A real clamp to [a, b] of values q s (per channel s) keeps q in [ceil(a / s), floor(b / s)]: the smallest and
+    largest codes whose values lie in [a, b]. Hardtanh(-1, 1) and clamp(-0.3, 0.7) after a conv: the bounds
+    recomputed in numpy from the float bounds and the accumulator's scale, and the executor's clamp outputs
+    against numpy's clip of its inputs, with every clamped value inside [a, b] and one code further outside.
+    ReLU6 and clamp(0, 4) cannot tell ceil from floor at a lower bound of 0; this guards the lower bound."""
+    torch.manual_seed(0)
+    qm = quantized(NegativeClamps().eval(), "uniform8", (3, 8, 8))
+    program, x = assert_simulation_is_the_executor(qm, (3, 8, 8))
+    _, values = run_program(program, program.quantize_input(x), record=True)
+    clamps = [op for op in program.ops if op.op == "clamp"]
+    assert len(clamps) == 2
+    for op, (a, b) in zip(clamps, [(-1.0, 1.0), (-0.3, 0.7)]):
+        producer = next(p for p in program.ops if p.output == op.inputs[0])
+        assert producer.op == "conv2d"
+        s = np.asarray(producer.scale, np.float64).reshape(-1, 1, 1)    # the accumulator's per-channel scale
+        lo, hi = np.ceil(a / s), np.floor(b / s)
+        assert np.all(lo * s >= a) and np.all((lo - 1) * s < a) and np.all(hi * s <= b) and np.all((hi + 1) * s > b)
+        got_lo, got_hi = (np.asarray(op.consts[k], np.int64).reshape(lo.shape) for k in ("lo", "hi"))
+        assert np.array_equal(got_lo, lo), (op.output, "lo", (got_lo - lo).ravel().tolist())
+        assert np.array_equal(got_hi, hi), (op.output, "hi", (got_hi - hi).ravel().tolist())
+        z = values[op.inputs[0]].numpy().astype(np.int64)
+        got = values[op.output].numpy()
+        assert np.array_equal(got, np.clip(z, lo, hi))
+        assert (z < lo).sum() > 10 and (z > hi).sum() > 10          # both bounds are reached
+        assert np.all(got * s >= a) and np.all(got * s <= b)
+
+
 @pytest.mark.parametrize("name", ["vit_b_16", "swin_t", "convnext_tiny"])
 def test_transformers_are_refused_in_words(name):
     model = get_model(f"torchvision:{name}").eval()

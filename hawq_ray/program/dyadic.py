@@ -21,7 +21,8 @@ def dyadic(multiplier) -> tuple[np.ndarray, np.ndarray]:
     """Return integer arrays (b, c) with b / 2^c closest to `multiplier` (elementwise, any shape).
 
     b is in [2^30, 2^31) unless the shift had to be capped, so the relative error is at most 2^-31
-    (half a unit in the last place of a 31-bit mantissa). Multipliers must be positive and finite.
+    (half a unit in the last place of a 31-bit mantissa). Multipliers must be positive, finite and below
+    2^30 - 1/4 (from there on, b / 2^c would need a shift below 1).
     This runs at compile time (floats allowed); inference only ever sees (b, c).
     """
     m = np.asarray(multiplier, dtype=np.float64)
@@ -31,8 +32,6 @@ def dyadic(multiplier) -> tuple[np.ndarray, np.ndarray]:
     # frexp: m = f * 2^e with f in [0.5, 1); b = round(f * 2^31) in [2^30, 2^31], c = 31 - e
     f, e = np.frexp(m)
     c = MULTIPLIER_BITS - e.astype(np.int64)
-    if np.any(c < 1):
-        raise ValueError(f"dyadic multiplier too large (max {m.max():.3g} >= 2^30)")
     c_capped = np.minimum(c, MAX_SHIFT)
     b = np.rint(np.ldexp(f, MULTIPLIER_BITS - (c - c_capped))).astype(np.int64)
     c = c_capped
@@ -40,6 +39,8 @@ def dyadic(multiplier) -> tuple[np.ndarray, np.ndarray]:
     full = b >= (1 << MULTIPLIER_BITS)
     b = np.where(full, b >> 1, b)
     c = np.where(full, c - 1, c)
+    if np.any(c < 1):      # m >= 2^30, or just below it and rounded up to 2^30: no shift >= 1 holds it
+        raise ValueError(f"dyadic multiplier too large (max {float(m.max())}; valid: below 2^30 - 1/4)")
     return b.astype(np.int64), c.astype(np.int64)
 
 
