@@ -1,3 +1,4 @@
+import os
 import pickle
 
 import numpy as np
@@ -7,7 +8,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from hawq_ray.inputs.data import batches, load_data
+from hawq_ray.inputs.data import batches, check_source, load_data
 from hawq_ray.contract import HawqError
 
 
@@ -128,6 +129,64 @@ def test_image_folder_with_empty_split_is_an_error(tmp_path):
     (root / "val").mkdir()
     with pytest.raises(HawqError, match=r"data path .*val"):
         load_data(root, input_shape=(3, 8, 8))
+
+
+def test_unreadable_images_are_named_when_the_folder_loads(tmp_path):
+    root = make_image_folder(tmp_path / "pics", {"train": 2, "val": 1})
+    (root / "train" / "red" / "0.png").write_bytes(b"")
+    (root / "train" / "teal" / "1.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(HawqError, match=r"^data image .*train/red/0.png: not an image PIL reads \(and 1 more bad "
+                                        r"files in .*train\); valid: an image file PIL reads") as info:
+        load_data(root, input_shape=(3, 8, 8))
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_image_is_named_when_it_is_decoded(tmp_path):
+    root = make_image_folder(tmp_path / "pics", {"train": 1, "val": 1})
+    bad = root / "val" / "teal" / "0.png"
+    Image.effect_noise((64, 64), 60).convert("RGB").save(bad)
+    bad.write_bytes(bad.read_bytes()[:1500])           # the header is whole: the folder loads
+    splits = load_data(root, input_shape=(3, 8, 8))
+    assert len(batches(splits.train, 2)) == 1
+    with pytest.raises(HawqError, match=r"^data image .*val/teal/0.png: cannot be decoded \(image file is "
+                                        r"truncated.*\); valid: ") as info:
+        batches(splits.test, 2)
+    assert "\n" not in str(info.value)
+
+
+def test_image_of_more_pixels_than_pil_allows_is_refused(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "pics", {"train": 1, "val": 1})
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150)   # the images are 20 x 10
+    with pytest.raises(HawqError, match=r"more pixels than PIL's limit .*valid: an image file PIL reads .* of at "
+                                        r"most 150 pixels"):
+        load_data(root, input_shape=(3, 8, 8))
+
+
+def test_class_folder_named_in_other_bytes_than_utf8_loads(tmp_path):
+    root = make_image_folder(tmp_path / "pics", {"train": 1, "val": 1})
+    for split in ("train", "val"):
+        os.rename(root / split / "red", os.fsencode(root / split) + b"/r\xffd")
+    splits = load_data(root, input_shape=(3, 8, 8))
+    assert splits.num_classes == 2 and "r\udcffd" in splits.train.classes
+
+
+def test_headers_are_read_once_per_unchanged_folder(tmp_path, monkeypatch):
+    from hawq_ray.inputs import data
+    root = make_image_folder(tmp_path / "pics", {"train": 2, "val": 1})
+    opened = []
+    real = data._header_problem
+    monkeypatch.setattr(data, "_header_problem", lambda path: opened.append(path) or real(path))
+    check_source(root)
+    assert len(opened) == 6
+    load_data(root, input_shape=(3, 8, 8))
+    assert len(opened) == 6                             # unchanged: not read again
+    Image.new("RGB", (20, 10)).save(root / "val" / "red" / "1.png")
+    load_data(root, input_shape=(3, 8, 8))
+    assert len(opened) == 6 + 3                         # the val folder changed: read again
+    for spec in ("digits", "synthetic"):
+        check_source(spec)
+    with pytest.raises(HawqError, match="data 3 is not valid"):
+        check_source(3)
 
 
 def write_cifar_batch(path, images, labels, legacy_numpy=False):

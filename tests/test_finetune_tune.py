@@ -103,10 +103,11 @@ def test_cli_tune_table_matches_checkpoints(tmp_path, weights, mixed_json, data,
     assert table["epochs"].between(1, 2).all() and (table["epochs"] == 2).any()   # ASHA may stop a trial at 1
     for _, r in table.iterrows():
         bits = r["bits"]
+        assert not Path(r["checkpoint"]).is_absolute()                  # relative to the run folder
         assert Path(r["checkpoint"]).name == f"epoch_{r['epochs']:04d}"
-        assert load_checkpoint(Path(r["checkpoint"]) / CHECKPOINT_FILE)["epoch"] == r["epochs"] - 1
-        assert r["top1"] == integer_top1_from_checkpoint(r["checkpoint"], bits, weights, data)
-        assert r["top1_best"] == integer_top1_from_checkpoint(r["best_checkpoint"], bits, weights, data)
+        assert load_checkpoint(out / r["checkpoint"] / CHECKPOINT_FILE)["epoch"] == r["epochs"] - 1
+        assert r["top1"] == integer_top1_from_checkpoint(out / r["checkpoint"], bits, weights, data)
+        assert r["top1_best"] == integer_top1_from_checkpoint(out / r["best_checkpoint"], bits, weights, data)
         assert r["top1_best"] >= r["top1"] and r["int_matches_qat"] == 1.0
         params = {n: m.weight.numel() for n, m in get_model().named_modules()
                   if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}

@@ -1,6 +1,7 @@
 """The main job end to end on the default model: stages, tables, resume after a kill, the report."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def test_tables_of_the_run(killed_then_resumed):
     assert set(exported["config"]) == set(ft["config"]) and (exported["samples"] == 128).all()
     assert (exported["top1_agreement"] >= 0.95).all()
     for path in exported["onnx"]:
-        onnx.checker.check_model(path, full_check=True)
+        onnx.checker.check_model(str(out / path), full_check=True)         # paths relative to the run folder
     fvi = pd.read_parquet(out / "fake_vs_int.parquet")
     assert (fvi["qat_vs_int_diff"] == 0).all()
     evidence = pd.read_parquet(out / "evidence.parquet")        # evidence: {randoms: 3} in the tiny run
@@ -211,6 +212,11 @@ def test_tampered_run_folder_runs_no_code_and_damage_is_recomputed(killed_then_r
     manifest = json.loads((module / "manifest.json").read_text())
     manifest["library_sha256"] = __import__("hashlib").sha256((module / "model.so").read_bytes()).hexdigest()
     (module / "manifest.json").write_text(json.dumps(manifest))
+    # another config's signed record pointed at a folder holding that library with a manifest that matches it
+    foreign, other = tmp_path / "foreign", sorted((out / "deploy").iterdir())[-1]
+    shutil.copytree(module, foreign)
+    record = json.loads((other / "deploy.json").read_text())
+    (other / "deploy.json").write_text(json.dumps({**record, "module": str(foreign)}))
     pickles = list(out.glob("tune/finetune-*/ray/tuner.pkl"))
     assert pickles
     for p in pickles:
@@ -230,6 +236,9 @@ def test_tampered_run_folder_runs_no_code_and_damage_is_recomputed(killed_then_r
     assert not marker_so.exists() and not marker_pkl.exists()
     assert "[sensitivity] sensitivity.parquet is damaged" in stderr and "recomputing" in stderr
     assert f"[deploy] {module.name}: the saved module is not signed" in stderr
+    assert f"[deploy] {other.name}: the saved module is not signed" in stderr
+    assert list(pd.read_parquet(out / "deploy.parquet")["module"]) == [f"deploy/{c}" for c in
+                                                                      pd.read_parquet(out / "deploy.parquet")["config"]]
     for name, table in kept.items():
         assert f"[{name}] up to date" in stderr
         pd.testing.assert_frame_equal(pd.read_parquet(out / f"{name}.parquet"), table)
@@ -237,3 +246,88 @@ def test_tampered_run_folder_runs_no_code_and_damage_is_recomputed(killed_then_r
     ft = pd.read_parquet(out / "finetune.parquet")
     assert (ft["error"] == "").all() and (ft["epochs"] == 1).all()      # reported from the records, not retrained
     assert {p: p.stat().st_mtime_ns for p in out.glob("tune/finetune-*/*/epoch_*/state.pt")} == checkpoints
+
+
+def tiny_retuned(tmp_path) -> Path:
+    """The tiny run with fine-tuning changed: 2 epochs at another learning rate, so that every config's
+    fine-tuned program changes (with only more epochs, a config whose best epoch is the first keeps its program,
+    and its module is rightly reused)."""
+    config = tmp_path / "tiny_retuned.yaml"
+    config.write_text(TINY.read_text().replace("tune: {epochs: 1}", "tune: {epochs: 2, lr: 0.02}"))
+    return config
+
+
+def deployed_against_its_program(out: Path, row) -> int:
+    """Differing output elements between a config's module in the run folder and the integer executor running
+    the program restored here, from the fp32 weights and the row's checkpoint, on inputs the run never drew."""
+    from hawq_ray.analysis.verify import compare_batches, executor_of, random_inputs
+    from hawq_ray.deploy.build import load_model
+    from hawq_ray.inputs.models import DEFAULT_MODEL, get_model, input_shape, load_weights
+    from hawq_ray.quant.finetune import FP32_WEIGHTS_FILE, load_checkpoint
+    from hawq_ray.quant.qat import prepare
+    model = load_weights(get_model(DEFAULT_MODEL), out / FP32_WEIGHTS_FILE.format(name=DEFAULT_MODEL)).eval()
+    shape = tuple(input_shape(DEFAULT_MODEL))
+    qm = prepare(model, row["bits"], shape, pd.read_parquet(out / "layers.parquet"))
+    ckpt = row["best_checkpoint"] or row["checkpoint"]
+    qm.load_state_dict(load_checkpoint(out / ckpt / "state.pt")["model"])
+    program = qm.eval().to_integer()
+    module = load_model(out / "deploy" / row["config"], program=program)     # refused if built from another
+    return compare_batches(module, executor_of(program), random_inputs((2, *shape), batches=1, seed=7)).differing
+
+
+def test_changed_fine_tuning_rebuilds_every_module(killed_then_resumed, tmp_path):
+    """tune.epochs 1 -> 2 (and another learning rate) on the same folder, resumed from its parent folder with a relative --out: fine-tuning
+    runs again, every module built from the old programs is compiled again (not reused because its signature
+    holds), and each module matches the program of its new checkpoint."""
+    out = killed_then_resumed[0]
+    proc = hawq("run", "--config", str(tiny_retuned(tmp_path)), "--out", out.name, cwd=out.parent)
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-3000:]
+    ft = pd.read_parquet(out / "finetune.parquet")
+    assert "[finetune] running" in stderr and (ft["epochs"] == 2).all() and (ft["error"] == "").all()
+    for config in ft["config"]:
+        assert f"[deploy] {config}: the saved module was built from another program" in stderr
+    assert (pd.read_parquet(out / "deploy.parquet")["tvm_differing"] == 0).all()
+    for _, row in ft.iterrows():
+        assert deployed_against_its_program(out, row) == 0
+
+
+def test_a_failed_trial_fails_the_run_and_the_next_run_retries_it(killed_then_resumed, tmp_path):
+    """A trial whose last checkpoint cannot be read (it resumes from it): the run finishes the other stages,
+    says "1 of N fine-tuning trials failed" in one line and exits 2, the report lists the trial with its reason
+    (no terminal codes), and the next run retries it (from the start: the unreadable epoch is set aside)."""
+    out = killed_then_resumed[0]
+    config = tiny_retuned(tmp_path)
+    experiment = max(out.glob("tune/finetune-*"), key=lambda p: p.stat().st_mtime)
+    trial = sorted(p for p in experiment.iterdir() if (p / "progress.json").is_file())[0]
+    progress = json.loads((trial / "progress.json").read_text())
+    (trial / "progress.json").write_text(json.dumps(progress[:1]))       # stopped after its first epoch ...
+    shutil.rmtree(trial / "epoch_0002")
+    (trial / "epoch_0001" / "state.pt").write_bytes(b"not a checkpoint")  # ... whose checkpoint is damaged
+    (experiment / "finetune.parquet").unlink()
+    stages = json.loads((out / "stages.json").read_text())
+    del stages["finetune"]
+    (out / "stages.json").write_text(json.dumps(stages))
+
+    proc = hawq("run", "--config", str(config), "--out", str(out))
+    _, stderr = proc.communicate(timeout=900)
+    ft = pd.read_parquet(out / "finetune.parquet")
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, stderr[-3000:]
+    assert f"1 of {len(ft)} fine-tuning trials failed (first: {trial.name}: " in lines[-1]
+    failed = ft[ft["error"] != ""]
+    assert list(failed["trial"]) == [trial.name] and "cannot load checkpoint" in failed["error"].iloc[0]
+    assert not ft["error"].str.contains("\x1b").any() and not ft["error"].str.contains("\n").any()
+    assert f"## Failed trials: 1 of {len(ft)}" in (out / "report.md").read_text()
+    assert json.loads((out / "stages.json").read_text())["finetune"]["key"] is None
+    assert (trial / ".epoch_0001.unreadable").is_dir()
+
+    proc = hawq("run", "--config", str(config), "--out", str(out))
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-3000:]
+    ft = pd.read_parquet(out / "finetune.parquet")
+    assert "[finetune] running" in stderr and (ft["error"] == "").all() and (ft["epochs"] == 2).all()
+    assert [r["start_epoch"] for r in json.loads((trial / "progress.json").read_text())] == [0, 0]
+    assert "Failed trials" not in (out / "report.md").read_text()
+    for _, row in ft.iterrows():
+        assert deployed_against_its_program(out, row) == 0

@@ -152,3 +152,41 @@ def test_second_run_on_a_folder_fails_at_once_and_ctrl_c_is_130(tmp_path):
     assert first.returncode == 130, err[-2000:]
     assert lines[-1] == "hawq-ray run: interrupted; rerun the same command to resume" and "Traceback" not in err
     assert json.loads((out / "stages.json").read_text())["layers"]["rows"] > 0
+
+
+@pytest.mark.parametrize("name", [".lock", "run.json", "report.md", "stages.json", "deploy"])
+def test_a_link_in_the_run_folder_is_refused_and_its_target_untouched(tmp_path, name):
+    """A run folder whose lock, record, report or module folder is a symbolic link to a file elsewhere: the run
+    stops with one line naming the link, exit 2, before any work, and no byte outside the folder changes."""
+    out, target = tmp_path / "run", tmp_path / "elsewhere"
+    out.mkdir()
+    target.write_text("the user's own file\n")
+    (out / name).symlink_to(target)
+    proc = subprocess.run([sys.executable, "-m", "hawq_ray.service.cli", "run", "--config", str(TINY), "--out",
+                           str(out)], capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and f"{name} is a symbolic link" in lines[0], proc.stderr
+    assert target.read_text() == "the user's own file\n"
+    assert sorted(p.name for p in out.iterdir()) == sorted({name, ".lock"})
+
+
+def test_run_folder_writes_replace_a_link_and_paths_stay_inside(tmp_path):
+    from hawq_ray.service.outputs import inside, refuse_links, write_atomic
+    target = tmp_path / "elsewhere"
+    target.write_text("kept")
+    (tmp_path / "run").mkdir()
+    link = tmp_path / "run" / "report.md"
+    link.symlink_to(target)
+    write_atomic(link, "new")                             # the link itself is replaced, its target kept
+    assert not link.is_symlink() and link.read_text() == "new" and target.read_text() == "kept"
+    refuse_links(tmp_path / "run")
+    (tmp_path / "run" / "sub").mkdir()
+    (tmp_path / "run" / "sub" / "x").symlink_to(target)
+    with pytest.raises(HawqError, match=r"sub/x is a symbolic link"):
+        refuse_links(tmp_path / "run")
+    run = tmp_path / "run"
+    assert inside(run, "tune/a/epoch_0001") == run / "tune" / "a" / "epoch_0001"
+    for bad in ("../elsewhere", "/etc/passwd", "a/../../b", "", "sub/x/y", "a//b"):
+        with pytest.raises(HawqError) as e:
+            inside(run, bad)
+        assert "\n" not in str(e.value)

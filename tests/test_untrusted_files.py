@@ -113,3 +113,51 @@ def test_signing_key_is_private_and_signatures_check(tmp_path, monkeypatch):
     key.chmod(0o600)
     monkeypatch.setenv("HAWQ_RAY_KEY_FILE", str(tmp_path / "other.key"))
     assert not signed(b"manifest", mac)                      # another user's key: not this user's signature
+
+
+def test_a_deploy_record_is_reused_only_for_its_program_and_its_bytes(compiled, evil, tmp_path, monkeypatch):
+    """A run folder's module (`service.module_record`) is reused only when its signed record says it was built
+    from this program, target and batch and its files are the bytes it was checked with; each other case is
+    one reason, and never loads anything."""
+    from hawq_ray.deploy.build import read_manifest
+    from hawq_ray.service.module_record import RECORD_FILE, reusable_record, write_record
+    monkeypatch.setenv("HAWQ_RAY_KEY_FILE", str(tmp_path / "key"))
+    lib, marker = evil
+    program = make_program(8, 255)[0]
+    built = {"config": "c", "program_sha256": program.fingerprint(), "target": "llvm", "batch": 2, "inputs": 1}
+    assert read_manifest(compiled[0])["program_sha256"] == program.fingerprint()
+
+    def fresh():
+        out = copy_of(compiled, tmp_path / f"m{len(list(tmp_path.iterdir()))}")
+        write_record(out, {**built, "tvm_differing": 0, "tvm_elements": 10})
+        return out
+
+    out = fresh()
+    assert reusable_record(out, built)[0]["tvm_differing"] == 0
+    assert reusable_record(tmp_path / "none", built) == (None, "")
+    other = make_program(4, 255)[0]                                        # fine-tuning changed the program
+    assert other.fingerprint() != program.fingerprint()
+    assert "another program" in reusable_record(out, {**built, "program_sha256": other.fingerprint()})[1]
+    assert "another program" in reusable_record(out, {**built, "batch": 8})[1]
+    with open(out / "model.so", "ab") as f:                                 # the library's bytes changed
+        f.write(b"\0")
+    assert "library changed" in reusable_record(out, built)[1]
+    out = fresh()
+    record = json.loads((out / RECORD_FILE).read_text())
+    for forged in ({"tvm_differing": 0, "module": str(lib.parent)}, {"tvm_differing": 7}):   # fields not signed
+        (out / RECORD_FILE).write_text(json.dumps({**record, **forged}))
+        assert "not signed" in reusable_record(out, built)[1]
+    (out / RECORD_FILE).write_text(json.dumps(record))
+    rewrite_manifest(out, library_sha256=file_sha256(lib))                # a manifest made to match another library
+    assert "not signed" in reusable_record(out, built)[1]
+    good = fresh()
+    monkeypatch.setenv("HAWQ_RAY_KEY_FILE", str(tmp_path / "another-users-key"))
+    assert "not signed" in reusable_record(good, built)[1]                # signed by another user
+    assert not marker.exists()
+
+
+def test_a_module_of_another_program_is_refused_before_loading(compiled):
+    out, _ = compiled
+    load_model(out, program=make_program(8, 255)[0])
+    with pytest.raises(HawqError, match="another integer program"):
+        load_model(out, program=make_program(4, 255)[0])

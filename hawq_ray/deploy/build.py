@@ -29,7 +29,7 @@ from hawq_ray.deploy.layout import from_blocked
 from hawq_ray.deploy.target import device_of, parse_target, target_dict
 from hawq_ray.program.program import IntegerProgram
 
-MANIFEST_VERSION = 2    # 2: the SHA-256 of the library and the params, checked before loading
+MANIFEST_VERSION = 3    # 2: the SHA-256 of the library and the params, checked before loading; 3: the program's
 LIBRARY, PARAMS, MANIFEST = "model.so", "params.npz", "manifest.json"
 
 
@@ -145,7 +145,8 @@ def compile_calls(program: IntegerProgram, calls: list, batch: int, target, ever
         "input_scale": float(program.input_scale), "output_name": program.output,
         "output_shape": list(out.storage_shape), "output_dtype": out.dtype,
         "output_scale": np.asarray(program.output_scale, dtype=np.float64).reshape(-1).tolist(),
-        "bits": dict(program.bits), "target": target_dict(target), "tvm": tvm.__version__,
+        "bits": dict(program.bits), "program_sha256": program.fingerprint(), "target": target_dict(target),
+        "tvm": tvm.__version__,
         "param_names": [n for n, _ in params],
         "kernels": [{"name": c.kernel.name, **c.kernel.notes} for c in calls],
     }
@@ -167,7 +168,7 @@ def export_model(model: DeployedModel, out_dir) -> Path:
 
 
 _REQUIRED = ("format", "library", "params", "input_shape", "input_dtype", "output_shape", "target", "param_names",
-             "library_sha256", "params_sha256")
+             "library_sha256", "params_sha256", "program_sha256")
 
 
 def read_manifest(out_dir) -> dict:
@@ -186,12 +187,16 @@ def read_manifest(out_dir) -> dict:
     return manifest
 
 
-def load_model(out_dir, check: bool = True) -> DeployedModel:
+def load_model(out_dir, check: bool = True, program: IntegerProgram | None = None) -> DeployedModel:
     """The compiled model in `out_dir`. Its library is native code and runs when loaded: only a library inside
     the folder whose bytes have the manifest's SHA-256 is loaded (from a private copy, so it cannot change
-    between the check and the load). Load only folders from a source you trust."""
+    between the check and the load). Load only folders from a source you trust. With `program`, a module built
+    from another program is refused before anything is loaded."""
     out = Path(out_dir)
     manifest = read_manifest(out)
+    if program is not None and manifest["program_sha256"] != program.fingerprint():
+        raise HawqError(f"{out}: built from another integer program than the one given (program SHA-256 "
+                        f"{str(manifest['program_sha256'])[:12]}..., not {program.fingerprint()[:12]}...); compile it again")
     target = parse_target(manifest["target"], check=check)
     library = _own_file(out, manifest, "library")
     params = _own_file(out, manifest, "params")

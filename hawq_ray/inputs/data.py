@@ -5,8 +5,13 @@ seed-deterministic synthetic images. Nothing is downloaded.
 already normalized; `batches(dataset, batch_size, limit)` gives a fixed list of (x, y) for calibration and traces.
 """
 
+import concurrent.futures
+import hashlib
 import io
+import os
 import pickle
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +21,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from hawq_ray.contract import HawqError
+from hawq_ray.contract.errors import brief
 
 VALID_SPECS = ("'digits', 'synthetic', a folder with train/ and val/ (or test/) class subfolders (ImageFolder), "
                "or a CIFAR-10 folder (cifar-10-batches-py, python version)")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 SYNTHETIC_SIZES = (256, 64)  # train, test
+FOLDER_VALID = "train/ and val/ (or test/), each with one subfolder of images per class"
+IMAGE_VALID = "an image file PIL reads (JPEG, PNG, BMP, ...) of at most {pixels} pixels: remove or replace it"
 
 
 @dataclass(frozen=True)
@@ -46,13 +54,27 @@ def load_data(spec="digits", *, input_shape=(1, 16, 16), seed=0, test_fraction=0
     elif isinstance(spec, (str, Path)):
         splits = _from_folder(Path(spec).expanduser(), shape)
     else:
-        raise HawqError(f"data {spec!r} is not valid; valid: {VALID_SPECS}")
+        raise HawqError(f"data {brief(spec)} is not valid; valid: {VALID_SPECS}")
     for split_name, split in (("train", splits.train), ("test", splits.test)):
         if len(split) == 0:
             raise HawqError(f"data {spec}: the {split_name} split is empty")
     if num_classes is not None and splits.num_classes > num_classes:
         raise HawqError(f"data {spec} has {splits.num_classes} classes but the model has only {num_classes} outputs")
     return splits
+
+
+def check_source(spec) -> None:
+    """What `load_data(spec)` checks before it reads any pixels, without building the splits: the folder's layout
+    and, for an ImageFolder, every image's header (cheap: no pixel is decoded; the result is remembered, so
+    load_data does not read the headers again); a one-line HawqError naming the folder or file."""
+    if spec in ("digits", "synthetic"):
+        return
+    if not isinstance(spec, (str, Path)):
+        raise HawqError(f"data {brief(spec)} is not valid; valid: {VALID_SPECS}")
+    kind, *folders = _layout(Path(spec).expanduser())
+    if kind == "imagefolder":
+        for folder in folders:
+            _split(folder, None)
 
 
 def batches(dataset, batch_size, limit=None):
@@ -140,19 +162,25 @@ class NormalizedImages(Dataset):
         return to_shape(image.unsqueeze(0), self.shape)[0], self.labels[index]
 
 
-def _from_folder(path, shape):
+def _layout(path):
+    """("imagefolder", train folder, test folder) or ("cifar", the folder of the batches)."""
     if not path.exists():
         raise HawqError(f"data path {path} does not exist; valid: {VALID_SPECS}")
     if (path / "train").is_dir() and ((path / "val").is_dir() or (path / "test").is_dir()):
-        return _image_folder(path, shape)
+        return "imagefolder", path / "train", path / "val" if (path / "val").is_dir() else path / "test"
     for folder in (path, path / "cifar-10-batches-py"):
         if (folder / "data_batch_1").is_file() and (folder / "test_batch").is_file():
-            return _cifar10(folder, shape)
+            return "cifar", folder
     raise HawqError(f"data path {path} is neither an ImageFolder tree nor a CIFAR-10 folder; valid: {VALID_SPECS}")
 
 
-def _image_folder(path, shape):
-    from torchvision import datasets, transforms
+def _from_folder(path, shape):
+    kind, *folders = _layout(path)
+    return _image_folder(path, *folders, shape) if kind == "imagefolder" else _cifar10(folders[0], shape)
+
+
+def _image_folder(path, train_dir, test_dir, shape):
+    from torchvision import transforms
 
     channels, height, width = shape
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.449,), (0.226,))
@@ -161,18 +189,92 @@ def _image_folder(path, shape):
         *([transforms.Grayscale(1)] if channels == 1 else []),
         transforms.ToTensor(),
         transforms.Normalize(mean, std)])
-    test_dir = path / "val" if (path / "val").is_dir() else path / "test"
-    splits = []
-    for folder in (path / "train", test_dir):
-        try:
-            splits.append(datasets.ImageFolder(str(folder), transform=transform))
-        except (FileNotFoundError, RuntimeError) as exc:
-            raise HawqError(f"data path {folder}: {str(exc).splitlines()[0]}") from None
-    train, test = splits
+    train, test = (_split(folder, transform) for folder in (train_dir, test_dir))
     if train.classes != test.classes:
         raise HawqError(f"data path {path}: train classes {train.classes[:5]} differ from {test_dir.name} classes "
                         f"{test.classes[:5]}; both need the same class subfolders")
     return DataSplits(train, test, len(train.classes), f"imagefolder:{path}")
+
+
+def _split(folder, transform):
+    """One ImageFolder split whose every image has a readable header; its images are decoded by `decoded_image`,
+    so one that fails later (truncated data) is a one-line error naming the file too."""
+    from torchvision import datasets
+    try:
+        split = datasets.ImageFolder(str(folder), transform=transform, loader=decoded_image)
+    except (FileNotFoundError, RuntimeError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0].rstrip(".")
+        raise HawqError(f"data path {folder}: {reason}; valid: {FOLDER_VALID}") from None
+    _check_headers([path for path, _ in split.samples], folder)
+    return split
+
+
+_HEADERS_CHECKED = set()     # digests of (folder, every file's path, size and mtime) whose headers were read
+
+
+def _check_headers(paths, folder) -> None:
+    """Every file of `paths` is a regular file whose header PIL reads, of at most Image.MAX_IMAGE_PIXELS pixels
+    (no pixel is decoded); a one-line error naming the first bad file, in path order."""
+    from PIL import Image
+    digest = hashlib.sha256(os.fsencode(str(folder)))
+    problems = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            problems[path] = exc.strerror or str(exc)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            problems[path] = "not a regular file"
+        digest.update(b"\0%s\0%d\0%d" % (os.fsencode(path), st.st_size, st.st_mtime_ns))
+    if not problems and digest.digest() in _HEADERS_CHECKED:
+        return
+    with warnings.catch_warnings():   # a picture of more pixels than PIL's bomb limit: a bad file, not a warning
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with concurrent.futures.ThreadPoolExecutor(min(32, 4 * (os.cpu_count() or 1))) as pool:
+            good = [p for p in paths if p not in problems]
+            for path, problem in zip(good, pool.map(_header_problem, good, chunksize=64)):
+                if problem:
+                    problems[path] = problem
+    if problems:
+        first = sorted(problems)[0]
+        more = f" (and {len(problems) - 1} more bad files in {folder})" if len(problems) > 1 else ""
+        raise HawqError(f"data image {first}: {problems[first]}{more}; valid: {_image_valid()}")
+    _HEADERS_CHECKED.add(digest.digest())
+
+
+def _header_problem(path) -> str:
+    from PIL import Image
+    try:
+        with Image.open(path) as image:   # the header only
+            image.size
+    except Exception as exc:  # noqa: BLE001 - whatever PIL raises on a file: the file is bad
+        return _image_reason(exc)
+    return ""
+
+
+def decoded_image(path):
+    """ImageFolder's loader: the image at `path` as RGB, or a one-line HawqError naming the file."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - whatever PIL raises on a file: the file is bad
+        raise HawqError(f"data image {path}: {_image_reason(exc)}; valid: {_image_valid()}") from None
+
+
+def _image_reason(exc) -> str:
+    from PIL import Image, UnidentifiedImageError
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image PIL reads"
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return "more pixels than PIL's limit (a decompression bomb?)"
+    return "cannot be decoded (" + brief((str(exc).splitlines() or [type(exc).__name__])[0], 100).strip("'\"") + ")"
+
+
+def _image_valid() -> str:
+    from PIL import Image
+    return IMAGE_VALID.format(pixels=Image.MAX_IMAGE_PIXELS)
 
 
 def _cifar10(folder, shape):

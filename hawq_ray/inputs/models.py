@@ -110,6 +110,11 @@ class DigitsResNet(nn.Module):
         return self.fc(self.flatten(self.pool(x)))
 
 
+def is_user_code(spec) -> bool:
+    """Whether a model spec names Python code to import and call (`package.module:callable`)."""
+    return isinstance(spec, str) and ":" in spec and not spec.startswith(TORCHVISION_PREFIX)
+
+
 def get_model(name=None, *, pretrained=False, weights=None, cache_dir=None):
     """A model by name (None: the default; a pytorchcv name, `torchvision:NAME` or `package.module:callable`), or
     the module itself; weights from `weights` or, with `pretrained`, the local cache (see the module docstring)."""
@@ -123,7 +128,7 @@ def get_model(name=None, *, pretrained=False, weights=None, cache_dir=None):
         model = DigitsResNet()
     elif isinstance(name, str) and name.startswith(TORCHVISION_PREFIX):
         return _torchvision_model(name, pretrained=pretrained, weights=weights, cache_dir=cache_dir)
-    elif isinstance(name, str) and ":" in name:
+    elif is_user_code(name):
         if pretrained and weights is None:
             raise HawqError(f"model {name!r} is user code with no pretrained weights; pass weights=PATH")
         model = _user_model(name)

@@ -11,6 +11,7 @@ store it narrower (uint8 for a 0..255 activation), and `scale`, its real scale (
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,23 @@ class IntegerProgram:
 
     def layers(self) -> list[str]:
         return [op.layer for op in self.ops if op.op in ("conv2d", "dense")]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of everything a compiled module is built from: the ops (kinds, wiring, attributes, ranges) and
+        every constant's dtype, shape and bytes, the input and output. Equal fingerprints, equal integers out."""
+        h = hashlib.sha256()
+        head = {"input": [self.input_name, list(self.input_shape), float(self.input_scale)], "output": self.output,
+                "bits": self.bits}
+        h.update(json.dumps(head, sort_keys=True, default=str).encode())
+        h.update(np.ascontiguousarray(np.asarray(self.output_scale, dtype=np.float64)).tobytes())
+        for op in self.ops:
+            h.update(json.dumps([op.op, op.inputs, op.output, op.attrs, op.layer, int(op.lo), int(op.hi),
+                                 sorted(op.consts)], sort_keys=True, default=str).encode())
+            for name in sorted(op.consts):
+                arr = np.ascontiguousarray(np.asarray(op.consts[name]))
+                h.update(f"{arr.dtype.str}{arr.shape}".encode())
+                h.update(arr.tobytes())
+        return h.hexdigest()
 
     # ---- persistence: JSON for structure, npz for constants (no pickle) ----
     def save(self, path) -> None:

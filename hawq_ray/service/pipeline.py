@@ -10,6 +10,7 @@ are kept one by one).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -26,7 +27,7 @@ from hawq_ray.analysis.sensitivity import DEFAULT_RANK
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.bits import budget_cell, parse_bits
 from hawq_ray.contract.integrity import file_sha256
-from hawq_ray.service.settings import (ACTORS, BATCH, COUNT, EPOCHS, FRACTION, ITERATIONS, LEARNING_RATE, RANK,
+from hawq_ray.service.settings import (ACTORS, BATCH, COUNT, EPOCHS, ITERATIONS, LEARNING_RATE, RANK,
                                        SEED, TOLERANCE, Bool, Choice, TargetSpec, Text, check_mapping, fits_in_memory)
 
 DEFAULT_CONFIG = {
@@ -59,7 +60,7 @@ RUN_SCHEMA = {   # the type and range of every setting above except budgets, inp
     "export": {"onnx": Bool(), "form": Choice(("exact", "fused")), "batches": COUNT},   # deploy.qdq.FORMS
     "evidence": {"enabled": Bool(), "randoms": COUNT},
 }
-TABLES_FORMAT = 4     # bump when what a stage's table holds changes: older run folders recompute, never misread
+TABLES_FORMAT = 5     # bump when what a stage's table holds changes: older run folders recompute, never misread
 STAGES = ("fp32", "layers", "sensitivity", "latency", "sweep", "evidence", "finetune", "deploy", "export",
           "fake_vs_int", "report")
 
@@ -67,42 +68,42 @@ STAGES = ("fp32", "layers", "sensitivity", "latency", "sweep", "evidence", "fine
 # ------------------------------------------------------------------------------------------------ config
 def load_config(path=None, overrides: dict | None = None) -> dict:
     """DEFAULT_CONFIG updated by a YAML file and then by `overrides` (nested dicts merge key by key)."""
+    from hawq_ray.contract.errors import brief
+    from hawq_ray.inputs.data import check_source
+    from hawq_ray.service.settings import check_budgets, merge_settings, read_yaml_mapping
     cfg = copy.deepcopy(DEFAULT_CONFIG)
-    if path is not None:
-        import yaml
-        p = Path(path)
-        if not p.is_file():
-            raise HawqError(f"run config {path}: no such file (give a YAML file like the README's run.yaml)")
-        try:
-            user = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise HawqError(f"run config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(user, dict):
-            raise HawqError(f"run config {path}: expected a mapping of settings, got {type(user).__name__}")
-        _merge_settings(cfg, user, str(path))
-    _merge_settings(cfg, overrides or {}, "overrides")
+    if path is not None:     # bounded in size, nesting and alias expansion; every error one line
+        user = read_yaml_mapping(path)
+        _refuse_user_code(user, path)
+        merge_settings(cfg, user, str(path))
+    merge_settings(cfg, overrides or {}, "overrides")
     check_mapping(cfg, RUN_SCHEMA)
-    _check_budgets(cfg["budgets"])
+    check_budgets(cfg["budgets"])
     size = cfg["input_size"]
     pair = size if isinstance(size, (list, tuple)) else [size]
     if size is not None and not (len(pair) in (1, 2) and all(isinstance(v, int) and not isinstance(v, bool)
-                                                              and v >= 8 for v in pair)):
-        raise HawqError(f"input_size: {size!r} is not valid; give an integer >= 8 (H = W) or [H, W], or null")
+                                                              and 8 <= v <= 16384 for v in pair)):
+        raise HawqError(f"input_size: {brief(size)} is not valid; valid: an integer from 8 to 16384 (H = W) or "
+                        f"[H, W], or null")
     uniform = cfg["uniform"]
     if not isinstance(uniform, list) or not all(u in ("uniform4", "uniform8") for u in uniform):
-        raise HawqError(f"uniform: {uniform!r} is not valid; valid: a list of uniform4, uniform8")
+        raise HawqError(f"uniform: {brief(uniform)} is not valid; valid: a list of uniform4, uniform8")
+    if cfg["data"] is not None:
+        check_source(cfg["data"])    # the folder's layout and every image's header, before Ray or a model starts
     return cfg
 
 
-def _check_budgets(budgets) -> None:
-    if not isinstance(budgets, dict):
-        raise HawqError(f"budgets: {budgets!r} is not valid; valid: a mapping such as {{size: [0.25, 0.5]}}")
-    for resource, values in budgets.items():
-        if resource not in ("size", "bops", "latency"):
-            raise HawqError(f"budgets: unknown resource {resource!r}; valid: size, bops, latency (fractions r in "
-                            f"[0, 1])")
-        if not isinstance(values, list) or not all(FRACTION.ok(v) for v in values):
-            raise HawqError(f"budgets.{resource}: {values!r} is not valid; valid: a list of fractions from 0 to 1")
+def _refuse_user_code(user: dict, path) -> None:
+    """A run.yaml is data that may come from someone else: it may not name code to import and call
+    (`package.module:callable`) as the model or the teacher; the command line and the Python API may."""
+    from hawq_ray.inputs.models import is_user_code
+    tune = user.get("tune") if isinstance(user.get("tune"), dict) else {}
+    for key, spec in (("model", user.get("model")), ("tune.teacher", str(tune.get("teacher") or "").split("=")[0])):
+        if is_user_code(spec):
+            raise HawqError(f"run config {path}: {key} {spec[:80]!r} names Python code to run (package.module:callable),"
+                            f" which a run.yaml may not, since it may come from someone else; valid: a pytorchcv "
+                            f"name or torchvision:NAME here, or the code on the command line (hawq-ray run --model "
+                            f"{spec[:80]}) or in hawq_ray.run(model=...)")
 
 
 def _input_shape(cfg: dict) -> tuple:
@@ -114,18 +115,6 @@ def _input_shape(cfg: dict) -> tuple:
         return shape
     h, w = (size, size) if isinstance(size, int) else size
     return (shape[0], h, w)
-
-
-def _merge_settings(into: dict, new: dict, where: str) -> None:
-    for k, v in new.items():
-        if k not in into:
-            raise HawqError(f"{where}: unknown setting {k!r}; valid: {', '.join(sorted(into))}")
-        if isinstance(into[k], dict) and k != "budgets":
-            if not isinstance(v, dict):
-                raise HawqError(f"{where}: setting {k!r} must be a mapping")
-            _merge_settings(into[k], v, f"{where}.{k}")
-        else:
-            into[k] = v
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -147,9 +136,12 @@ def _done(run_dir: Path) -> dict:
         raise HawqError(f"{f}: corrupt stage record; delete it to recompute the run") from None
 
 
-def cached_stage(run_dir: Path, name: str, key: str, compute, log=print) -> pd.DataFrame:
+def cached_stage(run_dir: Path, name: str, key: str, compute, log=print, unfinished=None) -> pd.DataFrame:
     """Load `<name>.parquet` when its recorded fingerprint equals `key` and the file is the one recorded
-    (SHA-256, columns, rows), else compute, write and record it; a damaged table is recomputed with a notice."""
+    (SHA-256, columns, rows), else compute, write and record it; a damaged table is recomputed with a notice.
+    `unfinished(table)`: why a computed table is not final (failed trials), or '': an unfinished table is written
+    and returned but recorded without its key, so the next run computes it again."""
+    from hawq_ray.service.outputs import write_atomic
     path = run_dir / f"{name}.parquet"
     record = _done(run_dir).get(name, {})
     if record.get("key") == key:
@@ -160,19 +152,31 @@ def cached_stage(run_dir: Path, name: str, key: str, compute, log=print) -> pd.D
         log(f"[{name}] {path.name} is damaged ({damage}): recomputing")
     t0 = time.time()
     log(f"[{name}] running")
-    table = compute()
-    tmp = path.with_suffix(".tmp")
-    table.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    with _named_in_errors(name):
+        table = compute()
+    with _named_in_errors(name, path):
+        write_atomic(path, table.to_parquet(index=False))
     table = pd.read_parquet(path)      # what a resumed run reads: the same types either way
+    why = unfinished(table) if unfinished else ""
     done = _done(run_dir)
-    done[name] = {"key": key, "seconds": round(time.time() - t0, 2), "rows": len(table),
-                  "columns": list(table.columns), "sha256": file_sha256(path)}
-    tmp = _stages_file(run_dir).with_suffix(".tmp")
-    tmp.write_text(json.dumps(done, indent=1))
-    tmp.replace(_stages_file(run_dir))
-    log(f"[{name}] done in {time.time() - t0:.1f} s ({len(table)} rows) -> {path.name}")
+    done[name] = {"key": None if why else key, "seconds": round(time.time() - t0, 2), "rows": len(table),
+                  "columns": list(table.columns), "sha256": file_sha256(path), **({"unfinished": why} if why else {})}
+    write_atomic(_stages_file(run_dir), json.dumps(done, indent=1))
+    log(f"[{name}] {'UNFINISHED (' + why + '), to be computed again by the next run' if why else 'done'} in "
+        f"{time.time() - t0:.1f} s ({len(table)} rows) -> {path.name}")
     return table
+
+
+@contextlib.contextmanager
+def _named_in_errors(stage: str, path: Path | None = None):
+    """An error raised inside carries the stage (and the table being written) as `stage` / `stage_path`, for the
+    front to name (a full disk: `service.cli.disk_full`)."""
+    try:
+        yield
+    except Exception as e:
+        if getattr(e, "stage", None) is None:
+            e.stage, e.stage_path = stage, path
+        raise
 
 
 def _verified(path: Path, record: dict) -> tuple[pd.DataFrame | None, str]:
@@ -205,7 +209,7 @@ def run(config: dict | str | None = None, out="runs/default", *, address: str | 
     `address` (or the one already initialized), else starts a local Ray.
     """
     from hawq_ray.inputs import models
-    from hawq_ray.service.outputs import run_folder_lock, writable_folder
+    from hawq_ray.service.outputs import refuse_links, run_folder_lock, writable_folder
 
     if isinstance(config, dict):
         cfg = load_config(None, {**config, **settings})
@@ -216,6 +220,7 @@ def run(config: dict | str | None = None, out="runs/default", *, address: str | 
     _check_memory(cfg, shape)
     run_dir = writable_folder(out)
     with run_folder_lock(run_dir, log):
+        refuse_links(run_dir)
         return _run_stages(cfg, name, shape, run_dir, address, log)
 
 
@@ -236,9 +241,10 @@ def _run_stages(cfg: dict, name: str, shape: tuple, run_dir: Path, address, log)
     from hawq_ray.inputs import data as data_mod
     from hawq_ray.inputs import models
     from hawq_ray.quant.finetune import fp32_weights, state_sha1
+    from hawq_ray.service.outputs import write_atomic
     from hawq_ray.service.session import connect
 
-    (run_dir / "run.json").write_text(json.dumps(cfg, indent=1, default=str))
+    write_atomic(run_dir / "run.json", json.dumps(cfg, indent=1, default=str))
     connect(address)
     spec = cfg["data"] or ("digits" if name == models.DEFAULT_MODEL else "synthetic")
     data = data_mod.load_data(spec, input_shape=shape, seed=cfg["seed"])
@@ -270,7 +276,7 @@ def _run_stages(cfg: dict, name: str, shape: tuple, run_dir: Path, address, log)
 
     table = tables["sensitivity"].merge(
         tables["latency"][["layer", "lat4_ms", "lat8_ms", "lat32_ms"]], on="layer", how="left")
-    table.to_parquet(run_dir / "table.parquet", index=False)
+    write_atomic(run_dir / "table.parquet", table.to_parquet(index=False))
     table_key = fingerprint(table.to_json())
     key = fingerprint(table_key, cfg["budgets"], cfg["uniform"], cfg["sweep"], cfg["seed"])
     tables["sweep"] = cached_stage(run_dir, "sweep", key,
@@ -286,29 +292,46 @@ def _run_stages(cfg: dict, name: str, shape: tuple, run_dir: Path, address, log)
     t = cfg["tune"]
     key = fingerprint(fingerprint(tables["sweep"].to_json()), weights_key, t, spec)
     tables["finetune"] = cached_stage(
-        run_dir, "finetune", key, lambda: _finetune(model, shape, data, spec, cfg, tables["sweep"], table, run_dir), log)
+        run_dir, "finetune", key, lambda: _finetune(model, shape, data, spec, cfg, tables["sweep"], table, run_dir), log,
+        unfinished=_failed_trials)
+    finished = tables["finetune"][tables["finetune"]["error"] == ""]     # a failed trial has nothing to deploy
+    trained = fingerprint(finished[["config", "checkpoint"]].to_json())
 
     d = cfg["deploy"]
-    key = fingerprint(fingerprint(tables["finetune"][["config", "checkpoint"]].to_json()), d)
-    tables["deploy"] = cached_stage(
-        run_dir, "deploy", key, lambda: _deploy(model, shape, tables["layers"], tables["finetune"], d, run_dir, log,
-                                                _latency_budgets(tables["finetune"], tables["sweep"], cfg)), log)
+    key = fingerprint(trained, d)
+    if len(finished):
+        tables["deploy"] = cached_stage(
+            run_dir, "deploy", key, lambda: _deploy(model, shape, tables["layers"], finished, d, run_dir, log,
+                                                    _latency_budgets(finished, tables["sweep"], cfg)), log)
 
     e = cfg["export"]
-    if e["onnx"]:
-        ekey = fingerprint(fingerprint(tables["finetune"][["config", "checkpoint"]].to_json()), e)
+    if e["onnx"] and len(finished):
+        ekey = fingerprint(trained, e)
         tables["export"] = cached_stage(
-            run_dir, "export", ekey, lambda: _export(model, shape, tables["layers"], tables["finetune"], data, e,
+            run_dir, "export", ekey, lambda: _export(model, shape, tables["layers"], finished, data, e,
                                                      run_dir, log), log)
 
     key = fingerprint(key, "fake_vs_int")
-    tables["fake_vs_int"] = cached_stage(
-        run_dir, "fake_vs_int", key, lambda: _fake_vs_int(model, shape, tables["layers"], data, tables["finetune"]), log)
+    if len(finished):
+        tables["fake_vs_int"] = cached_stage(
+            run_dir, "fake_vs_int", key, lambda: _fake_vs_int(model, shape, tables["layers"], data, finished, run_dir),
+            log)
 
     from hawq_ray.service.report import write_report
     report = write_report(run_dir)
     log(f"[report] {report}")
+    failed = _failed_trials(tables["finetune"])
+    if failed:
+        first = tables["finetune"][tables["finetune"]["error"] != ""].iloc[0]
+        raise HawqError(f"{failed} (first: {first['trial']}: {first['error'][:200]}); every other stage finished and "
+                        f"{report.name} lists them; run the same command again to retry them")
     return tables
+
+
+def _failed_trials(finetuned: pd.DataFrame) -> str:
+    """'N of M fine-tuning trials failed', or '' when none did."""
+    n = int((finetuned["error"] != "").sum())
+    return f"{n} of {len(finetuned)} fine-tuning trials failed" if n else ""
 
 
 # ------------------------------------------------------------------------------------------------ stage bodies
@@ -450,14 +473,21 @@ def _finetune(model, shape, data, spec, cfg, configs: pd.DataFrame, table: pd.Da
                          settings=TuneSettings(samples=t["samples"], asha=t["asha"]), teacher_spec=t["teacher"])
 
 
-def _restore(model, shape, table, row) -> "torch.nn.Module":
+def _restore(model, shape, table, row, run_dir: Path) -> "torch.nn.Module":
+    """The fine-tuned QAT model of a finetune row, its checkpoint read inside `run_dir`."""
     from hawq_ray.quant.finetune import load_checkpoint
     from hawq_ray.quant.qat import prepare
+    from hawq_ray.service.outputs import inside
+    from hawq_ray.service.trial_record import CHECKPOINT_FILE
     qm = prepare(model, row["bits"], shape, table)
-    ckpt = row.get("best_checkpoint") or row["checkpoint"]
-    state = load_checkpoint(Path(ckpt) / "state.pt" if Path(ckpt).is_dir() else ckpt)
+    state = load_checkpoint(inside(run_dir, _checkpoint_of(row)) / CHECKPOINT_FILE)
     qm.load_state_dict(state["model"])
     return qm.eval()
+
+
+def _checkpoint_of(row) -> str:
+    """The checkpoint folder a finetune row deploys (relative to the run folder): its best epoch's, where kept."""
+    return row.get("best_checkpoint") or row["checkpoint"]
 
 
 def _latency_budgets(finetuned: pd.DataFrame, sweep: pd.DataFrame, cfg: dict) -> tuple[dict, dict]:
@@ -478,8 +508,8 @@ def _deploy(model, shape, table, finetuned: pd.DataFrame, d: dict, run_dir: Path
     from hawq_ray.deploy.build import load_model
     rows = [_compile_config(model, shape, table, row, d, run_dir, log) for _, row in finetuned.iterrows()]
     log(f"[deploy] timing {len(rows)} module(s) together: {d['rounds']} interleaved rounds")
-    timed = against_budget(time_models({r["config"]: load_model(r["module"]) for r in rows}, rounds=d["rounds"]),
-                           *budgets)
+    modules = {r["config"]: load_model(_module_folder(run_dir, r["config"])) for r in rows}
+    timed = against_budget(time_models(modules, rounds=d["rounds"]), *budgets)
     for r in timed.itertuples():
         log(f"[deploy] {r.config}: median {r.latency_median_ms:.3f} ms at batch {d['batch']} (interquartile "
             f"{r.latency_q25_ms:.3f}-{r.latency_q75_ms:.3f}, {r.latency_samples} rounds), predicted "
@@ -487,47 +517,54 @@ def _deploy(model, shape, table, finetuned: pd.DataFrame, d: dict, run_dir: Path
     return pd.DataFrame(rows).merge(timed, on="config")
 
 
+DEPLOY_COLUMNS = ("config", "tvm_differing", "tvm_elements", "compile_s", "module")
+
+
+def _module_folder(run_dir: Path, config) -> Path:
+    """Where a config's module lives: `deploy/<config>` inside the run folder, whatever a record says."""
+    from hawq_ray.service.outputs import inside
+    return inside(run_dir, f"deploy/{_plain_name(config)}")
+
+
+def _plain_name(config) -> str:
+    name = str(config)
+    if not name or name in (".", "..") or any(not (c.isalnum() or c in "_.-") for c in name):
+        raise HawqError(f"config {name[:80]!r}: not a plain name; valid: letters, digits, '_', '.', '-'")
+    return name
+
+
 def _compile_config(model, shape, table, row, d: dict, run_dir: Path, log) -> dict:
+    """The deploy row of one config: its module compiled from this row's fine-tuned program and checked against
+    the integer executor, or the one an earlier run compiled and checked from the same program, target and
+    batch (`service.module_record`)."""
     from hawq_ray.analysis.verify import compare_batches, executor_of, random_inputs
-    from hawq_ray.contract.integrity import sign
-    from hawq_ray.deploy.build import MANIFEST, compile_program, export_model, load_model
-    out_dir = run_dir / "deploy" / str(row["config"])
-    done = out_dir / "deploy.json"
-    keys = ("config", "tvm_differing", "tvm_elements", "compile_s", "module")
-    saved = _signed_module(out_dir, done)
+    from hawq_ray.deploy.build import compile_program, export_model, load_model
+    from hawq_ray.service.module_record import reusable_record, write_record
+    config = str(row["config"])
+    out_dir = _module_folder(run_dir, config)
+    program = _restore(model, shape, table, row, run_dir).to_integer()
+    built_from = {"config": config, "program_sha256": program.fingerprint(), "target": d["target"],
+                  "batch": d["batch"], "inputs": d["inputs"]}
+    saved, why = reusable_record(out_dir, built_from)
     if saved is not None:                   # compiled and checked in an earlier (stopped) run
-        return {k: saved[k] for k in keys}
-    if done.is_file():
-        log(f"[deploy] {row['config']}: the saved module is not signed with this user's key (changed, or "
-            f"written elsewhere): compiling it again")
-    shutil.rmtree(out_dir, ignore_errors=True)
+        return {**{k: saved[k] for k in DEPLOY_COLUMNS[:-1]}, "module": f"deploy/{config}"}
+    if why:
+        log(f"[deploy] {config}: {why}: compiling it again")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
     t0 = time.time()
-    program = _restore(model, shape, table, row).to_integer()
     deployed = compile_program(program, batch=d["batch"], target=d["target"])
     compile_s = time.time() - t0
     export_model(deployed, out_dir)
     # the saved files are what is checked (and loading them is quicker than the in-memory executable's JIT)
-    check = compare_batches(load_model(out_dir), executor_of(program),
+    check = compare_batches(load_model(out_dir, program=program), executor_of(program),
                             random_inputs((d["batch"], *shape), batches=d["inputs"], seed=0))
-    result = {"config": row["config"], "tvm_differing": check.differing, "tvm_elements": check.elements,
-              "compile_s": round(compile_s, 2), "module": str(out_dir)}
-    log(f"[deploy] {row['config']}: {check.differing}/{check.elements} differing elements vs the integer "
+    log(f"[deploy] {config}: {check.differing}/{check.elements} differing elements vs the integer "
         f"executor, compiled in {compile_s:.1f} s")
-    result["signature"] = sign((out_dir / MANIFEST).read_bytes())
-    done.write_text(json.dumps(result))
-    return {k: result[k] for k in keys}
-
-
-def _signed_module(out_dir: Path, done: Path) -> dict | None:
-    """deploy.json of a module this user's key signed (its manifest, which holds the library's SHA-256), else
-    None: a resumed run loads no library it did not build."""
-    from hawq_ray.contract.integrity import signed
-    from hawq_ray.deploy.build import MANIFEST
-    try:
-        saved = json.loads(done.read_text())
-        return saved if signed((out_dir / MANIFEST).read_bytes(), saved.get("signature")) else None
-    except (OSError, ValueError, AttributeError):
-        return None
+    record = {**built_from, "tvm_differing": check.differing, "tvm_elements": check.elements,
+              "compile_s": round(compile_s, 2)}
+    write_record(out_dir, record)
+    return {**{k: record[k] for k in DEPLOY_COLUMNS[:-1]}, "module": f"deploy/{config}"}
 
 
 def _export(model, shape, table, finetuned: pd.DataFrame, data, e: dict, run_dir: Path, log) -> pd.DataFrame:
@@ -538,26 +575,26 @@ def _export(model, shape, table, finetuned: pd.DataFrame, data, e: dict, run_dir
     held_out = [b[0] for b in batches(data.test, 64, e["batches"])]
     rows = []
     for _, row in finetuned.iterrows():
-        path = run_dir / "export" / f"{row['config']}.onnx"
-        program = _restore(model, shape, table, row).to_integer()
-        ckpt = row.get("best_checkpoint") or row["checkpoint"]
-        export_onnx(program, path, {"config": str(row["config"]), "scales": f"fine-tuned QAT checkpoint {ckpt}"},
-                    form=e["form"])
+        (run_dir / "export").mkdir(exist_ok=True)
+        path = run_dir / "export" / f"{_plain_name(row['config'])}.onnx"
+        program = _restore(model, shape, table, row, run_dir).to_integer()
+        export_onnx(program, path, {"config": str(row["config"]),
+                                    "scales": f"fine-tuned QAT checkpoint {_checkpoint_of(row)}"}, form=e["form"])
         check = check_onnx(path, program, held_out)
         log(f"[export] {row['config']}: {path}, top-1 agreement with the integer executor "
             f"{check['top1_agreement']:.4f} on {check['samples']} held-out images, largest logit difference "
             f"{check['max_logit_diff_units']:g} output-scale units")
-        rows.append({"config": row["config"], "onnx": str(path), **check})
+        rows.append({"config": row["config"], "onnx": f"export/{path.name}", **check})
     return pd.DataFrame(rows)
 
 
-def _fake_vs_int(model, shape, table, data, finetuned: pd.DataFrame) -> pd.DataFrame:
+def _fake_vs_int(model, shape, table, data, finetuned: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
     from hawq_ray.inputs.data import batches
     from hawq_ray.analysis.verify import check_simulation
     x = torch.cat([b[0] for b in batches(data.test, 64, 2)])
     frames = []
     for _, row in finetuned.iterrows():
-        summary, layers = check_simulation(_restore(model, shape, table, row), x)
+        summary, layers = check_simulation(_restore(model, shape, table, row, run_dir), x)
         layers.insert(0, "config", row["config"])
         layers["qat_vs_int_output_diff"] = summary["differing"]
         frames.append(layers)

@@ -11,6 +11,7 @@ import pandas as pd
 from hawq_ray.analysis.verify import plot_fake_vs_int
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.bits import bits_of_cell
+from hawq_ray.service.outputs import write_atomic
 
 RESOURCE_LABELS = {"size_mib": "model size (MiB)", "gbops": "GBOPS", "latency_ms": "latency (ms, sum of layers)"}
 DEPLOY_COLUMNS = ["config", "tvm_differing", "tvm_elements", "predicted_ms", "latency_median_ms", "latency_q25_ms", "latency_q75_ms",
@@ -226,7 +227,7 @@ def _md(df: pd.DataFrame) -> str:
             if isinstance(v, (float, np.floating)):
                 cells.append("" if np.isnan(v) else f"{v:.4g}")
             else:
-                cells.append(str(v))
+                cells.append(str(v).replace("|", "\\|").replace("\n", " "))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -246,6 +247,17 @@ def _shown(results: pd.DataFrame) -> pd.DataFrame:
     for k, (name, cell) in enumerate(cells.items()):
         out.insert(at + k, name, cell)
     return out
+
+
+def _failed_section(finetuned: pd.DataFrame) -> list:
+    """The fine-tuning trials that failed, each with its one-line reason: nothing of theirs was deployed, and the
+    next run retries them."""
+    failed = finetuned[finetuned["error"] != ""] if "error" in finetuned else finetuned.iloc[:0]
+    if failed.empty:
+        return []
+    return [f"## Failed trials: {len(failed)} of {len(finetuned)}", "", "These trials ended with an error: their "
+            "configs were not deployed, and the next run of the same command retries them.", "",
+            _md(failed[["trial", "config", "epochs", "error"]]), ""]
 
 
 def _latency_notes(results: pd.DataFrame) -> list:
@@ -286,6 +298,7 @@ def write_report(run_dir) -> Path:
               "`tvm_differing` counts output elements where the compiled TVM module differs from the integer "
               "executor (must be 0).", "", _md(_shown(results)), ""]
     parts += _latency_notes(results)
+    parts += _failed_section(_read(run_dir, "finetune"))
     plot_pareto(results, plots / "pareto.png")
     parts += ["## Pareto fronts", "", "![Pareto fronts](plots/pareto.png)", ""]
     if sweep is not None and "confidence" in sweep:
@@ -310,6 +323,4 @@ def write_report(run_dir) -> Path:
     if fvi is not None and not fvi.empty:
         plot_fake_vs_int(fvi, plots / "fake_vs_int.png", "Fake vs integer-only quantization by layer (HAWQ-V3 Figure G.1)")
         parts += ["## Fake vs integer-only quantization (Figure G.1)", "", "![G.1](plots/fake_vs_int.png)", ""]
-    path = run_dir / "report.md"
-    path.write_text("\n".join(parts))
-    return path
+    return write_atomic(run_dir / "report.md", "\n".join(parts))

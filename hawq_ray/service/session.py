@@ -8,25 +8,128 @@ driver (`ray_watchdog`). Joining a cluster changes nothing of the cluster's own 
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import socket
+import time
 from pathlib import Path
 
+from hawq_ray.contract import HawqError
+from hawq_ray.contract.errors import brief
+
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"   # "0": Ray takes 127.0.0.1 as the node address
+JOIN_TIMEOUT_S = 10.0     # for a cluster's head to accept a connection and answer gRPC, before ray.init
+ADDRESS_VALID = ("HOST:PORT of a running Ray head's GCS (e.g. 10.0.0.5:6379), ray://HOST:PORT (Ray Client), "
+                 "auto (the cluster `ray start` left on this machine), or none, for a private local Ray")
+_HOST = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+")
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address`, else the one a `ray job submit` driver runs in ($RAY_ADDRESS), else
     start a private local Ray (never some cluster a `ray start` left on the machine); nothing when this
-    process has joined one already. `num_cpus` sizes a local Ray."""
+    process has joined one already. `num_cpus` sizes a local Ray. An address that is malformed, or where
+    nothing answers as a Ray head within JOIN_TIMEOUT_S, is a one-line HawqError before Ray is asked (ray.init
+    would retry for minutes)."""
     import ray
     if ray.is_initialized():
         return
+    given = address
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
+    if address and address.strip() != "local":
+        source = "" if given else " (from $RAY_ADDRESS)"
+        reachable(address, source=source)
+        try:
+            ray.init(address=address.strip(), log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            reason = brief((str(e).splitlines() or [type(e).__name__])[0], 160).strip("'\"")
+            raise HawqError(f"cannot join the Ray cluster at {address}{source}: {reason}; "
+                            f"valid: {ADDRESS_VALID}") from None
         return
     _private_local_ray()
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def reachable(address: str, timeout: float | None = None, source: str = "") -> str:
+    """The HOST:PORT that joining `address` connects to, once a TCP connection there succeeds and the server
+    answers as a Ray head (its GCS, or a Ray Client server for ray://) within `timeout` (default JOIN_TIMEOUT_S);
+    else a one-line HawqError naming the address: malformed, no Ray found (auto), or no Ray head answering."""
+    from ray._private import services
+    timeout = JOIN_TIMEOUT_S if timeout is None else timeout
+    text = address.strip()
+    client = text.startswith("ray://")
+    if text == "auto":
+        target, why = None, "no running Ray found"
+        try:
+            target = services.canonicalize_bootstrap_address("auto")
+        except (ConnectionError, ValueError) as e:
+            why = (str(e).splitlines() or [why])[0]
+        if not target:
+            raise HawqError(f"Ray address auto{source}: {why}; valid: {ADDRESS_VALID}")
+        host, port = _host_port(target, address, source)
+        source = f"{source} ({target})"
+    else:
+        host, port = _host_port(text[len("ray://"):] if client else text, address, source)
+        if not client:                   # ray.init joins what Ray makes of the host (127.0.0.1: the node's IP)
+            try:
+                host = services.resolve_ip_for_localhost(host)
+            except ValueError:
+                pass
+    deadline = time.monotonic() + timeout
+    prefix = f"cannot reach a Ray cluster at {address}{source} within {timeout:g} s"
+    try:
+        with socket.create_connection((host.strip("[]"), port), timeout=timeout):
+            pass
+    except (socket.gaierror, UnicodeError) as e:
+        raise HawqError(f"{prefix}: host {host} is not known ({getattr(e, 'strerror', None) or e}); "
+                        f"valid: {ADDRESS_VALID}") from None
+    except OSError as e:                 # refused, unreachable, timed out
+        raise HawqError(f"{prefix}: {e.strerror or str(e) or 'timed out'}; valid: {ADDRESS_VALID}") from None
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", ""):   # with TLS: the TCP check alone
+        _grpc_answers(f"{host}:{port}", max(0.1, deadline - time.monotonic()), f"{address}{source}", prefix, client)
+    return f"{host}:{port}"
+
+
+def _host_port(text: str, address: str, source: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not _HOST.fullmatch(host) or len(host) > 253 or max(map(len, host.split("."))) > 63 \
+            or not port.isdigit() or not 0 < int(port) < 65536:
+        hint = (" (that is a URL, such as the dashboard's for `ray job submit`; give the GCS address)"
+                if "://" in text else "")
+        raise HawqError(f"Ray address {brief(address)}{source} is not valid{hint}; valid: {ADDRESS_VALID}")
+    return host, int(port)
+
+
+def _grpc_answers(target: str, timeout: float, where: str, prefix: str, client: bool) -> None:
+    """A port that accepts connections but is no Ray head (ssh, a web server, a proxy) would keep ray.init
+    retrying for minutes: a Ray head's GCS answers GetClusterId (or, with token authentication on, refuses it as
+    UNAUTHENTICATED; a driver without RAY_AUTH_MODE=token then sends no token, and ray.init fails after 20 s with
+    a bare ConnectionError); a Ray Client server (`client`) is a gRPC server: it completes the HTTP/2 handshake."""
+    import grpc
+    channel = grpc.insecure_channel(target)
+    try:
+        if client:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+            return
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+        gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(gcs_service_pb2.GetClusterIdRequest(),
+                                                                          timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise HawqError(f"{prefix}: the port accepts connections but does not answer as a Ray Client server "
+                        f"(gRPC); valid: {ADDRESS_VALID}") from None
+    except grpc.RpcError as e:
+        code = e.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            if os.environ.get("RAY_AUTH_MODE") == "token":
+                return                     # this plain call sends no token; ray.init sends this process's
+            raise HawqError(f"cannot join the Ray cluster at {where}: it needs token authentication; valid: "
+                            f"RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN "
+                            f"(docs/cluster.md)") from None
+        what = ("does not answer as a Ray head (gRPC)" if code in (grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                                  grpc.StatusCode.UNAVAILABLE)
+                else f"answers gRPC, but not as a Ray head's GCS ({code.name})")
+        raise HawqError(f"{prefix}: the port accepts connections but {what}; valid: {ADDRESS_VALID}") from None
+    finally:
+        channel.close()
 
 
 def _private_local_ray() -> None:

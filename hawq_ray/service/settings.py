@@ -3,7 +3,9 @@
 A value of the wrong type or out of range is one line naming the key, the value and what is valid. The same
 `Int` / `Float` / ... object checks a run.yaml key and, as argparse `type=`, the CLI option of that
 meaning, so a bound is written once. The upper bounds keep a typo (a batch of 100000, 1000 actors) from starting work that
-can only fail; `fits_in_memory` checks the batch sizes against this machine's free memory.
+can only fail; `fits_in_memory` checks the batch sizes against this machine's free memory. `read_yaml_mapping`
+reads run.yaml within bounds (1 MiB, nesting, values after YAML aliases expand), and every error shows a bad value
+through `brief` (about 80 characters at most), so no input makes an error message slow or huge.
 """
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import abc
 import argparse
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from hawq_ray.contract import HawqError
+from hawq_ray.contract.errors import brief
 
 
 class Setting(abc.ABC):
@@ -28,7 +32,7 @@ class Setting(abc.ABC):
 
     def check(self, value, key: str):
         if not self.ok(value):
-            raise HawqError(f"{key}: {value!r} is not valid; valid: {self.valid()}")
+            raise HawqError(f"{key}: {brief(value)} is not valid; valid: {self.valid()}")
         return value
 
     def parse(self, text: str):
@@ -42,7 +46,7 @@ class Setting(abc.ABC):
         option in the error."""
         value = self.parse(text)
         if not self.ok(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not valid; valid: {self.valid()}")
+            raise argparse.ArgumentTypeError(f"{brief(text)} is not valid; valid: {self.valid()}")
         return value
 
 
@@ -162,3 +166,152 @@ def fits_in_memory(batches: dict, elements_per_sample: int, what: str, available
             raise HawqError(f"{key}: {batch} needs about {need / 2**30:.1f} GiB of activations for {what}, more "
                             f"than the {available / 2**30:.1f} GiB free here; valid: at most "
                             f"{max(0, available // per_sample)}")
+
+
+# ---- run.yaml -------------------------------------------------------------------------------------------
+CONFIG_MAX_BYTES = 1 << 20        # a run.yaml holds a few dozen settings: a few KiB
+CONFIG_MAX_VALUES = 10000         # YAML values (nodes) once every alias is expanded
+CONFIG_MAX_DEPTH = 32             # levels of nesting
+CONFIG_VALID = "a UTF-8 YAML mapping of settings, at most 1 MiB, like the README's run.yaml"
+
+
+def read_yaml_mapping(path, what: str = "run config") -> dict:
+    """The mapping a small YAML file holds, read safely: a one-line HawqError naming the file (and the line) when
+    it is not a regular readable file of at most CONFIG_MAX_BYTES, not UTF-8, not YAML, not a mapping, has
+    a key twice in one mapping, or nests or expands (through aliases, e.g. a "billion laughs" file) beyond
+    CONFIG_MAX_DEPTH levels or CONFIG_MAX_VALUES values. Anchors and aliases within those bounds are kept: they
+    let a run.yaml name one target mapping for both profile and deploy. An empty file (or one of comments only)
+    holds no settings: {}."""
+    import yaml
+    name = f"{what} {path}"
+    p = Path(path)
+    if p.is_dir():
+        raise HawqError(f"{name} is a folder; valid: {CONFIG_VALID}")
+    if not p.exists():
+        raise HawqError(f"{name}: no such file; valid: {CONFIG_VALID}")
+    if not p.is_file():
+        raise HawqError(f"{name} is not a regular file; valid: {CONFIG_VALID}")
+    try:
+        with p.open("rb") as f:
+            data = f.read(CONFIG_MAX_BYTES + 1)
+    except OSError as e:
+        raise HawqError(f"{name} cannot be read ({e.strerror or e}); valid: {CONFIG_VALID}") from None
+    if len(data) > CONFIG_MAX_BYTES:
+        raise HawqError(f"{name} is larger than {CONFIG_MAX_BYTES >> 20} MiB; valid: {CONFIG_VALID}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HawqError(f"{name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        f"valid: {CONFIG_VALID}") from None
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:                 # empty, or only comments (a template): no settings, the defaults
+            return {}
+        _check_yaml_nodes(node, name)
+        user = loader.construct_document(node)
+    except HawqError:
+        raise
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join(str(e.problem or e.context or "").split())
+        raise HawqError(f"{name} is not valid YAML{where}: {problem}; valid: {CONFIG_VALID}") from None
+    except yaml.YAMLError as e:          # e.g. a control character (ReaderError)
+        reason = brief((str(e).splitlines() or [type(e).__name__])[0], 120).strip("'\"")
+        raise HawqError(f"{name} is not valid YAML ({reason}); valid: {CONFIG_VALID}") from None
+    except (ValueError, OverflowError, RecursionError) as e:   # a value its constructor refuses
+        reason = brief((str(e).splitlines() or [type(e).__name__])[0], 120).strip("'\"")
+        raise HawqError(f"{name}: a value cannot be read ({reason}); valid: {CONFIG_VALID}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(user, dict):
+        raise HawqError(f"{name} holds a {type(user).__name__} ({brief(user)}), not a mapping of settings; "
+                        f"valid: {CONFIG_VALID}")
+    return user
+
+
+def _check_yaml_nodes(root, name: str) -> None:
+    """Bounds on a composed YAML document before any value is built: its nesting depth, its size with every alias
+    expanded (an alias node is the very node of its anchor, so a shared node counts once per use), no alias to
+    itself, no key twice in a mapping (YAML would keep the last one silently), no integer of over 100 digits
+    (Python refuses to read one of over 4300)."""
+    import yaml
+
+    def children(node):
+        if isinstance(node, yaml.SequenceNode):
+            return node.value
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        return []
+
+    def line(node):
+        return f" at line {node.start_mark.line + 1}" if node.start_mark else ""
+
+    size, open_ = {}, set()
+    stack = [(root, 0, False)]
+    while stack:
+        node, depth, finished = stack.pop()
+        key = id(node)
+        if finished:
+            open_.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children(node))
+            if size[key] > CONFIG_MAX_VALUES:
+                raise HawqError(f"{name}: the value{line(node)} holds more than {CONFIG_MAX_VALUES} values (YAML "
+                                f"aliases expanded); valid: {CONFIG_VALID}, with few aliases")
+            continue
+        if key in size:
+            continue
+        if key in open_:
+            raise HawqError(f"{name}: the alias{line(node)} refers to a value that contains it; "
+                            f"valid: {CONFIG_VALID}")
+        if depth > CONFIG_MAX_DEPTH:
+            raise HawqError(f"{name}: the value{line(node)} is nested more than {CONFIG_MAX_DEPTH} levels deep; "
+                            f"valid: {CONFIG_VALID}")
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:int" and len(node.value) > 100:
+            raise HawqError(f"{name}: the integer{line(node)} has {len(node.value)} digits; valid: {CONFIG_VALID}, "
+                            f"whose numbers fit their settings' ranges")
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for k, _ in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    if (k.tag, k.value) in seen:
+                        raise HawqError(f"{name}: key {brief(k.value)}{line(k)} appears twice in one mapping; "
+                                        f"valid: each key once")
+                    seen.add((k.tag, k.value))
+        open_.add(key)
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children(node))
+
+
+def merge_settings(into: dict, new, where: str, flat: tuple = ("budgets",)) -> None:
+    """`new`'s keys into `into` ({key: default}), nested mappings key by key except the keys in `flat`, which are
+    replaced whole; a key `into` does not have is a one-line error naming it and listing the valid ones."""
+    if not isinstance(new, dict):
+        raise HawqError(f"{where}: {brief(new)} is not valid; valid: a mapping of settings")
+    for k, v in new.items():
+        if k not in into:
+            raise HawqError(f"{where}: unknown setting {brief(k)}; valid: {', '.join(sorted(into))}")
+        if isinstance(into[k], dict) and k not in flat:
+            if not isinstance(v, dict):
+                raise HawqError(f"{where}: setting {k!r} must be a mapping, not {brief(v)}; valid: a mapping of "
+                                f"{', '.join(sorted(into[k]))}")
+            merge_settings(into[k], v, f"{where}.{k}", ())
+        else:
+            into[k] = v
+
+
+BUDGET_RESOURCES = ("size", "bops", "latency")
+
+
+def check_budgets(budgets) -> None:
+    """run.yaml's `budgets`: {resource: [fraction r in [0, 1], ...]}."""
+    if not isinstance(budgets, dict):
+        raise HawqError(f"budgets: {brief(budgets)} is not valid; valid: a mapping such as {{size: [0.25, 0.5]}}")
+    for resource, values in budgets.items():
+        if resource not in BUDGET_RESOURCES:
+            raise HawqError(f"budgets: unknown resource {brief(resource)}; valid: {', '.join(BUDGET_RESOURCES)} "
+                            f"(fractions r in [0, 1])")
+        if not isinstance(values, list) or not all(FRACTION.ok(v) for v in values):
+            raise HawqError(f"budgets.{resource}: {brief(values)} is not valid; valid: a list of fractions from "
+                            f"0 to 1")

@@ -14,6 +14,8 @@ import json
 import shutil
 from pathlib import Path
 
+from hawq_ray.contract import HawqError
+
 CHECKPOINT_FILE = "state.pt"
 PROGRESS_FILE = "progress.json"
 
@@ -42,6 +44,21 @@ class TrialRecord:
         while rows and not (self.checkpoint(rows[-1]["epoch"]) / CHECKPOINT_FILE).is_file():
             rows.pop()
         return rows
+
+    def load_last(self, progress: list, load) -> dict:
+        """`load(path)` of the newest committed checkpoint. One that cannot be read is set aside (renamed
+        `.epoch_NNNN.unreadable`) before the error is raised, so the next run continues from the epoch before
+        it, or starts the trial over."""
+        epoch = progress[-1]["epoch"]
+        try:
+            return load(self.checkpoint(epoch) / CHECKPOINT_FILE)
+        except HawqError as e:
+            aside = self.folder / f".epoch_{epoch:04d}.unreadable"
+            shutil.rmtree(aside, ignore_errors=True)
+            self.checkpoint(epoch).rename(aside)
+            before = f"epoch {progress[-2]['epoch']}" if len(progress) > 1 else "the start"
+            raise HawqError(f"{e}; set aside as {aside.name}, so the next run continues this trial from "
+                            f"{before}") from None
 
     def commit(self, metrics: dict, save) -> None:
         """Write the checkpoint of epoch metrics['epoch'] by calling save(path_of_state_file), then record it."""

@@ -43,6 +43,7 @@ from hawq_ray.quant.finetune import (Recipe, calibrated, checked_split, finetune
                                      load_checkpoint, load_teacher, save_checkpoint, state_sha1, top1)
 
 RESULT_FILE = "finetune.parquet"
+RECORD_FORMAT = 2     # 2: checkpoint folders relative to the run folder (a finished experiment's table is reused)
 COLUMNS = ["config", "budget", "data", "size_mib", "gbops", "latency_ms", "lr", "weight_decay", "epochs", "top1_fp32",
            "top1_ptq", "top1", "loss", "test_loss", "start_epoch", "int_matches_qat", "checkpoint", "top1_best",
            "best_epoch", "best_checkpoint", "trial", "device", "error", "bits"]
@@ -120,7 +121,7 @@ def qat_trial(hp: dict, setup: dict) -> None:
         tune.report(done[-1])
         return
     if done:                                            # resumed: continue after the last committed epoch
-        state = load_checkpoint(record.checkpoint(done[-1]["epoch"]) / CHECKPOINT_FILE)
+        state = record.load_last(done, load_checkpoint)
         qm = prepare(model, bits, student.input_shape, student.table)
         qm.load_state_dict(state["model"])
         start, optimizer_state, extra = state["epoch"] + 1, state["optimizer"], state["extra"]
@@ -188,9 +189,12 @@ def tune_finetune(configs: pd.DataFrame, student: Student, data, source: DataSou
     grid = _fit(trials, setup, resources, settings, recipe, experiment)
     fp32_top1 = top1(float_predictions(_fp32_model(student), test), labels_of(test))
     label = f"{data.name} (synthetic)" if data.synthetic else data.name
-    errors = {r.config["trial"]: (str(r.error).splitlines() or [""])[0] for r in grid if r.error}
-    result = _result_table(trials, experiment, errors, configs, student.table, recipe, fp32_top1, label)
-    if not errors and len(grid) == len(trials):
+    errors = {r.config["trial"]: one_line_error(r.error) for r in grid if r.error}
+    errors.update({name: "the trial did not run (the experiment ended before it)"
+                   for name in trials if name not in {r.config["trial"] for r in grid}})
+    result = _result_table(trials, experiment, errors, configs, student.table, recipe, fp32_top1, label,
+                           Path(out).resolve())
+    if not errors:
         result.to_parquet(finished, index=False)
     result.to_parquet(Path(out) / RESULT_FILE, index=False)
     return result
@@ -288,16 +292,28 @@ def _fp32_model(student: Student):
 def _fingerprint(setup, settings: TuneSettings, teacher_spec) -> str:
     student = setup["student"]
     keyed = {k: v for k, v in setup.items() if k not in ("student", "teacher", "threads", "data")}
-    keyed.update(model=student.name, input_shape=list(student.input_shape), weights=state_sha1(student.state),
+    keyed.update(format=RECORD_FORMAT, model=student.name, input_shape=list(student.input_shape), weights=state_sha1(student.state),
                  data=[setup["data"].spec, setup["data"].seed], samples=settings.samples,
                  lr_range=list(settings.lr_range), asha=settings.asha,
                  teacher=str(teacher_spec) if setup["recipe"]["distill"] else None)
     return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
+
+
+def one_line_error(error) -> str:
+    """The line of a trial's error that says what went wrong (a traceback's last line, 300 characters at most),
+    without terminal codes."""
+    lines = [ln.strip() for ln in ANSI_ESCAPE.sub("", str(error)).splitlines() if ln.strip()]
+    line = lines[-1] if lines else type(error).__name__
+    return "".join(c for c in line if c.isprintable())[:300]
+
+
 def _result_table(trials: dict, experiment: Path, errors: dict, configs: pd.DataFrame, table: pd.DataFrame,
-                  recipe: Recipe, fp32_top1: float, data: str) -> pd.DataFrame:
-    """One row per trial, read from its TrialRecord (the last committed epoch and the best one)."""
+                  recipe: Recipe, fp32_top1: float, data: str, out: Path) -> pd.DataFrame:
+    """One row per trial, read from its TrialRecord (the last committed epoch and the best one); checkpoint
+    folders relative to `out`, where the run folder's readers resolve them."""
     by_id = configs.set_index("config")
     rows = []
     for name, spec in trials.items():
@@ -315,13 +331,18 @@ def _result_table(trials: dict, experiment: Path, errors: dict, configs: pd.Data
                      "top1": m.get("top1_int", math.nan), "loss": m.get("loss", math.nan),
                      "test_loss": m.get("test_loss", math.nan),
                      "start_epoch": m.get("start_epoch", 0), "int_matches_qat": m.get("int_matches_qat", math.nan),
-                     "checkpoint": str(record.checkpoint(m["epoch"])) if m else "", **_best_epoch(record, progress),
+                     "checkpoint": _relative(record.checkpoint(m["epoch"]), out) if m else "",
+                     **_best_epoch(record, progress, out),
                      "trial": name, "device": m.get("device", ""), "error": errors.get(name, ""),
                      "bits": dict(bits)})
     return pd.DataFrame(rows, columns=COLUMNS).sort_values(["config", "lr"], ignore_index=True)
 
 
-def _best_epoch(record: TrialRecord, progress: list) -> dict:
+def _relative(path: Path, out: Path) -> str:
+    return path.relative_to(out).as_posix()
+
+
+def _best_epoch(record: TrialRecord, progress: list, out: Path) -> dict:
     """The epoch with the highest integer top-1 (the earliest of ties) and its checkpoint, as HAWQ's training
     script keeps its best checkpoint; '' when that checkpoint was not kept."""
     scored = [m for m in progress if isinstance(m.get("top1_int"), (int, float))]
@@ -330,7 +351,7 @@ def _best_epoch(record: TrialRecord, progress: list) -> dict:
     best = max(scored, key=lambda m: (m["top1_int"], -m["epoch"]))
     path = record.checkpoint(best["epoch"])
     return {"top1_best": float(best["top1_int"]), "best_epoch": int(best["epoch"]),
-            "best_checkpoint": str(path) if path.is_dir() else ""}
+            "best_checkpoint": _relative(path, out) if path.is_dir() else ""}
 
 
 def best_per_config(result: pd.DataFrame) -> pd.DataFrame:

@@ -9,6 +9,9 @@ from hawq_ray.service.cli import print_json
 def register(sub) -> None:
     p = sub.add_parser("run", help="the whole job: traces -> latency -> sweep -> fine-tune -> TVM -> report")
     p.add_argument("--config", default=None, help="run.yaml (model, weights, data, budgets, actors, tune, ...)")
+    p.add_argument("--model", default=None,
+                   help="the model, over run.yaml's (a pytorchcv name, torchvision:NAME, or package.module:callable: "
+                        "user code, which a run.yaml may not name since it may come from someone else)")
     p.add_argument("--address", default=None, help="Ray address to join (default: start a local Ray)")
     p.add_argument("--out", default="runs/default", help="run folder (default runs/default); rerun to resume")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -24,7 +27,8 @@ def run_main(args) -> int:
     from hawq_ray.service.cli.common import fmt_table
     from hawq_ray.service.pipeline import load_config, run
     from hawq_ray.service.report import results_table
-    tables = run(load_config(args.config), args.out, address=args.address)
+    overrides = {"model": args.model} if args.model else {}
+    tables = run(load_config(args.config, overrides), args.out, address=args.address)
     results = results_table(Path(args.out))
     print(fmt_table(results))
     print(f"report: {args.out}/report.md")
