@@ -21,7 +21,8 @@ from hawq_ray.inputs.data import load_data
 from hawq_ray.contract import HawqError
 from hawq_ray.quant.finetune import fp32_weights, load_checkpoint
 from hawq_ray.quant.finetune import Recipe
-from hawq_ray.service.tune import COLUMNS, CHECKPOINT_FILE, TuneSettings, finetune_run
+from hawq_ray.service.trial_record import CHECKPOINT_FILE
+from hawq_ray.service.tune import COLUMNS, TuneSettings, finetune_run
 from hawq_ray.analysis.layers import layer_table
 from hawq_ray.inputs.models import get_model, input_shape
 from hawq_ray.program.executor import run_program

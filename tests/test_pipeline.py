@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from hawq_ray.contract import HawqError
-from hawq_ray.service.pipeline import STAGES, load_config
+from hawq_ray.service.pipeline import load_config
+from hawq_ray.service.stages import STAGES
 
 TINY = Path(__file__).parent / "data" / "tiny_run.yaml"
 TABLES = ("layers", "sensitivity", "latency", "sweep", "evidence", "finetune", "deploy", "export", "fake_vs_int")
@@ -163,7 +164,7 @@ def test_bad_run_config(tmp_path):
         load_config(bad)
     with pytest.raises(HawqError, match="no such file"):
         load_config(tmp_path / "missing.yaml")
-    assert STAGES[0] == "fp32" and load_config(TINY)["tune"]["epochs"] == 1
+    assert STAGES[0].name == "layers" and load_config(TINY)["tune"]["epochs"] == 1
     for bad_export, key in (("export: {onnx: 1}", "export.onnx"), ("export: {form: int16}", "export.form"),
                             ("export: {batches: 0}", "export.batches")):
         bad.write_text(bad_export + "\n")

@@ -19,7 +19,7 @@ from hawq_ray.service.pipeline import run
 TINY = {"budgets": {"bops": [0.5]}, "uniform": ["uniform4"], "fp32_epochs": 1, "sweep": {"draws": 2},
         "sensitivity": {"actors": 1, "batches": 1, "batch_size": 16, "max_iter": 2, "rank": 0},
         "profile": {"batch": 1, "rounds": 1}, "evidence": {"enabled": False}}
-BEFORE_SWEEP = ("layers", "sensitivity", "latency")
+BEFORE_SWEEP = ("layers", "sensitivity", "latency", "table")
 
 
 class SweepFinished(Exception):

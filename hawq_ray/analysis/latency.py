@@ -35,14 +35,11 @@ import pandas as pd
 
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.cost import config_costs
+from hawq_ray.contract.integrity import digest
 from hawq_ray.contract.table import BIT_WIDTHS, glue_col, lat_col
 
 CONFIGS = tuple(f"uniform{b}" for b in BIT_WIDTHS)   # the programs whose kernels give every layer's latency
 FORMAT = 2            # bump when what a cached latency means changes
-
-
-def digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -324,7 +321,7 @@ def latency_table(table: pd.DataFrame, plans: dict, ms: dict, lat32: dict | None
                 for b in BIT_WIDTHS:
                     out.loc[out.index[i], col(b)] = out.loc[out.index[i], col(int(f))]
     if lat32 is not None:
-        out["lat32_ms"] = [lat32[x] for x in layers]
+        out[lat_col(32)] = [lat32[x] for x in layers]
     return out
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from hawq_ray.contract import HawqError
+from hawq_ray.contract.table import delta_col, omega_col
 from hawq_ray.contract.cost import omega
 
 TRACE_COLUMNS = ["trace", "trace_stderr", "trace_samples", "trace_converged"]
@@ -365,9 +366,9 @@ def weight_deltas(model: nn.Module, layers: Sequence[str] | None = None, bits=(4
 
     folded = folded_weights(model)
     layers = list(layers) if layers is not None else list(folded)
-    rows = [{"layer": name, **{f"delta{b}": weight_perturbation(folded[name], b) for b in bits}}
+    rows = [{"layer": name, **{delta_col(b): weight_perturbation(folded[name], b) for b in bits}}
             for name in layers]
-    return pd.DataFrame(rows, columns=["layer", *[f"delta{b}" for b in bits]])
+    return pd.DataFrame(rows, columns=["layer", *map(delta_col, bits)])
 
 
 def sensitivity_columns(table: pd.DataFrame, traces: pd.DataFrame, deltas: pd.DataFrame) -> pd.DataFrame:
@@ -382,6 +383,6 @@ def sensitivity_columns(table: pd.DataFrame, traces: pd.DataFrame, deltas: pd.Da
         warnings.warn(f"negative Hessian trace estimate for {len(negative)} layer(s) ({', '.join(negative[:5])}): "
                       f"reported as is, treated as zero sensitivity", stacklevel=2)
     for b in (4, 8):
-        out[f"omega{b}"] = omega(out["trace"], out["params"], out[f"delta{b}"])
+        out[omega_col(b)] = omega(out["trace"], out["params"], out[delta_col(b)])
     out.attrs = {k: v for k, v in traces.attrs.items() if k != "samples"}
     return out

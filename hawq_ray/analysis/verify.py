@@ -132,14 +132,15 @@ def normalized_difference(x_fake: torch.Tensor, x_int: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def check_simulation(qmodel, x: torch.Tensor) -> tuple[dict, pd.DataFrame]:
-    """Run QAT simulation, the integer executor and fake quantization on `x`.
+def check_simulation(qmodel, x: torch.Tensor, program=None) -> tuple[dict, pd.DataFrame]:
+    """Run QAT simulation, the integer executor and fake quantization on `x`; the executor runs `program` (a saved
+    one, checked so against the simulation) or, by default, the model's own `to_integer()`.
 
     Returns a summary (differing output elements QAT vs integer, max |difference|) and a per-layer table:
     layer, bits, differing elements QAT vs integer, normalized difference of fake quantization against
     the integer executor at the layer's output (dequantized INT32 accumulator).
     """
-    program = qmodel.to_integer()
+    program = program if program is not None else qmodel.to_integer()
     mode = qmodel.mode
     try:
         qmodel.set_mode("qat")

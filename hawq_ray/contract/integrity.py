@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import secrets
 from pathlib import Path
@@ -16,6 +17,24 @@ from pathlib import Path
 from hawq_ray.contract.errors import HawqError
 
 KEY_ENV = "HAWQ_RAY_KEY_FILE"
+
+
+def digest(*parts) -> str:
+    """The SHA-256 of JSON-able parts (settings, tables as JSON, other digests): what a cached result's inputs
+    are recognized by. Not a signature (see `sign`)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def arrays_digest(named) -> str:
+    """A short SHA-256 of named arrays (a state dict's tensors, data batches), each by its name, dtype, shape and
+    bytes: what weights or data are recognized by."""
+    import numpy as np
+    h = hashlib.sha256()
+    for name, a in named:
+        a = np.ascontiguousarray(a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a))
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def file_sha256(path) -> str:

@@ -66,6 +66,7 @@ COLUMNS = {c.name: c for c in (
       for b in BIT_WIDTHS),
     Column("lat32_ms", "float64", "latency", "ms of the layer's torch fp32 module alone (the reference)"),
 )}
+LATENCY_COLUMNS = tuple(lat_col(b) for b in (*BIT_WIDTHS, 32))   # what the ILP's table takes from the latency stage
 STAGE_COLUMNS = {stage: [c.name for c in COLUMNS.values() if c.stage == stage]
                  for stage in dict.fromkeys(c.stage for c in COLUMNS.values())}
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -24,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from hawq_ray.contract import HawqError
+from hawq_ray.contract.integrity import arrays_digest
 from hawq_ray.contract.bits import parse_bits
 from hawq_ray.contract.cost import config_costs
 from hawq_ray.program.executor import run_program
@@ -279,10 +279,6 @@ def load_checkpoint(path) -> dict:
         raise HawqError(f"cannot load checkpoint {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
 
 
-def state_sha1(state: dict) -> str:
-    """A short digest of a state dict's tensors (identifies fp32 weights in a run's fingerprint)."""
-    h = hashlib.sha1()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
+def weights_digest(state: dict) -> str:
+    """What fp32 weights are recognized by in a run's fingerprints (`contract.integrity.arrays_digest`)."""
+    return arrays_digest(sorted(state.items()))

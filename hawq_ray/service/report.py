@@ -11,6 +11,7 @@ import pandas as pd
 from hawq_ray.analysis.verify import plot_fake_vs_int
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.bits import bits_of_cell
+from hawq_ray.contract.table import BIT_WIDTHS, LATENCY_COLUMNS, lat_col, omega_col
 from hawq_ray.service.outputs import write_atomic
 
 RESOURCE_LABELS = {"size_mib": "model size (MiB)", "gbops": "GBOPS", "latency_ms": "latency (ms, sum of layers)"}
@@ -44,8 +45,10 @@ def results_table(run_dir: Path) -> pd.DataFrame:
     return out
 
 
-def _confidence_section(sweep: pd.DataFrame) -> list:
+def confidence_section(run_dir: Path, sweep: pd.DataFrame, plots: Path) -> list:
     """Each ILP config's confidence and the layers whose bits flip under trace draws."""
+    if "confidence" not in sweep:
+        return []
     chosen = sweep[sweep["confidence"].notna()]
     if chosen.empty:
         return []
@@ -171,7 +174,7 @@ def plot_evidence(rows: pd.DataFrame, path: Path) -> Path:
     return _save(plt, fig, path)
 
 
-def _evidence_section(rows: pd.DataFrame, plots: Path) -> list:
+def evidence_section(run_dir: Path, rows: pd.DataFrame, plots: Path) -> list:
     from hawq_ray.analysis.evidence import omega_kl_correlation, standing
     rho, n = omega_kl_correlation(rows)
     plot_evidence(rows, plots / "evidence.png")
@@ -192,11 +195,12 @@ def plot_bits_vs_sensitivity(table: pd.DataFrame, configs: pd.DataFrame, path: P
     n = len(configs)
     fig, axes = plt.subplots(n, 1, figsize=(max(8, 0.35 * len(table)), 2.6 * n), squeeze=False)
     x = np.arange(1, len(table) + 1)
-    sens = (table["omega4"] - table["omega8"]).to_numpy(float)
+    low, high = min(BIT_WIDTHS), max(BIT_WIDTHS)
+    sens = (table[omega_col(low)] - table[omega_col(high)]).to_numpy(float)
     sens = sens / np.nanmax(np.abs(sens)) if np.nanmax(np.abs(sens)) > 0 else sens
     speed = None
-    if {"lat4_ms", "lat8_ms"} <= set(table.columns) and table["lat8_ms"].notna().all():
-        gain = (table["lat8_ms"] - table["lat4_ms"]).to_numpy(float)
+    if {lat_col(low), lat_col(high)} <= set(table.columns) and table[lat_col(high)].notna().all():
+        gain = (table[lat_col(high)] - table[lat_col(low)]).to_numpy(float)
         total = gain.sum()
         speed = gain / total if total > 0 else gain
     for ax, (_, row) in zip(axes[:, 0], configs.iterrows()):
@@ -249,7 +253,7 @@ def _shown(results: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _failed_section(finetuned: pd.DataFrame) -> list:
+def failed_section(run_dir: Path, finetuned: pd.DataFrame, plots: Path) -> list:
     """The fine-tuning trials that failed, each with its one-line reason: nothing of theirs was deployed, and the
     next run retries them."""
     failed = finetuned[finetuned["error"] != ""] if "error" in finetuned else finetuned.iloc[:0]
@@ -278,16 +282,41 @@ def _latency_notes(results: pd.DataFrame) -> list:
     return lines
 
 
-def write_report(run_dir) -> Path:
+def layer_section(run_dir: Path, table: pd.DataFrame, plots: Path) -> list:
+    """Figure I.1 (bits per layer against sensitivity and INT4 speed-up) and the layer table."""
+    sweep = _read(run_dir, "sweep")
+    if sweep is None or not {omega_col(b) for b in BIT_WIDTHS} <= set(table.columns):
+        return []
+    plot_bits_vs_sensitivity(table, sweep, plots / "bits_vs_sensitivity.png")
+    show = [c for c in ["layer", "params", "macs", "trace", "trace_stderr", *map(omega_col, BIT_WIDTHS),
+                        *LATENCY_COLUMNS] if c in table.columns]
+    return ["## Bits per layer, sensitivity and INT4 speed-up (Figure I.1)", "",
+            "![bits](plots/bits_vs_sensitivity.png)", "", "## Layer table", "", _md(table[show]), ""]
+
+
+def export_section(run_dir: Path, exported: pd.DataFrame, plots: Path) -> list:
+    return ["## ONNX export (QDQ)", "", "Each config as an ONNX model with QuantizeLinear / DequantizeLinear "
+            "pairs, run in onnxruntime on the held-out split and compared with the integer executor: "
+            "top-1 agreement and the logit difference in units of the output scale. ONNX rounds with "
+            "float scales where the program uses dyadic integers, so these differ slightly "
+            "(docs/design.md, \"ONNX export\").", "", _md(exported), ""]
+
+
+def fake_vs_int_section(run_dir: Path, fvi: pd.DataFrame, plots: Path) -> list:
+    plot_fake_vs_int(fvi, plots / "fake_vs_int.png", "Fake vs integer-only quantization by layer (HAWQ-V3 Figure G.1)")
+    return ["## Fake vs integer-only quantization (Figure G.1)", "", "![G.1](plots/fake_vs_int.png)", ""]
+
+
+def write_report(run_dir, sections=()) -> Path:
+    """report.md of a run folder: the results and their Pareto fronts, then `sections` [(table name,
+    writer(run_dir, table, plots) -> markdown lines)] for each table the folder holds
+    (`service.stages.report_sections()` for a `hawq-ray run` folder)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise HawqError(f"run folder {run_dir} does not exist")
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     results = results_table(run_dir)
-    table = _read(run_dir, "table")
-    sweep = _read(run_dir, "sweep")
-    fvi = _read(run_dir, "fake_vs_int")
     parts = ["# hawq-ray run report", "", f"Run folder: `{run_dir}`", ""]
     cfg = run_dir / "run.json"
     if cfg.is_file():
@@ -298,29 +327,10 @@ def write_report(run_dir) -> Path:
               "`tvm_differing` counts output elements where the compiled TVM module differs from the integer "
               "executor (must be 0).", "", _md(_shown(results)), ""]
     parts += _latency_notes(results)
-    parts += _failed_section(_read(run_dir, "finetune"))
     plot_pareto(results, plots / "pareto.png")
     parts += ["## Pareto fronts", "", "![Pareto fronts](plots/pareto.png)", ""]
-    if sweep is not None and "confidence" in sweep:
-        parts += _confidence_section(sweep)
-    evidence = _read(run_dir, "evidence")
-    if evidence is not None and not evidence.empty:
-        parts += _evidence_section(evidence, plots)
-    if table is not None and sweep is not None and {"omega4", "omega8"} <= set(table.columns):
-        plot_bits_vs_sensitivity(table, sweep, plots / "bits_vs_sensitivity.png")
-        parts += ["## Bits per layer, sensitivity and INT4 speed-up (Figure I.1)", "",
-                  "![bits](plots/bits_vs_sensitivity.png)", ""]
-        show = [c for c in ["layer", "params", "macs", "trace", "trace_stderr", "omega4", "omega8", "lat4_ms",
-                            "lat8_ms", "lat32_ms"] if c in table.columns]
-        parts += ["## Layer table", "", _md(table[show]), ""]
-    exported = _read(run_dir, "export")
-    if exported is not None and not exported.empty:
-        parts += ["## ONNX export (QDQ)", "", "Each config as an ONNX model with QuantizeLinear / DequantizeLinear "
-                  "pairs, run in onnxruntime on the held-out split and compared with the integer executor: "
-                  "top-1 agreement and the logit difference in units of the output scale. ONNX rounds with "
-                  "float scales where the program uses dyadic integers, so these differ slightly "
-                  "(docs/design.md, \"ONNX export\").", "", _md(exported), ""]
-    if fvi is not None and not fvi.empty:
-        plot_fake_vs_int(fvi, plots / "fake_vs_int.png", "Fake vs integer-only quantization by layer (HAWQ-V3 Figure G.1)")
-        parts += ["## Fake vs integer-only quantization (Figure G.1)", "", "![G.1](plots/fake_vs_int.png)", ""]
+    for name, section in sections:
+        table = _read(run_dir, name)
+        if table is not None and not table.empty:
+            parts += section(run_dir, table, plots)
     return write_atomic(run_dir / "report.md", "\n".join(parts))

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import re
@@ -37,10 +35,11 @@ import torch
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.bits import budget_cell, read_configs
 from hawq_ray.contract.cost import config_costs
-from hawq_ray.service.trial_record import CHECKPOINT_FILE, TrialRecord
+from hawq_ray.contract.integrity import digest
+from hawq_ray.service.trial_record import TrialRecord
 from hawq_ray.quant.finetune import (Recipe, calibrated, checked_split, finetune_epochs, float_predictions,
                                      fp32_weights, integer_logits, integer_predictions, labels_of, limited,
-                                     load_checkpoint, load_teacher, save_checkpoint, state_sha1, top1)
+                                     load_checkpoint, load_teacher, save_checkpoint, weights_digest, top1)
 
 RESULT_FILE = "finetune.parquet"
 RECORD_FORMAT = 2     # 2: checkpoint folders relative to the run folder (a finished experiment's table is reused)
@@ -292,11 +291,11 @@ def _fp32_model(student: Student):
 def _fingerprint(setup, settings: TuneSettings, teacher_spec) -> str:
     student = setup["student"]
     keyed = {k: v for k, v in setup.items() if k not in ("student", "teacher", "threads", "data")}
-    keyed.update(format=RECORD_FORMAT, model=student.name, input_shape=list(student.input_shape), weights=state_sha1(student.state),
+    keyed.update(format=RECORD_FORMAT, model=student.name, input_shape=list(student.input_shape), weights=weights_digest(student.state),
                  data=[setup["data"].spec, setup["data"].seed], samples=settings.samples,
                  lr_range=list(settings.lr_range), asha=settings.asha,
                  teacher=str(teacher_spec) if setup["recipe"]["distill"] else None)
-    return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return digest(keyed)[:10]
 
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")

@@ -40,7 +40,8 @@ def run_main(args) -> int:
 
 def run_report(args) -> int:
     from hawq_ray.service.report import write_report
-    path = write_report(args.run_dir)
+    from hawq_ray.service.stages import report_sections
+    path = write_report(args.run_dir, report_sections())
     print(f"report: {path}")
     if args.json:
         print_json({"report": str(path)})

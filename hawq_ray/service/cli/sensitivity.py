@@ -5,8 +5,6 @@ the seed and the settings: a second identical call reads the cache and returns a
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import sys
 import time
@@ -15,9 +13,12 @@ from hawq_ray.service.cli import print_json
 from hawq_ray.service.cli.common import add_model_args, data_note, fmt_table, resolve
 from hawq_ray.analysis.sensitivity import DEFAULT_RANK
 from hawq_ray.contract import HawqError
+from hawq_ray.contract.integrity import arrays_digest, digest
+from hawq_ray.contract.table import BIT_WIDTHS, delta_col, omega_col
 from hawq_ray.service.settings import ACTORS, BATCH, COUNT, ITERATIONS, RANK, SEED, TOLERANCE, Int
 
-SHOWN = ["layer", "params", "trace", "trace_stderr", "trace_converged", "delta4", "delta8", "omega4", "omega8"]
+SHOWN = ["layer", "params", "trace", "trace_stderr", "trace_converged", *map(delta_col, BIT_WIDTHS),
+         *map(omega_col, BIT_WIDTHS)]
 
 
 def register(sub) -> None:
@@ -40,16 +41,9 @@ def register(sub) -> None:
 
 
 def traces_cache_key(model, batches, settings: dict) -> str:
-    """SHA-256 of the weights (state dict in key order), the data tensors and the settings."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    for x, y in batches:
-        h.update(x.contiguous().numpy().tobytes())
-        h.update(y.contiguous().numpy().tobytes())
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    return h.hexdigest()
+    """The digest of the weights, the data tensors and the settings."""
+    data = [(f"{k}{part}", t) for k, (x, y) in enumerate(batches) for part, t in (("x", x), ("y", y))]
+    return digest(arrays_digest(sorted(model.state_dict().items())), arrays_digest(data), settings)
 
 
 def trace_progress_bar(total: int):
