@@ -43,7 +43,7 @@ def trained(name: str, seed: int, cache: Path):
 
 
 def sensitivity(model, shape, data, max_iter: int, shards: int):
-    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.quant.layers import layer_table
     from hawq_ray.analysis.sensitivity import layer_traces, sensitivity_columns, weight_deltas
     from hawq_ray.inputs.data import batches
 
@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from hawq_ray.service.session import connect
+    connect(num_cpus=2)
     try:
         for name in args.models.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):

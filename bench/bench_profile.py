@@ -99,7 +99,7 @@ def main() -> int:
     sys.path.insert(0, str(HERE))
     from deploy_latency import mixed_bits
 
-    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.quant.layers import layer_table
     from hawq_ray.inputs.models import get_model, input_shape
     model = get_model(args.model)
     mixed = mixed_bits(layer_table(model, tuple(input_shape(model))))

@@ -93,11 +93,12 @@ def actors_speedup(model, batch_size: int, shards: int, iters: int):
     from actors.hessian import actor_layer_traces
 
     from hawq_ray.inputs.models import input_shape, num_classes
+    from hawq_ray.service.session import connect
 
     gen = torch.Generator().manual_seed(1)
     data = [(torch.randn(batch_size, *input_shape(model), generator=gen),
              torch.randint(0, num_classes(model), (batch_size,), generator=gen)) for _ in range(shards)]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    connect(num_cpus=2)
     out = {}
     try:
         for n in (1, 2, 1, 2):

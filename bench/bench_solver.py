@@ -1,5 +1,5 @@
 """Solver speed against the issue-4 bars: one 52-layer solve (ResNet50, HAWQ-V3's published table) under 100 ms
-median including CBC; a 100-budget sweep under 10 s on 2 cores (in-process, and as Ray tasks on ray.init(num_cpus=2)).
+median including CBC; a 100-budget sweep under 10 s on 2 cores (in-process, and as Ray tasks on a local Ray of 2 CPUs).
 
     python bench/bench_solver.py [--repeats 30] [--no-ray]
 """
@@ -48,9 +48,10 @@ def main() -> None:
                      "< 10 s on 2 cores"))
     if not args.no_ray:
         import ray
+        from hawq_ray.service.session import connect
         start = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        rows.append(("ray.init(num_cpus=2)", f"{time.perf_counter() - start:.2f} s", "(not part of the sweep)"))
+        connect(num_cpus=2)
+        rows.append(("a local Ray (connect, 2 CPUs)", f"{time.perf_counter() - start:.2f} s", "(not part of the sweep)"))
         for name, g in (("sweep 100 bops budgets", grid), ("sweep 10x10 bops x latency", cross)):
             start = time.perf_counter()
             s = sweep_budgets(table, g)

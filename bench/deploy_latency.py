@@ -149,7 +149,7 @@ def tvm_model(model, shape, bits, batch, calib, verify):
 
 def hawq_onnx(model, shape, bits, x, calib, form, workdir):
     """The config exported by hawq-ray as ONNX QDQ (`hawq-ray export`), run in onnxruntime."""
-    from hawq_ray.deploy.qdq import export_onnx, onnx_session
+    from hawq_ray.onnx.export import export_onnx, onnx_session
     from hawq_ray.quant.qat import prepare
     program = prepare(model, bits, shape).calibrate([c[:2] for c in calib[:2]]).to_integer()
     path = os.path.join(workdir, f"hawq_{bits}_{form}.onnx")
@@ -160,7 +160,7 @@ def hawq_onnx(model, shape, bits, x, calib, form, workdir):
 
 
 def bench_model(name, batch, rounds, verify, configs, calls=3, pause=0.05):
-    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.quant.layers import layer_table
     from hawq_ray.inputs.models import get_model, input_shape
     torch.manual_seed(0)
     model = get_model(name).eval()

@@ -23,20 +23,20 @@ def main():
     args = ap.parse_args()
 
     import pandas as pd
-    import ray
     from hawq_ray.inputs.data import batches, load_data
     from hawq_ray.quant.finetune import fp32_weights
     from hawq_ray.quant.finetune import Recipe
     from hawq_ray.service.tune import TuneSettings, best_per_config, finetune_run
-    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.quant.layers import layer_table
     from hawq_ray.inputs.models import input_shape
     from hawq_ray.analysis.sensitivity import layer_traces, sensitivity_columns, weight_deltas
+    from hawq_ray.service.session import connect
     from solver.sweep import budget_grid, parse_axis, sweep_budgets
 
     import torch
     torch.set_num_threads(1)     # traces in this process: one thread is much faster on a shared 2-core machine
     out = Path(args.out)
-    ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
+    connect(num_cpus=os.cpu_count())
     t0 = time.perf_counter()
     shape = input_shape()
     data = load_data("digits", input_shape=shape)

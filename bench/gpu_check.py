@@ -53,7 +53,7 @@ def torch_timer(model, x, device):
 
 def tvm_modules(model, shape, args, target):
     """{config: (compiled model, seconds to compile, differing elements against the integer executor)}."""
-    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.quant.layers import layer_table
     from hawq_ray.deploy import compile_program
     from hawq_ray.program.executor import run_program
     from hawq_ray.quant.qat import prepare

@@ -54,7 +54,7 @@ def model_and_shape(name: str, size: int | None):
 
 
 def mixed_bits(model, shape, seed=0):
-    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.quant.layers import layer_table
     table = layer_table(model, shape)
     rng = np.random.default_rng(seed)
     by_group, bits = {}, {}
@@ -67,7 +67,7 @@ def mixed_bits(model, shape, seed=0):
 
 
 def main(argv=None):
-    from hawq_ray.deploy.qdq import check_onnx, export_onnx
+    from hawq_ray.onnx.export import check_onnx, export_onnx
     from hawq_ray.quant.qat import prepare
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="digits_resnet,resnet20_cifar10,resnet18,resnet50,inceptionv3")

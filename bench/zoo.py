@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from hawq_ray.analysis.layers import layer_table
+from hawq_ray.quant.layers import layer_table
 from hawq_ray.analysis.verify import check_compiled, check_simulation
 from hawq_ray.contract import HawqError
 from hawq_ray.inputs.models import get_model

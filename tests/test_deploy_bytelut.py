@@ -13,7 +13,7 @@ import pytest
 from hawq_ray.deploy.layer import build_layer_kernel, run_kernel
 from hawq_ray.deploy.target import capabilities, parse_target
 from hawq_ray.program.program import Op
-from test_deploy_reference import ref_requantize
+from numpy_reference import ref_requantize
 
 HOST_VBMI = "avx512vbmi" in open("/proc/cpuinfo").read().split()
 GENERIC = {"kind": "llvm", "mcpu": "skylake"}          # no VBMI: the lane-by-lane table read

@@ -11,32 +11,16 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 from hawq_ray.deploy import compile_program
 from hawq_ray.analysis.verify import compare_values, first_divergence
 from hawq_ray.program.executor import run_program
 from hawq_ray.quant.qat import prepare
+from small_models import ConcatThenConv
 
 HOST = "llvm"
 GENERIC = {"kind": "llvm", "mcpu": "skylake"}      # AVX2 only: the generic schedule on any x86 host
 TARGETS = [pytest.param(HOST, id="host"), pytest.param(GENERIC, id="generic")]
-
-
-class ConcatThenConv(nn.Module):
-    """concat -> conv -> relu -> global pool -> fc; `width` channels per branch, `k` the conv's window."""
-
-    def __init__(self, width=16, k=1, out=24):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 16, 3, 2)
-        self.e1, self.e3 = nn.Conv2d(16, width, 1), nn.Conv2d(16, width, 3, padding=1)
-        self.c2 = nn.Conv2d(2 * width, out, k, padding=k // 2)
-        self.g, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(out, 10)
-
-    def forward(self, x):
-        y = torch.relu(self.c1(x))
-        y = torch.cat([torch.relu(self.e1(y)), torch.relu(self.e3(y))], 1)
-        return self.fc(torch.flatten(self.g(torch.relu(self.c2(y))), 1))
 
 
 def mixed_bits(qm_layers, seed=0):
@@ -48,7 +32,7 @@ def mixed_bits(qm_layers, seed=0):
 def lowered(model, bits, shape, seed=0):
     torch.manual_seed(seed)
     if bits == "mixed":
-        from hawq_ray.analysis.layers import layer_table
+        from hawq_ray.quant.layers import layer_table
         bits = mixed_bits(list(layer_table(model, shape)["layer"]), seed)
     qm = prepare(model, bits, shape).calibrate([torch.randn(4, *shape) for _ in range(2)])
     return qm.to_integer()

@@ -7,7 +7,7 @@ import numpy as np
 
 from hawq_ray.deploy.folds import fold_clamps
 from hawq_ray.program.program import Op
-from test_deploy_reference import ref_requantize
+from numpy_reference import ref_requantize
 
 C = 8
 

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from hawq_ray.deploy import compile_program, export_model, load_model, parse_target
-from hawq_ray.deploy.graph import merge_equal_requantizes, plan_groups, plan_kernels, requantize_before_max_pool
+from hawq_ray.deploy.graph import conv_pools, plan_groups, plan_kernels
 from hawq_ray.analysis.verify import compare, compare_batches, random_inputs
 from hawq_ray.contract import HawqError
 from hawq_ray.program.program import IntegerProgram, Op
-from test_deploy_reference import apply_op, make_program, run_reference
+from hawq_ray.program.rewrites import merge_equal_requantizes, requantize_before_max_pool
+from numpy_reference import apply_op, make_program, run_reference
 
 GENERIC = {"kind": "llvm", "mcpu": "skylake"}
 
@@ -98,7 +99,8 @@ def test_requantize_moves_before_a_max_pool_that_reads_no_conv():
     assert np.array_equal(x["original"], x["moved"]) and 0 < x["moved"].max()
     conv = Op("conv2d", ["x"], "c", dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1),
               dict(weight=np.ones((2, 2, 1, 1), np.int8)))
-    assert requantize_before_max_pool([conv, *ops[1:]], "out", {"q1", "q2"}) == [conv, *ops[1:]]
+    after_conv = [conv, *ops[1:]]
+    assert requantize_before_max_pool(after_conv, "out", {"q1", "q2"}, conv_pools(after_conv)) == after_conv
 
 
 def test_equal_requantizes_of_one_value_are_computed_once():

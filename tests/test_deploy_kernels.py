@@ -19,7 +19,7 @@ from hawq_ray.deploy.target import capabilities
 from hawq_ray.deploy.layer import build_layer_kernel, run_kernel, time_kernel
 from hawq_ray.program.dyadic import dyadic
 from hawq_ray.program.program import Op
-from test_deploy_reference import apply_op, ref_requantize
+from numpy_reference import apply_op, ref_requantize
 
 HOST = parse_target("llvm")
 GENERIC = parse_target({"kind": "llvm", "mcpu": "skylake"})   # AVX2 only: the generic schedule

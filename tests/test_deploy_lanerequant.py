@@ -15,7 +15,7 @@ from hawq_ray.deploy.layer import run_kernel
 from hawq_ray.deploy.target import capabilities, parse_target
 from hawq_ray.deploy import layout
 from hawq_ray.program.program import Op
-from test_deploy_reference import ref_requantize
+from numpy_reference import ref_requantize
 
 HOST = parse_target("llvm")
 

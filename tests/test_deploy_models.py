@@ -10,7 +10,7 @@ import torch
 
 from hawq_ray.deploy import compile_program
 from hawq_ray.analysis.verify import compare_batches
-from hawq_ray.analysis.layers import layer_table
+from hawq_ray.quant.layers import layer_table
 from hawq_ray.inputs.models import get_model, input_shape
 from hawq_ray.program.executor import run_program
 from hawq_ray.quant.qat import prepare

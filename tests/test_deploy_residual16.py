@@ -3,7 +3,7 @@ an INT16 tensor.
 
 A residual whose two branches nearly cancel has a sum whose range is a fraction of each branch's, so on the
 sum's 16-bit scale the branches saturate. Here the QAT simulation, the PyTorch integer executor, a numpy
-recomputation of the program (`test_deploy_reference.run_reference`) and the TVM module agree on every
+recomputation of the program (`numpy_reference.run_reference`) and the TVM module agree on every
 element while they do, and the module stores the branch that one conv writes and the next one adds as int16.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from hawq_ray.deploy.graph import plan_kernels
 from hawq_ray.deploy.target import parse_target
 from hawq_ray.program.executor import run_program
 from hawq_ray.quant.qat import prepare
-from test_deploy_reference import ref_requantize, run_reference
+from numpy_reference import ref_requantize, run_reference
 
 SHAPE = (3, 16, 16)
 INT16 = (-(1 << 15), (1 << 15) - 1)

@@ -16,7 +16,7 @@ from scipy import stats
 from hawq_ray.analysis.evidence import logit_metrics, omega_kl_correlation, ranks, spearman, standing
 from solver.alternatives import filled_allocation, random_allocations, reversed_allocation
 from solver.ilp import BudgetError, ilp_inputs
-from test_solver_ilp import definition_limits, random_table
+from solver_tables import definition_limits, random_table
 
 
 def layer_bits(t, units, widths):
@@ -135,7 +135,7 @@ def local_ray():
 
 def test_every_distinct_config_is_evaluated_once_in_ray_workers(tmp_path, local_ray):
     from hawq_ray.analysis.evidence import evaluate_bits
-    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.quant.layers import layer_table
     from hawq_ray.analysis.sensitivity import weight_deltas
     from hawq_ray.inputs.data import load_data
     from hawq_ray.inputs.models import input_shape
@@ -171,7 +171,7 @@ def test_every_distinct_config_is_evaluated_once_in_ray_workers(tmp_path, local_
 def test_validate_cli_prints_the_standing_and_writes_every_row(tmp_path):
     import subprocess
     import sys
-    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.quant.layers import layer_table
     from hawq_ray.analysis.sensitivity import weight_deltas
     from hawq_ray.inputs.data import load_data
     from hawq_ray.inputs.models import input_shape

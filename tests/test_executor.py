@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hawq_ray.program.executor import run_op
 from hawq_ray.program.integer import FLOAT32_EXACT, FLOAT64_EXACT, exact_dtype, int_matmul
 from hawq_ray.program.program import Op
-from test_deploy_reference import ref_conv2d
+from numpy_reference import ref_conv2d
 
 
 def test_exact_dtype_follows_the_bound():

@@ -1,4 +1,4 @@
-"""ONNX QDQ export (`hawq_ray.deploy.qdq`, `hawq-ray export`): onnx.checker in full, onnxruntime against the
+"""ONNX QDQ export (`hawq_ray.onnx`, `hawq-ray export`): onnx.checker in full, onnxruntime against the
 integer executor (top-1 on the default model's held-out split, every value's codes on models holding every
 op), the graph's constants against the program's, INT4 storage, the CLI and its bad input."""
 from __future__ import annotations
@@ -16,14 +16,14 @@ from onnx import numpy_helper
 from torch import nn
 import torch.nn.functional as F
 
-from hawq_ray.analysis.layers import layer_table
-from hawq_ray.deploy.qdq import check_onnx, check_values, export_onnx, onnx_session
+from hawq_ray.quant.layers import layer_table
 from hawq_ray.inputs.data import load_data
 from hawq_ray.inputs.models import input_shape
+from hawq_ray.onnx.export import check_onnx, check_values, export_onnx, onnx_session
 from hawq_ray.program.executor import run_program
 from hawq_ray.quant.finetune import fp32_weights
 from hawq_ray.quant.qat import prepare
-from test_zoo import SqueezeExcite
+from small_models import SqueezeExcite
 
 SHAPE = input_shape()
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

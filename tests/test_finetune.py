@@ -15,7 +15,7 @@ from hawq_ray.contract import HawqError
 from hawq_ray.contract.bits import parse_bits
 from hawq_ray.quant.finetune import (Recipe, calibrated, distillation_loss, finetune, finetune_epochs, fp32_weights,
                                      limited, load_checkpoint, load_teacher, save_checkpoint)
-from hawq_ray.analysis.layers import layer_table
+from hawq_ray.quant.layers import layer_table
 from hawq_ray.inputs.models import input_shape
 from hawq_ray.program.executor import run_program
 from hawq_ray.quant.qat import prepare
@@ -139,6 +139,19 @@ def test_resumed_training_equals_uninterrupted(trained, data, tmp_path):
     assert epochs == [1]
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, rtol=0, atol=1e-6), k
+
+
+def test_diverging_fine_tuning_is_one_line_naming_the_learning_rate(trained, data):
+    """A learning rate that blows the weights up ends in one line that says so and names the rate, not in an
+    error about a NaN dyadic multiplier deep in the QAT interpreter."""
+    _, model, _, _ = trained
+    train = limited(data.train, 256)
+    recipe = Recipe(lr=1e4, epochs=3, batch_size=64, calib_batches=1)
+    qm = calibrated(model, parse_bits("uniform8", layer_table(model, SHAPE)), train, recipe, SHAPE)
+    with pytest.raises(HawqError, match="lower the learning rate") as e:
+        list(finetune_epochs(qm, train, recipe))
+    assert "diverged" in str(e.value) or "not finite" in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 def test_checkpoint_that_would_run_code_is_refused(tmp_path):

@@ -16,14 +16,14 @@ import ray
 import torch
 
 from hawq_ray.service.cli import finetune as finetune_cli
-from test_run_folder import as_from_a_terminal
+from child_processes import as_from_a_terminal
 from hawq_ray.inputs.data import load_data
 from hawq_ray.contract import HawqError
 from hawq_ray.quant.finetune import fp32_weights, load_checkpoint
 from hawq_ray.quant.finetune import Recipe
 from hawq_ray.service.trial_record import CHECKPOINT_FILE
 from hawq_ray.service.tune import COLUMNS, TuneSettings, finetune_run
-from hawq_ray.analysis.layers import layer_table
+from hawq_ray.quant.layers import layer_table
 from hawq_ray.inputs.models import get_model, input_shape
 from hawq_ray.program.executor import run_program
 from hawq_ray.quant.qat import prepare

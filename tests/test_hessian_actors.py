@@ -12,7 +12,7 @@ import torch
 from actors.hessian import actor_layer_traces
 from actors.resources import actor_device, actor_options
 from hawq_ray.contract import HawqError
-from test_sensitivity_helpers import exact_block_traces, tiny_batches, tiny_model
+from sensitivity_models import exact_block_traces, tiny_batches, tiny_model
 
 SETTINGS = dict(tol=0.05, max_iter=200, min_iter=8, block=4, seed=3)
 

@@ -9,7 +9,7 @@ from ray.cluster_utils import Cluster
 
 from actors.hessian import actor_layer_traces
 from hawq_ray.analysis.sensitivity import layer_traces
-from test_sensitivity_helpers import exact_block_traces, tiny_batches, tiny_model
+from sensitivity_models import exact_block_traces, tiny_batches, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -322,7 +322,7 @@ def calibrated_random(model, bits, shape):
 def test_every_constant_of_the_mobile_ops_is_the_papers(bits):
     """Depthwise and grouped convs, ReLU6 and clamp bounds, hardswish / SiLU / sigmoid / hardsigmoid tables,
     squeeze-excite's products, a pre-activation BN's affine, a concat, `.mean()`."""
-    from test_zoo import SHAPE, SqueezeExcite
+    from small_models import SHAPE, SqueezeExcite
     torch.manual_seed(0)
     model = SqueezeExcite().eval()
     _, checked, kinds = assert_constants_match(model, calibrated_random(model, bits, SHAPE), SHAPE)
@@ -342,7 +342,7 @@ def test_every_constant_of_the_shuffle_ops_is_the_papers(bits):
 def test_every_constant_of_a_concat_model_is_the_papers():
     """A conv reading a concatenation (SqueezeNet's fire module): each concat branch requantized to the concat's
     scale (eq. 18), plus the plain convs with biases and no BN."""
-    from test_deploy_concat import ConcatThenConv
+    from small_models import ConcatThenConv
     torch.manual_seed(0)
     model = ConcatThenConv(width=16, k=3).eval()
     qm = prepare(model, "uniform8", (3, 16, 16))

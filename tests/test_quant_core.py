@@ -8,7 +8,7 @@ from torch import nn
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.bits import parse_bits
 from hawq_ray.contract.cost import config_costs
-from hawq_ray.analysis.layers import layer_table
+from hawq_ray.quant.layers import layer_table
 from hawq_ray.inputs.models import get_model, input_shape
 from hawq_ray.quant.fold import fold_bn
 from hawq_ray.quant.qat import prepare

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hawq_ray.analysis.layers import layer_table
+from hawq_ray.quant.layers import layer_table
 from hawq_ray.inputs.models import get_model, input_shape
 from hawq_ray.program.executor import FloatTensorError, run_program
 from hawq_ray.quant.qat import prepare

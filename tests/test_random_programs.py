@@ -22,7 +22,7 @@ from hawq_ray.program.random import NARROWED, OPS, PAIRS, random_program
 from hawq_ray.analysis.verify import compare_values, first_divergence
 from hawq_ray.program.executor import run_program
 from hawq_ray.program.program import Op
-from test_deploy_reference import run_reference
+from numpy_reference import run_reference
 
 N_PROGRAMS = max(216, len(PAIRS))
 GENERIC = {"kind": "llvm", "mcpu": "skylake"}

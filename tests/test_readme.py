@@ -150,7 +150,7 @@ def test_stage_snippet_integers_approximate_the_float_model(stage):
 def test_layer_table_and_costs_are_hand_counts(stage):
     """layer_table of the default model against its modules and torch's FLOP counter; config_costs of the
     snippet's config against size = sum(params * bits) / 8 / 2^20 MiB and BOPS = sum(MACs * b * b) / 1e9."""
-    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.quant.layers import layer_table
     from hawq_ray.contract.cost import config_costs
     model, shape, program = stage["model"], stage["shape"], stage["program"]
     order, params, macs = hand_counts(model, shape)
@@ -201,7 +201,7 @@ def test_solve_bits_meets_its_budget_and_is_optimal_by_brute_force(stage):
     """solve_bits on the default model's table with made-up Omegas: for each fraction r the config it returns
     keeps the searchable layers' size (BOPS) within R4 + r (R8 - R4) computed here, keeps grouped layers together
     and the first/last at 8, and its sum Omega is the least of every config that fits (all 2^units tried)."""
-    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.quant.layers import layer_table
     from solver.ilp import solve_bits
     model, shape = stage["model"], stage["shape"]
     order, params, macs = hand_counts(model, shape)

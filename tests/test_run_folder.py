@@ -12,18 +12,13 @@ from pathlib import Path
 import pytest
 
 from hawq_ray.contract import HawqError
-from hawq_ray.deploy.qdq import FORMS
+from hawq_ray.onnx.qdq import FORMS
 from hawq_ray.service.outputs import run_folder_lock, writable_file, writable_folder
 from hawq_ray.service.pipeline import RUN_SCHEMA, load_config
 from hawq_ray.service.settings import fits_in_memory
+from child_processes import as_from_a_terminal
 
 TINY = Path(__file__).parent / "data" / "tiny_run.yaml"
-
-
-def as_from_a_terminal():
-    """Ctrl-C's default action in the child, whatever this process inherited: a shell that starts a job in the
-    background makes it (and so its children) ignore SIGINT."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def hawq(*args):

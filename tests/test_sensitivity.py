@@ -14,7 +14,7 @@ from hawq_ray.contract import HawqError
 from hawq_ray.contract.cost import omega
 from hawq_ray.analysis.sensitivity import (layer_traces, merge_samples, orthonormal_rows, rademacher,
                                            sensitivity_columns, shard_weights, subspace_block_traces, weight_deltas)
-from test_sensitivity_helpers import exact_block_traces, tiny_batches, tiny_model
+from sensitivity_models import exact_block_traces, tiny_batches, tiny_model
 
 LAYERS = ["0", "2", "6"]
 

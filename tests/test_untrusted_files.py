@@ -12,7 +12,7 @@ import pytest
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.integrity import file_sha256, sign, signed, user_key
 from hawq_ray.deploy import compile_program, export_model, load_model
-from test_deploy_reference import make_program
+from numpy_reference import make_program
 
 EVIL_C = """
 #include <stdio.h>

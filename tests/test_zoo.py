@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hawq_ray.analysis.layers import layer_table
+from hawq_ray.quant.layers import layer_table
 from hawq_ray.analysis.verify import check_compiled
 from hawq_ray.contract import HawqError
 from hawq_ray.inputs.models import get_model
 from hawq_ray.program.executor import run_program
 from hawq_ray.quant.qat import prepare
+from small_models import SHAPE, SqueezeExcite
 
-SHAPE = (3, 32, 32)
 TORCHVISION = ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5", "regnet_x_400mf",
                "densenet121", "googlenet", "resnext50_32x4d", "shufflenet_v2_x0_5", "vgg11_bn", "alexnet"]
 PYTORCHCV = ["mobilenetv2_w1", "mobilenetv3_small_w7d20", "efficientnet_b0", "shufflenetv2_wd2"]
@@ -81,33 +81,6 @@ def _shape(zoo, name):
 def test_simulation_equals_integer_executor(zoo, name, bits):
     shape = _shape(zoo, name)
     assert_simulation_is_the_executor(quantized(_model(zoo, name, shape), bits, shape), shape)
-
-
-class SqueezeExcite(nn.Module):
-    """Every new op in a few layers: ReLU6, hardswish, SiLU, sigmoid / hardsigmoid gates, the product, a
-    pre-activation BN on a concat, `.mean()`; depthwise and grouped convs."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem, self.bn = nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16)
-        self.dw, self.group = nn.Conv2d(16, 16, 3, 1, 1, groups=16), nn.Conv2d(16, 16, 3, 1, 1, groups=4)
-        self.f1, self.f2 = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1)
-        self.pre = nn.BatchNorm2d(32)
-        self.proj, self.fc = nn.Conv2d(32, 24, 1), nn.Linear(24, 10)
-        with torch.no_grad():          # BN statistics away from the identity, so the affine is not trivial
-            for bn in (self.bn, self.pre):
-                bn.running_mean.normal_(0, 0.5)
-                bn.running_var.uniform_(0.5, 2)
-                bn.weight.normal_(0, 1)
-                bn.bias.normal_(0, 0.5)
-
-    def forward(self, x):
-        y = F.hardswish(self.bn(self.stem(x)))
-        d = F.silu(self.dw(y))
-        gate = torch.sigmoid(self.f2(F.relu6(self.f1(F.adaptive_avg_pool2d(d, 1)))))
-        g = F.hardsigmoid(self.group(y)) * (gate * d)
-        z = self.proj(F.relu(self.pre(torch.cat([d, g], 1))))
-        return self.fc(z.clamp(0, 4).mean((2, 3)))
 
 
 @pytest.mark.parametrize("target", ["llvm", GENERIC], ids=["host", "generic"])

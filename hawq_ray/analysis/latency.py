@@ -185,7 +185,7 @@ def plan_items(plans: dict) -> list:
 
 def layer_inputs(model, input_shape, layers) -> dict:
     """{layer: (module, input shape of one sample)} from a forward pass at batch 1."""
-    from hawq_ray.analysis.layers import probe_forward
+    from hawq_ray.quant.layers import probe_forward
     modules = dict(model.named_modules())
     missing = [name for name in layers if name not in modules]
     if missing:

@@ -361,7 +361,7 @@ def layer_traces(model: nn.Module, batches, *, layers: Sequence[str] | None = No
 # ---------------------------------------------------------------- sensitivity (HAWQ-V3 eq. 8)
 def weight_deltas(model: nn.Module, layers: Sequence[str] | None = None, bits=(4, 8)) -> pd.DataFrame:
     """delta_b = ||Q_b(W) - W||^2 with the deployed quantizer on the BN-folded weights: layer, delta4, delta8."""
-    from hawq_ray.quant.fold import folded_weights
+    from hawq_ray.quant.graph import folded_weights
     from hawq_ray.quant.quantizers import weight_perturbation
 
     folded = folded_weights(model)

@@ -15,7 +15,7 @@ __all__ = list(_EXPORTS)
 
 
 def __getattr__(name):
-    """Import TVM only when a TVM function is used, so `hawq_ray.deploy.qdq` (ONNX) and the CLI start fast."""
+    """Import TVM only when a TVM function is used, so the CLI starts fast."""
     if name not in _EXPORTS:
         raise AttributeError(f"module 'hawq_ray.deploy' has no attribute {name!r}")
     return getattr(importlib.import_module(f"hawq_ray.deploy.{_EXPORTS[name]}"), name)

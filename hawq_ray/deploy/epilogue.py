@@ -1,8 +1,8 @@
 """Values between kernels, and the elementwise tail of a kernel as a TE expression.
 
-The tail's steps are elementwise ops of the program, each computed at the output tile by its registry
-entry's `tile` (`hawq_ray.ops`) in int32 (a requantize's product in int64) exactly as the program states it,
-and stored in the narrowest dtype that holds the last op's guaranteed range.
+The tail's steps are elementwise ops of the program, each computed at the output tile by its entry in
+`tiles.TILES` in int32 (a requantize's product in int64) exactly as the program states it, and stored in
+the narrowest dtype that holds the last op's guaranteed range.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tvm import te
 from hawq_ray.contract import HawqError
 from hawq_ray.deploy import layout
 from hawq_ray.deploy.folds import fold_clamps, table_of_tail
-from hawq_ray.ops import PROGRAM_OPS
+from hawq_ray.deploy.tiles import TILES
 
 LUT_INDEX = "lut_index"     # the stage of a byte table's index, before the output stage that reads the table
 
@@ -46,9 +46,9 @@ class Value:
 
 
 class TileContext:
-    """What an elementwise op's `tile` builds on: the output value, its constants (packed into the value's
-    layout, `const`, read at a storage index with `at`) and, for a binary op, its second operand (`operand`,
-    stored in the output's layout)."""
+    """What an elementwise op's entry in `tiles.TILES` builds on: the output value, its constants (packed into
+    the value's layout, `const`, read at a storage index with `at`) and, for a binary op, its second operand
+    (`operand`, stored in the output's layout)."""
 
     def __init__(self, out: Value, extras: list):
         self.out = out
@@ -186,10 +186,9 @@ def schedule_output(sch, blocks: list, table_dtype: str | None = None, tile_scop
 
 
 def _step(ctx: TileContext, op, k: int):
-    entry = PROGRAM_OPS.get(op.op)
-    if entry is None or entry.tile is None:
+    if op.op not in TILES:
         raise HawqError(f"{op.output}: {op.op} cannot be fused as an elementwise step")
-    return entry.tile(ctx, op, k)
+    return TILES[op.op](ctx, op, k)
 
 
 def _byte_table(ctx: TileContext, steps: list, out: Value):

@@ -1,8 +1,8 @@
 """IntegerProgram -> one Relax module that calls one kernel per layer.
 
-Step 0: exact rewrites -- equal requantizes of one value merged (`merge_equal_requantizes`), a max pool
-moved after its requantizes so it runs on narrow values (`requantize_before_max_pool`) --
-and value ranges derived by interval arithmetic so values are stored as narrow as they are (`program.ranges`).
+Step 0: exact rewrites (`program.rewrites`) -- equal requantizes of one value merged, a max pool moved after
+its requantizes so it runs on narrow values (unless it joins a conv's kernel, below) -- and value ranges
+derived by interval arithmetic so values are stored as narrow as they are (`program.ranges`).
 Step 1 (`plan_groups`): cut the op list into kernels. A kernel starts at an anchor op (conv2d, dense, pooling,
 concat, flatten, or an elementwise op nobody absorbed) and absorbs the elementwise ops that follow while the
 value between them has a single consumer. A kernel is emitted where its last op stood, so the other operand
@@ -12,15 +12,15 @@ outputs of the conv kernel and the INT32 value is never stored (not for grouped 
 one output). A max pool (stride >= 2) that alone reads a
 conv chain's end joins the conv's kernel (`conv_pool.py`), with the elementwise ops or requantize fan-out
 after it: the stem's 112x112 map is pooled in cache and never stored.
-Step 2 (`plan_kernels`): build each group's kernel in emission order -- the `kernel` of its anchor op's
-registry entry (`hawq_ray.ops`: `kernels.py`, `conv_pool.py`, `glue.py`), or a standalone elementwise chain --
-tracking the storage of every value. The image enters as NCHW int8 and is blocked once; rank-4
+Step 2 (`plan_kernels`): build each group's kernel in emission order -- its anchor op's entry in
+`lowering.KERNELS` (`kernels.py`, `conv_pool.py`, `glue.py`), or a standalone elementwise chain -- tracking
+the storage of every value. The image enters as NCHW int8 and is blocked once; rank-4
 outputs are unblocked once.
 Step 3 (`build_relax`): a BlockBuilder emits `call_tir` for each kernel; constants become parameters.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 from tvm import relax
@@ -30,9 +30,11 @@ from hawq_ray.deploy import glue, layout
 from hawq_ray.deploy.conv_pool import fusable_max_pool
 from hawq_ray.deploy.epilogue import Value, storage_dtype
 from hawq_ray.deploy.kernels import Kernel, kernel_name
-from hawq_ray.ops import PROGRAM_OPS, elementwise
+from hawq_ray.deploy.lowering import KERNELS
+from hawq_ray.ops import PROGRAM_OPS, check_ops, elementwise
 from hawq_ray.program.program import IntegerProgram, Op
 from hawq_ray.program.ranges import narrow_ranges
+from hawq_ray.program.rewrites import channelwise, merge_equal_requantizes, readers_of, requantize_before_max_pool
 
 
 @dataclass
@@ -54,11 +56,6 @@ class Call:
     outputs: list        # value names, one per kernel output
 
 
-def _channelwise(op: Op) -> bool:
-    """An elementwise op that commutes with max pooling (monotone, the same per channel)."""
-    return op.op in PROGRAM_OPS and PROGRAM_OPS[op.op].channelwise(op)
-
-
 def _fuses_after_conv(ops: list, pool: Op, readers: dict) -> bool:
     """Whether `pool` alone reads the end of a conv's chain of channelwise relu/requantize ops (each value
     read once), so that `plan_groups` fuses it into the conv's kernel and `requantize_before_max_pool`
@@ -71,76 +68,32 @@ def _fuses_after_conv(ops: list, pool: Op, readers: dict) -> bool:
         op = producer[name]
         if op.op == "conv2d":
             return op.attrs.get("groups", 1) == 1
-        if not _channelwise(op):
+        if not channelwise(op):
             return False
         name = op.inputs[0]
     return False
 
 
-def requantize_before_max_pool(ops: list, program_output: str, narrow: set = frozenset(),
-                               keep_conv_pools: bool = True) -> list:
-    """max_pool2d -> requantize(s)  ==>  requantize -> max_pool2d, once per reader (exact: a per-channel
-    requantize is non-decreasing and max pooling takes the max per channel; padding never wins). The pool's
-    producer then stores narrow values instead of INT32 and the readers need no requantize pass. Returns a new
-    op list; value names are kept. With several readers it pays only when each requantized value is narrow
-    (its name in `narrow`); otherwise the pool would run once per reader on wide values. A pool that follows
-    a conv's chain stays (unless not `keep_conv_pools`): it is fused into the conv's kernel instead."""
-    readers: dict[str, list] = {}
-    for i, op in enumerate(ops):
-        for name in op.inputs:
-            readers.setdefault(name, []).append(i)
-    moved, out = set(), []
-    for i, op in enumerate(ops):
-        if i in moved:
-            continue
-        rs = readers.get(op.output, [])
-        if op.op == "max_pool2d" and op.output != program_output and rs and \
-                not (keep_conv_pools and _fuses_after_conv(ops, op, readers)) and \
-                all(ops[j].op == "requantize" and _channelwise(ops[j]) for j in rs) and \
-                (len(rs) == 1 or all(ops[j].output in narrow for j in rs)):
-            for j in rs:
-                rq = ops[j]
-                pre = replace(rq, inputs=list(op.inputs), output=rq.output + ".premax")
-                out += [pre, replace(op, inputs=[pre.output], output=rq.output, lo=rq.lo, hi=rq.hi)]
-                moved.add(j)
-            continue
-        out.append(op)
-    return out
-
-
-def merge_equal_requantizes(ops: list, program_output: str) -> list:
-    """Requantizes of one value with equal constants and clamp compute equal values: the later ones are
-    dropped and their readers read the first (a block's output that the next block's first conv and its
-    downsample conv both read at one calibrated scale). Returns a new op list."""
-    first, rename, out = {}, {}, []
-    for op in ops:
-        op = replace(op, inputs=[rename.get(a, a) for a in op.inputs]) if any(a in rename for a in op.inputs) else op
-        if op.op == "requantize" and op.output != program_output:
-            key = (op.inputs[0], op.lo, op.hi, tuple(sorted((k, str(v)) for k, v in op.attrs.items())),
-                   *((k, np.shape(v), np.asarray(v).tobytes()) for k, v in sorted(op.consts.items())))
-            if key in first:
-                rename[op.output] = first[key]
-                continue
-            first[key] = op.output
-        out.append(op)
-    return out
+def conv_pools(ops: list):
+    """The test of a max pool of `ops` joining the kernel of the conv before it (`plan_groups`): the pools
+    `requantize_before_max_pool` must leave where they are."""
+    readers = readers_of(ops)
+    return lambda pool: _fuses_after_conv(ops, pool, readers)
 
 
 def planned_ops(program: IntegerProgram) -> list:
     """The op list the kernels are planned from: equal requantizes merged, max pools moved after their
     requantizes where that pays, ranges narrowed. `plan_groups(program, planned_ops(program))` gives the groups
     `plan_kernels` builds."""
+    check_ops(program.ops)
     ops = merge_equal_requantizes(program.ops, program.output)
     narrow = {op.output for op in narrow_ranges(program, ops) if storage_dtype(op.lo, op.hi) != "int32"}
-    return narrow_ranges(program, requantize_before_max_pool(ops, program.output, narrow))
+    return narrow_ranges(program, requantize_before_max_pool(ops, program.output, narrow, conv_pools(ops)))
 
 
 def plan_groups(program: IntegerProgram, ops: list | None = None) -> list[Group]:
     ops = program.ops if ops is None else ops
-    readers: dict[str, list] = {}
-    for i, op in enumerate(ops):
-        for name in op.inputs:
-            readers.setdefault(name, []).append(i)
+    readers = readers_of(ops)
     uses = {name: len(r) for name, r in readers.items()}
     uses[program.output] = uses.get(program.output, 0) + 1     # the caller reads it too
     absorbed, groups = set(), []
@@ -195,16 +148,15 @@ def plan_groups(program: IntegerProgram, ops: list | None = None) -> list[Group]
 
 
 def group_kernel(group: Group, values: dict, target) -> Kernel:
-    """The kernel of a group: its anchor op's registry `kernel`, or a standalone elementwise chain."""
+    """The kernel of a group: its anchor op's entry in `lowering.KERNELS`, or a standalone elementwise chain."""
     op = group.anchor
     ins = [values[a] for a in group.args]
     name = kernel_name(op)
     if elementwise(op.op):
         return glue.elementwise_kernel([op, *group.steps], ins, target, name)
-    entry = PROGRAM_OPS.get(op.op)
-    if entry is None or entry.kernel is None:
+    if op.op not in KERNELS:
         raise HawqError(f"{op.output}: op {op.op!r} has no TVM kernel")
-    return entry.kernel(group, ins, target, name)
+    return KERNELS[op.op](group, ins, target, name)
 
 
 def plan_kernels(program: IntegerProgram, batch: int, target) -> list[Call]:

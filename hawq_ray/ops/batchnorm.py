@@ -86,44 +86,12 @@ def affine_range(op, r):
     return int(torch.minimum(*ends).min()), int(torch.maximum(*ends).max())
 
 
-def affine_tile(ctx, op, k):
-    import tvm
-    tb, tm, tc = (ctx.const(np.asarray(op.consts[n]), f"{n}{k}", op.output, fill=f)
-                  for n, f in (("bias", 0), ("multiplier", 1), ("shift", 1)))
-    lo, hi = int(op.attrs["lo"]), int(op.attrs["hi"])
-    one = tvm.tirx.const(1, "int64")
-
-    def fn(z, idx):
-        c = ctx.at(tc, idx).astype("int64")
-        t = ((z.astype("int64") + ctx.at(tb, idx).astype("int64")) * ctx.at(tm, idx).astype("int64")
-             + (one << (c - 1))) >> c
-        return tvm.te.max(tvm.te.min(t, tvm.tirx.const(hi, "int64")), tvm.tirx.const(lo, "int64")).astype("int32")
-    return fn
-
-
 def _bn_observers(node, input_name):
     return [f"out:{node.name}"]
-
-
-def affine_onnx(g, op):
-    """The integer affine itself where the export computes exactly (`integer_requantize` with the bias);
-    else x A + B on real values, A = S_out m / (2^c S_in) and B = S_out bias m / 2^c per channel, then the
-    Q/DQ pair of the output."""
-    x = g.value(op.inputs[0])
-    ratio = np.asarray(op.consts["multiplier"], np.float64) / np.exp2(np.asarray(op.consts["shift"], np.float64))
-    lo, hi = int(op.attrs["lo"]), int(op.attrs["hi"])
-    if g.rounds_in_float(op, lo, hi):
-        g.integer_requantize(op, x, ratio, lo, hi, bias=np.asarray(op.consts["bias"], np.float64))
-        return
-    s_out = g.out_scale(op)
-    y = g.node("Mul", [x.name, g.const(s_out * ratio / x.scale, f"{op.output}.a")], f"{op.output}.mul")
-    y = g.node("Add", [y, g.const(s_out * ratio * np.asarray(op.consts["bias"], np.float64), f"{op.output}.b")],
-               f"{op.output}.add")
-    g.quantize(op, y, lo, hi)
 
 
 register_ops(
     GraphNode("batchnorm", batchnorm_step, modules=(nn.BatchNorm2d,), convert=_convert_bn, observers=_bn_observers,
               supported="BatchNorm2d (pre-activation)"),
-    ProgramOp("affine", SEMANTICS, execute_affine, affine_range, tile=affine_tile, onnx=affine_onnx),
+    ProgramOp("affine", SEMANTICS, execute_affine, affine_range, elementwise=True),
 )

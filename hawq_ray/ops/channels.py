@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import operator
 
-import numpy as np
-
 import torch
 
 from hawq_ray.ops.registry import HANDLED, GraphNode, ProgramOp, register_ops
@@ -122,39 +120,6 @@ def execute_slice(op, ins):
     return ins[0][:, op.attrs["start"]:op.attrs["stop"]]
 
 
-# ---------------------------------------------------------------------------------------------- TVM
-
-def lower_shuffle(group, ins, target, name):
-    from hawq_ray.deploy.glue import channel_gather_kernel
-    c, g = ins[0].shape[1], group.anchor.attrs["groups"]
-    return channel_gather_kernel(group.anchor, ins[0], group.steps, ins[1:], target, name, c,
-                                 lambda k: (k % g) * (c // g) + k // g)
-
-
-def lower_slice(group, ins, target, name):
-    from hawq_ray.deploy.glue import channel_gather_kernel
-    a, b = group.anchor.attrs["start"], group.anchor.attrs["stop"]
-    return channel_gather_kernel(group.anchor, ins[0], group.steps, ins[1:], target, name, b - a, lambda k: k + a)
-
-
-def shuffle_onnx(g, op):
-    x = g.value(op.inputs[0])
-    _, c, h, w = g.shape(op.inputs[0])
-    k = int(op.attrs["groups"])
-    y = g.node("Reshape", [x.name, g.const(np.array([-1, k, c // k, h, w]), f"{op.output}.split", "INT64")],
-               f"{op.output}.split")
-    y = g.node("Transpose", [y], f"{op.output}.transpose", perm=[0, 2, 1, 3, 4])
-    y = g.node("Reshape", [y, g.const(np.array([-1, c, h, w]), f"{op.output}.merge", "INT64")], op.output)
-    g.bind(op, y, g.out_scale(op))
-
-
-def slice_onnx(g, op):
-    x, a = g.value(op.inputs[0]), op.attrs
-    ends = [g.const(np.array([v]), f"{op.output}.{n}", "INT64") for n, v in (("start", a["start"]),
-                                                                             ("stop", a["stop"]), ("axis", 1))]
-    g.bind(op, g.node("Slice", [x.name, *ends], op.output), g.out_scale(op))
-
-
 register_ops(
     GraphNode("shuffle", shuffle_step, functions=(torch.transpose, torch.reshape, torch.flatten),
               methods=("view", "reshape", "transpose", "flatten", "contiguous"), convert=_convert_view, nonneg=all,
@@ -162,7 +127,7 @@ register_ops(
     GraphNode("slice", slice_step, functions=(torch.chunk, torch.split, operator.getitem), methods=("chunk", "split"),
               convert=lambda t, n, m: (_convert_getitem if n.target is operator.getitem else _convert_split)(t, n, m),
               nonneg=all, supported="chunk / split of the channels"),
-    ProgramOp("channel_shuffle", SHUFFLE, execute_shuffle, lambda op, r: r[0], kernel=lower_shuffle,
-              channelwise=lambda op: False, onnx=shuffle_onnx),
-    ProgramOp("slice", SLICE, execute_slice, lambda op, r: r[0], kernel=lower_slice, onnx=slice_onnx),
+    ProgramOp("channel_shuffle", SHUFFLE, execute_shuffle, lambda op, r: r[0],
+              channelwise=lambda op: False),
+    ProgramOp("slice", SLICE, execute_slice, lambda op, r: r[0]),
 )

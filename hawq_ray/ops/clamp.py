@@ -67,22 +67,8 @@ def execute_clamp(op, ins):
     return torch.minimum(torch.maximum(ins[0].to(torch.int64), lo), hi)
 
 
-def clamp_tile(ctx, op, k):
-    tlo = ctx.const(np.asarray(op.consts["lo"]), f"lo{k}", op.output, fill=0)
-    thi = ctx.const(np.asarray(op.consts["hi"]), f"hi{k}", op.output, fill=0)
-    import tvm
-    return lambda z, idx: tvm.te.min(tvm.te.max(z, ctx.at(tlo, idx)), ctx.at(thi, idx))
-
-
 def clamp_channelwise(op) -> bool:
     return all(np.size(c) == 1 or (np.ndim(c) >= 3 and np.shape(c)[-2:] == (1, 1)) for c in op.consts.values())
-
-
-def clamp_onnx(g, op):
-    x = g.value(op.inputs[0])
-    lo = g.const(np.asarray(op.consts["lo"], np.float64) * x.scale, f"{op.output}.lo")
-    hi = g.const(np.asarray(op.consts["hi"], np.float64) * x.scale, f"{op.output}.hi")
-    g.bind(op, g.node("Min", [g.node("Max", [x.name, lo], f"{op.output}.max"), hi], op.output), x.scale)
 
 
 register_ops(
@@ -91,6 +77,5 @@ register_ops(
               nonneg=all, supported="ReLU6, Hardtanh, clamp"),
     ProgramOp("clamp", SEMANTICS, execute_clamp,
               lambda op, r: clamp_value_range_of(op.consts["lo"], op.consts["hi"], r[0]),
-              tile=clamp_tile, channelwise=clamp_channelwise,
-              onnx=clamp_onnx),
+              elementwise=True, channelwise=clamp_channelwise),
 )

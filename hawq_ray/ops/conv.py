@@ -137,48 +137,6 @@ def dense_range(op, ins):
     return linear_range(np.asarray(op.consts["weight"]), op.consts.get("bias"), *ins[0], False)
 
 
-# ---------------------------------------------------------------------------------------------- TVM
-
-def lower_conv2d(group, ins, target, name):
-    """The conv and its fused tail: with a max pool (`conv_pool.py`), or a register-tiled conv (`kernels.py`)."""
-    if group.pool is not None:
-        from hawq_ray.deploy.conv_pool import conv2d_max_pool_kernel
-        return conv2d_max_pool_kernel(group.anchor, ins[0], group.steps, group.pool, group.post, target, name,
-                                      group.fanout)
-    from hawq_ray.deploy.kernels import conv2d_kernel as build
-    return build(group.anchor, ins[0], group.steps, ins[1:], target, name, fanout=group.fanout)
-
-
-def lower_dense(group, ins, target, name):
-    from hawq_ray.deploy.kernels import dense_kernel as build
-    return build(group.anchor, ins[0], group.steps, ins[1:], target, name)
-
-
-def conv2d_onnx(g, op):
-    x = g.value(op.inputs[0])
-    w, b, s_acc = g.weight(op, x)
-    (ph, pw), a = op.attrs["padding"], op.attrs
-    y = g.node("Conv", [x.name, w, b], op.output, strides=list(a["stride"]), pads=[ph, pw, ph, pw],
-               dilations=list(a["dilation"]), group=int(a["groups"]))
-    g.bind(op, y, s_acc.reshape(-1, 1, 1))
-
-
-def dense_onnx(g, op):
-    """Gemm of the dequantized input and weight; in the exact form a float64 Gemm of the integer codes (exact
-    below 2^53: a float32 sum of the logits' large terms cancels to errors of many output units)."""
-    x = g.value(op.inputs[0])
-    if g.form != "exact":
-        w, b, s_acc = g.weight(op, x)
-        g.bind(op, g.node("Gemm", [x.name, w, b], op.output, transB=1), s_acc)
-        return
-    s_acc = g.layer_scales(op, x)[1].astype(np.float64)
-    codes = g.node("Cast", [g.codes(x, op.output)], f"{op.output}.double", to=11)      # 11: DOUBLE
-    acc = g.node("Gemm", [codes, g.const(op.consts["weight"], f"{op.output}.w64", "DOUBLE"),
-                          g.const(op.consts["bias"], f"{op.output}.b64", "DOUBLE")], f"{op.output}.acc", transB=1)
-    acc = g.node("Cast", [acc], f"{op.output}.float", to=1)
-    g.bind(op, g.node("Mul", [acc, g.const(s_acc, f"{op.output}.s_acc")], op.output), s_acc)
-
-
 CONV2D = """inputs [x]; consts weight (O, I/groups, kh, kw) int8 holding w_bits-bit values, bias (O,) int32;
 attrs stride, padding, dilation (pairs), groups, w_bits, x_bits, x_signed;
 out = conv(x, weight) + bias, zero padding, INT32 accumulation."""
@@ -190,6 +148,6 @@ register_ops(
               supported="Conv2d (+BatchNorm2d)"),
     GraphNode("linear", layer_step, modules=(nn.Linear,), convert=_convert_linear, observers=_observers,
               layer=True, supported="Linear"),
-    ProgramOp("conv2d", CONV2D, execute_conv2d, conv2d_range, kernel=lower_conv2d, onnx=conv2d_onnx),
-    ProgramOp("dense", DENSE, execute_dense, dense_range, kernel=lower_dense, onnx=dense_onnx),
+    ProgramOp("conv2d", CONV2D, execute_conv2d, conv2d_range),
+    ProgramOp("dense", DENSE, execute_dense, dense_range),
 )

@@ -34,19 +34,8 @@ def flatten_step(qm, node, ins):
     return V(q, s, r, name, v.lo, v.hi)
 
 
-def lower_flatten(group, ins, target, name):
-    from hawq_ray.deploy.glue import flatten_kernel as build
-    return build(group.anchor, ins[0], group.steps, ins[1:], target, name)
-
-
-def flatten_onnx(g, op):
-    x = g.value(op.inputs[0])
-    g.bind(op, g.node("Flatten", [x.name], op.output, axis=1), g.out_scale(op))
-
-
 register_ops(
     GraphNode("flatten", flatten_step, modules=(nn.Flatten,), functions=(torch.flatten,), methods=("flatten", "view", "reshape"),
               convert=_convert_flatten, nonneg=all, supported="flatten/view(N, -1)"),
-    ProgramOp("flatten", SEMANTICS, lambda op, ins: ins[0].reshape(ins[0].shape[0], -1), lambda op, r: r[0],
-              kernel=lower_flatten, onnx=flatten_onnx),
+    ProgramOp("flatten", SEMANTICS, lambda op, ins: ins[0].reshape(ins[0].shape[0], -1), lambda op, r: r[0]),
 )

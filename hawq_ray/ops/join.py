@@ -59,30 +59,8 @@ def join_step(qm, node, ins):
     return V(q, s, None if real is None else qm.exact_real(real, lambda: q * scale), node.name)
 
 
-def add_tile(ctx, op, k):
-    other = ctx.operand(op)
-    return lambda z, idx: z + other(idx).astype("int32")
-
-
-def lower_concat(group, ins, target, name):
-    from hawq_ray.deploy.glue import concat_kernel as build
-    k = len(group.anchor.inputs)
-    return build(group.anchor, ins[:k], group.steps, ins[k:], target, name)
-
-
 def _out_key(node, input_name):
     return [f"out:{node.name}"]
-
-
-def add_onnx(g, op):
-    a, b = g.value(op.inputs[0]), g.value(op.inputs[1])
-    g.bind(op, g.node("Add", [a.name, b.name], op.output), g.out_scale(op))
-
-
-def concat_onnx(g, op):
-    ins = [g.value(i) for i in op.inputs]
-    y = g.node("Concat", [t.name for t in ins], op.output, axis=int(op.attrs.get("axis", 1)))
-    g.bind(op, y, g.out_scale(op))
 
 
 register_ops(
@@ -91,9 +69,7 @@ register_ops(
     GraphNode("cat", join_step, functions=(torch.cat,), convert=_convert_cat, nonneg=all, observers=_out_key,
               supported="cat (channels)"),
     ProgramOp("add", ADD, lambda op, ins: ins[0].to(torch.int64) + ins[1].to(torch.int64),
-              lambda op, r: (r[0][0] + r[1][0], r[0][1] + r[1][1]), tile=add_tile, binary=True,
-              onnx=add_onnx),
+              lambda op, r: (r[0][0] + r[1][0], r[0][1] + r[1][1]), elementwise=True, binary=True),
     ProgramOp("concat", CONCAT, lambda op, ins: torch.cat([t.to(torch.int64) for t in ins], op.attrs.get("axis", 1)),
-              lambda op, r: (min(x[0] for x in r), max(x[1] for x in r)), kernel=lower_concat,
-              onnx=concat_onnx),
+              lambda op, r: (min(x[0] for x in r), max(x[1] for x in r))),
 )

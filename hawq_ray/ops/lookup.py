@@ -119,25 +119,8 @@ def lookup_range(op, ins):
     return int(part.min()), int(part.max())
 
 
-def lookup_tile(ctx, op, k):
-    t = ctx.table(op.consts["table"], f"table{k}")
-    off = int(op.attrs["offset"])
-    return lambda z, idx: t[z - off]
-
-
 def _lut_observers(node, input_name):
     return [f"in:{node.name}"]
-
-
-def lookup_onnx(g, op):
-    """A Gather of the table's codes at the input's codes (exact), then a DequantizeLinear."""
-    x = g.value(op.inputs[0])
-    offset = g.const(np.asarray(op.attrs["offset"], np.int64), f"{op.output}.offset", "INT64")
-    idx = g.node("Sub", [g.codes(x, op.output), offset], f"{op.output}.sub")
-    table = np.asarray(op.consts["table"])
-    qtype = g.narrowest(int(table.min()), int(table.max()))
-    codes = g.node("Gather", [g.const(table, f"{op.output}.table", qtype), idx], f"{op.output}.gather", axis=0)
-    g.bind(op, g.dequantize(codes, op.scale, op.output, qtype), g.out_scale(op), codes)
 
 
 register_ops(
@@ -147,5 +130,5 @@ register_ops(
               methods=tuple(x for e in FUNCTIONS.values() for x in e[3]),
               convert=_convert_activation, observers=_lut_observers,
               supported="hardswish, hardsigmoid, SiLU, sigmoid, GELU, tanh, Mish, ELU, LeakyReLU, softplus"),
-    ProgramOp("lookup", SEMANTICS, execute_lookup, lookup_range, tile=lookup_tile, onnx=lookup_onnx),
+    ProgramOp("lookup", SEMANTICS, execute_lookup, lookup_range, elementwise=True),
 )

@@ -50,24 +50,13 @@ def mul_range(op, r):
     return min(corners), max(corners)
 
 
-def mul_tile(ctx, op, k):
-    other = ctx.operand(op, broadcast=True)
-    return lambda z, idx: z * other(idx).astype("int32")
-
-
 def _mul_observers(node, input_name):
     return [f"in:{node.name}.0", f"in:{node.name}.1"]
-
-
-def mul_onnx(g, op):
-    a, b = g.value(op.inputs[0]), g.value(op.inputs[1])
-    g.bind(op, g.node("Mul", [a.name, b.name], op.output), a.scale * b.scale)
 
 
 register_ops(
     GraphNode("mul", mul_step, functions=(operator.mul, torch.mul), methods=("mul",), convert=_convert_mul,
               nonneg=all, observers=_mul_observers, supported="mul (two tensors)"),
     ProgramOp("mul", SEMANTICS, lambda op, ins: ins[0].to(torch.int64) * ins[1].to(torch.int64), mul_range,
-              tile=mul_tile, binary=True, broadcast=True,
-              onnx=mul_onnx),
+              elementwise=True, binary=True, broadcast=True),
 )

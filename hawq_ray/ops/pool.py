@@ -186,53 +186,6 @@ def sum_range(op, ins):
     return k * min(ins[0][0], 0), k * max(ins[0][1], 0)
 
 
-# ---------------------------------------------------------------------------------------------- TVM
-
-def lower_pool(group, ins, target, name):
-    from hawq_ray.deploy.glue import pool_kernel as build
-    return build(group.anchor, ins[0], group.steps, ins[1:], target, name)
-
-
-def _window_matrix(size: int, out: int, attrs: dict, axis: int) -> np.ndarray:
-    """(out, size) 0/1 matrix: row i marks the input rows of output i's window (padding adds nothing)."""
-    if attrs.get("adaptive"):
-        spans = adaptive_windows(size, out)
-    else:
-        k, s, p = attrs["kernel"][axis], attrs["stride"][axis], attrs["padding"][axis]
-        spans = [(max(i * s - p, 0), min(i * s - p + k, size)) for i in range(out)]
-    m = np.zeros((out, size))
-    for i, (a, b) in enumerate(spans):
-        m[i, a:b] = 1
-    return m
-
-
-def sum_pool_onnx(g, op):
-    """Window sums: ReduceSum for a global pool, else P_h @ x @ P_w^T with 0/1 window matrices (any window
-    layout, adaptive included; exact in float for these integer magnitudes)."""
-    x = g.value(op.inputs[0])
-    (_, _, h, w), (_, _, oh, ow) = g.shape(op.inputs[0]), g.shape(op.output)
-    rows, cols = _window_matrix(h, oh, op.attrs, 0), _window_matrix(w, ow, op.attrs, 1)
-    if rows.all() and cols.all():
-        y = g.node("ReduceSum", [x.name, g.const(np.array([2, 3]), f"{op.output}.axes", "INT64")], op.output,
-                   keepdims=1)
-    else:
-        y = g.node("MatMul", [x.name, g.const(cols.T, f"{op.output}.cols")], f"{op.output}.w")
-        y = g.node("MatMul", [g.const(rows, f"{op.output}.rows"), y], op.output)
-    g.bind(op, y, x.scale)
-
-
-def max_pool_onnx(g, op):
-    """MaxPool with torch's ceil-mode windows as explicit extra padding (ONNX pads never win a max)."""
-    x, a = g.value(op.inputs[0]), op.attrs
-    size, out = g.shape(op.inputs[0])[2:], g.shape(op.output)[2:]
-    k = [(a["kernel"][i] - 1) * a["dilation"][i] + 1 for i in (0, 1)]
-    extra = [max(0, (out[i] - 1) * a["stride"][i] + k[i] - size[i] - 2 * a["padding"][i]) for i in (0, 1)]
-    ph, pw = a["padding"]
-    y = g.node("MaxPool", [x.name], op.output, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
-               pads=[ph, pw, ph + extra[0], pw + extra[1]], dilations=list(a["dilation"]))
-    g.bind(op, y, x.scale)
-
-
 register_ops(
     GraphNode("avgpool", avgpool_step, modules=(nn.AvgPool2d, nn.AdaptiveAvgPool2d),
               functions=(F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean), methods=("mean",), convert=_convert_avg,
@@ -240,6 +193,6 @@ register_ops(
     GraphNode("maxpool", maxpool_step, modules=(nn.MaxPool2d,), functions=(F.max_pool2d,), convert=_convert_max,
               nonneg=all,
               supported="MaxPool2d"),
-    ProgramOp("sum_pool2d", SUM_POOL, execute_sum, sum_range, kernel=lower_pool, onnx=sum_pool_onnx),
-    ProgramOp("max_pool2d", MAX_POOL, execute_max, lambda op, r: r[0], kernel=lower_pool, onnx=max_pool_onnx),
+    ProgramOp("sum_pool2d", SUM_POOL, execute_sum, sum_range),
+    ProgramOp("max_pool2d", MAX_POOL, execute_max, lambda op, r: r[0]),
 )

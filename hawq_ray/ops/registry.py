@@ -2,14 +2,17 @@
 
 A `GraphNode` is a kind of node of the traced model (`quant.graph.trace_graph`): the torch.fx calls that
 become it (`convert`), and its step in the QAT interpreter (`step`: values in, value out, emitting the
-program ops it lowers to). A `ProgramOp` is an op of the IntegerProgram: its exact semantics in the integer
-executor (`execute`, the reference), the sound integer range of its output (`value_range`, for storage), and
-how the TVM back end computes it: as the anchor of a kernel (`kernel`) or, for an elementwise op, as a step
-fused at the output tile of the kernel before it (`tile`); and how the ONNX export writes it (`onnx`).
+program ops it lowers to). A `ProgramOp` is an op of the IntegerProgram and holds its semantics only: its
+exact meaning in the integer executor (`execute`, the reference), the sound integer range of its output
+(`value_range`, for storage) and the flags a back end plans with (elementwise, binary, broadcast,
+channelwise). How a back end computes an op is that back end's own table, keyed by the op's name: the TVM
+back end's `deploy.lowering.KERNELS` (the anchor of a kernel) and `deploy.tiles.TILES` (an elementwise step
+fused at a kernel's output tile), the ONNX exporter's `onnx.converters.CONVERTERS`.
 
 The modules of `hawq_ray.ops` each define one op family (a node kind and the program ops it lowers to) and
 register it on import; `hawq_ray.ops` imports them all. Adding an op means adding such a module (or, in a
-test, calling `register_ops`), not editing the interpreter, the executor, the range analysis or the back end.
+test, calling `register_ops`) and one entry in each back end's table, not editing the interpreter, the
+executor, the range analysis or a back end's planning.
 """
 from __future__ import annotations
 
@@ -37,9 +40,7 @@ class ProgramOp:
     semantics: str                    # exact semantics, as the docs state them
     execute: Callable                 # (Op, [int tensors]) -> int tensor: the integer executor
     value_range: Callable             # (Op, [(lo, hi)]) -> (lo, hi): a sound range of the output
-    kernel: Callable | None = None    # (Group, [Value], target, name) -> Kernel: a kernel anchored at this op
-    tile: Callable | None = None      # elementwise: (TileContext, Op, k) -> fn(z, idx) -> expr, fused at a tile
-    onnx: Callable | None = None      # (deploy.qdq.QdqGraph, Op) -> None: the op in an ONNX QDQ graph
+    elementwise: bool = False         # computed value by value: a back end may fuse it after the op before it
     binary: bool = False              # elementwise with a second operand (stored in the output's layout)
     broadcast: bool = False           # binary whose second operand may be smaller (broadcast over H, W): fused
                                       # only into the chain of its first operand
@@ -81,4 +82,11 @@ def program_op(name: str) -> ProgramOp:
 
 def elementwise(name: str) -> bool:
     op = PROGRAM_OPS.get(name)
-    return op is not None and op.tile is not None
+    return op is not None and op.elementwise
+
+
+def check_ops(ops: list) -> None:
+    """Refuse an op list (a program's `ops`) naming an op the registry does not know, before anything runs it.
+    The program layer cannot check names (the registry's ops import it): whoever consumes a program does."""
+    for op in ops:
+        program_op(op.op)

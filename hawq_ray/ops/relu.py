@@ -23,20 +23,9 @@ def relu_step(qm, node, ins):
     return V(q, v.s, r, name, max(v.lo, 0), v.hi)
 
 
-def relu_tile(ctx, op, k):
-    import tvm
-    return lambda z, idx: tvm.te.max(z, tvm.tirx.const(0, "int32"))
-
-
-def relu_onnx(g, op):
-    x = g.value(op.inputs[0])
-    g.bind(op, g.node("Relu", [x.name], op.output), x.scale)
-
-
 register_ops(
     GraphNode("relu", relu_step, modules=(nn.ReLU,), functions=(torch.relu, F.relu), methods=("relu",),
               convert=_convert_relu, nonneg=lambda ins: True, supported="ReLU"),
     ProgramOp("relu", SEMANTICS, lambda op, ins: ins[0].clamp_min(0), lambda op, r: (max(r[0][0], 0), max(r[0][1], 0)),
-              tile=relu_tile, channelwise=lambda op: True,
-              onnx=relu_onnx),
+              elementwise=True, channelwise=lambda op: True),
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from hawq_ray.ops import program_op
+from hawq_ray.ops import check_ops, program_op
 from hawq_ray.program.program import IntegerProgram, Op
 
 
@@ -29,6 +29,7 @@ def run_op(op: Op, ins: list[torch.Tensor]) -> torch.Tensor:
 
 def run_program(program: IntegerProgram, q_input: torch.Tensor, record: bool = False):
     """Run `program` on an int8 input batch; returns the INT32 output (and every value if `record`)."""
+    check_ops(program.ops)
     values = {program.input_name: _int(q_input, "the program input")}
     with torch.no_grad():
         for op in program.ops:

@@ -3,7 +3,7 @@
 A program is a straight list of integer ops over named values in NCHW layout. Every constant is an integer
 numpy array; real-valued scales ride along only as metadata (to dequantize for analysis), never as inputs of
 an op. Two back ends run it: `hawq_ray.program.executor` (PyTorch, integer tensors only, the reference) and
-`hawq_ray.deploy` (TVM). Each op's exact semantics is stated by its entry in the op registry
+`hawq_ray.deploy` (TVM); `hawq_ray.onnx` exports it. Each op's exact semantics is stated by its entry in the op registry
 (`hawq_ray.ops`, `ProgramOp.semantics`; `docs/design.md` lists them all).
 
 Each op also records `lo`/`hi`, the integer range its output is guaranteed to lie in, so a back end may
@@ -33,8 +33,8 @@ class Op:
     hi: int = INT32_MAX
 
     def __post_init__(self):
-        from hawq_ray.ops import program_op     # the registry's ops import this module
-        program_op(self.op)
+        # the op's name is checked where a program is run or lowered (`ops.check_ops`): the registry's ops
+        # import this module, so it cannot know them
         for name, arr in self.consts.items():
             if not np.issubdtype(np.asarray(arr).dtype, np.integer):
                 raise TypeError(f"{self.op} {self.output}: constant {name} must be an integer array, "

@@ -224,6 +224,9 @@ def finetune_epochs(qm: QuantModel, train: Dataset, recipe: Recipe, *, teacher: 
                 loss = distillation_loss(logits, t_logits, y, recipe.temperature, recipe.distill_alpha)
             else:
                 loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                raise HawqError(f"fine-tuning diverged at epoch {epoch + 1}: the loss is {loss.item()}; lower the "
+                                f"learning rate (now {recipe.lr:g})")
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -244,7 +247,7 @@ def finetune(model: nn.Module, bits, data, recipe: Recipe = Recipe(), *, input_s
     input_shape = tuple(input_shape or model_input_shape(model))
     train = limited(checked_split(data.train, "train"), train_limit)
     test = checked_split(data.test, "test")
-    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.quant.layers import layer_table
     table = layer_table(model, input_shape)
     bits = parse_bits(bits, table)
     if recipe.distill:

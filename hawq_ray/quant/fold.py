@@ -31,14 +31,3 @@ def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d 
     w_bar = weight * gain.reshape((-1,) + (1,) * (weight.dim() - 1))
     b_bar = (bias - bn.running_mean) * gain + shift
     return w_bar, b_bar
-
-
-def folded_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """BN-folded weight of every quantizable layer of `model`, keyed by layer name (detached)."""
-    from hawq_ray.quant.graph import trace_graph
-    graph = trace_graph(model)
-    out = {}
-    for node in graph.layer_nodes():
-        w, _ = fold_bn(node.module.weight, node.module.bias, node.bn)
-        out[node.layer] = w.detach().clone()
-    return out

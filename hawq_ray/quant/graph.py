@@ -4,16 +4,19 @@ Each fx call becomes a node of a kind from the op registry (`hawq_ray.ops`: the 
 tensor methods each kind converts); a BatchNorm2d right after a conv is folded into it (any other is a node
 of its own), Dropout, Identity and stochastic depth vanish, and shape queries and arithmetic on shapes
 (`x.size(1) // groups`) are skipped. Models with attention or LayerNorm are refused first; anything else
-unknown is an error that names the module and its type.
+unknown is an error that names the module and its type. `folded_weights` reads each layer's BN-folded weight
+off the trace (the sensitivity stage's delta_b).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx, nn
 
 from hawq_ray.contract import HawqError
 from hawq_ray.ops import GRAPH_NODES, HANDLED
+from hawq_ray.quant.fold import fold_bn
 
 
 @dataclass
@@ -240,4 +243,14 @@ def _structural(t: _Tracer, n: fx.Node, modules: dict, fx_users: dict) -> bool:
 def _fx_args(n: fx.Node) -> list:
     out = []
     fx.node.map_arg((n.args, n.kwargs), out.append)
+    return out
+
+
+def folded_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """BN-folded weight of every quantizable layer of `model`, keyed by layer name (detached)."""
+    graph = trace_graph(model)
+    out = {}
+    for node in graph.layer_nodes():
+        w, _ = fold_bn(node.module.weight, node.module.bias, node.bn)
+        out[node.layer] = w.detach().clone()
     return out

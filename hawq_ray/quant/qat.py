@@ -149,7 +149,11 @@ class QuantModel(nn.Module):
 
     def dyadic(self, multiplier: torch.Tensor, ndim: int):
         """The dyadic (b, c) of a real multiplier tensor, shaped to broadcast against an ndim value."""
-        b, c = dyadic(multiplier.detach().cpu().numpy())
+        try:
+            b, c = dyadic(multiplier.detach().cpu().numpy())
+        except ValueError as e:      # a zero or NaN scale: weights or ranges that training blew up, or a dead value
+            raise HawqError(f"{e}: a scale of the quantized model is zero, not finite or out of range (if this "
+                            f"happens while fine-tuning, training diverged: lower the learning rate)") from None
         dev = multiplier.device
         return (channel_view(torch.from_numpy(b).to(dev), ndim), channel_view(torch.from_numpy(c).to(dev), ndim))
 
@@ -222,7 +226,7 @@ def prepare(model: nn.Module, bits="uniform8", input_shape=None, table: pd.DataF
     bits: "uniform4", "uniform8", a {layer: bits} mapping or a JSON / bit_config.py path (`contract.bits`);
     the first conv and last linear layer stay at 8 bits. input_shape: (C, H, W); defaults to the model's
     known input size. table: the model's layer table, when the caller has it (it is built otherwise)."""
-    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.quant.layers import layer_table
     from hawq_ray.contract.bits import parse_bits
     if input_shape is None:
         from hawq_ray.inputs.models import input_shape as model_input_shape

@@ -50,7 +50,7 @@ RUN_SCHEMA = {   # the type and range of every setting above except budgets, inp
     "tune": {"epochs": EPOCHS, "samples": COUNT, "lr": LEARNING_RATE, "distill": Bool(), "teacher": Text(),
              "asha": Bool()},
     "deploy": {"target": TargetSpec(), "batch": BATCH, "inputs": COUNT, "rounds": COUNT},
-    "export": {"onnx": Bool(), "form": Choice(("exact", "fused")), "batches": COUNT},   # deploy.qdq.FORMS
+    "export": {"onnx": Bool(), "form": Choice(("exact", "fused")), "batches": COUNT},   # onnx.qdq.FORMS
     "evidence": {"enabled": Bool(), "randoms": COUNT},
 }
 TABLES_FORMAT = 5     # bump when what a stage's table holds changes: older run folders recompute, never misread
@@ -219,7 +219,7 @@ def run(config: dict | str | None = None, out="runs/default", *, address: str | 
 def _check_memory(cfg: dict, shape: tuple) -> None:
     """The batch sizes against this machine's free memory, before any work (the architecture alone, no
     weights loaded)."""
-    from hawq_ray.analysis.layers import activation_elements
+    from hawq_ray.quant.layers import activation_elements
     from hawq_ray.inputs.models import get_model
     elements = activation_elements(get_model(cfg["model"]), shape)
     what = f"{cfg['model'] or 'the default model'} at {shape[1]}x{shape[2]}"

@@ -54,7 +54,7 @@ def profile_layers(model, input_shape=None, *, batch: int = 8, target="llvm", re
     """
     import ray
 
-    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.quant.layers import layer_table
     from hawq_ray.deploy.target import is_gpu, parse_target
     from hawq_ray.inputs.models import input_shape as model_input_shape
     from hawq_ray.service.session import connect

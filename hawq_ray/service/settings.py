@@ -155,7 +155,7 @@ BYTES_PER_ELEMENT = {"sensitivity": 12, "profile": 4, "deploy": 4}
 def fits_in_memory(batches: dict, elements_per_sample: int, what: str, available: int | None = None) -> None:
     """A one-line error when a batch size ({key: (batch, stage of BYTES_PER_ELEMENT)}) needs more memory for
     its activations than this machine has free (estimated from `elements_per_sample`, the model's
-    `analysis.layers.activation_elements`)."""
+    `quant.layers.activation_elements`)."""
     if available is None:
         import psutil
         available = psutil.virtual_memory().available

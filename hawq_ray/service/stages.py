@@ -63,7 +63,7 @@ class Stage:
 
 # ------------------------------------------------------------------------------------------------ stage functions
 def layers(run: Run) -> pd.DataFrame:
-    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.quant.layers import layer_table
     return layer_table(run.model, run.shape)
 
 
@@ -123,14 +123,14 @@ def sweep(run: Run) -> pd.DataFrame:
 def evidence(run: Run) -> pd.DataFrame:
     from hawq_ray.analysis.evidence import omega_kl_correlation, standing
     from hawq_ray.service.evidence import evidence_table
-    from hawq_ray.service.sweep import budget_grid
+    from hawq_ray.service.sweep import budget_points
     table = run.tables["table"]
     with _bar("evidence", "config") as bar:
         def progress(done, total):
             bar.total, bar.n = total, done
             bar.refresh()
 
-        rows = evidence_table(run.model, run.shape, run.data, table, budget_grid(table, run.cfg["budgets"]),
+        rows = evidence_table(run.model, run.shape, run.data, table, budget_points(table, run.cfg["budgets"]),
                               randoms=run.cfg["evidence"]["randoms"], seed=run.cfg["seed"], progress=progress)
     rho, n = omega_kl_correlation(rows)
     s = standing(rows)
@@ -146,7 +146,7 @@ def evidence(run: Run) -> pd.DataFrame:
     return rows
 
 
-def finetune(run: Run) -> pd.DataFrame:
+def fine_tune(run: Run) -> pd.DataFrame:
     from hawq_ray.inputs.models import DEFAULT_MODEL
     from hawq_ray.quant.finetune import Recipe
     from hawq_ray.service.tune import DataSource, Student, TuneSettings, tune_finetune
@@ -287,7 +287,7 @@ def _latency_budgets(run: Run) -> tuple[dict, dict]:
 def export(run: Run) -> pd.DataFrame:
     """Each config's program as an ONNX QDQ model, run in onnxruntime against the integer executor on the
     held-out split."""
-    from hawq_ray.deploy.qdq import check_onnx, export_onnx
+    from hawq_ray.onnx.export import check_onnx, export_onnx
     from hawq_ray.inputs.data import batches
     settings = run.cfg["export"]
     held_out = [b[0] for b in batches(run.data.test, 64, settings["batches"])]
@@ -340,7 +340,7 @@ STAGES = (
           sweep, report=report.confidence_section),
     Stage("evidence", lambda run: (run.digest_of("table"), run.cfg["budgets"], run.cfg["evidence"]), evidence,
           runs=lambda run: run.cfg["evidence"]["enabled"], report=report.evidence_section),
-    Stage("finetune", lambda run: (run.digest_of("sweep", "table"), run.cfg["tune"]), finetune,
+    Stage("finetune", lambda run: (run.digest_of("sweep", "table"), run.cfg["tune"]), fine_tune,
           unfinished=failed_trials, report=report.failed_section),
     Stage("programs", lambda run: (digest(run.finished.to_json()),), programs, runs=_has_trained),
     Stage("deploy", lambda run: (run.digest_of("programs"), run.cfg["deploy"], run.cfg["profile"]), deploy,

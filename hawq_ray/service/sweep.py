@@ -55,7 +55,7 @@ def ray_draw_answers(table, grid: list, draws: int, seed: int = 0, workers: set 
     return [draw for _, part in answers for draw in part]
 
 
-def budget_grid(table: pd.DataFrame, budgets: dict) -> list:
+def budget_points(table: pd.DataFrame, budgets: dict) -> list:
     """One budget point per value of run.yaml's budgets; latency ones only where every layer has its latency."""
     grid = [{resource: float(r)} for resource, values in budgets.items() for r in values]
     if not table[[lat_col(b) for b in BIT_WIDTHS]].notna().all().all():
@@ -68,7 +68,7 @@ def sweep_configs(table: pd.DataFrame, budgets: dict, uniform: list, draws: int,
     that chose it, of the fraction of trace draws that choose it again, and for each layer whose bits flip in
     some draw the highest such fraction (`flips`, JSON); NaN and {} for a uniform config no budget chose."""
     from solver.sweep import sweep_budgets
-    grid = budget_grid(table, budgets)
+    grid = budget_points(table, budgets)
     rows = {u: {"config": u, "budget": [], "latency_limit_ms": np.nan, "bits": parse_bits(u, table).as_dict(),
                 "confidence": np.nan, "flips": {}} for u in uniform}
     if grid:

@@ -306,6 +306,7 @@ def one_line_error(error) -> str:
     without terminal codes."""
     lines = [ln.strip() for ln in ANSI_ESCAPE.sub("", str(error)).splitlines() if ln.strip()]
     line = lines[-1] if lines else type(error).__name__
+    line = re.sub(r"^(\w+\.)*HawqError: ", "", line)            # the project's own errors speak for themselves
     return "".join(c for c in line if c.isprintable())[:300]
 
 
@@ -368,7 +369,7 @@ def finetune_run(configs, *, out, model=None, weights=None, data=None, recipe: R
     in `out`) or a pytorchcv name (weights from `weights` or the local pytorchcv cache). `data`: 'digits' for the
     default model, 'synthetic' otherwise, or a folder. With `recipe.distill`, `teacher` is the teacher spec
     (None: the fp32 model; a pytorchcv name, or NAME=WEIGHTS)."""
-    from hawq_ray.analysis.layers import layer_table as make_layer_table
+    from hawq_ray.quant.layers import layer_table as make_layer_table
     from hawq_ray.inputs.data import load_data
     from hawq_ray.inputs.models import DEFAULT_MODEL, get_model, input_shape, num_classes
     from hawq_ray.service.session import connect

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
-import json
 import os
 import shutil
 import sys
@@ -34,19 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(f"hawq_ray.service.cli.{name}").register(sub)
     return parser
-
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, default=_jsonable))
-
-
-def _jsonable(x):
-    import numpy as np
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
 
 
 def main(argv=None) -> int:

@@ -1,10 +1,11 @@
-"""Arguments every model-facing subcommand shares: --model, --weights, --data, --json."""
+"""Arguments every model-facing subcommand shares: --model, --weights, --data, --json; and how each prints its
+JSON line (`print_json`)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
-
 
 
 def add_model_args(parser, data: bool = True) -> None:
@@ -54,3 +55,16 @@ def data_note(splits) -> str:
     if splits is None:
         return ""
     return f" [data: {splits.name}{' (SYNTHETIC random images)' if splits.synthetic else ''}]"
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, default=_jsonable))
+
+
+def _jsonable(x):
+    import numpy as np
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)

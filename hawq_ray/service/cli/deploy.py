@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from hawq_ray.service.cli import print_json
+from hawq_ray.service.cli.common import print_json
 from hawq_ray.service.cli.common import add_model_args, data_note, fmt_table, resolve
 from hawq_ray.service.settings import BATCH, COUNT, Int
 
@@ -66,7 +66,7 @@ def quantized_model(md, bits, checkpoint=None, calibration_batches: int = 2, bat
 
 
 def run_compile(args) -> int:
-    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.quant.layers import layer_table
     from hawq_ray.contract import HawqError
     from hawq_ray.contract.bits import read_configs
     from hawq_ray.deploy.build import compile_program, export_model

@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 
 from hawq_ray.contract import HawqError
-from hawq_ray.service.cli import print_json
+from hawq_ray.service.cli.common import print_json
 from hawq_ray.service.cli.common import data_note, resolve
 from hawq_ray.service.settings import COUNT
 
 
 def register(sub) -> None:
-    from hawq_ray.deploy.qdq import FORMS
+    from hawq_ray.onnx.qdq import FORMS
     from hawq_ray.service.cli.deploy import add_config_args
     p = sub.add_parser("export", help="export a bit config as an ONNX QDQ model, checked in onnxruntime")
     add_config_args(p)
@@ -38,7 +38,7 @@ def register(sub) -> None:
 
 
 def run_export(args) -> int:
-    from hawq_ray.deploy.qdq import check_onnx, export_onnx
+    from hawq_ray.onnx.export import check_onnx, export_onnx
     from hawq_ray.inputs.data import batches
     from hawq_ray.service.cli.deploy import quantized_model
     from hawq_ray.service.outputs import writable_file

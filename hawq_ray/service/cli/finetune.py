@@ -83,7 +83,7 @@ def run_finetune(args) -> int:
         print(f"trial {r['trial']} (config {r['config']}) failed: {r['error']}")
     print(f"wrote {os.path.join(args.out, 'finetune.parquet')}")
     if args.json:
-        from hawq_ray.service.cli import print_json
+        from hawq_ray.service.cli.common import print_json
         records = result.drop(columns=["bits"]).astype(object).where(result.drop(columns=["bits"]).notna(), None)
         print_json({"out": args.out, "trials": records.to_dict(orient="records")})   # NaN -> null (valid JSON)
     return 1 if len(errors) else 0

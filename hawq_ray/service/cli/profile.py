@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from hawq_ray.service.cli import print_json
+from hawq_ray.service.cli.common import print_json
 from hawq_ray.service.cli.common import add_model_args, fmt_table, resolve
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.table import BIT_WIDTHS, LATENCY_COLUMNS, glue_col

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from hawq_ray.service.cli import print_json
+from hawq_ray.service.cli.common import print_json
 from hawq_ray.service.cli.common import add_model_args, data_note, fmt_table, resolve
 from hawq_ray.service.settings import BATCH, COUNT, SEED
 
@@ -37,7 +37,7 @@ def register(sub) -> None:
 
 
 def run_layers(args) -> int:
-    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.quant.layers import layer_table
     md = resolve(args, need_data=False)
     table = layer_table(md.model, md.input_shape)
     if args.json:
@@ -51,7 +51,7 @@ def run_layers(args) -> int:
 
 
 def run_cost(args) -> int:
-    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.quant.layers import layer_table
     from hawq_ray.contract.bits import parse_bits
     from hawq_ray.contract.cost import config_costs
     md = resolve(args, need_data=False)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hawq_ray.service.cli import print_json
+from hawq_ray.service.cli.common import print_json
 
 
 def register(sub) -> None:

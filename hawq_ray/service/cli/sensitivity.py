@@ -9,7 +9,7 @@ import shutil
 import sys
 import time
 
-from hawq_ray.service.cli import print_json
+from hawq_ray.service.cli.common import print_json
 from hawq_ray.service.cli.common import add_model_args, data_note, fmt_table, resolve
 from hawq_ray.analysis.sensitivity import DEFAULT_RANK
 from hawq_ray.contract import HawqError
@@ -61,7 +61,7 @@ def trace_progress_bar(total: int):
 
 def compute(md, data, args, progress):
     """The sensitivity table of the layer table of `md.model` on `data`."""
-    from hawq_ray.analysis.layers import layer_table
+    from hawq_ray.quant.layers import layer_table
     from hawq_ray.analysis.sensitivity import layer_traces, sensitivity_columns, weight_deltas
 
     table = layer_table(md.model, md.input_shape)

@@ -105,7 +105,7 @@ def run_solve(args) -> int:
     if args.out:
         print(f"wrote {args.out}")
     if args.json:
-        from hawq_ray.service.cli import print_json
+        from hawq_ray.service.cli.common import print_json
         print_json({**a.to_dict(), "out": args.out})
     return 0
 
@@ -173,7 +173,7 @@ def run_sweep(args) -> int:
                 frame.to_parquet(path, index=False)
         print(f"wrote {out} and {points_path}")
     if args.json:
-        from hawq_ray.service.cli import print_json
+        from hawq_ray.service.cli.common import print_json
         print_json({"points": len(s.points), "feasible": n_ok, "configs": len(s.configs),
                     "frontier": json.loads(s.frontier.to_json(orient="records")), "out": args.out})
     return 0

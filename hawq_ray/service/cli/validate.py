@@ -58,7 +58,7 @@ def run_validate(args) -> int:
             rows.to_parquet(args.out, index=False)
         print(f"wrote {args.out}")
     if args.json:
-        from hawq_ray.service.cli import print_json
+        from hawq_ray.service.cli.common import print_json
         print_json({"configs": n, "spearman": rho, "standing": standing(rows).to_dict(orient="records"),
                     "out": args.out})
     return 0
