@@ -1,8 +1,11 @@
-"""The three model sources: pytorchcv names, `torchvision:NAME`, `package.module:callable`; weights never download."""
+"""The model sources: pytorchcv names, `torchvision:NAME`, `timm:NAME`, `package.module:callable`; weights never
+download."""
 import hashlib
 import json
+import socket
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,6 +216,172 @@ def test_bad_user_specs_are_one_line_errors(spec, needles):
 def test_pytorchcv_hint_mentions_all_forms():
     message = one_line_error(get_model, "resnet81")
     assert "resnet18" in message and "torchvision:NAME" in message and "package.module:callable" in message
+    assert "timm:NAME" in message and "'digits_vit'" in message
+
+
+# --- timm:NAME ---
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any socket connection or name lookup fails the test (timm and huggingface_hub fetch with their own
+    clients, so the urllib / torch.hub guards above would not see them), and so does the hub client itself."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"tried to use the network: {args[:2]}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    import huggingface_hub
+    import timm.models._hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", refuse)
+    monkeypatch.setattr(timm.models._hub, "download_cached_file", refuse)
+
+
+def timm_hub_id(name):
+    from timm.models import get_pretrained_cfg
+
+    return get_pretrained_cfg(name).hf_hub_id
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def write_hub_cache(folder, repo_id, filename, state, blob_name=None):
+    """Lay `state` out as huggingface_hub caches a file: refs/main names a commit, whose snapshot's `filename`
+    links to blobs/<sha256> (or `blob_name`); returns the snapshot path."""
+    repo = folder / f"models--{repo_id.replace('/', '--')}"
+    for sub in ("refs", "blobs", f"snapshots/{COMMIT}"):
+        (repo / sub).mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    staging = folder / "staging"
+    if filename.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(state, str(staging))
+    else:
+        torch.save(state, staging)
+    blob = repo / "blobs" / (blob_name or hashlib.sha256(staging.read_bytes()).hexdigest())
+    staging.rename(blob)
+    snapshot = repo / "snapshots" / COMMIT / filename
+    snapshot.symlink_to(Path("../../blobs") / blob.name)
+    return snapshot
+
+
+def test_timm_resnet18_builds_and_goes_through_layers(capsys):
+    import timm
+    from hawq_ray.service.cli import main
+
+    model = get_model("timm:resnet18")
+    assert isinstance(model, timm.models.ResNet) and models.num_classes(model) == 1000
+    assert input_shape("timm:resnet18") == input_shape(model) == (3, 224, 224)  # the pretrained config's
+    assert input_shape("timm:resnet18.a3_in1k") == (3, 160, 160)                # a tag's own config
+    assert not models.is_user_code("timm:resnet18") and models.is_user_code("mypkg.nets:build")
+    assert main(["layers", "--model", "timm:resnet18", "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    layers = obj["layers"]
+    assert obj["model"] == "timm:resnet18" and len(layers) == 21
+    assert layers[0]["layer"] == "conv1" and layers[0]["params"] == 3 * 64 * 49
+    assert layers[0]["macs"] == 3 * 64 * 49 * 112 * 112
+    assert layers[-1]["layer"] == "fc" and layers[-1]["kind"] == "linear" and layers[-1]["params"] == 512 * 1000
+
+
+def test_timm_resnet18_uniform8_runs_as_integers():
+    from hawq_ray.program.executor import run_program
+    from hawq_ray.quant.qat import prepare
+
+    torch.manual_seed(0)
+    qm = prepare(get_model("timm:resnet18").eval(), "uniform8", (3, 32, 32))  # a small input keeps it quick
+    x = torch.randn(4, 3, 32, 32)
+    qm.calibrate([x])
+    qm.eval()
+    with torch.no_grad():
+        simulated = qm(x)
+    program = qm.to_integer()
+    integers = program.dequantize_output(run_program(program, program.quantize_input(x)))
+    assert integers.shape == (4, 1000)
+    torch.testing.assert_close(integers.float(), simulated.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec, needles", [
+    ("timm:resnet81", ["'timm:resnet81' is not a timm model", "did you mean resnet18"]),
+    ("timm:deit_tiny_patch16_244", ["did you mean deit_tiny_patch16_224"]),
+    ("timm:resnet18.a1_in2k",
+     ["no pretrained tag 'a1_in2k' for resnet18", "did you mean a1_in1k", "timm:resnet18.TAG"]),
+    ("timm:hf-hub:timm/resnet18.a1_in1k", ["is not a timm model"]),   # timm's own hub prefix would fetch: refused
+])
+def test_unknown_timm_names_are_one_line_errors(spec, needles):
+    message = one_line_error(get_model, spec)
+    assert all(needle in message for needle in needles), message
+    assert "timm:NAME" in message or "timm:resnet18.TAG" in message
+    assert "is not a timm model" in one_line_error(input_shape, "timm:resnet81")
+
+
+@pytest.mark.usefixtures("no_network")
+def test_timm_pretrained_without_cache_fails_at_once(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    repo_id = timm_hub_id("resnet18")
+    message = one_line_error(get_model, "timm:resnet18", pretrained=True, cache_dir=tmp_path)
+    repo = tmp_path / f"models--{repo_id.replace('/', '--')}"
+    assert f"expected {repo}/snapshots/<commit in refs/main>/model.safetensors" in message
+    assert "never downloads" in message and "weights=PATH" in message
+    # without cache_dir: huggingface_hub's own cache folder
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    message = one_line_error(get_model, "timm:resnet18", pretrained=True)
+    assert str(tmp_path / "hf" / f"models--{repo_id.replace('/', '--')}") in message
+    # the few timm weights with only a URL: torch.hub's checkpoints folder ($TORCH_HOME/hub/checkpoints)
+    message = one_line_error(get_model, "timm:legacy_seresnet18", pretrained=True)
+    assert f"expected {tmp_path / 'torch_home' / 'hub' / 'checkpoints'}/" in message and "weights=PATH" in message
+    assert not list(tmp_path.rglob("*.safetensors")) and not list(tmp_path.rglob("*.pth"))
+
+
+@pytest.mark.usefixtures("no_network")
+@pytest.mark.parametrize("filename", ["model.safetensors", "pytorch_model.bin"])
+def test_timm_pretrained_loads_the_hub_cache_offline(tmp_path, filename):
+    state = randomized(get_model("timm:resnet18"))
+    write_hub_cache(tmp_path, timm_hub_id("resnet18"), filename, state)
+    model = get_model("timm:resnet18", pretrained=True, cache_dir=tmp_path)
+    assert torch.equal(model.fc.weight, state["fc.weight"])
+    assert torch.equal(model.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
+
+
+@pytest.mark.usefixtures("no_network")
+def test_timm_pretrained_refuses_a_blob_whose_sha256_is_not_its_name(tmp_path):
+    write_hub_cache(tmp_path, timm_hub_id("resnet18"), "model.safetensors",
+                    get_model("timm:resnet18").state_dict(), blob_name="0" * 64)
+    message = one_line_error(get_model, "timm:resnet18", pretrained=True, cache_dir=tmp_path)
+    assert "are corrupt" in message and "weights=PATH" in message
+
+
+@pytest.mark.usefixtures("no_network")
+def test_timm_weights_path_takes_safetensors_and_names_mismatched_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    state = randomized(get_model("timm:resnet18"))
+    save_file(state, str(tmp_path / "w.safetensors"))
+    model = get_model("timm:resnet18", weights=tmp_path / "w.safetensors")
+    assert torch.equal(model.conv1.weight, state["conv1.weight"])
+    torch.save(state, tmp_path / "w.pt")
+    message = one_line_error(get_model, "timm:resnet34", weights=tmp_path / "w.pt")
+    assert "does not match model ResNet" in message and "missing" in message
+
+
+@pytest.mark.usefixtures("no_network")
+def test_timm_deit_builds_offline_and_the_converter_refuses_it(capsys):
+    from hawq_ray.quant.qat import prepare
+    from hawq_ray.service.cli import main
+
+    model = get_model("timm:deit_tiny_patch16_224")
+    assert input_shape("timm:deit_tiny_patch16_224") == input_shape(model) == (3, 224, 224)
+    assert models.num_classes(model) == 1000
+    message = one_line_error(prepare, model, "uniform8", (3, 224, 224))
+    assert "attention and LayerNorm have no integer-only form" in message
+    assert main(["layers", "--model", "timm:deit_tiny_patch16_224"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "attention and LayerNorm" in err and len(err.splitlines()) == 1
 
 
 # --- the CLI ---

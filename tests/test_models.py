@@ -85,6 +85,8 @@ def test_large_pytorchcv_models_build(name):
 def test_unknown_name_suggests_close_matches():
     with pytest.raises(HawqError, match=r"unknown model 'resnet81'.*resnet18"):
         get_model("resnet81")
+    with pytest.raises(HawqError, match=r"unknown model 'digits_vt': did you mean digits_vit"):
+        get_model("digits_vt")
     with pytest.raises(HawqError, match="unknown model"):
         input_shape("not_a_model_at_all")
 
@@ -140,6 +142,19 @@ def test_weights_path_loads_bare_or_wrapped_state_dicts(tmp_path, wrap):
     torch.save(wrap(trained.state_dict()), path)
     model = get_model(weights=path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+
+
+def test_weights_path_loads_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    trained = DigitsResNet(seed=7)
+    save_file(trained.state_dict(), str(tmp_path / "w.safetensors"))
+    model = get_model(weights=tmp_path / "w.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+    torch.save(trained.state_dict(), tmp_path / "not.safetensors")  # a pickle under a safetensors name
+    with pytest.raises(HawqError, match=r"cannot load weights file .*not\.safetensors: ") as info:
+        get_model(weights=tmp_path / "not.safetensors")
+    assert "\n" not in str(info.value)
 
 
 def test_weights_missing_file(tmp_path):

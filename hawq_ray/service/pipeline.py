@@ -21,7 +21,8 @@ from hawq_ray.analysis.sensitivity import DEFAULT_RANK
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.integrity import digest, file_sha256
 from hawq_ray.service.settings import (ACTORS, BATCH, COUNT, EPOCHS, ITERATIONS, LEARNING_RATE, RANK,
-                                       SEED, TOLERANCE, Bool, Choice, TargetSpec, Text, check_mapping, fits_in_memory)
+                                       SEED, TOLERANCE, Bool, Choice, Int, TargetSpec, Text, check_mapping,
+                                       fits_in_memory)
 
 DEFAULT_CONFIG = {
     "model": None,            # None: the embedded digits_resnet
@@ -33,7 +34,7 @@ DEFAULT_CONFIG = {
     "budgets": {"size": [0.25, 0.5, 0.75], "bops": [0.25, 0.5, 0.75], "latency": [0.25, 0.5, 0.75]},
     "uniform": ["uniform4", "uniform8"],
     "sweep": {"draws": 200},  # trace draws re-solved per budget: how firmly the traces support each choice
-    "fp32_epochs": 8,
+    "fp32_epochs": None,      # an embedded model's fp32 training epochs; None: its own recipe
     "sensitivity": {"actors": 2, "batches": 4, "batch_size": 64, "tol": 0.05, "max_iter": 64, "rank": DEFAULT_RANK},
     "profile": {"batch": 8, "target": "llvm", "resource": None, "actors": 1, "rounds": 5},
     "tune": {"epochs": 4, "samples": 1, "lr": 0.01, "distill": False, "teacher": None, "asha": False},
@@ -42,7 +43,8 @@ DEFAULT_CONFIG = {
     "evidence": {"enabled": True, "randoms": 20},   # the ILP's configs against random and reversed ones (PTQ)
 }
 RUN_SCHEMA = {   # the type and range of every setting above except budgets, input_size and uniform
-    "model": Text(), "weights": Text(), "pretrained": Bool(), "data": Text(), "seed": SEED, "fp32_epochs": EPOCHS,
+    "model": Text(), "weights": Text(), "pretrained": Bool(), "data": Text(), "seed": SEED,
+    "fp32_epochs": Int(1, 10000, optional=True),
     "sweep": {"draws": COUNT},
     "sensitivity": {"actors": ACTORS, "batches": COUNT, "batch_size": BATCH, "tol": TOLERANCE,
                     "max_iter": ITERATIONS, "rank": RANK},
@@ -92,8 +94,8 @@ def _refuse_user_code(user: dict, path) -> None:
     for key, spec in (("model", user.get("model")), ("tune.teacher", str(tune.get("teacher") or "").split("=")[0])):
         if is_user_code(spec):
             raise HawqError(f"run config {path}: {key} {spec[:80]!r} names Python code to run (package.module:callable),"
-                            f" which a run.yaml may not, since it may come from someone else; valid: a pytorchcv "
-                            f"name or torchvision:NAME here, or the code on the command line (hawq-ray run --model "
+                            f" which a run.yaml may not, since it may come from someone else; valid: digits_resnet, "
+                            f"digits_vit, a pytorchcv name, torchvision:NAME or timm:NAME here, or the code on the command line (hawq-ray run --model "
                             f"{spec[:80]}) or in hawq_ray.run(model=...)")
 
 
@@ -241,13 +243,13 @@ def _run_stages(cfg: dict, name: str, shape: tuple, run_dir: Path, address, log)
 
     write_atomic(run_dir / "run.json", json.dumps(cfg, indent=1, default=str))
     connect(address)
-    spec = cfg["data"] or ("digits" if name == models.DEFAULT_MODEL else "synthetic")
+    spec = cfg["data"] or ("digits" if name in models.EMBEDDED_MODELS else "synthetic")
     data = data_mod.load_data(spec, input_shape=shape, seed=cfg["seed"])
     if data.synthetic:
         log("[data] SYNTHETIC random images: accuracies in this run mean nothing about the model")
 
     # fp32 weights: given, pretrained from the local cache, or (default model) trained once on digits
-    if cfg["weights"] or cfg["pretrained"] or name != models.DEFAULT_MODEL:
+    if cfg["weights"] or cfg["pretrained"] or name not in models.EMBEDDED_MODELS:
         model = models.get_model(cfg["model"], pretrained=cfg["pretrained"], weights=cfg["weights"]).eval()
     else:
         model, path, trained = fp32_weights(run_dir, data, model_name=name, epochs=cfg["fp32_epochs"],

@@ -55,12 +55,15 @@ class Int(Setting):
     convert = int
     low: int
     high: int
+    optional: bool = False         # null is valid too
 
     def ok(self, value) -> bool:
+        if value is None:
+            return self.optional
         return isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high
 
     def valid(self) -> str:
-        return f"an integer from {self.low} to {self.high}"
+        return f"an integer from {self.low} to {self.high}" + (" or null" if self.optional else "")
 
 
 @dataclass(frozen=True)

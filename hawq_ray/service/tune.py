@@ -362,7 +362,7 @@ def best_per_config(result: pd.DataFrame) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------------------ front door
 def finetune_run(configs, *, out, model=None, weights=None, data=None, recipe: Recipe = Recipe(),
-                 settings: TuneSettings = TuneSettings(), teacher=None, layer_table=None, fp32_epochs: int = 8,
+                 settings: TuneSettings = TuneSettings(), teacher=None, layer_table=None, fp32_epochs: int | None = None,
                  seed: int = 0, address: str | None = None) -> pd.DataFrame:
     """The `hawq-ray finetune` stage as a function (joins Ray at `address`, see `service.session.connect`).
     `model`: None (the default digits model: without `weights` its fp32 weights are trained on digits and cached
@@ -371,14 +371,14 @@ def finetune_run(configs, *, out, model=None, weights=None, data=None, recipe: R
     (None: the fp32 model; a pytorchcv name, or NAME=WEIGHTS)."""
     from hawq_ray.quant.layers import layer_table as make_layer_table
     from hawq_ray.inputs.data import load_data
-    from hawq_ray.inputs.models import DEFAULT_MODEL, get_model, input_shape, num_classes
+    from hawq_ray.inputs.models import DEFAULT_MODEL, EMBEDDED_MODELS, get_model, input_shape, num_classes
     from hawq_ray.service.session import connect
 
     name = model or DEFAULT_MODEL
-    spec = data or ("digits" if name == DEFAULT_MODEL else "synthetic")
+    spec = data or ("digits" if name in EMBEDDED_MODELS else "synthetic")
     shape = tuple(input_shape(name))
     out = Path(out)
-    if name == DEFAULT_MODEL and weights is None:
+    if name in EMBEDDED_MODELS and weights is None:
         splits = load_data(spec, input_shape=shape, seed=seed)
         fp32_model, weights, _ = fp32_weights(out, splits, model_name=name, epochs=fp32_epochs, seed=seed)
     else:

@@ -10,9 +10,10 @@ import torch
 
 def add_model_args(parser, data: bool = True) -> None:
     parser.add_argument("--model", default=None,
-                        help="a pytorchcv name (e.g. resnet18), torchvision:NAME (a torchvision classification "
-                             "model, e.g. torchvision:mobilenet_v2) or package.module:callable (your code, called "
-                             "with no arguments, returning an nn.Module) (default: the embedded digits_resnet)")
+                        help="an embedded model (digits_resnet, digits_vit), a pytorchcv name (e.g. resnet18), "
+                             "torchvision:NAME (e.g. torchvision:mobilenet_v2), timm:NAME (e.g. timm:resnet18) or "
+                             "package.module:callable (your code, called with no arguments, returning an nn.Module) "
+                             "(default: the embedded digits_resnet)")
     parser.add_argument("--weights", default=None, help="state-dict file to load (read with weights_only=True)")
     parser.add_argument("--pretrained", action="store_true",
                         help="load pytorchcv weights from ~/.torch/models, torchvision weights from "
@@ -40,7 +41,7 @@ def resolve(args, need_data: bool = True) -> ModelAndData:
     shape = tuple(models.input_shape(args.model if args.model else model))
     splits = None
     if need_data:
-        spec = getattr(args, "data", None) or ("digits" if name == models.DEFAULT_MODEL else "synthetic")
+        spec = getattr(args, "data", None) or ("digits" if name in models.EMBEDDED_MODELS else "synthetic")
         splits = data_mod.load_data(spec, input_shape=shape)
     return ModelAndData(model, name, shape, splits)
 
