@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from hawq_ray.contract.table import BIT_WIDTHS, omega_col
+from hawq_ray.contract.table import BIT_WIDTHS, COL, omega_col
 from solver.ilp import ilp_inputs
 from solver.sweep import solve_points
 
@@ -22,8 +22,8 @@ def drawn_table(table: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
     """The table with each trace drawn from N(trace, trace_stderr^2), a negative draw as 0 (a negative trace
     counts as zero sensitivity, `contract.cost.omega`); Omega is recomputed from the drawn traces."""
     t = table.drop(columns=[omega_col(b) for b in BIT_WIDTHS if omega_col(b) in table])
-    stderr = np.nan_to_num(t["trace_stderr"].to_numpy(float))
-    t["trace"] = np.maximum(rng.normal(t["trace"].to_numpy(float), stderr), 0.0)   # Eq. 8: below 0 counts as 0
+    stderr = np.nan_to_num(t[COL.trace_stderr].to_numpy(float))
+    t[COL.trace] = np.maximum(rng.normal(t[COL.trace].to_numpy(float), stderr), 0.0)   # Eq. 8: below 0 counts as 0
     return t
 
 

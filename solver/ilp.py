@@ -25,7 +25,7 @@ import pulp
 
 from hawq_ray.contract import HawqError, TableError  # noqa: F401  (TableError: part of this module's errors)
 from hawq_ray.contract.cost import RESOURCES, layer_gbops, layer_size_mib, omega
-from hawq_ray.contract.table import BIT_WIDTHS, check_table, delta_col, lat_col, omega_col
+from hawq_ray.contract.table import BIT_WIDTHS, COL, check_table, delta_col, lat_col, omega_col
 
 FEASIBILITY_TOL = 1e-9  # slack on every budget, relative to the resource's range over the searchable layers
 
@@ -48,15 +48,15 @@ def layer_omega(table: pd.DataFrame, bits: Sequence[int]) -> np.ndarray:
     Columns `omega{b}` are used as given when the table has them for every b."""
     if all(omega_col(b) in table for b in bits):
         return np.column_stack([table[omega_col(b)].to_numpy(float) for b in bits])
-    return np.column_stack([omega(table["trace"], table["params"], table[delta_col(b)]) for b in bits])
+    return np.column_stack([omega(table[COL.trace], table[COL.params], table[delta_col(b)]) for b in bits])
 
 
 def layer_resources(table: pd.DataFrame, bits: Sequence[int]) -> dict[str, np.ndarray]:
     """Per-layer resources at each bit width (contract.cost), each of shape (layers, len(bits)): size in MiB,
     GBOPS, and latency in ms from the measured `lat{b}_ms` columns (if present)."""
     b = np.asarray(bits, float)[None, :]
-    out = {"size_mib": layer_size_mib(table["params"].to_numpy(np.int64)[:, None], b),
-           "gbops": layer_gbops(table["macs"].to_numpy(np.int64)[:, None], b)}
+    out = {"size_mib": layer_size_mib(table[COL.params].to_numpy(np.int64)[:, None], b),
+           "gbops": layer_gbops(table[COL.macs].to_numpy(np.int64)[:, None], b)}
     if all(lat_col(k) in table for k in bits):
         out["latency_ms"] = np.column_stack([table[lat_col(k)].to_numpy(float) for k in bits])
     return out
@@ -91,8 +91,8 @@ class IlpInputs:
 def ilp_inputs(table: pd.DataFrame, bits: Sequence[int] = BIT_WIDTHS) -> IlpInputs:
     bits = check_widths(bits)
     t = check_table(table, bits)
-    fixed = t["fixed_bits"].fillna(0).to_numpy(int)
-    keys = [g if g else f"\0{name}" for g, name in zip(t["group"], t["layer"])]
+    fixed = t[COL.fixed_bits].fillna(0).to_numpy(int)
+    keys = [g if g else f"\0{name}" for g, name in zip(t[COL.group], t[COL.layer])]
     unit_ids: dict[str, int] = {}
     unit = np.full(len(t), -1)
     for i, k in enumerate(keys):
@@ -107,7 +107,7 @@ def ilp_inputs(table: pd.DataFrame, bits: Sequence[int] = BIT_WIDTHS) -> IlpInpu
         s = unit >= 0
         np.add.at(out, unit[s], np.nan_to_num(a[s]))
         return out
-    return IlpInputs(tuple(t["layer"]), bits, fixed, unit, omega, res,
+    return IlpInputs(tuple(t[COL.layer]), bits, fixed, unit, omega, res,
                      per_unit(omega), {k: per_unit(v) for k, v in res.items()})
 
 

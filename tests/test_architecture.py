@@ -8,7 +8,10 @@
 - Ray is started in one place, `service.session` (`connect`), bench scripts included;
 - the checker itself reports a planted forbidden import of each kind and a planted circle;
 - no two top-level functions or classes of the package share a name (bar the CLI modules' `register` protocol);
-- code and docs cite no file outside the repository.
+- code and docs cite no file outside the repository;
+- one name for each layer-table column: outside `hawq_ray/contract/`, no code of `hawq_ray/`, `actors/` or
+  `solver/` names one by a string literal (`table["params"]`); it writes `table[COL.params]`,
+  `table[omega_col(4)]` (`hawq_ray.contract.table`), and the checker reports a planted literal.
 
 An import is every way a file names a module: `import a.b`, `import a.b as c`, `from a import b` (the module
 a.b where b is one, else a), relative imports, `importlib.import_module("a.b")` and `__import__("a.b")` with a
@@ -354,3 +357,133 @@ def test_nothing_cites_files_outside_the_repository():
                            cwd=ROOT, capture_output=True, text=True).stdout.split()     # new files too, moved ones not
     hits = [f for f in files if (ROOT / f).is_file() and any(s in (ROOT / f).read_text() for s in OUTSIDE)]
     assert not hits, hits
+
+
+# ------------------------------------------------------------------- one name for each layer-table column
+
+COLUMN_FOLDERS = ("hawq_ray", "actors", "solver")
+# Literals equal to a layer-table column's name that name something else: (file, function, literal) -> what.
+NOT_THE_LAYER_TABLE = {
+    ("hawq_ray/analysis/evidence.py", "standing", "kind"): "the evidence table's kind (ilp | random | ...)",
+    ("hawq_ray/service/evidence.py", "<module>", "kind"): "the evidence table's kind",
+    ("hawq_ray/service/report.py", "plot_evidence", "kind"): "the evidence table's kind",
+    ("hawq_ray/analysis/verify.py", "compare_values", "layer"): "a deploy manifest value's layer",
+    ("hawq_ray/service/cli/quant.py", "run_verify", "layer"): "the verify tables' layer (TVM and QAT checks)",
+    ("hawq_ray/program/program.py", "IntegerProgram.load", "layer"): "a saved Op's field",
+    ("hawq_ray/deploy/build.py", "<module>", "params"): "the deploy manifest's params file",
+    ("hawq_ray/service/module_record.py", "reusable_record", "params"): "the deploy manifest's params file",
+}
+# Keywords and DataFrame methods whose string argument is a column name.
+_COLUMN_KEYWORDS = {"on", "left_on", "right_on", "columns", "subset", "by", "index", "values"}
+_COLUMN_METHODS = {"groupby", "sort_values", "set_index", "drop_duplicates", "pop"}
+
+
+def column_literals(text: str, names) -> list:
+    """[(line, function, literal)] of every string constant of `text` in `names` that is used as a column
+    name: a subscript's key (`t["c"]`, `t.loc[m, "c"]`, `t[["c", ...]]`), an element of a list, tuple or set
+    display, either side of a comparison with `in`, `==` or `!=`, the value of a column keyword (`on="c"`),
+    the first argument of a column method (`groupby("c")`), or a key of a dict display given to `DataFrame`
+    or as `dtype=`. `function`: the qualified name of the enclosing function ("<module>" at the top)."""
+    hits = []
+
+    def is_name(node):
+        return isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names
+
+    def column_uses(node):
+        """The constants `node` uses as column names, by the rules above."""
+        if isinstance(node, ast.Subscript):
+            yield node.slice
+        elif isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+            yield from node.elts
+        elif isinstance(node, ast.Compare) and all(isinstance(op, (ast.In, ast.NotIn, ast.Eq, ast.NotEq))
+                                                   for op in node.ops):
+            yield node.left
+            yield from node.comparators
+        elif isinstance(node, ast.keyword):
+            if node.arg in _COLUMN_KEYWORDS:
+                yield node.value
+            if node.arg == "dtype" and isinstance(node.value, ast.Dict):
+                yield from node.value.keys
+        elif isinstance(node, ast.Call):
+            f = node.func
+            fname = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+            if fname in _COLUMN_METHODS and node.args:
+                yield node.args[0]
+            if fname == "DataFrame":
+                for a in node.args:
+                    yield from (a.keys if isinstance(a, ast.Dict) else ())
+
+    def visit(node, where):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            where = node.name if where == "<module>" else f"{where}.{node.name}"
+        hits.extend((c.lineno, where, c.value) for c in column_uses(node) if is_name(c))
+        for child in ast.iter_child_nodes(node):
+            visit(child, where)
+    visit(ast.parse(text), "<module>")
+    return hits
+
+
+def column_literal_report(files: dict, names) -> list:
+    """`file:line (function) names column 'c' by a literal` for each hit of `column_literals` in
+    {path: text} that NOT_THE_LAYER_TABLE does not excuse."""
+    return [f"{path}:{line} ({where}) names column {c!r} by a literal"
+            for path, text in sorted(files.items()) for line, where, c in column_literals(text, names)
+            if (path, where, c) not in NOT_THE_LAYER_TABLE]
+
+
+def column_sources() -> dict:
+    return {p.relative_to(ROOT).as_posix(): p.read_text()
+            for folder in COLUMN_FOLDERS for p in sorted((ROOT / folder).rglob("*.py"))
+            if not p.relative_to(ROOT).as_posix().startswith("hawq_ray/contract/")}
+
+
+def test_layer_table_columns_are_named_by_the_contract():
+    from hawq_ray.contract.table import COLUMNS
+    bad = column_literal_report(column_sources(), set(COLUMNS))
+    assert not bad, "use hawq_ray.contract.table's COL / omega_col(b) / ... :\n" + "\n".join(bad)
+
+
+def test_each_column_has_one_name():
+    """COLUMNS is written through COL and the per-bit-width functions: each COL field is its own name, and
+    every column is either a COL field or one of a per-bit-width function's names."""
+    from dataclasses import fields
+
+    from hawq_ray.contract.table import BIT_WIDTHS, COL, COLUMNS, delta_col, glue_col, lat_col, omega_col
+    once = [getattr(COL, f.name) for f in fields(COL)]
+    assert once == [f.name for f in fields(COL)]
+    per_width = [f(b) for f in (delta_col, omega_col, lat_col, glue_col) for b in BIT_WIDTHS] + [lat_col(32)]
+    assert sorted(COLUMNS) == sorted(once + per_width) and len(set(once + per_width)) == len(COLUMNS)
+
+
+def test_every_excused_literal_is_still_there():
+    """An entry of NOT_THE_LAYER_TABLE whose literal has gone is removed, so the list stays what it says."""
+    from hawq_ray.contract.table import COLUMNS
+    found = {(path, where, c) for path, text in column_sources().items()
+             for _, where, c in column_literals(text, set(COLUMNS))}
+    assert set(NOT_THE_LAYER_TABLE) <= found, set(NOT_THE_LAYER_TABLE) - found
+
+
+def test_the_checker_reports_planted_column_literals():
+    """Each way of naming a column by a literal is reported with its file, line and function, in a file
+    already excused for another name and function; a literal that names nothing of the table is not."""
+    from hawq_ray.contract.table import COLUMNS
+    planted = ("import pandas as pd\n"
+               "def f(t, other):\n"
+               "    a = t['trace_stderr']\n"
+               "    b = t.loc[t.kind == 'conv', 'macs']\n"
+               "    c = t[['layer', 'omega4']]\n"
+               "    d = 'fixed_bits' in t\n"
+               "    e = t.merge(other, on='layer')\n"
+               "    g = pd.read_csv('x.csv', dtype={'group': str})\n"
+               "    h = pd.DataFrame({'params': [1]})\n"
+               "    i = t.groupby('group')\n"
+               "    j = ['lat32_ms', 'top1']\n"
+               "    return t['config'], 'layer table', other['kind'] == 'ilp'\n")
+    clean = column_sources()
+    head = clean["hawq_ray/service/report.py"] + "\n\n"
+    files = clean | {"hawq_ray/service/report.py": head + planted.replace("def f(", "def planted(")}
+    report = column_literal_report(files, set(COLUMNS))
+    want = [(3, "trace_stderr"), (4, "macs"), (5, "layer"), (5, "omega4"), (6, "fixed_bits"), (7, "layer"),
+            (8, "group"), (9, "params"), (10, "group"), (11, "lat32_ms"), (12, "kind")]
+    assert sorted(report) == sorted(f"hawq_ray/service/report.py:{head.count(chr(10)) + n} (planted) names "
+                                    f"column {c!r} by a literal" for n, c in want), report

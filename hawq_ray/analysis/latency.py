@@ -36,7 +36,7 @@ import pandas as pd
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.cost import config_costs
 from hawq_ray.contract.integrity import digest
-from hawq_ray.contract.table import BIT_WIDTHS, glue_col, lat_col
+from hawq_ray.contract.table import BIT_WIDTHS, COL, glue_col, lat_col
 
 CONFIGS = tuple(f"uniform{b}" for b in BIT_WIDTHS)   # the programs whose kernels give every layer's latency
 FORMAT = 2            # bump when what a cached latency means changes
@@ -301,7 +301,7 @@ def write_cached(cache_dir, key: str, value: dict, folder: str = "latency") -> N
 def latency_table(table: pd.DataFrame, plans: dict, ms: dict, lat32: dict | None = None) -> pd.DataFrame:
     """The layer table plus lat{b}_ms and glue{b}_ms for each width (and lat32_ms when given)."""
     out = table.copy()
-    layers = list(out["layer"])
+    layers = list(out[COL.layer])
     for cfg in CONFIGS:
         plan = plans[cfg]
         total = dict.fromkeys(layers, 0.0)
@@ -315,7 +315,7 @@ def latency_table(table: pd.DataFrame, plans: dict, ms: dict, lat32: dict | None
         b = int(cfg[len("uniform"):])
         out[lat_col(b)] = [total[x] for x in layers]
         out[glue_col(b)] = [glue[x] for x in layers]
-    for i, f in enumerate(out["fixed_bits"] if "fixed_bits" in out else []):
+    for i, f in enumerate(out[COL.fixed_bits] if COL.fixed_bits in out else []):
         if not pd.isna(f):        # a fixed layer is deployed at its fixed bits in every config
             for col in (lat_col, glue_col):
                 for b in BIT_WIDTHS:

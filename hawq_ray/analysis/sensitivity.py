@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from hawq_ray.contract import HawqError
-from hawq_ray.contract.table import delta_col, omega_col
+from hawq_ray.contract.table import BIT_WIDTHS, COL, delta_col, omega_col
 from hawq_ray.contract.cost import omega
 
-TRACE_COLUMNS = ["trace", "trace_stderr", "trace_samples", "trace_converged"]
+TRACE_COLUMNS = [COL.trace, COL.trace_stderr, COL.trace_samples, COL.trace_converged]
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 DEFAULT_RANK = 16   # directions of the deflation basis; on the digits model and resnet20 it cuts the Hv
                     # products to 5% relative stderr from thousands to a few hundred (bench/bench_sensitivity.py)
@@ -274,8 +274,8 @@ def trace_table(layers: Sequence[str], samples: np.ndarray, tol: float) -> pd.Da
     """One row per layer: trace, trace_stderr, trace_samples, trace_converged; warns of the unconverged."""
     mean, stderr = trace_stats(samples)
     converged = relative_stderr(samples) <= tol
-    table = pd.DataFrame({"layer": list(layers), "trace": mean, "trace_stderr": stderr,
-                          "trace_samples": samples.shape[0], "trace_converged": converged})
+    table = pd.DataFrame({COL.layer: list(layers), COL.trace: mean, COL.trace_stderr: stderr,
+                          COL.trace_samples: samples.shape[0], COL.trace_converged: converged})
     table.attrs["not_converged"] = [l for l, c in zip(layers, converged) if not c]
     if table.attrs["not_converged"]:
         warnings.warn(f"Hessian trace not converged to relative stderr {tol} after {samples.shape[0]} "
@@ -359,30 +359,30 @@ def layer_traces(model: nn.Module, batches, *, layers: Sequence[str] | None = No
 
 
 # ---------------------------------------------------------------- sensitivity (HAWQ-V3 eq. 8)
-def weight_deltas(model: nn.Module, layers: Sequence[str] | None = None, bits=(4, 8)) -> pd.DataFrame:
+def weight_deltas(model: nn.Module, layers: Sequence[str] | None = None, bits=BIT_WIDTHS) -> pd.DataFrame:
     """delta_b = ||Q_b(W) - W||^2 with the deployed quantizer on the BN-folded weights: layer, delta4, delta8."""
     from hawq_ray.quant.graph import folded_weights
     from hawq_ray.quant.quantizers import weight_perturbation
 
     folded = folded_weights(model)
     layers = list(layers) if layers is not None else list(folded)
-    rows = [{"layer": name, **{delta_col(b): weight_perturbation(folded[name], b) for b in bits}}
+    rows = [{COL.layer: name, **{delta_col(b): weight_perturbation(folded[name], b) for b in bits}}
             for name in layers]
-    return pd.DataFrame(rows, columns=["layer", *map(delta_col, bits)])
+    return pd.DataFrame(rows, columns=[COL.layer, *map(delta_col, bits)])
 
 
 def sensitivity_columns(table: pd.DataFrame, traces: pd.DataFrame, deltas: pd.DataFrame) -> pd.DataFrame:
     """The layer table plus trace columns, delta4, delta8, omega4, omega8 (rows and their order kept)."""
-    missing = sorted(set(table["layer"]) - set(traces["layer"]))
+    missing = sorted(set(table[COL.layer]) - set(traces[COL.layer]))
     if missing:
         raise HawqError(f"no Hessian trace for layer(s) {', '.join(missing[:5])}: traces must cover the layer table")
-    out = table.merge(traces[["layer", *TRACE_COLUMNS]], on="layer", how="left", validate="one_to_one")
-    out = out.merge(deltas, on="layer", how="left", validate="one_to_one")
-    negative = out.loc[out["trace"] < 0, "layer"].tolist()
+    out = table.merge(traces[[COL.layer, *TRACE_COLUMNS]], on=COL.layer, how="left", validate="one_to_one")
+    out = out.merge(deltas, on=COL.layer, how="left", validate="one_to_one")
+    negative = out.loc[out[COL.trace] < 0, COL.layer].tolist()
     if negative:
         warnings.warn(f"negative Hessian trace estimate for {len(negative)} layer(s) ({', '.join(negative[:5])}): "
                       f"reported as is, treated as zero sensitivity", stacklevel=2)
-    for b in (4, 8):
-        out[omega_col(b)] = omega(out["trace"], out["params"], out[delta_col(b)])
+    for b in BIT_WIDTHS:
+        out[omega_col(b)] = omega(out[COL.trace], out[COL.params], out[delta_col(b)])
     out.attrs = {k: v for k, v in traces.attrs.items() if k != "samples"}
     return out

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from hawq_ray.contract.errors import BitConfigError
-from hawq_ray.contract.table import BIT_WIDTHS
+from hawq_ray.contract.table import BIT_WIDTHS, COL
 
 NAMED = ("uniform4", "uniform8")
 
@@ -63,21 +63,21 @@ class BitConfig(Mapping):
 
 
 def _fixed(table: pd.DataFrame) -> dict[str, int]:
-    if "fixed_bits" not in table:
+    if COL.fixed_bits not in table:
         return {}
-    return {layer: int(f) for layer, f in zip(table["layer"], table["fixed_bits"]) if not pd.isna(f)}
+    return {layer: int(f) for layer, f in zip(table[COL.layer], table[COL.fixed_bits]) if not pd.isna(f)}
 
 
 def uniform(table: pd.DataFrame, b: int) -> BitConfig:
     """Every searchable layer at `b` bits, fixed layers at their fixed bits."""
     fixed = _fixed(table)
-    return BitConfig({layer: fixed.get(layer, b) for layer in table["layer"]})
+    return BitConfig({layer: fixed.get(layer, b) for layer in table[COL.layer]})
 
 
 def check_bits(table: pd.DataFrame, bits: Mapping, where: str = "bit config") -> BitConfig:
     """`bits` checked against the layer table: known layers only, widths in BIT_WIDTHS, fixed layers at their
     fixed bits (a mapping that leaves one out gives it its fixed bits), every other layer present."""
-    layers = list(table["layer"])
+    layers = list(table[COL.layer])
     known = set(layers)
     unknown = [k for k in bits if k not in known]
     if unknown:
@@ -100,7 +100,7 @@ def check_bits(table: pd.DataFrame, bits: Mapping, where: str = "bit config") ->
 def parse_bits(spec, table: pd.DataFrame, name: str | None = None) -> BitConfig:
     """The one entry for a single config: a BitConfig or mapping, "uniform4" / "uniform8", or a path to a JSON
     {layer: bits} or a HAWQ bit_config.py (`name` picks one of several configs in it)."""
-    if isinstance(spec, BitConfig) and list(spec) == list(table["layer"]):
+    if isinstance(spec, BitConfig) and list(spec) == list(table[COL.layer]):
         return spec
     if isinstance(spec, Mapping):
         return check_bits(table, spec)

@@ -17,7 +17,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from hawq_ray.contract.table import lat_col
+from hawq_ray.contract.table import COL, lat_col
 
 MIB = 2 ** 20          # bytes in a MiB
 GIGA = 1e9             # BOPS in a GBOPS
@@ -54,11 +54,11 @@ def layer_gbops(macs, bits):
 def config_costs(table: pd.DataFrame, bits: Mapping[str, int]) -> dict:
     """size_mib, gbops and latency_ms of a config over the table's layers; latency is NaN unless the table has
     a measured latency for every layer at its bits."""
-    b = np.array([bits[layer] for layer in table["layer"]])
+    b = np.array([bits[layer] for layer in table[COL.layer]])
     latency = math.nan
     if all(lat_col(int(x)) in table for x in set(b.tolist())):
         per_layer = np.array([table[lat_col(int(x))].iloc[i] for i, x in enumerate(b)], float)
         if not np.isnan(per_layer).any():
             latency = float(per_layer.sum())
-    return {"size_mib": float(_weight_bits(table["params"], b).sum() / 8 / MIB),
-            "gbops": float(_bops(table["macs"], b).sum() / GIGA), "latency_ms": latency}
+    return {"size_mib": float(_weight_bits(table[COL.params], b).sum() / 8 / MIB),
+            "gbops": float(_bops(table[COL.macs], b).sum() / GIGA), "latency_ms": latency}

@@ -2,13 +2,14 @@
 
 Every stage reads it and adds columns; none renames or drops one. `COLUMNS` lists each column with its dtype,
 the stage that adds it and what it means; `check_table` validates a table for the solver (and any stage that
-needs the sensitivity columns). Columns that exist once per candidate bit width are named by `omega_col(b)`,
-`delta_col(b)`, `lat_col(b)` and `glue_col(b)`.
+needs the sensitivity columns). Code names a column through this module, never by a literal: the columns that
+exist once by `COL` (`table[COL.params]`), those that exist once per bit width b by `omega_col(b)`,
+`delta_col(b)`, `lat_col(b)` and `glue_col(b)` (tests/test_architecture.py holds the rest of the code to it).
 """
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import numpy as np
@@ -28,6 +29,25 @@ class Column:
     meaning: str
 
 
+@dataclass(frozen=True)
+class LayerColumns:
+    """The names of the layer table's columns that exist once: `COL.<name>` is the string "<name>", so each
+    name is written once, as a field here."""
+    layer: str
+    kind: str
+    params: str
+    macs: str
+    group: str
+    fixed_bits: str
+    trace: str
+    trace_stderr: str
+    trace_samples: str
+    trace_converged: str
+
+
+COL = LayerColumns(**{f.name: f.name for f in fields(LayerColumns)})
+
+
 def omega_col(b: int) -> str:
     return f"omega{b}"
 
@@ -45,18 +65,18 @@ def glue_col(b: int) -> str:
 
 
 COLUMNS = {c.name: c for c in (
-    Column("layer", "object", "layers", "qualified module name of the conv / linear layer"),
-    Column("kind", "object", "layers", "conv | linear"),
-    Column("params", "int64", "layers", "weight elements (BN folded into the conv: the conv's weight count)"),
-    Column("macs", "int64", "layers", "multiply-accumulates per sample"),
-    Column("group", "object", "layers", "layers with the same non-empty group share their bits (a shortcut conv "
-                                        "and the conv beside it); '' for none"),
-    Column("fixed_bits", "Int64", "layers", "bits the layer must keep (first and last layer: 8); <NA> when the "
-                                            "solver chooses"),
-    Column("trace", "float64", "sensitivity", "Hutchinson estimate of Tr(H_i), the layer's Hessian block"),
-    Column("trace_stderr", "float64", "sensitivity", "standard error of `trace`"),
-    Column("trace_samples", "int64", "sensitivity", "Hessian-vector products the estimate averages"),
-    Column("trace_converged", "bool", "sensitivity", "relative standard error reached the tolerance"),
+    Column(COL.layer, "object", "layers", "qualified module name of the conv / linear layer"),
+    Column(COL.kind, "object", "layers", "conv | linear"),
+    Column(COL.params, "int64", "layers", "weight elements (BN folded into the conv: the conv's weight count)"),
+    Column(COL.macs, "int64", "layers", "multiply-accumulates per sample"),
+    Column(COL.group, "object", "layers", "layers with the same non-empty group share their bits (a shortcut "
+                                          "conv and the conv beside it); '' for none"),
+    Column(COL.fixed_bits, "Int64", "layers", "bits the layer must keep (first and last layer: 8); <NA> when the "
+                                              "solver chooses"),
+    Column(COL.trace, "float64", "sensitivity", "Hutchinson estimate of Tr(H_i), the layer's Hessian block"),
+    Column(COL.trace_stderr, "float64", "sensitivity", "standard error of `trace`"),
+    Column(COL.trace_samples, "int64", "sensitivity", "Hessian-vector products the estimate averages"),
+    Column(COL.trace_converged, "bool", "sensitivity", "relative standard error reached the tolerance"),
     *(Column(delta_col(b), "float64", "sensitivity", f"||Q_{b}(W) - W||^2 of the BN-folded weight")
       for b in BIT_WIDTHS),
     *(Column(omega_col(b), "float64", "sensitivity", f"Omega_i at {b} bits (HAWQ-V3 Eq. 8)") for b in BIT_WIDTHS),
@@ -64,7 +84,7 @@ COLUMNS = {c.name: c for c in (
       for b in BIT_WIDTHS),
     *(Column(glue_col(b), "float64", "latency", f"the part of {lat_col(b)} spent in glue kernels")
       for b in BIT_WIDTHS),
-    Column("lat32_ms", "float64", "latency", "ms of the layer's torch fp32 module alone (the reference)"),
+    Column(lat_col(32), "float64", "latency", "ms of the layer's torch fp32 module alone (the reference)"),
 )}
 LATENCY_COLUMNS = tuple(lat_col(b) for b in (*BIT_WIDTHS, 32))   # what the ILP's table takes from the latency stage
 STAGE_COLUMNS = {stage: [c.name for c in COLUMNS.values() if c.stage == stage]
@@ -73,7 +93,7 @@ STAGE_COLUMNS = {stage: [c.name for c in COLUMNS.values() if c.stage == stage]
 
 def searchable(table: pd.DataFrame) -> pd.Series:
     """True for the layers whose bits the solver chooses."""
-    return table["fixed_bits"].isna() if "fixed_bits" in table else pd.Series(True, index=table.index)
+    return table[COL.fixed_bits].isna() if COL.fixed_bits in table else pd.Series(True, index=table.index)
 
 
 def check_table(table: pd.DataFrame, bits: Sequence[int] = BIT_WIDTHS) -> pd.DataFrame:
@@ -86,8 +106,8 @@ def check_table(table: pd.DataFrame, bits: Sequence[int] = BIT_WIDTHS) -> pd.Dat
         raise TableError(f"layer table: expected a pandas DataFrame, got {type(table).__name__}")
     sens = [omega_col(b) for b in bits]
     if not all(c in table for c in sens):
-        sens = ["trace"] + [delta_col(b) for b in bits]
-    need = ["layer", "params", "macs"] + sens
+        sens = [COL.trace] + [delta_col(b) for b in bits]
+    need = [COL.layer, COL.params, COL.macs] + sens
     missing = [c for c in need if c not in table]
     if missing:
         c = missing[0]
@@ -98,26 +118,26 @@ def check_table(table: pd.DataFrame, bits: Sequence[int] = BIT_WIDTHS) -> pd.Dat
     t = table.reset_index(drop=True).copy()
     if len(t) == 0:
         raise TableError("layer table: no rows")
-    names = t["layer"]
+    names = t[COL.layer]
     if names.isna().any() or (names.astype(str).str.strip() == "").any():
-        raise TableError("layer table: column 'layer' has an empty name")
-    t["layer"] = names.astype(str)
-    dup = t["layer"][t["layer"].duplicated()]
+        raise TableError(f"layer table: column {COL.layer!r} has an empty name")
+    t[COL.layer] = names.astype(str)
+    dup = t[COL.layer][t[COL.layer].duplicated()]
     if len(dup):
         raise TableError(f"layer table: layer {dup.iloc[0]!r} appears twice; layer names must be unique")
-    t["group"] = _group_column(t)
-    t["fixed_bits"] = _fixed_bits_column(t, bits)
-    fixed = t["fixed_bits"].notna().to_numpy()
+    t[COL.group] = _group_column(t)
+    t[COL.fixed_bits] = _fixed_bits_column(t, bits)
+    fixed = t[COL.fixed_bits].notna().to_numpy()
     lat = [lat_col(b) for b in bits if lat_col(b) in t]
-    for c in ["params", "macs"] + sens + lat:
+    for c in [COL.params, COL.macs] + sens + lat:
         v = pd.to_numeric(t[c], errors="coerce").to_numpy(float)
         bad_nan = np.isnan(v) & ~(fixed & (c in sens))   # a fixed layer's sensitivity is never used
-        bad = bad_nan | np.isinf(v) | (v < 0) | ((v <= 0) if c == "params" else False)
+        bad = bad_nan | np.isinf(v) | (v < 0) | ((v <= 0) if c == COL.params else False)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            what = "> 0" if c == "params" else ">= 0"
+            what = "> 0" if c == COL.params else ">= 0"
             shown = t[c][i].item() if hasattr(t[c][i], "item") else t[c][i]
-            raise TableError(f"layer table: column {c!r} of layer {t['layer'][i]!r} is {shown!r}; "
+            raise TableError(f"layer table: column {c!r} of layer {t[COL.layer][i]!r} is {shown!r}; "
                              f"it must be a finite number {what}")
         t[c] = v
     if 0 < len(lat) < len(bits):
@@ -128,18 +148,18 @@ def check_table(table: pd.DataFrame, bits: Sequence[int] = BIT_WIDTHS) -> pd.Dat
 
 
 def _group_column(t: pd.DataFrame) -> pd.Series:
-    if "group" not in t:
+    if COL.group not in t:
         return pd.Series([""] * len(t))
-    g = t["group"]
+    g = t[COL.group]
     return g.where(g.notna(), "").map(lambda x: str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
                                       ).str.strip()
 
 
 def _fixed_bits_column(t: pd.DataFrame, bits: Sequence[int]) -> pd.Series:
-    if "fixed_bits" not in t:
+    if COL.fixed_bits not in t:
         return pd.Series(pd.NA, index=t.index, dtype="Int64")
     out = []
-    for name, v in zip(t["layer"], t["fixed_bits"]):
+    for name, v in zip(t[COL.layer], t[COL.fixed_bits]):
         if (not isinstance(v, str) and pd.isna(v)) or (isinstance(v, str) and not v.strip()):
             out.append(pd.NA)
             continue
@@ -155,9 +175,10 @@ def _fixed_bits_column(t: pd.DataFrame, bits: Sequence[int]) -> pd.Series:
 
 
 def _check_groups(t: pd.DataFrame) -> None:
-    grouped = t[t["group"] != ""]
-    for g, rows in grouped.groupby("group", sort=False):
-        if rows["fixed_bits"].astype("float").fillna(0).nunique() > 1:
-            desc = ", ".join(f"{n}={'empty' if pd.isna(f) else f}" for n, f in zip(rows["layer"], rows["fixed_bits"]))
+    grouped = t[t[COL.group] != ""]
+    for g, rows in grouped.groupby(COL.group, sort=False):
+        if rows[COL.fixed_bits].astype("float").fillna(0).nunique() > 1:
+            desc = ", ".join(f"{n}={'empty' if pd.isna(f) else f}"
+                             for n, f in zip(rows[COL.layer], rows[COL.fixed_bits]))
             raise TableError(f"layer table: group {g!r} disagrees on fixed_bits ({desc}); "
                              f"layers of a group must all be searchable or all fixed to the same bits")

@@ -6,7 +6,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from hawq_ray.contract.table import FIXED_BITS
+from hawq_ray.contract.table import COL, COLUMNS, FIXED_BITS
 from hawq_ray.quant.graph import Graph, trace_graph
 
 
@@ -87,13 +87,13 @@ def layer_table(model: nn.Module, input_shape, graph: Graph | None = None) -> pd
     rows = []
     for node in graph.layer_nodes():
         rows.append({
-            "layer": node.layer,
-            "kind": node.kind,
-            "params": int(node.module.weight.numel()),
-            "macs": int(macs.get(node.layer, 0)),
-            "group": groups.get(node.layer, ""),
-            "fixed_bits": fixed.get(node.layer, pd.NA),
+            COL.layer: node.layer,
+            COL.kind: node.kind,
+            COL.params: int(node.module.weight.numel()),
+            COL.macs: int(macs.get(node.layer, 0)),
+            COL.group: groups.get(node.layer, ""),
+            COL.fixed_bits: fixed.get(node.layer, pd.NA),
         })
     table = pd.DataFrame(rows)
-    table["fixed_bits"] = table["fixed_bits"].astype("Int64")
+    table[COL.fixed_bits] = table[COL.fixed_bits].astype(COLUMNS[COL.fixed_bits].dtype)
     return table

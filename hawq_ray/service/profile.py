@@ -25,6 +25,7 @@ from actors.profiler import Kind, Measure, kind_nodes, local_kind, measure, prob
 from hawq_ray.analysis import latency as P
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.bits import parse_bits
+from hawq_ray.contract.table import COL
 
 
 def _target_spec(target) -> str:
@@ -75,7 +76,7 @@ def profile_layers(model, input_shape=None, *, batch: int = 8, target="llvm", re
         if cfg not in programs:
             programs[cfg] = P.latency_program(model, shape, bits[cfg], cache_dir, table)
         return programs[cfg]
-    layers = P.layer_inputs(model, shape, list(table["layer"])) if fp32 else {}
+    layers = P.layer_inputs(model, shape, list(table[COL.layer])) if fp32 else {}
     t1 = time.perf_counter()
     clustered = ray.is_initialized() or resource is not None or address or os.environ.get("RAY_ADDRESS")
     if clustered:

@@ -11,7 +11,7 @@ import pandas as pd
 from hawq_ray.analysis.verify import plot_fake_vs_int
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.bits import bits_of_cell
-from hawq_ray.contract.table import BIT_WIDTHS, LATENCY_COLUMNS, lat_col, omega_col
+from hawq_ray.contract.table import BIT_WIDTHS, COL, LATENCY_COLUMNS, lat_col, omega_col
 from hawq_ray.service.outputs import write_atomic
 
 RESOURCE_LABELS = {"size_mib": "model size (MiB)", "gbops": "GBOPS", "latency_ms": "latency (ms, sum of layers)"}
@@ -205,7 +205,7 @@ def plot_bits_vs_sensitivity(table: pd.DataFrame, configs: pd.DataFrame, path: P
         speed = gain / total if total > 0 else gain
     for ax, (_, row) in zip(axes[:, 0], configs.iterrows()):
         bits = bits_of_cell(row["bits"], "the sweep table")
-        b = np.array([bits[layer] for layer in table["layer"]])
+        b = np.array([bits[layer] for layer in table[COL.layer]])
         ax.bar(x, np.where(b == 8, 1.0, 0.5), color=np.where(b == 8, "tab:blue", "c"), alpha=0.6,
                label="bits (tall: INT8, short: INT4)")
         ax.plot(x, sens, "-o", c="tab:orange", ms=3, label="sensitivity Omega4 - Omega8 (normalized)")
@@ -288,7 +288,7 @@ def layer_section(run_dir: Path, table: pd.DataFrame, plots: Path) -> list:
     if sweep is None or not {omega_col(b) for b in BIT_WIDTHS} <= set(table.columns):
         return []
     plot_bits_vs_sensitivity(table, sweep, plots / "bits_vs_sensitivity.png")
-    show = [c for c in ["layer", "params", "macs", "trace", "trace_stderr", *map(omega_col, BIT_WIDTHS),
+    show = [c for c in [COL.layer, COL.params, COL.macs, COL.trace, COL.trace_stderr, *map(omega_col, BIT_WIDTHS),
                         *LATENCY_COLUMNS] if c in table.columns]
     return ["## Bits per layer, sensitivity and INT4 speed-up (Figure I.1)", "",
             "![bits](plots/bits_vs_sensitivity.png)", "", "## Layer table", "", _md(table[show]), ""]

@@ -23,6 +23,7 @@ import torch
 
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.integrity import digest
+from hawq_ray.contract.table import COL, LATENCY_COLUMNS
 from hawq_ray.service import report
 
 
@@ -71,7 +72,7 @@ def sensitivity(run: Run) -> pd.DataFrame:
     from actors.hessian import actor_layer_traces
     from hawq_ray.analysis.sensitivity import sensitivity_columns, weight_deltas
     from hawq_ray.inputs.data import batches
-    settings, names = run.cfg["sensitivity"], list(run.tables["layers"]["layer"])
+    settings, names = run.cfg["sensitivity"], list(run.tables["layers"][COL.layer])
     shards = batches(run.data.train, settings["batch_size"], settings["batches"])
     with _bar("hessian traces", "it", total=settings["max_iter"]) as bar:
         def progress(iterations, worst):
@@ -109,9 +110,8 @@ def latency(run: Run) -> pd.DataFrame:
 
 def merged_table(run: Run) -> pd.DataFrame:
     """The layer table the ILP reads: sensitivity columns and measured latencies."""
-    from hawq_ray.contract.table import LATENCY_COLUMNS
     lat = run.tables["latency"]
-    return run.tables["sensitivity"].merge(lat[["layer", *LATENCY_COLUMNS]], on="layer", how="left")
+    return run.tables["sensitivity"].merge(lat[[COL.layer, *LATENCY_COLUMNS]], on=COL.layer, how="left")
 
 
 def sweep(run: Run) -> pd.DataFrame:
@@ -147,12 +147,11 @@ def evidence(run: Run) -> pd.DataFrame:
 
 
 def fine_tune(run: Run) -> pd.DataFrame:
-    from hawq_ray.inputs.models import DEFAULT_MODEL
     from hawq_ray.quant.finetune import Recipe
     from hawq_ray.service.tune import DataSource, Student, TuneSettings, tune_finetune
     tune = run.cfg["tune"]
     recipe = Recipe(epochs=tune["epochs"], lr=tune["lr"], distill=tune["distill"])
-    student = Student(run.cfg["model"] or DEFAULT_MODEL, dict(run.model.state_dict()), tuple(run.shape),
+    student = Student(run.model_name, dict(run.model.state_dict()), tuple(run.shape),
                       run.tables["table"])
     return tune_finetune(run.tables["sweep"], student, run.data, DataSource(run.data_spec, run.cfg["seed"]),
                          out=run.run_dir, recipe=recipe, settings=TuneSettings(samples=tune["samples"], asha=tune["asha"]),

@@ -13,7 +13,7 @@ import pandas as pd
 import ray
 
 from hawq_ray.contract.bits import budget_cell, parse_bits
-from hawq_ray.contract.table import BIT_WIDTHS, lat_col
+from hawq_ray.contract.table import BIT_WIDTHS, COL, lat_col
 
 from solver.confidence import draw_answers
 from solver.sweep import solve_points
@@ -98,5 +98,5 @@ def _support(table: pd.DataFrame, grid: list, sweep, draws: int, seed: int) -> l
     from solver.confidence import confidence
     by_id = dict(zip(sweep.configs["config"], sweep.configs["bits"]))
     chosen = [None if pd.isna(c) else tuple(by_id[int(c)].values()) for c in sweep.points["config"]]
-    answers = ray_draw_answers(table, grid, draws, seed) if "trace_stderr" in table else []
-    return confidence(list(table["layer"]), chosen, answers)
+    answers = ray_draw_answers(table, grid, draws, seed) if COL.trace_stderr in table else []
+    return confidence(list(table[COL.layer]), chosen, answers)

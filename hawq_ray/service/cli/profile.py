@@ -14,10 +14,10 @@ from pathlib import Path
 from hawq_ray.service.cli.common import print_json
 from hawq_ray.service.cli.common import add_model_args, fmt_table, resolve
 from hawq_ray.contract import HawqError
-from hawq_ray.contract.table import BIT_WIDTHS, LATENCY_COLUMNS, glue_col
+from hawq_ray.contract.table import BIT_WIDTHS, COL, LATENCY_COLUMNS, glue_col
 from hawq_ray.service.settings import ACTORS, BATCH, COUNT, MILLISECONDS
 
-SHOWN = ["layer", "kind", "fixed_bits", *LATENCY_COLUMNS, glue_col(max(BIT_WIDTHS))]
+SHOWN = [COL.layer, COL.kind, COL.fixed_bits, *LATENCY_COLUMNS, glue_col(max(BIT_WIDTHS))]
 
 
 def register(sub) -> None:

@@ -8,6 +8,7 @@ import torch
 
 from hawq_ray.service.cli.common import print_json
 from hawq_ray.service.cli.common import add_model_args, data_note, fmt_table, resolve
+from hawq_ray.contract.table import COL
 from hawq_ray.service.settings import BATCH, COUNT, SEED
 
 
@@ -45,8 +46,8 @@ def run_layers(args) -> int:
                     .to_dict(orient="records")})
     else:
         print(fmt_table(table))
-        print(f"{len(table)} layers, {int(table['params'].sum())} weights, "
-              f"{int(table['macs'].sum()) / 1e9:.3f} GMACs per sample")
+        print(f"{len(table)} layers, {int(table[COL.params].sum())} weights, "
+              f"{int(table[COL.macs].sum()) / 1e9:.3f} GMACs per sample")
     return 0
 
 
@@ -56,7 +57,7 @@ def run_cost(args) -> int:
     from hawq_ray.contract.cost import config_costs
     md = resolve(args, need_data=False)
     table = layer_table(md.model, md.input_shape)
-    bits = {layer: 32 for layer in table["layer"]} if args.bits == "fp32" else parse_bits(args.bits, table)
+    bits = {layer: 32 for layer in table[COL.layer]} if args.bits == "fp32" else parse_bits(args.bits, table)
     costs = config_costs(table, bits)
     result = {"size_mib": costs["size_mib"], "gbops": costs["gbops"]}
     if args.json:

@@ -14,10 +14,10 @@ from hawq_ray.service.cli.common import add_model_args, data_note, fmt_table, re
 from hawq_ray.analysis.sensitivity import DEFAULT_RANK
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.integrity import arrays_digest, digest
-from hawq_ray.contract.table import BIT_WIDTHS, delta_col, omega_col
+from hawq_ray.contract.table import BIT_WIDTHS, COL, delta_col, omega_col
 from hawq_ray.service.settings import ACTORS, BATCH, COUNT, ITERATIONS, RANK, SEED, TOLERANCE, Int
 
-SHOWN = ["layer", "params", "trace", "trace_stderr", "trace_converged", *map(delta_col, BIT_WIDTHS),
+SHOWN = [COL.layer, COL.params, COL.trace, COL.trace_stderr, COL.trace_converged, *map(delta_col, BIT_WIDTHS),
          *map(omega_col, BIT_WIDTHS)]
 
 
@@ -67,7 +67,7 @@ def compute(md, data, args, progress):
     table = layer_table(md.model, md.input_shape)
     if table.empty:
         raise HawqError(f"model {md.name} has no quantizable layer: valid models contain a Conv2d or Linear")
-    settings = dict(layers=table["layer"].tolist(), tol=args.tol, max_iter=args.max_iter,
+    settings = dict(layers=table[COL.layer].tolist(), tol=args.tol, max_iter=args.max_iter,
                     min_iter=args.min_iter, rank=args.rank, seed=args.seed, progress=progress)
     if args.actors > 0:
         from actors.hessian import actor_layer_traces
@@ -76,7 +76,7 @@ def compute(md, data, args, progress):
         traces = actor_layer_traces(md.model, data, actors=args.actors, **settings)
     else:
         traces = layer_traces(md.model, data, **settings)
-    return sensitivity_columns(table, traces, weight_deltas(md.model, table["layer"]))
+    return sensitivity_columns(table, traces, weight_deltas(md.model, table[COL.layer]))
 
 
 def run_sensitivity(args) -> int:
@@ -109,9 +109,9 @@ def run_sensitivity(args) -> int:
         result.to_parquet(cached)
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(cached, out)
-    not_converged = result.loc[~result["trace_converged"], "layer"].tolist()
+    not_converged = result.loc[~result[COL.trace_converged], COL.layer].tolist()
     summary = {"model": md.name, "data": md.data.name, "synthetic": bool(md.data.synthetic), "out": str(out),
-               "cached": hit, "layers": len(result), "iterations": int(result["trace_samples"].max()),
+               "cached": hit, "layers": len(result), "iterations": int(result[COL.trace_samples].max()),
                "hv_products": result.attrs.get("hv_products"),
                "not_converged": not_converged, "seconds": round(time.time() - t0, 3)}
     print(fmt_table(result[SHOWN]))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from hawq_ray.contract import HawqError
+from hawq_ray.contract.table import COL
 from hawq_ray.service.settings import FRACTION
 
 # (fraction flag, absolute flag, unit of the absolute flag); flag dests are the solver's budget keys
@@ -54,7 +55,7 @@ def read_layer_table(path: str) -> pd.DataFrame:
         if p.suffix.lower() == ".parquet":
             return pd.read_parquet(p)
         if p.suffix.lower() == ".csv":
-            return pd.read_csv(p, dtype={"layer": str, "group": str})
+            return pd.read_csv(p, dtype={COL.layer: str, COL.group: str})
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad input file
         raise HawqError(f"--table {path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     raise HawqError(f"--table {path}: unknown format; give a .csv or .parquet file")
@@ -90,9 +91,9 @@ def run_solve(args) -> int:
             write_bits(a.bits, args.out, name=f"bit_config_{Path(args.table).stem}")
     except ValueError as e:      # TableError, BudgetError, BitConfigError
         raise _user_error(e, args) from None
-    fixed = dict(zip(table["layer"].astype(str), table.get("fixed_bits", pd.Series([None] * len(table)))))
+    fixed = dict(zip(table[COL.layer].astype(str), table.get(COL.fixed_bits, pd.Series([None] * len(table)))))
     width = max(len(n) for n in a.bits)
-    print(f"{'layer':<{width}}  bits")
+    print(f"{COL.layer:<{width}}  bits")
     for name, b in a.bits.items():
         v = fixed.get(name)
         mark = "  (fixed)" if v is not None and not (isinstance(v, float) and math.isnan(v)) and str(v).strip() else ""
