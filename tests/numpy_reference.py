@@ -114,7 +114,29 @@ def apply_op(op: Op, ins: list) -> np.ndarray:
         z = (ins[0] + c["bias"].astype(np.int64)) * c["multiplier"].astype(np.int64)
         shift = c["shift"].astype(np.int64)
         return np.clip((z + (np.int64(1) << (shift - 1))) >> shift, a["lo"], a["hi"])
+    if op.op == "layer_norm":
+        return ref_layer_norm(ins[0], c["multiplier"], c["shift"], c["bias"], a.get("eps", 0), a["lo"], a["hi"])
     raise ValueError(op.op)
+
+
+def ref_layer_norm(x, multiplier, shift, bias, eps, lo, hi):
+    """layer_norm's docstring formula over axis 1, one position at a time in Python integers (math.isqrt, //)."""
+    x = np.asarray(x, np.int64)
+    c = x.shape[1]
+    per = lambda a: [int(v) for v in np.broadcast_to(np.asarray(a, np.int64).reshape(-1), (c,))]   # noqa: E731
+    m, s, b = per(multiplier), per(shift), per(bias)
+    moved = np.moveaxis(x, 1, -1)
+    out = np.empty(moved.shape, np.int64)
+    for pos in np.ndindex(*moved.shape[:-1]):
+        xs = [int(v) for v in moved[pos]]
+        total = sum(xs)
+        v = c * sum(t * t for t in xs) - total * total + int(eps)
+        r = max(math.isqrt(v * 64), 1)
+        recip = 2 ** 56 // r
+        for k, t in enumerate(xs):
+            n = ((c * t - total) * recip + 2 ** 36) // 2 ** 37
+            out[pos + (k,)] = min(max((n * m[k] + b[k] + 2 ** (s[k] - 1)) // 2 ** s[k], lo), hi)
+    return np.moveaxis(out, -1, 1)
 
 
 def run_reference(program: IntegerProgram, x: np.ndarray) -> dict:

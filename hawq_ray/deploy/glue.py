@@ -10,6 +10,7 @@ import numpy as np
 import tvm
 from tvm import s_tir, te
 
+from hawq_ray.deploy import layout
 from hawq_ray.deploy.epilogue import Value, epilogue, output_dtype
 from hawq_ray.deploy.kernels import Kernel
 from hawq_ray.deploy.target import capabilities
@@ -225,3 +226,71 @@ def output_kernel(x: Value, target, name: str = "blocked_to_output") -> Kernel:
     out = te.compute(x.shape, lambda n, c, h, w: _read_channel(data, x, n, c, h, w), name="out")
     func = te.create_prim_func([data, out])
     return _finish(name, func, [x], [], out_value, target, {"path": "layout"})
+
+
+def layer_norm_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str) -> Kernel:
+    """layer_norm (`ops.layernorm`) over the channels of NCHW[16]c or (N, C): the per-position sums (int64
+    reductions over the true channels), isqrt bit by bit (one small stage per bit: a stage reads the previous
+    one, so no expression is duplicated), the reciprocal 2^K // r, then per element the normalized value, the
+    per-channel affine and the clamp, with the group's tail."""
+    from hawq_ray.ops.layernorm import K, NORM_SHIFT, P, ROOT_BITS, MAX_SPREAD, layer_norm_channels, check_constants
+    rank = len(x.shape)
+    c = layer_norm_channels(x.shape, op.output)
+    if x.dtype not in ("int8", "uint8", "int16"):
+        raise HawqError(f"{op.output}: layer_norm of a {x.dtype} value; valid: int16 or narrower")
+    span = 255 if x.dtype != "int16" else (1 << 16) - 1
+    if c * span > MAX_SPREAD:
+        raise HawqError(f"{op.output}: layer_norm over {c} channels of {x.dtype}: C * spread may exceed 2^28")
+    consts = check_constants(op, c)
+    block = 16 if rank == 4 else None
+    out_value = Value(x.shape, output_dtype(steps[-1]) if steps else output_dtype(op), block)
+    lanes = layout.ceil_to(c, 16) if rank == 4 else c
+    packed = [np.zeros(lanes, np.int32), np.ones(lanes, np.int32), np.zeros(lanes, np.int64)]
+    for arr, key in zip(packed, ("multiplier", "shift", "bias")):
+        arr[:c] = consts[key]
+    tm, ts, tb = (te.placeholder((lanes,), str(a.dtype), name=n) for a, n in zip(packed, ("mult", "shift", "bias")))
+    data = te.placeholder(x.storage_shape, x.dtype, name="data")
+    i64 = lambda v: tvm.tirx.const(v, "int64")      # noqa: E731
+    if rank == 4:
+        n_, _, h_, w_ = x.shape
+        pos = (n_, h_, w_)
+        read = lambda p, ch: _read_channel(data, x, p[0], ch, p[1], p[2]).astype("int64")   # noqa: E731
+    else:
+        pos = (x.shape[0],)
+        read = lambda p, ch: data[p[0], ch].astype("int64")     # noqa: E731
+    rc = te.reduce_axis((0, c), "rc")
+    total = te.compute(pos, lambda *p: te.sum(read(p, rc), axis=rc), name="ln_sum")
+    rq = te.reduce_axis((0, c), "rq")
+    squares = te.compute(pos, lambda *p: te.sum(read(p, rq) * read(p, rq), axis=rq), name="ln_squares")
+    eps = int(op.attrs.get("eps", 0))
+    v = te.compute(pos, lambda *p: (i64(c) * squares[p] - total[p] * total[p] + i64(eps)) << i64(2 * P), name="ln_v")
+    r = te.compute(pos, lambda *p: i64(0), name="ln_root")
+
+    def bit(prev, b):
+        def fn(*p):
+            t = prev[p] + i64(1 << b)
+            return te.if_then_else(t * t <= v[p], t, prev[p])
+        return fn
+    for b in range(ROOT_BITS - 1, -1, -1):
+        r = te.compute(pos, bit(r, b), name=f"ln_root{b}")
+    recip = te.compute(pos, lambda *p: tvm.tirx.floordiv(i64(1 << K), te.max(r[p], i64(1))), name="ln_recip")
+
+    def value(*idx):
+        if rank == 4:
+            nn, co, hh, ww, ci = idx
+            p, ch = (nn, hh, ww), co * 16 + ci
+            xv = data[idx].astype("int64")
+        else:
+            nn, ch = idx
+            p, xv = (nn,), data[idx].astype("int64")
+        norm = ((i64(c) * xv - total[p]) * recip[p] + i64(1 << (NORM_SHIFT - 1))) >> i64(NORM_SHIFT)
+        s = ts[ch].astype("int64")
+        y = (norm * tm[ch].astype("int64") + tb[ch] + (i64(1) << (s - i64(1)))) >> s
+        y = te.max(te.min(y, i64(int(op.attrs["hi"]))), i64(int(op.attrs["lo"])))
+        return y.astype("int32")
+    epi = epilogue(steps, out_value, extras)
+    out = te.compute(out_value.storage_shape, lambda *i: epi.apply(value(*i), i), name="out")
+    func = te.create_prim_func([data, *epi.extra_tensors, *epi.const_tensors, tm, ts, tb, out])
+    if not capabilities(target).gpu:
+        func = _schedule_flat(func)
+    return Kernel(name, func, [x, *extras], [*epi.const_arrays, *packed], [out_value], {"path": "layer_norm"})

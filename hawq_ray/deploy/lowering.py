@@ -10,7 +10,8 @@ builders here import the epilogue that reads it. `tests/test_op_registry.py` hol
 from __future__ import annotations
 
 from hawq_ray.deploy.conv_pool import conv2d_max_pool_kernel
-from hawq_ray.deploy.glue import channel_gather_kernel, concat_kernel, flatten_kernel, pool_kernel
+from hawq_ray.deploy.glue import (channel_gather_kernel, concat_kernel, flatten_kernel, layer_norm_kernel,
+                                  pool_kernel)
 from hawq_ray.deploy.kernels import conv2d_kernel, dense_kernel
 
 
@@ -51,5 +52,10 @@ def lower_flatten(group, ins, target, name):
     return flatten_kernel(group.anchor, ins[0], group.steps, ins[1:], target, name)
 
 
+def lower_layer_norm(group, ins, target, name):
+    return layer_norm_kernel(group.anchor, ins[0], group.steps, ins[1:], target, name)
+
+
 KERNELS = {"conv2d": lower_conv2d, "dense": lower_dense, "channel_shuffle": lower_shuffle, "slice": lower_slice,
-           "concat": lower_concat, "sum_pool2d": lower_pool, "max_pool2d": lower_pool, "flatten": lower_flatten}
+           "concat": lower_concat, "sum_pool2d": lower_pool, "max_pool2d": lower_pool, "flatten": lower_flatten,
+           "layer_norm": lower_layer_norm}

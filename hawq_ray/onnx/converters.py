@@ -178,7 +178,52 @@ def max_pool_onnx(g, op):
     g.bind(op, y, x.scale)
 
 
+def layer_norm_onnx(g, op):
+    """The integer semantics of `ops.layernorm` in int64 ONNX ops (both forms): the input's codes, ReduceSum over
+    the channels, isqrt bit by bit (Where of c * c <= v), the reciprocal by Div of positives (truncation = floor),
+    each arithmetic shift right as an exact division (a - Mod(a, 2^k)) / 2^k (Mod of ints takes the divisor's
+    sign: floor), the clamp by Max / Min; then the codes' DequantizeLinear at the output scale."""
+    from hawq_ray.ops.layernorm import K, NORM_SHIFT, P, ROOT_BITS, layer_norm_channels, check_constants
+    x, h = g.value(op.inputs[0]), op.output
+    shape = g.shape(op.inputs[0])
+    c = layer_norm_channels(shape, h)
+    k = check_constants(op, c)
+    view = (1, c) + (1,) * (len(shape) - 2)
+    i64 = lambda v, n: g.const(np.asarray(v, np.int64), f"{h}.{n}", "INT64")     # noqa: E731
+
+    def floor_shift(a, pow2, n):          # floor(a / pow2) for pow2 = 2^k > 0, exactly
+        rest = g.node("Sub", [a, g.node("Mod", [a, pow2], f"{h}.{n}.mod", fmod=0)], f"{h}.{n}.sub")
+        return g.node("Div", [rest, pow2], f"{h}.{n}.div")
+    q = g.codes(x, f"{h}.in")
+    axes = i64([1], "axes")
+    total = g.node("ReduceSum", [q, axes], f"{h}.sum", keepdims=1)
+    squares = g.node("ReduceSum", [g.node("Mul", [q, q], f"{h}.sq"), axes], f"{h}.squares", keepdims=1)
+    v = g.node("Sub", [g.node("Mul", [squares, i64(c, "c")], f"{h}.csq"),
+                       g.node("Mul", [total, total], f"{h}.ss")], f"{h}.var")
+    v = g.node("Mul", [g.node("Add", [v, i64(int(op.attrs.get("eps", 0)), "eps")], f"{h}.veps"),
+                       i64(1 << (2 * P), "pre")], f"{h}.v")
+    r = g.node("Mul", [v, i64(0, "zero")], f"{h}.root")
+    for b in range(ROOT_BITS - 1, -1, -1):
+        t = g.node("Add", [r, i64(1 << b, f"bit{b}")], f"{h}.try{b}")
+        ok = g.node("LessOrEqual", [g.node("Mul", [t, t], f"{h}.sq{b}"), v], f"{h}.ok{b}")
+        r = g.node("Where", [ok, t, r], f"{h}.root{b}")
+    recip = g.node("Div", [i64(1 << K, "two_k"), g.node("Max", [r, i64(1, "one")], f"{h}.r")], f"{h}.recip")
+    d = g.node("Sub", [g.node("Mul", [q, i64(c, "c2")], f"{h}.cx"), total], f"{h}.d")
+    n = g.node("Add", [g.node("Mul", [d, recip], f"{h}.dr"), i64(1 << (NORM_SHIFT - 1), "half")], f"{h}.dr_half")
+    n = floor_shift(n, i64(1 << NORM_SHIFT, "norm_pow"), "norm")
+    shift = k["shift"]
+    y = g.node("Mul", [n, i64(k["multiplier"].reshape(view), "mult")], f"{h}.nm")
+    y = g.node("Add", [y, i64((k["bias"] + (np.int64(1) << (shift - 1))).reshape(view), "bias")], f"{h}.biased")
+    y = floor_shift(y, i64((np.int64(1) << shift).reshape(view), "out_pow"), "out")
+    lo, hi = int(op.attrs["lo"]), int(op.attrs["hi"])
+    y = g.node("Min", [g.node("Max", [y, i64(lo, "lo")], f"{h}.max"), i64(hi, "hi")], f"{h}.clamp")
+    qtype = g.narrowest(lo, hi)
+    codes = g.node("Cast", [y], f"{h}.codes", to={"UINT8": 2, "INT8": 3, "INT32": 6}[qtype])
+    g.bind(op, g.dequantize(codes, op.scale, h, qtype), g.out_scale(op), codes)
+
+
 CONVERTERS = {"conv2d": conv2d_onnx, "dense": dense_onnx, "requantize": requantize_onnx, "affine": affine_onnx,
               "relu": relu_onnx, "clamp": clamp_onnx, "lookup": lookup_onnx, "mul": mul_onnx, "add": add_onnx,
               "concat": concat_onnx, "channel_shuffle": shuffle_onnx, "slice": slice_onnx,
-              "flatten": flatten_onnx, "sum_pool2d": sum_pool_onnx, "max_pool2d": max_pool_onnx}
+              "flatten": flatten_onnx, "sum_pool2d": sum_pool_onnx, "max_pool2d": max_pool_onnx,
+              "layer_norm": layer_norm_onnx}

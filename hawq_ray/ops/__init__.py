@@ -1,4 +1,5 @@
 """Every op, one module per op family, each registered in `registry` on import (see its docstring)."""
 from hawq_ray.ops.registry import (GRAPH_NODES, HANDLED, PROGRAM_OPS, GraphNode, ProgramOp, check_ops,  # noqa: F401
                                    elementwise, program_op, register_ops, unregister_ops)
-from hawq_ray.ops import batchnorm, channels, clamp, conv, flatten, join, lookup, mul, pool, relu, requantize  # noqa: F401,E402  (they register)
+from hawq_ray.ops import (batchnorm, channels, clamp, conv, flatten, join, layernorm, lookup, mul,  # noqa: F401,E402
+                          pool, relu, requantize)  # (they register)

@@ -28,14 +28,14 @@ from hawq_ray.program.ranges import derived_range
 
 # the program ops this generator builds (a test holds it to the registry: a new op needs a builder here)
 OPS = ("conv2d", "dense", "requantize", "relu", "add", "concat", "sum_pool2d", "max_pool2d", "flatten", "clamp",
-       "lookup", "mul", "affine", "channel_shuffle", "slice")
+       "lookup", "mul", "affine", "channel_shuffle", "slice", "layer_norm")
 
 NEEDS_RANK4 = ("conv2d", "sum_pool2d", "max_pool2d", "channel_shuffle", "slice")   # consumers of (N, C, H, W)
 NEEDS_RANK2 = ("dense",)                               # consumers of a (N, F) value
 MAKES_RANK4 = ("conv2d", "sum_pool2d", "max_pool2d", "channel_shuffle", "slice")   # producers of rank 4 only
 MAKES_RANK2 = ("dense", "flatten")                     # producers of rank 2 only
-NARROWED = ("lookup", "mul", "conv2d", "dense")   # consumers that read a wide producer through a requantize
-                                                  # (as every layer and table of a lowered model does)
+NARROWED = ("lookup", "mul", "conv2d", "dense",   # consumers that read a wide producer through a requantize
+            "layer_norm")                         # (as every layer and table of a lowered model does)
 PAIRS = [(p, c) for p in OPS for c in OPS
          if not (p in MAKES_RANK2 and c in NEEDS_RANK4) and not (p in MAKES_RANK4 and c in NEEDS_RANK2)]
 SAFE = (1 << 30)        # bound on |value| of every op (int32 with a margin for the back end's bias folding)
@@ -302,6 +302,27 @@ class _Builder:
         stop = int(self.rng.integers(start + 1, c + 1))
         lo, hi = self.declared[x]
         return self.emit("slice", [x], {"start": start, "stop": stop}, lo=lo, hi=hi)
+
+    def layer_norm(self, x):
+        """LayerNorm over the channels: the input requantized to int16 (8 bits past 4096 channels) first unless
+        it fits (`ops.layernorm`'s bounds), random gamma / beta / eps, an 8- or 16-bit output."""
+        from hawq_ray.ops.layernorm import MAX_CHANNELS, MAX_SPREAD, layer_norm_constants
+        c = self.shape(x)[1]
+        if c > MAX_CHANNELS:
+            return None
+        lo, hi = self.range[x]
+        span = 255 if (0 <= lo and hi <= 255) or (-128 <= lo and hi <= 127) else (1 << 16) - 1
+        if not (-(1 << 15) <= lo and hi < (1 << 15)) or c * span > MAX_SPREAD:
+            x = self.requantize(x, clamp=(-(1 << 15), (1 << 15) - 1) if c <= 4096 else (-128, 127))
+            if x is None:
+                return None
+        gamma = self.rng.uniform(-2, 2, c if self.rng.random() < 0.7 else 1)
+        beta = self.rng.uniform(-1, 1, c if self.rng.random() < 0.7 else 1)
+        out_lo, out_hi = [(-128, 127), (0, 255), (-(1 << 15), (1 << 15) - 1)][int(self.rng.integers(3))]
+        s_out = (3 * np.abs(gamma).max() + np.abs(beta).max()) / max(-out_lo, out_hi)
+        consts, attrs = layer_norm_constants(gamma, beta, float(self.rng.choice([0.0, 1e-5, 1.0])), 1.0, s_out, c)
+        return self.emit("layer_norm", [x], attrs={**attrs, "lo": out_lo, "hi": out_hi}, consts=consts,
+                         lo=out_lo, hi=out_hi)
 
     # ------------------------------------------------------------------ one op of a kind on a fitting input
     def op(self, kind, x=None, rank=None) -> str | None:
