@@ -25,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hawq_ray.contract.table import COL  # noqa: E402
+
 GRID = [{r: v} for r in ("size", "bops") for v in (0.25, 0.5, 0.75)]
 
 
@@ -49,7 +51,7 @@ def sensitivity(model, shape, data, max_iter: int, shards: int):
 
     table = layer_table(model, shape)
     traces = layer_traces(model, batches(data.train, 64, shards), tol=0.05, max_iter=max_iter)
-    return sensitivity_columns(table, traces, weight_deltas(model, table["layer"]))
+    return sensitivity_columns(table, traces, weight_deltas(model, table[COL.layer]))
 
 
 def one(name: str, seed: int, randoms: int, max_iter: int, shards: int, cache: Path) -> dict:
@@ -63,7 +65,7 @@ def one(name: str, seed: int, randoms: int, max_iter: int, shards: int, cache: P
     rho, n = omega_kl_correlation(rows)
     return {"standing": standing(rows), "rows": rows, "rho": rho, "configs": n, "seconds": time.perf_counter() - t,
             "converged": bool(table["trace_converged"].all()),
-            "worst_rel_stderr": float((table["trace_stderr"] / table["trace"].abs()).max())}
+            "worst_rel_stderr": float((table[COL.trace_stderr] / table[COL.trace].abs()).max())}
 
 
 def report(name: str, seed: int, r: dict) -> None:

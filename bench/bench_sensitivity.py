@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hawq_ray.analysis.sensitivity import (gradient_graph, layer_traces, quantizable_layers,  # noqa: E402
                                   shard_samples, weight_positions)
+from hawq_ray.contract.table import COL  # noqa: E402
 
 
 def model_and_batch(name: str, batch_size: int, seed: int = 0):
@@ -134,7 +135,7 @@ def hv_to_tolerance(model, shards, rank: int, tol: float, max_iter: int):
     t = time.perf_counter()
     table = layer_traces(model, shards, tol=tol, max_iter=max_iter, rank=rank, block=4)
     seconds = time.perf_counter() - t
-    rel = (table["trace_stderr"] / table["trace"].abs()).to_numpy()
+    rel = (table[COL.trace_stderr] / table[COL.trace].abs()).to_numpy()
     iters = int(table["trace_samples"].iloc[0])
     still_needed = max(0, int(np.ceil(iters * (rel.max() / tol) ** 2)) - iters)
     projected = table.attrs["hv_products"] + len(shards) * still_needed

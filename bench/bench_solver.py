@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from hawq_ray.contract.table import COL
 from solver.ilp import solve_bits
 from solver.sweep import budget_grid, sweep_budgets
 
@@ -32,7 +33,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--no-ray", action="store_true")
     args = p.parse_args()
-    table = pd.read_csv(TABLE, dtype={"group": str})
+    table = pd.read_csv(TABLE, dtype={COL.group: str})
     rows = []
     for name, budgets in (("bops 0.5", {"bops": 0.5}), ("size 0.25", {"size": 0.25}),
                           ("size+bops+latency 0.5", {"size": 0.5, "bops": 0.5, "latency": 0.5})):

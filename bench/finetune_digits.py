@@ -10,6 +10,8 @@ import os
 import time
 from pathlib import Path
 
+from hawq_ray.contract.table import COL
+
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
@@ -44,7 +46,7 @@ def main():
     print(f"fp32 weights {'trained' if trained else 'reused'}: {weights} ({time.perf_counter() - t0:.1f} s)")
     table = layer_table(model, shape)
     traces = layer_traces(model, batches(data.train, 128, limit=4), tol=0.1, max_iter=64)
-    table = sensitivity_columns(table, traces, weight_deltas(model, list(table["layer"])))
+    table = sensitivity_columns(table, traces, weight_deltas(model, list(table[COL.layer])))
     sweep = sweep_budgets(table, budget_grid({"bops": parse_axis(args.budgets)}))
     sweep_path = out / "sweep.parquet"
     sweep.configs.to_parquet(sweep_path, index=False)

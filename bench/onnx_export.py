@@ -25,6 +25,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from hawq_ray.contract.table import COL
+
 
 def model_and_shape(name: str, size: int | None):
     from hawq_ray.inputs.models import DEFAULT_MODEL, get_model, input_shape
@@ -58,7 +60,7 @@ def mixed_bits(model, shape, seed=0):
     table = layer_table(model, shape)
     rng = np.random.default_rng(seed)
     by_group, bits = {}, {}
-    for layer, group, fixed in zip(table["layer"], table["group"], table["fixed_bits"]):
+    for layer, group, fixed in zip(table[COL.layer], table[COL.group], table[COL.fixed_bits]):
         if not pd.isna(fixed):
             continue
         key = layer if pd.isna(group) or not group else group

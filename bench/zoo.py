@@ -19,6 +19,7 @@ from torch import nn
 from hawq_ray.quant.layers import layer_table
 from hawq_ray.analysis.verify import check_compiled, check_simulation
 from hawq_ray.contract import HawqError
+from hawq_ray.contract.table import COL
 from hawq_ray.inputs.models import get_model
 from hawq_ray.quant.qat import prepare
 
@@ -46,7 +47,7 @@ def bits_of(config: str, table: pd.DataFrame, seed: int = 0):
         return config
     rng = np.random.default_rng(seed)
     return {layer: int(f) if not pd.isna(f) else int(rng.choice([4, 8]))
-            for layer, f in zip(table["layer"], table["fixed_bits"])}
+            for layer, f in zip(table[COL.layer], table[COL.fixed_bits])}
 
 
 def run_one(name: str, config: str, shape, inputs: int, tvm: bool, target) -> dict:

@@ -366,3 +366,19 @@ def test_read_configs_from_sweep_table_json_and_hawq_bit_config(trained, tmp_pat
         with pytest.raises(HawqError) as e:
             config_frame(bad, table)
         one_line(e)
+
+
+def test_fp32_weights_train_a_model_without_a_recipe(tmp_path):
+    """Models outside the embedded ones (bench scripts train resnet20_cifar10 on digits) train with train_fp32's
+    defaults and the epochs given: the weights move and are cached, and a second call loads them."""
+    from hawq_ray.inputs.models import get_model
+    d = load_data("digits", input_shape=(3, 32, 32), seed=0)
+    small = DataSplits(limited(d.train, 64), d.test, d.num_classes, d.name)
+    torch.manual_seed(0)
+    fresh = get_model("resnet20_cifar10").state_dict()             # the initial weights fp32_weights starts from
+    torch.manual_seed(0)
+    model, path, trained_now = fp32_weights(tmp_path, small, model_name="resnet20_cifar10", epochs=1, seed=0)
+    assert trained_now and path.is_file()
+    assert any(not torch.equal(v, fresh[k]) for k, v in model.state_dict().items() if v.is_floating_point())
+    again, _, trained_again = fp32_weights(tmp_path, small, model_name="resnet20_cifar10", epochs=1, seed=0)
+    assert not trained_again and all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())

@@ -140,15 +140,15 @@ def train_fp32(model: nn.Module, train: Dataset, *, epochs: int = 8, lr: float =
 
 
 def fp32_weights(run_dir, data, *, model_name: str = "digits_resnet", epochs: int | None = None, seed: int = 0):
-    """An embedded model's fp32 weights, trained on `data` once by its recipe (`inputs.models.fp32_recipe`;
-    `epochs` overrides its epochs) and cached in `run_dir` (a later call loads the file). Returns (model in eval
-    mode, weights path, trained_now)."""
-    from hawq_ray.inputs.models import fp32_recipe, get_model, load_weights
+    """A model's fp32 weights, trained on `data` once (an embedded model by its recipe, `inputs.models.FP32_RECIPES`,
+    any other by `train_fp32`'s defaults; `epochs` overrides the epochs) and cached in `run_dir` (a later call loads
+    the file). Returns (model in eval mode, weights path, trained_now)."""
+    from hawq_ray.inputs.models import FP32_RECIPES, get_model, load_weights
     path = Path(run_dir) / FP32_WEIGHTS_FILE.format(name=model_name)
     model = get_model(model_name)
     if path.is_file():
         return load_weights(model, path).eval(), path, False
-    recipe = {**fp32_recipe(model_name), **({"epochs": epochs} if epochs is not None else {})}
+    recipe = {**FP32_RECIPES.get(model_name, {}), **({"epochs": epochs} if epochs is not None else {})}
     train_fp32(model, checked_split(data.train, "train"), seed=seed, **recipe)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
