@@ -174,6 +174,9 @@ def test_run_folder_writes_replace_a_link_and_paths_stay_inside(tmp_path):
     link.symlink_to(target)
     write_atomic(link, "new")                             # the link itself is replaced, its target kept
     assert not link.is_symlink() and link.read_text() == "new" and target.read_text() == "kept"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert link.stat().st_mode & 0o777 == 0o666 & ~mask   # the mode open() gives, not mkstemp's 600
     refuse_links(tmp_path / "run")
     (tmp_path / "run" / "sub").mkdir()
     (tmp_path / "run" / "sub" / "x").symlink_to(target)

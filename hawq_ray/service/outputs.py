@@ -110,6 +110,15 @@ def refuse_links(run_dir: Path) -> None:
                                 f"holds no links, since writing through one changes a file outside it (remove it)")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()     # read once, at import: os.umask can only be read by setting it
+
+
 def write_atomic(path: Path, data) -> Path:
     """Write `data` (str or bytes) to `path` by write-and-rename: a new file is made beside it (O_EXCL, so never
     through a link) and renamed over `path`, which replaces a link there instead of writing through it. A reader
@@ -117,6 +126,7 @@ def write_atomic(path: Path, data) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)     # as open() would make it (mkstemp's files are 600)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
