@@ -5,7 +5,6 @@ import time
 import pytest
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
 from hawq_ray.contract import HawqError
@@ -77,14 +76,9 @@ def test_explicit_attention_is_multi_head_attention():
         torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_deterministic_init_leaves_global_rng_alone():
-    torch.manual_seed(123)
-    expected_next = torch.rand(3)
-    torch.manual_seed(123)
-    first, second = DigitsViT().state_dict(), DigitsViT().state_dict()
-    assert torch.equal(torch.rand(3), expected_next)
-    assert all(torch.equal(first[k], second[k]) for k in first)
-    assert not torch.equal(DigitsViT(seed=1).pos_embed, first["pos_embed"])
+def test_the_seed_sets_the_init():
+    """(Equal inits for one seed and the global RNG left alone: tests/test_models.py, every embedded model.)"""
+    assert not torch.equal(DigitsViT(seed=1).pos_embed, DigitsViT().pos_embed)
 
 
 def test_traces_with_fx_into_explicit_ops():

@@ -55,28 +55,26 @@ def test_two_actors_give_the_same_table_bit_for_bit(tiny, one_actor):
     assert two.attrs["actors"] == 2 and two.attrs["restarts"] == 0
     assert_identical(one_actor, two)
     # and the same as one process with one torch thread (the actors' setting)
-    from hawq_ray.analysis.sensitivity import layer_traces
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert_identical(one_actor, layer_traces(model, batches, **SETTINGS))
-    finally:
-        torch.set_num_threads(threads)
-
+    assert_identical(one_actor, in_process_traces(model, batches, SETTINGS))
 
 
 def test_plain_hutchinson_through_actors_is_the_in_process_estimate(tiny):
     """rank 0 (no deflation basis: run.yaml's `sensitivity.rank: 0`) through an actor: the in-process table bit
     for bit. The actors' sampling once read a basis reference that only a basis ever stored."""
-    from hawq_ray.analysis.sensitivity import layer_traces
     model, batches = tiny
     plain = {**SETTINGS, "rank": 0, "max_iter": 8}
     got = actor_layer_traces(model, batches, actors=1, **plain)
     assert got.attrs["rank"] == 0
+    assert_identical(got, in_process_traces(model, batches, plain))
+
+
+def in_process_traces(model, batches, settings: dict):
+    """`layer_traces` in this process with one torch thread, the actors' setting."""
+    from hawq_ray.analysis.sensitivity import layer_traces
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert_identical(got, layer_traces(model, batches, **plain))
+        return layer_traces(model, batches, **settings)
     finally:
         torch.set_num_threads(threads)
 

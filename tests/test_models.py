@@ -7,7 +7,7 @@ import torch.fx
 from torch import nn
 
 from hawq_ray.contract import HawqError
-from hawq_ray.inputs.models import DEFAULT_MODEL, DigitsResNet, get_model, input_shape, num_classes
+from hawq_ray.inputs.models import DEFAULT_MODEL, EMBEDDED_MODELS, DigitsResNet, get_model, input_shape, num_classes
 
 # Parameter counts measured with pytorchcv 0.0.74.
 PYTORCHCV_PARAMS = {"resnet18": 11_689_512, "resnet50": 25_557_032, "inceptionv3": 23_834_568,
@@ -43,11 +43,12 @@ def test_default_model_architecture_and_size():
     assert model.block2.downsample.conv.stride == (2, 2) and model.block2.downsample.conv.kernel_size == (1, 1)
 
 
-def test_default_model_is_deterministic_and_leaves_global_rng_alone():
+@pytest.mark.parametrize("name", sorted(EMBEDDED_MODELS))
+def test_embedded_models_are_deterministic_and_leave_global_rng_alone(name):
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
-    first, second = get_model().state_dict(), get_model().state_dict()
+    first, second = get_model(name).state_dict(), get_model(name).state_dict()
     assert torch.equal(torch.rand(3), expected_next)
     assert all(torch.equal(first[k], second[k]) for k in first)
 

@@ -146,6 +146,12 @@ def fp32_recipe(name=None) -> dict:
     return dict(FP32_RECIPES[key])
 
 
+def did_you_mean(word: str, valid) -> str:
+    """'did you mean a, b?' with the (at most three) names of `valid` closest to a wrong `word`, or ''."""
+    close = difflib.get_close_matches(word, list(valid), n=3, cutoff=0.6)
+    return f"did you mean {', '.join(close)}?" if close else ""
+
+
 def is_user_code(spec) -> bool:
     """Whether a model spec names Python code to import and call (`package.module:callable`)."""
     return isinstance(spec, str) and ":" in spec and not spec.startswith((TORCHVISION_PREFIX, TIMM_PREFIX))
@@ -189,9 +195,8 @@ def _pytorchcv_model(name):
     from pytorchcv.model_provider import _models, get_model as pytorchcv_get_model
 
     if name.lower() not in _models:
-        close = difflib.get_close_matches(name.lower(), [*EMBEDDED_MODELS, *_models], n=3, cutoff=0.6)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise HawqError(f"unknown model {name!r}: {hint}valid: {', '.join(map(repr, EMBEDDED_MODELS))}, a pytorchcv "
+        hint = did_you_mean(name.lower(), [*EMBEDDED_MODELS, *_models])
+        raise HawqError(f"unknown model {name!r}: {hint + ' ' if hint else ''}valid: {', '.join(map(repr, EMBEDDED_MODELS))}, a pytorchcv "
                         f"name (e.g. resnet18, resnet50, inceptionv3, resnet20_cifar10), torchvision:NAME "
                         f"(e.g. torchvision:resnet18), timm:NAME (e.g. timm:resnet18) or package.module:callable")
     return pytorchcv_get_model(name, pretrained=False)
@@ -209,8 +214,8 @@ def _torchvision_name(spec):
         kind = tv.get_model_builder(name).__module__.split(".")[2]
         problem = f"is a {kind} model; hawq-ray takes classification models only"
     else:
-        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
-        problem = "is not a torchvision model" + (f" (did you mean {', '.join(close)}?)" if close else "")
+        hint = did_you_mean(name, valid)
+        problem = "is not a torchvision model" + (f" ({hint})" if hint else "")
     raise HawqError(f"model {spec!r} {problem}; valid: torchvision:NAME for one of {len(valid)} classification "
                     f"models (e.g. resnet18, mobilenet_v2, efficientnet_b0, inception_v3)")
 
@@ -264,13 +269,13 @@ def _timm_name(spec):
         tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
         if tag in tags:
             return name
-        close = difflib.get_close_matches(tag, tags, n=3, cutoff=0.6)
+        hint = did_you_mean(tag, tags)
         known = f"its tags: {', '.join(tags[:6])}{', ...' if len(tags) > 6 else ''}" if tags else "it has none"
         raise HawqError(f"model {spec!r}: timm has no pretrained tag {tag!r} for {arch}"
-                        f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}; {known}; valid: "
+                        f"{f' ({hint})' if hint else ''}; {known}; valid: "
                         f"timm:{arch} (its default weights) or timm:{arch}.TAG")
-    close = difflib.get_close_matches(arch, archs, n=3, cutoff=0.6)
-    problem = "is not a timm model" + (f" (did you mean {', '.join(close)}?)" if close else "")
+    hint = did_you_mean(arch, archs)
+    problem = "is not a timm model" + (f" ({hint})" if hint else "")
     raise HawqError(f"model {spec!r} {problem}; valid: timm:NAME for one of {len(archs)} timm models {example}, "
                     f"optionally timm:NAME.TAG for one set of its pretrained weights")
 
@@ -367,9 +372,8 @@ def _user_callable(spec):
     target = module
     for part in attr.split("."):
         if not hasattr(target, part):
-            close = difflib.get_close_matches(part, dir(target), n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise HawqError(f"model {spec!r}: {module_name} has no attribute {attr!r}{hint}")
+            hint = did_you_mean(part, dir(target))
+            raise HawqError(f"model {spec!r}: {module_name} has no attribute {attr!r}{'; ' + hint if hint else ''}")
         target = getattr(target, part)
     if not callable(target):
         raise HawqError(f"model {spec!r}: {attr} is a {type(target).__name__}, not a callable")

@@ -237,7 +237,7 @@ def deploy(run: Run) -> pd.DataFrame:
     return pd.DataFrame(rows).merge(timed, on="config")
 
 
-DEPLOY_COLUMNS = ("config", "tvm_differing", "tvm_elements", "compile_s")
+RECORD_COLUMNS = ("config", "tvm_differing", "tvm_elements", "compile_s")   # of a module record, in the table
 
 
 def compile_config(run: Run, row, settings: dict) -> dict:
@@ -270,7 +270,7 @@ def compile_config(run: Run, row, settings: dict) -> dict:
         saved = {**built_from, "tvm_differing": check.differing, "tvm_elements": check.elements,
                  "compile_s": round(compile_s, 2)}
         write_record(folder, saved)
-    return {**{k: saved[k] for k in DEPLOY_COLUMNS}, "module": folder.relative_to(run.run_dir).as_posix()}
+    return {**{k: saved[k] for k in RECORD_COLUMNS}, "module": folder.relative_to(run.run_dir).as_posix()}
 
 
 def _latency_budgets(run: Run) -> tuple[dict, dict]:
