@@ -73,6 +73,8 @@ def _layer(qm, node, a: V) -> V:
         return V(None, None, apply(a.r, q_w * s_w.reshape(wshape), b_bar), node.name)
     s_acc = s_x * s_w.to(torch.float64)                         # S_b = S_h * S_W (eq. 17)
     q_b = torch.floor(b_bar.detach().to(torch.float64) / s_acc + 0.5).clamp_(INT32_MIN, INT32_MAX)
+    if not conv and a.r.dim() > 2:      # a Linear over tokens (..., C): its scale lives on the last axis
+        s_acc = s_acc.reshape((1,) * (a.r.dim() - 1) + (-1,))
     q_wi = q_w.detach().to(torch.int64)
     q_b = q_b.to(torch.int64)
     grad = torch.is_grad_enabled() and (a.r.requires_grad or q_w.requires_grad)
@@ -88,11 +90,11 @@ def _layer(qm, node, a: V) -> V:
         z = exact_conv2d(a.q, q_wi, at["stride"], at["padding"], at["dilation"], at["groups"])
     elif z is None:
         z = torch.round(a.q.to(torch.float64) @ q_wi.to(torch.float64).T).to(torch.int64)
-    z = z + channel_view(q_b, z.dim())
+    z = z + channel_view(q_b, z.dim()) if conv or z.dim() == 2 else z + q_b
     r = None
     if grad:
         surrogate = c * channel_view(s_acc.to(a.r.dtype), z.dim()) \
-            + channel_view(ste(b_bar, q_b * s_acc), z.dim())
+            + channel_view(ste(b_bar, q_b * s_acc.reshape(-1)), z.dim() if conv or z.dim() == 2 else 2)
         r = qm.exact_real(surrogate, lambda: z.to(torch.float64) * channel_view(s_acc, z.dim()))
     qm.emit("conv2d" if conv else "dense", [a.name], node.name, layer=node.layer,
             attrs=({k: at[k] for k in ("stride", "padding", "dilation", "groups")} if conv else {})
@@ -125,7 +127,9 @@ def execute_conv2d(op, ins):
 
 def execute_dense(op, ins):
     w = torch.as_tensor(op.consts["weight"], dtype=torch.int64)
-    return int_matmul(ins[0], w) + torch.as_tensor(op.consts["bias"], dtype=torch.int64)
+    x = ins[0]
+    out = int_matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
+    return out + torch.as_tensor(op.consts["bias"], dtype=torch.int64)
 
 
 def conv2d_range(op, ins):
@@ -140,8 +144,8 @@ def dense_range(op, ins):
 CONV2D = """inputs [x]; consts weight (O, I/groups, kh, kw) int8 holding w_bits-bit values, bias (O,) int32;
 attrs stride, padding, dilation (pairs), groups, w_bits, x_bits, x_signed;
 out = conv(x, weight) + bias, zero padding, INT32 accumulation."""
-DENSE = """inputs [x] (N, I); consts weight (O, I) int8, bias (O,) int32; attrs w_bits, x_bits, x_signed;
-out = x @ weight.T + bias, INT32 accumulation."""
+DENSE = """inputs [x] (N, I), or tokens (N, ..., I); consts weight (O, I) int8, bias (O,) int32; attrs w_bits,
+x_bits, x_signed; out = x @ weight.T + bias over the last axis, INT32 accumulation."""
 
 register_ops(
     GraphNode("conv", layer_step, modules=(nn.Conv2d,), convert=_convert_conv, observers=_observers, layer=True,

@@ -5,6 +5,9 @@ Each branch is requantized to the output's scale on its own before the add (Appe
 16-bit resolution (HAWQ's quant_act_int32), and each branch's requantize clamps to the signed 16-bit range,
 so a branch that is stored between kernels (a residual read by the next block's conv) is an INT16 tensor,
 not an INT32 one; the sum of two branches is an INT32 value, requantized where it is consumed.
+
+A branch may be a parameter read in forward (a class token, a position embedding: `ops.layout`'s constant):
+it is quantized to the output's scale directly and enters the program as a `constant` value.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import operator
 
 import torch
 
+from hawq_ray.contract import HawqError
 from hawq_ray.ops.registry import GraphNode, ProgramOp, register_ops
 from hawq_ray.program.dyadic import requantize
 from hawq_ray.quant.quantizers import activation_scale, signed_range
@@ -22,23 +26,36 @@ CONCAT = "inputs [...]; attrs axis (1: channels); out = the inputs concatenated 
          "requantized to the output scale before it, eq. 18)."
 
 
+def _constants(tracer, args) -> list:
+    """Which operands are parameters read in forward (`ops.layout`'s constant nodes)."""
+    return [tracer.by_name[tracer.src(a)].kind == "constant" for a in args]
+
+
 def _convert_add(tracer, n, m):
-    if len(n.args) != 2 or n.kwargs:
+    if len(n.args) != 2 or n.kwargs or not all(tracer.is_tensor(a) for a in n.args):
         return None
-    return tracer.node(n, "add", list(n.args))
+    return tracer.node(n, "add", list(n.args), attrs={"constants": _constants(tracer, n.args)})
 
 
 def _convert_cat(tracer, n, m):
     dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
     if dim != 1:
         tracer.unsupported(f"torch.cat at {n.name!r} along dim {dim}", "cat (only dim=1)")
-    return tracer.node(n, "cat", list(n.args[0]))
+    return tracer.node(n, "cat", list(n.args[0]), attrs={"constants": _constants(tracer, n.args[0])})
 
 
 def join_step(qm, node, ins):
     add = node.kind == "add"
+    constant = node.attrs.get("constants") or [False] * len(ins)
+    if all(constant):
+        raise HawqError(f"{node.name}: {node.kind} of constants only; fold them into one parameter")
+    batch = next((v.q if v.q is not None else v.r).shape[0] for v, c in zip(ins, constant) if not c)
     need = qm.mode != "qat" or qm.needs_real() or any(v._r is not None for v in ins)
-    real = (ins[0].r + ins[1].r if add else torch.cat([v.r for v in ins], 1)) if need else None
+
+    def full(v, c):        # a constant repeated to the batch (cat needs equal batch sizes)
+        return v.r.expand(batch, *v.r.shape[1:]) if c else v.r
+    real = (ins[0].r + ins[1].r if add else torch.cat([full(v, c) for v, c in zip(ins, constant)], 1)) \
+        if need else None
     if qm.mode == "fp32":
         return V(None, None, real, node.name)
     scale = activation_scale(qm.observe(f"out:{node.name}", absmax(real) if qm.observing else None),
@@ -49,10 +66,17 @@ def join_step(qm, node, ins):
         return V(None, s, ste(real, q * scale), node.name)
     parts, names = [], []
     lo, hi = signed_range(WIDE_BITS)
-    for i, v in enumerate(ins):
-        b, c = qm.dyadic(v.s / scale, v.r.dim())
-        parts.append(requantize(v.q, b, c, lo, hi))
-        names.append(qm.emit("requantize", [v.name], f"{node.name}.b{i}", consts=dyadic_consts(b, c),
+    other = next(v.name for v, c in zip(ins, constant) if not c)
+    for i, (v, c) in enumerate(zip(ins, constant)):
+        if c:     # on the output's grid, as a bias on its accumulator's (eq. 17)
+            value = torch.floor(v.r.detach().to(torch.float64) / scale + 0.5).clamp_(lo, hi).to(torch.int64)
+            parts.append(value.expand(batch, *value.shape[1:]))
+            names.append(qm.emit("constant", [other], f"{node.name}.b{i}", scale=np_scale(s),
+                                 consts={"value": value.cpu().numpy().astype("int32")}))
+            continue
+        mult, shift = qm.dyadic(v.s / scale, v.q.dim())
+        parts.append(requantize(v.q, mult, shift, lo, hi))
+        names.append(qm.emit("requantize", [v.name], f"{node.name}.b{i}", consts=dyadic_consts(mult, shift),
                              attrs={"lo": lo, "hi": hi}, scale=np_scale(s)))
     q = parts[0] + parts[1] if add else torch.cat(parts, 1)
     qm.emit("add" if add else "concat", names, node.name, scale=np_scale(s), attrs={} if add else {"axis": 1})

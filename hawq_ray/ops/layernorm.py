@@ -1,7 +1,10 @@
-"""Integer-only LayerNorm over the channels (program op `layer_norm`; issue 42's first building block): ConvNeXt's
-LayerNorm2d on an (N, C, H, W) value, normalized over C at each (n, h, w), and ViT's LayerNorm over the
-features of an (N, C) token value (a token layout (N, C, 1, 1) is the same thing). There is no graph node yet:
-nothing traces LayerNorm to it (models with LayerNorm are still refused before tracing).
+"""Integer-only LayerNorm (graph node and program op `layer_norm`): a vision transformer's LayerNorm over the
+features of its tokens (N, T, C) (the last axis, as `nn.LayerNorm(C)` normalizes; also a channels-last map), and
+ConvNeXt's LayerNorm2d on an (N, C, H, W) value, normalized over C at each (n, h, w) (axis 1).
+
+QAT: the input is requantized to 16 bits on a static scale (the op reads int16), the output written at a static
+16-bit scale (like a residual sum), so the Linear after it requantizes it to its own bits; the forward values are
+the integers', the gradient (to the input, gamma and beta) float LayerNorm's.
 
 The integers (all int64; `>>` is the arithmetic shift, i.e. floor(. / 2^k)), at each position with the C
 values x_c of the input:
@@ -51,9 +54,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from torch.nn import functional
+from torch import nn
+
 from hawq_ray.contract import HawqError
-from hawq_ray.ops.registry import ProgramOp, register_ops
+from hawq_ray.ops.registry import GraphNode, ProgramOp, register_ops
 from hawq_ray.program.dyadic import dyadic
+from hawq_ray.program.program import Op
+from hawq_ray.quant.quantizers import activation_scale, signed_range
+from hawq_ray.quant.values import WIDE_BITS, V, absmax, np_scale, ste
 
 P, K, F = 3, 56, 16            # isqrt's pre-shift 2P, the reciprocal's 2^K, the normalized value's fraction bits
 NORM_SHIFT = K - P - F         # 37: n = (d R + 2^(NORM_SHIFT-1)) >> NORM_SHIFT
@@ -65,19 +74,21 @@ MAX_EPS = 1 << 54
 MAX_BIAS = 1 << 60
 NORM_MAX = 1 << 25             # |n| <= 2 sqrt(C - 1) 2^F + 1 <= 2^25 for C <= 2^16
 
-SEMANTICS = f"""inputs [x] (N, C, H, W) or (N, C), normalized over C (axis 1) at each position; consts multiplier
+SEMANTICS = f"""inputs [x], normalized over its axis `axis` (attr, default 1: C of (N, C, H, W) or (N, C); the last
+of tokens (N, T, C) or of a channels-last map) at each position; consts multiplier
 (int32, signed), shift (int32, 1..62), bias (int64, |bias| < 2^60), each of shape () or (C,); attrs eps (int,
-0..2^54), lo, hi (the clamp); requires x in int16, 1 <= C <= 2^16 and C * (max_c x - min_c x) <= 2^28 at each
+0..2^54), axis, lo, hi (the clamp); requires x in int16, 1 <= C <= 2^16 and C * (max_c x - min_c x) <= 2^28 at each
 position. In int64 per position: S = sum_c x; V = C * sum_c x^2 - S^2 + eps; r = max(isqrt(V << {2 * P}), 1)
 (isqrt = floor(sqrt), bit by bit); R = 2^{K} // r (integer division of positives: floor); d = C * x - S;
 n = (d * R + 2^{NORM_SHIFT - 1}) >> {NORM_SHIFT}; out = clamp((n * multiplier + bias + 2^(shift-1)) >> shift, lo, hi)
 (>> arithmetic: floor)."""
 
 
-def layer_norm_channels(x_shape, where: str) -> int:
-    if len(x_shape) not in (2, 4):
-        raise HawqError(f"{where}: layer_norm of a rank-{len(x_shape)} value; only (N, C, H, W) or (N, C) over C")
-    c = int(x_shape[1])
+def layer_norm_channels(x_shape, where: str, axis: int = 1) -> int:
+    if len(x_shape) < 2 or not 1 <= axis < len(x_shape):
+        raise HawqError(f"{where}: layer_norm over axis {axis} of a rank-{len(x_shape)} value; valid: an axis "
+                        "after the batch axis")
+    c = int(x_shape[axis])
     if not 1 <= c <= MAX_CHANNELS:
         raise HawqError(f"{where}: layer_norm over {c} channels; valid: 1 to {MAX_CHANNELS}")
     return c
@@ -111,16 +122,17 @@ def isqrt(v: torch.Tensor) -> torch.Tensor:
 
 def execute_layer_norm(op, ins):
     x = ins[0].to(torch.int64)
-    c = layer_norm_channels(x.shape, op.output)
+    axis = int(op.attrs.get("axis", 1))
+    c = layer_norm_channels(x.shape, op.output, axis)
     k = check_constants(op, c)
     if x.numel():
-        spread = int((x.amax(1) - x.amin(1)).max())
+        spread = int((x.amax(axis) - x.amin(axis)).max())
         if int(x.min()) < INPUT_LO or int(x.max()) > INPUT_HI or c * spread > MAX_SPREAD:
             raise HawqError(f"{op.output}: layer_norm input outside its bounds (int16 values, C * spread <= 2^28)")
-    view = (1, c) + (1,) * (x.dim() - 2)
+    view = tuple(c if i == axis else 1 for i in range(x.dim()))
     m, s, b = (torch.from_numpy(k[n]).reshape(view) for n in ("multiplier", "shift", "bias"))
-    total = x.sum(1, keepdim=True)
-    v = c * (x * x).sum(1, keepdim=True) - total * total + int(op.attrs.get("eps", 0))
+    total = x.sum(axis, keepdim=True)
+    v = c * (x * x).sum(axis, keepdim=True) - total * total + int(op.attrs.get("eps", 0))
     r = isqrt(v << (2 * P)).clamp_(min=1)
     recip = torch.div(torch.full_like(r, 1 << K), r, rounding_mode="floor")
     n = ((c * x - total) * recip + (1 << (NORM_SHIFT - 1))) >> NORM_SHIFT
@@ -158,4 +170,55 @@ def layer_norm_constants(gamma, beta, eps: float, s_in: float, s_out: float, cha
     return consts, {"eps": min(eps_int, MAX_EPS)}
 
 
-register_ops(ProgramOp("layer_norm", SEMANTICS, execute_layer_norm, layer_norm_value_range))
+def _channels_first(m: nn.Module) -> bool:
+    """torchvision's and timm's LayerNorm2d normalize an (N, C, H, W) map over C; nn.LayerNorm the last axis."""
+    return type(m).__name__ == "LayerNorm2d"
+
+
+def _convert_layer_norm(tracer, n, m):
+    if len(m.normalized_shape) != 1:
+        tracer.unsupported(f"module {n.target!r} (normalized over {tuple(m.normalized_shape)})",
+                           f"{type(m).__name__} (only over one axis)")
+    rank = len(tracer.shape(n.args[0]))
+    return tracer.node(n, "layer_norm", [n.args[0]], module=m, attrs={"axis": 1 if _channels_first(m) else rank - 1})
+
+
+def _float_layer_norm(node, t):
+    m, axis = node.module, node.attrs["axis"]
+    out = functional.layer_norm(t.movedim(axis, -1), m.normalized_shape, m.weight, m.bias, m.eps)
+    return out.movedim(-1, axis)
+
+
+def layer_norm_step(qm, node, ins):
+    if qm.mode == "fp32":
+        return V(None, None, _float_layer_norm(node, ins[0].r), node.name)
+    x = qm.act_point(ins[0], f"in:{node.name}", WIDE_BITS, signed=True, name=f"{node.name}.in")
+    real = _float_layer_norm(node, x.r) if (qm.mode != "qat" or qm.needs_real()) else None
+    scale = activation_scale(qm.observe(f"out:{node.name}", absmax(real) if qm.observing else None),
+                             WIDE_BITS, signed=True)
+    lo, hi = signed_range(WIDE_BITS)
+    s = torch.tensor(scale, dtype=torch.float64, device=x.device)
+    if qm.mode == "fake":
+        q = torch.floor(real.detach().to(torch.float64) / scale + 0.5).clamp_(lo, hi)
+        return V(None, s, ste(real, q * scale), node.name, lo, hi)
+    m, axis = node.module, node.attrs["axis"]
+    c = x.q.shape[axis]
+    gamma = m.weight.detach().cpu().numpy() if m.weight is not None else np.ones(c)
+    beta = m.bias.detach().cpu().numpy() if m.bias is not None else np.zeros(c)
+    consts, attrs = layer_norm_constants(gamma, beta, m.eps, float(x.s), scale, c)
+    op = qm.emit("layer_norm", [x.name], node.name, consts=consts, attrs=attrs | {"axis": axis, "lo": lo, "hi": hi},
+                 scale=np_scale(s), lo=lo, hi=hi)
+    q = execute_layer_norm(Op("layer_norm", [x.name], op, attrs=attrs | {"axis": axis, "lo": lo, "hi": hi},
+                              consts=consts), [x.q])
+    return V(q, s, qm.real(real, q, s), node.name, lo, hi)
+
+
+def _observers(node, input_name):
+    return [f"in:{node.name}", f"out:{node.name}"]
+
+
+register_ops(
+    GraphNode("layer_norm", layer_norm_step, modules=(nn.LayerNorm,), convert=_convert_layer_norm,
+              observers=_observers, supported="LayerNorm (one axis), LayerNorm2d"),
+    ProgramOp("layer_norm", SEMANTICS, execute_layer_norm, layer_norm_value_range),
+)

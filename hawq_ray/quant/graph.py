@@ -3,7 +3,7 @@
 Each fx call becomes a node of a kind from the op registry (`hawq_ray.ops`: the module types, functions and
 tensor methods each kind converts); a BatchNorm2d right after a conv is folded into it (any other is a node
 of its own), Dropout, Identity and stochastic depth vanish, and shape queries and arithmetic on shapes
-(`x.size(1) // groups`) are skipped. Models with attention or LayerNorm are refused first; anything else
+(`x.size(1) // groups`) are skipped; parameters read in forward (a class token) are `constant` nodes. Anything
 unknown is an error that names the module and its type. `folded_weights` reads each layer's BN-folded weight
 off the trace (the sensitivity stage's delta_b).
 """
@@ -68,15 +68,16 @@ class _Tracer:
         self.alias: dict[str, str] = {}        # fx node name -> graph node name
         self.by_name: dict[str, GNode] = {}
         self.pending: dict[str, tuple] = {}     # fx node name -> a value in the making (a 5-D view, a tuple of parts)
-        self._gm, self._input_shape, self._shapes = gm, input_shape, None
+        self._gm, self._input_shape, self._shapes = gm, input_shape, {}
 
-    def shape(self, n: fx.Node):
-        """The concrete shape of fx node `n`'s value (a tuple, or a tuple of them for a tuple), batch 2: from one
-        forward pass of a zero image, run the first time a converter asks."""
-        if self._shapes is None:
+    def shape(self, n: fx.Node, batch: int = 2):
+        """The concrete shape of fx node `n`'s value (a tuple, or a tuple of them for a tuple) at `batch`: from
+        one forward pass of a zero image, run the first time a converter asks (a second batch size tells which
+        axis grows with the batch)."""
+        if batch not in self._shapes:
             shape = self._input_shape() if callable(self._input_shape) else self._input_shape
-            self._shapes = _propagate_shapes(self._gm, shape)
-        return self._shapes.get(n.name)
+            self._shapes[batch] = _propagate_shapes(self._gm, shape, batch)
+        return self._shapes[batch].get(n.name)
 
     def src(self, a) -> str:
         if not isinstance(a, fx.Node):
@@ -111,14 +112,14 @@ def _entries_for(n: fx.Node, module) -> list:
             (n.op == "call_method" and n.target in e.methods)]
 
 
-def _propagate_shapes(gm: fx.GraphModule, input_shape) -> dict:
+def _propagate_shapes(gm: fx.GraphModule, input_shape, batch: int) -> dict:
     import torch
     from torch.fx.passes.shape_prop import ShapeProp
     was = {m: m.training for m in gm.modules()}
     gm.eval()                               # no BN statistics change
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(torch.zeros(2, *input_shape))
+            ShapeProp(gm).propagate(torch.zeros(batch, *input_shape))
     finally:
         for m, flag in was.items():
             m.training = flag
@@ -139,20 +140,9 @@ class _LeafTracer(fx.Tracer):
             super().is_leaf_module(m, qualname)
 
 
-def _refuse_transformers(model: nn.Module) -> None:
-    """Attention and LayerNorm (vision transformers, ConvNeXt) have no integer-only form here: say so before
-    tracing, in words, instead of failing at whichever tensor op the tracer meets first."""
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.LayerNorm, nn.MultiheadAttention)) or "attention" in type(m).__name__.lower():
-            raise HawqError(f"model {type(model).__name__} has transformer layers (module {name!r} of type "
-                            f"{type(m).__name__}): attention and LayerNorm have no integer-only form in hawq-ray; "
-                            "it quantizes CNNs (see the supported layers in the README)")
-
-
 def trace_graph(model: nn.Module, input_shape=None) -> Graph:
     """The graph of `model`; `input_shape` (C, H, W) is used only where a converter needs concrete shapes
     (channel shuffles, splits), the model's own size when not given."""
-    _refuse_transformers(model)
     try:
         tracer = _LeafTracer()
         graph = tracer.trace(model)
@@ -173,7 +163,7 @@ def trace_graph(model: nn.Module, input_shape=None) -> Graph:
                 raise HawqError("model takes more than one input; hawq-ray quantizes single-input CNNs")
             t.add(GNode(n.name, "input", []))
         elif n.op == "get_attr":
-            t.unsupported(f"attribute {n.target!r}", "get_attr (a tensor constant in forward)")
+            t.add(_constant(model, n))
         elif n.op == "output":
             if not isinstance(n.args[0], fx.Node):
                 raise HawqError("model returns more than one tensor; hawq-ray quantizes single-output CNNs")
@@ -193,10 +183,32 @@ def trace_graph(model: nn.Module, input_shape=None) -> Graph:
     for node in t.nodes:    # nonneg: by construction (ReLU, a converter's say), or inherited through shape-keeping ops
         entry = GRAPH_NODES.get(node.kind)
         node.nonneg = node.nonneg or (entry is not None and bool(entry.nonneg([t.by_name[i].nonneg for i in node.inputs])))
+    _check_constant_readers(t.nodes)
     graph = Graph(nodes=t.nodes, output=output)
     if not graph.layer_nodes():
         raise HawqError(f"model {type(model).__name__} has no quantizable layer (Conv2d or Linear)")
     return graph
+
+
+def _constant(model: nn.Module, n: fx.Node) -> GNode:
+    """A parameter or buffer read in forward (a class token, a position embedding): a `constant` node."""
+    names = dict(model.named_parameters())
+    if n.target not in names and n.target not in dict(model.named_buffers()):
+        raise HawqError(f"cannot quantize attribute {n.target!r} read in forward: it is not a parameter or buffer")
+    return GNode(n.name, "constant", [], attrs={"target": n.target, "parameter": n.target in names})
+
+
+CONSTANT_READERS = ("add", "cat")
+
+
+def _check_constant_readers(nodes: list) -> None:
+    kinds = {n.name: n.kind for n in nodes}
+    for node in nodes:
+        for i in node.inputs:
+            if kinds[i] == "constant" and node.kind not in CONSTANT_READERS:
+                raise HawqError(f"cannot quantize {node.kind} {node.name!r} of a tensor constant read in forward "
+                                f"({i!r}); constants may only be added or concatenated (a class token, a "
+                                "position embedding)")
 
 
 def _stochastic_depth() -> tuple:

@@ -35,8 +35,8 @@ def layer_macs(model: nn.Module, input_shape) -> dict[str, int]:
                 k = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
                 macs[name] = macs.get(name, 0) + int(out[0].numel()) * k
         elif isinstance(m, nn.Linear):
-            def hook(mod, inp, out, name=name):
-                macs[name] = macs.get(name, 0) + mod.in_features * mod.out_features
+            def hook(mod, inp, out, name=name):      # per token of a (1, T, C) input: T rows
+                macs[name] = macs.get(name, 0) + int(out.numel()) * mod.in_features
         else:
             continue
         hooks[name] = hook

@@ -57,8 +57,10 @@ def ste(surrogate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 def channel_view(s: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Scale (C,) -> broadcastable against an (N, C, H, W) or (N, C) tensor; scalars stay."""
-    if s.dim() == 0:
+    """Scale (C,) -> broadcastable against an (N, C, H, W) or (N, C) tensor (channels on axis 1); scalars and
+    scales already shaped for broadcasting stay (a Linear's over tokens, (1, ..., 1, C): features on the last
+    axis)."""
+    if s.dim() != 1:
         return s
     return s.reshape((-1,) + (1,) * (ndim - 2))
 

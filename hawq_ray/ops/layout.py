@@ -1,0 +1,221 @@
+"""Moving integers without computing (graph nodes `reshape`, `permute`, `take`, `constant`; program ops of the
+same names): what a vision transformer does between its layers. The patch embedding's (N, C, h, w) map becomes
+tokens (N, h w, C) (`flatten(2).transpose(1, 2)`), a qkv Linear's output is split into heads
+(`reshape(N, T, 3, H, D).permute(2, 0, 3, 1, 4)`, then `[0]` or `unbind(0)`), keys are transposed, heads merged
+back, the class token picked (`x[:, 0]`); the class token and the position embedding are parameters read in
+`forward` (`constant`).
+
+Shapes in the program are per sample: a reshape's target shape holds -1 at the one axis that grows with the
+batch (found by tracing at two batch sizes), so one program runs at any batch; a permute's dims and a take's
+axis are positions in the full value, the batch axis included.
+
+A per-tensor scale moves with its integers unchanged. A Linear's or a conv's INT32 output has one scale per
+feature, which a reshape would scatter over new axes: such a value is requantized first, to a static per-tensor
+scale at 16-bit resolution (like a residual branch), and the layout op moves the INT16 codes.
+
+A parameter read in `forward` (a class token, a position embedding) is a `constant` value: the op that reads
+it (`add`, `cat`: `ops.join`) quantizes it to its own output scale, so it lives on the grid of what it is
+added to or concatenated with; QAT trains it through the straight-through estimator.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from hawq_ray.contract import HawqError
+from hawq_ray.ops.registry import HANDLED, GraphNode, ProgramOp, register_ops
+from hawq_ray.quant.values import WIDE_BITS, V, np_scale
+
+RESHAPE = """inputs [x]; attrs shape (per-sample shape with -1 at the one axis that grows with the batch);
+out = x.reshape(shape)."""
+PERMUTE = """inputs [x]; attrs dims (a permutation of the axes, the batch axis included); out = x.permute(dims)."""
+TAKE = """inputs [x]; attrs axis, index; out = x.select(axis, index) (the axis dropped)."""
+CONSTANT = """inputs [x] (read for its batch size only); consts value (1, ...) int32; out = value repeated along
+axis 0 to x's batch."""
+
+LAYERS = ("conv", "linear")          # producers whose values carry one scale per channel
+
+
+# ---------------------------------------------------------------------------------------------- tracing
+
+def _per_channel_source(tracer, arg) -> bool:
+    return tracer.by_name[tracer.src(arg)].kind in LAYERS
+
+
+def _node(tracer, n, kind, attrs):
+    src = n.args[0]
+    return tracer.node(n, kind, [src], attrs=attrs | {"wide": _per_channel_source(tracer, src)})
+
+
+def _batch_shape(tracer, n) -> tuple | None:
+    """n's per-sample shape with -1 at the axis that grows with the batch, or None if there is not exactly one."""
+    two, three = tracer.shape(n), tracer.shape(n, batch=3)
+    if two is None or three is None or len(two) != len(three):
+        return None
+    grows = [i for i, (a, b) in enumerate(zip(two, three)) if a != b]
+    if len(grows) != 1 or two[grows[0]] * 3 != three[grows[0]] * 2:
+        return None
+    return tuple(-1 if i == grows[0] else int(d) for i, d in enumerate(two))
+
+
+def _convert_reshape(tracer, n, m):
+    if not tracer.is_tensor(n.args[0]):
+        return None
+    shape = _batch_shape(tracer, n)
+    if shape is None:
+        return None
+    if tuple(tracer.shape(n)) == tuple(tracer.shape(n.args[0])):
+        tracer.alias[n.name] = tracer.src(n.args[0])         # a reshape to the same shape
+        return HANDLED
+    return _node(tracer, n, "reshape", {"shape": shape})
+
+
+def _convert_permute(tracer, n, m):
+    if not tracer.is_tensor(n.args[0]):
+        return None
+    rank = len(tracer.shape(n.args[0]))
+    if n.target in ("transpose", torch.transpose, "swapaxes"):
+        a, b = (d % rank for d in n.args[1:3])
+        dims = list(range(rank))
+        dims[a], dims[b] = dims[b], dims[a]
+    else:
+        dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else n.args[1:]
+        dims = [d % rank for d in n.kwargs.get("dims", dims)]
+    if sorted(dims) != list(range(rank)):
+        return None
+    if dims == list(range(rank)):
+        tracer.alias[n.name] = tracer.src(n.args[0])
+        return HANDLED
+    return _node(tracer, n, "permute", {"dims": tuple(dims)})
+
+
+def _convert_unbind(tracer, n, m):
+    dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+    if not tracer.is_tensor(n.args[0]):
+        return None
+    tracer.pending[n.name] = ("unbind", n.args[0], dim % len(tracer.shape(n.args[0])))
+    return HANDLED
+
+
+def _index_axis(index, rank: int):
+    """(axis, i) of an index that picks one position of one axis (`x[0]`, `x[:, 0]`, `x[..., 0, :]`), else None."""
+    if isinstance(index, int):
+        return 0, index
+    if not isinstance(index, tuple):
+        return None
+    full = slice(None)
+    ints = [k for k, e in enumerate(index) if isinstance(e, int)]
+    if len(ints) != 1 or any(e not in (full, Ellipsis) for k, e in enumerate(index) if k != ints[0]):
+        return None
+    k = ints[0]
+    if Ellipsis in index[:k]:
+        return (k - len(index)) % rank, index[k]
+    return k, index[k]
+
+
+def _convert_take(tracer, n, m):
+    src, index = n.args[0], n.args[1]
+    state = tracer.pending.get(getattr(src, "name", None))
+    if state is not None:
+        if state[0] != "unbind" or not isinstance(index, int):
+            return None
+        return tracer.node(n, "take", [state[1]], attrs={"axis": state[2], "index": index,
+                                                         "wide": _per_channel_source(tracer, state[1])})
+    if not tracer.is_tensor(src):
+        return None
+    shape = tracer.shape(src)
+    picked = _index_axis(index, len(shape))
+    if picked is None:
+        return None
+    axis, i = picked
+    return _node(tracer, n, "take", {"axis": axis, "index": i % shape[axis]})
+
+
+def _convert_expand(tracer, n, m):
+    """`cls_token.expand(N, -1, -1)`: the constant stays (1, ...); the op that reads it broadcasts it."""
+    src = tracer.by_name.get(tracer.alias.get(getattr(n.args[0], "name", None), ""))
+    if src is None or src.kind != "constant":
+        return None
+    tracer.alias[n.name] = src.name
+    return HANDLED
+
+
+# ---------------------------------------------------------------------------------------------- QAT steps
+
+def _moved(qm, node, ins, fn, op: str, attrs: dict) -> V:
+    v = ins[0]
+    if qm.mode != "fp32" and node.attrs.get("wide"):
+        v = qm.act_point(v, f"in:{node.name}", WIDE_BITS, signed=True, name=f"{node.name}.in")
+    if v.s is not None and v.s.dim() > 0:
+        raise HawqError(f"{node.name}: {op} of a value with one scale per channel (from a {v.name!r} that is "
+                        "not a conv or Linear output); nothing requantizes it first")
+    if qm.mode != "qat":
+        return V(None, v.s, fn(v.r), node.name, v.lo, v.hi)
+    q = fn(v.q)
+    name = qm.emit(op, [v.name], node.name, attrs=attrs, scale=np_scale(v.s), lo=v.lo, hi=v.hi)
+    return V(q, v.s, qm.lazy(v, fn), name, v.lo, v.hi)
+
+
+def reshape_step(qm, node, ins):
+    shape = node.attrs["shape"]
+    return _moved(qm, node, ins, lambda t: t.reshape(shape), "reshape", {"shape": shape})
+
+
+def permute_step(qm, node, ins):
+    dims = node.attrs["dims"]
+    return _moved(qm, node, ins, lambda t: t.permute(dims), "permute", {"dims": dims})
+
+
+def take_step(qm, node, ins):
+    axis, index = node.attrs["axis"], node.attrs["index"]
+    return _moved(qm, node, ins, lambda t: t.select(axis, index), "take", {"axis": axis, "index": index})
+
+
+def constant_step(qm, node, ins):
+    """A parameter read in forward, as a float value: the add or cat that reads it quantizes it."""
+    return V(None, None, qm.model.get_parameter(node.attrs["target"]) if node.attrs["parameter"]
+             else qm.model.get_buffer(node.attrs["target"]), node.name)
+
+
+def _wide_observer(node, input_name):
+    return [f"in:{node.name}"] if node.attrs.get("wide") else []
+
+
+# ---------------------------------------------------------------------------------------------- executor
+
+def execute_reshape(op, ins):
+    return ins[0].reshape(tuple(op.attrs["shape"]))
+
+
+def execute_constant(op, ins):
+    value = torch.as_tensor(op.consts["value"], dtype=torch.int64)
+    return value.expand(ins[0].shape[0], *value.shape[1:]).contiguous()
+
+
+def constant_range(op, ins):
+    value = op.consts["value"]
+    return int(value.min()), int(value.max())
+
+
+def _same(op, r):
+    return r[0]
+
+
+LAYOUT_METHODS = dict(reshape=("view", "reshape", "flatten"), permute=("permute", "transpose", "swapaxes"))
+
+register_ops(
+    GraphNode("reshape", reshape_step, functions=(torch.reshape, torch.flatten), methods=LAYOUT_METHODS["reshape"],
+              convert=_convert_reshape, nonneg=all, observers=_wide_observer, supported="reshape / view / flatten"),
+    GraphNode("permute", permute_step, functions=(torch.permute, torch.transpose), methods=LAYOUT_METHODS["permute"],
+              convert=_convert_permute, nonneg=all, observers=_wide_observer, supported="permute / transpose"),
+    GraphNode("take", take_step, functions=(operator.getitem, torch.unbind), methods=("unbind",),
+              convert=lambda t, n, m: (_convert_take if n.target is operator.getitem else _convert_unbind)(t, n, m),
+              nonneg=all, observers=_wide_observer, supported="x[i] / x[:, i] / unbind"),
+    GraphNode("constant", constant_step, methods=("expand",), convert=_convert_expand,
+              supported="parameters read in forward (added or concatenated)"),
+    ProgramOp("reshape", RESHAPE, execute_reshape, _same),
+    ProgramOp("permute", PERMUTE, lambda op, ins: ins[0].permute(tuple(op.attrs["dims"])).contiguous(), _same),
+    ProgramOp("take", TAKE, lambda op, ins: ins[0].select(op.attrs["axis"], op.attrs["index"]).contiguous(), _same),
+    ProgramOp("constant", CONSTANT, execute_constant, constant_range),
+)

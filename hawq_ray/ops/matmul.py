@@ -1,0 +1,136 @@
+"""The product of two quantized activations (graph node `matmul`, program op `matmul`): attention's q k^T and
+its probabilities times v, per head; and a product with a positive number (graph node `scale`, no program op).
+
+Each operand is requantized to 8 bits on its own static per-tensor scale (an activation point, as in front of a
+layer), unless it is 8-bit already (softmax's probabilities, unsigned codes at 2^-8: requantizing them would
+only round them again). The codes are multiplied and summed exactly, INT32 accumulation (|a b| <= 2^14 and
+K <= 2^16 terms), at scale S_a S_b; whoever reads the product requantizes it, as after a conv.
+
+`q * head_dim ** -0.5` (or `/ sqrt(d)`) multiplies a value by a positive constant: the integers stay, the scale
+is multiplied, and the requantize that reads the value absorbs it. No op is computed.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from hawq_ray.contract import HawqError
+from hawq_ray.ops.registry import GraphNode, ProgramOp, register_ops
+from hawq_ray.quant.values import FP32_EXACT, V, np_scale
+
+SEMANTICS = """inputs [a, b] (..., M, K) and (..., K, N), equal leading axes, 8-bit codes; attrs a_bits, b_bits,
+a_signed, b_signed, k (= K); out = a @ b over the last two axes, INT32 accumulation (K <= 2^16)."""
+OPERAND_BITS = 8
+MAX_K = 1 << 16
+NARROW_SOURCES = ("softmax",)        # producers of 8-bit codes the product reads as they are
+LAYOUT = ("reshape", "permute", "take")
+
+
+# ---------------------------------------------------------------------------------------------- tracing
+
+def _source_kind(tracer, arg) -> str:
+    node = tracer.by_name[tracer.src(arg)]
+    while node.kind in LAYOUT:
+        node = tracer.by_name[node.inputs[0]]
+    return node.kind
+
+
+def _convert_matmul(tracer, n, m):
+    if len(n.args) != 2 or n.kwargs or not all(tracer.is_tensor(a) for a in n.args):
+        return None
+    narrow = [_source_kind(tracer, a) in NARROW_SOURCES for a in n.args]
+    return tracer.node(n, "matmul", list(n.args), attrs={"narrow": narrow})
+
+
+def _number(a) -> float | None:
+    return float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else None
+
+
+def _convert_scale(tracer, n, m):
+    """x * c, c * x, x / c for a positive number c (a Python constant at trace time)."""
+    if len(n.args) != 2 or n.kwargs:
+        return None
+    x, c = n.args
+    if _number(x) is not None and n.target in (operator.mul, torch.mul, "mul"):
+        x, c = c, x
+    c = _number(c)
+    if c is None or not tracer.is_tensor(x) or c <= 0:
+        return None
+    if n.target in (operator.truediv, torch.div, "div"):
+        c = 1.0 / c
+    return tracer.node(n, "scale", [x], attrs={"factor": c})
+
+
+# ---------------------------------------------------------------------------------------------- QAT steps
+
+def _exact_matmul(a: torch.Tensor, b: torch.Tensor, bound: int) -> torch.Tensor:
+    """a @ b of integer tensors, exactly: float32 while every partial sum stays below 2^24, else float64
+    (below 2^53: |a b| K <= 2^14 2^16)."""
+    dtype = torch.float32 if bound < FP32_EXACT else torch.float64
+    return torch.round(a.to(dtype) @ b.to(dtype)).to(torch.int64)
+
+
+def matmul_step(qm, node, ins):
+    if qm.mode == "fp32":
+        return V(None, None, ins[0].r @ ins[1].r, node.name)
+    ops = []
+    for i, v in enumerate(ins):
+        if not node.attrs["narrow"][i]:
+            v = qm.act_point(v, f"in:{node.name}.{i}", OPERAND_BITS, signed=not qm.nonneg(node.inputs[i]),
+                             name=f"{node.name}.in{i}")
+        elif v.s is not None and v.s.dim() > 0:
+            raise HawqError(f"{node.name}: operand {i} has one scale per channel; expected 8-bit codes")
+        ops.append(v)
+    a, b = ops
+    s = a.s * b.s
+    if qm.mode == "fake":
+        return V(None, s, a.r @ b.r, node.name)
+    k = a.q.shape[-1]
+    if k > MAX_K:
+        raise HawqError(f"{node.name}: a product over {k} terms; valid: at most {MAX_K} (INT32 accumulation)")
+    amax, bmax = max(abs(a.lo), abs(a.hi)), max(abs(b.lo), abs(b.hi))
+    q = _exact_matmul(a.q, b.q, amax * bmax * k)
+    qm.emit("matmul", [a.name, b.name], node.name, scale=np_scale(s),
+            attrs={"a_bits": OPERAND_BITS, "b_bits": OPERAND_BITS, "a_signed": a.lo < 0, "b_signed": b.lo < 0,
+                   "k": k})
+    real = a.r @ b.r if qm.needs_real() else None
+    return V(q, s, qm.real(real, q, s), node.name)
+
+
+def scale_step(qm, node, ins):
+    v, c = ins[0], node.attrs["factor"]
+    r = v.r * c if (qm.mode != "qat" or v._r is not None or qm.needs_real()) else None
+    if qm.mode == "fp32":
+        return V(None, None, r, node.name)
+    return V(v.q, v.s * c, r, v.name, v.lo, v.hi)
+
+
+def _matmul_observers(node, input_name):
+    return [f"in:{node.name}.{i}" for i in range(2) if not node.attrs["narrow"][i]]
+
+
+# ---------------------------------------------------------------------------------------------- executor
+
+def execute_matmul(op, ins):
+    a, b = ins
+    if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+        raise HawqError(f"{op.output}: matmul of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    bound = int(a.abs().max()) * int(b.abs().max()) * a.shape[-1] if a.numel() and b.numel() else 0
+    return _exact_matmul(a, b, bound)
+
+
+def matmul_range(op, r):
+    """K times the extreme product of two codes (the sign of each term free)."""
+    k = int(op.attrs["k"])
+    corners = [x * y for x in r[0] for y in r[1]]
+    return min(min(corners), 0) * k, max(max(corners), 0) * k
+
+
+register_ops(
+    GraphNode("matmul", matmul_step, functions=(operator.matmul, torch.matmul, torch.bmm), methods=("matmul", "bmm"),
+              convert=_convert_matmul, observers=_matmul_observers, supported="matmul of two activations (@)"),
+    GraphNode("scale", scale_step, functions=(operator.mul, operator.truediv, torch.mul, torch.div),
+              methods=("mul", "div"), convert=_convert_scale, nonneg=all, supported="times a positive number"),
+    ProgramOp("matmul", SEMANTICS, execute_matmul, matmul_range),
+)
