@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from hawq_ray.contract import HawqError
+from hawq_ray.inputs.attention import explicit_attention
 from hawq_ray.inputs.vit import DigitsViT
 
 DEFAULT_MODEL = "digits_resnet"
@@ -160,7 +161,12 @@ def is_user_code(spec) -> bool:
 def get_model(name=None, *, pretrained=False, weights=None, cache_dir=None):
     """A model by name (None: the default; an embedded or pytorchcv name, `torchvision:NAME`, `timm:NAME` or
     `package.module:callable`), or the module itself; weights from `weights` or, with `pretrained`, the local cache
-    (see the module docstring)."""
+    (see the module docstring). Its `nn.MultiheadAttention` modules are written out op by op
+    (`inputs.attention`: same parameters and state_dict)."""
+    return explicit_attention(_model(name, pretrained=pretrained, weights=weights, cache_dir=cache_dir))
+
+
+def _model(name, *, pretrained, weights, cache_dir):
     if isinstance(name, nn.Module):
         if pretrained:
             raise HawqError("pretrained=True needs a pytorchcv model name, not a module object; pass weights=PATH")

@@ -2,8 +2,8 @@
 same names): what a vision transformer does between its layers. The patch embedding's (N, C, h, w) map becomes
 tokens (N, h w, C) (`flatten(2).transpose(1, 2)`), a qkv Linear's output is split into heads
 (`reshape(N, T, 3, H, D).permute(2, 0, 3, 1, 4)`, then `[0]` or `unbind(0)`), keys are transposed, heads merged
-back, the class token picked (`x[:, 0]`); the class token and the position embedding are parameters read in
-`forward` (`constant`).
+back, the class token picked (`x[:, 0]`); Swin's windows are shifted cyclically (`roll`); the class token and the
+position embedding are parameters read in `forward` (`constant`).
 
 Shapes in the program are per sample: a reshape's target shape holds -1 at the one axis that grows with the
 batch (found by tracing at two batch sizes), so one program runs at any batch; a permute's dims and a take's
@@ -30,6 +30,8 @@ from hawq_ray.quant.values import WIDE_BITS, V, np_scale
 RESHAPE = """inputs [x]; attrs shape (per-sample shape with -1 at the one axis that grows with the batch);
 out = x.reshape(shape)."""
 PERMUTE = """inputs [x]; attrs dims (a permutation of the axes, the batch axis included); out = x.permute(dims)."""
+ROLL = """inputs [x]; attrs shifts, dims (equal lengths, never the batch axis); out = torch.roll(x, shifts, dims):
+a cyclic shift, out[..., i, ...] = x[..., (i - shift) mod size, ...] along each axis."""
 TAKE = """inputs [x]; attrs axis, index; out = x.select(axis, index) (the axis dropped)."""
 CONSTANT = """inputs [x] (read for its batch size only); consts value (1, ...) int32; out = value repeated along
 axis 0 to x's batch."""
@@ -59,7 +61,22 @@ def _batch_shape(tracer, n) -> tuple | None:
     return tuple(-1 if i == grows[0] else int(d) for i, d in enumerate(two))
 
 
+def _constant_view(tracer, n, how: tuple):
+    """A reshape / permute / expand of a constant: the constant seen through it (applied at each step, since QAT
+    trains the parameter), or None when the source is not a constant."""
+    src = tracer.by_name.get(tracer.alias.get(getattr(n.args[0], "name", None), ""))
+    if src is None or src.kind != "constant":
+        return None
+    if how[0] != "expand":      # an expand stays (1, ...): the op that reads the constant broadcasts it
+        tracer.make(n.name, "constant", [], attrs=src.attrs | {"view": src.attrs.get("view", ()) + (how,)})
+    else:
+        tracer.alias[n.name] = src.name
+    return HANDLED
+
+
 def _convert_reshape(tracer, n, m):
+    if _constant_view(tracer, n, ("reshape", tracer.shape(n))) is HANDLED:
+        return HANDLED
     if not tracer.is_tensor(n.args[0]):
         return None
     shape = _batch_shape(tracer, n)
@@ -84,6 +101,8 @@ def _convert_permute(tracer, n, m):
         dims = [d % rank for d in n.kwargs.get("dims", dims)]
     if sorted(dims) != list(range(rank)):
         return None
+    if _constant_view(tracer, n, ("permute", tuple(dims))) is HANDLED:
+        return HANDLED
     if dims == list(range(rank)):
         tracer.alias[n.name] = tracer.src(n.args[0])
         return HANDLED
@@ -134,11 +153,7 @@ def _convert_take(tracer, n, m):
 
 def _convert_expand(tracer, n, m):
     """`cls_token.expand(N, -1, -1)`: the constant stays (1, ...); the op that reads it broadcasts it."""
-    src = tracer.by_name.get(tracer.alias.get(getattr(n.args[0], "name", None), ""))
-    if src is None or src.kind != "constant":
-        return None
-    tracer.alias[n.name] = src.name
-    return HANDLED
+    return _constant_view(tracer, n, ("expand",))
 
 
 # ---------------------------------------------------------------------------------------------- QAT steps
@@ -167,15 +182,41 @@ def permute_step(qm, node, ins):
     return _moved(qm, node, ins, lambda t: t.permute(dims), "permute", {"dims": dims})
 
 
+def roll_step(qm, node, ins):
+    shifts, dims = node.attrs["shifts"], node.attrs["dims"]
+    return _moved(qm, node, ins, lambda t: torch.roll(t, shifts, dims), "roll", {"shifts": shifts, "dims": dims})
+
+
+def _convert_roll(tracer, n, m):
+    shifts = n.kwargs.get("shifts", n.args[1] if len(n.args) > 1 else None)
+    dims = n.kwargs.get("dims", n.args[2] if len(n.args) > 2 else None)
+    if not tracer.is_tensor(n.args[0]) or dims is None:
+        return None                      # torch.roll without dims flattens: no layout of ours
+    shifts, dims = (tuple(v) if isinstance(v, (tuple, list)) else (v,) for v in (shifts, dims))
+    rank = len(tracer.shape(n.args[0]))
+    return _node(tracer, n, "roll", {"shifts": tuple(int(v) for v in shifts), "dims": tuple(d % rank for d in dims)})
+
+
 def take_step(qm, node, ins):
     axis, index = node.attrs["axis"], node.attrs["index"]
     return _moved(qm, node, ins, lambda t: t.select(axis, index), "take", {"axis": axis, "index": index})
 
 
+VIEWS = {"reshape": lambda t, a: t.reshape(a), "permute": lambda t, a: t.permute(a),
+         "index": lambda t, a: t[a.to(t.device)]}
+
+
 def constant_step(qm, node, ins):
-    """A parameter read in forward, as a float value: the add or cat that reads it quantizes it."""
-    return V(None, None, qm.model.get_parameter(node.attrs["target"]) if node.attrs["parameter"]
-             else qm.model.get_buffer(node.attrs["target"]), node.name)
+    """A parameter read in forward, as a float value (through the reshapes, permutes and gathers `forward`
+    applies to it), or a fixed tensor (`value`, e.g. Swin's shifted-window mask): the add, cat or mul that reads
+    it quantizes it."""
+    if "value" in node.attrs:
+        return V(None, None, node.attrs["value"].to(next(qm.model.parameters()).device), node.name)
+    t = qm.model.get_parameter(node.attrs["target"]) if node.attrs["parameter"] \
+        else qm.model.get_buffer(node.attrs["target"])
+    for how, arg in node.attrs.get("view", ()):
+        t = VIEWS[how](t, arg)
+    return V(None, None, t, node.name)
 
 
 def _wide_observer(node, input_name):
@@ -214,7 +255,11 @@ register_ops(
               nonneg=all, observers=_wide_observer, supported="x[i] / x[:, i] / unbind"),
     GraphNode("constant", constant_step, methods=("expand",), convert=_convert_expand,
               supported="parameters read in forward (added or concatenated)"),
+    GraphNode("roll", roll_step, functions=(torch.roll,), methods=("roll",), convert=_convert_roll, nonneg=all,
+              observers=_wide_observer, supported="roll (Swin's cyclic shift)"),
     ProgramOp("reshape", RESHAPE, execute_reshape, _same),
+    ProgramOp("roll", ROLL, lambda op, ins: torch.roll(ins[0], tuple(op.attrs["shifts"]), tuple(op.attrs["dims"])),
+              _same),
     ProgramOp("permute", PERMUTE, lambda op, ins: ins[0].permute(tuple(op.attrs["dims"])).contiguous(), _same),
     ProgramOp("take", TAKE, lambda op, ins: ins[0].select(op.attrs["axis"], op.attrs["index"]).contiguous(), _same),
     ProgramOp("constant", CONSTANT, execute_constant, constant_range),

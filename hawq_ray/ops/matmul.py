@@ -8,15 +8,19 @@ K <= 2^16 terms), at scale S_a S_b; whoever reads the product requantizes it, as
 
 `q * head_dim ** -0.5` (or `/ sqrt(d)`) multiplies a value by a positive constant: the integers stay, the scale
 is multiplied, and the requantize that reads the value absorbs it. No op is computed.
+
+`F.scaled_dot_product_attention(q, k, v)` (timm's fused `Attention`) is expanded into the nodes it is made of
+(k's transpose, q @ k^T, the scale, softmax, p @ v); masks, causal masking and dropout are refused by name.
 """
 from __future__ import annotations
 
 import operator
 
 import torch
+import torch.nn.functional as F
 
 from hawq_ray.contract import HawqError
-from hawq_ray.ops.registry import GraphNode, ProgramOp, register_ops
+from hawq_ray.ops.registry import HANDLED, GraphNode, ProgramOp, register_ops
 from hawq_ray.quant.values import FP32_EXACT, V, np_scale
 
 SEMANTICS = """inputs [a, b] (..., M, K) and (..., K, N), equal leading axes, 8-bit codes; attrs a_bits, b_bits,
@@ -36,7 +40,32 @@ def _source_kind(tracer, arg) -> str:
     return node.kind
 
 
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+
+def _convert_attention(tracer, n):
+    """`F.scaled_dot_product_attention(q, k, v)` (timm's fused Attention) as the nodes it is made of: k's
+    transpose, q @ k^T, the attention scale, softmax, p @ v. A mask, causal masking or dropout is refused."""
+    given = dict(zip(SDPA_ARGS, n.args)) | dict(n.kwargs)
+    if given.get("attn_mask") is not None or given.get("is_causal") or given.get("dropout_p") or \
+            given.get("enable_gqa"):
+        tracer.unsupported(f"scaled_dot_product_attention at {n.name!r} with a mask, causal or dropout",
+                           "scaled_dot_product_attention (only unmasked, at inference)")
+    q, k, v = (tracer.src(given[a]) for a in SDPA_ARGS[:3])
+    rank = len(tracer.shape(given["key"]))
+    scale = given.get("scale") or tracer.shape(given["query"])[-1] ** -0.5
+    kt = tracer.make(f"{n.name}.kT", "permute", [k],
+                     attrs={"dims": tuple(range(rank - 2)) + (rank - 1, rank - 2), "wide": False})
+    logits = tracer.make(f"{n.name}.logits", "matmul", [q, kt.name], attrs={"narrow": [False, False]})
+    scaled = tracer.make(f"{n.name}.scaled", "scale", [logits.name], attrs={"factor": float(scale)})
+    probs = tracer.make(f"{n.name}.probs", "softmax", [scaled.name])
+    tracer.make(n.name, "matmul", [probs.name, v], attrs={"narrow": [True, False]})
+    return HANDLED
+
+
 def _convert_matmul(tracer, n, m):
+    if n.target is F.scaled_dot_product_attention:
+        return _convert_attention(tracer, n)
     if len(n.args) != 2 or n.kwargs or not all(tracer.is_tensor(a) for a in n.args):
         return None
     narrow = [_source_kind(tracer, a) in NARROW_SOURCES for a in n.args]
@@ -128,8 +157,10 @@ def matmul_range(op, r):
 
 
 register_ops(
-    GraphNode("matmul", matmul_step, functions=(operator.matmul, torch.matmul, torch.bmm), methods=("matmul", "bmm"),
-              convert=_convert_matmul, observers=_matmul_observers, supported="matmul of two activations (@)"),
+    GraphNode("matmul", matmul_step, functions=(operator.matmul, torch.matmul, torch.bmm,
+                                                F.scaled_dot_product_attention),
+              methods=("matmul", "bmm"), convert=_convert_matmul, observers=_matmul_observers,
+              supported="matmul of two activations (@), scaled_dot_product_attention"),
     GraphNode("scale", scale_step, functions=(operator.mul, operator.truediv, torch.mul, torch.div),
               methods=("mul", "div"), convert=_convert_scale, nonneg=all, supported="times a positive number"),
     ProgramOp("matmul", SEMANTICS, execute_matmul, matmul_range),

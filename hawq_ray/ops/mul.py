@@ -5,15 +5,23 @@ Each operand is requantized to 8 bits on its own static scale (an activation poi
 so the product of the codes is exact in INT32 (|a b| < 2^16) at scale S_a S_b; whoever reads it requantizes
 it, as after a conv. The gate (N, C, 1, 1) broadcasts over the input's H and W; the program puts the larger
 operand first.
+
+A parameter times a value (ConvNeXt's layer scale, `gamma * x`) is a per-channel affine instead: the program op
+`affine` of `ops.batchnorm`, with a signed dyadic multiplier per channel onto a static 16-bit output scale.
 """
 from __future__ import annotations
 
 import operator
 
+import numpy as np
 import torch
 
+from hawq_ray.contract import HawqError
+from hawq_ray.ops.batchnorm import integer_affine
 from hawq_ray.ops.registry import GraphNode, ProgramOp, register_ops
-from hawq_ray.quant.values import V, np_scale
+from hawq_ray.program.dyadic import dyadic
+from hawq_ray.quant.quantizers import activation_scale, signed_range
+from hawq_ray.quant.values import WIDE_BITS, V, absmax, np_scale, ste
 
 SEMANTICS = """inputs [a, b] (b's shape broadcasts against a's: equal, or 1 in H and W); out = a * b."""
 MUL_BITS = 8
@@ -21,8 +29,40 @@ MUL_BITS = 8
 
 def _convert_mul(tracer, n, m):
     if len(n.args) != 2 or n.kwargs or not all(tracer.is_tensor(a) for a in n.args):
-        return None                   # a product with a constant: no integer form here
-    return tracer.node(n, "mul", list(n.args))
+        return None                   # a product with a number: `ops.matmul`'s scale
+    constants = [tracer.by_name[tracer.src(a)].kind == "constant" for a in n.args]
+    if all(constants):
+        return None
+    return tracer.node(n, "mul", list(n.args), attrs={"constants": constants})
+
+
+def _times_constant(qm, node, v: V, gamma: torch.Tensor) -> V:
+    """x * gamma for a parameter gamma (ConvNeXt's layer scale): a per-channel affine with a signed dyadic
+    multiplier onto a static 16-bit output scale, like a BN no conv precedes (`ops.batchnorm`)."""
+    real = v.r * gamma if (qm.mode != "qat" or qm.needs_real()) else None
+    if qm.mode == "fp32":
+        return V(None, None, real, node.name)
+    if v.s.dim() > 0:
+        raise HawqError(f"{node.name}: a parameter times a value with one scale per channel; valid: a value "
+                        "requantized to one scale (after a permute, a LayerNorm, an add)")
+    scale = activation_scale(qm.observe(f"out:{node.name}", absmax(real) if qm.observing else None),
+                             WIDE_BITS, signed=True)
+    lo, hi = signed_range(WIDE_BITS)
+    s = torch.tensor(scale, dtype=torch.float64, device=v.device)
+    if qm.mode == "fake":
+        q = torch.floor(real.detach().to(torch.float64) / scale + 0.5).clamp_(lo, hi)
+        return V(None, s, ste(real, q * scale), node.name, lo, hi)
+    g = gamma.detach().to(torch.float64)
+    while g.dim() >= v.q.dim():             # (1, C, 1, 1) -> (C, 1, 1): the batch axis is broadcast
+        g = g.squeeze(0)
+    g = torch.where(g == 0, torch.full_like(g, 1e-30), g)
+    b, c = dyadic((g.abs() * v.s / scale).cpu().numpy())
+    mult = torch.from_numpy(b) * torch.sign(g).cpu().to(torch.int64)
+    consts = [torch.zeros_like(mult), mult, torch.from_numpy(c)]
+    q = integer_affine(v.q, *(t.to(v.q.device) for t in consts), lo, hi)
+    qm.emit("affine", [v.name], node.name, scale=np_scale(s), lo=lo, hi=hi, attrs={"lo": lo, "hi": hi},
+            consts={k: t.numpy().astype(np.int32) for k, t in zip(("bias", "multiplier", "shift"), consts)})
+    return V(q, s, None if real is None else qm.exact_real(real, lambda: q * scale), node.name, lo, hi)
 
 
 def _shape(v: V):
@@ -30,6 +70,9 @@ def _shape(v: V):
 
 
 def mul_step(qm, node, ins):
+    constants = node.attrs.get("constants", [False, False])
+    if any(constants):
+        return _times_constant(qm, node, ins[constants.index(False)], ins[constants.index(True)].r)
     order = [0, 1] if _shape(ins[0]) == torch.broadcast_shapes(_shape(ins[0]), _shape(ins[1])) else [1, 0]
     if qm.mode == "fp32":
         return V(None, None, ins[0].r * ins[1].r, node.name)
@@ -51,6 +94,8 @@ def mul_range(op, r):
 
 
 def _mul_observers(node, input_name):
+    if any(node.attrs.get("constants", ())):
+        return [f"out:{node.name}"]
     return [f"in:{node.name}.0", f"in:{node.name}.1"]
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from hawq_ray.contract import HawqError
+from hawq_ray.inputs.attention import explicit_attention
 from hawq_ray.ops import GRAPH_NODES, HANDLED
 from hawq_ray.quant.fold import fold_bn
 
@@ -93,6 +94,25 @@ class _Tracer:
     def node(self, n: fx.Node, kind: str, args: list, **kw) -> GNode:
         return GNode(n.name, kind, [self.src(a) for a in args], **kw)
 
+    def tensor(self, a) -> torch.Tensor:
+        """The parameter or buffer behind an fx argument read with get_attr."""
+        return self._gm.get_parameter(a.target) if self.by_name[a.name].attrs["parameter"] \
+            else self._gm.get_buffer(a.target)
+
+    def module_of(self, a) -> nn.Module:
+        """The module owning the parameter an fx get_attr argument reads (a Linear passed as its weight)."""
+        return self._gm.get_submodule(a.target.rpartition(".")[0])
+
+    def module_name(self, module: nn.Module) -> str:
+        return next(name for name, m in self._gm.named_modules() if m is module)
+
+    def make(self, name: str, kind: str, inputs: list, **kw) -> GNode:
+        """A node of the graph that no fx call is (one step of a call a converter expands into several), reading
+        graph values by name; added at once."""
+        node = GNode(name, kind, list(inputs), **kw)
+        self.add(node)
+        return node
+
     def add(self, node: GNode) -> None:
         self.nodes.append(node)
         self.by_name[node.name] = node
@@ -143,9 +163,10 @@ class _LeafTracer(fx.Tracer):
 def trace_graph(model: nn.Module, input_shape=None) -> Graph:
     """The graph of `model`; `input_shape` (C, H, W) is used only where a converter needs concrete shapes
     (channel shuffles, splits), the model's own size when not given."""
+    explicit_attention(model)     # nn.MultiheadAttention op by op, in place (same parameters and function)
     try:
         tracer = _LeafTracer()
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_optional_inputs(model))
         gm = fx.GraphModule(tracer.root, graph)
     except Exception as e:  # fx raises many types
         raise HawqError(f"model {type(model).__name__} is not torch.fx-traceable: "
@@ -159,6 +180,9 @@ def trace_graph(model: nn.Module, input_shape=None) -> Graph:
     output = None
     for n in gm.graph.nodes:
         if n.op == "placeholder":
+            if n.args and any(x.kind == "input" for x in t.nodes):
+                continue                # an optional argument fixed at its default (`_optional_inputs`); the
+                #                         guards fx adds for it are calls on no tensor, skipped below
             if any(x.kind == "input" for x in t.nodes):
                 raise HawqError("model takes more than one input; hawq-ray quantizes single-input CNNs")
             t.add(GNode(n.name, "input", []))
@@ -184,10 +208,18 @@ def trace_graph(model: nn.Module, input_shape=None) -> Graph:
         entry = GRAPH_NODES.get(node.kind)
         node.nonneg = node.nonneg or (entry is not None and bool(entry.nonneg([t.by_name[i].nonneg for i in node.inputs])))
     _check_constant_readers(t.nodes)
-    graph = Graph(nodes=t.nodes, output=output)
+    read = {i for node in t.nodes for i in node.inputs}
+    graph = Graph(nodes=[x for x in t.nodes if x.kind != "constant" or x.name in read], output=output)
     if not graph.layer_nodes():
         raise HawqError(f"model {type(model).__name__} has no quantizable layer (Conv2d or Linear)")
     return graph
+
+
+def _optional_inputs(model: nn.Module) -> dict:
+    """forward's arguments after the image that have defaults (timm's `attn_mask=None`), fixed at them."""
+    import inspect
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
 def _constant(model: nn.Module, n: fx.Node) -> GNode:
@@ -198,7 +230,7 @@ def _constant(model: nn.Module, n: fx.Node) -> GNode:
     return GNode(n.name, "constant", [], attrs={"target": n.target, "parameter": n.target in names})
 
 
-CONSTANT_READERS = ("add", "cat")
+CONSTANT_READERS = ("add", "cat", "mul")
 
 
 def _check_constant_readers(nodes: list) -> None:
@@ -207,8 +239,8 @@ def _check_constant_readers(nodes: list) -> None:
         for i in node.inputs:
             if kinds[i] == "constant" and node.kind not in CONSTANT_READERS:
                 raise HawqError(f"cannot quantize {node.kind} {node.name!r} of a tensor constant read in forward "
-                                f"({i!r}); constants may only be added or concatenated (a class token, a "
-                                "position embedding)")
+                                f"({i!r}); constants may only be added, concatenated (a class token, a "
+                                "position embedding) or multiplied (a layer scale)")
 
 
 def _stochastic_depth() -> tuple:
@@ -239,7 +271,7 @@ def _structural(t: _Tracer, n: fx.Node, modules: dict, fx_users: dict) -> bool:
     if n.op == "call_function" and n.target in _stochastic_depth()[:1]:
         t.alias[n.name] = t.src(n.args[0])      # identity at inference; QAT trains without dropping blocks
         return True
-    if n.op == "call_function" and n.target is getattr and n.args[1] == "shape":
+    if n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "ndim"):
         return True
     if n.op == "call_method" and n.target == "contiguous" and t.is_tensor(n.args[0]):
         t.alias[n.name] = t.alias[n.args[0].name]
@@ -249,7 +281,7 @@ def _structural(t: _Tracer, n: fx.Node, modules: dict, fx_users: dict) -> bool:
     if n.op in ("call_function", "call_method") and not any(t.is_tensor(a) for a in _fx_args(n)) and \
             any(isinstance(a, fx.Node) for a in _fx_args(n)):
         return True                         # arithmetic on shapes (x.size(1) // groups): no value of the graph
-    return n.op == "call_method" and n.target == "size"
+    return n.op == "call_method" and n.target in ("size", "dim")
 
 
 def _fx_args(n: fx.Node) -> list:

@@ -1,0 +1,155 @@
+"""Swin's shifted-window attention (torchvision's `shifted_window_attention`, `_get_relative_position_bias` and
+`_patch_merging_pad`, which torch.fx keeps as single calls), expanded into the nodes they are made of. No program
+op of its own: each step is a layout op, a Linear, a product, an add of a constant or a softmax.
+
+Per block, on an (N, H, W, C) map with windows of w0 x w1 and a shift (s0, s1):
+- `roll` by (-s0, -s1) over H and W, the window partition (reshape to (N, H/w0, w0, W/w1, w1, C), permute,
+  reshape to (N nW, w0 w1, C): the batch axis grows to N times the windows);
+- the qkv Linear (the block's own `qkv` module), the heads, q k^T times head_dim^-1/2;
+- plus the relative position bias: a constant, the bias table gathered by the fixed index (`constant` views), added
+  at the logits' scale (`ops.join`); plus, when shifted, the mask of -100 between regions that the roll made
+  neighbours, a fixed constant (N nW, heads, T, T) viewed as (N, nW, heads, T, T);
+- softmax, p v, the heads merged, the `proj` Linear, the windows merged back, `roll` by (s0, s1).
+Patch merging is a space-to-depth: reshape (N, H/2, 2, W/2, 2, C), permute, reshape (N, H/2, W/2, 4C), the order
+of torchvision's x0..x3.
+
+Maps whose sides are not multiples of the window (or odd, for patch merging) need torchvision's zero padding,
+which is refused by name; Swin V2's cosine attention (`logit_scale`) too.
+"""
+from __future__ import annotations
+
+import torch
+
+from hawq_ray.ops.registry import HANDLED, GraphNode, register_ops
+
+SWA_ARGS = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
+            "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale", "training")
+MASKED = -100.0          # torchvision's value between regions that are not neighbours in the image
+
+
+def _torchvision_swin():
+    try:
+        from torchvision.models import swin_transformer as swin
+    except ImportError:
+        return None
+    return swin
+
+
+def shift_mask(h: int, w: int, window: tuple, shift: tuple) -> torch.Tensor:
+    """torchvision's attention mask of a shifted window partition, (1, nW, 1, T, T): 0 within a region, -100
+    across (the same slices, written out once at trace time)."""
+    region = torch.zeros(h, w)
+    count = 0
+    for hs in ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None)):
+        for ws in ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None)):
+            region[hs[0]:hs[1], ws[0]:ws[1]] = count
+            count += 1
+    region = region.view(h // window[0], window[0], w // window[1], window[1]).permute(0, 2, 1, 3)
+    region = region.reshape(-1, window[0] * window[1])
+    diff = region.unsqueeze(1) - region.unsqueeze(2)
+    return torch.where(diff != 0, MASKED, 0.0).unsqueeze(1).unsqueeze(0)
+
+
+class _Chain:
+    """Nodes made one after another, each reading the one before (names `<call>.<step>`)."""
+
+    def __init__(self, tracer, call: str, start: str):
+        self.tracer, self.call, self.last = tracer, call, start
+
+    def __call__(self, step: str, kind: str, *others, wide=False, name=None, module=None, **attrs) -> str:
+        extra = {"wide": wide} if kind in ("reshape", "permute", "take", "roll") else {}
+        layer = {} if module is None else {"module": module, "layer": self.tracer.module_name(module)}
+        node = self.tracer.make(name or f"{self.call}.{step}", kind, [self.last, *others], attrs=attrs | extra,
+                                **layer)
+        self.last = node.name
+        return node.name
+
+
+def _convert_relative_position_bias(tracer, n, m):
+    """`_get_relative_position_bias(table, index, window)`: a constant, the table seen through its gather."""
+    table, index, window = n.args[:3]
+    src = tracer.by_name[tracer.src(table)]
+    tokens = window[0] * window[1]
+    view = src.attrs.get("view", ()) + (("index", tracer.tensor(index).clone()), ("reshape", (tokens, tokens, -1)),
+                                        ("permute", (2, 0, 1)), ("reshape", (1, -1, tokens, tokens)))
+    tracer.make(n.name, "constant", [], attrs=src.attrs | {"view": view})
+    return HANDLED
+
+
+def _convert_window_attention(tracer, n, m):
+    a = dict(zip(SWA_ARGS, n.args)) | dict(n.kwargs)
+    _, h, w, c = tracer.shape(a["input"])
+    window, heads, shift = tuple(a["window_size"]), int(a["num_heads"]), list(a["shift_size"])
+    if a.get("logit_scale") is not None:
+        tracer.unsupported(f"shifted_window_attention at {n.name!r} with cosine attention (Swin V2's logit_scale)",
+                           "shifted_window_attention (Swin V1 only)")
+    if h % window[0] or w % window[1]:
+        tracer.unsupported(f"shifted_window_attention at {n.name!r} on a {h}x{w} map (windows of {window} need "
+                           "zero padding)", "shifted_window_attention (sides multiples of the window)")
+    shift = [0 if window[i] >= (h, w)[i] else shift[i] for i in range(2)]
+    qkv, proj = tracer.module_of(a["qkv_weight"]), tracer.module_of(a["proj_weight"])
+    nh, nw, tokens, d = h // window[0], w // window[1], window[0] * window[1], c // heads
+    x = _Chain(tracer, n.name, tracer.src(a["input"]))
+    if any(shift):
+        x("shift", "roll", shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    x("windows", "reshape", shape=(-1, nh, window[0], nw, window[1], c))
+    x("windows_t", "permute", dims=(0, 1, 3, 2, 4, 5))
+    x("tokens", "reshape", shape=(-1, tokens, c))
+    x("qkv", "linear", module=qkv)
+    x("heads", "reshape", wide=True, shape=(-1, tokens, 3, heads, d))
+    heads_all = x("heads_t", "permute", dims=(2, 0, 3, 1, 4))
+    q, k, v = (tracer.make(f"{n.name}.{p}", "take", [heads_all], attrs={"axis": 0, "index": i, "wide": False}).name
+               for i, p in enumerate("qkv"))
+    kt = tracer.make(f"{n.name}.kT", "permute", [k], attrs={"dims": (0, 1, 3, 2), "wide": False}).name
+    x.last = q
+    x("logits", "matmul", kt, narrow=[False, False])
+    x("scaled", "scale", factor=d ** -0.5)
+    x("biased", "add", tracer.src(a["relative_position_bias"]), constants=[False, True])
+    if any(shift):
+        value = shift_mask(h, w, window, shift).expand(1, nh * nw, heads, tokens, tokens).contiguous()
+        mask = tracer.make(f"{n.name}.mask", "constant", [], attrs={"value": value}).name
+        x("per_window", "reshape", shape=(-1, nh * nw, heads, tokens, tokens))
+        x("masked", "add", mask, constants=[False, True])
+        x("per_window_t", "reshape", shape=(-1, heads, tokens, tokens))
+    x("probs", "softmax")
+    x("mixed", "matmul", v, narrow=[True, False])
+    x("merged_t", "permute", dims=(0, 2, 1, 3))
+    x("merged", "reshape", shape=(-1, tokens, c))
+    x("proj", "linear", module=proj)
+    x("unwindows", "reshape", wide=True, shape=(-1, nh, nw, window[0], window[1], c))
+    x("unwindows_t", "permute", dims=(0, 1, 3, 2, 4, 5))
+    x("map", "reshape", shape=(-1, h, w, c), name=None if any(shift) else n.name)
+    if any(shift):
+        x("unshift", "roll", shifts=tuple(shift), dims=(1, 2), name=n.name)
+    return HANDLED
+
+
+def _convert_patch_merging(tracer, n, m):
+    src = n.args[0]
+    *_, h, w, c = tracer.shape(src)
+    if h % 2 or w % 2:
+        tracer.unsupported(f"patch merging at {n.name!r} of a {h}x{w} map (odd sides need zero padding)",
+                           "_patch_merging_pad (even sides)")
+    x = _Chain(tracer, n.name, tracer.src(src))
+    wide = tracer.by_name[x.last].kind in ("conv", "linear")
+    x("split", "reshape", wide=wide, shape=(-1, h // 2, 2, w // 2, 2, c))
+    x("order", "permute", dims=(0, 1, 3, 4, 2, 5))
+    x("merged", "reshape", shape=(-1, h // 2, w // 2, 4 * c), name=n.name)
+    return HANDLED
+
+
+def _converters() -> dict:
+    swin = _torchvision_swin()
+    if swin is None:
+        return {}
+    return {swin.shifted_window_attention: _convert_window_attention,
+            swin._get_relative_position_bias: _convert_relative_position_bias,
+            swin._patch_merging_pad: _convert_patch_merging}
+
+
+CONVERTERS = _converters()
+
+# the calls expand into nodes of other kinds: no node of this kind exists, so it has no step
+register_ops(GraphNode("window_attention", None, functions=tuple(CONVERTERS),
+                       convert=lambda tracer, n, m: CONVERTERS[n.target](tracer, n, m),
+                       supported="Swin's shifted_window_attention, patch merging"))

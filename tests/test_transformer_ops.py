@@ -1,0 +1,273 @@
+"""The integer-only transformer ops (issue 42) against independent computations, and whole vision transformers
+through the QAT interpreter and the integer executor.
+
+- softmax: the polynomial for 2^-f against numpy at every fraction; the integer softmax against float softmax
+  (numpy) within the bound of `ops.softmax`'s docstring; int16 extremes; a Python-integer reference row by row.
+- matmul: against numpy's int64 product at the 8-bit extremes, K = 768.
+- layout ops and constants: against numpy's reshape / transpose / indexing.
+- layer_norm over the last axis: equal to the axis-1 op on the moved input (held to a Python-integer reference in
+  test_layernorm.py).
+- models: DigitsViT, a small timm ViT (fused attention), a small torchvision ViT (nn.MultiheadAttention): the
+  fp32 interpreter computes the model's function, QAT simulation and executor agree on every element under
+  uniform8, uniform4 and a random mixed config; their layer tables count token rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from hawq_ray.contract import HawqError
+from hawq_ray.inputs.vit import DigitsViT
+from hawq_ray.ops.layernorm import layer_norm_constants
+from hawq_ray.ops.softmax import FRACTION, LOG2E, ONE, POLY, exponent_constants, integer_softmax
+from hawq_ray.program.executor import run_op, run_program
+from hawq_ray.program.program import Op
+from hawq_ray.quant.layers import layer_table
+from hawq_ray.quant.qat import prepare
+
+I16 = (-(1 << 15), (1 << 15) - 1)
+
+
+def py_softmax_row(x: list, m: int, s: int) -> list:
+    """The op's semantics with Python integers (unbounded; >> floors), written from the docstring."""
+    top = max(x)
+    es = []
+    for xi in x:
+        u = ((top - xi) * m + (1 << (s - 1))) >> s
+        f = u & ((1 << FRACTION) - 1)
+        p = POLY[1] + ((POLY[2] * f) >> FRACTION)
+        p = POLY[0] + ((p * f) >> FRACTION)
+        p = ONE + ((p * f) >> FRACTION)
+        es.append(p >> min(u >> FRACTION, 31))
+    r = (1 << 62) // sum(es)
+    return [min((e * r + (1 << 53)) >> 54, 255) for e in es]
+
+
+def test_the_exponent_polynomial_is_2_to_the_minus_f_within_1_8e_4():
+    f = np.arange(1 << FRACTION, dtype=np.int64)
+    p = POLY[1] + ((POLY[2] * f) >> FRACTION)
+    p = POLY[0] + ((p * f) >> FRACTION)
+    p = ONE + ((p * f) >> FRACTION)
+    exact = 2.0 ** 30 * np.exp2(-f / 2.0 ** FRACTION)
+    assert p[0] == ONE
+    assert np.abs(p / exact - 1).max() < 1.8e-4
+
+
+@pytest.mark.parametrize("s_in", [1e-3, 3e-4, 0.02])
+def test_integer_softmax_is_float_softmax_within_half_a_code_and_the_polynomial(s_in):
+    rng = np.random.default_rng(int(s_in * 1e5))
+    x = rng.integers(I16[0] // 4, I16[1] // 4, (6, 33))
+    c = exponent_constants(s_in)
+    got = integer_softmax(torch.from_numpy(x), int(c["multiplier"]), int(c["shift"])).numpy()
+    z = x * s_in
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    # half a code, the polynomial's relative error (2e-4) on e and on E, the dyadic exponent's rounding; a
+    # probability above 255/256 is clamped to the top code
+    assert np.all(np.abs(got / 256 - np.minimum(p, 255 / 256)) <= 0.5 / 256 + 5e-4 * p + 1e-6)
+
+
+def test_integer_softmax_at_the_int16_extremes_equals_the_python_integer_reference():
+    rows = [[I16[0], I16[1]] + [0] * 6, [I16[1]] * 8, [I16[0]] * 8, [I16[0]] * 7 + [I16[1]],
+            list(range(-4, 4))]
+    for s_in in (1e-4, 2e-3, 0.5):
+        c = exponent_constants(s_in)
+        m, s = int(c["multiplier"]), int(c["shift"])
+        got = integer_softmax(torch.tensor(rows), m, s).tolist()
+        assert got == [py_softmax_row(r, m, s) for r in rows]
+    assert got[1] == [32] * 8 and got[3][-1] == 255        # equal logits share 256; one dominant takes all
+
+
+def test_softmax_refuses_input_wider_than_int16():
+    c = exponent_constants(1e-3)
+    op = Op("softmax", ["x"], "p", consts=c)
+    with pytest.raises(HawqError, match="int16"):
+        run_op(op, [torch.tensor([[1 << 15, 0]])])
+
+
+@pytest.mark.parametrize("signs", [(True, True), (False, True)])
+def test_matmul_equals_numpy_at_the_8_bit_extremes(signs):
+    rng = np.random.default_rng(7)
+    lo_a = -128 if signs[0] else 0
+    a = rng.choice([lo_a, 127 if signs[0] else 255, 0, 1], (2, 3, 5, 768))
+    b = rng.choice([-128, 127, -1], (2, 3, 768, 4))
+    a[0, 0, 0] = lo_a if signs[0] else 255        # the extreme row times the extreme column
+    b[0, 0, :, 0] = -128
+    op = Op("matmul", ["a", "b"], "z", attrs={"a_signed": signs[0], "b_signed": True, "k": 768})
+    got = run_op(op, [torch.from_numpy(a), torch.from_numpy(b)]).numpy()
+    assert np.array_equal(got, a.astype(np.int64) @ b.astype(np.int64))
+
+
+def test_layout_ops_and_constants_equal_numpy():
+    x = np.arange(2 * 17 * 48).reshape(2, 17, 48)
+    t = torch.from_numpy(x)
+    qkv = run_op(Op("reshape", ["x"], "r", attrs={"shape": (-1, 17, 3, 4, 4)}), [t])
+    heads = run_op(Op("permute", ["r"], "p", attrs={"dims": (2, 0, 3, 1, 4)}), [qkv])
+    k = run_op(Op("take", ["p"], "k", attrs={"axis": 0, "index": 1}), [heads]).numpy()
+    assert np.array_equal(k, x.reshape(2, 17, 3, 4, 4).transpose(2, 0, 3, 1, 4)[1])
+    cls = run_op(Op("take", ["x"], "c", attrs={"axis": 1, "index": 0}), [t]).numpy()
+    assert np.array_equal(cls, x[:, 0])
+    value = np.arange(48, dtype=np.int32).reshape(1, 1, 48)
+    const = run_op(Op("constant", ["x"], "v", consts={"value": value}), [t]).numpy()
+    assert const.shape == (2, 1, 48) and np.array_equal(const[1], value[0])
+
+
+def test_layer_norm_over_the_last_axis_is_the_channel_op_on_the_moved_value():
+    rng = np.random.default_rng(3)
+    c = 24
+    consts, attrs = layer_norm_constants(rng.uniform(-2, 2, c), rng.uniform(-1, 1, c), 1e-5, 0.01, 0.002, c)
+    x = torch.from_numpy(rng.integers(-3000, 3000, (2, 7, c)))
+    last = Op("layer_norm", ["x"], "y", consts=consts, attrs=attrs | {"axis": 2, "lo": I16[0], "hi": I16[1]})
+    first = Op("layer_norm", ["x"], "y", consts=consts, attrs=attrs | {"axis": 1, "lo": I16[0], "hi": I16[1]})
+    assert torch.equal(run_op(last, [x]), run_op(first, [x.transpose(1, 2)]).transpose(1, 2))
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+def small_timm_vit():
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(1)
+    return VisionTransformer(img_size=16, patch_size=4, in_chans=3, num_classes=10, embed_dim=32, depth=2,
+                             num_heads=2, mlp_ratio=2.0)
+
+
+def small_torchvision_vit():
+    from torchvision.models.vision_transformer import VisionTransformer
+    torch.manual_seed(2)
+    model = VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                              num_classes=10)
+    nn.init.normal_(model.heads.head.weight, std=0.1)     # torchvision zeroes the head: nothing to compare
+    return model
+
+
+def small_torchvision_convnext():
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    torch.manual_seed(3)
+    model = ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=10, layer_scale=0.5)
+    with torch.no_grad():       # layer scales of both signs and sizes, as training leaves them
+        for name, p in model.named_parameters():
+            if name.endswith("layer_scale"):
+                p.copy_(torch.randn_like(p))
+    return model
+
+
+def small_timm_convnext():
+    from timm.models.convnext import ConvNeXt
+    torch.manual_seed(4)
+    return ConvNeXt(in_chans=3, num_classes=10, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), ls_init_value=0.3)
+
+
+def small_torchvision_swin():
+    from torchvision.models.swin_transformer import SwinTransformer
+    torch.manual_seed(5)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                            num_classes=10)
+    with torch.no_grad():       # relative position biases away from their zero start, as training leaves them
+        for name, p in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.normal_(0, 1)
+    return model
+
+
+MODELS = {"digits_vit": (lambda: DigitsViT(seed=3), (1, 16, 16)),
+          "timm_vit": (small_timm_vit, (3, 16, 16)),
+          "torchvision_vit": (small_torchvision_vit, (3, 16, 16)),
+          "torchvision_convnext": (small_torchvision_convnext, (3, 32, 32)),
+          "timm_convnext": (small_timm_convnext, (3, 32, 32)),
+          "torchvision_swin": (small_torchvision_swin, (3, 32, 32))}     # 8x8 tokens, shifted 4x4 windows
+ATTENTION = {"digits_vit", "timm_vit", "torchvision_vit", "torchvision_swin"}
+
+
+def mixed_bits(model, shape, seed):
+    """4 or 8 bits at random for each searchable layer, 8 for the fixed ones."""
+    table = layer_table(model, shape)
+    rng = np.random.default_rng(seed)
+    return {row.layer: int(rng.choice([4, 8])) if pd.isna(row.fixed_bits) else 8 for row in table.itertuples()}
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("bits", ["uniform8", "uniform4", "mixed"])
+def test_qat_simulation_and_executor_agree_on_every_element(name, bits):
+    build, shape = MODELS[name]
+    model = build().eval()
+    config = mixed_bits(model, shape, 5) if bits == "mixed" else bits
+    qm = prepare(model, config, shape)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn((8, *shape), generator=gen)
+    qm.calibrate([x[:4], x[4:]]).eval()
+    with torch.no_grad():
+        out, _ = qm.run(x)
+    program = qm.to_integer()
+    got = run_program(program, program.quantize_input(x))
+    assert torch.equal(got, out.q)
+    ops = {op.op for op in program.ops}
+    assert {"softmax", "matmul", "layer_norm", "permute"} <= ops if name in ATTENTION else {"layer_norm", "affine"} <= ops
+    assert ("roll" in ops) == (name == "torchvision_swin")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_fp32_interpreter_computes_the_model_and_qat_stays_close(name):
+    build, shape = MODELS[name]
+    model = build().eval()
+    qm = prepare(model, "uniform8", shape)
+    x = torch.randn((8, *shape), generator=torch.Generator().manual_seed(4))
+    qm.calibrate([x]).eval()
+    with torch.no_grad():
+        ref = model(x)
+        fp32 = qm.set_mode("fp32")(x)
+        qat = qm.set_mode("qat")(x)
+    assert torch.allclose(fp32, ref, atol=1e-5, rtol=1e-5)
+    assert (qat - ref).abs().max() < 0.1 * ref.abs().max()        # 8-bit: close to the float function
+
+
+def test_layer_table_of_a_vit_counts_token_rows_and_fixes_the_ends():
+    model = DigitsViT()
+    table = layer_table(model, (1, 16, 16))
+    rows = table.set_index("layer")
+    assert rows.loc["blocks.0.attn.qkv", "macs"] == 17 * 64 * 192       # 17 tokens
+    assert rows.loc["blocks.0.mlp.fc2", "macs"] == 17 * 128 * 64
+    assert rows.loc["head", "macs"] == 64 * 10                          # the class token only
+    assert rows.loc["patch_embed", "fixed_bits"] == 8 and rows.loc["head", "fixed_bits"] == 8
+    assert table["fixed_bits"].isna().sum() == 16                        # 4 Linear layers x 4 blocks searchable
+
+
+def test_multihead_attention_keeps_its_state_dict_and_function():
+    from hawq_ray.inputs.attention import explicit_attention
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    keys = list(mha.state_dict())
+    want = mha(x, x, x, need_weights=False)[0]
+    explicit_attention(mha)
+    assert list(mha.state_dict()) == keys and len(list(mha.parameters())) == 4
+    assert torch.allclose(mha(x, x, x, need_weights=False)[0], want, atol=1e-6)
+
+
+class MaskedAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.register_buffer("mask", torch.zeros(4, 4))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).reshape(x.shape[0], 4, 3, 8).permute(2, 0, 1, 3).unbind(0)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask).mean(1)
+
+
+class Spectral(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(torch.fft.fft(x).real)
+
+
+@pytest.mark.parametrize("model,where", [(MaskedAttention(), "scaled_dot_product_attention"), (Spectral(), "fft")])
+def test_an_op_with_no_integer_form_is_one_line_naming_it(model, where):
+    with pytest.raises(HawqError) as e:
+        prepare(model, "uniform8", (4, 8))
+    assert where in str(e.value) and "\n" not in str(e.value)
