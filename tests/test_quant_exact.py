@@ -81,3 +81,23 @@ def test_executor_refuses_float_tensors():
     with pytest.raises(TypeError, match="integer array"):
         type(program.ops[0])(op="conv2d", inputs=["input"], output="y",
                              consts={"weight": program.ops[0].consts["weight"].astype("float32")})
+
+
+@pytest.mark.parametrize("include_pad", [True, False])
+def test_average_pooling_divides_as_torch_does_with_padding(include_pad):
+    """count_include_pad=True divides every window by its full size (padding included), False by the input
+    positions it covers: the integer pool's codes are torch's average of the same codes, rounded."""
+    import torch.nn.functional as F
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.AvgPool2d(3, 2, 1, count_include_pad=include_pad), nn.Flatten(),
+                          nn.Linear(3 * 8 * 8, 4)).eval()
+    qm = prepare(model, "uniform8", (3, 16, 16))
+    x = torch.randn(4, 3, 16, 16)
+    qm.calibrate([x]).eval()
+    program = qm.to_integer()
+    q = program.quantize_input(x)
+    _, values = run_program(program, q, record=True)
+    pooled = values[next(op.output for op in program.ops if op.op == "requantize")]
+    want = F.avg_pool2d(q.double(), 3, 2, 1, count_include_pad=include_pad)
+    assert torch.all((pooled.double() - want).abs() <= 0.5 + 1e-9)

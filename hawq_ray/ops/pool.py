@@ -116,7 +116,9 @@ def avgpool_step(qm, node, ins):
         raise HawqError(f"average pooling {node.name!r} with ceil_mode=True is not supported")
     real = qm.lazy(v, lambda t: F.avg_pool2d(t, k, st, pad, ceil, incl))
     ones = torch.ones((1, 1, *v.q.shape[2:]), dtype=torch.float64, device=v.q.device)
-    counts = F.avg_pool2d(ones, k, st, pad, ceil, count_include_pad=incl, divisor_override=1)
+    if incl:        # torch divides by the window's size, padding included: count the padding as ones
+        ones = F.pad(ones, (pad[1], pad[1], pad[0], pad[0]), value=1.0)
+    counts = F.avg_pool2d(ones, k, st, (0, 0) if incl else pad, ceil, divisor_override=1)
     total = torch.round(F.avg_pool2d(v.q.to(torch.float64), k, st, pad, ceil, True, divisor_override=1))
     inv = (1.0 / counts[0]).cpu().numpy()                       # (1, Ho, Wo)
     if np.all(inv == inv.flat[0]):
