@@ -172,13 +172,27 @@ def small_torchvision_swin():
     return model
 
 
+def small_torchvision_maxvit():
+    from torchvision.models.maxvit import MaxVit
+    torch.manual_seed(6)
+    model = MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32],
+                   block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.normal_(0, 1)
+        nn.init.normal_(model.classifier[-1].weight, std=1.0)     # logits well above the 8-bit noise
+    return model
+
+
 MODELS = {"digits_vit": (lambda: DigitsViT(seed=3), (1, 16, 16)),
           "timm_vit": (small_timm_vit, (3, 16, 16)),
           "torchvision_vit": (small_torchvision_vit, (3, 16, 16)),
           "torchvision_convnext": (small_torchvision_convnext, (3, 32, 32)),
           "timm_convnext": (small_timm_convnext, (3, 32, 32)),
-          "torchvision_swin": (small_torchvision_swin, (3, 32, 32))}     # 8x8 tokens, shifted 4x4 windows
-ATTENTION = {"digits_vit", "timm_vit", "torchvision_vit", "torchvision_swin"}
+          "torchvision_swin": (small_torchvision_swin, (3, 32, 32)),     # 8x8 tokens, shifted 4x4 windows
+          "torchvision_maxvit": (small_torchvision_maxvit, (3, 32, 32))}   # block and grid attention, einsum
+ATTENTION = {"digits_vit", "timm_vit", "torchvision_vit", "torchvision_swin", "torchvision_maxvit"}
 
 
 def mixed_bits(model, shape, seed):
@@ -266,8 +280,16 @@ class Spectral(nn.Module):
         return self.fc(torch.fft.fft(x).real)
 
 
-@pytest.mark.parametrize("model,where", [(MaskedAttention(), "scaled_dot_product_attention"), (Spectral(), "fft")])
-def test_an_op_with_no_integer_form_is_one_line_naming_it(model, where):
+def swin_v2():
+    from torchvision.models.swin_transformer import SwinTransformer, SwinTransformerBlockV2, PatchMergingV2
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[2], window_size=[4, 4],
+                           num_classes=10, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
+
+
+@pytest.mark.parametrize("build,shape,where", [(MaskedAttention, (4, 8), "scaled_dot_product_attention"),
+                                               (Spectral, (4, 8), "fft"),
+                                               (swin_v2, (3, 32, 32), "of type ShiftedWindowAttentionV2")])
+def test_an_op_with_no_integer_form_is_one_line_naming_it(build, shape, where):
     with pytest.raises(HawqError) as e:
-        prepare(model, "uniform8", (4, 8))
+        prepare(build(), "uniform8", shape)
     assert where in str(e.value) and "\n" not in str(e.value)

@@ -67,9 +67,12 @@ def join_step(qm, node, ins):
     parts, names = [], []
     lo, hi = signed_range(WIDE_BITS)
     other = next(v.name for v, c in zip(ins, constant) if not c)
+    shapes = [tuple(v.q.shape) if v.q is not None else None for v in ins]
     for i, (v, c) in enumerate(zip(ins, constant)):
         if c:     # on the output's grid, as a bias on its accumulator's (eq. 17)
             value = torch.floor(v.r.detach().to(torch.float64) / scale + 0.5).clamp_(lo, hi).to(torch.int64)
+            if add:   # stored at the sample's full shape (MaxViT's bias broadcasts over the grid axis too)
+                value = value.broadcast_to((1, *shapes[1 - i][1:])).contiguous()
             parts.append(value.expand(batch, *value.shape[1:]))
             names.append(qm.emit("constant", [other], f"{node.name}.b{i}", scale=np_scale(s),
                                  consts={"value": value.cpu().numpy().astype("int32")}))

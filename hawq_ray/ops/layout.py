@@ -22,6 +22,7 @@ from __future__ import annotations
 import operator
 
 import torch
+from torch import fx
 
 from hawq_ray.contract import HawqError
 from hawq_ray.ops.registry import HANDLED, GraphNode, ProgramOp, register_ops
@@ -92,7 +93,7 @@ def _convert_permute(tracer, n, m):
     if not tracer.is_tensor(n.args[0]):
         return None
     rank = len(tracer.shape(n.args[0]))
-    if n.target in ("transpose", torch.transpose, "swapaxes"):
+    if n.target in ("transpose", torch.transpose, "swapaxes", torch.swapaxes):
         a, b = (d % rank for d in n.args[1:3])
         dims = list(range(rank))
         dims[a], dims[b] = dims[b], dims[a]
@@ -113,7 +114,28 @@ def _convert_unbind(tracer, n, m):
     dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
     if not tracer.is_tensor(n.args[0]):
         return None
-    tracer.pending[n.name] = ("unbind", n.args[0], dim % len(tracer.shape(n.args[0])))
+    tracer.pending[n.name] = ("unbind", tracer.src(n.args[0]), dim % len(tracer.shape(n.args[0])),
+                              _per_channel_source(tracer, n.args[0]))
+    return HANDLED
+
+
+def _convert_chunk(tracer, n, m):
+    """`x.chunk(k, dim)` into equal parts along an axis that is not a map's channels (`ops.channels` takes those):
+    a reshape of the axis into (k, size / k) whose parts the getitems take."""
+    src = n.args[0]
+    if not tracer.is_tensor(src):
+        return None
+    shape = _batch_shape(tracer, src)
+    parts = n.args[1] if len(n.args) > 1 else n.kwargs.get("chunks")
+    if shape is None or not isinstance(parts, int):
+        return None
+    dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0) % len(shape)
+    if shape[dim] == -1 or shape[dim] % parts:
+        return None
+    split = shape[:dim] + (parts, shape[dim] // parts) + shape[dim + 1:]
+    node = tracer.make(f"{n.name}.parts", "reshape", [tracer.src(src)],
+                       attrs={"shape": split, "wide": _per_channel_source(tracer, src)})
+    tracer.pending[n.name] = ("unbind", node.name, dim, False)
     return HANDLED
 
 
@@ -139,8 +161,10 @@ def _convert_take(tracer, n, m):
     if state is not None:
         if state[0] != "unbind" or not isinstance(index, int):
             return None
-        return tracer.node(n, "take", [state[1]], attrs={"axis": state[2], "index": index,
-                                                         "wide": _per_channel_source(tracer, state[1])})
+        tracer.make(n.name, "take", [state[1]], attrs={"axis": state[2], "index": index, "wide": state[3]})
+        return HANDLED
+    if isinstance(index, fx.Node) and _constant_view(tracer, n, ("index", tracer.tensor(index).clone())) is HANDLED:
+        return HANDLED          # a constant gathered by a constant index (a relative position bias table)
     if not tracer.is_tensor(src):
         return None
     shape = tracer.shape(src)
@@ -206,17 +230,20 @@ VIEWS = {"reshape": lambda t, a: t.reshape(a), "permute": lambda t, a: t.permute
          "index": lambda t, a: t[a.to(t.device)]}
 
 
-def constant_step(qm, node, ins):
-    """A parameter read in forward, as a float value (through the reshapes, permutes and gathers `forward`
-    applies to it), or a fixed tensor (`value`, e.g. Swin's shifted-window mask): the add, cat or mul that reads
-    it quantizes it."""
+def constant_tensor(node, model) -> torch.Tensor:
+    """The value of a constant node: a parameter or buffer of `model` seen through the reshapes, permutes and
+    gathers `forward` applies to it, or a fixed tensor (`value`, e.g. Swin's shifted-window mask)."""
     if "value" in node.attrs:
-        return V(None, None, node.attrs["value"].to(next(qm.model.parameters()).device), node.name)
-    t = qm.model.get_parameter(node.attrs["target"]) if node.attrs["parameter"] \
-        else qm.model.get_buffer(node.attrs["target"])
+        return node.attrs["value"]
+    t = model.get_parameter(node.attrs["target"]) if node.attrs["parameter"] else model.get_buffer(node.attrs["target"])
     for how, arg in node.attrs.get("view", ()):
         t = VIEWS[how](t, arg)
-    return V(None, None, t, node.name)
+    return t
+
+
+def constant_step(qm, node, ins):
+    """A constant as a float value: the add, cat or mul that reads it quantizes it."""
+    return V(None, None, constant_tensor(node, qm.model).to(next(qm.model.parameters()).device), node.name)
 
 
 def _wide_observer(node, input_name):
@@ -243,15 +270,19 @@ def _same(op, r):
     return r[0]
 
 
-LAYOUT_METHODS = dict(reshape=("view", "reshape", "flatten"), permute=("permute", "transpose", "swapaxes"))
+LAYOUT_METHODS = dict(reshape=("view", "reshape", "flatten", "unsqueeze", "squeeze"),
+                      permute=("permute", "transpose", "swapaxes"))
 
 register_ops(
-    GraphNode("reshape", reshape_step, functions=(torch.reshape, torch.flatten), methods=LAYOUT_METHODS["reshape"],
+    GraphNode("reshape", reshape_step, functions=(torch.reshape, torch.flatten, torch.unsqueeze, torch.squeeze),
+              methods=LAYOUT_METHODS["reshape"],
               convert=_convert_reshape, nonneg=all, observers=_wide_observer, supported="reshape / view / flatten"),
-    GraphNode("permute", permute_step, functions=(torch.permute, torch.transpose), methods=LAYOUT_METHODS["permute"],
+    GraphNode("permute", permute_step, functions=(torch.permute, torch.transpose, torch.swapaxes),
+              methods=LAYOUT_METHODS["permute"],
               convert=_convert_permute, nonneg=all, observers=_wide_observer, supported="permute / transpose"),
-    GraphNode("take", take_step, functions=(operator.getitem, torch.unbind), methods=("unbind",),
-              convert=lambda t, n, m: (_convert_take if n.target is operator.getitem else _convert_unbind)(t, n, m),
+    GraphNode("take", take_step, functions=(operator.getitem, torch.unbind, torch.chunk), methods=("unbind", "chunk"),
+              convert=lambda t, n, m: {operator.getitem: _convert_take, torch.chunk: _convert_chunk,
+                                       "chunk": _convert_chunk}.get(n.target, _convert_unbind)(t, n, m),
               nonneg=all, observers=_wide_observer, supported="x[i] / x[:, i] / unbind"),
     GraphNode("constant", constant_step, methods=("expand",), convert=_convert_expand,
               supported="parameters read in forward (added or concatenated)"),

@@ -33,11 +33,16 @@ LAYOUT = ("reshape", "permute", "take")
 
 # ---------------------------------------------------------------------------------------------- tracing
 
-def _source_kind(tracer, arg) -> str:
-    node = tracer.by_name[tracer.src(arg)]
+def _layout_source(tracer, name: str) -> str:
+    """The value a chain of layout ops starts from."""
+    node = tracer.by_name[name]
     while node.kind in LAYOUT:
         node = tracer.by_name[node.inputs[0]]
-    return node.kind
+    return node.name
+
+
+def _source_kind(tracer, arg) -> str:
+    return tracer.by_name[_layout_source(tracer, tracer.src(arg))].kind
 
 
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
@@ -63,9 +68,41 @@ def _convert_attention(tracer, n):
     return HANDLED
 
 
+def _einsum_transposes(equation: str) -> bool | None:
+    """For a batched product written with einsum (MaxViT's "BGHID,BGHJD->BGHIJ"): whether b enters transposed
+    (its last two letters swapped), or None when the equation is not a product over the last axis of a."""
+    terms = equation.replace(" ", "").replace("->", ",").split(",")
+    if len(terms) != 3 or len({len(t) for t in terms}) != 1 or len(terms[0]) < 2:
+        return None
+    a, b, out = terms
+    batch, (i, k) = a[:-2], a[-2:]
+    if b[:-2] != batch or out != batch + i + (b[-1] if b[-2] == k else b[-2]) or k not in b[-2:] or \
+            len(set(a + b)) != len(batch) + 3:
+        return None
+    return b[-1] == k
+
+
+def _convert_einsum(tracer, n):
+    if len(n.args) != 3 or not all(tracer.is_tensor(a) for a in n.args[1:]):
+        return None
+    transposed = _einsum_transposes(n.args[0])
+    if transposed is None:
+        return None
+    a, b = (tracer.src(x) for x in n.args[1:])
+    if transposed:
+        rank = len(tracer.shape(n.args[2]))
+        b = tracer.make(f"{n.name}.bT", "permute", [b],
+                        attrs={"dims": tuple(range(rank - 2)) + (rank - 1, rank - 2), "wide": False}).name
+    narrow = [tracer.by_name[_layout_source(tracer, x)].kind in NARROW_SOURCES for x in (a, b)]
+    tracer.make(n.name, "matmul", [a, b], attrs={"narrow": narrow})
+    return HANDLED
+
+
 def _convert_matmul(tracer, n, m):
     if n.target is F.scaled_dot_product_attention:
         return _convert_attention(tracer, n)
+    if n.target is torch.einsum:
+        return _convert_einsum(tracer, n)
     if len(n.args) != 2 or n.kwargs or not all(tracer.is_tensor(a) for a in n.args):
         return None
     narrow = [_source_kind(tracer, a) in NARROW_SOURCES for a in n.args]
@@ -157,10 +194,10 @@ def matmul_range(op, r):
 
 
 register_ops(
-    GraphNode("matmul", matmul_step, functions=(operator.matmul, torch.matmul, torch.bmm,
+    GraphNode("matmul", matmul_step, functions=(operator.matmul, torch.matmul, torch.bmm, torch.einsum,
                                                 F.scaled_dot_product_attention),
               methods=("matmul", "bmm"), convert=_convert_matmul, observers=_matmul_observers,
-              supported="matmul of two activations (@), scaled_dot_product_attention"),
+              supported="matmul of two activations (@, einsum), scaled_dot_product_attention"),
     GraphNode("scale", scale_step, functions=(operator.mul, operator.truediv, torch.mul, torch.div),
               methods=("mul", "div"), convert=_convert_scale, nonneg=all, supported="times a positive number"),
     ProgramOp("matmul", SEMANTICS, execute_matmul, matmul_range),

@@ -17,6 +17,7 @@ from torch import fx, nn
 from hawq_ray.contract import HawqError
 from hawq_ray.inputs.attention import explicit_attention
 from hawq_ray.ops import GRAPH_NODES, HANDLED
+from hawq_ray.ops.layout import constant_tensor
 from hawq_ray.quant.fold import fold_bn
 
 
@@ -95,9 +96,8 @@ class _Tracer:
         return GNode(n.name, kind, [self.src(a) for a in args], **kw)
 
     def tensor(self, a) -> torch.Tensor:
-        """The parameter or buffer behind an fx argument read with get_attr."""
-        return self._gm.get_parameter(a.target) if self.by_name[a.name].attrs["parameter"] \
-            else self._gm.get_buffer(a.target)
+        """The value of a constant (a parameter or buffer read in forward, seen through its views), now."""
+        return constant_tensor(self.by_name[self.src(a)], self._gm)
 
     def module_of(self, a) -> nn.Module:
         """The module owning the parameter an fx get_attr argument reads (a Linear passed as its weight)."""
@@ -200,8 +200,10 @@ def trace_graph(model: nn.Module, input_shape=None) -> Graph:
             if node is HANDLED:             # the converter recorded a value in the making, or an alias
                 continue
             if node is None:
-                what = {"call_module": f"module {n.target!r}", "call_method": f"method .{n.target}() at {n.name!r}",
-                        "call_function": f"function {getattr(n.target, '__name__', n.target)!r} at {n.name!r}"}
+                what = {"call_module": f"module {n.target!r}",
+                        "call_method": f"method .{n.target}() at {n.name!r}{_inside(n)}",
+                        "call_function": f"function {getattr(n.target, '__name__', n.target)!r} at {n.name!r}"
+                                         f"{_inside(n)}"}
                 t.unsupported(what[n.op], type(m).__name__ if m is not None else n.op)
             t.add(node)
     for node in t.nodes:    # nonneg: by construction (ReLU, a converter's say), or inherited through shape-keeping ops
@@ -215,6 +217,15 @@ def trace_graph(model: nn.Module, input_shape=None) -> Graph:
     return graph
 
 
+def _inside(n: fx.Node) -> str:
+    """' in module NAME of type TYPE': the innermost module whose forward made a call (fx records the stack)."""
+    stack = n.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    name, typ = list(stack.values())[-1]
+    return f" in module {name!r} of type {getattr(typ, '__name__', typ)}"
+
+
 def _optional_inputs(model: nn.Module) -> dict:
     """forward's arguments after the image that have defaults (timm's `attn_mask=None`), fixed at them."""
     import inspect
@@ -225,9 +236,13 @@ def _optional_inputs(model: nn.Module) -> dict:
 def _constant(model: nn.Module, n: fx.Node) -> GNode:
     """A parameter or buffer read in forward (a class token, a position embedding): a `constant` node."""
     names = dict(model.named_parameters())
-    if n.target not in names and n.target not in dict(model.named_buffers()):
-        raise HawqError(f"cannot quantize attribute {n.target!r} read in forward: it is not a parameter or buffer")
-    return GNode(n.name, "constant", [], attrs={"target": n.target, "parameter": n.target in names})
+    if n.target in names or n.target in dict(model.named_buffers()):
+        return GNode(n.name, "constant", [], attrs={"target": n.target, "parameter": n.target in names})
+    value = getattr(model, n.target, None)      # a tensor fx made a constant while tracing (`_tensor_constant0`)
+    if not isinstance(value, torch.Tensor):
+        raise HawqError(f"cannot quantize attribute {n.target!r} read in forward: it is not a parameter, buffer "
+                        "or tensor")
+    return GNode(n.name, "constant", [], attrs={"value": value.detach().clone()})
 
 
 CONSTANT_READERS = ("add", "cat", "mul")
