@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from hawq_ray.contract import HawqError
 from hawq_ray.ops.pool import adaptive_windows
 from hawq_ray.ops.requantize import clamp_of
 
@@ -22,19 +23,32 @@ def conv2d_onnx(g, op):
 
 
 def dense_onnx(g, op):
-    """Gemm of the dequantized input and weight; in the exact form a float64 Gemm of the integer codes (exact
-    below 2^53: a float32 sum of the logits' large terms cancels to errors of many output units)."""
+    """Gemm of the dequantized input and weight (over tokens (N, ..., I): MatMul by the weight stored (I, O),
+    dequantized on axis 1, then Add of the bias); in the exact form a float64 Gemm / MatMul of the integer
+    codes (exact below 2^53: a float32 sum of the logits' large terms cancels to errors of many output units),
+    whose accumulator is the output's codes (`Tensor.codes`)."""
     x = g.value(op.inputs[0])
+    tokens = len(g.shape(op.inputs[0])) > 2
     if g.form != "exact":
-        w, b, s_acc = g.weight(op, x)
-        g.bind(op, g.node("Gemm", [x.name, w, b], op.output, transB=1), s_acc)
+        w, b, s_acc = g.weight(op, x, transpose=tokens)
+        if tokens:
+            y = g.node("Add", [g.node("MatMul", [x.name, w], f"{op.output}.matmul"), b], op.output)
+        else:
+            y = g.node("Gemm", [x.name, w, b], op.output, transB=1)
+        g.bind(op, y, s_acc)
         return
     s_acc = g.layer_scales(op, x)[1].astype(np.float64)
-    codes = g.node("Cast", [g.codes(x, op.output)], f"{op.output}.double", to=11)      # 11: DOUBLE
-    acc = g.node("Gemm", [codes, g.const(op.consts["weight"], f"{op.output}.w64", "DOUBLE"),
-                          g.const(op.consts["bias"], f"{op.output}.b64", "DOUBLE")], f"{op.output}.acc", transB=1)
-    acc = g.node("Cast", [acc], f"{op.output}.float", to=1)
-    g.bind(op, g.node("Mul", [acc, g.const(s_acc, f"{op.output}.s_acc")], op.output), s_acc)
+    codes = g.codes(x, op.output, to=11)                                       # 11: DOUBLE
+    weight, bias = np.asarray(op.consts["weight"]), op.consts["bias"]
+    b64 = g.const(bias, f"{op.output}.b64", "DOUBLE")
+    if tokens:
+        acc = g.node("MatMul", [codes, g.const(weight.T, f"{op.output}.w64", "DOUBLE")], f"{op.output}.matmul")
+        acc = g.node("Add", [acc, b64], f"{op.output}.acc")
+    else:
+        acc = g.node("Gemm", [codes, g.const(weight, f"{op.output}.w64", "DOUBLE"), b64], f"{op.output}.acc",
+                     transB=1)
+    y = g.node("Cast", [acc], f"{op.output}.float", to=1)
+    g.bind(op, g.node("Mul", [y, g.const(s_acc, f"{op.output}.s_acc")], op.output), s_acc, acc)
 
 
 def requantize_onnx(g, op):
@@ -178,24 +192,30 @@ def max_pool_onnx(g, op):
     g.bind(op, y, x.scale)
 
 
+def _i64(g, hint: str):
+    return lambda v, n: g.const(np.asarray(v, np.int64), f"{hint}.{n}", "INT64")
+
+
 def layer_norm_onnx(g, op):
-    """The integer semantics of `ops.layernorm` in int64 ONNX ops (both forms): the input's codes, ReduceSum over
-    the channels, isqrt bit by bit (Where of c * c <= v), the reciprocal by Div of positives (truncation = floor),
-    each arithmetic shift right as an exact division (a - Mod(a, 2^k)) / 2^k (Mod of ints takes the divisor's
-    sign: floor), the clamp by Max / Min; then the codes' DequantizeLinear at the output scale."""
+    """The exact form: the integer semantics of `ops.layernorm` in int64 ONNX ops over the op's axis: the input's
+    codes, ReduceSum, isqrt bit by bit (Where of c * c <= v), the reciprocal by Div of positives (truncation =
+    floor), each arithmetic shift right as floor division (`QdqGraph.floor_div`), the clamp by Max / Min; then the
+    codes' DequantizeLinear at the output scale. The fused form: float LayerNormalization with gamma, beta and
+    eps read back from the constants (m 2^-s S_out 2^F, b 2^-s S_out, eps S_in^2 / C^2)."""
     from hawq_ray.ops.layernorm import K, NORM_SHIFT, P, ROOT_BITS, layer_norm_channels, check_constants
     x, h = g.value(op.inputs[0]), op.output
     shape = g.shape(op.inputs[0])
-    c = layer_norm_channels(shape, h)
+    axis = int(op.attrs.get("axis", 1))
+    c = layer_norm_channels(shape, h, axis)
     k = check_constants(op, c)
-    view = (1, c) + (1,) * (len(shape) - 2)
-    i64 = lambda v, n: g.const(np.asarray(v, np.int64), f"{h}.{n}", "INT64")     # noqa: E731
-
-    def floor_shift(a, pow2, n):          # floor(a / pow2) for pow2 = 2^k > 0, exactly
-        rest = g.node("Sub", [a, g.node("Mod", [a, pow2], f"{h}.{n}.mod", fmod=0)], f"{h}.{n}.sub")
-        return g.node("Div", [rest, pow2], f"{h}.{n}.div")
+    lo, hi = int(op.attrs["lo"]), int(op.attrs["hi"])
+    if g.form != "exact":
+        _layer_norm_in_float(g, op, x, shape, axis, c, k, lo, hi)
+        return
+    view = tuple(c if i == axis else 1 for i in range(len(shape)))
+    i64 = _i64(g, h)
     q = g.codes(x, f"{h}.in")
-    axes = i64([1], "axes")
+    axes = i64([axis], "axes")
     total = g.node("ReduceSum", [q, axes], f"{h}.sum", keepdims=1)
     squares = g.node("ReduceSum", [g.node("Mul", [q, q], f"{h}.sq"), axes], f"{h}.squares", keepdims=1)
     v = g.node("Sub", [g.node("Mul", [squares, i64(c, "c")], f"{h}.csq"),
@@ -210,20 +230,174 @@ def layer_norm_onnx(g, op):
     recip = g.node("Div", [i64(1 << K, "two_k"), g.node("Max", [r, i64(1, "one")], f"{h}.r")], f"{h}.recip")
     d = g.node("Sub", [g.node("Mul", [q, i64(c, "c2")], f"{h}.cx"), total], f"{h}.d")
     n = g.node("Add", [g.node("Mul", [d, recip], f"{h}.dr"), i64(1 << (NORM_SHIFT - 1), "half")], f"{h}.dr_half")
-    n = floor_shift(n, i64(1 << NORM_SHIFT, "norm_pow"), "norm")
+    n = g.floor_div(n, np.int64(1) << NORM_SHIFT, f"{h}.norm")
     shift = k["shift"]
     y = g.node("Mul", [n, i64(k["multiplier"].reshape(view), "mult")], f"{h}.nm")
     y = g.node("Add", [y, i64((k["bias"] + (np.int64(1) << (shift - 1))).reshape(view), "bias")], f"{h}.biased")
-    y = floor_shift(y, i64((np.int64(1) << shift).reshape(view), "out_pow"), "out")
-    lo, hi = int(op.attrs["lo"]), int(op.attrs["hi"])
+    y = g.floor_div(y, (np.int64(1) << shift).reshape(view), f"{h}.out")
     y = g.node("Min", [g.node("Max", [y, i64(lo, "lo")], f"{h}.max"), i64(hi, "hi")], f"{h}.clamp")
     qtype = g.narrowest(lo, hi)
-    codes = g.node("Cast", [y], f"{h}.codes", to={"UINT8": 2, "INT8": 3, "INT32": 6}[qtype])
+    if qtype == "INT32":     # 16-bit: codes times the scale in float32 (exact), as a wide requantize writes it; a
+        # DequantizeLinear of INT32 before a Transpose makes onnxruntime's transpose optimizer write an INT32
+        # QuantizeLinear, which it then rejects
+        y = g.node("Mul", [g.node("Cast", [y], f"{h}.float", to=1), g.const(g.out_scale(op), f"{h}.scale")], h)
+        g.bind(op, y, g.out_scale(op))
+        return
+    codes = g.node("Cast", [y], f"{h}.codes", to={"UINT8": 2, "INT8": 3}[qtype])
     g.bind(op, g.dequantize(codes, op.scale, h, qtype), g.out_scale(op), codes)
+
+
+def _layer_norm_in_float(g, op, x, shape, axis, c, k, lo, hi):
+    """The fused form's LayerNormalization (float, over the last axis: the op's axis moved there and back),
+    then the output's Q/DQ pair where it is 8-bit, a Clip to its range at its scale where it is 16-bit."""
+    from hawq_ray.ops.layernorm import F
+    h, s_out, s_in = op.output, float(np.asarray(g.out_scale(op))), g.per_tensor(op, x)
+    ratio = np.exp2(-k["shift"].astype(np.float64))
+    gamma = g.const(k["multiplier"] * ratio * s_out * 2.0 ** F, f"{h}.gamma")
+    beta = g.const(k["bias"] * ratio * s_out, f"{h}.beta")
+    last = len(shape) - 1
+    perm = list(range(len(shape)))
+    perm[axis], perm[last] = last, axis
+    y = x.name if axis == last else g.node("Transpose", [x.name], f"{h}.to_last", perm=perm)
+    y = g.node("LayerNormalization", [y, gamma, beta], f"{h}.float", axis=-1,
+               epsilon=float(int(op.attrs.get("eps", 0)) * s_in ** 2 / c ** 2))
+    if axis != last:
+        y = g.node("Transpose", [y], f"{h}.back", perm=perm)
+    if g.narrowest(lo, hi) != "INT32":
+        g.quantize(op, y, lo, hi)
+        return
+    y = g.node("Clip", [y, g.const(lo * s_out, f"{h}.lo"), g.const(hi * s_out, f"{h}.hi")], h)
+    g.bind(op, y, s_out)
+
+
+# ---------------------------------------------------------------------------------------------- transformer ops
+
+def _layout_onnx(g, op, onnx_op: str, extra: list | None = None, **attrs):
+    """A layout op: the same ONNX op on the float tensor and on its codes tensor where it has one; a per-tensor
+    scale moves with its integers (the program requantizes a per-feature value to one scale first)."""
+    x = g.value(op.inputs[0])
+    if np.size(x.scale) != 1:
+        raise HawqError(f"ONNX export: {op.op} {op.output!r} moves a value with one scale per channel; the "
+                        "program requantizes such a value to one scale first")
+    extra = extra or []
+    y = g.node(onnx_op, [x.name, *extra], op.output, **attrs)
+    codes = None if x.codes is None else g.node(onnx_op, [x.codes, *extra], f"{op.output}.codes", **attrs)
+    g.bind(op, y, x.scale, codes)
+
+
+def reshape_onnx(g, op):
+    """Reshape to the per-sample shape (its -1 the axis that grows with the batch: ONNX infers it)."""
+    shape = g.const(np.asarray(op.attrs["shape"], np.int64), f"{op.output}.shape", "INT64")
+    _layout_onnx(g, op, "Reshape", [shape])
+
+
+def permute_onnx(g, op):
+    _layout_onnx(g, op, "Transpose", perm=[int(d) for d in op.attrs["dims"]])
+
+
+def roll_onnx(g, op):
+    """torch.roll along axes that are not the batch's (static sizes): per axis, the last `shift mod size` entries
+    Sliced off and Concatenated before the rest; on the float tensor and its codes tensor alike."""
+    x, h = g.value(op.inputs[0]), op.output
+    if np.size(x.scale) != 1:
+        raise HawqError(f"ONNX export: roll {h!r} moves a value with one scale per channel")
+    shape = g.shape(op.inputs[0])
+    steps = [(int(d) % len(shape), int(s) % shape[int(d) % len(shape)]) for s, d in zip(op.attrs["shifts"],
+                                                                                      op.attrs["dims"])]
+
+    def rolled(name: str, hint: str) -> str:
+        for i, (d, s) in enumerate(steps):
+            if s == 0:
+                continue
+            n = shape[d]
+            i64 = lambda v, t: g.const(np.asarray([v], np.int64), f"{hint}.{t}{i}", "INT64")   # noqa: E731
+            tail = g.node("Slice", [name, i64(n - s, "cut"), i64(n, "end"), i64(d, "axis")], f"{hint}.tail{i}")
+            head = g.node("Slice", [name, i64(0, "start"), i64(n - s, "stop"), i64(d, "axes")], f"{hint}.head{i}")
+            name = g.node("Concat", [tail, head], f"{hint}.roll{i}", axis=d)
+        return g.node("Identity", [name], hint)
+    codes = None if x.codes is None else rolled(x.codes, f"{h}.codes")
+    g.bind(op, rolled(x.name, h), x.scale, codes)
+
+
+def take_onnx(g, op):
+    """x.select(axis, index): a Gather of a scalar index (the axis dropped)."""
+    index = g.const(np.asarray(int(op.attrs["index"]), np.int64), f"{op.output}.index", "INT64")
+    _layout_onnx(g, op, "Gather", [index], axis=int(op.attrs["axis"]))
+
+
+def constant_onnx(g, op):
+    """The constant's codes times its scale (a float32 initializer of shape (1, ...)), Expanded to the batch of
+    the value it reads (Shape of its axis 0)."""
+    x, h = g.value(op.inputs[0]), op.output
+    value = np.asarray(op.consts["value"], np.int64)
+    scale = g.out_scale(op)
+    real = g.const(value.astype(np.float32) * np.asarray(scale, np.float32), f"{h}.value")
+    shape = g.node("Shape", [x.name], f"{h}.batch", start=0, end=1)
+    if value.ndim > 1:
+        shape = g.node("Concat", [shape, g.const(np.ones(value.ndim - 1, np.int64), f"{h}.ones", "INT64")],
+                       f"{h}.shape", axis=0)
+    g.bind(op, g.node("Expand", [real, shape], h), scale)
+
+
+def matmul_onnx(g, op):
+    """The exact form: a float64 MatMul of the operands' codes (exact: |a b| K <= 2^31, far below 2^53), its
+    accumulator the output's codes. (MatMulInteger would be the integer op, but onnxruntime's u8s8 kernels on
+    AVX2 without VNNI may saturate pairs of products to int16.) The fused form: MatMul of the dequantized
+    operands, which runtimes fuse with the Q/DQ pairs around it (QLinearMatMul)."""
+    a, b, h = g.value(op.inputs[0]), g.value(op.inputs[1]), op.output
+    scale = g.out_scale(op)
+    if g.form != "exact":
+        g.bind(op, g.node("MatMul", [a.name, b.name], h), scale)
+        return
+    acc = g.node("MatMul", [g.codes(a, f"{h}.a", to=11), g.codes(b, f"{h}.b", to=11)], f"{h}.acc")
+    y = g.node("Cast", [acc], f"{h}.float", to=1)
+    g.bind(op, g.node("Mul", [y, g.const(scale, f"{h}.scale")], h), scale, acc)
+
+
+def softmax_onnx(g, op):
+    """The exact form: the integer softmax of `ops.softmax` in int64 over the last axis. Nonnegative quantities
+    (-d m + 2^(s-1), u, the exponent's shift of p > 0, e R) shift right by Div, whose truncation is their floor;
+    the Horner steps, whose products are negative, by `QdqGraph.floor_div`; p >> min(u >> F, 31) divides by a
+    Gather of 2^0 .. 2^31; R = 2^62 // E is a Div of positives. Then the uint8 codes' DequantizeLinear at 2^-8.
+    The fused form: float Softmax, then a QuantizeLinear at 2^-8 (round half to even, saturating at 255)."""
+    from hawq_ray.ops.softmax import FRACTION, ONE, OUT_HI, OUT_SHIFT, POLY, RECIP_BITS
+    x, h = g.value(op.inputs[0]), op.output
+    if g.form != "exact":
+        g.quantize(op, g.node("Softmax", [x.name], f"{h}.float", axis=-1), 0, OUT_HI)
+        return
+    i64 = _i64(g, h)
+    m, s = int(np.asarray(op.consts["multiplier"])), int(np.asarray(op.consts["shift"]))
+    if m <= 0 or not 1 <= s <= 62:
+        raise HawqError(f"ONNX export: softmax {h!r} with multiplier {m}, shift {s}; valid: m > 0, 1 <= s <= 62")
+    q = g.codes(x, f"{h}.in")
+    axes = i64([-1], "axes")
+    neg = g.node("Sub", [g.node("ReduceMax", [q, axes], f"{h}.max", keepdims=1), q], f"{h}.neg")    # -d >= 0
+    u = g.node("Add", [g.node("Mul", [neg, i64(m, "m")], f"{h}.dm"), i64(1 << (s - 1), "half")], f"{h}.dm_half")
+    u = g.node("Div", [u, i64(1 << s, "pow_s")], f"{h}.u")
+    one_f = i64(1 << FRACTION, "pow_f")
+    whole = g.node("Div", [u, one_f], f"{h}.whole")                                              # u >> F
+    f = g.node("Sub", [u, g.node("Mul", [whole, one_f], f"{h}.whole_f")], f"{h}.f")           # u & (2^F - 1)
+    c1, c2, c3 = POLY
+    p = i64(c3, "c3")
+    for i, coef in enumerate((c2, c1, ONE)):
+        t = g.floor_div(g.node("Mul", [p, f], f"{h}.pf{i}"), one_f, f"{h}.horner{i}")
+        p = g.node("Add", [i64(coef, f"c{i}"), t], f"{h}.p{i}")
+    k = g.node("Min", [whole, i64(31, "k_max")], f"{h}.k")
+    pow_k = g.node("Gather", [i64(np.int64(1) << np.arange(32, dtype=np.int64), "pow_table"), k], f"{h}.pow_k",
+                   axis=0)
+    e = g.node("Div", [p, pow_k], f"{h}.e")                           # p in [2^28.99, 2^30]: positive
+    total = g.node("ReduceSum", [e, axes], f"{h}.sum", keepdims=1)    # >= 2^30: the maximum's e
+    recip = g.node("Div", [i64(1 << RECIP_BITS, "two_r"), total], f"{h}.recip")
+    y = g.node("Add", [g.node("Mul", [e, recip], f"{h}.er"), i64(1 << (OUT_SHIFT - 1), "out_half")], f"{h}.er_half")
+    y = g.node("Min", [g.node("Div", [y, i64(1 << OUT_SHIFT, "out_pow")], f"{h}.out"), i64(OUT_HI, "hi")],
+               f"{h}.clamp")
+    codes = g.node("Cast", [y], f"{h}.codes", to=2)                                           # 2: UINT8
+    g.bind(op, g.dequantize(codes, op.scale, h, "UINT8"), g.out_scale(op), codes)
 
 
 CONVERTERS = {"conv2d": conv2d_onnx, "dense": dense_onnx, "requantize": requantize_onnx, "affine": affine_onnx,
               "relu": relu_onnx, "clamp": clamp_onnx, "lookup": lookup_onnx, "mul": mul_onnx, "add": add_onnx,
               "concat": concat_onnx, "channel_shuffle": shuffle_onnx, "slice": slice_onnx,
               "flatten": flatten_onnx, "sum_pool2d": sum_pool_onnx, "max_pool2d": max_pool_onnx,
-              "layer_norm": layer_norm_onnx}
+              "layer_norm": layer_norm_onnx, "reshape": reshape_onnx, "permute": permute_onnx, "roll": roll_onnx,
+              "take": take_onnx, "constant": constant_onnx, "matmul": matmul_onnx, "softmax": softmax_onnx}

@@ -46,10 +46,10 @@ def requantizes_first(ops: list) -> list:
     return out
 
 
-def program_shapes(program) -> dict:
-    """Every value's shape for a batch of one (the integer executor on a zero input)."""
+def program_shapes(program, batch: int = 1) -> dict:
+    """Every value's shape for a batch of `batch` (the integer executor on a zero input)."""
     import torch
-    _, values = run_program(program, torch.zeros(1, *program.input_shape, dtype=torch.int8), record=True)
+    _, values = run_program(program, torch.zeros(batch, *program.input_shape, dtype=torch.int8), record=True)
     return {k: tuple(v.shape) for k, v in values.items()}
 
 
@@ -90,11 +90,13 @@ def export_onnx(program, path, metadata: dict | None = None, int4_weights: bool 
         CONVERTERS[op.op](g, op)
     g.nodes.append(g.helper.make_node("Identity", [g.value(program.output).name], [OUTPUT], name=OUTPUT))
     taps = []
-    if every_value:
+    if every_value:      # each value's dims, "N" at the axis that grows with the batch (a permute may move it)
+        two = program_shapes(replace(program, ops=ops), batch=2)
         for op in ops:
             t = g.values[op.output]
+            dims = ["N" if a != b else a for a, b in zip(g.shape(op.output), two[op.output])]
             taps.append((g.node("Div", [t.name, g.const(t.scale, f"codes:{op.output}.scale")], f"codes:{op.output}"),
-                         ["N", *g.shape(op.output)[1:]]))
+                         dims))
     c, h, w = program.input_shape
     classes = g.shape(program.output)[1]
     graph = g.helper.make_graph(

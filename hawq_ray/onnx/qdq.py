@@ -10,15 +10,20 @@ input codes. Two forms (`form`):
 
 - "exact" computes the program's own arithmetic: each requantize (and affine) recovers its input's integer
   codes (round(x / S): a float32 conv of integer-valued operands is within far less than a half of its
-  integer accumulator), applies b / 2^c and rounds half up in float64 (exact), then the Q/DQ pair holds
-  those codes; the last dense is a float64 Gemm of the codes. In onnxruntime it agrees with the integer
-  executor on every element on the models measured; its convs run in float.
+  integer accumulator), applies b / 2^c and rounds half up in float64 where that is exact over the input's
+  sound range, in int64 where it is not (a product over K = 768), then the Q/DQ pair holds those codes; a
+  dense and a matmul are float64 Gemm / MatMul of the codes, whose accumulators travel as the values' codes
+  tensors (`Tensor.codes`, moved along by the layout ops); softmax and layer_norm are their int64 integer
+  arithmetic. In onnxruntime it agrees with the integer executor on every element on the models measured
+  (CNNs and vision transformers); its convs run in float.
 - "fused" writes what runtimes fuse into integer kernels: a Q/DQ pair of the float conv output at the
   output scale (QuantizeLinear divides by a float scale and rounds half to even, so a code moves by one near a
   rounding tie), and each residual / concat branch of the program (a 16-bit integer, clamped, in the program) on 8
   bits: a branch from a layer quantized over the sum's 16-bit range, a branch that is a value some layer
   reads at 8 bits that quantization of it, an 8-bit value itself. That is the graph onnxruntime's own
-  quantizer writes, and its CPU kernels run every conv on integers; it is further from the program.
+  quantizer writes, and its CPU kernels run every conv on integers; it is further from the program. A
+  transformer's matmuls are MatMuls of dequantized operands (QLinearMatMul once fused); its Softmax and
+  LayerNormalization run in float, the softmax's uint8 output quantized at 2^-8.
 
 This module imports neither onnx nor torch at the top (onnx inside the graph's methods): the CLI reads
 `FORMS` from it at start-up.
@@ -45,8 +50,11 @@ _QTYPES = (("UINT8", 0, 255), ("INT8", -128, 127))
 class Tensor:
     """The ONNX tensor that stands for a program value: float, equal to codes * scale."""
     name: str
-    scale: np.ndarray            # float64; () per tensor, (C, 1, 1) or (C,) per channel
-    codes: str | None = None     # the integer tensor of its QuantizeLinear, when it has one
+    scale: np.ndarray            # float64; () per tensor, (C, 1, 1) or (C,) per channel, (1, 1, C) per feature
+    codes: str | None = None     # a tensor of its integer codes, when the graph has one: its QuantizeLinear's
+    # output (8-bit), or in the exact form a dense / matmul accumulator computed exactly (float64 holding
+    # integers: a float32 tensor of codes times scale holds them to its precision only beyond 2^24), and the
+    # layout ops' moves of those
 
 
 class QdqGraph:
@@ -62,6 +70,7 @@ class QdqGraph:
         self._pairs = {}        # (float tensor, scale, type) -> its Q/DQ pair
         self.eight_bit = {}     # program value -> its 8-bit Q/DQ (a requantize's output) when it has one
         self.branch_values = residual_branches(ops)
+        self.ranges = sound_ranges(program, ops)
 
     # ---- reading
     def value(self, name: str) -> Tensor:
@@ -114,14 +123,16 @@ class QdqGraph:
         z = self.const(np.zeros(scale.size if per_axis else (), np.int64), f"{hint}.zp", qtype)
         return self.node("DequantizeLinear", [codes_name, s, z], f"{hint}.dq", **({"axis": axis} if per_axis else {}))
 
-    def codes(self, t: Tensor, hint: str) -> str:
-        """t's integer codes as an int64 tensor: its QuantizeLinear's output, else round(t / scale)."""
+    def codes(self, t: Tensor, hint: str, to: int = 7) -> str:
+        """t's integer codes as an int64 tensor (`to`: another ONNX type, 11 DOUBLE): its codes tensor where it
+        has one, else round(t / scale) (exact while |codes| < 2^22: float32's rounding of codes x scale and of
+        the division stay far below a half)."""
         if t.codes is None:
             q = self.node("Round", [self.node("Div", [t.name, self.const(t.scale, f"{hint}.scale")], f"{hint}.div")],
                           f"{hint}.round")
         else:
             q = t.codes
-        return self.node("Cast", [q], f"{hint}.codes", to=7)          # 7: TensorProto.INT64
+        return self.node("Cast", [q], f"{hint}.codes", to=to)         # 7: TensorProto.INT64
 
     @staticmethod
     def narrowest(lo: int, hi: int) -> str:
@@ -130,9 +141,12 @@ class QdqGraph:
 
     def out_scale(self, op) -> np.ndarray:
         """op's output scale from the program's metadata (per tensor, or one per channel) in the broadcast
-        shape of its value: () or (C, 1, 1) or (C,)."""
+        shape of its value: () or (C, 1, 1) or (C,) (one per channel on axis 1), or as the program writes it
+        where that is a broadcast shape already ((1, 1, C): one per feature of tokens)."""
         s = np.asarray(op.scale, np.float64)
-        return s.reshape(()) if s.size == 1 else s.reshape(-1, *([1] * (len(self.shape(op.output)) - 2)))
+        if s.size == 1:
+            return s.reshape(())
+        return s if s.ndim > 1 else s.reshape(-1, *([1] * (len(self.shape(op.output)) - 2)))
 
     def qdq(self, x: str, scale, qtype: str, hint: str) -> tuple:
         """QuantizeLinear then DequantizeLinear of x at a per-tensor scale or per-channel scales (axis 1):
@@ -157,13 +171,15 @@ class QdqGraph:
 
     def integer_requantize(self, op, x: Tensor, ratio: np.ndarray, lo: int, hi: int, bias=None) -> None:
         """The program's requantize (or affine, with `bias`) itself, for the exact form or a value wider than
-        8 bits: the input's integer codes (round(x / S_x): exact while |codes| < 2^22), plus the bias, times
-        b / 2^c in float64 (exact: 22 + 31 bits), floor(. + 1/2), the clamp, times S_out. An 8-bit output then
-        takes a Q/DQ pair at S_out, which holds those codes exactly."""
+        8 bits: the input's integer codes (its codes tensor where it has one, else round(x / S_x): exact while
+        |codes| < 2^22), plus the bias, times b / 2^c in float64, floor(. + 1/2), the clamp, times S_out; in int64
+        instead where float64 would round (`float64_exact`). An 8-bit output then takes a Q/DQ pair at S_out,
+        which holds those codes exactly."""
         hint = op.output
-        q = self.node("Round", [self.node("Div", [x.name, self.const(x.scale, f"{hint}.in_scale")], f"{hint}.div")],
-                      f"{hint}.codes")
-        q = self.node("Cast", [q], f"{hint}.double", to=11)                # 11: TensorProto.DOUBLE
+        if not self.float64_exact(op, bias):
+            self.int64_requantize(op, x, lo, hi, bias)
+            return
+        q = self.codes(x, f"{hint}.in", to=11)                             # 11: TensorProto.DOUBLE
         if bias is not None:
             q = self.node("Add", [q, self.const(bias, f"{hint}.bias", "DOUBLE")], f"{hint}.biased")
         y = self.node("Mul", [q, self.const(ratio, f"{hint}.ratio", "DOUBLE")], f"{hint}.mul")
@@ -172,6 +188,12 @@ class QdqGraph:
         if (lo, hi) != (INT32_MIN, INT32_MAX):
             y = self.node("Clip", [y, self.const(float(lo), f"{hint}.lo", "DOUBLE"),
                                    self.const(float(hi), f"{hint}.hi", "DOUBLE")], f"{hint}.clip")
+        self._bind_codes(op, y, lo, hi)
+
+    def _bind_codes(self, op, y: str, lo: int, hi: int) -> None:
+        """Bind op's output from its integer codes y (a float64 or int64 tensor): times S_out in float32, and
+        an 8-bit output through a Q/DQ pair at S_out, which holds those codes exactly."""
+        hint = op.output
         scale = self.out_scale(op)
         y = self.node("Cast", [y], f"{hint}.float", to=1)                  # 1: TensorProto.FLOAT
         y = self.node("Mul", [y, self.const(scale, f"{hint}.scale")], f"{hint}.real")
@@ -181,6 +203,42 @@ class QdqGraph:
         else:
             name, codes = self.qdq(y, scale, qtype, op.output)
             self.bind(op, name, scale, codes)
+
+    def float64_exact(self, op, bias=None) -> bool:
+        """Whether a requantize (affine with `bias`) of op's input is exact in float64: |z + bias| b + 2^(c-1)
+        below 2^53 over the input's sound range (`program.ranges`), else `int64_requantize` computes it. A
+        matmul over K = 768 of 8-bit codes (|z| up to 2^24.6) times a 31-bit b is not."""
+        lo, hi = self.ranges.get(op.inputs[0], (INT32_MIN, INT32_MAX))
+        b = np.abs(np.asarray(op.consts["multiplier"], np.int64))
+        c = np.asarray(op.consts["shift"], np.int64)
+        bound = max(abs(lo), abs(hi)) + (0 if bias is None else int(np.abs(np.asarray(bias)).max()))
+        return bound * int(b.max()) + 2 ** (int(c.max()) - 1) < 2 ** 53
+
+    def int64_requantize(self, op, x: Tensor, lo: int, hi: int, bias=None) -> None:
+        """The requantize (affine with `bias`) in int64, as the executor computes it: ((z + bias) b + 2^(c-1))
+        >> c, the arithmetic shift as floor(a / 2^c) = (a - Mod(a, 2^c)) / 2^c (ONNX BitShift is for unsigned
+        types, and Div of integers truncates toward zero), then Max / Min."""
+        hint = op.output
+        b = np.asarray(op.consts["multiplier"], np.int64)
+        c = np.asarray(op.consts["shift"], np.int64)
+        z = self.codes(x, f"{hint}.in")
+        if bias is not None:
+            z = self.node("Add", [z, self.const(np.asarray(bias, np.int64), f"{hint}.bias", "INT64")],
+                          f"{hint}.biased")
+        z = self.node("Mul", [z, self.const(b, f"{hint}.mult", "INT64")], f"{hint}.mul")
+        z = self.node("Add", [z, self.const(np.int64(1) << (c - 1), f"{hint}.half", "INT64")], f"{hint}.add")
+        y = self.floor_div(z, np.int64(1) << c, f"{hint}.shift")
+        y = self.node("Max", [y, self.const(np.int64(lo), f"{hint}.lo", "INT64")], f"{hint}.max")
+        y = self.node("Min", [y, self.const(np.int64(hi), f"{hint}.hi", "INT64")], f"{hint}.min")
+        self._bind_codes(op, y, lo, hi)
+
+    def floor_div(self, a: str, divisor, hint: str) -> str:
+        """floor(a / d) of an int64 tensor a by a positive int64 d (an array, or the name of an int64 tensor),
+        exactly: (a - Mod(a, d)) / d, Mod of integers taking the divisor's sign (fmod=0), so the division is
+        exact and its truncation harmless (onnxruntime's Div of int64 truncates toward zero: -7 / 2 = -3)."""
+        d = divisor if isinstance(divisor, str) else self.const(np.asarray(divisor, np.int64), f"{hint}.pow", "INT64")
+        rest = self.node("Sub", [a, self.node("Mod", [a, d], f"{hint}.mod", fmod=0)], f"{hint}.sub")
+        return self.node("Div", [rest, d], f"{hint}.div")
 
     def quantize(self, op, x: str, lo: int, hi: int) -> None:
         """The fused form: bind op's output (not `rounds_in_float`) as the float tensor x quantized at op's scale
@@ -213,20 +271,34 @@ class QdqGraph:
         s_w = (np.asarray(op.scale, np.float64).reshape(-1) / float(s_x)).astype(np.float32)
         return s_w, s_x * s_w
 
-    def weight(self, op, x: Tensor) -> tuple:
+    def weight(self, op, x: Tensor, transpose: bool = False) -> tuple:
         """The weight and bias of a conv2d / dense reading x: per-output-channel symmetric weight codes and the
-        INT32 bias at S_x S_w (eq. 17), each through a DequantizeLinear on axis 0. Returns the two float tensor
+        INT32 bias at S_x S_w (eq. 17), each through a DequantizeLinear on axis 0 (with `transpose`, a dense's
+        weight stored (I, O), dequantized on axis 1: a MatMul's right operand). Returns the two float tensor
         names and the accumulator's scale S_x S_w per output channel."""
         s_w, s_b = self.layer_scales(op, x)
         bits = int(op.attrs.get("w_bits", 8))
         qtype = "INT4" if self.int4_weights and bits <= 4 else "INT8"
         doc = f"{bits}-bit weight codes in [{-(2 ** (bits - 1) - 1)}, {2 ** (bits - 1) - 1}]" + \
             ("" if qtype == "INT4" or bits == 8 else ", stored as int8")
-        w = self.dequantize(self.const(op.consts["weight"], f"{op.output}.weight", qtype, doc), s_w,
-                            f"{op.output}.weight", qtype, axis=0)
+        codes = np.asarray(op.consts["weight"])
+        w = self.dequantize(self.const(codes.T if transpose else codes, f"{op.output}.weight", qtype, doc), s_w,
+                            f"{op.output}.weight", qtype, axis=1 if transpose else 0)
         b = self.dequantize(self.const(op.consts["bias"], f"{op.output}.bias", "INT32"), s_b,
                             f"{op.output}.bias", "INT32", axis=0)
         return w, b, s_b.astype(np.float64)
+
+
+def sound_ranges(program, ops: list) -> dict:
+    """Each value's sound integer range (`program.ranges`: interval arithmetic within the declared ranges);
+    empty where the analysis refuses the program (then every requantize takes the int64 path)."""
+    from hawq_ray.program.ranges import narrow_ranges
+    try:
+        out = {op.output: (op.lo, op.hi) for op in narrow_ranges(program, ops)}
+    except (HawqError, ValueError, KeyError, TypeError):    # a range rule refusing a value: no bounds (the
+        return {}                                          # int64 path then, exact whatever the magnitudes)
+    out[program.input_name] = (-128, 127)
+    return out
 
 
 def residual_branches(ops: list) -> set:

@@ -213,12 +213,12 @@ def layer_norm_step(qm, node, ins):
     return V(q, s, qm.real(real, q, s), node.name, lo, hi)
 
 
-def _observers(node, input_name):
+def _layer_norm_observers(node, input_name):
     return [f"in:{node.name}", f"out:{node.name}"]
 
 
 register_ops(
     GraphNode("layer_norm", layer_norm_step, modules=(nn.LayerNorm,), convert=_convert_layer_norm,
-              observers=_observers, supported="LayerNorm (one axis), LayerNorm2d"),
+              observers=_layer_norm_observers, supported="LayerNorm (one axis), LayerNorm2d"),
     ProgramOp("layer_norm", SEMANTICS, execute_layer_norm, layer_norm_value_range),
 )

@@ -109,7 +109,7 @@ def _convert_matmul(tracer, n, m):
     return tracer.node(n, "matmul", list(n.args), attrs={"narrow": narrow})
 
 
-def _number(a) -> float | None:
+def _python_number(a) -> float | None:
     return float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else None
 
 
@@ -118,9 +118,9 @@ def _convert_scale(tracer, n, m):
     if len(n.args) != 2 or n.kwargs:
         return None
     x, c = n.args
-    if _number(x) is not None and n.target in (operator.mul, torch.mul, "mul"):
+    if _python_number(x) is not None and n.target in (operator.mul, torch.mul, "mul"):
         x, c = c, x
-    c = _number(c)
+    c = _python_number(c)
     if c is None or not tracer.is_tensor(x) or c <= 0:
         return None
     if n.target in (operator.truediv, torch.div, "div"):
