@@ -56,7 +56,8 @@ def layer_resources(table: pd.DataFrame, bits: Sequence[int]) -> dict[str, np.nd
     GBOPS, and latency in ms from the measured `lat{b}_ms` columns (if present)."""
     b = np.asarray(bits, float)[None, :]
     out = {"size_mib": layer_size_mib(table[COL.params].to_numpy(np.int64)[:, None], b),
-           "gbops": layer_gbops(table[COL.macs].to_numpy(np.int64)[:, None], b)}
+           "gbops": layer_gbops(table[COL.macs].to_numpy(np.int64)[:, None], b,
+                                table[COL.product_macs].to_numpy(np.int64)[:, None])}
     if all(lat_col(k) in table for k in bits):
         out["latency_ms"] = np.column_stack([table[lat_col(k)].to_numpy(float) for k in bits])
     return out

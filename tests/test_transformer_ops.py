@@ -248,6 +248,26 @@ def test_layer_table_of_a_vit_counts_token_rows_and_fixes_the_ends():
     assert table["fixed_bits"].isna().sum() == 16                        # 4 Linear layers x 4 blocks searchable
 
 
+@pytest.mark.parametrize("name,per_block", [
+    ("digits_vit", 2 * 17 * 17 * 64),                     # q k^T and p v: 2 x tokens^2 x width
+    ("timm_vit", 2 * 17 * 17 * 32),                       # through scaled_dot_product_attention
+    ("torchvision_vit", 2 * 17 * 17 * 32),                # through nn.MultiheadAttention
+    ("torchvision_swin", None)])                          # windows: 2 x H W x C x window tokens
+def test_products_of_activations_are_priced_at_8_bits_on_their_qkv_row(name, per_block):
+    from hawq_ray.contract.cost import config_costs
+    build, shape = MODELS[name]
+    table = layer_table(build(), shape)
+    charged = table[table["product_macs"] > 0]
+    assert all(layer.endswith(("qkv", "in_proj")) for layer in charged["layer"])
+    if per_block is None:
+        per_block = [2 * 8 * 8 * 16 * 16] * 2 + [2 * 4 * 4 * 32 * 16] * 2
+    assert charged["product_macs"].tolist() == ([per_block] * len(charged) if isinstance(per_block, int)
+                                                 else per_block)
+    bits = {layer: 4 for layer in table["layer"]}
+    weights_only = int((table["macs"] * 16).sum())
+    assert config_costs(table, bits)["gbops"] == pytest.approx((weights_only + 64 * charged["product_macs"].sum()) / 1e9)
+
+
 def test_multihead_attention_keeps_its_state_dict_and_function():
     from hawq_ray.inputs.attention import explicit_attention
     torch.manual_seed(0)

@@ -4,8 +4,10 @@ written once here; the solver evaluates them per layer and bit width, the stages
     Omega_i(b)   = Tr(H_i) / n_i * ||Q_b(W_i) - W_i||^2         HAWQ-V3 Eq. 8 (n_i = params of layer i;
                                                                   a negative trace estimate counts as 0)
     size_i(b)    = n_i * b / 8 bytes, in MiB (2^20 bytes)        the model-size sum of Eq. 9
-    bops_i(b)    = MACs_i * b * b, in GBOPS (1e9)                 the BOPS sum of Eq. 9 (activations at the
-                                                                  layer's weight bits)
+    bops_i(b)    = MACs_i * b * b + P_i * 8 * 8, in GBOPS (1e9)   the BOPS sum of Eq. 9 (activations at the
+                                                                  layer's weight bits; P_i: the MACs of the
+                                                                  products of two 8-bit activations that read
+                                                                  the layer's output, attention's q k^T and p v)
     latency_i(b) = the measured lat{b}_ms of the layer            the latency sum of Eq. 9
 A config's size, BOPS and latency are the sums over its layers.
 """
@@ -35,10 +37,13 @@ def _weight_bits(params, bits):
     return np.asarray(params, np.int64) * np.asarray(bits, np.int64)
 
 
-def _bops(macs, bits):
-    """MACs_i * b * b, an exact integer."""
+PRODUCT_BITS = 8       # both operands of a product of two activations (`ops.matmul`)
+
+
+def _bops(macs, bits, product_macs=0):
+    """MACs_i * b * b + P_i * 8 * 8, an exact integer."""
     b = np.asarray(bits, np.int64)
-    return np.asarray(macs, np.int64) * b * b
+    return np.asarray(macs, np.int64) * b * b + np.asarray(product_macs, np.int64) * PRODUCT_BITS ** 2
 
 
 def layer_size_mib(params, bits):
@@ -46,9 +51,10 @@ def layer_size_mib(params, bits):
     return _weight_bits(params, bits) / 8 / MIB
 
 
-def layer_gbops(macs, bits):
-    """Bit operations of a layer at `bits` (weights and activations), in GBOPS; numpy-broadcasting."""
-    return _bops(macs, bits) / GIGA
+def layer_gbops(macs, bits, product_macs=0):
+    """Bit operations of a layer at `bits` (weights and activations, and the activation products reading it), in
+    GBOPS; numpy-broadcasting."""
+    return _bops(macs, bits, product_macs) / GIGA
 
 
 def config_costs(table: pd.DataFrame, bits: Mapping[str, int]) -> dict:
@@ -61,4 +67,8 @@ def config_costs(table: pd.DataFrame, bits: Mapping[str, int]) -> dict:
         if not np.isnan(per_layer).any():
             latency = float(per_layer.sum())
     return {"size_mib": float(_weight_bits(table[COL.params], b).sum() / 8 / MIB),
-            "gbops": float(_bops(table[COL.macs], b).sum() / GIGA), "latency_ms": latency}
+            "gbops": float(_bops(table[COL.macs], b, _product_macs(table)).sum() / GIGA), "latency_ms": latency}
+
+
+def _product_macs(table: pd.DataFrame):
+    return table[COL.product_macs] if COL.product_macs in table else 0

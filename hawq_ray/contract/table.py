@@ -37,6 +37,7 @@ class LayerColumns:
     kind: str
     params: str
     macs: str
+    product_macs: str
     group: str
     fixed_bits: str
     trace: str
@@ -69,6 +70,9 @@ COLUMNS = {c.name: c for c in (
     Column(COL.kind, "object", "layers", "conv | linear"),
     Column(COL.params, "int64", "layers", "weight elements (BN folded into the conv: the conv's weight count)"),
     Column(COL.macs, "int64", "layers", "multiply-accumulates per sample"),
+    Column(COL.product_macs, "int64", "layers", "multiply-accumulates per sample of the products of two "
+                                                "activations (attention's q k^T and p v) that read this layer's "
+                                                "output, at their operands' fixed 8 bits; 0 if none"),
     Column(COL.group, "object", "layers", "layers with the same non-empty group share their bits (a shortcut "
                                           "conv and the conv beside it); '' for none"),
     Column(COL.fixed_bits, "Int64", "layers", "bits the layer must keep (first and last layer: 8); <NA> when the "
@@ -125,6 +129,8 @@ def check_table(table: pd.DataFrame, bits: Sequence[int] = BIT_WIDTHS) -> pd.Dat
     dup = t[COL.layer][t[COL.layer].duplicated()]
     if len(dup):
         raise TableError(f"layer table: layer {dup.iloc[0]!r} appears twice; layer names must be unique")
+    if COL.product_macs not in t:       # a table written before the column, or by hand: no such products
+        t[COL.product_macs] = 0
     t[COL.group] = _group_column(t)
     t[COL.fixed_bits] = _fixed_bits_column(t, bits)
     fixed = t[COL.fixed_bits].notna().to_numpy()

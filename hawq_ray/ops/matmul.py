@@ -48,6 +48,14 @@ def _source_kind(tracer, arg) -> str:
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
 
 
+def per_sample(tracer, n) -> int:
+    """Elements of fx node n's value per sample (the growth from batch 2 to batch 3: windows and heads folded
+    into the batch axis count too)."""
+    def numel(shape):
+        return int(torch.Size(shape).numel())
+    return numel(tracer.shape(n, batch=3)) - numel(tracer.shape(n))
+
+
 def _convert_attention(tracer, n):
     """`F.scaled_dot_product_attention(q, k, v)` (timm's fused Attention) as the nodes it is made of: k's
     transpose, q @ k^T, the attention scale, softmax, p @ v. A mask, causal masking or dropout is refused."""
@@ -59,12 +67,16 @@ def _convert_attention(tracer, n):
     q, k, v = (tracer.src(given[a]) for a in SDPA_ARGS[:3])
     rank = len(tracer.shape(given["key"]))
     scale = given.get("scale") or tracer.shape(given["query"])[-1] ** -0.5
+    keys = tracer.shape(given["key"])[-2]
     kt = tracer.make(f"{n.name}.kT", "permute", [k],
                      attrs={"dims": tuple(range(rank - 2)) + (rank - 1, rank - 2), "wide": False})
-    logits = tracer.make(f"{n.name}.logits", "matmul", [q, kt.name], attrs={"narrow": [False, False]})
+    logits = tracer.make(f"{n.name}.logits", "matmul", [q, kt.name],
+                         attrs={"narrow": [False, False],
+                                "multiply_adds": per_sample(tracer, given["query"]) * keys})
     scaled = tracer.make(f"{n.name}.scaled", "scale", [logits.name], attrs={"factor": float(scale)})
     probs = tracer.make(f"{n.name}.probs", "softmax", [scaled.name])
-    tracer.make(n.name, "matmul", [probs.name, v], attrs={"narrow": [True, False]})
+    tracer.make(n.name, "matmul", [probs.name, v],
+                attrs={"narrow": [True, False], "multiply_adds": per_sample(tracer, n) * keys})
     return HANDLED
 
 
@@ -94,7 +106,8 @@ def _convert_einsum(tracer, n):
         b = tracer.make(f"{n.name}.bT", "permute", [b],
                         attrs={"dims": tuple(range(rank - 2)) + (rank - 1, rank - 2), "wide": False}).name
     narrow = [tracer.by_name[_layout_source(tracer, x)].kind in NARROW_SOURCES for x in (a, b)]
-    tracer.make(n.name, "matmul", [a, b], attrs={"narrow": narrow})
+    k = tracer.shape(n.args[1])[-1]
+    tracer.make(n.name, "matmul", [a, b], attrs={"narrow": narrow, "multiply_adds": per_sample(tracer, n) * k})
     return HANDLED
 
 
@@ -106,7 +119,9 @@ def _convert_matmul(tracer, n, m):
     if len(n.args) != 2 or n.kwargs or not all(tracer.is_tensor(a) for a in n.args):
         return None
     narrow = [_source_kind(tracer, a) in NARROW_SOURCES for a in n.args]
-    return tracer.node(n, "matmul", list(n.args), attrs={"narrow": narrow})
+    k = tracer.shape(n.args[0])[-1]
+    return tracer.node(n, "matmul", list(n.args),
+                       attrs={"narrow": narrow, "multiply_adds": per_sample(tracer, n) * k})
 
 
 def _python_number(a) -> float | None:

@@ -102,7 +102,8 @@ def _convert_window_attention(tracer, n, m):
                for i, p in enumerate("qkv"))
     kt = tracer.make(f"{n.name}.kT", "permute", [k], attrs={"dims": (0, 1, 3, 2), "wide": False}).name
     x.last = q
-    x("logits", "matmul", kt, narrow=[False, False])
+    macs = h * w * c * tokens                # per sample and product: nW windows x heads x T x T x d
+    x("logits", "matmul", kt, narrow=[False, False], multiply_adds=macs)
     x("scaled", "scale", factor=d ** -0.5)
     x("biased", "add", tracer.src(a["relative_position_bias"]), constants=[False, True])
     if any(shift):
@@ -112,7 +113,7 @@ def _convert_window_attention(tracer, n, m):
         x("masked", "add", mask, constants=[False, True])
         x("per_window_t", "reshape", shape=(-1, heads, tokens, tokens))
     x("probs", "softmax")
-    x("mixed", "matmul", v, narrow=[True, False])
+    x("mixed", "matmul", v, narrow=[True, False], multiply_adds=macs)
     x("merged_t", "permute", dims=(0, 2, 1, 3))
     x("merged", "reshape", shape=(-1, tokens, c))
     x("proj", "linear", module=proj)

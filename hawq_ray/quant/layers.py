@@ -79,11 +79,30 @@ def fixed_layers(graph: Graph) -> dict[str, int]:
     return out
 
 
+def product_macs(graph: Graph) -> dict[str, int]:
+    """MACs per sample of the products of two activations, charged to the layer whose output they read (through
+    layout ops, softmax, scales and constants' adds: attention's q k^T and p v both go to the qkv Linear)."""
+    by_name, out = graph.by_name(), {}
+    for node in graph.nodes:
+        if node.kind != "matmul":
+            continue
+        todo, seen = list(reversed(node.inputs)), set()
+        while todo:
+            src = by_name[todo.pop(0)]
+            if src.layer is not None:
+                out[src.layer] = out.get(src.layer, 0) + int(node.attrs["multiply_adds"])
+                break
+            if src.name not in seen:
+                seen.add(src.name)
+                todo.extend(src.inputs)
+    return out
+
+
 def layer_table(model: nn.Module, input_shape, graph: Graph | None = None) -> pd.DataFrame:
     """One row per conv / linear layer of `model` in execution order (`graph`: its trace, if at hand)."""
     graph = trace_graph(model, input_shape) if graph is None else graph
     macs = layer_macs(model, input_shape)
-    groups, fixed = layer_groups(graph), fixed_layers(graph)
+    groups, fixed, products = layer_groups(graph), fixed_layers(graph), product_macs(graph)
     rows = []
     for node in graph.layer_nodes():
         rows.append({
@@ -91,6 +110,7 @@ def layer_table(model: nn.Module, input_shape, graph: Graph | None = None) -> pd
             COL.kind: node.kind,
             COL.params: int(node.module.weight.numel()),
             COL.macs: int(macs.get(node.layer, 0)),
+            COL.product_macs: products.get(node.layer, 0),
             COL.group: groups.get(node.layer, ""),
             COL.fixed_bits: fixed.get(node.layer, pd.NA),
         })
