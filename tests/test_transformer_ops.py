@@ -172,6 +172,18 @@ def small_torchvision_swin():
     return model
 
 
+def small_timm_swin():
+    from timm.models.swin_transformer import SwinTransformer
+    torch.manual_seed(7)
+    model = SwinTransformer(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=16, depths=(2, 2),
+                            num_heads=(2, 4), window_size=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.normal_(0, 1)
+    return model
+
+
 def small_torchvision_maxvit():
     from torchvision.models.maxvit import MaxVit
     torch.manual_seed(6)
@@ -191,8 +203,9 @@ MODELS = {"digits_vit": (lambda: DigitsViT(seed=3), (1, 16, 16)),
           "torchvision_convnext": (small_torchvision_convnext, (3, 32, 32)),
           "timm_convnext": (small_timm_convnext, (3, 32, 32)),
           "torchvision_swin": (small_torchvision_swin, (3, 32, 32)),     # 8x8 tokens, shifted 4x4 windows
-          "torchvision_maxvit": (small_torchvision_maxvit, (3, 32, 32))}   # block and grid attention, einsum
-ATTENTION = {"digits_vit", "timm_vit", "torchvision_vit", "torchvision_swin", "torchvision_maxvit"}
+          "torchvision_maxvit": (small_torchvision_maxvit, (3, 32, 32)),   # block and grid attention, einsum
+          "timm_swin": (small_timm_swin, (3, 32, 32))}    # explicit window attention, channels-last head
+ATTENTION = {"digits_vit", "timm_vit", "torchvision_vit", "torchvision_swin", "torchvision_maxvit", "timm_swin"}
 
 
 def mixed_bits(model, shape, seed):
@@ -219,7 +232,7 @@ def test_qat_simulation_and_executor_agree_on_every_element(name, bits):
     assert torch.equal(got, out.q)
     ops = {op.op for op in program.ops}
     assert {"softmax", "matmul", "layer_norm", "permute"} <= ops if name in ATTENTION else {"layer_norm", "affine"} <= ops
-    assert ("roll" in ops) == (name == "torchvision_swin")
+    assert ("roll" in ops) == (name in ("torchvision_swin", "timm_swin"))
 
 
 @pytest.mark.parametrize("name", MODELS)

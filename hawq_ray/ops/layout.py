@@ -22,6 +22,7 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from hawq_ray.contract import HawqError
@@ -167,12 +168,26 @@ def _convert_take(tracer, n, m):
         return HANDLED          # a constant gathered by a constant index (a relative position bias table)
     if not tracer.is_tensor(src):
         return None
+    if all(tracer.shape(n, batch=b) == tracer.shape(src, batch=b) for b in (2, 3)) and \
+            all(isinstance(e, slice) or e is Ellipsis for e in (index if isinstance(index, tuple) else (index,))):
+        tracer.alias[n.name] = tracer.src(src)     # a slice that keeps everything (timm Swin's crop by 0)
+        return HANDLED
     shape = tracer.shape(src)
     picked = _index_axis(index, len(shape))
     if picked is None:
         return None
     axis, i = picked
     return _node(tracer, n, "take", {"axis": axis, "index": i % shape[axis]})
+
+
+def _convert_pad(tracer, n, m):
+    """`F.pad` by nothing (timm's Swin pads its map to a multiple of the window, by amounts computed from the
+    shape that are 0 where it is one already): the same shape at both traced batch sizes."""
+    src = n.args[0]
+    if not tracer.is_tensor(src) or any(tracer.shape(n, batch=b) != tracer.shape(src, batch=b) for b in (2, 3)):
+        return None
+    tracer.alias[n.name] = tracer.src(n.args[0])
+    return HANDLED
 
 
 def _convert_expand(tracer, n, m):
@@ -274,9 +289,11 @@ LAYOUT_METHODS = dict(reshape=("view", "reshape", "flatten", "unsqueeze", "squee
                       permute=("permute", "transpose", "swapaxes"))
 
 register_ops(
-    GraphNode("reshape", reshape_step, functions=(torch.reshape, torch.flatten, torch.unsqueeze, torch.squeeze),
+    GraphNode("reshape", reshape_step, functions=(torch.reshape, torch.flatten, torch.unsqueeze, torch.squeeze,
+                                                  F.pad),
               methods=LAYOUT_METHODS["reshape"],
-              convert=_convert_reshape, nonneg=all, observers=_wide_observer, supported="reshape / view / flatten"),
+              convert=lambda t, n, m: (_convert_pad if n.target is F.pad else _convert_reshape)(t, n, m),
+              nonneg=all, observers=_wide_observer, supported="reshape / view / flatten"),
     GraphNode("permute", permute_step, functions=(torch.permute, torch.transpose, torch.swapaxes),
               methods=LAYOUT_METHODS["permute"],
               convert=_convert_permute, nonneg=all, observers=_wide_observer, supported="permute / transpose"),

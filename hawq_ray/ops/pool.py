@@ -67,10 +67,18 @@ def adaptive_sums(x: torch.Tensor, out: tuple) -> torch.Tensor:
 
 
 def _convert_mean(tracer, n):
-    """A mean over H and W is a global average pool (then a flatten unless keepdim)."""
+    """A mean over H and W is a global average pool (then a flatten unless keepdim); over H and W of a
+    channels-last map, a permute to channels first before it."""
     dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
     keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
-    if dims is None or sorted(d % 4 for d in (dims if isinstance(dims, (list, tuple)) else [dims])) != [2, 3]:
+    axes = None if dims is None else sorted(d % 4 for d in (dims if isinstance(dims, (list, tuple)) else [dims]))
+    if axes == [1, 2] and not keep:     # a channels-last map (timm's Swin head): channels first, then the pool
+        first = tracer.make(f"{n.name}.nchw", "permute", [tracer.src(n.args[0])],
+                            attrs={"dims": (0, 3, 1, 2), "wide": tracer.by_name[tracer.src(n.args[0])].kind in
+                                   ("conv", "linear")})
+        pool = tracer.make(f"{n.name}.pool", "avgpool", [first.name], attrs={"global": True})
+        return replace(pool, name=n.name, kind="flatten", inputs=[pool.name], attrs={})
+    if axes != [2, 3]:
         return None
     pool = tracer.node(n, "avgpool", [n.args[0]], attrs={"global": True})
     if keep:

@@ -119,8 +119,8 @@ class _Tracer:
         self.alias[node.name] = node.name
 
     @staticmethod
-    def unsupported(what: str, typ: str):
-        raise HawqError(f"cannot quantize {what} of type {typ}; supported: {supported()}")
+    def unsupported(what: str, typ: str | None):
+        raise HawqError(f"cannot quantize {what}{f' of type {typ}' if typ else ''}; supported: {supported()}")
 
 
 def _entries_for(n: fx.Node, module) -> list:
@@ -156,7 +156,7 @@ class _LeafTracer(fx.Tracer):
     are converted as what they compute, not traced into their arithmetic)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, tuple(t for e in GRAPH_NODES.values() for t in e.modules)) or \
+        return isinstance(m, tuple(t for e in GRAPH_NODES.values() for t in e.modules) + _drop_path()) or \
             super().is_leaf_module(m, qualname)
 
 
@@ -204,7 +204,7 @@ def trace_graph(model: nn.Module, input_shape=None) -> Graph:
                         "call_method": f"method .{n.target}() at {n.name!r}{_inside(n)}",
                         "call_function": f"function {getattr(n.target, '__name__', n.target)!r} at {n.name!r}"
                                          f"{_inside(n)}"}
-                t.unsupported(what[n.op], type(m).__name__ if m is not None else n.op)
+                t.unsupported(what[n.op], type(m).__name__ if m is not None else None)
             t.add(node)
     for node in t.nodes:    # nonneg: by construction (ReLU, a converter's say), or inherited through shape-keeping ops
         entry = GRAPH_NODES.get(node.kind)
@@ -267,6 +267,20 @@ def _stochastic_depth() -> tuple:
     return stochastic_depth, StochasticDepth
 
 
+def _drop_path() -> tuple:
+    """timm's stochastic depth module (traced whole: its forward branches on `self.training`)."""
+    try:
+        from timm.layers import DropPath
+    except ImportError:
+        return ()
+    return (DropPath,)
+
+
+def identity_modules() -> tuple:
+    """Module types that are the identity at inference: dropout, Identity, stochastic depth."""
+    return (nn.Dropout, nn.Identity, *_stochastic_depth()[1:], *_drop_path())
+
+
 def _structural(t: _Tracer, n: fx.Node, modules: dict, fx_users: dict) -> bool:
     """Calls that make no node of their own: BN folded into the conv before it, Dropout / Identity, shape
     queries. True when `n` was one of them (and handled)."""
@@ -279,7 +293,7 @@ def _structural(t: _Tracer, n: fx.Node, modules: dict, fx_users: dict) -> bool:
             prev.bn, prev.bn_name = m, n.target
             t.alias[n.name] = prev.name
             return True
-        if isinstance(m, (nn.Dropout, nn.Identity, *_stochastic_depth()[1:])):
+        if isinstance(m, identity_modules()):
             t.alias[n.name] = t.src(n.args[0])
             return True
         return False
