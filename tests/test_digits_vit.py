@@ -114,3 +114,19 @@ def test_short_training_beats_chance_by_far(tmp_path):
     again, _, fresh = fp32_weights(tmp_path, data, model_name="digits_vit", epochs=0)
     assert not fresh and type(again) is DigitsViT
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), again.state_dict().values()))
+
+
+def test_the_shift_augmentation_is_seeded_and_moves_the_batches():
+    """The same seed trains the same weights; a shift trains different ones than none (the batches moved)."""
+    from hawq_ray.inputs.data import load_data
+    from hawq_ray.quant.finetune import train_fp32
+
+    data = load_data("digits", input_shape=(1, 16, 16), seed=0)
+    small = data.train if len(data.train) <= 128 else torch.utils.data.Subset(data.train, range(128))
+
+    def weights(shift):
+        model = DigitsViT(depth=1, dim=16, heads=2, seed=0)
+        train_fp32(model, small, epochs=1, lr=0.05, batch_size=32, shift=shift, seed=3)
+        return model.head.weight.detach().clone()
+    assert torch.equal(weights(1), weights(1))
+    assert not torch.equal(weights(1), weights(0))
