@@ -10,7 +10,8 @@ K <= 2^16 terms), at scale S_a S_b; whoever reads the product requantizes it, as
 is multiplied, and the requantize that reads the value absorbs it. No op is computed.
 
 `F.scaled_dot_product_attention(q, k, v)` (timm's fused `Attention`) is expanded into the nodes it is made of
-(k's transpose, q @ k^T, the scale, softmax, p @ v); masks, causal masking and dropout are refused by name.
+(k's transpose, q @ k^T, the scale, a float mask read from parameters added as a constant, softmax, p @ v);
+boolean or input-dependent masks, causal masking and dropout are refused by name.
 """
 from __future__ import annotations
 
@@ -60,10 +61,14 @@ def _convert_attention(tracer, n):
     """`F.scaled_dot_product_attention(q, k, v)` (timm's fused Attention) as the nodes it is made of: k's
     transpose, q @ k^T, the attention scale, softmax, p @ v. A mask, causal masking or dropout is refused."""
     given = dict(zip(SDPA_ARGS, n.args)) | dict(n.kwargs)
-    if given.get("attn_mask") is not None or given.get("is_causal") or given.get("dropout_p") or \
-            given.get("enable_gqa"):
-        tracer.unsupported(f"scaled_dot_product_attention at {n.name!r} with a mask, causal or dropout",
-                           "scaled_dot_product_attention (only unmasked, at inference)")
+    mask = given.get("attn_mask")
+    additive = mask is not None and tracer.by_name.get(tracer.alias.get(getattr(mask, "name", None), ""))
+    if mask is not None and not (additive and additive.kind == "constant" and tracer.tensor(mask).is_floating_point()):
+        tracer.unsupported(f"scaled_dot_product_attention at {n.name!r} with a boolean or input-dependent mask",
+                           "scaled_dot_product_attention (unmasked, or a float bias read from parameters)")
+    if given.get("is_causal") or given.get("dropout_p") or given.get("enable_gqa"):
+        tracer.unsupported(f"scaled_dot_product_attention at {n.name!r} with causal masking or dropout",
+                           "scaled_dot_product_attention (at inference, not causal)")
     q, k, v = (tracer.src(given[a]) for a in SDPA_ARGS[:3])
     rank = len(tracer.shape(given["key"]))
     scale = given.get("scale") or tracer.shape(given["query"])[-1] ** -0.5
@@ -74,6 +79,9 @@ def _convert_attention(tracer, n):
                          attrs={"narrow": [False, False],
                                 "multiply_adds": per_sample(tracer, given["query"]) * keys})
     scaled = tracer.make(f"{n.name}.scaled", "scale", [logits.name], attrs={"factor": float(scale)})
+    if mask is not None:        # a relative position bias passed as the mask (timm's CoAtNet, MaxViT)
+        scaled = tracer.make(f"{n.name}.biased", "add", [scaled.name, additive.name],
+                             attrs={"constants": [False, True]})
     probs = tracer.make(f"{n.name}.probs", "softmax", [scaled.name])
     tracer.make(n.name, "matmul", [probs.name, v],
                 attrs={"narrow": [True, False], "multiply_adds": per_sample(tracer, n) * keys})
