@@ -370,18 +370,19 @@ def test_timm_weights_path_takes_safetensors_and_names_mismatched_keys(tmp_path)
 
 
 @pytest.mark.usefixtures("no_network")
-def test_timm_deit_builds_offline_and_the_converter_refuses_it(capsys):
-    from hawq_ray.quant.qat import prepare
+def test_timm_deit_builds_offline_and_its_layer_table_lists_every_linear(capsys):
     from hawq_ray.service.cli import main
 
     model = get_model("timm:deit_tiny_patch16_224")
     assert input_shape("timm:deit_tiny_patch16_224") == input_shape(model) == (3, 224, 224)
     assert models.num_classes(model) == 1000
-    message = one_line_error(prepare, model, "uniform8", (3, 224, 224))
-    assert "attention and LayerNorm have no integer-only form" in message
-    assert main(["layers", "--model", "timm:deit_tiny_patch16_224"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "attention and LayerNorm" in err and len(err.splitlines()) == 1
+    assert main(["layers", "--model", "timm:deit_tiny_patch16_224", "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["layers"]
+    assert len(layers) == 1 + 12 * 4 + 1                          # patch embedding, 4 Linear a block, head
+    assert layers[0]["layer"] == "patch_embed.proj" and layers[0]["fixed_bits"] == 8
+    qkv = layers[1]
+    assert qkv["layer"] == "blocks.0.attn.qkv" and qkv["macs"] == 197 * 192 * 576     # 197 tokens
+    assert qkv["product_macs"] == 2 * 197 * 197 * 192 and layers[-1]["fixed_bits"] == 8
 
 
 # --- the CLI ---
