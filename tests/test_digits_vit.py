@@ -96,15 +96,16 @@ def test_traces_with_fx_into_explicit_ops():
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_short_training_beats_chance_by_far(tmp_path):
-    """20 of the recipe's 60 epochs (the full recipe measured 98.1% held-out top-1 on this split) reach 95% here
-    (96-97% on the seed-1 and seed-2 splits), chance being 10%; 80% leaves room for another CPU's arithmetic."""
+    """20 of the recipe's 60 epochs, without its shift augmentation (which slows a short schedule: 78% at 20
+    epochs), reach 95% here (96-97% on the seed-1 and seed-2 splits), chance being 10%; 80% leaves room for
+    another CPU's arithmetic. The full recipe measured 98.1% held-out top-1 on this split."""
     from hawq_ray.inputs.data import load_data
     from hawq_ray.quant.finetune import float_predictions, fp32_weights, labels_of, top1, train_fp32
 
     data = load_data("digits", input_shape=input_shape("digits_vit"))
     model = get_model("digits_vit")
     start = time.time()
-    train_fp32(model, data.train, **{**fp32_recipe("digits_vit"), "epochs": 20})
+    train_fp32(model, data.train, **{**fp32_recipe("digits_vit"), "epochs": 20, "shift": 0})
     accuracy = top1(float_predictions(model, data.test), labels_of(data.test))
     print(f"digits_vit, 20 epochs: top-1 {accuracy:.4f} in {time.time() - start:.1f} s")
     assert accuracy >= 0.8
