@@ -338,3 +338,22 @@ def test_an_op_with_no_integer_form_is_one_line_naming_it(build, shape, where):
     with pytest.raises(HawqError) as e:
         prepare(build(), "uniform8", shape)
     assert where in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hessian_traces_through_fused_attention_equal_the_explicit_path():
+    """Hessian-vector products need the second derivative of attention, which the fused SDPA kernels lack: the
+    traces of timm's fused path (run on the math kernel) equal those of its explicit path, same draws."""
+    import warnings
+    from hawq_ray.analysis.sensitivity import layer_traces
+
+    model = small_timm_vit().eval()
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, 10, (4,), generator=gen))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = layer_traces(model, batches, max_iter=8, rank=2, seed=1)
+        for block in model.blocks:
+            block.attn.fused_attn = False
+        explicit = layer_traces(model, batches, max_iter=8, rank=2, seed=1)
+    assert len(fused) == 10 and np.isfinite(fused["trace"]).all()
+    assert np.allclose(fused["trace"], explicit["trace"], rtol=1e-3, atol=1e-6)

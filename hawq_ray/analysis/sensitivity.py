@@ -88,13 +88,21 @@ class eval_mode:
 
 
 # ---------------------------------------------------------------- one shard
+def second_order_attention():
+    """scaled_dot_product_attention on its math kernel: the fused CPU and GPU kernels have no second derivative,
+    which Hessian-vector products take (timm's attention calls it)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def gradient_graph(model: nn.Module, batch, criterion=None):
     """(params, grads) with the graph kept (create_graph), for Hessian-vector products on one batch."""
     criterion = criterion or nn.CrossEntropyLoss()
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     x, y = batch
-    loss = criterion(model(x.to(device)), y.to(device))
+    with second_order_attention():
+        loss = criterion(model(x.to(device)), y.to(device))
     if not torch.isfinite(loss):
         raise HawqError(f"loss is {loss.item()}: valid weights and data give a finite loss")
     grads = torch.autograd.grad(loss, params, create_graph=True)
