@@ -37,7 +37,8 @@ DEFAULT_CONFIG = {
     "fp32_epochs": None,      # an embedded model's fp32 training epochs; None: its own recipe
     "sensitivity": {"actors": 2, "batches": 4, "batch_size": 64, "tol": 0.05, "max_iter": 64, "rank": DEFAULT_RANK},
     "profile": {"batch": 8, "target": "llvm", "resource": None, "actors": 1, "rounds": 5},
-    "tune": {"epochs": 4, "samples": 1, "lr": 0.01, "distill": False, "teacher": None, "asha": False},
+    "tune": {"epochs": 4, "samples": 1, "lr": 0.01, "distill": False, "teacher": None, "asha": False,
+             "batch_size": 128},
     "deploy": {"target": "llvm", "batch": 8, "inputs": 4, "rounds": 15},   # rounds: of interleaved timing
     "export": {"onnx": False, "form": "exact", "batches": 4},   # ONNX QDQ of each config, checked in onnxruntime
     "evidence": {"enabled": True, "randoms": 20},   # the ILP's configs against random and reversed ones (PTQ)
@@ -50,7 +51,7 @@ RUN_SCHEMA = {   # the type and range of every setting above except budgets, inp
                     "max_iter": ITERATIONS, "rank": RANK},
     "profile": {"batch": BATCH, "target": TargetSpec(), "resource": Text(), "actors": ACTORS, "rounds": COUNT},
     "tune": {"epochs": EPOCHS, "samples": COUNT, "lr": LEARNING_RATE, "distill": Bool(), "teacher": Text(),
-             "asha": Bool()},
+             "asha": Bool(), "batch_size": BATCH},
     "deploy": {"target": TargetSpec(), "batch": BATCH, "inputs": COUNT, "rounds": COUNT},
     "export": {"onnx": Bool(), "form": Choice(("exact", "fused")), "batches": COUNT},   # onnx.qdq.FORMS
     "evidence": {"enabled": Bool(), "randoms": COUNT},
@@ -226,6 +227,7 @@ def _check_memory(cfg: dict, shape: tuple) -> None:
     elements = activation_elements(get_model(cfg["model"]), shape)
     what = f"{cfg['model'] or 'the default model'} at {shape[1]}x{shape[2]}"
     fits_in_memory({"sensitivity.batch_size": (cfg["sensitivity"]["batch_size"], "sensitivity"),
+                    "tune.batch_size": (cfg["tune"]["batch_size"], "finetune"),
                     "profile.batch": (cfg["profile"]["batch"], "profile"),
                     "deploy.batch": (cfg["deploy"]["batch"], "deploy")}, elements, what)
 

@@ -152,7 +152,8 @@ def check_mapping(values: dict, schema: dict, where: str = "") -> None:
 
 # bytes per activation element a stage holds: fp32 values; Hessian-vector products keep the graph of the
 # gradient too (about three copies); a compiled module stores INT32 (or int8) values
-BYTES_PER_ELEMENT = {"sensitivity": 12, "profile": 4, "deploy": 4}
+BYTES_PER_ELEMENT = {"sensitivity": 12, "profile": 4, "deploy": 4,
+                     "finetune": 32}   # QAT: int64 codes, the float surrogate and what autograd keeps of both
 
 
 def fits_in_memory(batches: dict, elements_per_sample: int, what: str, available: int | None = None) -> None:

@@ -150,7 +150,7 @@ def fine_tune(run: Run) -> pd.DataFrame:
     from hawq_ray.quant.finetune import Recipe
     from hawq_ray.service.tune import DataSource, Student, TuneSettings, tune_finetune
     tune = run.cfg["tune"]
-    recipe = Recipe(epochs=tune["epochs"], lr=tune["lr"], distill=tune["distill"])
+    recipe = Recipe(epochs=tune["epochs"], lr=tune["lr"], distill=tune["distill"], batch_size=tune["batch_size"])
     student = Student(run.model_name, dict(run.model.state_dict()), tuple(run.shape),
                       run.tables["table"])
     return tune_finetune(run.tables["sweep"], student, run.data, DataSource(run.data_spec, run.cfg["seed"]),
