@@ -357,3 +357,31 @@ def test_hessian_traces_through_fused_attention_equal_the_explicit_path():
         explicit = layer_traces(model, batches, max_iter=8, rank=2, seed=1)
     assert len(fused) == 10 and np.isfinite(fused["trace"]).all()
     assert np.allclose(fused["trace"], explicit["trace"], rtol=1e-3, atol=1e-6)
+
+
+class ComputedBias(nn.Module):
+    """A bias computed in forward from parameters alone (einsum, a reduction), added to a Linear's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+        self.a, self.b = nn.Parameter(torch.randn(2, 4)), nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x):
+        return self.head(self.fc(x) + torch.einsum("ij,jk->ik", self.a, self.b).sum(0))
+
+
+def test_a_constant_computed_from_parameters_is_exact_and_trains():
+    model = ComputedBias().eval()
+    qm = prepare(model, "uniform8", (5, 8))
+    x = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(0))
+    qm.calibrate([x]).eval()
+    with torch.no_grad():
+        out, _ = qm.run(x)
+        assert torch.equal(qm.set_mode("fp32")(x), model(x))
+    qm.set_mode("qat")
+    program = qm.to_integer()
+    assert torch.equal(run_program(program, program.quantize_input(x)), out.q)
+    qm.train()
+    qm(x).sum().backward()
+    assert qm.model.a.grad.abs().sum() > 0 and qm.model.b.grad.abs().sum() > 0

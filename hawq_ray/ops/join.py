@@ -39,6 +39,8 @@ def _convert_add(tracer, n, m):
 
 def _convert_cat(tracer, n, m):
     dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    if all(_constants(tracer, n.args[0])):
+        return None             # constants only: the tracer computes it as a constant of its own
     if dim != 1:
         tracer.unsupported(f"torch.cat at {n.name!r} along dim {dim}", "cat (only dim=1)")
     return tracer.node(n, "cat", list(n.args[0]), attrs={"constants": _constants(tracer, n.args[0])})

@@ -20,10 +20,10 @@ added to or concatenated with; QAT trains it through the straight-through estima
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import fx
 
 from hawq_ray.contract import HawqError
 from hawq_ray.ops.registry import HANDLED, GraphNode, ProgramOp, register_ops
@@ -63,22 +63,7 @@ def _batch_shape(tracer, n) -> tuple | None:
     return tuple(-1 if i == grows[0] else int(d) for i, d in enumerate(two))
 
 
-def _constant_view(tracer, n, how: tuple):
-    """A reshape / permute / expand of a constant: the constant seen through it (applied at each step, since QAT
-    trains the parameter), or None when the source is not a constant."""
-    src = tracer.by_name.get(tracer.alias.get(getattr(n.args[0], "name", None), ""))
-    if src is None or src.kind != "constant":
-        return None
-    if how[0] != "expand":      # an expand stays (1, ...): the op that reads the constant broadcasts it
-        tracer.make(n.name, "constant", [], attrs=src.attrs | {"view": src.attrs.get("view", ()) + (how,)})
-    else:
-        tracer.alias[n.name] = src.name
-    return HANDLED
-
-
 def _convert_reshape(tracer, n, m):
-    if _constant_view(tracer, n, ("reshape", tracer.shape(n))) is HANDLED:
-        return HANDLED
     if not tracer.is_tensor(n.args[0]):
         return None
     shape = _batch_shape(tracer, n)
@@ -103,8 +88,6 @@ def _convert_permute(tracer, n, m):
         dims = [d % rank for d in n.kwargs.get("dims", dims)]
     if sorted(dims) != list(range(rank)):
         return None
-    if _constant_view(tracer, n, ("permute", tuple(dims))) is HANDLED:
-        return HANDLED
     if dims == list(range(rank)):
         tracer.alias[n.name] = tracer.src(n.args[0])
         return HANDLED
@@ -164,8 +147,6 @@ def _convert_take(tracer, n, m):
             return None
         tracer.make(n.name, "take", [state[1]], attrs={"axis": state[2], "index": index, "wide": state[3]})
         return HANDLED
-    if isinstance(index, fx.Node) and _constant_view(tracer, n, ("index", tracer.tensor(index).clone())) is HANDLED:
-        return HANDLED          # a constant gathered by a constant index (a relative position bias table)
     if not tracer.is_tensor(src):
         return None
     if all(tracer.shape(n, batch=b) == tracer.shape(src, batch=b) for b in (2, 3)) and \
@@ -191,8 +172,13 @@ def _convert_pad(tracer, n, m):
 
 
 def _convert_expand(tracer, n, m):
-    """`cls_token.expand(N, -1, -1)`: the constant stays (1, ...); the op that reads it broadcasts it."""
-    return _constant_view(tracer, n, ("expand",))
+    """`cls_token.expand(N, -1, -1)` (N the input's batch): the constant stays (1, ...); the op that reads it
+    broadcasts it."""
+    src = tracer.by_name.get(tracer.alias.get(getattr(n.args[0], "name", None), ""))
+    if src is None or src.kind != "constant":
+        return None
+    tracer.alias[n.name] = src.name
+    return HANDLED
 
 
 # ---------------------------------------------------------------------------------------------- QAT steps
@@ -241,24 +227,41 @@ def take_step(qm, node, ins):
     return _moved(qm, node, ins, lambda t: t.select(axis, index), "take", {"axis": axis, "index": index})
 
 
-VIEWS = {"reshape": lambda t, a: t.reshape(a), "permute": lambda t, a: t.permute(a),
-         "index": lambda t, a: t[a.to(t.device)]}
+def call_on(node, values: list) -> torch.Tensor:
+    """A computed constant's call (`quant.graph`: a call on constants only) run on its inputs' values."""
+    kind, target, args, kwargs = node.attrs["call"]
+
+    def fill(a):
+        if isinstance(a, (tuple, list)):
+            return type(a)(fill(x) for x in a)
+        if isinstance(a, dict):
+            return {k: fill(v) for k, v in a.items()}
+        return values[a.index] if isinstance(a, ConstantSlot) else a
+    args, kwargs = fill(args), fill(kwargs)
+    return getattr(args[0], target)(*args[1:], **kwargs) if kind == "call_method" else target(*args, **kwargs)
 
 
-def constant_tensor(node, model) -> torch.Tensor:
-    """The value of a constant node: a parameter or buffer of `model` seen through the reshapes, permutes and
-    gathers `forward` applies to it, or a fixed tensor (`value`, e.g. Swin's shifted-window mask)."""
+@dataclass(frozen=True)
+class ConstantSlot:
+    index: int          # where a computed constant's call takes the value of its input `index`
+
+
+def constant_tensor(node, model, inputs=()) -> torch.Tensor:
+    """The value of a constant node: a parameter or buffer of `model`, a fixed tensor (`value`, e.g. Swin's
+    shifted-window mask), or a call on other constants (`inputs`: their values; a reshape, a gather, an einsum
+    of parameters)."""
+    if "call" in node.attrs:
+        return call_on(node, list(inputs))
     if "value" in node.attrs:
         return node.attrs["value"]
-    t = model.get_parameter(node.attrs["target"]) if node.attrs["parameter"] else model.get_buffer(node.attrs["target"])
-    for how, arg in node.attrs.get("view", ()):
-        t = VIEWS[how](t, arg)
-    return t
+    return model.get_parameter(node.attrs["target"]) if node.attrs["parameter"] \
+        else model.get_buffer(node.attrs["target"])
 
 
 def constant_step(qm, node, ins):
     """A constant as a float value: the add, cat or mul that reads it quantizes it."""
-    return V(None, None, constant_tensor(node, qm.model).to(next(qm.model.parameters()).device), node.name)
+    value = constant_tensor(node, qm.model, [v.r for v in ins])
+    return V(None, None, value.to(next(qm.model.parameters()).device), node.name)
 
 
 def _wide_observer(node, input_name):

@@ -1,12 +1,13 @@
-"""Swin's shifted-window attention (torchvision's `shifted_window_attention`, `_get_relative_position_bias` and
-`_patch_merging_pad`, which torch.fx keeps as single calls), expanded into the nodes they are made of. No program
-op of its own: each step is a layout op, a Linear, a product, an add of a constant or a softmax.
+"""Swin's shifted-window attention (torchvision's `shifted_window_attention` and `_patch_merging_pad`, which
+torch.fx keeps as single calls), expanded into the nodes they are made of. No program op of its own: each step is
+a layout op, a Linear, a product, an add of a constant or a softmax. (`_get_relative_position_bias`, also kept
+whole, reads parameters only: the tracer makes it a computed constant.)
 
 Per block, on an (N, H, W, C) map with windows of w0 x w1 and a shift (s0, s1):
 - `roll` by (-s0, -s1) over H and W, the window partition (reshape to (N, H/w0, w0, W/w1, w1, C), permute,
   reshape to (N nW, w0 w1, C): the batch axis grows to N times the windows);
 - the qkv Linear (the block's own `qkv` module), the heads, q k^T times head_dim^-1/2;
-- plus the relative position bias: a constant, the bias table gathered by the fixed index (`constant` views), added
+- plus the relative position bias: a constant, the bias table gathered by the fixed index (computed from it), added
   at the logits' scale (`ops.join`); plus, when shifted, the mask of -100 between regions that the roll made
   neighbours, a fixed constant (N nW, heads, T, T) viewed as (N, nW, heads, T, T);
 - softmax, p v, the heads merged, the `proj` Linear, the windows merged back, `roll` by (s0, s1).
@@ -63,17 +64,6 @@ class _Chain:
                                 **layer)
         self.last = node.name
         return node.name
-
-
-def _convert_relative_position_bias(tracer, n, m):
-    """`_get_relative_position_bias(table, index, window)`: a constant, the table seen through its gather."""
-    table, index, window = n.args[:3]
-    src = tracer.by_name[tracer.src(table)]
-    tokens = window[0] * window[1]
-    view = src.attrs.get("view", ()) + (("index", tracer.tensor(index).clone()), ("reshape", (tokens, tokens, -1)),
-                                        ("permute", (2, 0, 1)), ("reshape", (1, -1, tokens, tokens)))
-    tracer.make(n.name, "constant", [], attrs=src.attrs | {"view": view})
-    return HANDLED
 
 
 def _convert_window_attention(tracer, n, m):
@@ -144,7 +134,6 @@ def _converters() -> dict:
     if swin is None:
         return {}
     return {swin.shifted_window_attention: _convert_window_attention,
-            swin._get_relative_position_bias: _convert_relative_position_bias,
             swin._patch_merging_pad: _convert_patch_merging}
 
 

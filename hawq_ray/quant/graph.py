@@ -17,7 +17,7 @@ from torch import fx, nn
 from hawq_ray.contract import HawqError
 from hawq_ray.inputs.attention import explicit_attention
 from hawq_ray.ops import GRAPH_NODES, HANDLED
-from hawq_ray.ops.layout import constant_tensor
+from hawq_ray.ops.layout import ConstantSlot, constant_tensor
 from hawq_ray.quant.fold import fold_bn
 
 
@@ -96,8 +96,12 @@ class _Tracer:
         return GNode(n.name, kind, [self.src(a) for a in args], **kw)
 
     def tensor(self, a) -> torch.Tensor:
-        """The value of a constant (a parameter or buffer read in forward, seen through its views), now."""
-        return constant_tensor(self.by_name[self.src(a)], self._gm)
+        """The value of a constant (a parameter or buffer read in forward, seen through its views, or computed
+        from others), now."""
+        return self._value(self.by_name[self.src(a)])
+
+    def _value(self, node: GNode) -> torch.Tensor:
+        return constant_tensor(node, self._gm, [self._value(self.by_name[i]) for i in node.inputs])
 
     def module_of(self, a) -> nn.Module:
         """The module owning the parameter an fx get_attr argument reads (a Linear passed as its weight)."""
@@ -194,6 +198,8 @@ def trace_graph(model: nn.Module, input_shape=None) -> Graph:
             output = t.src(n.args[0])
         elif _structural(t, n, modules, fx_users):
             continue
+        elif _of_constants(t, n):
+            t.add(_computed_constant(t, n))
         else:
             m = modules[n.target] if n.op == "call_module" else None
             node = next((r for r in (e.convert(t, n, m) for e in _entries_for(n, m)) if r is not None), None)
@@ -245,7 +251,24 @@ def _constant(model: nn.Module, n: fx.Node) -> GNode:
     return GNode(n.name, "constant", [], attrs={"value": value.detach().clone()})
 
 
-CONSTANT_READERS = ("add", "cat", "mul")
+def _of_constants(t: _Tracer, n: fx.Node) -> bool:
+    """A function or method call on constants only (every argument node a constant): a reshape, a gather by a
+    fixed index, an einsum or a cat of parameters. A call that also reads a shape (`expand(N, -1)`) is not."""
+    nodes = _fx_args(n)
+    return n.op in ("call_function", "call_method") and bool(nodes) and \
+        all(t.is_tensor(a) and t.by_name[t.src(a)].kind == "constant" for a in nodes)
+
+
+def _computed_constant(t: _Tracer, n: fx.Node) -> GNode:
+    """A constant computed in forward from other constants (Swin's and MaxViT's relative position bias, gathered
+    from a table by an index): the call is kept and run on the constants' current values at every step, so QAT
+    trains the parameters through it."""
+    slots = {a.name: i for i, a in enumerate(_fx_args(n))}
+    args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: ConstantSlot(slots[a.name]))
+    return GNode(n.name, "constant", [t.src(a) for a in _fx_args(n)], attrs={"call": (n.op, n.target, args, kwargs)})
+
+
+CONSTANT_READERS = ("add", "cat", "mul", "constant")
 
 
 def _check_constant_readers(nodes: list) -> None:
