@@ -115,13 +115,45 @@ def apply_op(op: Op, ins: list) -> np.ndarray:
         shift = c["shift"].astype(np.int64)
         return np.clip((z + (np.int64(1) << (shift - 1))) >> shift, a["lo"], a["hi"])
     if op.op == "layer_norm":
-        return ref_layer_norm(ins[0], c["multiplier"], c["shift"], c["bias"], a.get("eps", 0), a["lo"], a["hi"])
+        return ref_layer_norm(ins[0], c["multiplier"], c["shift"], c["bias"], a.get("eps", 0), a["lo"], a["hi"],
+                              a.get("axis", 1))
+    if op.op == "reshape":
+        return ins[0].reshape(a["shape"])
+    if op.op == "permute":
+        return np.transpose(ins[0], a["dims"])
+    if op.op == "take":
+        return np.take(ins[0], a["index"], axis=a["axis"])
+    if op.op == "roll":
+        return np.roll(ins[0], tuple(a["shifts"]), tuple(a["dims"]))
+    if op.op == "constant":
+        return np.repeat(np.asarray(c["value"], np.int64), ins[0].shape[0], axis=0)
+    if op.op == "matmul":
+        return np.matmul(ins[0].astype(np.int64), ins[1].astype(np.int64))
+    if op.op == "softmax":
+        rows = ins[0].reshape(-1, ins[0].shape[-1])
+        m, s = int(c["multiplier"]), int(c["shift"])
+        return np.array([ref_softmax_row([int(v) for v in r], m, s) for r in rows], np.int64).reshape(ins[0].shape)
     raise ValueError(op.op)
 
 
-def ref_layer_norm(x, multiplier, shift, bias, eps, lo, hi):
-    """layer_norm's docstring formula over axis 1, one position at a time in Python integers (math.isqrt, //)."""
-    x = np.asarray(x, np.int64)
+def ref_softmax_row(x: list, m: int, s: int) -> list:
+    """softmax's docstring formula on one row, in Python integers (>> floors)."""
+    c1, c2, c3 = -742613259, 248458840, -42811508
+    e = []
+    for v in x:
+        u = ((max(x) - v) * m + (1 << (s - 1))) >> s
+        f = u & 0xFFFF
+        p = c2 + ((c3 * f) >> 16)
+        p = c1 + ((p * f) >> 16)
+        p = (1 << 30) + ((p * f) >> 16)
+        e.append(p >> min(u >> 16, 31))
+    r = (1 << 62) // sum(e)
+    return [min((t * r + (1 << 53)) >> 54, 255) for t in e]
+
+
+def ref_layer_norm(x, multiplier, shift, bias, eps, lo, hi, axis=1):
+    """layer_norm's docstring formula over `axis`, one position at a time in Python integers (math.isqrt, //)."""
+    x = np.moveaxis(np.asarray(x, np.int64), axis, 1)
     c = x.shape[1]
     per = lambda a: [int(v) for v in np.broadcast_to(np.asarray(a, np.int64).reshape(-1), (c,))]   # noqa: E731
     m, s, b = per(multiplier), per(shift), per(bias)
@@ -136,7 +168,7 @@ def ref_layer_norm(x, multiplier, shift, bias, eps, lo, hi):
         for k, t in enumerate(xs):
             n = ((c * t - total) * recip + 2 ** 36) // 2 ** 37
             out[pos + (k,)] = min(max((n * m[k] + b[k] + 2 ** (s[k] - 1)) // 2 ** s[k], lo), hi)
-    return np.moveaxis(out, -1, 1)
+    return np.moveaxis(np.moveaxis(out, -1, 1), 1, axis)
 
 
 def run_reference(program: IntegerProgram, x: np.ndarray) -> dict:

@@ -1,7 +1,7 @@
 """Random IntegerPrograms (hawq_ray.program.random), compiled by TVM and compared value by value with
 the PyTorch integer executor; the executor in turn against the independent numpy reference.
 
-At least 241 programs, one or more built around each of the 241 producer -> consumer pairs of the 16 op kinds, two in
+At least 514 programs, one or more built around each of the 514 producer -> consumer pairs of the 23 op kinds, two in
 three on the host target (VNNI / AMX where the CPU has them) and one in three on the generic AVX2 schedule. A larger sweep:
 `python bench/random_programs.py --programs 2000`.
 """

@@ -35,14 +35,33 @@ def output_dtype(op) -> str:
 
 @dataclass(frozen=True)
 class Value:
-    """A tensor between kernels: logical shape (N, C, H, W) or (N, C), storage dtype, channel block."""
+    """A tensor between kernels: logical shape, storage dtype, channel block. A rank-4 map a conv, a pool or the
+    image edge writes is NCHW[block]c; every other value (rank 2, the tokens (N, T, C) of a transformer and its
+    rank-4 and rank-5 heads) is stored plain, row-major in its logical shape."""
     shape: tuple
     dtype: str
-    block: int | None = None     # rank 4: NCHW[block]c; rank 2: None (stored as is)
+    block: int | None = None     # rank 4: NCHW[block]c, or None: stored as is
 
     @property
     def storage_shape(self) -> tuple:
         return layout.blocked_shape(self.shape, self.block) if self.block else tuple(self.shape)
+
+
+def read_logical(t: te.Tensor, v: Value, idx: tuple):
+    """The element at logical index `idx` of value `v` stored in tensor `t` (blocked or plain)."""
+    if v.block:
+        n, c, h, w = idx
+        return t[n, c // v.block, h, w, c % v.block]
+    return t[tuple(idx)]
+
+
+def logical_index(v: Value, sidx: tuple) -> tuple:
+    """The logical index of storage index `sidx` of `v`; a padding lane of a channel block reads the last real
+    channel (nobody reads a padding lane's value)."""
+    if v.block:
+        n, co, h, w, ci = sidx
+        return n, te.min(co * v.block + ci, v.shape[1] - 1), h, w
+    return tuple(sidx)
 
 
 class TileContext:
@@ -61,7 +80,10 @@ class TileContext:
     def const(self, arr, name: str, where: str, fill: int = 1) -> te.Tensor:
         """A per-tensor / per-channel / per-position constant of the op `where`, as an int32 placeholder."""
         _check_broadcast(np.asarray(arr), self.out, where)
-        packed = layout.pack_broadcast_const(arr, self.rank, self.out.shape[1], fill=fill)
+        if self.out.block or self.rank == 2:
+            packed = layout.pack_broadcast_const(arr, self.rank, self.out.shape[1], fill=fill)
+        else:
+            packed = _pack_plain_const(np.asarray(arr), self.out)
         t = te.placeholder(packed.shape, "int32", name=name)
         self.const_arrays.append(packed)
         self.const_tensors.append(t)
@@ -71,6 +93,10 @@ class TileContext:
         """Constant `t` at the storage index `idx` of the output (broadcast dimensions read 0)."""
         if self.rank == 2:
             return t[idx[1] if t.shape[0] > 1 else 0]
+        if self.rank == 1:
+            return t[0]
+        if not self.out.block:      # plain: the constant's axes are the value's after the batch axis
+            return t[tuple(i if int(d) > 1 else 0 for i, d in zip(idx[1:], t.shape))]
         n, co, h, w, ci = idx
         pick = lambda i, v: v if int(t.shape[i]) > 1 else 0    # noqa: E731
         return t[pick(0, co), pick(1, h), pick(2, w), pick(3, ci)]
@@ -98,15 +124,38 @@ class TileContext:
         (a squeeze-excite gate's H and W) are read at 0."""
         k = self._operands
         self._operands += 1
-        t, shape, want = self.extra_tensors[k], self.extras[k].storage_shape, self.out.storage_shape
-        fits = shape == want or (broadcast and len(shape) == len(want) and
-                                 all(a in (1, b) for a, b in zip(shape, want)))
-        if not fits:
-            raise HawqError(f"{op.output}: {op.op} of tensors stored as {shape} and {want}")
-        return lambda idx: t[tuple(i if int(d) > 1 else 0 for i, d in zip(idx, shape))]
+        v = self.extras[k]
+        t, shape, want = self.extra_tensors[k], v.storage_shape, self.out.storage_shape
+        if v.block == self.out.block:
+            fits = shape == want or (broadcast and len(shape) == len(want) and
+                                     all(a in (1, b) for a, b in zip(shape, want)))
+            if not fits:
+                raise HawqError(f"{op.op} {op.output}: operands stored as {shape} and {want}")
+            return lambda idx: t[tuple(i if int(d) > 1 else 0 for i, d in zip(idx, shape))]
+        # one blocked, the other plain (a rank-4 map beside a transformer's rank-4 value): read it by logical index
+        lshape, lwant = tuple(v.shape), tuple(self.out.shape)
+        if len(lshape) != len(lwant) or not all(a == b or (broadcast and a == 1) for a, b in zip(lshape, lwant)):
+            raise HawqError(f"{op.op} {op.output}: operands of shapes {lshape} and {lwant}")
+        out = self.out
+        return lambda idx: read_logical(t, v, tuple(i if int(d) > 1 else 0
+                                                    for i, d in zip(logical_index(out, idx), lshape)))
+
+
+def _pack_plain_const(a: np.ndarray, value: Value) -> np.ndarray:
+    """A constant of a plain value of rank r, broadcast by numpy's rules against its shape: int32 of r - 1 axes
+    (the value's after the batch axis), each the value's size or 1."""
+    rank = len(value.shape)
+    a = a.astype(np.int64).reshape((1,) * (rank - a.ndim) + a.shape)
+    return np.ascontiguousarray(a.reshape(a.shape[1:]) if rank > 1 else a.reshape(1)).astype(np.int32)
 
 
 def _check_broadcast(a: np.ndarray, value: Value, what: str):
+    if not value.block and len(value.shape) != 2:
+        shape = tuple(value.shape)
+        if a.ndim > len(shape) or (a.ndim == len(shape) and a.shape[0] != 1) or \
+                any(d not in (1, s) for d, s in zip(a.shape[::-1], shape[::-1])):
+            raise HawqError(f"{what}: constant of shape {a.shape} does not broadcast against {shape}")
+        return
     if len(value.shape) == 4:
         _, c, h, w = value.shape
         shp = (1,) * (3 - a.ndim) + a.shape if a.ndim <= 3 else None

@@ -141,7 +141,12 @@ def concat_kernel(op: Op, inputs: list, steps: list, extras: list, target, name:
     rank = len(inputs[0].shape)
     if axis not in (1, 1 - rank):
         raise HawqError(f"{op.output}: concat along axis {axis}; only the channel axis (1) is supported")
+    if rank == 4 and not all(v.block for v in inputs) or rank != 4 and any(v.block for v in inputs):
+        raise HawqError(f"{op.output}: concat of rank-{rank} values stored {[v.block for v in inputs]}")
     channels = [v.shape[1] for v in inputs]
+    if rank < 2 or any(tuple(v.shape[:1]) + tuple(v.shape[2:]) != tuple(inputs[0].shape[:1]) +
+                       tuple(inputs[0].shape[2:]) for v in inputs):
+        raise HawqError(f"{op.output}: concat along axis 1 of shapes {[tuple(v.shape) for v in inputs]}")
     shape = (inputs[0].shape[0], sum(channels), *inputs[0].shape[2:])
     # The concatenation is held in its own dtype (every branch fits it); only the tail's result takes the
     # output dtype. Casting the branches to a narrow tail dtype first would wrap them before the requantize.
@@ -161,8 +166,9 @@ def concat_kernel(op: Op, inputs: list, steps: list, extras: list, target, name:
     if rank == 4:
         cat = te.compute(out_value.storage_shape, lambda n, co, h, w, ci: pick(
             co * 16 + ci, lambda i, cc: _read_channel(tens[i], inputs[i], n, cc, h, w)), name="cat")
-    else:
-        cat = te.compute(out_value.storage_shape, lambda n, c: pick(c, lambda i, cc: tens[i][n, cc]), name="cat")
+    else:       # plain values of any rank, along axis 1
+        cat = te.compute(out_value.storage_shape,
+                         lambda n, c, *rest: pick(c, lambda i, cc: tens[i][(n, cc, *rest)]), name="cat")
     epi = epilogue(steps, out_value, extras)
     out = te.compute(out_value.storage_shape, lambda *i: epi.apply(cat[i], i), name="out")
     func = te.create_prim_func([*tens, *epi.extra_tensors, *epi.const_tensors, out])
@@ -191,7 +197,11 @@ def channel_gather_kernel(op: Op, x: Value, steps: list, extras: list, target, n
 
 
 def flatten_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str) -> Kernel:
-    """NCHW[b]c -> (N, C*H*W) in NCHW order: the layout change at the model's classifier edge."""
+    """NCHW[b]c -> (N, C*H*W) in NCHW order: the layout change at the model's classifier edge. A plain value
+of another rank is `transformer.layout_kernel`'s (a reshape to (N, -1))."""
+    if not (len(x.shape) == 2 or (len(x.shape) == 4 and x.block)):
+        from hawq_ray.deploy.transformer import layout_kernel
+        return layout_kernel(op, x, steps, extras, target, name)
     if len(x.shape) == 2:
         n, f = x.shape
         src = lambda t, i, j: t[i, j]
@@ -229,35 +239,35 @@ def output_kernel(x: Value, target, name: str = "blocked_to_output") -> Kernel:
 
 
 def layer_norm_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str) -> Kernel:
-    """layer_norm (`ops.layernorm`) over the channels of NCHW[16]c or (N, C): the per-position sums (int64
-    reductions over the true channels), isqrt bit by bit (one small stage per bit: a stage reads the previous
-    one, so no expression is duplicated), the reciprocal 2^K // r, then per element the normalized value, the
-    per-channel affine and the clamp, with the group's tail."""
+    """layer_norm (`ops.layernorm`) over axis `axis` (1: the channels of NCHW[16]c or (N, C); the last axis of
+    tokens (N, T, C); any axis of a plain value): the per-position sums (int64 reductions over the true
+    channels), isqrt bit by bit (one small stage per bit: a stage reads the previous one, so no expression is
+    duplicated), the reciprocal 2^K // r, then per element the normalized value, the per-channel affine and
+    the clamp, with the group's tail. Over the last axis of a plain value each position's stages run inside
+    its loop (parallel over positions) and its C outputs are one vector loop. The output keeps x's layout."""
     from hawq_ray.ops.layernorm import K, NORM_SHIFT, P, ROOT_BITS, MAX_SPREAD, layer_norm_channels, check_constants
+    from hawq_ray.deploy.epilogue import logical_index, read_logical
     rank = len(x.shape)
-    c = layer_norm_channels(x.shape, op.output)
+    axis = int(op.attrs.get("axis", 1))
+    c = layer_norm_channels(x.shape, op.output, axis)
     if x.dtype not in ("int8", "uint8", "int16"):
         raise HawqError(f"{op.output}: layer_norm of a {x.dtype} value; valid: int16 or narrower")
     span = 255 if x.dtype != "int16" else (1 << 16) - 1
     if c * span > MAX_SPREAD:
         raise HawqError(f"{op.output}: layer_norm over {c} channels of {x.dtype}: C * spread may exceed 2^28")
     consts = check_constants(op, c)
-    block = 16 if rank == 4 else None
-    out_value = Value(x.shape, output_dtype(steps[-1]) if steps else output_dtype(op), block)
-    lanes = layout.ceil_to(c, 16) if rank == 4 else c
+    out_value = Value(x.shape, output_dtype(steps[-1]) if steps else output_dtype(op), x.block)
+    lanes = layout.ceil_to(c, 16) if x.block and axis == 1 else c
     packed = [np.zeros(lanes, np.int32), np.ones(lanes, np.int32), np.zeros(lanes, np.int64)]
     for arr, key in zip(packed, ("multiplier", "shift", "bias")):
         arr[:c] = consts[key]
     tm, ts, tb = (te.placeholder((lanes,), str(a.dtype), name=n) for a, n in zip(packed, ("mult", "shift", "bias")))
     data = te.placeholder(x.storage_shape, x.dtype, name="data")
     i64 = lambda v: tvm.tirx.const(v, "int64")      # noqa: E731
-    if rank == 4:
-        n_, _, h_, w_ = x.shape
-        pos = (n_, h_, w_)
-        read = lambda p, ch: _read_channel(data, x, p[0], ch, p[1], p[2]).astype("int64")   # noqa: E731
-    else:
-        pos = (x.shape[0],)
-        read = lambda p, ch: data[p[0], ch].astype("int64")     # noqa: E731
+    pos = tuple(s for k, s in enumerate(x.shape) if k != axis)
+
+    def read(p, ch):       # the input at position p (x's index without the axis), channel ch
+        return read_logical(data, x, (*p[:axis - 1 + 1], ch, *p[axis:])).astype("int64")
     rc = te.reduce_axis((0, c), "rc")
     total = te.compute(pos, lambda *p: te.sum(read(p, rc), axis=rc), name="ln_sum")
     rq = te.reduce_axis((0, c), "rq")
@@ -271,18 +281,21 @@ def layer_norm_kernel(op: Op, x: Value, steps: list, extras: list, target, name:
             t = prev[p] + i64(1 << b)
             return te.if_then_else(t * t <= v[p], t, prev[p])
         return fn
+    stages = ["ln_sum", "ln_squares", "ln_v", "ln_root"]
     for b in range(ROOT_BITS - 1, -1, -1):
         r = te.compute(pos, bit(r, b), name=f"ln_root{b}")
+        stages.append(f"ln_root{b}")
     recip = te.compute(pos, lambda *p: tvm.tirx.floordiv(i64(1 << K), te.max(r[p], i64(1))), name="ln_recip")
+    stages.append("ln_recip")
 
     def value(*idx):
-        if rank == 4:
+        if x.block and axis == 1:
             nn, co, hh, ww, ci = idx
             p, ch = (nn, hh, ww), co * 16 + ci
-            xv = data[idx].astype("int64")
         else:
-            nn, ch = idx
-            p, xv = (nn,), data[idx].astype("int64")
+            logical = logical_index(x, idx)
+            p, ch = tuple(logical[:axis]) + tuple(logical[axis + 1:]), logical[axis]
+        xv = data[idx].astype("int64")
         norm = ((i64(c) * xv - total[p]) * recip[p] + i64(1 << (NORM_SHIFT - 1))) >> i64(NORM_SHIFT)
         s = ts[ch].astype("int64")
         y = (norm * tm[ch].astype("int64") + tb[ch] + (i64(1) << (s - i64(1)))) >> s
@@ -292,5 +305,25 @@ def layer_norm_kernel(op: Op, x: Value, steps: list, extras: list, target, name:
     out = te.compute(out_value.storage_shape, lambda *i: epi.apply(value(*i), i), name="out")
     func = te.create_prim_func([data, *epi.extra_tensors, *epi.const_tensors, tm, ts, tb, out])
     if not capabilities(target).gpu:
-        func = _schedule_flat(func)
+        if not x.block and axis == rank - 1:
+            func = _schedule_positions(func, rank - 1, stages)
+        else:
+            func = _schedule_flat(func)
     return Kernel(name, func, [x, *extras], [*epi.const_arrays, *packed], [out_value], {"path": "layer_norm"})
+
+
+def _schedule_positions(func, n_pos: int, stages: list):
+    """Parallel over the positions (the leading axes fused); each position's stages in its loop (its scalars on
+    the stack, in registers once LLVM promotes them); the position's outputs one vector loop."""
+    sch = s_tir.Schedule(func)
+    out = sch.get_sblock("out")
+    loops = sch.get_loops(out)
+    row = sch.fuse(*loops[:n_pos]) if n_pos > 1 else loops[0]
+    sch.parallel(row)
+    for name in reversed(stages):    # scope "global": a few bytes per position, on the stack ("local" would be
+        sch.compute_at(sch.get_sblock(name), row)    # TVMBackendAllocWorkspace on every iteration)
+    inner = sch.get_loops(out)[-1]
+    if int(sch.get(inner).extent) % 8 == 0:
+        sch.vectorize(sch.split(inner, [None, 16])[1] if int(sch.get(inner).extent) % 16 == 0 and
+                      int(sch.get(inner).extent) > 64 else inner)
+    return sch.mod["main"]

@@ -6,12 +6,14 @@ derived by interval arithmetic so values are stored as narrow as they are (`prog
 Step 1 (`plan_groups`): cut the op list into kernels. A kernel starts at an anchor op (conv2d, dense, pooling,
 concat, flatten, or an elementwise op nobody absorbed) and absorbs the elementwise ops that follow while the
 value between them has a single consumer. A kernel is emitted where its last op stood, so the other operand
-of a fused residual `add` is already computed. When every reader of a conv chain's end is a requantize (a
-residual block's output feeding the next conv and the next identity branch), those requantizes become extra
-outputs of the conv kernel and the INT32 value is never stored (not for grouped convs: their kernel writes
-one output). A max pool (stride >= 2) that alone reads a
-conv chain's end joins the conv's kernel (`conv_pool.py`), with the elementwise ops or requantize fan-out
-after it: the stem's 112x112 map is pooled in cache and never stored.
+of a fused residual `add` (after a conv or a dense layer) is already computed. When every reader of a conv or
+dense chain's end is a requantize (a residual block's output feeding the next conv and the next identity
+branch; a transformer block's sum feeding the next LayerNorm and the next residual branch), those requantizes
+become extra outputs of the kernel and the INT32 value is never stored (not for grouped convs: their kernel
+writes one output). A reshape, permute, roll or take that only layout ops read is a view: never stored, its
+readers compose its index map. A constant reads nothing (its input only gives the batch). A max pool
+(stride >= 2) that alone reads a conv chain's end joins the conv's kernel (`conv_pool.py`), with the
+elementwise ops or requantize fan-out after it: the stem's 112x112 map is pooled in cache and never stored.
 Step 2 (`plan_kernels`): build each group's kernel in emission order -- its anchor op's entry in
 `lowering.KERNELS` (`kernels.py`, `conv_pool.py`, `glue.py`), or a standalone elementwise chain -- tracking
 the storage of every value. The image enters as NCHW int8 and is blocked once; rank-4
@@ -30,7 +32,7 @@ from hawq_ray.deploy import glue, layout
 from hawq_ray.deploy.conv_pool import fusable_max_pool
 from hawq_ray.deploy.epilogue import Value, storage_dtype
 from hawq_ray.deploy.kernels import Kernel, kernel_name
-from hawq_ray.deploy.lowering import KERNELS
+from hawq_ray.deploy.lowering import KERNELS, READS_BLOCKED, READS_PLAIN
 from hawq_ray.ops import PROGRAM_OPS, check_ops, elementwise
 from hawq_ray.program.program import IntegerProgram, Op
 from hawq_ray.program.ranges import narrow_ranges
@@ -47,6 +49,8 @@ class Group:
     fanout: list = field(default_factory=list)   # requantize ops that each read the chain's end (one output each)
     pool: Op | None = None   # a max_pool2d fused after a conv's steps (`conv_pool.py`)
     post: list = field(default_factory=list)     # elementwise ops absorbed after that pool
+    batch: int | None = None     # a constant's repeat count, its input's axis 0 (`plan_kernels` sets it)
+    views: list = field(default_factory=list)   # layout ops between args[0] and a layout anchor, never stored
 
 
 @dataclass
@@ -93,14 +97,25 @@ def planned_ops(program: IntegerProgram) -> list:
 
 def plan_groups(program: IntegerProgram, ops: list | None = None) -> list[Group]:
     ops = program.ops if ops is None else ops
-    readers = readers_of(ops)
+    # a constant reads its input for the batch size only: it is no reader of the value (which may then stay
+    # inside the kernel that computes it) and its kernel reads nothing
+    readers = {name: [i for i in idx if ops[i].op != "constant"] for name, idx in readers_of(ops).items()}
+    readers = {name: idx for name, idx in readers.items() if idx}
     uses = {name: len(r) for name, r in readers.items()}
     uses[program.output] = uses.get(program.output, 0) + 1     # the caller reads it too
+    # a reshape, permute, roll or take that only layout ops read is a view: never stored, each reader composes
+    # its index map (a ViT's qkv split: reshape -> permute -> take -> permute is one kernel per q, k^T, v)
+    views = {op.output: op for i, op in enumerate(ops) if op.op in LAYOUT_OPS and op.output != program.output
+             and readers.get(op.output) and all(ops[j].op in LAYOUT_OPS for j in readers[op.output])}
     absorbed, groups = set(), []
     for i, op in enumerate(ops):
-        if i in absorbed:
+        if i in absorbed or op.output in views:
             continue
-        args = list(op.inputs)
+        args = list(op.inputs) if op.op != "constant" else []
+        through = []
+        while op.op in LAYOUT_OPS and args[0] in views:       # read through the views: from what is stored
+            through.insert(0, views[args[0]])
+            args[0] = views[args[0]].inputs[0]
         steps = [op] if elementwise(op.op) else []
         if elementwise(op.op):   # a standalone chain reads its first operand, then binary steps' second ones
             args = [op.inputs[0]]
@@ -125,7 +140,7 @@ def plan_groups(program: IntegerProgram, ops: list | None = None) -> list[Group]
                 chain.append(nxt)
                 absorbed.add(j)
                 cur, last = nxt.output, j
-        absorb(steps, op.op == "conv2d")
+        absorb(steps, op.op in LAYERS)
         pool, post = None, []
         j = readers.get(cur, [None])[0]
         if op.op == "conv2d" and j is not None and j > last and ops[j].op == "max_pool2d" \
@@ -136,14 +151,14 @@ def plan_groups(program: IntegerProgram, ops: list | None = None) -> list[Group]
             absorb(post, False)
         anchor_steps = steps[1:] if elementwise(op.op) else steps
         fan = readers.get(cur, [])
-        if op.op == "conv2d" and op.attrs.get("groups", 1) == 1 and cur != program.output and len(fan) > 1 and \
+        if op.op in LAYERS and op.attrs.get("groups", 1) == 1 and cur != program.output and len(fan) > 1 and \
                 all(ops[j].op == "requantize" and j not in absorbed and ops[j].inputs == [cur]
                     for j in fan):
             absorbed.update(fan)     # the chain's end is never stored: each reader is an output of the kernel
             groups.append(Group(op, anchor_steps, args, [ops[j].output for j in fan], last,
                                 [ops[j] for j in fan], pool, post))
             continue
-        groups.append(Group(op, anchor_steps, args, [cur], last, [], pool, post))
+        groups.append(Group(op, anchor_steps, args, [cur], last, [], pool, post, views=through))
     return sorted(groups, key=lambda g: g.last)
 
 
@@ -171,10 +186,17 @@ def plan_kernels(program: IntegerProgram, batch: int, target) -> list[Call]:
     else:
         values[program.input_name] = raw
     rename = {program.input_name: calls[0].outputs[0] if calls else program.input_name}
-    for group in plan_groups(program, planned_ops(program)):
+    converted = {}
+    ops = planned_ops(program)
+    producers = {op.output: op for op in ops}
+    for group in plan_groups(program, ops):
         missing = [a for a in group.args if a not in values]
         if missing:
             raise HawqError(f"{group.anchor.output}: input {missing[0]!r} is not computed before it")
+        if group.anchor.op == "constant":
+            group.batch = leading_size(group.anchor.inputs[0], producers, values, program.input_name, batch)
+        group.args = [_stored_as(group.anchor, k, a, values, converted, calls, rename, target)
+                      for k, a in enumerate(group.args)]
         kernel = group_kernel(group, values, target)
         values.update(zip(group.outputs, kernel.outputs))
         calls.append(Call(kernel, [rename.get(a, a) for a in group.args], list(group.outputs)))
@@ -185,6 +207,53 @@ def plan_kernels(program: IntegerProgram, batch: int, target) -> list[Call]:
         edge = glue.output_kernel(out, target)
         calls.append(Call(edge, [program.output], [program.output + "@nchw"]))
     return calls
+
+
+LAYOUT_OPS = ("reshape", "permute", "roll", "take")
+LAYERS = ("conv2d", "dense")    # anchors a residual add rides with, and whose chain's end may fan out
+
+
+def leading_size(name: str, producers: dict, values: dict, input_name: str, batch: int) -> int:
+    """The size of axis 0 of value `name` (what a constant reading it repeats its value to): the batch, unless a
+    reshape, permute or take moved another axis first (a roll keeps the axes). Their inputs are stored, or views
+    of stored values, so their output shape follows; every other op keeps its first input's axis 0 (the leading
+    axes of a dense or a matmul, the axis a concat, a layer norm or a softmax leaves alone)."""
+    from hawq_ray.deploy.transformer import composed_map
+    while name != input_name:
+        op = producers.get(name)
+        if op is None or not op.inputs:
+            return batch
+        if op.op in LAYOUT_OPS:
+            chain = [op]
+            while chain[0].inputs[0] not in values:     # a view: its input's shape from what is stored
+                chain.insert(0, producers[chain[0].inputs[0]])
+            return int(composed_map(chain, values[chain[0].inputs[0]])[0][0])
+        name = op.inputs[0]
+    return batch
+
+
+def _stored_as(anchor: Op, k: int, name: str, values: dict, converted: dict, calls: list, rename: dict,
+               target) -> str:
+    """The name of arg `k` of the anchor's kernel in the storage that kernel reads: a plain rank-4 value for a
+    kernel of blocks (`lowering.READS_BLOCKED`) or a blocked one for a kernel of plain values (`READS_PLAIN`)
+    goes through a layout change first (one per value and direction, shared by its readers)."""
+    from hawq_ray.deploy.transformer import to_blocked_kernel, to_plain_kernel
+    v = values[name]
+    if elementwise(anchor.op) or k >= len(anchor.inputs):
+        return name          # elementwise steps and second operands read either storage
+    if anchor.op in READS_BLOCKED and len(v.shape) == 4 and not v.block:
+        make, suffix = to_blocked_kernel, "@blocked"
+    elif anchor.op in READS_PLAIN and v.block:
+        make, suffix = to_plain_kernel, "@plain"
+    else:
+        return name
+    key = name + suffix
+    if key not in converted:
+        kernel = make(v, target, "layout_" + "".join(ch if ch.isalnum() else "_" for ch in key))
+        calls.append(Call(kernel, [rename.get(name, name)], [key]))
+        values[key] = kernel.output
+        converted[key] = key
+    return key
 
 
 def final_output(program: IntegerProgram, calls: list[Call]) -> tuple:

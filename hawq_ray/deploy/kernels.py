@@ -20,7 +20,7 @@ from tvm import s_tir, te
 
 from hawq_ray.contract import HawqError
 from hawq_ray.deploy import amx, depthwise, layout
-from hawq_ray.deploy.epilogue import Value, epilogue, output_block_names, output_dtype, schedule_output
+from hawq_ray.deploy.epilogue import LUT_INDEX, Value, epilogue, output_block_names, output_dtype, schedule_output
 from hawq_ray.deploy.target import capabilities
 from hawq_ray.program.program import Op
 
@@ -418,16 +418,36 @@ def _grouped_conv(op, x, steps, extras, target, name, out_value):
 
 # ---------------------------------------------------------------------------------------------- dense
 
-def dense_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str | None = None) -> Kernel:
-    """dense (+ bias) followed by the elementwise `steps`; x is (N, I)."""
+def _dense_tile(rows: int, blocks: int) -> tuple:
+    """(rows, output blocks) of a dense register tile: 2 blocks of 16 outputs where they pair up (each broadcast
+    input feeds both), then the rows (up to MAX_ACC accumulators in all) that minimize rows computed x tile
+    cost (`_tile`'s measure)."""
+    nbt = OC_PAIR if blocks % OC_PAIR == 0 else 1
+    top = max(1, min(rows, MAX_ACC // nbt, 16))
+    nt = min(range(1, top + 1), key=lambda t: (-(-rows // t) * t * (1 + TILE_COST / (t * nbt)), -t))
+    return nt, nbt
+
+
+def dense_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str | None = None,
+                 fanout: list = ()) -> Kernel:
+    """dense (+ bias) followed by the elementwise `steps`; x is (N, I) or tokens (N, ..., I), plain. The rows
+    are tiled along the last leading axis (padded to the tile), so the epilogue runs at the register tile.
+    With `fanout` (requantize ops reading the end of the chain) the kernel writes one output per fanout op."""
     w = np.asarray(op.consts["weight"])
     O, I = w.shape
-    N, Ix = x.shape
+    if x.block or len(x.shape) < 2:
+        raise HawqError(f"{op.layer or op.output}: dense of a {'blocked' if x.block else 'rank-1'} value")
+    *lead, Ix = x.shape
     if Ix != I:
         raise HawqError(f"{op.layer or op.output}: weight expects {I} inputs, input has {Ix}")
-    out_value = Value((N, O), output_dtype(steps[-1] if steps else op), None)
+    *outer, T = (int(d) for d in lead)
+    outer = tuple(outer)
+    Ob = layout.ceil_to(O, 16) // 16
     caps = capabilities(target)
     fast = caps.vnni and x.dtype in ("uint8", "int8")
+    nt, nbt = _dense_tile(T, Ob) if fast else (min(T, 8), 1)
+    Tp = -(-T // nt) * nt
+    out_value = Value((*lead, O), output_dtype(steps[-1] if steps else op), None)
     shift_input = fast and x.dtype == "int8"
     w_bits = int(op.attrs.get("w_bits", 8))
     bias = _bias(op, O)
@@ -435,57 +455,89 @@ def dense_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str 
         bias = bias - 128 * w.astype(np.int64).sum(axis=1)
     bias_arr = _check_bias(bias, op.layer or op.output)
     Ip = layout.ceil_to(I, 4)
-    Ob = layout.ceil_to(O, 16) // 16
     wpk = layout.pack_conv_weight(w[:, :, None, None], 4).reshape(Ob, Ip // 4, 16, 4)
 
-    data = te.placeholder((N, I), x.dtype, name="data")
+    data = te.placeholder(x.storage_shape, x.dtype, name="data")
     w_ph, w8, w_arr = _weight_tensors(wpk, w_bits)
     b_ph = te.placeholder((O,), "int32", name="bias")
     in_dtype = "uint8" if shift_input else x.dtype
-    needs_pad = shift_input or Ip != I
-    if needs_pad:
-        def padded_value(n, k):
-            v = data[n, te.min(k, I - 1)]
-            if shift_input:
-                v = (v.astype("int32") + 128).astype("uint8")
-            return te.if_then_else(k < I, v, tvm.tirx.const(0, in_dtype))
-        src = te.compute((N, Ip), padded_value, name="pad")
-    else:
-        src = data
+
+    def padded_value(*idx):      # rows past T read the last (their outputs are never written)
+        *g, t, k = idx
+        v = data[(*g, te.min(t, T - 1), te.min(k, I - 1))]
+        if shift_input:
+            v = (v.astype("int32") + 128).astype("uint8")
+        return te.if_then_else(k < I, v, tvm.tirx.const(0, in_dtype))
+    src = te.compute((*outer, Tp, Ip), padded_value, name="pad")
     k = te.reduce_axis((0, Ip // 4), "k")
     ki = te.reduce_axis((0, 4), "ki")
-    acc = te.compute((N, Ob, 16), lambda n, o, oi: te.sum(
-        src[n, k * 4 + ki].astype("int32") * w8[o, k, oi, ki].astype("int32"), axis=[k, ki]), name="acc")
-    epi = epilogue(steps, out_value, extras)
-    out = te.compute((N, O), lambda n, o: epi.apply(acc[n, o // 16, o % 16] + b_ph[o], (n, o)), name="out")
-    func = te.create_prim_func([data, *epi.extra_tensors, w_ph, b_ph, *epi.const_tensors, out])
+    acc = te.compute((*outer, Tp, Ob, 16), lambda *idx: te.sum(
+        src[(*idx[:-2], k * 4 + ki)].astype("int32") * w8[idx[-2], k, idx[-1], ki].astype("int32"),
+        axis=[k, ki]), name="acc")
+    # acc + bias a stage of its own, in registers: read from a buffer, it stays an int32 in the int64 product
+    # of a requantize (one vpmuldq per 8 lanes) where an inline sum is widened term by term
+    biased = te.compute((*outer, Tp, O), lambda *idx: acc[(*idx[:-1], idx[-1] // 16, idx[-1] % 16)] +
+                        b_ph[idx[-1]], name="biased")
+    # a table (GELU) at the tail with AVX512-VBMI: read 16 lanes at a time (`bytelut`) over the whole tile (a
+    # predicated block does not match the intrinsic), then the rows of the map copied out
+    epi = epilogue(steps, out_value, extras, fanout, byte_table=caps.vbmi and O % 16 == 0)
+    out_values = [Value(out_value.shape, output_dtype(f), None) for f in fanout] or [out_value]
+    if fanout:   # each output requantizes the chain (`merge_outputs` puts them in one loop)
+        def requantized(k):
+            return lambda *idx: epi.finish(k, epi.chain(biased[idx], tuple(idx)), tuple(idx))
+        outs = [te.compute(out_value.storage_shape, requantized(k), name=f"out{k}") for k in range(len(fanout))]
+    elif epi.byte_table is not None:
+        stages = epi.output_stages((*outer, Tp, O), lambda *idx: biased[idx], name="out_tile")
+        outs = [te.compute(out_value.storage_shape, lambda *idx: stages[-1][idx], name="out")]
+    else:
+        outs = [te.compute(out_value.storage_shape, lambda *idx: epi.apply(biased[idx], tuple(idx)), name="out")]
+    func = te.create_prim_func([data, *epi.extra_tensors, w_ph, b_ph, *epi.const_tensors, *outs])
     if not caps.gpu:
-        func = _schedule_dense(func, N, O, fast, needs_pad, w_bits <= 4)
+        func = _schedule_dense(func, len(outer), nt, nbt, O, fast, w_bits <= 4,
+                               str(epi.byte_table.dtype) if epi.byte_table is not None else None,
+                               [o.op.name for o in outs])
     return Kernel(name or kernel_name(op), func, [x, *extras], [w_arr, bias_arr, *epi.const_arrays],
-                  [out_value], {"path": caps.conv_path(False, fast),
-                                "w_bits": w_bits, "layer": op.layer})
+                  out_values, {"path": caps.conv_path(False, fast),
+                               "w_bits": w_bits, "layer": op.layer})
 
 
-def _schedule_dense(func, N: int, O: int, fast: bool, has_pad: bool, int4: bool):
+def _schedule_dense(func, n_outer: int, nt: int, nbt: int, O: int, fast: bool, int4: bool,
+                    table_dtype: str | None = None, out_names: list = ("out",)):
+    """Parallel over (outer leading axes, row tiles); per task its padded input rows, then for each group of
+    nbt output blocks a register tile of nt rows x nbt x 16 outputs over the whole reduction (VNNI or
+    unrolled) and the epilogue at the tile, vectorized over the outputs (with `table_dtype`, the byte table
+    read 16 lanes at a time into the tile, then copied out)."""
     sch = s_tir.Schedule(func)
     acc = sch.get_sblock("acc")
-    n, o, oi, k, ki = sch.get_loops(acc)
-    nt = max(t for t in range(1, min(N, 16) + 1) if N % t == 0)
-    no, ni = sch.split(n, [None, nt])
-    sch.reorder(o, no, k, *reduction_order(fast, [ni], oi, ki))
-    cache = sch.cache_write(acc, 0, "local")
-    sch.reverse_compute_at(cache, no)
-    sch.parallel(sch.fuse(o, no))
-    finish_dot(sch, acc, k, oi, [ni], fast)
-    sch.vectorize(sch.get_loops(cache)[-1])
-    out = sch.get_sblock("out")
-    n2, o2 = sch.get_loops(out)
-    lanes = max(t for t in (16, 8, 4, 2, 1) if O % t == 0)
-    sch.parallel(n2)
-    if lanes > 1:
-        sch.vectorize(sch.split(o2, [None, lanes])[1])
-    if has_pad:
-        sch.parallel(sch.get_loops(sch.get_sblock("pad"))[0])
+    loops = sch.get_loops(acc)
+    *outer, t, o, oi, k, ki = loops
+    to, ti = sch.split(t, [None, nt])
+    oo, ob = sch.split(o, [None, nbt])
+    sch.reorder(*outer, to, oo, k, *reduction_order(fast, [ti, ob], oi, ki))
+    sch.set_scope(acc, 0, "local")
+    task = sch.fuse(*outer, to) if outer else to
+    sch.parallel(task)
+    sch.compute_at(sch.get_sblock("pad"), task)
+    biased = sch.get_sblock("biased")
+    outs = [sch.get_sblock(name) for name in out_names]
+    table = [sch.get_sblock(LUT_INDEX), sch.get_sblock("out_tile")] if table_dtype else []
+    for block in (biased, *table, *outs):
+        sch.reverse_compute_at(block, oo)
+    sch.set_scope(biased, 0, "local")
+    outs = merge_outputs(sch, outs)
+    finish_dot(sch, acc, k, oi, [ti, ob], fast)
+    if table:
+        for block in table:
+            loop = sch.get_loops(block)[-1]
+            if int(sch.get(loop).extent) > 16:
+                sch.split(loop, [None, 16])
+        schedule_output(sch, table, table_dtype, "global")
+    for block in (biased, *outs):
+        inner = sch.get_loops(block)[-1]
+        extent = int(sch.get(inner).extent)
+        lanes = max(t for t in (16, 8, 4, 2, 1) if extent % t == 0)
+        if lanes > 1:
+            sch.vectorize(sch.split(inner, [None, lanes])[1] if lanes < extent else inner)
     if int4:
         loops = sch.get_loops(sch.get_sblock("unpack"))
         sch.parallel(loops[0])

@@ -13,6 +13,7 @@ from hawq_ray.deploy.conv_pool import conv2d_max_pool_kernel
 from hawq_ray.deploy.glue import (channel_gather_kernel, concat_kernel, flatten_kernel, layer_norm_kernel,
                                   pool_kernel)
 from hawq_ray.deploy.kernels import conv2d_kernel, dense_kernel
+from hawq_ray.deploy.transformer import constant_kernel, layout_kernel, matmul_kernel, softmax_kernel
 
 
 def lower_conv2d(group, ins, target, name):
@@ -24,7 +25,7 @@ def lower_conv2d(group, ins, target, name):
 
 
 def lower_dense(group, ins, target, name):
-    return dense_kernel(group.anchor, ins[0], group.steps, ins[1:], target, name)
+    return dense_kernel(group.anchor, ins[0], group.steps, ins[1:], target, name, fanout=group.fanout)
 
 
 def lower_shuffle(group, ins, target, name):
@@ -56,6 +57,32 @@ def lower_layer_norm(group, ins, target, name):
     return layer_norm_kernel(group.anchor, ins[0], group.steps, ins[1:], target, name)
 
 
+def lower_layout(group, ins, target, name):
+    """reshape, permute, roll, take: each output element read by logical index (`transformer.layout_kernel`), through
+    the layout ops before it that are views (never stored: `graph.plan_groups`)."""
+    return layout_kernel(group.anchor, ins[0], group.steps, ins[1:], target, name, group.views)
+
+
+def lower_constant(group, ins, target, name):
+    """The constant repeated to the compiled batch; it reads no value (`graph.plan_groups` gives it no args)."""
+    return constant_kernel(group.anchor, group.batch, group.steps, ins, target, name)
+
+
+def lower_matmul(group, ins, target, name):
+    return matmul_kernel(group.anchor, ins[0], ins[1], group.steps, ins[2:], target, name)
+
+
+def lower_softmax(group, ins, target, name):
+    return softmax_kernel(group.anchor, ins[0], group.steps, ins[1:], target, name)
+
+
 KERNELS = {"conv2d": lower_conv2d, "dense": lower_dense, "channel_shuffle": lower_shuffle, "slice": lower_slice,
            "concat": lower_concat, "sum_pool2d": lower_pool, "max_pool2d": lower_pool, "flatten": lower_flatten,
-           "layer_norm": lower_layer_norm}
+           "layer_norm": lower_layer_norm, "reshape": lower_layout, "permute": lower_layout, "take": lower_layout,
+           "roll": lower_layout,
+           "constant": lower_constant, "matmul": lower_matmul, "softmax": lower_softmax}
+
+# anchors whose kernels read rank-4 inputs as NCHW[16]c blocks, and those that read plain values only
+# (`graph.plan_kernels` converts an input stored the other way first); the others read either
+READS_BLOCKED = ("conv2d", "sum_pool2d", "max_pool2d", "channel_shuffle", "slice", "concat")
+READS_PLAIN = ("dense", "matmul", "softmax")

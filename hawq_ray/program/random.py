@@ -7,8 +7,13 @@ of the registry as the producer and as the consumer of every other kind where th
 product or a layer reads a producer too wide for it through a requantize, as in every lowered model), with random
 context before and after it, fan-out, mixed 4/8-bit weights, grouped and depthwise convs, and requantize
 constants calibrated on the values the program computes (so values are neither all clamped nor all zero).
-Every value's integer range is derived soundly (`ranges.derived_range`) while building, so each program
-obeys the IntegerProgram's INT32 contract: no accumulator, sum or product leaves int32.
+The transformer's ops take values of every rank: a reshape to a random factorization of a sample's size, a
+permute that may move the batch axis, a cyclic shift (roll) along axes after the first, a take along any
+axis, a constant of a value's shape (or its own), a product of two 8-bit values over their last two axes
+(x @ y^T, or x @ a value of fitting shape; s8 and u8 operands), a softmax over the last axis of int16 codes,
+a LayerNorm over any axis after the first (tokens: the last). Every value's integer range is derived soundly
+(`ranges.derived_range`) while building, so each program obeys the IntegerProgram's INT32 contract: no
+accumulator, sum or product leaves int32.
 
 `analysis.verify.check_random_program(seed, target)` compiles one with every stored value returned and
 compares each value with the integer executor on two int8 batches; `tests/test_random_programs.py` runs a
@@ -28,14 +33,17 @@ from hawq_ray.program.ranges import derived_range
 
 # the program ops this generator builds (a test holds it to the registry: a new op needs a builder here)
 OPS = ("conv2d", "dense", "requantize", "relu", "add", "concat", "sum_pool2d", "max_pool2d", "flatten", "clamp",
-       "lookup", "mul", "affine", "channel_shuffle", "slice", "layer_norm")
+       "lookup", "mul", "affine", "channel_shuffle", "slice", "layer_norm", "reshape", "permute", "take",
+       "constant", "matmul", "softmax", "roll")
 
 NEEDS_RANK4 = ("conv2d", "sum_pool2d", "max_pool2d", "channel_shuffle", "slice")   # consumers of (N, C, H, W)
 NEEDS_RANK2 = ("dense",)                               # consumers of a (N, F) value
 MAKES_RANK4 = ("conv2d", "sum_pool2d", "max_pool2d", "channel_shuffle", "slice")   # producers of rank 4 only
 MAKES_RANK2 = ("dense", "flatten")                     # producers of rank 2 only
 NARROWED = ("lookup", "mul", "conv2d", "dense",   # consumers that read a wide producer through a requantize
-            "layer_norm")                         # (as every layer and table of a lowered model does)
+            "layer_norm", "matmul", "softmax")    # (as every layer and table of a lowered model does)
+NEEDS_AXES = ("take", "permute", "matmul", "concat", "layer_norm", "roll")   # consumers of rank >= 2 values
+ANY_RANK = ("reshape", "permute", "take", "constant", "matmul")   # builders given the output rank wanted
 PAIRS = [(p, c) for p in OPS for c in OPS
          if not (p in MAKES_RANK2 and c in NEEDS_RANK4) and not (p in MAKES_RANK4 and c in NEEDS_RANK2)]
 SAFE = (1 << 30)        # bound on |value| of every op (int32 with a margin for the back end's bias folding)
@@ -169,9 +177,13 @@ class _Builder:
     def requantize(self, x, clamp="random"):
         v = self.env[x].to(torch.float64).abs()
         shape = self.shape(x)
-        per = self.rng.choice(["tensor", "channel", "position"] if len(shape) == 4 else ["tensor", "channel"])
+        per = self.rng.choice(["tensor", "channel", "position"] if len(shape) == 4 else
+                              ["tensor", "channel", "feature"] if len(shape) >= 3 else
+                              ["tensor", "channel"] if len(shape) == 2 else ["tensor"])
         if per == "channel" and len(shape) == 4:
             amax = v.amax(dim=(0, 2, 3)).reshape(-1, 1, 1)
+        elif per == "feature":          # one per feature of tokens: (1, ..., 1, C), as after a Linear over tokens
+            amax = v.amax(dim=tuple(range(len(shape) - 1))).reshape((1,) * (len(shape) - 1) + (-1,))
         elif per == "channel":
             amax = v.amax(dim=0)
         elif per == "position":
@@ -195,6 +207,8 @@ class _Builder:
         return self.emit("add", [x, self.partner(x, "shape")])
 
     def concat(self, x):
+        if len(self.shape(x)) < 2:
+            return None
         parts = [x, self.partner(x, "spatial")]
         if self.rng.random() < 0.3:
             parts.append(self.partner(x, "spatial"))
@@ -236,9 +250,11 @@ class _Builder:
     def _per_channel(self, x, draw):
         """A constant per tensor or per channel of x (shaped to broadcast against it), values from `draw`."""
         shape = self.shape(x)
-        if self.rng.random() < 0.5:
+        if self.rng.random() < 0.5 or len(shape) < 2:
             return np.asarray(draw(()), np.int64)
-        return np.asarray(draw((shape[1],)), np.int64).reshape((-1, 1, 1) if len(shape) == 4 else (-1,))
+        if len(shape) == 3 and self.rng.random() < 0.5:      # per feature of tokens (N, T, C)
+            return np.asarray(draw((shape[2],)), np.int64).reshape(1, 1, -1)
+        return np.asarray(draw((shape[1],)), np.int64).reshape((-1,) + (1,) * (len(shape) - 2))
 
     def clamp(self, x):
         lo, hi = self.range[x]
@@ -304,10 +320,15 @@ class _Builder:
         return self.emit("slice", [x], {"start": start, "stop": stop}, lo=lo, hi=hi)
 
     def layer_norm(self, x):
-        """LayerNorm over the channels: the input requantized to int16 (8 bits past 4096 channels) first unless
-        it fits (`ops.layernorm`'s bounds), random gamma / beta / eps, an 8- or 16-bit output."""
+        """LayerNorm over the channels (axis 1) or, for tokens, the last axis (or any after the first): the input
+        requantized to int16 (8 bits past 4096 channels) first unless it fits (`ops.layernorm`'s bounds), random
+        gamma / beta / eps, an 8- or 16-bit output."""
         from hawq_ray.ops.layernorm import MAX_CHANNELS, MAX_SPREAD, layer_norm_constants
-        c = self.shape(x)[1]
+        rank = len(self.shape(x))
+        if rank < 2:
+            return None
+        axis = rank - 1 if rank == 3 and self.rng.random() < 0.7 else int(self.rng.integers(1, rank))
+        c = self.shape(x)[axis]
         if c > MAX_CHANNELS:
             return None
         lo, hi = self.range[x]
@@ -321,13 +342,149 @@ class _Builder:
         out_lo, out_hi = [(-128, 127), (0, 255), (-(1 << 15), (1 << 15) - 1)][int(self.rng.integers(3))]
         s_out = (3 * np.abs(gamma).max() + np.abs(beta).max()) / max(-out_lo, out_hi)
         consts, attrs = layer_norm_constants(gamma, beta, float(self.rng.choice([0.0, 1e-5, 1.0])), 1.0, s_out, c)
-        return self.emit("layer_norm", [x], attrs={**attrs, "lo": out_lo, "hi": out_hi}, consts=consts,
-                         lo=out_lo, hi=out_hi)
+        return self.emit("layer_norm", [x], attrs={**attrs, "axis": axis, "lo": out_lo, "hi": out_hi},
+                         consts=consts, lo=out_lo, hi=out_hi)
+
+    # ------------------------------------------------------------------ a transformer's ops
+    def _factors(self, size: int, parts: int) -> list:
+        """`size` as a product of `parts` random factors (1s allowed)."""
+        out = []
+        for _ in range(parts - 1):
+            divisors = [d for d in range(1, size + 1) if size % d == 0]
+            d = divisors[int(self.rng.integers(len(divisors)))]
+            out.append(d)
+            size //= d
+        out.append(size)
+        return [int(v) for v in self.rng.permutation(out)]
+
+    def _of_rank(self, rank: int):
+        """A value of `rank`: an existing one, or one reshaped to it."""
+        x = self.pick(rank)
+        if x is None:
+            x = self.reshape(self.pick(), rank)
+        return x
+
+    def reshape(self, x, rank=None):
+        """To a random factorization of a sample's size (rank 2 to 5, or `rank`), the batch axis kept first."""
+        if x is None:
+            return None
+        shape = self.shape(x)
+        rank = rank or int(self.rng.integers(2, 6))
+        size = int(np.prod(shape[1:]))
+        dims = self._factors(size, rank - 1) if rank > 1 else []
+        if rank == 1 and size != 1:
+            return None
+        lo, hi = self.declared[x]
+        return self.emit("reshape", [x], {"shape": (-1, *dims)}, lo=lo, hi=hi)
+
+    def permute(self, x, rank=None):
+        """A random order of the axes (not the identity); one time in three the batch axis moves."""
+        x = x if rank is None or len(self.shape(x)) == rank else self._of_rank(rank)
+        if x is None or len(self.shape(x)) < 2:
+            return None
+        r = len(self.shape(x))
+        keep = r >= 3 and self.rng.random() > 0.33          # the batch axis stays first
+        while True:
+            dims = [0, *(int(d) + 1 for d in self.rng.permutation(r - 1))] if keep else \
+                [int(d) for d in self.rng.permutation(r)]
+            if dims != list(range(r)):
+                break
+        lo, hi = self.declared[x]
+        return self.emit("permute", [x], {"dims": tuple(dims)}, lo=lo, hi=hi)
+
+    def roll(self, x):
+        """A cyclic shift along one or two axes after the first (shifts of either sign, past the size too)."""
+        shape = self.shape(x)
+        if len(shape) < 2:
+            return None
+        count = min(len(shape) - 1, int(self.rng.integers(1, 3)))
+        dims = [int(d) for d in self.rng.choice(np.arange(1, len(shape)), count, replace=False)]
+        shifts = [int(self.rng.integers(-2 * shape[d], 2 * shape[d] + 1)) for d in dims]
+        lo, hi = self.declared[x]
+        return self.emit("roll", [x], {"shifts": tuple(shifts), "dims": tuple(dims)}, lo=lo, hi=hi)
+
+    def take(self, x, rank=None):
+        """One position of one axis (rarely the batch axis), the axis dropped."""
+        if rank is not None and len(self.shape(x)) != rank + 1:
+            x = self._of_rank(rank + 1)
+        if x is None or len(self.shape(x)) < 2:
+            return None
+        shape = self.shape(x)
+        axis = 0 if self.rng.random() < 0.1 else int(self.rng.integers(1, len(shape)))
+        index = int(self.rng.integers(-shape[axis], shape[axis]))
+        lo, hi = self.declared[x]
+        return self.emit("take", [x], {"axis": axis, "index": index}, lo=lo, hi=hi)
+
+    def constant(self, x, rank=None):
+        """A value (1, ...) repeated to x's batch: of x's shape (to be added to it), or of `rank` axes."""
+        x = x if rank is None or len(self.shape(x)) == rank else (self.pick(rank) or x)
+        shape = self.shape(x)
+        if rank is None or len(shape) == rank:
+            per_sample = shape[1:]
+        else:
+            per_sample = tuple(int(self.rng.integers(1, 6)) for _ in range(rank - 1))
+        top = [127, 255, 1 << 15][int(self.rng.integers(3))]
+        value = self.rng.integers(-top, top + 1, (1, *per_sample)).astype(np.int32)
+        return self.emit("constant", [x], consts={"value": value}, lo=int(value.min()), hi=int(value.max()))
+
+    def _codes(self, x, signed=None):
+        """x as 8-bit codes (a requantize unless they are already), signed or not (random where None)."""
+        lo, hi = self.range[x]
+        if signed is None:
+            signed = bool(self.rng.random() < 0.7)
+        if (signed and -128 <= lo and hi <= 127) or (not signed and 0 <= lo and hi <= 255):
+            return x
+        return self.requantize(x, clamp=(-128, 127) if signed else (0, 255))
+
+    def matmul(self, x, rank=None):
+        """x @ y over the last two axes: y a value of fitting shape, or another value of x's shape transposed
+        (x @ x^T when there is none); both 8-bit (a signed or unsigned, b mostly signed)."""
+        if rank is not None and len(self.shape(x)) != rank:
+            x = self._of_rank(rank)
+        if x is None or len(self.shape(x)) < 2:
+            return None
+        shape = self.shape(x)
+        k = shape[-1]
+        fits = [n for n in self.values(len(shape)) if self.shape(n)[:-2] == shape[:-2] and self.shape(n)[-2] == k]
+        if fits and self.rng.random() < 0.5:
+            b = fits[int(self.rng.integers(len(fits)))]
+        else:
+            other = self.partner(x, "shape")
+            dims = tuple(range(len(shape) - 2)) + (len(shape) - 1, len(shape) - 2)
+            lo, hi = self.declared[other]
+            b = self.emit("permute", [other], {"dims": dims}, lo=lo, hi=hi)
+        a = self._codes(x)
+        b = None if b is None else self._codes(b, signed=bool(self.rng.random() < 0.85))
+        if a is None or b is None:
+            return None
+        (alo, _), (blo, _) = self.range[a], self.range[b]
+        return self.emit("matmul", [a, b], {"a_bits": 8, "b_bits": 8, "a_signed": alo < 0, "b_signed": blo < 0,
+                                            "k": k})
+
+    def softmax(self, x):
+        """Over the last axis of int16 codes (a requantize to 16 bits first unless they fit), at a random input
+        scale: rows spanning from about 1 to 40 in reals."""
+        from hawq_ray.ops.softmax import INPUT_HI, INPUT_LO, exponent_constants
+        lo, hi = self.range[x]
+        if lo < INPUT_LO or hi > INPUT_HI:
+            x = self.requantize(x, clamp=(INPUT_LO, INPUT_HI))
+            if x is None:
+                return None
+            lo, hi = self.range[x]
+        span = max(hi - lo, 1)
+        consts = exponent_constants(float(self.rng.uniform(1.0, 40.0)) / span)
+        return self.emit("softmax", [x], consts=consts, lo=0, hi=255)
 
     # ------------------------------------------------------------------ one op of a kind on a fitting input
     def op(self, kind, x=None, rank=None) -> str | None:
         """An op of `kind` on `x`, or on a value that fits it (of `rank` for the kinds of any rank)."""
         rank = 4 if kind in NEEDS_RANK4 else 2 if kind in NEEDS_RANK2 else rank
+        if kind in ANY_RANK:        # the builder finds or makes an input that gives `rank` axes out
+            x = x if x is not None else self.pick(rank) or self.pick()
+            if x is None:
+                return None
+            out = getattr(self, kind)(x, rank)
+            return out if out is None or rank is None or len(self.shape(out)) == rank else None
         if x is None:
             x = self.pick(rank)
             if x is None and rank == 2:
@@ -362,7 +519,8 @@ def random_program(seed: int, batch: int = 2) -> RandomProgram:
     made = None
     for _ in range(20):                            # the pair itself: the consumer reads the producer's output
         made = b.op(producer, rank=rank)
-        if made is not None and rank in (None, len(b.shape(made))):
+        if made is not None and rank in (None, len(b.shape(made))) and \
+                (consumer not in NEEDS_AXES or len(b.shape(made)) >= 2):
             break
         made = None
     if made is None or b.op(consumer, made) is None:

@@ -1,0 +1,289 @@
+"""The TVM back end on a vision transformer's integer program: digits_vit under uniform 8-bit, uniform 4-bit and a
+mixed 4/8-bit config, compiled and held to the integer executor on every value it stores; and each transformer
+op alone (softmax, matmul, layer_norm over the last axis, permute moving the batch axis, take, constant, the
+layout changes between blocked maps and plain values) on inputs at the edges of its range, on the host target
+(AVX512-VNNI where the CPU has it) and on the generic AVX2 schedule.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hawq_ray.analysis.verify import compare_values, executor_of, first_divergence
+from hawq_ray.deploy import compile_program
+from hawq_ray.inputs.vit import DigitsViT
+from hawq_ray.ops.layernorm import layer_norm_constants
+from hawq_ray.ops.softmax import exponent_constants
+from hawq_ray.program.program import IntegerProgram, Op
+from hawq_ray.quant.qat import prepare
+
+GENERIC = {"kind": "llvm", "mcpu": "skylake"}      # AVX2: no VNNI, the generic schedules
+FLAGS = set(open("/proc/cpuinfo").read().split())
+VNNI = "avx512_vnni" in FLAGS
+SHAPE = (1, 16, 16)
+
+
+def _check(program: IntegerProgram, inputs: list, target="llvm") -> dict:
+    """Compile `program` at the inputs' batch with every stored value returned; assert that the output and every
+    value equal the integer executor's on each input batch. Returns the model's manifest."""
+    model = compile_program(program, batch=inputs[0].shape[0], target=target, every_value=True)
+    reference = executor_of(program)
+    for x in inputs:
+        rows = compare_values(program, model, x)
+        assert rows and first_divergence(rows) is None, first_divergence(rows)
+        out, want = model(x), reference(x)
+        assert out.shape == want.shape and np.array_equal(out, want)
+    return model.manifest
+
+
+def _program(input_shape, ops, output=None) -> IntegerProgram:
+    return IntegerProgram(input_name="x", input_shape=tuple(input_shape), input_scale=1.0, ops=ops,
+                          output=output or ops[-1].output, output_scale=np.asarray(1.0))
+
+
+def _edges(rng, shape, lo, hi, p_edge=0.5) -> np.ndarray:
+    """Random integers in [lo, hi], about half of them lo or hi."""
+    x = rng.integers(lo, hi + 1, shape)
+    return np.where(rng.random(shape) < p_edge, rng.choice([lo, hi], shape), x)
+
+
+def _table(rng, lo, hi) -> np.ndarray:
+    """A lookup of the int8 input: 256 codes to values in [lo, hi], half of them lo or hi (reaches any range)."""
+    return _edges(rng, 256, lo, hi).astype(np.int32)
+
+
+def _lookup(x, out, table) -> Op:
+    return Op("lookup", [x], out, attrs={"offset": -128}, consts={"table": table})
+
+
+def _paths(manifest) -> set:
+    return {k["path"] for k in manifest["kernels"]}
+
+
+# ---------------------------------------------------------------------------------------------- digits_vit
+
+def _vit_bits(kind: str):
+    if kind != "mixed":
+        return kind
+    rng = np.random.default_rng(7)
+    names = [n for n, m in DigitsViT().named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    return {n: 8 if n in ("patch_embed", "head") else int(rng.choice([4, 8])) for n in names}
+
+
+@pytest.mark.parametrize("bits", ["uniform8", "uniform4", "mixed"])
+def test_digits_vit_compiles_and_matches_the_executor_on_every_value(bits):
+    torch.manual_seed(0)
+    qm = prepare(DigitsViT(), _vit_bits(bits), SHAPE)
+    qm.calibrate([torch.randn(8, *SHAPE) for _ in range(2)])
+    program = qm.to_integer()
+    ops = {op.op for op in program.ops}
+    assert {"matmul", "softmax", "layer_norm", "permute", "take", "reshape", "constant"} <= ops
+    rng = np.random.default_rng(1)
+    inputs = [rng.integers(-128, 128, (8, *SHAPE)).astype(np.int8) for _ in range(2)]
+    inputs.append(program.quantize_input(torch.randn(8, *SHAPE)).numpy())      # what calibration saw
+    manifest = _check(program, inputs)
+    paths = _paths(manifest)
+    assert {"softmax", "layer_norm", "permute", "take", "reshape", "constant"} <= paths
+    assert ({"vnni", "matmul_vnni"} if VNNI else {"generic", "matmul"}) <= paths
+    if bits == "mixed":
+        assert {k.get("w_bits") for k in manifest["kernels"] if k.get("layer")} == {4, 8}
+
+
+# ---------------------------------------------------------------------------------------------- softmax
+
+@pytest.mark.parametrize("tokens", [1, 17, 197])
+def test_softmax_of_int16_extremes_matches_the_executor(tokens):
+    """Rows of int16 codes at input scales from tiny to large (and the multiplier and shift at their extremes):
+    each scale's codes spread over the 40 units below the top where e^x matters, with one in five at -32768
+    or 32767 (differences up to 2^16 - 1: the shift by the integer part clamps at 31); a row's maximum planted
+    at its first, last and middle position; rows of one code."""
+    rng = np.random.default_rng(tokens)
+    hi, lo = (1 << 15) - 1, -(1 << 15)
+    ops, outs = [], []
+    scales = [(s_in, *(int(v) for v in exponent_constants(s_in).values())) for s_in in (1e-4, 0.003, 0.02, 1.0)]
+    scales += [(1e-9, (1 << 31) - 1, 62), (2.0, 1, 1), (1e9, (1 << 31) - 1, 1)]
+    for k, (s_in, m, s) in enumerate(scales):
+        top = int(rng.integers(lo, hi + 1))
+        table = np.clip(top - rng.integers(0, int(min(40 / s_in, 1 << 16)) + 1, 256), lo, hi)
+        table = np.where(rng.random(256) < 0.2, rng.choice([lo, hi], 256), table)
+        table[255] = min(top + 1, hi)          # code 127: a row's maximum where it is planted (below)
+        table = table.astype(np.int32)
+        ops += [_lookup("x", f"logits{k}", table),
+                Op("softmax", [f"logits{k}"], f"p{k}", consts={"multiplier": np.asarray(m, np.int32),
+                                                               "shift": np.asarray(s, np.int32)}, lo=0, hi=255)]
+        outs.append(f"p{k}")
+    ops.append(Op("concat", outs, "all", attrs={"axis": 1}))
+    program = _program((3, tokens), ops)
+    x = rng.integers(-128, 127, (4, 3, tokens)).astype(np.int8)
+    x[0, 1, -1] = x[1, 0, -1] = x[2, 2, 0] = x[3, 1, tokens // 2] = 127   # the maximum last, first, between
+    x[3, 0] = -128                            # a row of one code
+    manifest = _check(program, [x])
+    assert "softmax" in _paths(manifest)
+    if tokens > 1:          # probabilities of many sizes, not rows of 0 and 255
+        assert len(np.unique(executor_of(program)(x))) > 20
+
+
+# ---------------------------------------------------------------------------------------------- matmul
+
+@pytest.mark.parametrize("k", [16, 17, 768])
+@pytest.mark.parametrize("target", ["llvm", "generic"])
+def test_matmul_of_8_bit_extremes_matches_the_executor(k, target):
+    """q @ k^T (signed x signed) and p @ v (unsigned x signed) on operands that are mostly -128 / 127 (and 0 /
+    255), over K up to 768, with M and N not multiples of the tile; and u8 x u8 (no VNNI form)."""
+    rng = np.random.default_rng(k)
+    ops = [Op("permute", ["x"], "xt", attrs={"dims": (0, 2, 1)}),                          # (N, K, M)
+           Op("matmul", ["x", "xt"], "ss", attrs={"a_signed": True, "b_signed": True, "k": k}),
+           _lookup("x", "u", _table(rng, 0, 255)),
+           Op("permute", ["u"], "ut", attrs={"dims": (0, 2, 1)}),
+           Op("matmul", ["u", "xt"], "us", attrs={"a_signed": False, "b_signed": True, "k": k}),
+           Op("matmul", ["u", "ut"], "uu", attrs={"a_signed": False, "b_signed": False, "k": k}),
+           Op("concat", ["ss", "us", "uu"], "all", attrs={"axis": 1})]
+    program = _program((5, k), ops)
+    x = [_edges(rng, (3, 5, k), -128, 127, 0.8).astype(np.int8) for _ in range(2)]
+    manifest = _check(program, x, GENERIC if target == "generic" else "llvm")
+    assert ("matmul_vnni" if VNNI and target == "llvm" else "matmul") in _paths(manifest)
+
+
+def test_matmul_over_heads_with_a_requantize_tail_matches_the_executor():
+    """Four leading axes flattened into matrices (N, H, T, D) @ (N, H, D, T), the requantize after the product
+    fused at its output."""
+    rng = np.random.default_rng(3)
+    ops = [Op("reshape", ["x"], "heads", attrs={"shape": (-1, 4, 6, 12)}),
+           Op("permute", ["heads"], "keys", attrs={"dims": (0, 1, 3, 2)}),
+           Op("matmul", ["heads", "keys"], "logits", attrs={"a_signed": True, "b_signed": True, "k": 12}),
+           Op("requantize", ["logits"], "q", consts={"multiplier": np.asarray(1 << 30, np.int32),
+                                                     "shift": np.asarray(40, np.int32)},
+              attrs={"lo": -128, "hi": 127}, lo=-128, hi=127)]
+    program = _program((24, 12), ops)
+    _check(program, [_edges(rng, (2, 24, 12), -128, 127).astype(np.int8)])
+
+
+# ---------------------------------------------------------------------------------------------- layer_norm
+
+@pytest.mark.parametrize("shape,axis", [((17, 64), 2), ((5, 768), 2), ((17, 6), 1)])
+def test_layer_norm_over_tokens_matches_the_executor(shape, axis):
+    """LayerNorm over the last axis of tokens (N, T, C) (and over the token axis 1) on int16 values at their
+    extremes, per-channel gamma and beta of both signs, an int16 output and an 8-bit one."""
+    rng = np.random.default_rng(shape[1])
+    c = shape[axis - 1]
+    ops = [_lookup("x", "wide", _table(rng, -(1 << 15), (1 << 15) - 1))]
+    for k, (lo, hi, eps) in enumerate([(-(1 << 15), (1 << 15) - 1, 1e-5), (-128, 127, 1.0)]):
+        consts, attrs = layer_norm_constants(rng.uniform(-2, 2, c), rng.uniform(-1, 1, c), eps, 1.0, 5 / hi, c)
+        ops.append(Op("layer_norm", ["wide"], f"ln{k}", consts=consts,
+                      attrs={**attrs, "axis": axis, "lo": lo, "hi": hi}, lo=lo, hi=hi))
+    ops.append(Op("add", ["ln0", "ln1"], "sum"))
+    program = _program(shape, ops)
+    x = rng.integers(-128, 128, (3, *shape)).astype(np.int8)
+    manifest = _check(program, [x])
+    assert "layer_norm" in _paths(manifest)
+
+
+# ---------------------------------------------------------------------------------------------- layout ops
+
+def test_permute_moving_the_batch_axis_take_and_constant_match_the_executor():
+    """A qkv split as a ViT writes it: tokens reshaped to (N, T, 3, H, D), permuted to (3, N, H, T, D) (the batch
+    axis moves), each of q, k, v taken along axis 0; a take with a negative index, a take along the batch axis,
+    a constant repeated to a value whose axis 0 is not the batch, and a requantize per feature (1, 1, C) of
+    tokens."""
+    rng = np.random.default_rng(5)
+    feature = {"multiplier": rng.integers(1 << 29, 1 << 30, (1, 1, 24)).astype(np.int32),
+               "shift": rng.integers(30, 34, (1, 1, 24)).astype(np.int32)}
+    ops = [Op("requantize", ["x"], "tokens", consts=feature, attrs={"lo": -128, "hi": 127}, lo=-128, hi=127),
+           Op("reshape", ["tokens"], "split", attrs={"shape": (-1, 5, 3, 2, 4)}),
+           Op("permute", ["split"], "heads", attrs={"dims": (2, 0, 3, 1, 4)}),
+           Op("take", ["heads"], "q", attrs={"axis": 0, "index": 0}),
+           Op("take", ["heads"], "v", attrs={"axis": 0, "index": -1}),
+           Op("take", ["q"], "first", attrs={"axis": 0, "index": 1}),           # along q's batch axis
+           Op("constant", ["heads"], "bias", consts={"value": rng.integers(-300, 300, (1, 2, 2, 5, 4))
+                                                     .astype(np.int32)}),
+           Op("add", ["heads", "bias"], "biased"),
+           Op("take", ["biased"], "k", attrs={"axis": 0, "index": 1}),
+           Op("add", ["q", "k"], "qk"),
+           Op("add", ["qk", "v"], "qkv"),
+           Op("permute", ["qkv"], "merged", attrs={"dims": (0, 2, 1, 3)}),
+           Op("reshape", ["merged"], "out", attrs={"shape": (-1, 5, 8)}),
+           Op("constant", ["out"], "pos", consts={"value": rng.integers(-50, 50, (1, 1, 8)).astype(np.int32)}),
+           Op("concat", ["pos", "out"], "cat", attrs={"axis": 1}),
+           Op("take", ["cat"], "cls", attrs={"axis": 1, "index": 0}),                # (N, 8)
+           Op("requantize", ["cat"], "final", consts={"multiplier": np.asarray(1 << 30, np.int32),
+                                                      "shift": np.asarray(31, np.int32)})]
+    program = _program((5, 24), ops)
+    x = [_edges(rng, (2, 5, 24), -128, 127).astype(np.int8) for _ in range(2)]
+    manifest = _check(program, x)
+    assert {"permute", "take", "reshape", "constant"} <= _paths(manifest)
+    _check(program, x[:1], GENERIC)
+
+
+def test_layout_changes_between_blocked_maps_and_plain_values():
+    """A conv's blocked (N, C, H, W) map read by a reshape (the patch embedding's flatten(2)), by a softmax and
+    a matmul (blocked -> plain), and a plain rank-4 value fed to a conv, a max pool and a concat with a blocked
+    map (plain -> blocked); a permute of the image itself that moves the batch axis before a conv."""
+    rng = np.random.default_rng(9)
+    w = rng.integers(-128, 128, (20, 3, 3, 3)).astype(np.int8)
+    w2 = rng.integers(-8, 8, (16, 20, 1, 1)).astype(np.int8)
+    def conv(x, out, weight, pad):
+        return Op("conv2d", [x], out, attrs={"stride": (1, 1), "padding": (pad, pad), "dilation": (1, 1),
+                                             "groups": 1, "w_bits": 8, "x_bits": 8, "x_signed": True},
+                  consts={"weight": weight, "bias": np.zeros(len(weight), np.int32)}, layer=out)
+
+    def narrow(x, out, lo, hi):
+        return Op("requantize", [x], out, consts={"multiplier": np.asarray(1 << 30, np.int32),
+                                                  "shift": np.asarray(38, np.int32)},
+                  attrs={"lo": lo, "hi": hi}, lo=lo, hi=hi)
+    ops = [conv("x", "c1", w, 1), narrow("c1", "a1", -128, 127),                        # (N, 20, 6, 6) blocked
+           Op("reshape", ["a1"], "tokens", attrs={"shape": (-1, 20, 36)}),
+           Op("softmax", ["a1"], "p", consts={k: np.asarray(v) for k, v in exponent_constants(0.05).items()},
+              lo=0, hi=255),
+           Op("matmul", ["p", "a1"], "pv", attrs={"a_signed": False, "b_signed": True, "k": 6}),
+           narrow("pv", "pv8", -128, 127),
+           Op("permute", ["pv8"], "t", attrs={"dims": (0, 1, 3, 2)}),                  # plain rank 4
+           conv("t", "c2", w2, 0), narrow("c2", "a2", 0, 255),
+           Op("max_pool2d", ["t"], "mp", attrs={"kernel": (2, 2), "stride": (2, 2), "padding": (0, 0),
+                                                "dilation": (1, 1), "ceil_mode": False}),
+           Op("concat", ["a1", "t"], "cat", attrs={"axis": 1}),
+           Op("permute", ["x"], "xb", attrs={"dims": (1, 0, 2, 3)}),                   # (3, N, 6, 6)
+           Op("flatten", ["tokens"], "flat"), Op("flatten", ["mp"], "flat2"), Op("flatten", ["cat"], "flat3"),
+           Op("reshape", ["a2"], "flat4", attrs={"shape": (-1, 576)}),
+           Op("concat", ["flat", "flat2", "flat3", "flat4"], "all", attrs={"axis": 1})]
+    w3 = rng.integers(-128, 128, (4, 2, 3, 3)).astype(np.int8)
+    ops += [conv("xb", "c3", w3, 1), Op("flatten", ["c3"], "flat5")]
+    program = _program((3, 6, 6), ops, output="all")
+    x = rng.integers(-128, 128, (2, 3, 6, 6)).astype(np.int8)
+    manifest = _check(program, [x])
+    program = _program((3, 6, 6), ops, output="flat5")
+    _check(program, [x])
+    assert "layout" in _paths(manifest)
+
+
+def test_dense_over_tokens_with_per_feature_requantize_and_a_table_matches_the_executor():
+    """Linear over tokens (N, T, I) (17 rows: the register tile's last rows past the end) and over a rank-5
+    value, int8 and packed int4 weights, a requantize with (1, 1, C) constants, a GELU-like table (read 16 lanes
+    at a time with AVX512-VBMI) and a residual add on plain tokens, on the host and generic targets."""
+    rng = np.random.default_rng(11)
+    ops = []
+    for k, (i, o, bits) in enumerate([(24, 48, 8), (48, 24, 4)]):
+        x = "x" if k == 0 else "act"
+        lim = 1 << (bits - 1)
+        ops.append(Op("dense", [x], f"fc{k}", consts={"weight": rng.integers(-lim, lim, (o, i)).astype(np.int8),
+                                                      "bias": rng.integers(-5000, 5000, o).astype(np.int32)},
+                      attrs={"w_bits": bits, "x_bits": 8, "x_signed": True}, layer=f"fc{k}"))
+        ops.append(Op("requantize", [f"fc{k}"], f"q{k}",
+                      consts={"multiplier": rng.integers(1 << 29, 1 << 30, (1, 1, o)).astype(np.int32),
+                              "shift": rng.integers(38, 41, (1, 1, o)).astype(np.int32)},
+                      attrs={"lo": -128, "hi": 127}, lo=-128, hi=127))
+        if k == 0:
+            ops.append(_lookup("q0", "act", _table(rng, -128, 127)))
+    ops += [Op("add", ["x", "q1"], "res"),
+            Op("requantize", ["res"], "res8", consts={"multiplier": np.asarray(1 << 30, np.int32),
+                                                      "shift": np.asarray(31, np.int32)},
+               attrs={"lo": -128, "hi": 127}, lo=-128, hi=127),
+            Op("reshape", ["res8"], "five", attrs={"shape": (-1, 17, 2, 2, 6)}),
+            Op("dense", ["five"], "fc5", consts={"weight": rng.integers(-128, 128, (3, 6)).astype(np.int8),
+                                                 "bias": np.zeros(3, np.int32)},
+               attrs={"w_bits": 8, "x_bits": 8, "x_signed": True}, layer="fc5")]
+    program = _program((17, 24), ops)
+    x = [_edges(rng, (3, 17, 24), -128, 127).astype(np.int8)]
+    manifest = _check(program, x)
+    assert {k["w_bits"] for k in manifest["kernels"] if k.get("layer")} == {4, 8}
+    _check(program, x, GENERIC)
