@@ -20,7 +20,7 @@ from tvm import s_tir, te
 
 from hawq_ray.contract import HawqError
 from hawq_ray.deploy import amx, depthwise, layout
-from hawq_ray.deploy.epilogue import LUT_INDEX, Value, epilogue, output_block_names, output_dtype, schedule_output
+from hawq_ray.deploy.epilogue import LUT_INDEX, Value, epilogue, output_dtype, schedule_output
 from hawq_ray.deploy.target import capabilities
 from hawq_ray.program.program import Op
 
