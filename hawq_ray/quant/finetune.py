@@ -263,13 +263,13 @@ def finetune(model: nn.Module, bits, data, recipe: Recipe = Recipe(), *, input_s
     labels = labels_of(test)
     qm = calibrated(model, bits, checked_split(train, "train"), recipe, input_shape, table)
     row = {"bits": bits.as_dict(), **config_costs(table, bits),
-           "top1_fp32": top1(float_predictions(model, test), labels),
-           "top1_ptq": top1(integer_predictions(qm, test), labels), "losses": []}
+           "top1_fp32": top1(float_predictions(model, test, recipe.batch_size), labels),
+           "top1_ptq": top1(integer_predictions(qm, test, recipe.batch_size), labels), "losses": []}
     for _, loss, _ in finetune_epochs(qm, train, recipe, teacher=teacher):
         row["losses"].append(loss)
-    preds = integer_predictions(qm, test)
+    preds = integer_predictions(qm, test, recipe.batch_size)
     row["top1"] = top1(preds, labels)
-    row["int_matches_qat"] = top1(preds, float_predictions(qm, test))
+    row["int_matches_qat"] = top1(preds, float_predictions(qm, test, recipe.batch_size))
     return qm, row
 
 

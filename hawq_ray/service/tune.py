@@ -127,20 +127,21 @@ def qat_trial(hp: dict, setup: dict) -> None:
     else:
         qm = calibrated(model, bits, train, recipe, student.input_shape, student.table)
         start, optimizer_state = 0, None
-        extra = {"top1_ptq": top1(integer_predictions(qm, test), labels)}
+        extra = {"top1_ptq": top1(integer_predictions(qm, test, recipe.batch_size), labels)}
     teacher = setup["teacher"].to(device) if recipe.distill else None
     qm.to(device)
     epochs = finetune_epochs(qm, train, recipe, teacher=teacher, start_epoch=start,
                              optimizer_state=optimizer_state, device=device)
     for epoch, loss, opt in epochs:
         qm.cpu()                                    # the integer executor and lowering run on the CPU
-        logits = integer_logits(qm, test)
+        logits = integer_logits(qm, test, recipe.batch_size)
         preds = logits.argmax(1)
         acc = top1(preds, labels)
         metrics = {"epoch": epoch + 1, "loss": loss, "top1_int": acc, "top1_ptq": extra["top1_ptq"],
                    "test_loss": float(torch.nn.functional.cross_entropy(logits, labels.to(logits.device))),
                    "gain": acc - extra["top1_ptq"], "start_epoch": start,
-                   "int_matches_qat": top1(preds, float_predictions(qm, test)), "device": device.type}
+                   "int_matches_qat": top1(preds, float_predictions(qm, test, recipe.batch_size)),
+                   "device": device.type}
         record.commit(metrics, lambda path: save_checkpoint(path, qm, opt, epoch, extra))
         record.prune(setup["keep_checkpoints"])
         tune.report(metrics)
@@ -186,7 +187,7 @@ def tune_finetune(configs: pd.DataFrame, student: Student, data, source: DataSou
     trials = _trials(configs, recipe, settings, fingerprint)
     setup.update(trial_folder=str(experiment), trials=trials, keep_checkpoints=settings.keep_checkpoints)
     grid = _fit(trials, setup, resources, settings, recipe, experiment)
-    fp32_top1 = top1(float_predictions(_fp32_model(student), test), labels_of(test))
+    fp32_top1 = top1(float_predictions(_fp32_model(student), test, recipe.batch_size), labels_of(test))
     label = f"{data.name} (synthetic)" if data.synthetic else data.name
     errors = {r.config["trial"]: one_line_error(r.error) for r in grid if r.error}
     errors.update({name: "the trial did not run (the experiment ended before it)"
