@@ -309,7 +309,8 @@ def fake_vs_int(run: Run) -> pd.DataFrame:
     """Figure G.1 of each config, and its saved program against the QAT simulation, element by element."""
     from hawq_ray.analysis.verify import check_simulation
     from hawq_ray.inputs.data import batches
-    x = torch.cat([b[0] for b in batches(run.data.test, 64, 2)])
+    size = min(64, run.cfg["tune"]["batch_size"])      # QAT's memory: tune.batch_size bounds it (a 224x224 ViT)
+    x = torch.cat([b[0] for b in batches(run.data.test, size, 2)])
     finished = run.finished.set_index("config")
     frames = []
     for _, row in run.tables["programs"].iterrows():
