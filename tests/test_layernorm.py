@@ -86,8 +86,8 @@ def test_edges_constant_channels_extremes_and_one_channel():
         x = np.zeros((1, 8192), np.int64)
         x[0, 0] = 1 << 15
         run(big, x)
-    with pytest.raises(HawqError, match="rank-3"):
-        run(op, np.zeros((1, c, 4)))
+    with pytest.raises(HawqError, match="axis 1 of a rank-1 value"):
+        run(op, np.zeros((c,)))
 
 
 def test_dequantized_output_is_within_the_derived_bound_of_torch_layer_norm():
