@@ -185,20 +185,14 @@ def plan_items(plans: dict) -> list:
 
 def layer_inputs(model, input_shape, layers) -> dict:
     """{layer: (module, input shape of one sample)} from a forward pass at batch 1."""
-    from hawq_ray.quant.layers import probe_forward
+    from hawq_ray.quant.layers import layer_calls
     modules = dict(model.named_modules())
-    missing = [name for name in layers if name not in modules]
+    calls = layer_calls(model, input_shape)
+    missing = [name for name in layers if name not in modules or name not in calls]
     if missing:
-        raise HawqError(f"layer {missing[0]!r} of the table is not a module of the model")
-    shapes = {}
-
-    def recorder(name):
-        def hook(mod, inp, out):
-            shapes.setdefault(name, tuple(inp[0].shape[1:]))
-        return hook
-
-    probe_forward(model, input_shape, {name: recorder(name) for name in layers})
-    return {name: (modules[name], shapes[name]) for name in layers}
+        raise HawqError(f"layer {missing[0]!r} of the table is not a Conv2d or Linear that the model's forward "
+                        "reads")
+    return {name: (modules[name], calls[name]["input"]) for name in layers}
 
 
 def torch_items(inputs: dict, batch: int, device: str) -> tuple[list, dict]:

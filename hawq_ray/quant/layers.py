@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from hawq_ray.contract.table import COL, COLUMNS, FIXED_BITS
 from hawq_ray.quant.graph import Graph, trace_graph
@@ -26,22 +27,34 @@ def probe_forward(model: nn.Module, input_shape, hooks: dict) -> None:
         model.train(was_training)
 
 
+def layer_calls(model: nn.Module, input_shape) -> dict[str, dict]:
+    """{layer: {"input": the input's shape for one sample, "macs": multiply-accumulates per sample}} of every
+    Conv2d / Linear, seen where its weight is read: the module's call, or a functional call given the weight
+    (torchvision Swin's window attention and BEiT pass a Linear's weight to F.linear), from one forward pass at
+    batch 1. A module read twice adds its MACs."""
+    layers = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    calls: dict[str, dict] = {}
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if getattr(func, "__name__", "") in ("linear", "conv2d"):
+                x = args[0] if args else kwargs["input"]
+                w = args[1] if len(args) > 1 else kwargs.get("weight")
+                name = layers.get(id(w))
+                if name is not None:         # out elements times the reduction length of each: in / groups x k x k
+                    call = calls.setdefault(name, {"input": tuple(x.shape[1:]), "macs": 0})
+                    call["macs"] += int(out.numel()) * int(w[0].numel())
+            return out
+    with Reads():
+        probe_forward(model, input_shape, {})
+    return calls
+
+
 def layer_macs(model: nn.Module, input_shape) -> dict[str, int]:
-    """Multiply-accumulates per sample of every Conv2d / Linear, from one forward pass at batch 1."""
-    macs, hooks = {}, {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            def hook(mod, inp, out, name=name):
-                k = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
-                macs[name] = macs.get(name, 0) + int(out[0].numel()) * k
-        elif isinstance(m, nn.Linear):
-            def hook(mod, inp, out, name=name):      # per token of a (1, T, C) input: T rows
-                macs[name] = macs.get(name, 0) + int(out.numel()) * mod.in_features
-        else:
-            continue
-        hooks[name] = hook
-    probe_forward(model, input_shape, hooks)
-    return macs
+    """Multiply-accumulates per sample of every Conv2d / Linear (`layer_calls`)."""
+    return {name: call["macs"] for name, call in layer_calls(model, input_shape).items()}
 
 
 def activation_elements(model: nn.Module, input_shape) -> int:
