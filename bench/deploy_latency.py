@@ -20,6 +20,7 @@ onnxruntime: the fused form should match onnxruntime's own quantizer within 10%.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -81,7 +82,8 @@ def ort_int8_qdq(model, x, calib, workdir):
     q8 = os.path.join(workdir, "model.int8.onnx")
     torch.onnx.export(model.eval(), (x,), fp32, input_names=["x"], output_names=["y"], dynamo=False)
     try:
-        quant_pre_process(fp32, pre)
+        with contextlib.chdir(workdir):     # its shape inference writes temporary files to the working folder
+            quant_pre_process(fp32, pre)
     except Exception:  # pre-processing is an optimization only
         pre = fp32
 
