@@ -110,13 +110,25 @@ def apply_op(op: Op, ins: list) -> np.ndarray:
         return out
     if op.op == "slice":
         return ins[0][:, op.attrs["start"]:op.attrs["stop"]]
+    if op.op == "channel_gather":
+        return ins[0][:, np.asarray(c["index"], np.int64)]
+    if op.op == "resize":                    # the docstring's sum over taps, one output position at a time
+        x, shift = ins[0].astype(np.int64), int(a["shift"])
+        ih, wh, iw, ww = (np.asarray(c[k], np.int64) for k in ("idx_h", "w_h", "idx_w", "w_w"))
+        out = np.zeros(x.shape[:2] + (len(ih), len(iw)), np.int64)
+        for i in range(len(ih)):
+            for j in range(len(iw)):
+                for ta in range(ih.shape[1]):
+                    for tb in range(iw.shape[1]):
+                        out[:, :, i, j] += wh[i, ta] * ww[j, tb] * x[:, :, ih[i, ta], iw[j, tb]]
+        return (out + (1 << (shift - 1))) >> shift if shift else out
     if op.op == "affine":
         z = (ins[0] + c["bias"].astype(np.int64)) * c["multiplier"].astype(np.int64)
         shift = c["shift"].astype(np.int64)
         return np.clip((z + (np.int64(1) << (shift - 1))) >> shift, a["lo"], a["hi"])
     if op.op == "layer_norm":
         return ref_layer_norm(ins[0], c["multiplier"], c["shift"], c["bias"], a.get("eps", 0), a["lo"], a["hi"],
-                              a.get("axis", 1))
+                              a.get("axis", 1), a.get("center", True))
     if op.op == "reshape":
         return ins[0].reshape(a["shape"])
     if op.op == "permute":
@@ -125,6 +137,13 @@ def apply_op(op: Op, ins: list) -> np.ndarray:
         return np.take(ins[0], a["index"], axis=a["axis"])
     if op.op == "roll":
         return np.roll(ins[0], tuple(a["shifts"]), tuple(a["dims"]))
+    if op.op == "pad":
+        return np.pad(ins[0], [tuple(p) for p in a["pads"]])
+    if op.op == "crop":
+        index = [slice(None)] * ins[0].ndim
+        for axis, start, stop in zip(a["axes"], a["starts"], a["stops"]):
+            index[axis] = slice(start, stop)
+        return ins[0][tuple(index)]
     if op.op == "constant":
         return np.repeat(np.asarray(c["value"], np.int64), ins[0].shape[0], axis=0)
     if op.op == "matmul":
@@ -151,8 +170,9 @@ def ref_softmax_row(x: list, m: int, s: int) -> list:
     return [min((t * r + (1 << 53)) >> 54, 255) for t in e]
 
 
-def ref_layer_norm(x, multiplier, shift, bias, eps, lo, hi, axis=1):
-    """layer_norm's docstring formula over `axis`, one position at a time in Python integers (math.isqrt, //)."""
+def ref_layer_norm(x, multiplier, shift, bias, eps, lo, hi, axis=1, center=True):
+    """layer_norm's docstring formula over `axis`, one position at a time in Python integers (math.isqrt, //);
+    without centering the sum is 0."""
     x = np.moveaxis(np.asarray(x, np.int64), axis, 1)
     c = x.shape[1]
     per = lambda a: [int(v) for v in np.broadcast_to(np.asarray(a, np.int64).reshape(-1), (c,))]   # noqa: E731
@@ -161,7 +181,7 @@ def ref_layer_norm(x, multiplier, shift, bias, eps, lo, hi, axis=1):
     out = np.empty(moved.shape, np.int64)
     for pos in np.ndindex(*moved.shape[:-1]):
         xs = [int(v) for v in moved[pos]]
-        total = sum(xs)
+        total = sum(xs) if center else 0
         v = c * sum(t * t for t in xs) - total * total + int(eps)
         r = max(math.isqrt(v * 64), 1)
         recip = 2 ** 56 // r

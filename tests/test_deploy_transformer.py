@@ -1,8 +1,9 @@
 """The TVM back end on a vision transformer's integer program: digits_vit under uniform 8-bit, uniform 4-bit and a
 mixed 4/8-bit config, compiled and held to the integer executor on every value it stores; and each transformer
-op alone (softmax, matmul, layer_norm over the last axis, permute moving the batch axis, take, constant, the
-layout changes between blocked maps and plain values) on inputs at the edges of its range, on the host target
-(AVX512-VNNI where the CPU has it) and on the generic AVX2 schedule.
+op alone (softmax, matmul, layer_norm over the last axis and uncentered, permute moving the batch axis, take,
+constant, pad and crop of plain values and of blocked maps, the layout changes between blocked maps and plain
+values) on inputs at the edges of its range, on the host target (AVX512-VNNI where the CPU has it) and on the
+generic AVX2 schedule.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ GENERIC = {"kind": "llvm", "mcpu": "skylake"}      # AVX2: no VNNI, the generic 
 FLAGS = set(open("/proc/cpuinfo").read().split())
 VNNI = "avx512_vnni" in FLAGS
 SHAPE = (1, 16, 16)
+I16 = (-(1 << 15), (1 << 15) - 1)
 
 
 def _check(program: IntegerProgram, inputs: list, target="llvm") -> dict:
@@ -59,6 +61,27 @@ def _lookup(x, out, table) -> Op:
 
 def _paths(manifest) -> set:
     return {k["path"] for k in manifest["kernels"]}
+
+
+def _conv(x, out, weight, pad) -> Op:
+    return Op("conv2d", [x], out, attrs={"stride": (1, 1), "padding": (pad, pad), "dilation": (1, 1), "groups": 1,
+                                         "w_bits": 8, "x_bits": 8, "x_signed": True},
+              consts={"weight": weight, "bias": np.zeros(len(weight), np.int32)}, layer=out)
+
+
+def _narrow(x, out, lo, hi, shift=38) -> Op:
+    return Op("requantize", [x], out, consts={"multiplier": np.asarray(1 << 30, np.int32),
+                                              "shift": np.asarray(shift, np.int32)},
+              attrs={"lo": lo, "hi": hi}, lo=lo, hi=hi)
+
+
+def _affine(x, out, rng, channels=None) -> Op:
+    """An int16 affine whose bias makes code 0 nonzero (a tail that leaves a pad's zeros zero would hide a tail
+    skipped there); per tensor, or per channel of an (N, C, H, W) map."""
+    shape = (channels, 1, 1) if channels else ()
+    consts = {"multiplier": rng.integers(1, 1 << 12, shape).astype(np.int32) * rng.choice([-1, 1], shape),
+              "shift": np.full(shape, 10, np.int32), "bias": rng.integers(1 << 10, 1 << 14, shape).astype(np.int32)}
+    return Op("affine", [x], out, attrs={"lo": I16[0], "hi": I16[1]}, consts=consts, lo=I16[0], hi=I16[1])
 
 
 # ---------------------------------------------------------------------------------------------- digits_vit
@@ -222,15 +245,7 @@ def test_layout_changes_between_blocked_maps_and_plain_values():
     rng = np.random.default_rng(9)
     w = rng.integers(-128, 128, (20, 3, 3, 3)).astype(np.int8)
     w2 = rng.integers(-8, 8, (16, 20, 1, 1)).astype(np.int8)
-    def conv(x, out, weight, pad):
-        return Op("conv2d", [x], out, attrs={"stride": (1, 1), "padding": (pad, pad), "dilation": (1, 1),
-                                             "groups": 1, "w_bits": 8, "x_bits": 8, "x_signed": True},
-                  consts={"weight": weight, "bias": np.zeros(len(weight), np.int32)}, layer=out)
-
-    def narrow(x, out, lo, hi):
-        return Op("requantize", [x], out, consts={"multiplier": np.asarray(1 << 30, np.int32),
-                                                  "shift": np.asarray(38, np.int32)},
-                  attrs={"lo": lo, "hi": hi}, lo=lo, hi=hi)
+    conv, narrow = _conv, _narrow
     ops = [conv("x", "c1", w, 1), narrow("c1", "a1", -128, 127),                        # (N, 20, 6, 6) blocked
            Op("reshape", ["a1"], "tokens", attrs={"shape": (-1, 20, 36)}),
            Op("softmax", ["a1"], "p", consts={k: np.asarray(v) for k, v in exponent_constants(0.05).items()},
@@ -254,6 +269,114 @@ def test_layout_changes_between_blocked_maps_and_plain_values():
     program = _program((3, 6, 6), ops, output="flat5")
     _check(program, [x])
     assert "layout" in _paths(manifest)
+
+
+def _source(dtype: str, rng) -> list:
+    """The op making value "src" from the int8 input: a lookup to int8 or int16 codes, half of them at the ends
+    of the range, code 0 to 0 (a row of the input's zeros stays zeros)."""
+    table = _table(rng, *((-128, 127) if dtype == "int8" else I16))
+    table[128] = 0
+    return [_lookup("x", "src", table)]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("view", ["reshape", "permute"])
+def test_roll_through_a_view_matches_the_executor_at_every_batch(view, batch):
+    """Swin's unshift: windows merged back by a reshape (or a permute) that nobody stores, then rolled. At batch 1
+    TVM once simplified the roll's floormod index wrongly and rolled only one axis."""
+    rng = np.random.default_rng(9)
+    first = Op("reshape", ["x"], "map", attrs={"shape": (-1, 4, 4, 4)}) if view == "reshape" else \
+        Op("permute", ["x"], "map", attrs={"dims": (0, 2, 1, 3)})
+    ops = [first, Op("roll", ["map"], "unshift", attrs={"shifts": (1, 2), "dims": (1, 2)}),
+           Op("requantize", ["unshift"], "out", consts={"multiplier": np.asarray(1 << 30, np.int32),
+                                                        "shift": np.asarray(31, np.int32)})]
+    program = _program((16, 4) if view == "reshape" else (4, 4, 4), ops)
+    _check(program, [rng.integers(-128, 128, (batch, *program.input_shape)).astype(np.int8)])
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16"])
+def test_pad_and_crop_of_plain_values_match_the_executor(dtype):
+    """Swin's pad of a channels-last (N, H, W, C) map to whole windows, a roll, and the crop back (the roll a view
+    the crop reads through); a pad read only by a reshape and a crop read only by a permute (views: their maps
+    composed into the reader's, the pad's zeros included); an affine tail fused after a pad (on its zeros too:
+    its bias makes code 0 nonzero) and after a crop. On the host and generic targets."""
+    rng = np.random.default_rng(12)
+    lo, hi = (-128, 127) if dtype == "int8" else I16
+    ops = _source(dtype, rng) + [
+        Op("pad", ["src"], "win", attrs={"pads": ((0, 0), (0, 3), (0, 1), (0, 0))}, lo=lo, hi=hi),    # 5x7 -> 8x8
+        _affine("win", "win_a", rng),
+        Op("roll", ["win_a"], "shifted", attrs={"shifts": (-2, -3), "dims": (1, 2)}, lo=I16[0], hi=I16[1]),
+        Op("crop", ["shifted"], "back", attrs={"axes": (1, 2), "starts": (0, 0), "stops": (5, 7)},
+           lo=I16[0], hi=I16[1]),
+        Op("pad", ["src"], "around", attrs={"pads": ((0, 0), (1, 1), (0, 0), (2, 1))}, lo=lo, hi=hi),
+        Op("reshape", ["around"], "tokens", attrs={"shape": (-1, 49, 7)}, lo=lo, hi=hi),
+        Op("crop", ["src"], "part", attrs={"axes": (3, 2), "starts": (1, 2), "stops": (3, 6)}, lo=lo, hi=hi),
+        Op("permute", ["part"], "moved", attrs={"dims": (0, 3, 1, 2)}, lo=lo, hi=hi),
+        Op("crop", ["src"], "tail", attrs={"axes": (1,), "starts": (4,), "stops": (5,)}, lo=lo, hi=hi),
+        _affine("tail", "tail_a", rng)]
+    program = _program((5, 7, 4), ops)
+    x = [rng.integers(-128, 128, (2, 5, 7, 4)).astype(np.int8)]
+    manifest = _check(program, x)
+    assert {"pad", "crop", "reshape", "permute"} <= _paths(manifest)
+    assert not {"shifted", "around", "part"} & {v["name"] for v in manifest["values"]}       # views
+    _check(program, x, GENERIC)
+
+
+def test_pad_and_crop_of_blocked_maps_match_the_executor():
+    """A conv's NCHW[16]c map (int8, and int16 after a wide requantize) padded and cropped on H, W and the
+    channels (20 channels to 23, 16 and 4: channels move across blocks), each with a per-channel affine tail
+    (nonzero at code 0) or a lookup tail (nonzero at code 0); the results stay blocked, so the conv after an
+    8-bit one reads it without a layout change; a pad read by a reshape (a view over a blocked map)."""
+    rng = np.random.default_rng(13)
+    w = rng.integers(-128, 128, (20, 3, 3, 3)).astype(np.int8)
+    w2 = rng.integers(-128, 128, (8, 23, 3, 3)).astype(np.int8)
+    table = _table(rng, -128, 127)
+    table[128] = 99                          # code 0 (offset -128): a tail skipped on the zeros shows
+    ops = [_conv("x", "c1", w, 1), _narrow("c1", "a8", -128, 127), _narrow("c1", "a16", *I16, shift=30),
+           Op("pad", ["a8"], "p8", attrs={"pads": ((0, 0), (1, 2), (2, 0), (0, 1))}, lo=-128, hi=127),
+           _lookup("p8", "p8t", table),
+           _conv("p8t", "c2", w2, 0),
+           Op("crop", ["a8"], "k8", attrs={"axes": (1, 3), "starts": (3, 1), "stops": (19, 5)}, lo=-128, hi=127),
+           _lookup("k8", "k8t", table),
+           Op("pad", ["a16"], "p16", attrs={"pads": ((0, 0), (0, 3), (1, 1), (1, 0))}, lo=I16[0], hi=I16[1]),
+           _affine("p16", "p16a", rng, channels=23),
+           Op("crop", ["a16"], "k16", attrs={"axes": (2, 1), "starts": (1, 16), "stops": (6, 20)}, lo=I16[0],
+              hi=I16[1]),
+           _affine("k16", "k16a", rng, channels=4),
+           Op("pad", ["a16"], "p16v", attrs={"pads": ((0, 0), (0, 0), (2, 2), (0, 0))}, lo=I16[0], hi=I16[1]),
+           Op("reshape", ["p16v"], "flat16", attrs={"shape": (-1, 20 * 10 * 6)}, lo=I16[0], hi=I16[1])]
+    program = _program((3, 6, 6), ops)
+    x = [rng.integers(-128, 128, (2, 3, 6, 6)).astype(np.int8)]
+    manifest = _check(program, x)
+    blocks = {v["name"]: v["block"] for v in manifest["values"]}
+    assert all(blocks[v] == 16 for v in ("p8t", "k8t", "p16a", "k16a")) and "p16v" not in blocks
+    assert [k["name"] for k in manifest["kernels"] if k["path"] == "layout"] == ["input_to_blocked"]
+    assert {"pad", "crop", "reshape"} <= _paths(manifest)
+
+
+@pytest.mark.parametrize("dtype,layout", [("int16", "tokens"), ("int8", "tokens"), ("int16", "blocked")])
+def test_uncentered_layer_norm_matches_the_executor(dtype, layout):
+    """layer_norm with `center` false (RMSNorm, F.normalize: no sum taken) over the last axis of tokens of int16
+    codes at their extremes and of int8 codes (a position of zeros among them: V = eps, or 0 with r clamped to
+    1), and over the channels of a blocked map; an 8-bit and a 16-bit output, added (the add the tail of the
+    second); on the host and generic targets."""
+    rng = np.random.default_rng(len(dtype + layout))
+    if layout == "blocked":
+        w = rng.integers(-128, 128, (24, 3, 3, 3)).astype(np.int8)
+        ops, shape, axis, c = [_conv("x", "c1", w, 1), _narrow("c1", "src", *I16, shift=30)], (3, 5, 6), 1, 24
+    else:
+        ops, shape, axis, c = _source(dtype, rng), (9, 40), 2, 40
+    for k, (lo, hi, eps) in enumerate([(*I16, 1e-5), (-128, 127, 0.0)]):
+        consts, attrs = layer_norm_constants(rng.uniform(-2, 2, c), rng.uniform(-1, 1, c), eps, 1.0, 5 / hi, c)
+        ops.append(Op("layer_norm", ["src"], f"ln{k}", consts=consts,
+                      attrs={**attrs, "axis": axis, "center": False, "lo": lo, "hi": hi}, lo=lo, hi=hi))
+    ops.append(Op("add", ["ln0", "ln1"], "sum"))
+    program = _program(shape, ops)
+    x = [rng.integers(-128, 128, (2, *shape)).astype(np.int8)]
+    if layout == "tokens":
+        x[0][0, 0] = 0                       # token 0 of sample 0: all zeros (`_source` keeps code 0 at 0)
+    assert "layer_norm" in _paths(_check(program, x))
+    _check(program, x, GENERIC)
 
 
 def test_dense_over_tokens_with_per_feature_requantize_and_a_table_matches_the_executor():

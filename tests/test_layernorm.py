@@ -20,14 +20,15 @@ from numpy_reference import ref_layer_norm
 I16 = (-(1 << 15), (1 << 15) - 1)
 
 
-def ln_op(c, gamma, beta, eps=0.0, s_in=1.0, s_out=None, clamp=I16, per_tensor=False, name="ln", src="x"):
+def ln_op(c, gamma, beta, eps=0.0, s_in=1.0, s_out=None, clamp=I16, per_tensor=False, name="ln", src="x",
+          center=True):
     gamma, beta = np.asarray(gamma, np.float64), np.asarray(beta, np.float64)
     if s_out is None:
         s_out = (math.sqrt(max(c - 1, 1)) * np.abs(gamma).max() + np.abs(beta).max()) / max(-clamp[0], clamp[1])
     consts, attrs = layer_norm_constants(gamma, beta, eps, s_in, s_out, c)
     if per_tensor:
         consts = {k: v[:1].reshape(()) for k, v in consts.items()}
-    return Op("layer_norm", [src], name, attrs={**attrs, "lo": clamp[0], "hi": clamp[1]}, consts=consts,
+    return Op("layer_norm", [src], name, attrs={**attrs, "lo": clamp[0], "hi": clamp[1], "center": center}, consts=consts,
               scale=np.asarray(s_out), lo=clamp[0], hi=clamp[1])
 
 
@@ -37,7 +38,8 @@ def run(op, x):
 
 def ref(op, x):
     c = op.consts
-    return ref_layer_norm(x, c["multiplier"], c["shift"], c["bias"], op.attrs["eps"], op.attrs["lo"], op.attrs["hi"])
+    return ref_layer_norm(x, c["multiplier"], c["shift"], c["bias"], op.attrs["eps"], op.attrs["lo"], op.attrs["hi"],
+                          center=op.attrs["center"])
 
 
 def test_isqrt_is_floor_sqrt():
@@ -118,6 +120,54 @@ def test_dequantized_output_is_within_the_derived_bound_of_torch_layer_norm():
         err = (got - want).abs()
         assert bool((err <= bound).all()), float((err - bound).max())
         assert float(err.max()) < 0.01 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("shape", [(2, 12, 3, 5), (3, 40), (4, 4096)])
+def test_uncentered_executor_equals_the_python_integer_reference_up_to_its_bound(shape):
+    rng = np.random.default_rng(shape[1])
+    c = shape[1]
+    x = rng.integers(-(1 << 15), 1 << 15, shape)
+    x[0, :] = -(1 << 15)                          # C * 2 max|x| = 2^28 at C = 4096: the bound's edge
+    for eps in (0.0, 1e-5):
+        op = ln_op(c, rng.uniform(-2, 2, c), rng.uniform(-1, 1, c), eps=eps, center=False)
+        assert np.array_equal(run(op, x), ref(op, x))
+    if c == 4096:
+        with pytest.raises(HawqError, match="spread"):
+            run(ln_op(8192, np.ones(8192), np.zeros(8192), center=False), np.full((1, 8192), -(1 << 15)))
+
+
+@pytest.mark.parametrize("kind", ["rms_norm", "normalize"])
+def test_uncentered_output_is_within_the_derived_bound_of_torch(kind):
+    """RMSNorm (gamma, eps) and F.normalize (gamma C^-1/2, eps 0) against torch in float64: the bound of the
+    centered test with x_hat = x / rms(x) and sqrt(C) in place of sqrt(C - 1)."""
+    rng = np.random.default_rng(3)
+    for shape, s_in in (((4, 96, 3, 3), 0.013), ((8, 32), 0.002)):
+        c = shape[1]
+        x = rng.integers(-30000, 30000, shape) // rng.integers(1, 300, (shape[0], 1) + (1,) * (len(shape) - 2))
+        if kind == "rms_norm":
+            gamma, beta, eps_int = rng.uniform(-2, 2, c), np.zeros(c), 1 + c * c
+        else:
+            gamma, beta, eps_int = np.full(c, c ** -0.5), np.zeros(c), 0
+        eps = eps_int * s_in ** 2 / c ** 2
+        op = ln_op(c, gamma, beta, eps=eps, s_in=s_in, center=False,
+                   s_out=math.sqrt(c) * np.abs(gamma).max() / 32767)
+        assert op.attrs["eps"] == eps_int
+        got = torch.from_numpy(run(op, x)).double() * float(op.scale)
+        xr = torch.from_numpy(x).double() * s_in
+        g = torch.from_numpy(gamma)
+        view = (1, c) + (1,) * (len(shape) - 2)
+        ms = (xr * xr).mean(1, keepdim=True)
+        if kind == "rms_norm":
+            want = F.rms_norm(xr.movedim(1, -1), (c,), g, eps).movedim(-1, 1)
+        else:
+            want = F.normalize(xr, dim=1)
+        xhat = xr / torch.sqrt(ms + eps)
+        v = ms / s_in ** 2 * c * c + eps_int
+        shift = torch.from_numpy(op.consts["shift"].astype(np.float64)).reshape(view)
+        bound = g.abs().reshape(view) * (xhat.abs() * (1 / (8 * v.sqrt() - 1) + 2 ** -22 + 2 ** -29) + 2 ** -17) \
+            + float(op.scale) * (0.5 + 2.0 ** -(shift + 1)) + 1e-12
+        err = (got - want).abs()
+        assert bool((err <= bound).all()), float((err - bound).max())
 
 
 def _program(c, rank, bits, seed):

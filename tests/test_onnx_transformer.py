@@ -1,7 +1,9 @@
-"""ONNX export of the integer vision transformer's ops (reshape, permute, take, constant, matmul, softmax, layer_norm
-over tokens, dense over tokens): the exact form equals the integer executor on every value of DigitsViT programs
-(uniform 8, uniform 4, random mixed bits), on softmax at the int16 extremes and on products over K = 768 of signed
-x signed and unsigned x signed codes; the fused form runs and mostly agrees on top-1."""
+"""ONNX export of the integer vision transformer's ops (reshape, permute, take, roll, pad, crop, constant, matmul,
+softmax, layer_norm over tokens and uncentered, dense over tokens): the exact form equals the integer executor on
+every value of DigitsViT programs (uniform 8, uniform 4, random mixed bits), on softmax at the int16 extremes, on
+products over K = 768 of signed x signed and unsigned x signed codes, on pads and crops of int8 and int16 maps, on
+uncentered layer norms, on resizes (nearest, bilinear) and channel gathers of maps at one scale per channel and on
+the models of tests/test_resize.py; the fused form runs and mostly agrees on top-1."""
 from __future__ import annotations
 
 import numpy as np
@@ -186,3 +188,150 @@ def test_roll_moves_codes_and_values(tmp_path):
     x = torch.from_numpy(np.random.default_rng(2).integers(-128, 128, (3, *shape)).astype(np.float32))
     rows = _exact(program, x, tmp_path)
     assert [r["op"] for r in rows].count("roll") == 2
+
+
+def _affine(src, name, rng, scale, channels=None):
+    """An int16 affine whose bias makes code 0 nonzero (a pad's zeros go through it); per tensor or per channel."""
+    shape = (channels, 1, 1) if channels else ()
+    consts = {"multiplier": rng.integers(1, 1 << 12, shape).astype(np.int32) * rng.choice([-1, 1], shape),
+              "shift": np.full(shape, 10, np.int32), "bias": rng.integers(1 << 10, 1 << 14, shape).astype(np.int32)}
+    return Op("affine", [src], name, attrs={"lo": I16[0], "hi": I16[1]}, consts=consts, scale=np.asarray(scale),
+              lo=I16[0], hi=I16[1])
+
+
+def _source(dtype: str) -> tuple:
+    """(ops, name, scale, range) of the value the layout tests move: the int8 input itself (its codes tensor
+    moves too), or int16 codes (x times 300, clamped: the extremes reached)."""
+    if dtype == "int8":
+        return [], "x", 1.0, (-128, 127)
+    return [_requantize("x", "wide", 300 << 20, 20, *I16, 1 / 300)], "wide", 1 / 300, I16
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16"])
+def test_pad_and_crop_move_codes_and_values(dtype, tmp_path):
+    """Swin's pad of a channels-last (N, H, W, C) map to whole windows, an affine tail (nonzero at code 0), a roll
+    and the crop back; a crop of the last axis; and a conv's (N, C, H, W) map (requantized to the same bits)
+    padded and cropped on H, W and the channels, each with a per-channel affine after it."""
+    rng = np.random.default_rng(4)
+    ops, src, s, (lo, hi) = _source(dtype)
+    w = rng.integers(-128, 128, (6, 5, 3, 3)).astype(np.int8)
+    s_map = s / 300
+    ops += [Op("pad", [src], "win", attrs={"pads": ((0, 0), (0, 3), (0, 1), (0, 0))}, scale=np.asarray(s), lo=lo,
+               hi=hi),                                                                 # (N, 5, 7, 4) -> 8 x 8
+            _affine("win", "win_a", rng, s),
+            Op("roll", ["win_a"], "shifted", attrs={"shifts": (-2, -3), "dims": (1, 2)}, scale=np.asarray(s),
+               lo=I16[0], hi=I16[1]),
+            Op("crop", ["shifted"], "back", attrs={"axes": (1, 2), "starts": (0, 0), "stops": (5, 7)},
+               scale=np.asarray(s), lo=I16[0], hi=I16[1]),
+            Op("crop", [src], "part", attrs={"axes": (3,), "starts": (1,), "stops": (3,)}, scale=np.asarray(s),
+               lo=lo, hi=hi),
+            Op("conv2d", ["x"], "c1", attrs={"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups": 1,
+                                             "w_bits": 8, "x_bits": 8, "x_signed": True},
+               consts={"weight": w, "bias": np.zeros(6, np.int32)}, scale=np.full(6, 0.01), layer="c1"),
+            _requantize("c1", "map", 1 << 30, 38 if dtype == "int8" else 30, lo, hi, s_map),
+            Op("pad", ["map"], "map_p", attrs={"pads": ((0, 0), (2, 1), (1, 0), (0, 2))}, scale=np.asarray(s_map),
+               lo=lo, hi=hi),
+            _affine("map_p", "map_pa", rng, s_map, channels=9),
+            Op("crop", ["map"], "map_c", attrs={"axes": (1, 2), "starts": (1, 2), "stops": (4, 7)},
+               scale=np.asarray(s_map), lo=lo, hi=hi),
+            _affine("map_c", "map_ca", rng, s_map, channels=3)]
+    program = _program(ops, (5, 7, 4), "map_ca", s_map)
+    x = torch.from_numpy(rng.integers(-128, 128, (3, 5, 7, 4)).astype(np.float32))
+    rows = _exact(program, x, tmp_path)
+    kinds = [r["op"] for r in rows]
+    assert kinds.count("pad") == 2 and kinds.count("crop") == 3
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16"])
+def test_resize_and_channel_gather_move_codes_and_values(dtype, tmp_path):
+    """A conv's 20-channel map requantized to int8 / int16 at one scale per channel, resized nearest (x2, to 11 x 5)
+    and bilinear (to 9 x 13 with align_corners, x2 without, x0.5), and gathered by indices that repeat and reorder
+    its channels (9 of them; 37), a per-channel affine or a lookup (after a requantize to 8 bits where the map is
+    16-bit) reading each; the conv's INT32 accumulator resized bilinearly, a requantize after it; the int8 input
+    itself (its codes tensor) resized and gathered. The exact form equals the executor on every value; the fused
+    form (float taps, then the output's Q/DQ pair, which rounds ties to even) is within a code of it (its map
+    within a code already: a Q/DQ of the conv's float output), its gather of the input's codes exact."""
+    from test_deploy_resize import resize_op
+    rng = np.random.default_rng(6)
+    lo, hi = (-128, 127) if dtype == "int8" else I16
+    s_acc = np.linspace(0.5, 2.0, 20) * 1e-3
+    s = s_acc * (2.0 ** 8 if dtype == "int8" else 1.0)          # per channel
+    shape, src = (3, 20, 5, 7), dict(scale=s, lo=lo, hi=hi)
+    pick, many = np.asarray([19, 0, 3, 3, 17, 16, 16, 5, 19], np.int32), rng.integers(0, 20, 37).astype(np.int32)
+
+    def looked_up(v, scale):       # a lookup of v's codes: of v, or of a requantize of the 16-bit v by 2^-8
+        first = [] if dtype == "int8" else [_requantize(v, f"{v}_8", 1 << 30, 38, -128, 127, scale * 256)]
+        return first + [Op("lookup", [first[0].output if first else v], f"{v}_t", attrs={"offset": -128},
+                           consts={"table": rng.integers(-128, 128, 256).astype(np.int32)}, scale=np.asarray(0.1),
+                           lo=-128, hi=127)]
+    ops = [Op("conv2d", ["x"], "c1", attrs={"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups": 1,
+                                            "w_bits": 8, "x_bits": 8, "x_signed": True},
+              consts={"weight": rng.integers(-128, 128, (20, 3, 3, 3)).astype(np.int8),
+                      "bias": rng.integers(-5000, 5000, 20).astype(np.int32)}, scale=s_acc, layer="c1"),
+           _requantize("c1", "src", 1 << 30, 38 if dtype == "int8" else 30, lo, hi, s),
+           resize_op("src", "near", shape, "nearest", factor=2, **src), _affine("near", "near_a", rng, 1.0, 20),
+           resize_op("src", "near2", shape, "nearest", size=(11, 5), **src),
+           resize_op("src", "up", shape, "bilinear", size=(9, 13), corners=True, **src),
+           _affine("up", "up_a", rng, 1.0, 20),
+           resize_op("src", "up2", shape, "bilinear", factor=2, corners=False, **src), *looked_up("up2", s),
+           resize_op("src", "down", shape, "bilinear", factor=0.5, corners=False, **src),
+           resize_op("c1", "wide", shape, "bilinear", factor=2, corners=False, scale=s_acc),
+           _requantize("wide", "wide_q", 1 << 30, 38, *I16, s_acc * 256),
+           Op("channel_gather", ["src"], "g9", consts={"index": pick}, scale=s[pick], lo=lo, hi=hi),
+           _affine("g9", "g9a", rng, 1.0, 9),
+           Op("channel_gather", ["src"], "g37", consts={"index": many}, scale=s[many], lo=lo, hi=hi),
+           *looked_up("g37", s[many]),
+           resize_op("x", "x_up", (3, 3, 5, 7), "bilinear", factor=2, corners=True, scale=np.asarray(1.0), lo=-128,
+                     hi=127),
+           Op("channel_gather", ["x"], "x_g", consts={"index": np.asarray([2, 2, 0], np.int32)},
+              scale=np.asarray(1.0), lo=-128, hi=127)]
+    program = _program(ops, (3, 5, 7), "x_g", 1.0)
+    x = torch.from_numpy(rng.integers(-128, 128, (3, 3, 5, 7)).astype(np.float32))
+    _, values = run_program(program, program.quantize_input(x), record=True)
+    assert int(values["src"].min()) == lo and int(values["src"].max()) == hi
+    rows = _exact(program, x, tmp_path)
+    kinds = [r["op"] for r in rows]
+    assert kinds.count("resize") == 7 and kinds.count("channel_gather") == 3
+    export_onnx(program, tmp_path / "fused.onnx", form="fused", every_value=True)
+    rows = check_values(tmp_path / "fused.onnx", program, x)
+    assert max(r["max_diff"] for r in rows if r["op"] in ("resize", "channel_gather")) <= 1
+    assert next(r for r in rows if r["value"] == "x_g")["differing"] == 0         # a gather of codes: exact
+
+
+@pytest.mark.parametrize("model", ["Pyramid", "Gathers"])
+def test_resize_and_gather_models_export_exactly(model, tmp_path):
+    """tests/test_resize.py's feature pyramid (a bilinear resize of a conv's INT32 accumulator among its resizes) and
+    channel gathers, from QAT: the exact form equals the executor on every value."""
+    import test_resize
+    shape = (3, 10, 10) if model == "Pyramid" else (3, 6, 6)
+    torch.manual_seed(0)
+    qm = prepare(getattr(test_resize, model)().eval(), "uniform8", shape)
+    program = qm.calibrate([torch.randn(8, *shape)]).to_integer()
+    rows = _exact(program, torch.randn(4, *shape), tmp_path)
+    assert {"resize" if model == "Pyramid" else "channel_gather"} <= {r["op"] for r in rows}
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16"])
+def test_uncentered_layer_norm(dtype, tmp_path):
+    """layer_norm with `center` false (RMSNorm, F.normalize) over the last axis and over axis 1, of int8 codes and
+    of int16 codes at their extremes (a position of zeros: V = eps, or 0 with r clamped to 1), an 8-bit and a
+    16-bit output: the exact form equals the executor; the fused form's float x / rms(x) within a code of it."""
+    from hawq_ray.ops.layernorm import layer_norm_constants
+    rng = np.random.default_rng(5)
+    ops, src, s, _ = _source(dtype)
+    shape = (6, 5, 32)
+    for k, (axis, (lo, hi), eps) in enumerate([(3, I16, 1e-5), (1, (-128, 127), 0.0)]):
+        c = shape[axis - 1]
+        s_out = 5 / hi
+        consts, attrs = layer_norm_constants(rng.uniform(-2, 2, c), rng.uniform(-1, 1, c), eps, s, s_out, c)
+        ops.append(Op("layer_norm", [src], f"ln{k}", consts=consts, scale=np.asarray(s_out), lo=lo, hi=hi,
+                      attrs={**attrs, "axis": axis, "center": False, "lo": lo, "hi": hi}))
+    program = _program(ops, shape, "ln1", 5 / 127)
+    x = rng.integers(-128, 128, (3, *shape)).astype(np.float32)
+    x[0, 0, 0] = 0
+    x = torch.from_numpy(x)
+    rows = _exact(program, x, tmp_path)
+    assert [r["op"] for r in rows].count("layer_norm") == 2
+    export_onnx(program, tmp_path / "fused.onnx", form="fused", every_value=True)
+    rows = check_values(tmp_path / "fused.onnx", program, x)
+    assert max(r["max_diff"] for r in rows if r["op"] == "layer_norm") <= 1

@@ -83,21 +83,31 @@ def test_executor_refuses_float_tensors():
                              consts={"weight": program.ops[0].consts["weight"].astype("float32")})
 
 
+@pytest.mark.parametrize("size,k,stride,pad,ceil", [(16, 3, 2, 1, False), (16, 3, 2, 1, True), (5, 2, 2, 1, True),
+                                                     (7, 3, 2, 0, True), (6, 3, 3, 1, True)])
 @pytest.mark.parametrize("include_pad", [True, False])
-def test_average_pooling_divides_as_torch_does_with_padding(include_pad):
+def test_average_pooling_divides_as_torch_does_with_padding(size, k, stride, pad, ceil, include_pad):
     """count_include_pad=True divides every window by its full size (padding included), False by the input
-    positions it covers: the integer pool's codes are torch's average of the same codes, rounded."""
+    positions it covers; ceil_mode's last windows are cut at the padding (5, 2, 2, 1: a window starting in the
+    padding is dropped): the integer pool's codes are torch's average of the same codes, rounded, and QAT
+    simulation equals the executor."""
     import torch.nn.functional as F
     from torch import nn
     torch.manual_seed(0)
-    model = nn.Sequential(nn.AvgPool2d(3, 2, 1, count_include_pad=include_pad), nn.Flatten(),
-                          nn.Linear(3 * 8 * 8, 4)).eval()
-    qm = prepare(model, "uniform8", (3, 16, 16))
-    x = torch.randn(4, 3, 16, 16)
+    pool = nn.AvgPool2d(k, stride, pad, ceil_mode=ceil, count_include_pad=include_pad)
+    out = pool(torch.zeros(1, 3, size, size)).numel()
+    model = nn.Sequential(pool, nn.Flatten(), nn.Linear(out, 4)).eval()
+    qm = prepare(model, "uniform8", (3, size, size))
+    x = torch.randn(4, 3, size, size)
     qm.calibrate([x]).eval()
+    with torch.no_grad():
+        sim, _ = qm.run(x)
     program = qm.to_integer()
     q = program.quantize_input(x)
-    _, values = run_program(program, q, record=True)
+    got, values = run_program(program, q, record=True)
+    assert torch.equal(got, sim.q)
+    floor_out = nn.AvgPool2d(k, stride, pad)(torch.zeros(1, 3, size, size)).numel()
+    assert ("pad" in {op.op for op in program.ops}) == (out != floor_out)      # ceil_mode's extra windows
     pooled = values[next(op.output for op in program.ops if op.op == "requantize")]
-    want = F.avg_pool2d(q.double(), 3, 2, 1, count_include_pad=include_pad)
+    want = F.avg_pool2d(q.double(), k, stride, pad, ceil_mode=ceil, count_include_pad=include_pad)
     assert torch.all((pooled.double() - want).abs() <= 0.5 + 1e-9)

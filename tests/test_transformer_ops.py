@@ -184,6 +184,76 @@ def small_timm_swin():
     return model
 
 
+def small_torchvision_swin_v2():
+    """Cosine attention, the continuous position bias MLP, post-norm; 10x10 tokens padded to 12x12 windows,
+    then 5x5 padded to 8x8 (shifted: the mask covers padded tokens too)."""
+    from torchvision.models.swin_transformer import SwinTransformer, SwinTransformerBlockV2, PatchMergingV2
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                            num_classes=10, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
+    with torch.no_grad():          # away from the initial values, which hide a wrong logit scale or key bias
+        for name, p in model.named_parameters():
+            if name.endswith("logit_scale"):
+                p.add_(0.3 * torch.randn_like(p))
+            if name.endswith("qkv.bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def small_timm_beit():
+    """q and v biases around a fixed zero built in forward (F.linear of the module's weight), a relative position
+    bias per block, layer scale on Linear outputs, the mean of the patch tokens (the class token cropped off)."""
+    from timm.models.beit import Beit
+    torch.manual_seed(6)
+    model = Beit(img_size=16, patch_size=4, num_classes=10, embed_dim=32, depth=2, num_heads=2, init_values=0.5,
+                 use_rel_pos_bias=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_bias", "v_bias", "relative_position_bias_table")):
+                p.normal_(0, 0.5)
+    nn.init.normal_(model.head.weight, std=1.0)
+    return model
+
+
+def small_timm_swin_v2():
+    """timm's own cosine window attention: F.normalize, a logit scale, its continuous position bias MLP."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+    torch.manual_seed(7)
+    model = SwinTransformerV2(img_size=32, patch_size=4, num_classes=10, embed_dim=16, depths=(2, 2),
+                              num_heads=(2, 4), window_size=4)
+    nn.init.normal_(model.head.fc.weight, std=1.0)
+    return model
+
+
+class PaddedTokens(nn.Module):
+    """Token mixing through zero padding, a crop, RMSNorm and F.normalize (none of them a block of a zoo)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm = nn.Linear(4, 16), nn.RMSNorm(16)
+        self.fc, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):                          # (N, 1, 6, 4): six tokens of four features
+        t = self.norm(self.embed(x.flatten(1, 2)))
+        t = torch.nn.functional.pad(t, (0, 0, 2, 1))               # nine tokens, zeros at both ends
+        t = self.fc(t)[:, 1:7]
+        t = torch.nn.functional.normalize(t, dim=-1) + t[:, :, :]
+        return self.head(t[:, 2])
+
+
+class RadixSum(nn.Module):
+    """Split attention's reductions: a sum over the radix axis of (N, 2, C, H, W), a sum over H and W."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = y.view(y.shape[0], 2, 8, y.shape[2], y.shape[3]).sum(dim=1)
+        return self.head(self.fc(y).sum((2, 3)))
+
+
 def small_torchvision_maxvit():
     from torchvision.models.maxvit import MaxVit
     torch.manual_seed(6)
@@ -204,8 +274,19 @@ MODELS = {"digits_vit": (lambda: DigitsViT(seed=3), (1, 16, 16)),
           "timm_convnext": (small_timm_convnext, (3, 32, 32)),
           "torchvision_swin": (small_torchvision_swin, (3, 32, 32)),     # 8x8 tokens, shifted 4x4 windows
           "torchvision_maxvit": (small_torchvision_maxvit, (3, 32, 32)),   # block and grid attention, einsum
-          "timm_swin": (small_timm_swin, (3, 32, 32))}    # explicit window attention, channels-last head
-ATTENTION = {"digits_vit", "timm_vit", "torchvision_vit", "torchvision_swin", "torchvision_maxvit", "timm_swin"}
+          "timm_swin": (small_timm_swin, (3, 32, 32)),    # explicit window attention, channels-last head
+          "torchvision_swin_v2": (small_torchvision_swin_v2, (3, 40, 40)),
+          "timm_swin_v2": (small_timm_swin_v2, (3, 32, 32)),
+          "timm_beit": (small_timm_beit, (3, 16, 16)),
+          "padded_tokens": (PaddedTokens, (1, 6, 4)),
+          "radix_sum": (RadixSum, (3, 6, 6))}
+ATTENTION = {"digits_vit", "timm_vit", "torchvision_vit", "torchvision_swin", "torchvision_maxvit", "timm_swin",
+             "torchvision_swin_v2", "timm_swin_v2", "timm_beit"}
+SHIFTED = {"torchvision_swin", "timm_swin", "torchvision_swin_v2", "timm_swin_v2"}
+EXPECTED = {"torchvision_convnext": {"affine"}, "timm_convnext": {"affine"},       # layer scale
+            "torchvision_swin_v2": {"pad", "crop", "affine"}, "timm_swin_v2": {"affine"},
+            "timm_beit": {"crop", "affine", "sum_pool2d"}, "padded_tokens": {"pad", "crop"},
+            "radix_sum": {"sum_pool2d", "permute"}}
 
 
 def mixed_bits(model, shape, seed):
@@ -231,8 +312,10 @@ def test_qat_simulation_and_executor_agree_on_every_element(name, bits):
     got = run_program(program, program.quantize_input(x))
     assert torch.equal(got, out.q)
     ops = {op.op for op in program.ops}
-    assert {"softmax", "matmul", "layer_norm", "permute"} <= ops if name in ATTENTION else {"layer_norm", "affine"} <= ops
-    assert ("roll" in ops) == (name in ("torchvision_swin", "timm_swin"))
+    assert {"softmax", "matmul", "layer_norm", "permute"} <= ops if name in ATTENTION else \
+        name == "radix_sum" or {"layer_norm"} <= ops
+    assert EXPECTED.get(name, set()) <= ops
+    assert ("roll" in ops) == (name in SHIFTED)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -248,6 +331,15 @@ def test_the_fp32_interpreter_computes_the_model_and_qat_stays_close(name):
         qat = qm.set_mode("qat")(x)
     assert torch.allclose(fp32, ref, atol=1e-5, rtol=1e-5)
     assert (qat - ref).abs().max() < 0.1 * ref.abs().max()        # 8-bit: close to the float function
+
+
+@pytest.mark.parametrize("name,layer,macs", [
+    ("torchvision_swin", "features.1.0.attn.qkv", 8 * 8 * 16 * 48),     # F.linear of the module's weight
+    ("torchvision_swin", "features.1.0.attn.proj", 8 * 8 * 16 * 16),
+    ("timm_beit", "blocks.0.attn.qkv", 17 * 32 * 96)])                 # F.linear with a bias built in forward
+def test_layers_read_through_f_linear_count_their_macs(name, layer, macs):
+    build, shape = MODELS[name]
+    assert layer_table(build(), shape).set_index("layer").loc[layer, "macs"] == macs
 
 
 def test_layer_table_of_a_vit_counts_token_rows_and_fixes_the_ends():
@@ -325,15 +417,9 @@ class Spectral(nn.Module):
         return self.fc(torch.fft.fft(x).real)
 
 
-def swin_v2():
-    from torchvision.models.swin_transformer import SwinTransformer, SwinTransformerBlockV2, PatchMergingV2
-    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[2], window_size=[4, 4],
-                           num_classes=10, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
-
-
 @pytest.mark.parametrize("build,shape,where", [(WithMaskedAttention, (4, 8), "in module 'attn' of type MaskedAttention"),
                                                (Spectral, (4, 8), "function 'fft_fft'"),
-                                               (swin_v2, (3, 32, 32), "of type ShiftedWindowAttentionV2")])
+                                               (small_torchvision_swin, (3, 36, 36), "9x9 map (odd sides")])
 def test_an_op_with_no_integer_form_is_one_line_naming_it(build, shape, where):
     with pytest.raises(HawqError) as e:
         prepare(build(), "uniform8", shape)

@@ -1,6 +1,6 @@
-"""The kernels between the layers: INT32 sum pooling, max pooling, concat, channel gathers (shuffle, slice),
-flatten, standalone elementwise
-chains, and the two layout changes at the model's edges (NCHW int8 image -> NCHW[b]c, and back).
+"""The kernels between the layers: INT32 sum pooling, max pooling, concat, channel gathers (shuffle, slice,
+gather by an index), resampling (resize), flatten, standalone elementwise chains, and the two layout changes at
+the model's edges (NCHW int8 image -> NCHW[b]c, and back).
 
 Each may carry an elementwise tail (`epilogue.py`): sum_pool2d -> requantize is one kernel.
 """
@@ -14,6 +14,7 @@ from hawq_ray.deploy import layout
 from hawq_ray.deploy.epilogue import Value, epilogue, output_dtype
 from hawq_ray.deploy.kernels import Kernel
 from hawq_ray.deploy.target import capabilities
+from hawq_ray.deploy.transformer import vectorize_row
 from hawq_ray.contract import HawqError
 from hawq_ray.program.program import Op
 
@@ -131,6 +132,12 @@ def elementwise_kernel(steps: list, inputs: list, target, name: str) -> Kernel:
     return Kernel(name, func, list(inputs), epi.const_arrays, [out_value], {"path": "elementwise"})
 
 
+def dtype_range(dtype: str) -> tuple:
+    """(lo, hi) of the values a storage dtype holds."""
+    info = np.iinfo(np.dtype(dtype))
+    return int(info.min), int(info.max)
+
+
 def _read_channel(t: te.Tensor, v: Value, n, c, h, w):
     """Logical element (n, c, h, w) of a blocked value."""
     return t[n, c // v.block, h, w, c % v.block]
@@ -181,10 +188,20 @@ def concat_kernel(op: Op, inputs: list, steps: list, extras: list, target, name:
 
 def channel_gather_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str, channels: int,
                           source) -> Kernel:
-    """out[n, c] = x[n, source(c)] on NCHW[16]c (a channel shuffle, a slice of the channels), with a tail."""
+    """out[n, c] = x[n, source(c)] on NCHW[16]c, with a tail: `source` a function of the output channel (a
+    channel shuffle, a slice of the channels), or the input channel of each output channel, an int array read
+    as a table of the kernel (a gather by any index: channels picked, repeated, reordered)."""
     if len(x.shape) != 4:
         raise HawqError(f"{op.output}: {op.op} of a rank-{len(x.shape)} value; only (N, C, H, W) is supported")
-    n_, _, h_, w_ = x.shape
+    n_, c_, h_, w_ = x.shape
+    tables, arrays = [], []
+    if not callable(source):
+        index = np.ascontiguousarray(np.asarray(source).astype(np.int32))
+        if index.shape != (channels,) or index.min() < 0 or index.max() >= c_:
+            raise HawqError(f"{op.output}: {op.op} index of shape {index.shape} with values outside 0..{c_ - 1}; "
+                            f"valid: {channels} channels of x")
+        tables, arrays = [te.placeholder(index.shape, "int32", name="index")], [index]
+        source = lambda c: tables[0][c]      # noqa: E731
     out_value = Value((n_, channels, h_, w_), output_dtype(steps[-1]) if steps else x.dtype, 16)
     data = te.placeholder(x.storage_shape, x.dtype, name="data")
 
@@ -192,8 +209,71 @@ def channel_gather_kernel(op: Op, x: Value, steps: list, extras: list, target, n
         return _read_channel(data, x, n, source(te.min(co * 16 + ci, channels - 1)), h, w)
     epi = epilogue(steps, out_value, extras)
     out = te.compute(out_value.storage_shape, lambda *i: epi.apply(gather(*i), i), name="out")
-    func = te.create_prim_func([data, *epi.extra_tensors, *epi.const_tensors, out])
-    return _finish(name, func, [x, *extras], epi.const_arrays, out_value, target, {"path": op.op})
+    func = te.create_prim_func([data, *epi.extra_tensors, *epi.const_tensors, *tables, out])
+    return _finish(name, func, [x, *extras], [*epi.const_arrays, *arrays], out_value, target, {"path": op.op})
+
+
+RESIZE_TABLES = ("idx_h", "w_h", "idx_w", "w_w")
+
+
+def resize_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str) -> Kernel:
+    """resize (`ops.resize`) of an NCHW[b]c map, written in x's blocks, with the group's tail: output (i, j) is
+    the rounded sum over its T x T taps of w_h[i, a] w_w[j, b] x[idx_h[i, a], idx_w[j, b]], T the tables' width
+    (known when compiling: the sum is unrolled), the four tables constants of the kernel. Parallel over (n,
+    channel block, output row); each tap loads a block's lanes as one vector, at the row and column the tables
+    give. Sums are int32 where no partial sum can overflow it (`_resize_acc`), int64 else (a conv's INT32
+    accumulator resampled bilinearly)."""
+    if len(x.shape) != 4 or not x.block:
+        raise HawqError(f"{op.output}: resize of a rank-{len(x.shape)} value stored {x.block}; valid: a blocked "
+                        "(N, C, H, W) map")
+    arrays = _resize_tables(op, x)
+    ih, wh, iw, ww = (te.placeholder(a.shape, "int32", name=k) for k, a in zip(RESIZE_TABLES, arrays))
+    (ho, th), (wo, tw) = arrays[0].shape, arrays[2].shape
+    shift = int(op.attrs["shift"])
+    acc = _resize_acc(x.dtype, arrays, shift)
+    out_value = Value((x.shape[0], x.shape[1], ho, wo), output_dtype(steps[-1]) if steps else output_dtype(op),
+                      x.block)
+    data = te.placeholder(x.storage_shape, x.dtype, name="data")
+
+    def taps(n, co, i, j, ci):
+        total = sum(wh[i, a].astype(acc) * ww[j, b].astype(acc) *
+                    data[n, co, ih[i, a], iw[j, b], ci].astype(acc) for a in range(th) for b in range(tw))
+        if shift:
+            total = (total + tvm.tirx.const(1 << (shift - 1), acc)) >> tvm.tirx.const(shift, acc)
+        return total.astype("int32")
+    epi = epilogue(steps, out_value, extras)
+    out = te.compute(out_value.storage_shape, lambda *i: epi.apply(taps(*i), i), name="out")
+    func = te.create_prim_func([data, *epi.extra_tensors, *epi.const_tensors, ih, wh, iw, ww, out])
+    if not capabilities(target).gpu:
+        sch = s_tir.Schedule(func)
+        n, co, i, j, ci = sch.get_loops(sch.get_sblock("out"))
+        sch.parallel(sch.fuse(n, co, i))
+        sch.vectorize(ci)
+        func = sch.mod["main"]
+    return Kernel(name, func, [x, *extras], [*epi.const_arrays, *arrays], [out_value], {"path": "resize"})
+
+
+def _resize_tables(op: Op, x: Value) -> list:
+    """The resize's tap tables (idx_h, w_h, idx_w, w_w) as int32 arrays, checked: (Ho, T) and (Wo, T) pairs,
+    indices inside x, weights non-negative (the kernel reads at the indices unchecked)."""
+    arrays = [np.ascontiguousarray(np.asarray(op.consts[k]).astype(np.int32)) for k in RESIZE_TABLES]
+    (h, w), ok = x.shape[2:], int(op.attrs["shift"]) >= 0
+    for (idx, wt), size in ((arrays[:2], h), (arrays[2:], w)):
+        ok = ok and idx.ndim == 2 and idx.shape == wt.shape and idx.size > 0 and 0 <= idx.min() and \
+            idx.max() < size and wt.min() >= 0
+    if not ok:
+        raise HawqError(f"{op.output}: resize tables of shapes {[a.shape for a in arrays]} for a {h}x{w} input; "
+                        "valid: (Ho, T) and (Wo, T) pairs, indices inside the input, weights >= 0")
+    return arrays
+
+
+def _resize_acc(dtype: str, arrays: list, shift: int) -> str:
+    """int32 where every partial sum of taps fits it for any x of `dtype` (the weights are non-negative: the sums
+    lie between min(x) and max(x) times the largest weight total, plus the rounding's half), int64 else."""
+    lo, hi = dtype_range(dtype)
+    weight = int(arrays[1].astype(np.int64).sum(1).max()) * int(arrays[3].astype(np.int64).sum(1).max())
+    half = 1 << (shift - 1) if shift else 0
+    return "int32" if lo * weight >= -(1 << 31) and hi * weight + half < (1 << 31) else "int64"
 
 
 def flatten_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str) -> Kernel:
@@ -241,19 +321,20 @@ def output_kernel(x: Value, target, name: str = "blocked_to_output") -> Kernel:
 def layer_norm_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str) -> Kernel:
     """layer_norm (`ops.layernorm`) over axis `axis` (1: the channels of NCHW[16]c or (N, C); the last axis of
     tokens (N, T, C); any axis of a plain value): the per-position sums (int64 reductions over the true
-    channels), isqrt bit by bit (one small stage per bit: a stage reads the previous one, so no expression is
-    duplicated), the reciprocal 2^K // r, then per element the normalized value, the per-channel affine and
-    the clamp, with the group's tail. Over the last axis of a plain value each position's stages run inside
-    its loop (parallel over positions) and its C outputs are one vector loop. The output keeps x's layout."""
+    channels; without centering, attr `center` false, no sum: S = 0), isqrt bit by bit (one small stage per
+    bit: a stage reads the previous one, so no expression is duplicated), the reciprocal 2^K // r, then per
+    element the normalized value, the per-channel affine and the clamp, with the group's tail. Over the last
+    axis of a plain value each position's stages run inside its loop (parallel over positions) and its C
+    outputs are one vector loop. The output keeps x's layout."""
     from hawq_ray.ops.layernorm import K, NORM_SHIFT, P, ROOT_BITS, MAX_SPREAD, layer_norm_channels, check_constants
     from hawq_ray.deploy.epilogue import logical_index, read_logical
     rank = len(x.shape)
     axis = int(op.attrs.get("axis", 1))
+    center = bool(op.attrs.get("center", True))
     c = layer_norm_channels(x.shape, op.output, axis)
     if x.dtype not in ("int8", "uint8", "int16"):
         raise HawqError(f"{op.output}: layer_norm of a {x.dtype} value; valid: int16 or narrower")
-    span = 255 if x.dtype != "int16" else (1 << 16) - 1
-    if c * span > MAX_SPREAD:
+    if c * _largest_spread(x.dtype, center) > MAX_SPREAD:
         raise HawqError(f"{op.output}: layer_norm over {c} channels of {x.dtype}: C * spread may exceed 2^28")
     consts = check_constants(op, c)
     out_value = Value(x.shape, output_dtype(steps[-1]) if steps else output_dtype(op), x.block)
@@ -268,12 +349,17 @@ def layer_norm_kernel(op: Op, x: Value, steps: list, extras: list, target, name:
 
     def read(p, ch):       # the input at position p (x's index without the axis), channel ch
         return read_logical(data, x, (*p[:axis - 1 + 1], ch, *p[axis:])).astype("int64")
-    rc = te.reduce_axis((0, c), "rc")
-    total = te.compute(pos, lambda *p: te.sum(read(p, rc), axis=rc), name="ln_sum")
+    stages = []
+    if center:
+        rc = te.reduce_axis((0, c), "rc")
+        sums = te.compute(pos, lambda *p: te.sum(read(p, rc), axis=rc), name="ln_sum")
+        stages.append("ln_sum")
+    total = (lambda p: sums[p]) if center else (lambda p: i64(0))
     rq = te.reduce_axis((0, c), "rq")
     squares = te.compute(pos, lambda *p: te.sum(read(p, rq) * read(p, rq), axis=rq), name="ln_squares")
     eps = int(op.attrs.get("eps", 0))
-    v = te.compute(pos, lambda *p: (i64(c) * squares[p] - total[p] * total[p] + i64(eps)) << i64(2 * P), name="ln_v")
+    v = te.compute(pos, lambda *p: (i64(c) * squares[p] - total(p) * total(p) + i64(eps)) << i64(2 * P),
+                   name="ln_v")
     r = te.compute(pos, lambda *p: i64(0), name="ln_root")
 
     def bit(prev, b):
@@ -281,7 +367,7 @@ def layer_norm_kernel(op: Op, x: Value, steps: list, extras: list, target, name:
             t = prev[p] + i64(1 << b)
             return te.if_then_else(t * t <= v[p], t, prev[p])
         return fn
-    stages = ["ln_sum", "ln_squares", "ln_v", "ln_root"]
+    stages += ["ln_squares", "ln_v", "ln_root"]
     for b in range(ROOT_BITS - 1, -1, -1):
         r = te.compute(pos, bit(r, b), name=f"ln_root{b}")
         stages.append(f"ln_root{b}")
@@ -296,7 +382,7 @@ def layer_norm_kernel(op: Op, x: Value, steps: list, extras: list, target, name:
             logical = logical_index(x, idx)
             p, ch = tuple(logical[:axis]) + tuple(logical[axis + 1:]), logical[axis]
         xv = data[idx].astype("int64")
-        norm = ((i64(c) * xv - total[p]) * recip[p] + i64(1 << (NORM_SHIFT - 1))) >> i64(NORM_SHIFT)
+        norm = ((i64(c) * xv - total(p)) * recip[p] + i64(1 << (NORM_SHIFT - 1))) >> i64(NORM_SHIFT)
         s = ts[ch].astype("int64")
         y = (norm * tm[ch].astype("int64") + tb[ch] + (i64(1) << (s - i64(1)))) >> s
         y = te.max(te.min(y, i64(int(op.attrs["hi"]))), i64(int(op.attrs["lo"])))
@@ -312,6 +398,13 @@ def layer_norm_kernel(op: Op, x: Value, steps: list, extras: list, target, name:
     return Kernel(name, func, [x, *extras], [*epi.const_arrays, *packed], [out_value], {"path": "layer_norm"})
 
 
+def _largest_spread(dtype: str, center: bool) -> int:
+    """The largest spread of values of `dtype` at a position, as `ops.layernorm` bounds C * spread: max - min, or
+    without centering 2 max |x|."""
+    lo, hi = dtype_range(dtype)
+    return hi - lo if center else 2 * max(-lo, hi)
+
+
 def _schedule_positions(func, n_pos: int, stages: list):
     """Parallel over the positions (the leading axes fused); each position's stages in its loop (its scalars on
     the stack, in registers once LLVM promotes them); the position's outputs one vector loop."""
@@ -323,7 +416,9 @@ def _schedule_positions(func, n_pos: int, stages: list):
     for name in reversed(stages):    # scope "global": a few bytes per position, on the stack ("local" would be
         sch.compute_at(sch.get_sblock(name), row)    # TVMBackendAllocWorkspace on every iteration)
     inner = sch.get_loops(out)[-1]
-    if int(sch.get(inner).extent) % 8 == 0:
-        sch.vectorize(sch.split(inner, [None, 16])[1] if int(sch.get(inner).extent) % 16 == 0 and
-                      int(sch.get(inner).extent) > 64 else inner)
+    extent = int(sch.get(inner).extent)
+    if extent % 16 == 0 and extent > 64:
+        sch.vectorize(sch.split(inner, [None, 16])[1])
+    elif extent % 8 == 0:
+        vectorize_row(sch, inner, 8)
     return sch.mod["main"]

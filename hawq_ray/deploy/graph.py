@@ -10,10 +10,11 @@ of a fused residual `add` (after a conv or a dense layer) is already computed. W
 dense chain's end is a requantize (a residual block's output feeding the next conv and the next identity
 branch; a transformer block's sum feeding the next LayerNorm and the next residual branch), those requantizes
 become extra outputs of the kernel and the INT32 value is never stored (not for grouped convs: their kernel
-writes one output). A reshape, permute, roll or take that only layout ops read is a view: never stored, its
-readers compose its index map. A constant reads nothing (its input only gives the batch). A max pool
-(stride >= 2) that alone reads a conv chain's end joins the conv's kernel (`conv_pool.py`), with the
-elementwise ops or requantize fan-out after it: the stem's 112x112 map is pooled in cache and never stored.
+writes one output). A layout op (reshape, permute, roll, take, pad, crop) that only layout ops read is a view:
+never stored, its readers compose its index map (a pad's zeros included). A constant reads nothing (its input
+only gives the batch). A max pool (stride >= 2) that alone reads a conv chain's end joins the conv's kernel
+(`conv_pool.py`), with the elementwise ops or requantize fan-out after it: the stem's 112x112 map is pooled in
+cache and never stored.
 Step 2 (`plan_kernels`): build each group's kernel in emission order -- its anchor op's entry in
 `lowering.KERNELS` (`kernels.py`, `conv_pool.py`, `glue.py`), or a standalone elementwise chain -- tracking
 the storage of every value. The image enters as NCHW int8 and is blocked once; rank-4
@@ -103,8 +104,8 @@ def plan_groups(program: IntegerProgram, ops: list | None = None) -> list[Group]
     readers = {name: idx for name, idx in readers.items() if idx}
     uses = {name: len(r) for name, r in readers.items()}
     uses[program.output] = uses.get(program.output, 0) + 1     # the caller reads it too
-    # a reshape, permute, roll or take that only layout ops read is a view: never stored, each reader composes
-    # its index map (a ViT's qkv split: reshape -> permute -> take -> permute is one kernel per q, k^T, v)
+    # a layout op that only layout ops read is a view: never stored, each reader composes its index map (a
+    # ViT's qkv split: reshape -> permute -> take -> permute is one kernel per q, k^T, v)
     views = {op.output: op for i, op in enumerate(ops) if op.op in LAYOUT_OPS and op.output != program.output
              and readers.get(op.output) and all(ops[j].op in LAYOUT_OPS for j in readers[op.output])}
     absorbed, groups = set(), []
@@ -209,15 +210,15 @@ def plan_kernels(program: IntegerProgram, batch: int, target) -> list[Call]:
     return calls
 
 
-LAYOUT_OPS = ("reshape", "permute", "roll", "take")
+LAYOUT_OPS = ("reshape", "permute", "roll", "take", "pad", "crop")     # `transformer.layout_kernel`'s
 LAYERS = ("conv2d", "dense")    # anchors a residual add rides with, and whose chain's end may fan out
 
 
 def leading_size(name: str, producers: dict, values: dict, input_name: str, batch: int) -> int:
     """The size of axis 0 of value `name` (what a constant reading it repeats its value to): the batch, unless a
-    reshape, permute or take moved another axis first (a roll keeps the axes). Their inputs are stored, or views
-    of stored values, so their output shape follows; every other op keeps its first input's axis 0 (the leading
-    axes of a dense or a matmul, the axis a concat, a layer norm or a softmax leaves alone)."""
+    reshape, permute or take moved another axis first (a roll, a pad or a crop keeps the axes). Their inputs are
+    stored, or views of stored values, so their output shape follows; every other op keeps its first input's axis
+    0 (the leading axes of a dense or a matmul, the axis a concat, a layer norm or a softmax leaves alone)."""
     from hawq_ray.deploy.transformer import composed_map
     while name != input_name:
         op = producers.get(name)

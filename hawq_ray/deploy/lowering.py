@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from hawq_ray.deploy.conv_pool import conv2d_max_pool_kernel
 from hawq_ray.deploy.glue import (channel_gather_kernel, concat_kernel, flatten_kernel, layer_norm_kernel,
-                                  pool_kernel)
+                                  pool_kernel, resize_kernel)
 from hawq_ray.deploy.kernels import conv2d_kernel, dense_kernel
 from hawq_ray.deploy.transformer import constant_kernel, layout_kernel, matmul_kernel, softmax_kernel
 
@@ -40,6 +40,16 @@ def lower_slice(group, ins, target, name):
     return channel_gather_kernel(group.anchor, ins[0], group.steps, ins[1:], target, name, b - a, lambda k: k + a)
 
 
+def lower_gather(group, ins, target, name):
+    """Output channel k reads input channel index[k] (`ops.channels`): the index is a table of the kernel."""
+    index = group.anchor.consts["index"]
+    return channel_gather_kernel(group.anchor, ins[0], group.steps, ins[1:], target, name, len(index), index)
+
+
+def lower_resize(group, ins, target, name):
+    return resize_kernel(group.anchor, ins[0], group.steps, ins[1:], target, name)
+
+
 def lower_concat(group, ins, target, name):
     k = len(group.anchor.inputs)
     return concat_kernel(group.anchor, ins[:k], group.steps, ins[k:], target, name)
@@ -58,8 +68,9 @@ def lower_layer_norm(group, ins, target, name):
 
 
 def lower_layout(group, ins, target, name):
-    """reshape, permute, roll, take: each output element read by logical index (`transformer.layout_kernel`), through
-    the layout ops before it that are views (never stored: `graph.plan_groups`)."""
+    """reshape, permute, roll, take, pad, crop: each output element read by logical index
+    (`transformer.layout_kernel`), through the layout ops before it that are views (never stored:
+    `graph.plan_groups`)."""
     return layout_kernel(group.anchor, ins[0], group.steps, ins[1:], target, name, group.views)
 
 
@@ -77,12 +88,14 @@ def lower_softmax(group, ins, target, name):
 
 
 KERNELS = {"conv2d": lower_conv2d, "dense": lower_dense, "channel_shuffle": lower_shuffle, "slice": lower_slice,
+           "channel_gather": lower_gather, "resize": lower_resize,
            "concat": lower_concat, "sum_pool2d": lower_pool, "max_pool2d": lower_pool, "flatten": lower_flatten,
            "layer_norm": lower_layer_norm, "reshape": lower_layout, "permute": lower_layout, "take": lower_layout,
-           "roll": lower_layout,
+           "roll": lower_layout, "pad": lower_layout, "crop": lower_layout,
            "constant": lower_constant, "matmul": lower_matmul, "softmax": lower_softmax}
 
 # anchors whose kernels read rank-4 inputs as NCHW[16]c blocks, and those that read plain values only
 # (`graph.plan_kernels` converts an input stored the other way first); the others read either
-READS_BLOCKED = ("conv2d", "sum_pool2d", "max_pool2d", "channel_shuffle", "slice", "concat")
+READS_BLOCKED = ("conv2d", "sum_pool2d", "max_pool2d", "channel_shuffle", "slice", "channel_gather", "resize",
+                 "concat")
 READS_PLAIN = ("dense", "matmul", "softmax")

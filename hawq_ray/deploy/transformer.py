@@ -1,17 +1,18 @@
 """The kernels of a vision transformer's ops between and inside its layers: the layout ops (reshape, permute,
-roll, take, a flatten of a plain value), a constant repeated to the batch, the product of two activations (matmul),
-the integer softmax, and the layout changes between a blocked map and a plain value.
+roll, take, pad, crop, a flatten of a plain value), a constant repeated to the batch, the product of two
+activations (matmul), the integer softmax, and the layout changes between a blocked map and a plain value.
 
 Values of rank 4 that a conv, a pool or the image edge writes are NCHW[16]c blocks; everything else (tokens
 (N, T, C), heads (N, H, T, D), the (3, N, H, T, D) of a qkv split) is stored plain, row-major. A layout op reads
 its input by logical index whatever its storage (the patch embedding's blocked (N, C, h, w) map is read as
-(N, C, h w) directly) and writes a plain value; a kernel that needs blocks (conv, pools, channel gathers) gets a
-plain rank-4 value through `to_blocked_kernel`, one that needs a plain value through `to_plain_kernel`
-(`graph.plan_kernels` inserts them).
+(N, C, h w) directly) and writes a plain value, except that ops keeping the axes of a blocked map (a roll, a
+pad, a crop: `KEEPS_AXES`) keep its blocks, so the conv after them reads it as it is; a kernel that needs blocks
+(conv, pools, channel gathers) gets a plain rank-4 value through `to_blocked_kernel`, one that needs a plain
+value through `to_plain_kernel` (`graph.plan_kernels` inserts them).
 
 Integer arithmetic is each op's executor's (`hawq_ray.ops`): the product's INT32 accumulation, softmax's int64
 steps with arithmetic shifts (TVM's `>>` on a signed integer is LLVM's ashr: floor) and its one integer division
-per row (of positives), the layout ops' copies.
+per row (of positives), the layout ops' copies (a pad's zeros: code 0).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from tvm import s_tir, te
 
 from hawq_ray.contract import HawqError
 from hawq_ray.deploy import layout
-from hawq_ray.deploy.epilogue import Value, epilogue, output_dtype, read_logical
+from hawq_ray.deploy.epilogue import Value, epilogue, logical_index, output_dtype, read_logical
 from hawq_ray.deploy.kernels import TILE_COST, Kernel, finish_dot
 from hawq_ray.deploy.target import capabilities
 from hawq_ray.program.program import Op
@@ -93,21 +94,29 @@ def reshape_shape(op: Op, x: Value) -> tuple:
     return tuple(_prod(x.shape) // known if s == -1 else s for s in shape)
 
 
+KEEPS_AXES = ("roll", "pad", "crop")     # layout ops whose output has their input's axes: a blocked map stays so
+
+
 def layout_map(op: Op, x: Value):
-    """(output shape, fn: output logical index -> input logical index) of a reshape, flatten, permute, roll or
-    take."""
+    """(output shape, fn: output logical index -> input logical index, inside) of a reshape, flatten, permute,
+    roll, take, pad or crop. `inside` is None, or for a pad fn: output index -> whether it reads x (else it is
+    one of the pad's zeros; fn clamps such an index into x, so the discarded read stays in bounds)."""
     rank = len(x.shape)
+    if op.op == "pad":
+        return _pad_map(op, x)
+    if op.op == "crop":
+        return _crop_map(op, x)
     if op.op in ("reshape", "flatten"):
         shape = reshape_shape(op, x)
         if tuple(shape) == tuple(x.shape):
-            return shape, lambda idx: tuple(idx)
-        return shape, lambda idx: _unravel(_ravel(idx, shape), x.shape)
+            return shape, lambda idx: tuple(idx), None
+        return shape, lambda idx: _unravel(_ravel(idx, shape), x.shape), None
     if op.op == "permute":
         dims = [int(d) % rank for d in op.attrs["dims"]]
         if sorted(dims) != list(range(rank)):
             raise HawqError(f"{op.output}: permute dims {tuple(op.attrs['dims'])} of a rank-{rank} value")
         inverse = [dims.index(j) for j in range(rank)]
-        return tuple(x.shape[d] for d in dims), lambda idx: tuple(idx[inverse[j]] for j in range(rank))
+        return tuple(x.shape[d] for d in dims), lambda idx: tuple(idx[inverse[j]] for j in range(rank)), None
     if op.op == "roll":             # out[..., i, ...] = x[..., (i - shift) mod size, ...]
         shifts, dims = [int(v) for v in op.attrs["shifts"]], [int(d) % rank for d in op.attrs["dims"]]
         if len(shifts) != len(dims):
@@ -115,44 +124,91 @@ def layout_map(op: Op, x: Value):
         back = {}
         for sh, d in zip(shifts, dims):       # torch.roll shifts an axis named twice twice
             back[d] = (back.get(d, 0) + sh) % x.shape[d]
+        # a select, not floormod(i + size - b, size): TVM 0.27's simplifier drops the floormod of such an index
+        # when a reshape or permute view is composed under it at batch 1 (the roll then reads unshifted columns)
         return tuple(x.shape), lambda idx: tuple(
-            tvm.tirx.floormod(i + (x.shape[k] - back[k]), x.shape[k]) if back.get(k) else i for k, i in enumerate(idx))
+            tvm.tirx.Select(i >= back[k], i - back[k], i + (x.shape[k] - back[k])) if back.get(k) else i
+            for k, i in enumerate(idx)), None
     if op.op == "take":
         axis, index = int(op.attrs["axis"]) % rank, int(op.attrs["index"])
         if not -x.shape[axis] <= index < x.shape[axis]:
             raise HawqError(f"{op.output}: take index {index} of an axis of {x.shape[axis]}")
         index %= x.shape[axis]
         shape = tuple(s for k, s in enumerate(x.shape) if k != axis)
-        return shape, lambda idx: (*idx[:axis], index, *idx[axis:])
+        return shape, lambda idx: (*idx[:axis], index, *idx[axis:]), None
     raise HawqError(f"{op.output}: {op.op} is not a layout op")
 
 
-def composed_map(ops: list, x: Value):
-    """(output shape, fn: output logical index -> x's logical index) of the layout ops `ops` applied in order
-    to x (a chain of views ending at the op a kernel computes)."""
-    maps, shape = [], tuple(x.shape)
-    for op in ops:
-        shape, fn = layout_map(op, Value(shape, x.dtype))       # a map reads shapes only
-        maps.append(fn)
+def _pad_map(op: Op, x: Value):
+    """A pad's (shape, fn, inside): output index i reads x at i - before along each axis, where that is in x."""
+    pads = [tuple(int(a) for a in pair) for pair in op.attrs["pads"]]
+    if len(pads) != len(x.shape) or pads[0] != (0, 0) or any(len(p) != 2 or min(p) < 0 for p in pads):
+        raise HawqError(f"{op.output}: pad {tuple(pads)} of a rank-{len(x.shape)} value; valid: one (before, "
+                        "after) pair of non-negative ints per axis, (0, 0) for the batch")
+    padded = [k for k, p in enumerate(pads) if p != (0, 0)]
+    shape = tuple(s + a + b for s, (a, b) in zip(x.shape, pads))
 
     def source(idx):
-        for fn in reversed(maps):
+        return tuple(te.min(te.max(i - pads[k][0], 0), x.shape[k] - 1) if k in padded else i
+                     for k, i in enumerate(idx))
+
+    def inside(idx):
+        return te.all(*(c for k in padded for c in (idx[k] >= pads[k][0], idx[k] < pads[k][0] + x.shape[k])))
+    return shape, source, inside if padded else None
+
+
+def _crop_map(op: Op, x: Value):
+    """A crop's (shape, fn, None): output index i reads x at i + start along each cropped axis."""
+    rank = len(x.shape)
+    axes, starts, stops = ([int(v) for v in op.attrs[k]] for k in ("axes", "starts", "stops"))
+    if not len(axes) == len(starts) == len(stops) or len(set(axes)) != len(axes) or \
+            not all(0 < a < rank and 0 <= b < e <= x.shape[a] for a, b, e in zip(axes, starts, stops)):
+        raise HawqError(f"{op.output}: crop {tuple(axes)} from {tuple(starts)} to {tuple(stops)} of shape "
+                        f"{tuple(x.shape)}; valid: distinct axes after the batch, 0 <= start < stop <= size")
+    shape, begin = list(x.shape), [0] * rank
+    for a, b, e in zip(axes, starts, stops):
+        shape[a], begin[a] = e - b, b
+    return tuple(shape), lambda idx: tuple(i + b if b else i for i, b in zip(idx, begin)), None
+
+
+def composed_map(ops: list, x: Value):
+    """(output shape, fn: output logical index -> (x's logical index, inside)) of the layout ops `ops` applied in
+    order to x (a chain of views ending at the op a kernel computes). `inside` is None where every output element
+    reads x, else the condition that it does (false for a pad's zeros, at any op of the chain)."""
+    maps, shape = [], tuple(x.shape)
+    for op in ops:
+        shape, fn, inside = layout_map(op, Value(shape, x.dtype))       # a map reads shapes only
+        maps.append((fn, inside))
+
+    def source(idx):
+        conditions = []
+        for fn, inside in reversed(maps):
+            if inside is not None:
+                conditions.append(inside(idx))
             idx = fn(idx)
-        return idx
+        return idx, (te.all(*conditions) if conditions else None)
     return shape, source
 
 
 def layout_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str, views: list = ()) -> Kernel:
-    """reshape / flatten / permute / roll / take: every output element read from the input by logical index
-    (blocked or plain), with the group's elementwise tail; the output is plain. With `views` (layout ops between x and
-    op that nobody stores, `graph.plan_groups`), their maps are composed: x is the first one's input."""
-    shape, source = composed_map([*views, op], x)
+    """reshape / flatten / permute / roll / take / pad / crop: every output element read from the input by logical
+    index (blocked or plain; a pad's zeros are code 0), with the group's elementwise tail (applied to the zeros
+    too). The output is plain, or blocked as x is where every op keeps the axes (`KEEPS_AXES`). With `views`
+    (layout ops between x and op that nobody stores, `graph.plan_groups`), their maps are composed: x is the
+    first one's input."""
+    chain = [*views, op]
+    shape, source = composed_map(chain, x)
     dtype = output_dtype(steps[-1]) if steps else output_dtype(op)
-    out_value = Value(tuple(shape), dtype, None)
+    block = x.block if x.block and all(o.op in KEEPS_AXES for o in chain) else None
+    out_value = Value(tuple(shape), dtype, block)
     data = te.placeholder(x.storage_shape, x.dtype, name="data")
     epi = epilogue(steps, out_value, extras)
-    out = te.compute(out_value.storage_shape,
-                     lambda *i: epi.apply(read_logical(data, x, source(i)).astype("int32"), i), name="out")
+
+    def element(*sidx):
+        idx, inside = source(logical_index(out_value, sidx))
+        v = read_logical(data, x, idx).astype("int32")
+        return epi.apply(v if inside is None else te.if_then_else(inside, v, I32(0)), sidx)
+    out = te.compute(out_value.storage_shape, element, name="out")
     func = te.create_prim_func([data, *epi.extra_tensors, *epi.const_tensors, out])
     return _finish_plain(name, func, [x, *extras], epi.const_arrays, out_value, target, {"path": op.op},
                          vector=True)
@@ -407,11 +463,22 @@ def _schedule_rows(func, n_lead: int, row_stages: tuple, vector_stages: tuple = 
         blk = sch.get_sblock(name)     # allocated through TVMBackendAllocWorkspace on every iteration)
         own = _loops_below(sch, blk, row)
         if name in vector_stages and own:
-            sch.vectorize(own[-1])
+            vectorize_row(sch, own[-1])
     own = _loops_below(sch, out, row)
     if own and int(sch.get(own[-1]).extent) <= 64:
         sch.vectorize(own[-1])
     return sch.mod["main"]
+
+
+MAX_LANES = 4096     # the longest loop vectorized whole: TVM refuses 2^15 lanes and more (LLVM aborts on them)
+
+
+def vectorize_row(sch, loop, lanes: int = 16) -> None:
+    """Vectorize `loop` whole (LLVM splits it into registers), or where it is longer than MAX_LANES (a softmax over
+    40572 features), its inner `lanes` iterations (the last vector predicated where they do not divide it)."""
+    if int(sch.get(loop).extent) > MAX_LANES:
+        loop = sch.split(loop, [None, lanes])[1]
+    sch.vectorize(loop)
 
 
 def _loops_below(sch, block, loop) -> list:

@@ -147,6 +147,60 @@ def slice_onnx(g, op):
     g.bind(op, g.node("Slice", [x.name, *ends], op.output), g.out_scale(op))
 
 
+def gather_onnx(g, op):
+    """x[:, index]: a Gather on axis 1 of the float tensor and of its codes tensor where it has one; a per-channel
+    scale is gathered with its channels."""
+    x = g.value(op.inputs[0])
+    index = np.asarray(op.consts["index"], np.int64).reshape(-1)
+    at = g.const(index, f"{op.output}.index", "INT64")
+    codes = None if x.codes is None else g.node("Gather", [x.codes, at], f"{op.output}.codes", axis=1)
+    scale = np.asarray(x.scale)
+    g.bind(op, g.node("Gather", [x.name, at], op.output, axis=1), scale[index] if scale.ndim and len(scale) > 1
+           else scale, codes)
+
+
+def resize_onnx(g, op):
+    """resize by its taps (`ops.resize`, `_resampled`), not ONNX Resize: the taps are torch's own, read at trace
+    time for the size, scale factor and align_corners the op no longer carries. The exact form: on the input's
+    int64 codes, the rounding shift as floor division (`QdqGraph.floor_div`), the result the output's codes (an
+    8-bit output's through a DequantizeLinear); the fused form: on the dequantized input with the weights scaled
+    by 2^-(shift / 2) per axis, then a Q/DQ pair where the output is 8-bit. The scale is the input's."""
+    x, h, shift = g.value(op.inputs[0]), op.output, int(op.attrs["shift"])
+    lo, hi = g.ranges.get(h, (op.lo, op.hi))
+    qtype = g.narrowest(lo, hi)
+    if g.form != "exact":
+        y = _resampled(g, x.name, op, None, 2.0 ** -(shift / 2))
+        if qtype == "INT32":
+            g.bind(op, y, x.scale)
+        else:
+            g.quantize(op, y, lo, hi)
+        return
+    q = _resampled(g, g.codes(x, f"{h}.in"), op, "INT64", 1)
+    if shift:
+        q = g.floor_div(g.node("Add", [q, _i64(g, h)(1 << (shift - 1), "half")], f"{h}.half"), 1 << shift,
+                        f"{h}.shift")
+    if qtype == "INT32":        # the int64 codes travel with the value (a requantize after it reads them)
+        y = g.node("Mul", [g.node("Cast", [q], f"{h}.float", to=1), g.const(x.scale, f"{h}.scale")], h)
+        g.bind(op, y, x.scale, q)
+        return
+    codes = g.node("Cast", [q], f"{h}.codes", to={"UINT8": 2, "INT8": 3}[qtype])
+    g.bind(op, g.dequantize(codes, x.scale, h, qtype), x.scale, codes)
+
+
+def _resampled(g, t: str, op, dtype: str | None, unit: float) -> str:
+    """Tensor t (N, C, H, W) resampled by op's taps, rows then columns: a Gather of the rows each output row's taps
+    read ((N, C, Ho, T, W)), a Mul by their weights times `unit`, a ReduceSum over the taps; likewise along W. In
+    `dtype` (INT64, or None: float32)."""
+    h = op.output
+    for axis, (idx, w) in ((2, ("idx_h", "w_h")), (3, ("idx_w", "w_w"))):
+        index, weight = np.asarray(op.consts[idx], np.int64), np.asarray(op.consts[w]) * unit
+        t = g.node("Gather", [t, g.const(index, f"{h}.{idx}", "INT64")], f"{h}.{idx}.taps", axis=axis)
+        weight = weight.reshape(weight.shape + ((1,) if axis == 2 else ()))       # broadcast over W (rows' taps)
+        t = g.node("Mul", [t, g.const(weight, f"{h}.{w}", dtype)], f"{h}.{w}.weighted")
+        t = g.node("ReduceSum", [t, _i64(g, h)([axis + 1], f"{w}.axes")], f"{h}.{w}.sum", keepdims=0)
+    return t
+
+
 def flatten_onnx(g, op):
     x = g.value(op.inputs[0])
     g.bind(op, g.node("Flatten", [x.name], op.output, axis=1), g.out_scale(op))
@@ -198,10 +252,10 @@ def _i64(g, hint: str):
 
 def layer_norm_onnx(g, op):
     """The exact form: the integer semantics of `ops.layernorm` in int64 ONNX ops over the op's axis: the input's
-    codes, ReduceSum, isqrt bit by bit (Where of c * c <= v), the reciprocal by Div of positives (truncation =
-    floor), each arithmetic shift right as floor division (`QdqGraph.floor_div`), the clamp by Max / Min; then the
-    codes' DequantizeLinear at the output scale. The fused form: float LayerNormalization with gamma, beta and
-    eps read back from the constants (m 2^-s S_out 2^F, b 2^-s S_out, eps S_in^2 / C^2)."""
+    codes, ReduceSum (none without centering: S = 0), isqrt bit by bit (Where of c * c <= v), the reciprocal by
+    Div of positives (truncation = floor), each arithmetic shift right as floor division (`QdqGraph.floor_div`),
+    the clamp by Max / Min; then the codes' DequantizeLinear at the output scale. The fused form: float
+    normalization with gamma, beta and eps read back from the constants (`_layer_norm_in_float`)."""
     from hawq_ray.ops.layernorm import K, NORM_SHIFT, P, ROOT_BITS, layer_norm_channels, check_constants
     x, h = g.value(op.inputs[0]), op.output
     shape = g.shape(op.inputs[0])
@@ -216,10 +270,12 @@ def layer_norm_onnx(g, op):
     i64 = _i64(g, h)
     q = g.codes(x, f"{h}.in")
     axes = i64([axis], "axes")
-    total = g.node("ReduceSum", [q, axes], f"{h}.sum", keepdims=1)
+    center = bool(op.attrs.get("center", True))
+    total = g.node("ReduceSum", [q, axes], f"{h}.sum", keepdims=1) if center else None
     squares = g.node("ReduceSum", [g.node("Mul", [q, q], f"{h}.sq"), axes], f"{h}.squares", keepdims=1)
-    v = g.node("Sub", [g.node("Mul", [squares, i64(c, "c")], f"{h}.csq"),
-                       g.node("Mul", [total, total], f"{h}.ss")], f"{h}.var")
+    v = g.node("Mul", [squares, i64(c, "c")], f"{h}.csq")
+    if center:
+        v = g.node("Sub", [v, g.node("Mul", [total, total], f"{h}.ss")], f"{h}.var")
     v = g.node("Mul", [g.node("Add", [v, i64(int(op.attrs.get("eps", 0)), "eps")], f"{h}.veps"),
                        i64(1 << (2 * P), "pre")], f"{h}.v")
     r = g.node("Mul", [v, i64(0, "zero")], f"{h}.root")
@@ -228,7 +284,9 @@ def layer_norm_onnx(g, op):
         ok = g.node("LessOrEqual", [g.node("Mul", [t, t], f"{h}.sq{b}"), v], f"{h}.ok{b}")
         r = g.node("Where", [ok, t, r], f"{h}.root{b}")
     recip = g.node("Div", [i64(1 << K, "two_k"), g.node("Max", [r, i64(1, "one")], f"{h}.r")], f"{h}.recip")
-    d = g.node("Sub", [g.node("Mul", [q, i64(c, "c2")], f"{h}.cx"), total], f"{h}.d")
+    d = g.node("Mul", [q, i64(c, "c2")], f"{h}.cx")
+    if center:
+        d = g.node("Sub", [d, total], f"{h}.d")
     n = g.node("Add", [g.node("Mul", [d, recip], f"{h}.dr"), i64(1 << (NORM_SHIFT - 1), "half")], f"{h}.dr_half")
     n = g.floor_div(n, np.int64(1) << NORM_SHIFT, f"{h}.norm")
     shift = k["shift"]
@@ -248,26 +306,47 @@ def layer_norm_onnx(g, op):
 
 
 def _layer_norm_in_float(g, op, x, shape, axis, c, k, lo, hi):
-    """The fused form's LayerNormalization (float, over the last axis: the op's axis moved there and back),
-    then the output's Q/DQ pair where it is 8-bit, a Clip to its range at its scale where it is 16-bit."""
+    """The fused form: the normalization in float with gamma, beta and eps read back from the constants
+    (m 2^-s S_out 2^F, b 2^-s S_out, eps S_in^2 / C^2), then the output's Q/DQ pair where it is 8-bit, a Clip to
+    its range at its scale where it is 16-bit."""
     from hawq_ray.ops.layernorm import F
     h, s_out, s_in = op.output, float(np.asarray(g.out_scale(op))), g.per_tensor(op, x)
     ratio = np.exp2(-k["shift"].astype(np.float64))
-    gamma = g.const(k["multiplier"] * ratio * s_out * 2.0 ** F, f"{h}.gamma")
-    beta = g.const(k["bias"] * ratio * s_out, f"{h}.beta")
-    last = len(shape) - 1
-    perm = list(range(len(shape)))
-    perm[axis], perm[last] = last, axis
-    y = x.name if axis == last else g.node("Transpose", [x.name], f"{h}.to_last", perm=perm)
-    y = g.node("LayerNormalization", [y, gamma, beta], f"{h}.float", axis=-1,
-               epsilon=float(int(op.attrs.get("eps", 0)) * s_in ** 2 / c ** 2))
-    if axis != last:
-        y = g.node("Transpose", [y], f"{h}.back", perm=perm)
+    gamma, beta = k["multiplier"] * ratio * s_out * 2.0 ** F, k["bias"] * ratio * s_out
+    eps = float(int(op.attrs.get("eps", 0)) * s_in ** 2 / c ** 2)
+    if op.attrs.get("center", True):
+        y = _float_layer_norm(g, h, x.name, len(shape), axis, gamma, beta, eps)
+    else:                   # the integer r >= 1 holds sqrt(mean(x^2) + eps) at S_in / (8 C) or more
+        y = _float_rms_norm(g, h, x.name, len(shape), axis, gamma, beta, eps, (s_in / (8 * c)) ** 2)
     if g.narrowest(lo, hi) != "INT32":
         g.quantize(op, y, lo, hi)
         return
     y = g.node("Clip", [y, g.const(lo * s_out, f"{h}.lo"), g.const(hi * s_out, f"{h}.hi")], h)
     g.bind(op, y, s_out)
+
+
+def _float_layer_norm(g, h: str, x: str, rank: int, axis: int, gamma, beta, eps: float) -> str:
+    """LayerNormalization over the last axis: the op's axis moved there and back."""
+    last = rank - 1
+    perm = list(range(rank))
+    perm[axis], perm[last] = last, axis
+    y = x if axis == last else g.node("Transpose", [x], f"{h}.to_last", perm=perm)
+    y = g.node("LayerNormalization", [y, g.const(gamma, f"{h}.gamma"), g.const(beta, f"{h}.beta")], f"{h}.float",
+               axis=-1, epsilon=eps)
+    return y if axis == last else g.node("Transpose", [y], f"{h}.back", perm=perm)
+
+
+def _float_rms_norm(g, h: str, x: str, rank: int, axis: int, gamma, beta, eps: float, floor: float) -> str:
+    """x / sqrt(max(mean(x^2) + eps, floor)) gamma + beta over `axis` in float ops (LayerNormalization always
+    centers; RMSNormalization is opset 23)."""
+    view = tuple(len(gamma) if i == axis else 1 for i in range(rank))
+    mean = g.node("ReduceMean", [g.node("Mul", [x, x], f"{h}.sq"), g.const(np.asarray([axis]), f"{h}.axes", "INT64")],
+                  f"{h}.mean_sq", keepdims=1)
+    mean = g.node("Max", [g.node("Add", [mean, g.const(eps, f"{h}.eps")], f"{h}.meps"), g.const(floor, f"{h}.floor")],
+                  f"{h}.ms")
+    y = g.node("Div", [x, g.node("Sqrt", [mean], f"{h}.rms")], f"{h}.unit")
+    y = g.node("Mul", [y, g.const(np.reshape(gamma, view), f"{h}.gamma")], f"{h}.scaled")
+    return g.node("Add", [y, g.const(np.reshape(beta, view), f"{h}.beta")], f"{h}.float")
 
 
 # ---------------------------------------------------------------------------------------------- transformer ops
@@ -317,6 +396,18 @@ def roll_onnx(g, op):
         return g.node("Identity", [name], hint)
     codes = None if x.codes is None else rolled(x.codes, f"{h}.codes")
     g.bind(op, rolled(x.name, h), x.scale, codes)
+
+
+def pad_onnx(g, op):
+    """Pad with zeros (its default constant): code 0 on the codes tensor, 0.0 on the float one."""
+    pads = [int(pair[0]) for pair in op.attrs["pads"]] + [int(pair[1]) for pair in op.attrs["pads"]]
+    _layout_onnx(g, op, "Pad", [g.const(np.asarray(pads, np.int64), f"{op.output}.pads", "INT64")])
+
+
+def crop_onnx(g, op):
+    """x[..., start:stop, ...] along each axis: Slice."""
+    i64 = _i64(g, op.output)
+    _layout_onnx(g, op, "Slice", [i64(op.attrs[k], k) for k in ("starts", "stops", "axes")])
 
 
 def take_onnx(g, op):
@@ -398,6 +489,8 @@ def softmax_onnx(g, op):
 CONVERTERS = {"conv2d": conv2d_onnx, "dense": dense_onnx, "requantize": requantize_onnx, "affine": affine_onnx,
               "relu": relu_onnx, "clamp": clamp_onnx, "lookup": lookup_onnx, "mul": mul_onnx, "add": add_onnx,
               "concat": concat_onnx, "channel_shuffle": shuffle_onnx, "slice": slice_onnx,
+              "channel_gather": gather_onnx, "resize": resize_onnx,
               "flatten": flatten_onnx, "sum_pool2d": sum_pool_onnx, "max_pool2d": max_pool_onnx,
               "layer_norm": layer_norm_onnx, "reshape": reshape_onnx, "permute": permute_onnx, "roll": roll_onnx,
-              "take": take_onnx, "constant": constant_onnx, "matmul": matmul_onnx, "softmax": softmax_onnx}
+              "pad": pad_onnx, "crop": crop_onnx, "take": take_onnx, "constant": constant_onnx, "matmul": matmul_onnx,
+              "softmax": softmax_onnx}

@@ -23,7 +23,8 @@ input codes. Two forms (`form`):
   reads at 8 bits that quantization of it, an 8-bit value itself. That is the graph onnxruntime's own
   quantizer writes, and its CPU kernels run every conv on integers; it is further from the program. A
   transformer's matmuls are MatMuls of dequantized operands (QLinearMatMul once fused); its Softmax and
-  LayerNormalization run in float, the softmax's uint8 output quantized at 2^-8.
+  LayerNormalization (an uncentered one, RMSNorm: x / rms(x) in float ops) run in float, the softmax's uint8
+  output quantized at 2^-8.
 
 This module imports neither onnx nor torch at the top (onnx inside the graph's methods): the CLI reads
 `FORMS` from it at start-up.

@@ -18,8 +18,8 @@ from hawq_ray.ops.registry import GraphNode, ProgramOp, register_ops
 from hawq_ray.program.dyadic import dyadic
 from hawq_ray.program.program import INT32_MAX, INT32_MIN
 from hawq_ray.quant.fold import bn_sigma
-from hawq_ray.quant.quantizers import activation_scale, signed_range
-from hawq_ray.quant.values import WIDE_BITS, V, absmax, channel_view, np_scale, ste
+from hawq_ray.quant.quantizers import signed_range
+from hawq_ray.quant.values import WIDE_BITS, V, channel_view, np_scale
 
 SEMANTICS = """inputs [x]; consts bias, multiplier (int32, signed, nonzero), shift (int32, >= 1), each (C, 1, 1) or (C,);
 attrs lo, hi; out = clamp(((x + bias) * multiplier + 2^(shift-1)) >> shift, lo, hi), computed in int64."""
@@ -51,12 +51,10 @@ def batchnorm_step(qm, node, ins):
         real = F.batch_norm(v.r, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
     if qm.mode == "fp32":
         return V(None, None, real, node.name)
-    scale = activation_scale(qm.observe(f"out:{node.name}", absmax(real) if qm.observing else None),
-                             WIDE_BITS, signed=True)
-    lo, hi = signed_range(WIDE_BITS)
+    s = qm.wide_output(node, real, v.device)
     if qm.mode == "fake":
-        q = torch.floor(real.detach().to(torch.float64) / scale + 0.5).clamp_(lo, hi)
-        return V(None, torch.tensor(scale, dtype=torch.float64), ste(real, q * scale), node.name, lo, hi)
+        return qm.fake_output(real, s, node.name)
+    scale, (lo, hi) = float(s), signed_range(WIDE_BITS)
     g, h = _gain_shift(bn)
     g = torch.where(g == 0, torch.full_like(g, 1e-30), g.to(v.q.device))
     s_in = v.s.to(torch.float64) * torch.ones_like(g)
@@ -66,7 +64,6 @@ def batchnorm_step(qm, node, ins):
     ndim = v.q.dim()
     consts = [channel_view(x.to(v.q.device).to(torch.int64), ndim) for x in (t, mult, torch.from_numpy(c))]
     q = integer_affine(v.q, *consts, lo, hi)
-    s = torch.tensor(scale, dtype=torch.float64, device=v.q.device)
     qm.emit("affine", [v.name], node.name, scale=np_scale(s), lo=lo, hi=hi, attrs={"lo": lo, "hi": hi},
             consts={k: x.cpu().numpy().astype(np.int32) for k, x in zip(("bias", "multiplier", "shift"), consts)})
     return V(q, s, None if real is None else qm.exact_real(real, lambda: q * scale), node.name, lo, hi)

@@ -1,24 +1,29 @@
-"""Channel rearrangements of integer tensors (graph nodes `shuffle`, `slice`; program ops `channel_shuffle`,
-`slice`): ShuffleNet's channel shuffle (view as (N, g, C/g, H, W), transpose groups and channels, view back)
-and its split of the channels in two (`chunk` / `split` along dim 1). The integers and their scales move with
-their channels; nothing is computed.
+"""Channel rearrangements of integer tensors (graph nodes `shuffle`, `slice`, `gather`; program ops `channel_shuffle`,
+`slice`, `channel_gather`): ShuffleNet's channel shuffle (view as (N, g, C/g, H, W), transpose groups and channels,
+view back), its split of the channels in two (`chunk` / `split` along dim 1), and channels picked by a fixed index
+(`index_select`, `x[:, index]` with a list or a tensor constant, `x[:, a:b:k]`). The integers and their scales move
+with their channels; nothing is computed.
 
-torch.fx sees a shuffle as three calls with shapes computed from `x.size()`; the converters read the concrete
-shapes (`tracer.shape`) and record the 5-D view and its transpose as values in the making until the view back
-to 4-D makes the node.
+torch.fx sees a shuffle as three calls with shapes computed from `x.size()`; the converters read the concrete shapes
+(`tracer.shape`) and record the 5-D view and its transpose as values in the making until the view back to 4-D makes
+the node.
 """
 from __future__ import annotations
 
 import operator
 
+import numpy as np
 import torch
 
+from hawq_ray.contract import HawqError
 from hawq_ray.ops.registry import HANDLED, GraphNode, ProgramOp, register_ops
 from hawq_ray.quant.values import V, np_scale
 
 SHUFFLE = """inputs [x] (N, C, H, W); attrs groups g (C % g == 0);
 out = x.reshape(N, g, C / g, H, W).transpose(1, 2).reshape(N, C, H, W): out channel j g + i is input channel i C/g + j."""
 SLICE = """inputs [x] (N, C, H, W); attrs start, stop; out = x[:, start:stop]."""
+GATHER = """inputs [x] (N, C, H, W); consts index (C_out,) int32, 0 <= index < C; out = x[:, index] (channels
+picked, repeated or reordered)."""
 
 
 # ---------------------------------------------------------------------------------------------- tracing
@@ -75,13 +80,47 @@ def _convert_getitem(tracer, n, m):
     return tracer.node(n, "slice", [state[1]], attrs={"start": start, "stop": stop})
 
 
+def _constant_index(tracer, a, channels: int):
+    """The channel indices of a fixed index (a list, a range's slice, a tensor constant read in forward), or None."""
+    if isinstance(a, slice):
+        return list(range(channels))[a]
+    if isinstance(a, (list, tuple)) and all(isinstance(i, int) for i in a):
+        return [i % channels for i in a]
+    if tracer.is_tensor(a) and tracer.by_name[tracer.src(a)].kind == "constant":
+        value = tracer.tensor(a)
+        if value.dim() == 1 and not value.is_floating_point() and value.dtype != torch.bool:
+            return [int(i) % channels for i in value.tolist()]
+    return None
+
+
+def _convert_gather(tracer, n, m):
+    """`torch.index_select(x, 1, index)` and `x[:, index]` of a map by a fixed index; `x[:, a:b:k]`."""
+    src = n.args[0]
+    if not tracer.is_tensor(src) or tracer.shape(src) is None or len(tracer.shape(src)) != 4:
+        return None
+    channels = int(tracer.shape(src)[1])
+    if n.target is operator.getitem:
+        index = n.args[1]
+        if not (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)):
+            return None
+        picked = _constant_index(tracer, index[1], channels)
+    else:
+        a = dict(zip(("input", "dim", "index"), n.args)) | dict(n.kwargs)
+        picked = _constant_index(tracer, a["index"], channels) if a["dim"] % 4 == 1 else None
+    if not picked or picked == list(range(channels)):
+        return None
+    if picked == list(range(picked[0], picked[-1] + 1)):
+        return tracer.node(n, "slice", [src], attrs={"start": picked[0], "stop": picked[-1] + 1})
+    return tracer.node(n, "gather", [src], attrs={"index": tuple(picked)})
+
+
 # ---------------------------------------------------------------------------------------------- QAT steps
 
 def _permutation(channels: int, groups: int, device) -> torch.Tensor:
     return torch.arange(channels, device=device).view(groups, channels // groups).t().reshape(-1)
 
 
-def _rearranged(qm, node, v: V, index, op: str, attrs: dict) -> V:
+def _rearranged(qm, node, v: V, index, op: str, attrs: dict, consts=None) -> V:
     """v with its channels `index` (a slice or a permutation): integers, per-channel scale and float alike."""
     def take(t):
         return t[:, index]
@@ -91,7 +130,7 @@ def _rearranged(qm, node, v: V, index, op: str, attrs: dict) -> V:
     if qm.mode != "qat":
         return V(None, s, take(v.r), node.name)
     q = take(v.q)
-    name = qm.emit(op, [v.name], node.name, attrs=attrs, scale=np_scale(s), lo=v.lo, hi=v.hi)
+    name = qm.emit(op, [v.name], node.name, attrs=attrs, consts=consts or {}, scale=np_scale(s), lo=v.lo, hi=v.hi)
     return V(q, s, qm.lazy(v, take), name, v.lo, v.hi)
 
 
@@ -107,6 +146,12 @@ def slice_step(qm, node, ins):
     return _rearranged(qm, node, ins[0], slice(a, b), "slice", {"start": a, "stop": b})
 
 
+def gather_step(qm, node, ins):
+    index = torch.tensor(node.attrs["index"], dtype=torch.int64, device=ins[0].device)
+    return _rearranged(qm, node, ins[0], index, "channel_gather",
+                       {}, consts={"index": np.asarray(node.attrs["index"], np.int32)})
+
+
 # ---------------------------------------------------------------------------------------------- executor
 
 def execute_shuffle(op, ins):
@@ -120,6 +165,15 @@ def execute_slice(op, ins):
     return ins[0][:, op.attrs["start"]:op.attrs["stop"]]
 
 
+def execute_gather(op, ins):
+    index = torch.as_tensor(np.asarray(op.consts["index"]), dtype=torch.int64)
+    c = ins[0].shape[1]
+    if index.dim() != 1 or not len(index) or index.min() < 0 or index.max() >= c:
+        raise HawqError(f"{op.output}: channel_gather index of shape {tuple(index.shape)} with values outside "
+                        f"0..{c - 1}; valid: a 1-D index of channels of x")
+    return ins[0].index_select(1, index)
+
+
 register_ops(
     GraphNode("shuffle", shuffle_step, functions=(torch.transpose, torch.reshape, torch.flatten),
               methods=("view", "reshape", "transpose", "flatten", "contiguous"), convert=_convert_view, nonneg=all,
@@ -130,4 +184,7 @@ register_ops(
     ProgramOp("channel_shuffle", SHUFFLE, execute_shuffle, lambda op, r: r[0],
               channelwise=lambda op: False),
     ProgramOp("slice", SLICE, execute_slice, lambda op, r: r[0]),
+    GraphNode("gather", gather_step, functions=(torch.index_select, operator.getitem), methods=("index_select",),
+              convert=_convert_gather, nonneg=all, supported="x[:, index] / index_select of channels by a fixed index"),
+    ProgramOp("channel_gather", GATHER, execute_gather, lambda op, r: r[0]),
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from hawq_ray.ops.registry import GraphNode, ProgramOp, as_pair, register_ops
 from hawq_ray.program.integer import exact_dtype, int_matmul, linear_range, windows
@@ -31,7 +31,28 @@ def _convert_conv(tracer, n, m):
 
 
 def _convert_linear(tracer, n, m):
+    if m is None:
+        return _convert_functional_linear(tracer, n)
     return tracer.node(n, "linear", [n.args[0]], layer=n.target, module=m)
+
+
+def _convert_functional_linear(tracer, n):
+    """`F.linear(x, module.weight, bias)`: the layer of the module that owns the weight (a Linear, or a module
+    holding the weight that BEiT, EVA and Swin V2 pass with a bias they build in forward: q and v biases
+    around a fixed zero for k). The bias, a parameter or a constant computed from parameters, is the node's
+    second input."""
+    a = dict(zip(("input", "weight", "bias"), n.args)) | dict(n.kwargs)
+    weight, bias = a.get("weight"), a.get("bias")
+    if not tracer.is_tensor(a.get("input")) or not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        return None
+    if bias is not None and not (tracer.is_tensor(bias) and tracer.by_name[tracer.src(bias)].kind == "constant"):
+        return None
+    module = tracer.module_of(weight)
+    if getattr(module, "weight", None) is None or weight.target.rpartition(".")[2] != "weight" or \
+            module.weight.dim() != 2:
+        return None
+    return tracer.node(n, "linear", [a["input"]] + ([bias] if bias is not None else []),
+                       layer=tracer.module_name(module), module=module)
 
 
 # ---------------------------------------------------------------------------------------------- QAT step
@@ -42,18 +63,21 @@ def layer_step(qm, node, ins):
     if node.inputs[0] != qm.input_name:
         a = qm.act_point(a, f"in:{node.layer}", qm.bits[node.layer], signed=not qm.nonneg(node.inputs[0]),
                          name=f"{node.name}.in")
-    return _layer(qm, node, a)
+    return _layer(qm, node, a, ins[1].r if len(ins) > 1 else getattr(node.module, "bias", None))
 
 
 def _observers(node, input_name):
     return [f"in:{node.layer}"] if node.inputs[0] != input_name else []
 
 
-def _layer(qm, node, a: V) -> V:
+def _layer(qm, node, a: V, bias) -> V:
     mod = node.module
-    w_bar, b_bar = fold_bn(mod.weight, mod.bias, node.bn)       # eq. 16
+    w_bar, b_bar = fold_bn(mod.weight, bias, node.bn)           # eq. 16
     conv = node.kind == "conv"
     at = node.attrs
+    if "bias_zero" in at:           # a slice of the bias the model's forward zeroes (Swin V2's key bias)
+        lo, hi = at["bias_zero"]
+        b_bar = torch.cat([b_bar[:lo], torch.zeros_like(b_bar[lo:hi]), b_bar[hi:]])
 
     def apply(x, w, bias=None):
         if conv:
@@ -150,8 +174,8 @@ x_bits, x_signed; out = x @ weight.T + bias over the last axis, INT32 accumulati
 register_ops(
     GraphNode("conv", layer_step, modules=(nn.Conv2d,), convert=_convert_conv, observers=_observers, layer=True,
               supported="Conv2d (+BatchNorm2d)"),
-    GraphNode("linear", layer_step, modules=(nn.Linear,), convert=_convert_linear, observers=_observers,
-              layer=True, supported="Linear"),
+    GraphNode("linear", layer_step, modules=(nn.Linear,), functions=(F.linear,), convert=_convert_linear,
+              observers=_observers, layer=True, supported="Linear, F.linear of a module's weight"),
     ProgramOp("conv2d", CONV2D, execute_conv2d, conv2d_range),
     ProgramOp("dense", DENSE, execute_dense, dense_range),
 )

@@ -18,8 +18,8 @@ import torch
 from hawq_ray.contract import HawqError
 from hawq_ray.ops.registry import GraphNode, ProgramOp, register_ops
 from hawq_ray.program.dyadic import requantize
-from hawq_ray.quant.quantizers import activation_scale, signed_range
-from hawq_ray.quant.values import WIDE_BITS, V, absmax, dyadic_consts, np_scale, ste
+from hawq_ray.quant.quantizers import signed_range
+from hawq_ray.quant.values import WIDE_BITS, V, dyadic_consts, np_scale
 
 ADD = "inputs [a, b]; out = a + b (each branch was requantized to the output scale before it, Appendix F)."
 CONCAT = "inputs [...]; attrs axis (1: channels); out = the inputs concatenated along axis (each branch was " \
@@ -60,12 +60,10 @@ def join_step(qm, node, ins):
         if need else None
     if qm.mode == "fp32":
         return V(None, None, real, node.name)
-    scale = activation_scale(qm.observe(f"out:{node.name}", absmax(real) if qm.observing else None),
-                             WIDE_BITS, signed=True)
-    s = torch.tensor(scale, dtype=torch.float64, device=ins[0].device)
+    s = qm.wide_output(node, real, ins[0].device)
     if qm.mode == "fake":  # eq. 20/21: accumulate in float, then requantize once
-        q = torch.floor(real.detach().to(torch.float64) / scale + 0.5)
-        return V(None, s, ste(real, q * scale), node.name)
+        return qm.fake_output(real, s, node.name, clamp=False)
+    scale = float(s)
     parts, names = [], []
     lo, hi = signed_range(WIDE_BITS)
     other = next(v.name for v, c in zip(ins, constant) if not c)

@@ -2,6 +2,12 @@
 features of its tokens (N, T, C) (the last axis, as `nn.LayerNorm(C)` normalizes; also a channels-last map), and
 ConvNeXt's LayerNorm2d on an (N, C, H, W) value, normalized over C at each (n, h, w) (axis 1).
 
+The same op without centering (attr `center` false: S taken as 0 below) is RMSNorm (`nn.RMSNorm`: x over the
+root mean square, V = C sum x^2 + eps) and, with gamma = C^-1/2 and no eps, `F.normalize(x, dim)`: x over its L2
+norm (Swin V2's cosine attention). Every bound below holds with max - min read as 2 max |x| and sqrt(C - 1) as
+sqrt(C) (|C x_c| <= sqrt(C) sqrt(C sum x^2)); where some d != 0, V >= C >= 1 and r >= 8, so
+|n| <= 2^F sqrt(C) (r + 1) / r + 1 <= 2^F 2^8 9/8 + 1 < 2^25 (NORM_MAX) in both forms.
+
 QAT: the input is requantized to 16 bits on a static scale (the op reads int16), the output written at a static
 16-bit scale (like a residual sum), so the Linear after it requantizes it to its own bits; the forward values are
 the integers', the gradient (to the input, gamma and beta) float LayerNorm's.
@@ -61,9 +67,10 @@ from hawq_ray.contract import HawqError
 from hawq_ray.ops.registry import GraphNode, ProgramOp, register_ops
 from hawq_ray.program.dyadic import dyadic
 from hawq_ray.program.program import Op
-from hawq_ray.quant.quantizers import activation_scale, signed_range
-from hawq_ray.quant.values import WIDE_BITS, V, absmax, np_scale, ste
+from hawq_ray.quant.quantizers import signed_range
+from hawq_ray.quant.values import WIDE_BITS, V, np_scale
 
+RMS_NORM = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 P, K, F = 3, 56, 16            # isqrt's pre-shift 2P, the reciprocal's 2^K, the normalized value's fraction bits
 NORM_SHIFT = K - P - F         # 37: n = (d R + 2^(NORM_SHIFT-1)) >> NORM_SHIFT
 ROOT_BITS = 31                 # isqrt(v) < 2^31 for v < 2^62
@@ -77,8 +84,9 @@ NORM_MAX = 1 << 25             # |n| <= 2 sqrt(C - 1) 2^F + 1 <= 2^25 for C <= 2
 SEMANTICS = f"""inputs [x], normalized over its axis `axis` (attr, default 1: C of (N, C, H, W) or (N, C); the last
 of tokens (N, T, C) or of a channels-last map) at each position; consts multiplier
 (int32, signed), shift (int32, 1..62), bias (int64, |bias| < 2^60), each of shape () or (C,); attrs eps (int,
-0..2^54), axis, lo, hi (the clamp); requires x in int16, 1 <= C <= 2^16 and C * (max_c x - min_c x) <= 2^28 at each
-position. In int64 per position: S = sum_c x; V = C * sum_c x^2 - S^2 + eps; r = max(isqrt(V << {2 * P}), 1)
+0..2^54), axis, center (default true), lo, hi (the clamp); requires x in int16, 1 <= C <= 2^16 and
+C * spread <= 2^28 at each position (spread: max_c x - min_c x, or 2 max_c |x| where center is false). In int64
+per position: S = sum_c x (0 where center is false); V = C * sum_c x^2 - S^2 + eps; r = max(isqrt(V << {2 * P}), 1)
 (isqrt = floor(sqrt), bit by bit); R = 2^{K} // r (integer division of positives: floor); d = C * x - S;
 n = (d * R + 2^{NORM_SHIFT - 1}) >> {NORM_SHIFT}; out = clamp((n * multiplier + bias + 2^(shift-1)) >> shift, lo, hi)
 (>> arithmetic: floor)."""
@@ -125,13 +133,14 @@ def execute_layer_norm(op, ins):
     axis = int(op.attrs.get("axis", 1))
     c = layer_norm_channels(x.shape, op.output, axis)
     k = check_constants(op, c)
+    center = bool(op.attrs.get("center", True))
     if x.numel():
-        spread = int((x.amax(axis) - x.amin(axis)).max())
+        spread = int((x.amax(axis) - x.amin(axis)).max()) if center else 2 * int(x.abs().max())
         if int(x.min()) < INPUT_LO or int(x.max()) > INPUT_HI or c * spread > MAX_SPREAD:
             raise HawqError(f"{op.output}: layer_norm input outside its bounds (int16 values, C * spread <= 2^28)")
     view = tuple(c if i == axis else 1 for i in range(x.dim()))
     m, s, b = (torch.from_numpy(k[n]).reshape(view) for n in ("multiplier", "shift", "bias"))
-    total = x.sum(axis, keepdim=True)
+    total = x.sum(axis, keepdim=True) if center else torch.zeros_like(x.select(axis, 0).unsqueeze(axis))
     v = c * (x * x).sum(axis, keepdim=True) - total * total + int(op.attrs.get("eps", 0))
     r = isqrt(v << (2 * P)).clamp_(min=1)
     recip = torch.div(torch.full_like(r, 1 << K), r, rounding_mode="floor")
@@ -180,36 +189,56 @@ def _convert_layer_norm(tracer, n, m):
         tracer.unsupported(f"module {n.target!r} (normalized over {tuple(m.normalized_shape)})",
                            f"{type(m).__name__} (only over one axis)")
     rank = len(tracer.shape(n.args[0]))
-    return tracer.node(n, "layer_norm", [n.args[0]], module=m, attrs={"axis": 1 if _channels_first(m) else rank - 1})
+    return tracer.node(n, "layer_norm", [n.args[0]], module=m,
+                       attrs={"axis": 1 if _channels_first(m) else rank - 1, "center": not isinstance(m, RMS_NORM)})
 
 
-def _float_layer_norm(node, t):
+def _convert_normalize(tracer, n, m):
+    """`F.normalize(x, p=2, dim)`: layer_norm without centering, gamma C^-1/2 (the module docstring)."""
+    a = dict(zip(("input", "p", "dim", "eps"), n.args)) | dict(n.kwargs)
+    if not tracer.is_tensor(a["input"]) or float(a.get("p", 2.0)) != 2.0:
+        return None
+    rank = len(tracer.shape(a["input"]))
+    return tracer.node(n, "normalize", [a["input"]], attrs={"axis": int(a.get("dim", 1)) % rank, "center": False})
+
+
+def norm_parameters(node, channels: int) -> tuple:
+    """(gamma, beta, eps) of a layer_norm or normalize node, as float arrays (C,) and a float."""
+    m = node.module
+    if m is None:                           # F.normalize: x / ||x||, eps 1e-12 below any code's resolution
+        return np.full(channels, channels ** -0.5), np.zeros(channels), 0.0
+    gamma = m.weight.detach().cpu().numpy() if m.weight is not None else np.ones(channels)
+    beta = m.bias.detach().cpu().numpy() if getattr(m, "bias", None) is not None else np.zeros(channels)
+    eps = m.eps if m.eps is not None else float(torch.finfo(torch.float32).eps)    # RMSNorm's default
+    return gamma, beta, eps
+
+
+def _float_norm(node, t):
     m, axis = node.module, node.attrs["axis"]
-    out = functional.layer_norm(t.movedim(axis, -1), m.normalized_shape, m.weight, m.bias, m.eps)
+    if m is None:
+        return functional.normalize(t, dim=axis)
+    if isinstance(m, RMS_NORM):
+        out = functional.rms_norm(t.movedim(axis, -1), m.normalized_shape, m.weight, m.eps)
+    else:
+        out = functional.layer_norm(t.movedim(axis, -1), m.normalized_shape, m.weight, m.bias, m.eps)
     return out.movedim(-1, axis)
 
 
 def layer_norm_step(qm, node, ins):
     if qm.mode == "fp32":
-        return V(None, None, _float_layer_norm(node, ins[0].r), node.name)
+        return V(None, None, _float_norm(node, ins[0].r), node.name)
     x = qm.act_point(ins[0], f"in:{node.name}", WIDE_BITS, signed=True, name=f"{node.name}.in")
-    real = _float_layer_norm(node, x.r) if (qm.mode != "qat" or qm.needs_real()) else None
-    scale = activation_scale(qm.observe(f"out:{node.name}", absmax(real) if qm.observing else None),
-                             WIDE_BITS, signed=True)
-    lo, hi = signed_range(WIDE_BITS)
-    s = torch.tensor(scale, dtype=torch.float64, device=x.device)
+    real = _float_norm(node, x.r) if (qm.mode != "qat" or qm.needs_real()) else None
+    s = qm.wide_output(node, real, x.device)
     if qm.mode == "fake":
-        q = torch.floor(real.detach().to(torch.float64) / scale + 0.5).clamp_(lo, hi)
-        return V(None, s, ste(real, q * scale), node.name, lo, hi)
-    m, axis = node.module, node.attrs["axis"]
+        return qm.fake_output(real, s, node.name)
+    scale, (lo, hi) = float(s), signed_range(WIDE_BITS)
+    axis = node.attrs["axis"]
     c = x.q.shape[axis]
-    gamma = m.weight.detach().cpu().numpy() if m.weight is not None else np.ones(c)
-    beta = m.bias.detach().cpu().numpy() if m.bias is not None else np.zeros(c)
-    consts, attrs = layer_norm_constants(gamma, beta, m.eps, float(x.s), scale, c)
-    op = qm.emit("layer_norm", [x.name], node.name, consts=consts, attrs=attrs | {"axis": axis, "lo": lo, "hi": hi},
-                 scale=np_scale(s), lo=lo, hi=hi)
-    q = execute_layer_norm(Op("layer_norm", [x.name], op, attrs=attrs | {"axis": axis, "lo": lo, "hi": hi},
-                              consts=consts), [x.q])
+    consts, attrs = layer_norm_constants(*norm_parameters(node, c), float(x.s), scale, c)
+    attrs = attrs | {"axis": axis, "center": bool(node.attrs.get("center", True)), "lo": lo, "hi": hi}
+    op = qm.emit("layer_norm", [x.name], node.name, consts=consts, attrs=attrs, scale=np_scale(s), lo=lo, hi=hi)
+    q = execute_layer_norm(Op("layer_norm", [x.name], op, attrs=attrs, consts=consts), [x.q])
     return V(q, s, qm.real(real, q, s), node.name, lo, hi)
 
 
@@ -218,7 +247,9 @@ def _layer_norm_observers(node, input_name):
 
 
 register_ops(
-    GraphNode("layer_norm", layer_norm_step, modules=(nn.LayerNorm,), convert=_convert_layer_norm,
-              observers=_layer_norm_observers, supported="LayerNorm (one axis), LayerNorm2d"),
+    GraphNode("layer_norm", layer_norm_step, modules=(nn.LayerNorm, *RMS_NORM), convert=_convert_layer_norm,
+              observers=_layer_norm_observers, supported="LayerNorm / RMSNorm (one axis), LayerNorm2d"),
+    GraphNode("normalize", layer_norm_step, functions=(functional.normalize,), convert=_convert_normalize,
+              observers=_layer_norm_observers, supported="F.normalize (p=2)"),
     ProgramOp("layer_norm", SEMANTICS, execute_layer_norm, layer_norm_value_range),
 )

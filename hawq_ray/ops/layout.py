@@ -1,27 +1,30 @@
-"""Moving integers without computing (graph nodes `reshape`, `permute`, `take`, `constant`; program ops of the
-same names): what a vision transformer does between its layers. The patch embedding's (N, C, h, w) map becomes
-tokens (N, h w, C) (`flatten(2).transpose(1, 2)`), a qkv Linear's output is split into heads
+"""Moving integers without computing (graph nodes `reshape`, `permute`, `take`, `roll`, `pad`, `crop`, `constant`;
+program ops of the same names): what a vision transformer does between its layers. The patch embedding's
+(N, C, h, w) map becomes tokens (N, h w, C) (`flatten(2).transpose(1, 2)`), a qkv Linear's output is split into heads
 (`reshape(N, T, 3, H, D).permute(2, 0, 3, 1, 4)`, then `[0]` or `unbind(0)`), keys are transposed, heads merged
-back, the class token picked (`x[:, 0]`); Swin's windows are shifted cyclically (`roll`); the class token and the
-position embedding are parameters read in `forward` (`constant`).
+back, the class token picked (`x[:, 0]`); Swin's windows are shifted cyclically (`roll`), its map padded with zeros
+to a multiple of the window and cropped back (`pad`, `crop`; `ops.channels`' `slice` is the channel slice of a map,
+which keeps its per-channel scales); the class token and the position embedding are parameters read in `forward`
+(`constant`).
 
-Shapes in the program are per sample: a reshape's target shape holds -1 at the one axis that grows with the
-batch (found by tracing at two batch sizes), so one program runs at any batch; a permute's dims and a take's
-axis are positions in the full value, the batch axis included.
+Shapes in the program are per sample: a reshape's target shape holds -1 at the one axis that grows with the batch
+(found by tracing at two batch sizes), so one program runs at any batch; a permute's dims and a take's axis are
+positions in the full value, the batch axis included.
 
-A per-tensor scale moves with its integers unchanged. A Linear's or a conv's INT32 output has one scale per
-feature, which a reshape would scatter over new axes: such a value is requantized first, to a static per-tensor
-scale at 16-bit resolution (like a residual branch), and the layout op moves the INT16 codes.
+A per-tensor scale moves with its integers unchanged. A Linear's or a conv's INT32 output has one scale per feature,
+which a reshape would scatter over new axes: such a value is requantized first, to a static per-tensor scale at
+16-bit resolution (like a residual branch), and the layout op moves the INT16 codes.
 
-A parameter read in `forward` (a class token, a position embedding) is a `constant` value: the op that reads
-it (`add`, `cat`: `ops.join`) quantizes it to its own output scale, so it lives on the grid of what it is
-added to or concatenated with; QAT trains it through the straight-through estimator.
+A parameter read in `forward` (a class token, a position embedding) is a `constant` value: the op that reads it
+(`add`, `cat`: `ops.join`) quantizes it to its own output scale, so it lives on the grid of what it is added to or
+concatenated with; QAT trains it through the straight-through estimator.
 """
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,6 +38,12 @@ PERMUTE = """inputs [x]; attrs dims (a permutation of the axes, the batch axis i
 ROLL = """inputs [x]; attrs shifts, dims (equal lengths, never the batch axis); out = torch.roll(x, shifts, dims):
 a cyclic shift, out[..., i, ...] = x[..., (i - shift) mod size, ...] along each axis."""
 TAKE = """inputs [x]; attrs axis, index; out = x.select(axis, index) (the axis dropped)."""
+PAD = """inputs [x]; attrs pads (one (before, after) pair of non-negative ints per axis, the batch axis (0, 0));
+out = x with `before` zeros in front of and `after` zeros behind each axis (code 0 is 0 on every scale: the
+quantizers are symmetric)."""
+CROP = """inputs [x]; attrs axes, starts, stops (equal lengths, distinct axes, never the batch axis,
+0 <= start < stop <= size);
+out = x[..., start:stop, ...] along each axis (step 1)."""
 CONSTANT = """inputs [x] (read for its batch size only); consts value (1, ...) int32; out = value repeated along
 axis 0 to x's batch."""
 
@@ -139,6 +148,42 @@ def _index_axis(index, rank: int):
     return k, index[k]
 
 
+def _slices(index, shape: tuple) -> dict | None:
+    """The `crop` attrs of an index made of slices of step 1 (and one Ellipsis) that leaves the batch axis
+    whole (`x[:, :h, :w, :]`), else None."""
+    index = index if isinstance(index, tuple) else (index,)
+    if not all(isinstance(e, slice) or e is Ellipsis for e in index) or sum(e is Ellipsis for e in index) > 1:
+        return None
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (len(shape) - len(index) + 1) + index[k + 1:]
+    axes, starts, stops = [], [], []
+    for axis, e in enumerate(index):
+        if e.step not in (None, 1) or not all(v is None or isinstance(v, int) for v in (e.start, e.stop)):
+            return None
+        start, stop, _ = e.indices(shape[axis])
+        if (start, stop) == (0, shape[axis]):
+            continue
+        if axis == 0 or start >= stop:
+            return None
+        axes.append(axis), starts.append(start), stops.append(stop)
+    return {"axes": tuple(axes), "starts": tuple(starts), "stops": tuple(stops)} if axes else None
+
+
+def _convert_crop(tracer, n, m):
+    """`x[:, a:b, c:d]` (slices of step 1 that leave the batch whole): a crop, or an alias where nothing is cut
+    (timm Swin's crop by 0)."""
+    src, index = n.args[0], n.args[1]
+    if not tracer.is_tensor(src):
+        return None
+    if all(tracer.shape(n, batch=b) == tracer.shape(src, batch=b) for b in (2, 3)) and \
+            all(isinstance(e, slice) or e is Ellipsis for e in (index if isinstance(index, tuple) else (index,))):
+        tracer.alias[n.name] = tracer.src(src)
+        return HANDLED
+    crop = _slices(index, tracer.shape(src))
+    return None if crop is None else _node(tracer, n, "crop", crop)
+
+
 def _convert_take(tracer, n, m):
     src, index = n.args[0], n.args[1]
     state = tracer.pending.get(getattr(src, "name", None))
@@ -149,10 +194,6 @@ def _convert_take(tracer, n, m):
         return HANDLED
     if not tracer.is_tensor(src):
         return None
-    if all(tracer.shape(n, batch=b) == tracer.shape(src, batch=b) for b in (2, 3)) and \
-            all(isinstance(e, slice) or e is Ellipsis for e in (index if isinstance(index, tuple) else (index,))):
-        tracer.alias[n.name] = tracer.src(src)     # a slice that keeps everything (timm Swin's crop by 0)
-        return HANDLED
     shape = tracer.shape(src)
     picked = _index_axis(index, len(shape))
     if picked is None:
@@ -162,13 +203,25 @@ def _convert_take(tracer, n, m):
 
 
 def _convert_pad(tracer, n, m):
-    """`F.pad` by nothing (timm's Swin pads its map to a multiple of the window, by amounts computed from the
-    shape that are 0 where it is one already): the same shape at both traced batch sizes."""
+    """`F.pad` with zeros: by nothing (timm's Swin pads its map to a multiple of the window, by amounts computed
+    from the shape that are 0 where it is one already) an alias, else a `pad` of axes that are not the batch's."""
     src = n.args[0]
-    if not tracer.is_tensor(src) or any(tracer.shape(n, batch=b) != tracer.shape(src, batch=b) for b in (2, 3)):
+    if not tracer.is_tensor(src):
         return None
-    tracer.alias[n.name] = tracer.src(n.args[0])
-    return HANDLED
+    if all(tracer.shape(n, batch=b) == tracer.shape(src, batch=b) for b in (2, 3)):
+        tracer.alias[n.name] = tracer.src(src)
+        return HANDLED
+    amounts = n.kwargs.get("pad", n.args[1] if len(n.args) > 1 else None)
+    mode = n.kwargs.get("mode", n.args[2] if len(n.args) > 2 else "constant")
+    value = n.kwargs.get("value", n.args[3] if len(n.args) > 3 else None)
+    rank = len(tracer.shape(src))
+    if mode != "constant" or value not in (None, 0, 0.0) or not isinstance(amounts, (tuple, list)) or \
+            len(amounts) % 2 or len(amounts) // 2 >= rank or not all(isinstance(a, int) and a >= 0 for a in amounts):
+        return None
+    pads = [(0, 0)] * rank
+    for k in range(len(amounts) // 2):         # F.pad lists the last axis first
+        pads[rank - 1 - k] = (amounts[2 * k], amounts[2 * k + 1])
+    return _node(tracer, n, "pad", {"pads": tuple(pads)})
 
 
 def _convert_expand(tracer, n, m):
@@ -212,6 +265,27 @@ def roll_step(qm, node, ins):
     return _moved(qm, node, ins, lambda t: torch.roll(t, shifts, dims), "roll", {"shifts": shifts, "dims": dims})
 
 
+def pad_step(qm, node, ins):
+    pads = node.attrs["pads"]
+    return _moved(qm, node, ins, lambda t: _pad(t, pads), "pad", {"pads": pads})
+
+
+def crop_step(qm, node, ins):
+    at = {k: node.attrs[k] for k in ("axes", "starts", "stops")}
+    return _moved(qm, node, ins, lambda t: _slice(t, **at), "crop", at)
+
+
+def _pad(t: torch.Tensor, pads) -> torch.Tensor:
+    flat = [int(a) for pair in reversed(pads) for a in pair]
+    return F.pad(t, flat)
+
+
+def _slice(t: torch.Tensor, axes, starts, stops) -> torch.Tensor:
+    for axis, start, stop in zip(axes, starts, stops):
+        t = t.narrow(axis, start, stop - start)
+    return t
+
+
 def _convert_roll(tracer, n, m):
     shifts = n.kwargs.get("shifts", n.args[1] if len(n.args) > 1 else None)
     dims = n.kwargs.get("dims", n.args[2] if len(n.args) > 2 else None)
@@ -227,8 +301,9 @@ def take_step(qm, node, ins):
     return _moved(qm, node, ins, lambda t: t.select(axis, index), "take", {"axis": axis, "index": index})
 
 
-def call_on(node, values: list) -> torch.Tensor:
-    """A computed constant's call (`quant.graph`: a call on constants only) run on its inputs' values."""
+def call_on(node, values: list, model) -> torch.Tensor:
+    """A computed constant's call (`quant.graph`: a call on constants only) run on its inputs' values; a module's
+    call (Swin V2's bias MLP on its coordinate table) runs `model`'s module of that name."""
     kind, target, args, kwargs = node.attrs["call"]
 
     def fill(a):
@@ -238,6 +313,8 @@ def call_on(node, values: list) -> torch.Tensor:
             return {k: fill(v) for k, v in a.items()}
         return values[a.index] if isinstance(a, ConstantSlot) else a
     args, kwargs = fill(args), fill(kwargs)
+    if kind == "call_module":
+        return model.get_submodule(target)(*args, **kwargs)
     return getattr(args[0], target)(*args[1:], **kwargs) if kind == "call_method" else target(*args, **kwargs)
 
 
@@ -251,7 +328,7 @@ def constant_tensor(node, model, inputs=()) -> torch.Tensor:
     shifted-window mask), or a call on other constants (`inputs`: their values; a reshape, a gather, an einsum
     of parameters)."""
     if "call" in node.attrs:
-        return call_on(node, list(inputs))
+        return call_on(node, list(inputs), model)
     if "value" in node.attrs:
         return node.attrs["value"]
     return model.get_parameter(node.attrs["target"]) if node.attrs["parameter"] \
@@ -274,6 +351,29 @@ def execute_reshape(op, ins):
     return ins[0].reshape(tuple(op.attrs["shape"]))
 
 
+def execute_pad(op, ins):
+    pads = op.attrs["pads"]
+    if len(pads) != ins[0].dim() or tuple(pads[0]) != (0, 0) or \
+            not all(len(pair) == 2 and all(isinstance(a, (int, np.integer)) and a >= 0 for a in pair) for pair in pads):
+        raise HawqError(f"{op.output}: pad {tuple(map(tuple, pads))} of a rank-{ins[0].dim()} value; valid: one "
+                        "(before, after) pair of non-negative ints per axis, (0, 0) for the batch")
+    return _pad(ins[0], pads)
+
+
+def execute_crop(op, ins):
+    x, at = ins[0], op.attrs
+    axes, starts, stops = (tuple(int(v) for v in at[k]) for k in ("axes", "starts", "stops"))
+    if not len(axes) == len(starts) == len(stops) or len(set(axes)) != len(axes) or \
+            not all(0 < a < x.dim() and 0 <= b < e <= x.shape[a] for a, b, e in zip(axes, starts, stops)):
+        raise HawqError(f"{op.output}: crop {axes} from {starts} to {stops} of shape {tuple(x.shape)}; valid: "
+                        "distinct axes after the batch, 0 <= start < stop <= size")
+    return _slice(x, axes, starts, stops).contiguous()
+
+
+def _with_zero(op, r):
+    return min(r[0][0], 0), max(r[0][1], 0)
+
+
 def execute_constant(op, ins):
     value = torch.as_tensor(op.consts["value"], dtype=torch.int64)
     return value.expand(ins[0].shape[0], *value.shape[1:]).contiguous()
@@ -292,10 +392,8 @@ LAYOUT_METHODS = dict(reshape=("view", "reshape", "flatten", "unsqueeze", "squee
                       permute=("permute", "transpose", "swapaxes"))
 
 register_ops(
-    GraphNode("reshape", reshape_step, functions=(torch.reshape, torch.flatten, torch.unsqueeze, torch.squeeze,
-                                                  F.pad),
-              methods=LAYOUT_METHODS["reshape"],
-              convert=lambda t, n, m: (_convert_pad if n.target is F.pad else _convert_reshape)(t, n, m),
+    GraphNode("reshape", reshape_step, functions=(torch.reshape, torch.flatten, torch.unsqueeze, torch.squeeze),
+              methods=LAYOUT_METHODS["reshape"], convert=_convert_reshape,
               nonneg=all, observers=_wide_observer, supported="reshape / view / flatten"),
     GraphNode("permute", permute_step, functions=(torch.permute, torch.transpose, torch.swapaxes),
               methods=LAYOUT_METHODS["permute"],
@@ -304,6 +402,10 @@ register_ops(
               convert=lambda t, n, m: {operator.getitem: _convert_take, torch.chunk: _convert_chunk,
                                        "chunk": _convert_chunk}.get(n.target, _convert_unbind)(t, n, m),
               nonneg=all, observers=_wide_observer, supported="x[i] / x[:, i] / unbind"),
+    GraphNode("pad", pad_step, functions=(F.pad,), convert=_convert_pad, nonneg=all, observers=_wide_observer,
+              supported="F.pad with zeros"),
+    GraphNode("crop", crop_step, functions=(operator.getitem,), convert=_convert_crop, nonneg=all,
+              observers=_wide_observer, supported="x[:, a:b, c:d] (step 1)"),
     GraphNode("constant", constant_step, methods=("expand",), convert=_convert_expand,
               supported="parameters read in forward (added or concatenated)"),
     GraphNode("roll", roll_step, functions=(torch.roll,), methods=("roll",), convert=_convert_roll, nonneg=all,
@@ -313,5 +415,7 @@ register_ops(
               _same),
     ProgramOp("permute", PERMUTE, lambda op, ins: ins[0].permute(tuple(op.attrs["dims"])).contiguous(), _same),
     ProgramOp("take", TAKE, lambda op, ins: ins[0].select(op.attrs["axis"], op.attrs["index"]).contiguous(), _same),
+    ProgramOp("pad", PAD, execute_pad, _with_zero),
+    ProgramOp("crop", CROP, execute_crop, _same),
     ProgramOp("constant", CONSTANT, execute_constant, constant_range),
 )

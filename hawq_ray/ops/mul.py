@@ -7,7 +7,8 @@ it, as after a conv. The gate (N, C, 1, 1) broadcasts over the input's H and W; 
 operand first.
 
 A parameter times a value (ConvNeXt's layer scale, `gamma * x`) is a per-channel affine instead: the program op
-`affine` of `ops.batchnorm`, with a signed dyadic multiplier per channel onto a static 16-bit output scale.
+`affine` of `ops.batchnorm`, with a signed dyadic multiplier per channel onto a static 16-bit output scale; a
+layer's INT32 output (one scale per feature) is requantized to 16 bits on one static scale first.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from hawq_ray.contract import HawqError
 from hawq_ray.ops.batchnorm import integer_affine
 from hawq_ray.ops.registry import GraphNode, ProgramOp, register_ops
 from hawq_ray.program.dyadic import dyadic
-from hawq_ray.quant.quantizers import activation_scale, signed_range
-from hawq_ray.quant.values import WIDE_BITS, V, absmax, np_scale, ste
+from hawq_ray.quant.quantizers import signed_range
+from hawq_ray.quant.values import WIDE_BITS, V, np_scale
 
 SEMANTICS = """inputs [a, b] (b's shape broadcasts against a's: equal, or 1 in H and W); out = a * b."""
 MUL_BITS = 8
@@ -33,25 +34,26 @@ def _convert_mul(tracer, n, m):
     constants = [tracer.by_name[tracer.src(a)].kind == "constant" for a in n.args]
     if all(constants):
         return None
-    return tracer.node(n, "mul", list(n.args), attrs={"constants": constants})
+    value = tracer.by_name[tracer.src(n.args[constants.index(False)])]
+    return tracer.node(n, "mul", list(n.args),
+                       attrs={"constants": constants, "wide": any(constants) and value.kind in ("conv", "linear")})
 
 
 def _times_constant(qm, node, v: V, gamma: torch.Tensor) -> V:
     """x * gamma for a parameter gamma (ConvNeXt's layer scale): a per-channel affine with a signed dyadic
     multiplier onto a static 16-bit output scale, like a BN no conv precedes (`ops.batchnorm`)."""
+    if qm.mode != "fp32" and node.attrs.get("wide"):     # a layer's output (BEiT's, CaiT's gamma * attn(x)):
+        v = qm.act_point(v, f"in:{node.name}", WIDE_BITS, signed=True, name=f"{node.name}.in")   # one scale first
     real = v.r * gamma if (qm.mode != "qat" or qm.needs_real()) else None
     if qm.mode == "fp32":
         return V(None, None, real, node.name)
     if v.s.dim() > 0:
         raise HawqError(f"{node.name}: a parameter times a value with one scale per channel; valid: a value "
                         "requantized to one scale (after a permute, a LayerNorm, an add)")
-    scale = activation_scale(qm.observe(f"out:{node.name}", absmax(real) if qm.observing else None),
-                             WIDE_BITS, signed=True)
-    lo, hi = signed_range(WIDE_BITS)
-    s = torch.tensor(scale, dtype=torch.float64, device=v.device)
+    s = qm.wide_output(node, real, v.device)
     if qm.mode == "fake":
-        q = torch.floor(real.detach().to(torch.float64) / scale + 0.5).clamp_(lo, hi)
-        return V(None, s, ste(real, q * scale), node.name, lo, hi)
+        return qm.fake_output(real, s, node.name)
+    scale, (lo, hi) = float(s), signed_range(WIDE_BITS)
     g = gamma.detach().to(torch.float64)
     while g.dim() >= v.q.dim():             # (1, C, 1, 1) -> (C, 1, 1): the batch axis is broadcast
         g = g.squeeze(0)
@@ -95,7 +97,7 @@ def mul_range(op, r):
 
 def _mul_observers(node, input_name):
     if any(node.attrs.get("constants", ())):
-        return [f"out:{node.name}"]
+        return [f"in:{node.name}"] * bool(node.attrs.get("wide")) + [f"out:{node.name}"]
     return [f"in:{node.name}.0", f"in:{node.name}.1"]
 
 

@@ -6,6 +6,8 @@ max of the integers, which keep their scale.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import replace
 
 import numpy as np
@@ -13,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hawq_ray.contract import HawqError
 from hawq_ray.ops.registry import GraphNode, ProgramOp, as_pair, register_ops
 from hawq_ray.program.dyadic import dyadic, requantize
 from hawq_ray.program.integer import pool_pad, windows
@@ -46,7 +47,7 @@ def _convert_avg(tracer, n, m):
             tracer.unsupported(f"{n.target!r} (divisor_override)", "AvgPool2d")
         return tracer.node(n, "avgpool", [n.args[0]], attrs=_attrs(m.kernel_size, m.stride, m.padding,
                                                                    m.ceil_mode, 1, m.count_include_pad))
-    if n.op == "call_method" or n.target is torch.mean:      # x.mean((2, 3)[, keepdim])
+    if n.op == "call_method" or n.target in (torch.mean, torch.sum):      # x.mean((2, 3)[, keepdim]), x.sum(1)
         return _convert_mean(tracer, n)
     size = m.output_size if m is not None else (n.args[1] if len(n.args) > 1 else n.kwargs["output_size"])
     if as_pair(size) == (1, 1):
@@ -67,25 +68,41 @@ def adaptive_sums(x: torch.Tensor, out: tuple) -> torch.Tensor:
 
 
 def _convert_mean(tracer, n):
-    """A mean over H and W is a global average pool (then a flatten unless keepdim); over H and W of a
-    channels-last map, a permute to channels first before it."""
+    """A mean over axes after the batch's is a global average pool: over H and W of a map directly (then a flatten
+    unless keepdim); over others (tokens: ViT's average pooling; a channels-last map's H and W) after a permute
+    that puts the kept axes first and a reshape to (N, kept, reduced, 1), the pool's output reshaped back. A sum
+    (split attention's sum over its radix) is the same pool without the division."""
+    src = n.args[0]
+    if not tracer.is_tensor(src):
+        return None
+    shape = tracer.shape(src)
+    rank = len(shape)
     dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
     keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
-    axes = None if dims is None else sorted(d % 4 for d in (dims if isinstance(dims, (list, tuple)) else [dims]))
-    if axes == [1, 2] and not keep:     # a channels-last map (timm's Swin head): channels first, then the pool
-        first = tracer.make(f"{n.name}.nchw", "permute", [tracer.src(n.args[0])],
-                            attrs={"dims": (0, 3, 1, 2), "wide": tracer.by_name[tracer.src(n.args[0])].kind in
-                                   ("conv", "linear")})
-        pool = tracer.make(f"{n.name}.pool", "avgpool", [first.name], attrs={"global": True})
-        return replace(pool, name=n.name, kind="flatten", inputs=[pool.name], attrs={})
-    if axes != [2, 3]:
+    if dims is None or n.kwargs.get("dtype") is not None:
         return None
-    pool = tracer.node(n, "avgpool", [n.args[0]], attrs={"global": True})
-    if keep:
-        return pool
-    pool.name = f"{n.name}.pool"
-    tracer.add(pool)
-    return replace(pool, name=n.name, kind="flatten", inputs=[pool.name], attrs={})
+    axes = sorted({d % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])})
+    if not axes or axes[0] == 0:
+        return None
+    kept = [a for a in range(1, rank) if a not in axes]
+    order = [0, *kept, *axes]
+    x = tracer.src(src)
+    wide = tracer.by_name[x].kind in ("conv", "linear")
+    if order != list(range(rank)):
+        x = tracer.make(f"{n.name}.order", "permute", [x], attrs={"dims": tuple(order), "wide": wide}).name
+        wide = False
+    kept_sizes = [int(shape[a]) for a in kept]
+    if rank != 4 or len(axes) != 2:
+        x = tracer.make(f"{n.name}.rows", "reshape", [x], attrs={
+            "shape": (-1, math.prod(kept_sizes), math.prod(int(shape[a]) for a in axes), 1), "wide": wide}).name
+    pooled = {"global": True} | ({"sum": True} if n.target in (torch.sum, "sum") else {})
+    if keep and order == list(range(rank)) and rank == 4:
+        return tracer.node(n, "avgpool", [x], attrs=pooled)
+    pool = tracer.make(f"{n.name}.pool", "avgpool", [x], attrs=pooled)
+    out = [1 if a in axes else int(shape[a]) for a in range(1, rank)] if keep else kept_sizes
+    if len(out) == 1:
+        return replace(pool, name=n.name, kind="flatten", inputs=[pool.name], attrs={})
+    return replace(pool, name=n.name, kind="reshape", inputs=[pool.name], attrs={"shape": (-1, *out), "wide": False})
 
 
 _MAX_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
@@ -118,26 +135,56 @@ def avgpool_step(qm, node, ins):
         k, st, pad, ceil, incl = tuple(shape[2:]), tuple(shape[2:]), (0, 0), False, True
     else:
         k, st, pad, ceil, incl = at["kernel"], at["stride"], at["padding"], at["ceil_mode"], at["count_include_pad"]
+    if at.get("sum"):
+        return _sum_step(qm, node, v)
     if qm.mode != "qat":
         return V(None, v.s, F.avg_pool2d(v.r, k, st, pad, ceil, incl), node.name)
-    if ceil:
-        raise HawqError(f"average pooling {node.name!r} with ceil_mode=True is not supported")
     real = qm.lazy(v, lambda t: F.avg_pool2d(t, k, st, pad, ceil, incl))
-    ones = torch.ones((1, 1, *v.q.shape[2:]), dtype=torch.float64, device=v.q.device)
-    if incl:        # torch divides by the window's size, padding included: count the padding as ones
-        ones = F.pad(ones, (pad[1], pad[1], pad[0], pad[0]), value=1.0)
-    counts = F.avg_pool2d(ones, k, st, (0, 0) if incl else pad, ceil, divisor_override=1)
-    total = torch.round(F.avg_pool2d(v.q.to(torch.float64), k, st, pad, ceil, True, divisor_override=1))
-    inv = (1.0 / counts[0]).cpu().numpy()                       # (1, Ho, Wo)
+    size = tuple(v.q.shape[2:])
+    out = tuple(F.avg_pool2d(torch.zeros((1, 1, *size)), k, st, pad, ceil).shape[2:])
+    # ceil_mode's last windows reach past the padding: zeros added at the end make them floor-mode windows
+    extra = [max(0, (out[i] - 1) * st[i] + k[i] - (size[i] + 2 * pad[i])) for i in range(2)]
+    src = v.name
+    if ceil and any(extra):
+        pads = ((0, 0), (0, 0), (pad[0], pad[0] + extra[0]), (pad[1], pad[1] + extra[1]))
+        src = qm.emit("pad", [v.name], f"{node.name}.pad", attrs={"pads": pads}, scale=np_scale(v.s), lo=v.lo,
+                      hi=v.hi)
+    padded = F.pad(v.q.to(torch.float64), (pad[1], pad[1] + extra[1], pad[0], pad[0] + extra[0]))
+    total = torch.round(F.avg_pool2d(padded, k, st, 0, False, True, divisor_override=1))
+    inv = 1.0 / np.outer(*(window_counts(size[i], k[i], st[i], pad[i], out[i], incl) for i in range(2)))[None]
     if np.all(inv == inv.flat[0]):
         inv = np.asarray(inv.flat[0])
     b, c = dyadic(inv)
     b, c = torch.from_numpy(b).to(v.q.device), torch.from_numpy(c).to(v.q.device)
     q = requantize(total.to(torch.int64), b, c)
-    sum_name = qm.emit("sum_pool2d", [v.name], f"{node.name}.sum",
-                       attrs={"kernel": tuple(k), "stride": tuple(st), "padding": tuple(pad), "ceil_mode": False})
+    sum_name = qm.emit("sum_pool2d", [src], f"{node.name}.sum", attrs={
+        "kernel": tuple(k), "stride": tuple(st), "padding": (0, 0) if src != v.name else tuple(pad),
+        "ceil_mode": False})
     qm.emit("requantize", [sum_name], node.name, consts=dyadic_consts(b, c), scale=np_scale(v.s), lo=v.lo, hi=v.hi)
     return V(q, v.s, qm.real(real, q, v.s), node.name, v.lo, v.hi)
+
+
+def window_counts(size: int, k: int, s: int, p: int, out: int, include_pad: bool) -> np.ndarray:
+    """torch's divisor of average pooling along one axis, per output position: the window [o s - p, o s - p + k)
+    cut at size + p (ceil_mode's last windows), and at [0, size) unless the padding counts."""
+    start = np.arange(out) * s - p
+    end = np.minimum(start + k, size + p)
+    return (end - start if include_pad else np.minimum(end, size) - np.maximum(start, 0)).astype(np.float64)
+
+
+def _sum_step(qm, node, v):
+    """The INT32 sum over H and W at the input's scale (`sum_pool2d` over the whole map); its reader
+    requantizes it, as a conv's accumulator."""
+    real = qm.lazy(v, lambda t: t.sum((2, 3), keepdim=True)) if qm.mode == "qat" else v.r.sum((2, 3), keepdim=True)
+    if qm.mode != "qat":
+        return V(None, v.s, real, node.name)
+    count = v.q.shape[2] * v.q.shape[3]
+    q = v.q.to(torch.int64).sum((2, 3), keepdim=True)
+    lo, hi = min(v.lo, 0) * count, max(v.hi, 0) * count         # `sum_range`
+    qm.emit("sum_pool2d", [v.name], node.name, scale=np_scale(v.s), lo=lo, hi=hi,
+            attrs={"kernel": tuple(v.q.shape[2:]), "stride": tuple(v.q.shape[2:]), "padding": (0, 0),
+                   "ceil_mode": False})
+    return V(q, v.s, qm.real(real, q, v.s), node.name, lo, hi)
 
 
 def _adaptive_step(qm, node, v, out):
@@ -198,8 +245,9 @@ def sum_range(op, ins):
 
 register_ops(
     GraphNode("avgpool", avgpool_step, modules=(nn.AvgPool2d, nn.AdaptiveAvgPool2d),
-              functions=(F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean), methods=("mean",), convert=_convert_avg,
-              nonneg=all, supported="AvgPool2d, AdaptiveAvgPool2d, mean over H and W"),
+              functions=(F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean, torch.sum), methods=("mean", "sum"),
+              convert=_convert_avg,
+              nonneg=all, supported="AvgPool2d, AdaptiveAvgPool2d, mean / sum over axes after the batch's"),
     GraphNode("maxpool", maxpool_step, modules=(nn.MaxPool2d,), functions=(F.max_pool2d,), convert=_convert_max,
               nonneg=all,
               supported="MaxPool2d"),

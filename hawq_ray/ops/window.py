@@ -14,13 +14,22 @@ Per block, on an (N, H, W, C) map with windows of w0 x w1 and a shift (s0, s1):
 Patch merging is a space-to-depth: reshape (N, H/2, 2, W/2, 2, C), permute, reshape (N, H/2, W/2, 4C), the order
 of torchvision's x0..x3.
 
-Maps whose sides are not multiples of the window (or odd, for patch merging) need torchvision's zero padding,
-which is refused by name; Swin V2's cosine attention (`logit_scale`) too.
+A map whose sides are not multiples of the window is padded with zeros to whole windows first (`pad`; the
+padded tokens take part in the attention unmasked, as in torchvision) and cropped back after (`crop`).
+
+Swin V2's cosine attention (`logit_scale` given): the key's third of the qkv bias is zeroed in forward (the
+Linear's attr `bias_zero`), q and k are scaled to unit length (`normalize`: `ops.layernorm` uncentered), their
+product is multiplied per head by exp(min(logit_scale, ln 100)) (a constant computed from the parameter, the
+per-channel affine of `ops.mul`), and the bias, 16 sigmoid(cpb_mlp(table)) gathered, is a computed constant.
+Patch merging with odd sides (torchvision pads them) is refused by name.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from hawq_ray.ops.layout import ConstantSlot
 from hawq_ray.ops.registry import HANDLED, GraphNode, register_ops
 
 SWA_ARGS = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
@@ -58,7 +67,7 @@ class _Chain:
         self.tracer, self.call, self.last = tracer, call, start
 
     def __call__(self, step: str, kind: str, *others, wide=False, name=None, module=None, **attrs) -> str:
-        extra = {"wide": wide} if kind in ("reshape", "permute", "take", "roll") else {}
+        extra = {"wide": wide} if kind in ("reshape", "permute", "take", "roll", "pad", "crop") else {}
         layer = {} if module is None else {"module": module, "layer": self.tracer.module_name(module)}
         node = self.tracer.make(name or f"{self.call}.{step}", kind, [self.last, *others], attrs=attrs | extra,
                                 **layer)
@@ -66,38 +75,52 @@ class _Chain:
         return node.name
 
 
+def cosine_logit_scale(logit_scale: torch.Tensor) -> torch.Tensor:
+    """Swin V2's per-head factor of the cosine similarities: exp(logit_scale) capped at 100."""
+    return torch.clamp(logit_scale, max=math.log(100.0)).exp()
+
+
 def _convert_window_attention(tracer, n, m):
     a = dict(zip(SWA_ARGS, n.args)) | dict(n.kwargs)
     _, h, w, c = tracer.shape(a["input"])
     window, heads, shift = tuple(a["window_size"]), int(a["num_heads"]), list(a["shift_size"])
-    if a.get("logit_scale") is not None:
-        tracer.unsupported(f"shifted_window_attention at {n.name!r} with cosine attention (Swin V2's logit_scale)",
-                           "shifted_window_attention (Swin V1 only)")
-    if h % window[0] or w % window[1]:
-        tracer.unsupported(f"shifted_window_attention at {n.name!r} on a {h}x{w} map (windows of {window} need "
-                           "zero padding)", "shifted_window_attention (sides multiples of the window)")
-    shift = [0 if window[i] >= (h, w)[i] else shift[i] for i in range(2)]
+    cosine = a.get("logit_scale") is not None
+    pad_h, pad_w = (-h) % window[0], (-w) % window[1]
+    h_all, w_all = h + pad_h, w + pad_w
+    shift = [0 if window[i] >= (h_all, w_all)[i] else shift[i] for i in range(2)]
     qkv, proj = tracer.module_of(a["qkv_weight"]), tracer.module_of(a["proj_weight"])
-    nh, nw, tokens, d = h // window[0], w // window[1], window[0] * window[1], c // heads
+    nh, nw, tokens, d = h_all // window[0], w_all // window[1], window[0] * window[1], c // heads
     x = _Chain(tracer, n.name, tracer.src(a["input"]))
+    wide = tracer.by_name[x.last].kind in ("conv", "linear")
+    if pad_h or pad_w:          # torchvision pads the map with zeros to whole windows (no mask for them)
+        x("pad", "pad", wide=wide, pads=((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
     if any(shift):
-        x("shift", "roll", shifts=(-shift[0], -shift[1]), dims=(1, 2))
-    x("windows", "reshape", shape=(-1, nh, window[0], nw, window[1], c))
+        x("shift", "roll", wide=wide, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    x("windows", "reshape", wide=wide, shape=(-1, nh, window[0], nw, window[1], c))
     x("windows_t", "permute", dims=(0, 1, 3, 2, 4, 5))
     x("tokens", "reshape", shape=(-1, tokens, c))
-    x("qkv", "linear", module=qkv)
+    # Swin V2 zeroes the key's third of the qkv bias in forward
+    x("qkv", "linear", module=qkv, **({"bias_zero": (c, 2 * c)} if cosine and qkv.bias is not None else {}))
     x("heads", "reshape", wide=True, shape=(-1, tokens, 3, heads, d))
     heads_all = x("heads_t", "permute", dims=(2, 0, 3, 1, 4))
     q, k, v = (tracer.make(f"{n.name}.{p}", "take", [heads_all], attrs={"axis": 0, "index": i, "wide": False}).name
                for i, p in enumerate("qkv"))
+    if cosine:                  # cosine attention: unit q and k (ops.layernorm's uncentered form)
+        q, k = (tracer.make(f"{n.name}.{p}_unit", "normalize", [t], attrs={"axis": 3, "center": False}).name
+                for p, t in (("q", q), ("k", k)))
     kt = tracer.make(f"{n.name}.kT", "permute", [k], attrs={"dims": (0, 1, 3, 2), "wide": False}).name
     x.last = q
-    macs = h * w * c * tokens                # per sample and product: nW windows x heads x T x T x d
+    macs = h_all * w_all * c * tokens        # per sample and product: nW windows x heads x T x T x d
     x("logits", "matmul", kt, narrow=[False, False], multiply_adds=macs)
-    x("scaled", "scale", factor=d ** -0.5)
+    if cosine:
+        scale = tracer.make(f"{n.name}.logit_scale", "constant", [tracer.src(a["logit_scale"])],
+                            attrs={"call": ("call_function", cosine_logit_scale, (ConstantSlot(0),), {})}).name
+        x("scaled", "mul", scale, constants=[False, True])
+    else:
+        x("scaled", "scale", factor=d ** -0.5)
     x("biased", "add", tracer.src(a["relative_position_bias"]), constants=[False, True])
     if any(shift):
-        value = shift_mask(h, w, window, shift).expand(1, nh * nw, heads, tokens, tokens).contiguous()
+        value = shift_mask(h_all, w_all, window, shift).expand(1, nh * nw, heads, tokens, tokens).contiguous()
         mask = tracer.make(f"{n.name}.mask", "constant", [], attrs={"value": value}).name
         x("per_window", "reshape", shape=(-1, nh * nw, heads, tokens, tokens))
         x("masked", "add", mask, constants=[False, True])
@@ -109,9 +132,12 @@ def _convert_window_attention(tracer, n, m):
     x("proj", "linear", module=proj)
     x("unwindows", "reshape", wide=True, shape=(-1, nh, nw, window[0], window[1], c))
     x("unwindows_t", "permute", dims=(0, 1, 3, 2, 4, 5))
-    x("map", "reshape", shape=(-1, h, w, c), name=None if any(shift) else n.name)
+    last = not any(shift) and not (pad_h or pad_w)
+    x("map", "reshape", shape=(-1, h_all, w_all, c), name=n.name if last else None)
     if any(shift):
-        x("unshift", "roll", shifts=tuple(shift), dims=(1, 2), name=n.name)
+        x("unshift", "roll", shifts=tuple(shift), dims=(1, 2), name=None if pad_h or pad_w else n.name)
+    if pad_h or pad_w:
+        x("crop", "crop", axes=(1, 2), starts=(0, 0), stops=(h, w), name=n.name)
     return HANDLED
 
 

@@ -5,15 +5,17 @@ through a fused requantize (SqueezeNet's fire modules) passed through every one 
 builds a small random program around one producer -> consumer pair of op kinds (`PAIRS`: every program op
 of the registry as the producer and as the consumer of every other kind where the ranks allow; a lookup, a
 product or a layer reads a producer too wide for it through a requantize, as in every lowered model), with random
-context before and after it, fan-out, mixed 4/8-bit weights, grouped and depthwise convs, and requantize
+context before and after it, fan-out, mixed 4/8-bit weights, grouped and depthwise convs, maps resized (nearest
+or bilinear, up or down, with torch's taps) and their channels gathered by random indices, and requantize
 constants calibrated on the values the program computes (so values are neither all clamped nor all zero).
 The transformer's ops take values of every rank: a reshape to a random factorization of a sample's size, a
-permute that may move the batch axis, a cyclic shift (roll) along axes after the first, a take along any
-axis, a constant of a value's shape (or its own), a product of two 8-bit values over their last two axes
-(x @ y^T, or x @ a value of fitting shape; s8 and u8 operands), a softmax over the last axis of int16 codes,
-a LayerNorm over any axis after the first (tokens: the last). Every value's integer range is derived soundly
-(`ranges.derived_range`) while building, so each program obeys the IntegerProgram's INT32 contract: no
-accumulator, sum or product leaves int32.
+permute that may move the batch axis, a cyclic shift (roll), a pad with zeros and a crop along axes after the
+first, a take along any axis, a constant of a value's shape (or its own), a product of two 8-bit values over
+their last two axes (x @ y^T, or x @ a value of fitting shape; s8 and u8 operands), a softmax over the last axis
+of int16 codes, a LayerNorm (centered or not: RMSNorm) over any axis after the first (tokens: the last). Every
+value's integer range is derived soundly (`ranges.derived_range`) while building, so each program obeys the
+IntegerProgram's INT32 contract: no accumulator, sum or product leaves int32 (a resize's sums of taps aside: int64
+in its semantics, and a model resizes a conv's INT32 accumulator, as tests/test_resize.py's `Pyramid` does).
 
 `analysis.verify.check_random_program(seed, target)` compiles one with every stored value returned and
 compares each value with the integer executor on two int8 batches; `tests/test_random_programs.py` runs a
@@ -34,15 +36,17 @@ from hawq_ray.program.ranges import derived_range
 # the program ops this generator builds (a test holds it to the registry: a new op needs a builder here)
 OPS = ("conv2d", "dense", "requantize", "relu", "add", "concat", "sum_pool2d", "max_pool2d", "flatten", "clamp",
        "lookup", "mul", "affine", "channel_shuffle", "slice", "layer_norm", "reshape", "permute", "take",
-       "constant", "matmul", "softmax", "roll")
+       "constant", "matmul", "softmax", "roll", "pad", "crop", "resize", "channel_gather")
 
-NEEDS_RANK4 = ("conv2d", "sum_pool2d", "max_pool2d", "channel_shuffle", "slice")   # consumers of (N, C, H, W)
+NEEDS_RANK4 = ("conv2d", "sum_pool2d", "max_pool2d", "channel_shuffle", "slice", "resize",   # consumers of
+               "channel_gather")                                                            # (N, C, H, W)
 NEEDS_RANK2 = ("dense",)                               # consumers of a (N, F) value
-MAKES_RANK4 = ("conv2d", "sum_pool2d", "max_pool2d", "channel_shuffle", "slice")   # producers of rank 4 only
+MAKES_RANK4 = ("conv2d", "sum_pool2d", "max_pool2d", "channel_shuffle", "slice", "resize",   # producers of
+               "channel_gather")                                                            # rank 4 only
 MAKES_RANK2 = ("dense", "flatten")                     # producers of rank 2 only
 NARROWED = ("lookup", "mul", "conv2d", "dense",   # consumers that read a wide producer through a requantize
             "layer_norm", "matmul", "softmax")    # (as every layer and table of a lowered model does)
-NEEDS_AXES = ("take", "permute", "matmul", "concat", "layer_norm", "roll")   # consumers of rank >= 2 values
+NEEDS_AXES = ("take", "permute", "matmul", "concat", "layer_norm", "roll", "pad", "crop")   # of rank >= 2 values
 ANY_RANK = ("reshape", "permute", "take", "constant", "matmul")   # builders given the output rank wanted
 PAIRS = [(p, c) for p in OPS for c in OPS
          if not (p in MAKES_RANK2 and c in NEEDS_RANK4) and not (p in MAKES_RANK4 and c in NEEDS_RANK2)]
@@ -319,10 +323,34 @@ class _Builder:
         lo, hi = self.declared[x]
         return self.emit("slice", [x], {"start": start, "stop": stop}, lo=lo, hi=hi)
 
+    def channel_gather(self, x):
+        """Channels picked by a random index: 1 to 2 C of them, repeated and in any order."""
+        c = self.shape(x)[1]
+        index = self.rng.integers(0, c, int(self.rng.integers(1, 2 * c + 1))).astype(np.int32)
+        lo, hi = self.declared[x]
+        return self.emit("channel_gather", [x], consts={"index": index}, lo=lo, hi=hi)
+
+    def resize(self, x):
+        """Nearest or bilinear (align_corners either way) by a scale factor (up, down, one per axis) or to a size
+        (1 to 2 H + 1 rows), the taps torch's own (`ops.resize.resize_consts`)."""
+        from hawq_ray.ops.resize import resize_consts
+        h, w = self.shape(x)[2:]
+        mode = ("nearest", "bilinear")[int(self.rng.integers(2))]
+        corners = bool(self.rng.random() < 0.5) if mode == "bilinear" else None
+        scale = [2, 3, 0.5, 1.5, (2, 1), (0.5, 3)][int(self.rng.integers(6))] if self.rng.random() < 0.5 else None
+        pair = scale if isinstance(scale, tuple) else (scale, scale)
+        size = (int(h * pair[0]), int(w * pair[1])) if scale else (0, 0)      # torch's floor of size x factor
+        if min(size) < 1:
+            scale, size = None, (int(self.rng.integers(1, 2 * h + 2)), int(self.rng.integers(1, 2 * w + 2)))
+        consts, attrs = resize_consts((h, w), size, mode, corners, scale)
+        lo, hi = self.declared[x]
+        return self.emit("resize", [x], attrs, consts, lo=lo, hi=hi)
+
     def layer_norm(self, x):
-        """LayerNorm over the channels (axis 1) or, for tokens, the last axis (or any after the first): the input
-        requantized to int16 (8 bits past 4096 channels) first unless it fits (`ops.layernorm`'s bounds), random
-        gamma / beta / eps, an 8- or 16-bit output."""
+        """LayerNorm over the channels (axis 1) or, for tokens, the last axis (or any after the first), one in
+        three uncentered (RMSNorm): the input requantized to int16 (8 bits past 4096 channels) first unless it
+        fits (`ops.layernorm`'s bounds, which allow the same C for both: C * 65535 and C * 2 * 32768 are at most
+        2^28 for C <= 4096 alike), random gamma / beta / eps, an 8- or 16-bit output."""
         from hawq_ray.ops.layernorm import MAX_CHANNELS, MAX_SPREAD, layer_norm_constants
         rank = len(self.shape(x))
         if rank < 2:
@@ -342,8 +370,9 @@ class _Builder:
         out_lo, out_hi = [(-128, 127), (0, 255), (-(1 << 15), (1 << 15) - 1)][int(self.rng.integers(3))]
         s_out = (3 * np.abs(gamma).max() + np.abs(beta).max()) / max(-out_lo, out_hi)
         consts, attrs = layer_norm_constants(gamma, beta, float(self.rng.choice([0.0, 1e-5, 1.0])), 1.0, s_out, c)
-        return self.emit("layer_norm", [x], attrs={**attrs, "axis": axis, "lo": out_lo, "hi": out_hi},
-                         consts=consts, lo=out_lo, hi=out_hi)
+        center = bool(self.rng.random() < 0.67)
+        return self.emit("layer_norm", [x], attrs={**attrs, "axis": axis, "center": center, "lo": out_lo,
+                                                   "hi": out_hi}, consts=consts, lo=out_lo, hi=out_hi)
 
     # ------------------------------------------------------------------ a transformer's ops
     def _factors(self, size: int, parts: int) -> list:
@@ -397,11 +426,41 @@ class _Builder:
         shape = self.shape(x)
         if len(shape) < 2:
             return None
-        count = min(len(shape) - 1, int(self.rng.integers(1, 3)))
-        dims = [int(d) for d in self.rng.choice(np.arange(1, len(shape)), count, replace=False)]
+        dims = self._axes(x)
         shifts = [int(self.rng.integers(-2 * shape[d], 2 * shape[d] + 1)) for d in dims]
         lo, hi = self.declared[x]
         return self.emit("roll", [x], {"shifts": tuple(shifts), "dims": tuple(dims)}, lo=lo, hi=hi)
+
+    def _axes(self, x) -> list:
+        """One or two distinct axes of x after the first."""
+        rank = len(self.shape(x))
+        count = min(rank - 1, int(self.rng.integers(1, 3)))
+        return [int(d) for d in self.rng.choice(np.arange(1, rank), count, replace=False)]
+
+    def pad(self, x):
+        """Zeros before and after one or two axes after the first (0 to 3 each, not all 0)."""
+        if len(self.shape(x)) < 2:
+            return None
+        pads = [(0, 0)] * len(self.shape(x))
+        dims = self._axes(x)
+        for d in dims:
+            pads[d] = (int(self.rng.integers(0, 4)), int(self.rng.integers(0, 4)))
+        if all(pads[d] == (0, 0) for d in dims):
+            pads[dims[0]] = (0, 1)
+        lo, hi = self.declared[x]
+        return self.emit("pad", [x], {"pads": tuple(pads)}, lo=min(lo, 0), hi=max(hi, 0))
+
+    def crop(self, x):
+        """x[..., start:stop, ...] along one or two axes after the first (the whole axis sometimes)."""
+        shape = self.shape(x)
+        if len(shape) < 2:
+            return None
+        dims = self._axes(x)
+        starts = [int(self.rng.integers(0, shape[d])) for d in dims]
+        stops = [int(self.rng.integers(b + 1, shape[d] + 1)) for b, d in zip(starts, dims)]
+        lo, hi = self.declared[x]
+        return self.emit("crop", [x], {"axes": tuple(dims), "starts": tuple(starts), "stops": tuple(stops)},
+                         lo=lo, hi=hi)
 
     def take(self, x, rank=None):
         """One position of one axis (rarely the batch axis), the axis dropped."""

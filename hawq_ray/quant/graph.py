@@ -202,7 +202,9 @@ def trace_graph(model: nn.Module, input_shape=None) -> Graph:
             t.add(_computed_constant(t, n))
         else:
             m = modules[n.target] if n.op == "call_module" else None
-            node = next((r for r in (e.convert(t, n, m) for e in _entries_for(n, m)) if r is not None), None)
+            node = _convert(t, n, m)
+            if node is None and _materialize_views(t, n):
+                node = _convert(t, n, m)
             if node is HANDLED:             # the converter recorded a value in the making, or an alias
                 continue
             if node is None:
@@ -221,6 +223,24 @@ def trace_graph(model: nn.Module, input_shape=None) -> Graph:
     if not graph.layer_nodes():
         raise HawqError(f"model {type(model).__name__} has no quantizable layer (Conv2d or Linear)")
     return graph
+
+
+def _convert(t, n: fx.Node, m):
+    return next((r for r in (e.convert(t, n, m) for e in _entries_for(n, m)) if r is not None), None)
+
+
+def _materialize_views(t, n: fx.Node) -> bool:
+    """Make the 5-D views that `n` reads and that a channel shuffle kept in the making (`ops.channels`) real
+    reshapes, when no converter takes `n` on them (split attention's (N, radix, C, H, W) view, summed over the
+    radix); whether any was."""
+    views = [a for a in _fx_args(n) if t.pending.get(a.name, ("",))[0] == "split"]
+    for a in views:
+        del t.pending[a.name]
+        node = GRAPH_NODES["reshape"].convert(t, a, None)
+        if node is None or node is HANDLED:
+            return False
+        t.add(node)
+    return bool(views)
 
 
 def _inside(n: fx.Node) -> str:
@@ -252,10 +272,11 @@ def _constant(model: nn.Module, n: fx.Node) -> GNode:
 
 
 def _of_constants(t: _Tracer, n: fx.Node) -> bool:
-    """A function or method call on constants only (every argument node a constant): a reshape, a gather by a
-    fixed index, an einsum or a cat of parameters. A call that also reads a shape (`expand(N, -1)`) is not."""
+    """A function, method or module call on constants only (every argument node a constant): a reshape, a gather
+    by a fixed index, an einsum or a cat of parameters, an MLP on a table (Swin V2's position bias: its Linears
+    are part of a constant, not layers). A call that also reads a shape (`expand(N, -1)`) is not."""
     nodes = _fx_args(n)
-    return n.op in ("call_function", "call_method") and bool(nodes) and \
+    return n.op in ("call_function", "call_method", "call_module") and bool(nodes) and \
         all(t.is_tensor(a) and t.by_name[t.src(a)].kind == "constant" for a in nodes)
 
 
@@ -268,7 +289,7 @@ def _computed_constant(t: _Tracer, n: fx.Node) -> GNode:
     return GNode(n.name, "constant", [t.src(a) for a in _fx_args(n)], attrs={"call": (n.op, n.target, args, kwargs)})
 
 
-CONSTANT_READERS = ("add", "cat", "mul", "constant")
+CONSTANT_READERS = ("add", "cat", "mul", "constant", "linear")       # linear: a bias built in forward
 
 
 def _check_constant_readers(nodes: list) -> None:
@@ -347,6 +368,6 @@ def folded_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     graph = trace_graph(model)
     out = {}
     for node in graph.layer_nodes():
-        w, _ = fold_bn(node.module.weight, node.module.bias, node.bn)
+        w, _ = fold_bn(node.module.weight, getattr(node.module, "bias", None), node.bn)
         out[node.layer] = w.detach().clone()
     return out

@@ -25,9 +25,9 @@ from hawq_ray.contract import HawqError
 from hawq_ray.ops import GRAPH_NODES
 from hawq_ray.program.dyadic import dyadic, requantize
 from hawq_ray.program.program import IntegerProgram, Op
-from hawq_ray.quant.graph import Graph, GNode, trace_graph
+from hawq_ray.quant.graph import Graph, trace_graph
 from hawq_ray.quant.quantizers import activation_scale, ema_update, signed_range, unsigned_range
-from hawq_ray.quant.values import V, absmax, channel_view, dyadic_consts, np_scale, ste
+from hawq_ray.quant.values import WIDE_BITS, V, absmax, channel_view, dyadic_consts, np_scale, ste
 
 MODES = ("qat", "fake", "fp32")
 
@@ -181,6 +181,23 @@ class QuantModel(nn.Module):
         if surrogate is None:
             return None
         return self.exact_real(surrogate, lambda: q.to(torch.float64) * channel_view(s, q.dim()))
+
+    def wide_output(self, node, real, device) -> torch.Tensor:
+        """The static scale of `node`'s output at 16-bit resolution (a residual sum, a LayerNorm, an affine:
+        ranges an 8-bit grid would crush), observed on its float output `real` while calibrating; float64."""
+        current = absmax(real) if self.observing else None
+        scale = activation_scale(self.observe(f"out:{node.name}", current), WIDE_BITS, signed=True)
+        return torch.tensor(scale, dtype=torch.float64, device=device)
+
+    @staticmethod
+    def fake_output(real, s: torch.Tensor, name: str, clamp: bool = True) -> V:
+        """Fake mode's output on a static scale s: `real` rounded half up to the grid (clamped to 16 bits),
+        the gradient straight through."""
+        q = torch.floor(real.detach().to(torch.float64) / s + 0.5)
+        if not clamp:
+            return V(None, s, ste(real, q * s), name)
+        lo, hi = signed_range(WIDE_BITS)
+        return V(None, s, ste(real, q.clamp_(lo, hi) * s), name, lo, hi)
 
     def act_point(self, v: V, key: str, bits: int, signed: bool, name: str) -> V:
         """The activation quantizer in front of a layer: static EMA range, `bits` wide (eq. 12)."""
