@@ -192,7 +192,7 @@ def layer_inputs(model, input_shape, layers) -> dict:
     if missing:
         raise HawqError(f"layer {missing[0]!r} of the table is not a Conv2d or Linear that the model's forward "
                         "reads")
-    return {name: (modules[name], calls[name]["input"]) for name in layers}
+    return {name: (modules[name], calls[name]["input_shape"]) for name in layers}
 
 
 def torch_items(inputs: dict, batch: int, device: str) -> tuple[list, dict]:

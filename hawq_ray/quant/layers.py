@@ -28,7 +28,7 @@ def probe_forward(model: nn.Module, input_shape, hooks: dict) -> None:
 
 
 def layer_calls(model: nn.Module, input_shape) -> dict[str, dict]:
-    """{layer: {"input": the input's shape for one sample, "macs": multiply-accumulates per sample}} of every
+    """{layer: {"input_shape": of one sample, "multiply_adds": per sample}} of every
     Conv2d / Linear, seen where its weight is read: the module's call, or a functional call given the weight
     (torchvision Swin's window attention and BEiT pass a Linear's weight to F.linear), from one forward pass at
     batch 1. A module read twice adds its MACs."""
@@ -44,8 +44,8 @@ def layer_calls(model: nn.Module, input_shape) -> dict[str, dict]:
                 w = args[1] if len(args) > 1 else kwargs.get("weight")
                 name = layers.get(id(w))
                 if name is not None:         # out elements times the reduction length of each: in / groups x k x k
-                    call = calls.setdefault(name, {"input": tuple(x.shape[1:]), "macs": 0})
-                    call["macs"] += int(out.numel()) * int(w[0].numel())
+                    call = calls.setdefault(name, {"input_shape": tuple(x.shape[1:]), "multiply_adds": 0})
+                    call["multiply_adds"] += int(out.numel()) * int(w[0].numel())
             return out
     with Reads():
         probe_forward(model, input_shape, {})
@@ -54,7 +54,7 @@ def layer_calls(model: nn.Module, input_shape) -> dict[str, dict]:
 
 def layer_macs(model: nn.Module, input_shape) -> dict[str, int]:
     """Multiply-accumulates per sample of every Conv2d / Linear (`layer_calls`)."""
-    return {name: call["macs"] for name, call in layer_calls(model, input_shape).items()}
+    return {name: call["multiply_adds"] for name, call in layer_calls(model, input_shape).items()}
 
 
 def activation_elements(model: nn.Module, input_shape) -> int:
