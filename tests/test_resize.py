@@ -100,3 +100,25 @@ def test_channel_gathers_are_exact(bits):
     program, want, x = program_and_output(Gathers, bits, (3, 6, 6), 5)
     assert [op.op for op in program.ops].count("channel_gather") == 3 and "slice" in {op.op for op in program.ops}
     assert torch.equal(run_program(program, program.quantize_input(x)), want)
+
+
+class Descriptors(nn.Module):
+    """CBAM's channel descriptor (adaptive max pooling to 1x1) and NASNet's stem padding (nn.ZeroPad2d)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pad = nn.Conv2d(3, 8, 3), nn.ZeroPad2d((1, 0, 2, 1))
+        self.gmax, self.head = nn.AdaptiveMaxPool2d(1), nn.Linear(16, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        z = nn.functional.max_pool2d(self.pad(y), 2)
+        return self.head(torch.cat([self.gmax(y), nn.functional.adaptive_max_pool2d(z, 1)], 1).flatten(1))
+
+
+@pytest.mark.parametrize("bits", ["uniform8", "uniform4"])
+def test_global_max_pooling_and_zero_pad_modules_are_exact(bits):
+    program, want, x = program_and_output(Descriptors, bits, (3, 9, 9), 7)
+    ops = [op.op for op in program.ops]
+    assert ops.count("max_pool2d") == 3 and "pad" in ops
+    assert torch.equal(run_program(program, program.quantize_input(x)), want)

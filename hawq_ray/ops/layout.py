@@ -48,12 +48,18 @@ CONSTANT = """inputs [x] (read for its batch size only); consts value (1, ...) i
 axis 0 to x's batch."""
 
 LAYERS = ("conv", "linear")          # producers whose values carry one scale per channel
+KEEP_SCALES = ("relu", "clamp", "maxpool")
 
 
 # ---------------------------------------------------------------------------------------------- tracing
 
 def _per_channel_source(tracer, arg) -> bool:
-    return tracer.by_name[tracer.src(arg)].kind in LAYERS
+    """Whether the value holds a layer's per-channel scales: a conv's or Linear's output, or one seen through ops
+    that keep them (ReLU, a clamp, max pooling)."""
+    node = tracer.by_name[tracer.src(arg)]
+    while node.kind in KEEP_SCALES and node.inputs:
+        node = tracer.by_name[node.inputs[0]]
+    return node.kind in LAYERS
 
 
 def _node(tracer, n, kind, attrs):
@@ -200,6 +206,16 @@ def _convert_take(tracer, n, m):
         return None
     axis, i = picked
     return _node(tracer, n, "take", {"axis": axis, "index": i % shape[axis]})
+
+
+def _convert_pad_module(tracer, n, m):
+    """nn.ZeroPad2d (NASNet's stems): `pad` of H and W by (left, right, top, bottom)."""
+    left, right, top, bottom = m.padding
+    rank = len(tracer.shape(n.args[0]))
+    pads = [(0, 0)] * (rank - 2) + [(top, bottom), (left, right)]
+    if min(left, right, top, bottom) < 0:
+        return None
+    return _node(tracer, n, "pad", {"pads": tuple(pads)})
 
 
 def _convert_pad(tracer, n, m):
@@ -402,8 +418,9 @@ register_ops(
               convert=lambda t, n, m: {operator.getitem: _convert_take, torch.chunk: _convert_chunk,
                                        "chunk": _convert_chunk}.get(n.target, _convert_unbind)(t, n, m),
               nonneg=all, observers=_wide_observer, supported="x[i] / x[:, i] / unbind"),
-    GraphNode("pad", pad_step, functions=(F.pad,), convert=_convert_pad, nonneg=all, observers=_wide_observer,
-              supported="F.pad with zeros"),
+    GraphNode("pad", pad_step, modules=(torch.nn.ZeroPad2d,), functions=(F.pad,),
+              convert=lambda t, n, m: (_convert_pad_module if m is not None else _convert_pad)(t, n, m), nonneg=all,
+              observers=_wide_observer, supported="F.pad with zeros, ZeroPad2d"),
     GraphNode("crop", crop_step, functions=(operator.getitem,), convert=_convert_crop, nonneg=all,
               observers=_wide_observer, supported="x[:, a:b, c:d] (step 1)"),
     GraphNode("constant", constant_step, methods=("expand",), convert=_convert_expand,

@@ -109,6 +109,8 @@ _MAX_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
 
 
 def _convert_max(tracer, n, m):
+    if isinstance(m, nn.AdaptiveMaxPool2d) or n.target is F.adaptive_max_pool2d:
+        return _convert_global_max(tracer, n, m)
     if m is None:                   # F.max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode)
         given = dict(zip(_MAX_ARGS, n.args[1:])) | dict(n.kwargs)
         if given.get("return_indices"):
@@ -116,6 +118,16 @@ def _convert_max(tracer, n, m):
         m = nn.MaxPool2d(**{k: v for k, v in given.items() if k in _MAX_ARGS})
     return tracer.node(n, "maxpool", [n.args[0]], attrs=_attrs(m.kernel_size, m.stride, m.padding, m.ceil_mode,
                                                                m.dilation))
+
+
+def _convert_global_max(tracer, n, m):
+    """Adaptive max pooling to 1x1 (CBAM's and DPN's channel descriptors): a max pool whose window is the map."""
+    size = m.output_size if m is not None else (n.args[1] if len(n.args) > 1 else n.kwargs["output_size"])
+    shape = tracer.shape(n.args[0])
+    if as_pair(size) != (1, 1) or (m is not None and m.return_indices) or shape is None or len(shape) != 4:
+        return None
+    window = tuple(int(v) for v in shape[2:])
+    return tracer.node(n, "maxpool", [n.args[0]], attrs=_attrs(window, window, 0, False, 1))
 
 
 # ---------------------------------------------------------------------------------------------- QAT steps
@@ -248,9 +260,9 @@ register_ops(
               functions=(F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean, torch.sum), methods=("mean", "sum"),
               convert=_convert_avg,
               nonneg=all, supported="AvgPool2d, AdaptiveAvgPool2d, mean / sum over axes after the batch's"),
-    GraphNode("maxpool", maxpool_step, modules=(nn.MaxPool2d,), functions=(F.max_pool2d,), convert=_convert_max,
-              nonneg=all,
-              supported="MaxPool2d"),
+    GraphNode("maxpool", maxpool_step, modules=(nn.MaxPool2d, nn.AdaptiveMaxPool2d),
+              functions=(F.max_pool2d, F.adaptive_max_pool2d), convert=_convert_max, nonneg=all,
+              supported="MaxPool2d, AdaptiveMaxPool2d to 1x1"),
     ProgramOp("sum_pool2d", SUM_POOL, execute_sum, sum_range),
     ProgramOp("max_pool2d", MAX_POOL, execute_max, lambda op, r: r[0]),
 )
