@@ -75,9 +75,6 @@ def _layer(qm, node, a: V, bias) -> V:
     w_bar, b_bar = fold_bn(mod.weight, bias, node.bn)           # eq. 16
     conv = node.kind == "conv"
     at = node.attrs
-    if "bias_zero" in at:           # a slice of the bias the model's forward zeroes (Swin V2's key bias)
-        lo, hi = at["bias_zero"]
-        b_bar = torch.cat([b_bar[:lo], torch.zeros_like(b_bar[lo:hi]), b_bar[hi:]])
 
     def apply(x, w, bias=None):
         if conv:

@@ -18,7 +18,7 @@ A map whose sides are not multiples of the window is padded with zeros to whole 
 padded tokens take part in the attention unmasked, as in torchvision) and cropped back after (`crop`).
 
 Swin V2's cosine attention (`logit_scale` given): the key's third of the qkv bias is zeroed in forward (the
-Linear's attr `bias_zero`), q and k are scaled to unit length (`normalize`: `ops.layernorm` uncentered), their
+Linear reads that bias as a computed constant, as BEiT's F.linear does), q and k are scaled to unit length (`normalize`: `ops.layernorm` uncentered), their
 product is multiplied per head by exp(min(logit_scale, ln 100)) (a constant computed from the parameter, the
 per-channel affine of `ops.mul`), and the bias, 16 sigmoid(cpb_mlp(table)) gathered, is a computed constant.
 Patch merging with odd sides (torchvision pads them) is refused by name.
@@ -80,6 +80,12 @@ def cosine_logit_scale(logit_scale: torch.Tensor) -> torch.Tensor:
     return torch.clamp(logit_scale, max=math.log(100.0)).exp()
 
 
+def key_bias_zeroed(bias: torch.Tensor) -> torch.Tensor:
+    """Swin V2's qkv bias as its forward uses it: the key's third zeroed."""
+    third = bias.numel() // 3
+    return torch.cat([bias[:third], torch.zeros_like(bias[third:2 * third]), bias[2 * third:]])
+
+
 def _convert_window_attention(tracer, n, m):
     a = dict(zip(SWA_ARGS, n.args)) | dict(n.kwargs)
     _, h, w, c = tracer.shape(a["input"])
@@ -99,8 +105,11 @@ def _convert_window_attention(tracer, n, m):
     x("windows", "reshape", wide=wide, shape=(-1, nh, window[0], nw, window[1], c))
     x("windows_t", "permute", dims=(0, 1, 3, 2, 4, 5))
     x("tokens", "reshape", shape=(-1, tokens, c))
-    # Swin V2 zeroes the key's third of the qkv bias in forward
-    x("qkv", "linear", module=qkv, **({"bias_zero": (c, 2 * c)} if cosine and qkv.bias is not None else {}))
+    bias = []
+    if cosine and a.get("qkv_bias") is not None:    # Swin V2 zeroes the key's third of the qkv bias in forward
+        bias = [tracer.make(f"{n.name}.qkv_bias", "constant", [tracer.src(a["qkv_bias"])],
+                            attrs={"call": ("call_function", key_bias_zeroed, (ConstantSlot(0),), {})}).name]
+    x("qkv", "linear", *bias, module=qkv)
     x("heads", "reshape", wide=True, shape=(-1, tokens, 3, heads, d))
     heads_all = x("heads_t", "permute", dims=(2, 0, 3, 1, 4))
     q, k, v = (tracer.make(f"{n.name}.{p}", "take", [heads_all], attrs={"axis": 0, "index": i, "wide": False}).name
