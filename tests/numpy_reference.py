@@ -122,8 +122,10 @@ def apply_op(op: Op, ins: list) -> np.ndarray:
                     for tb in range(iw.shape[1]):
                         out[:, :, i, j] += wh[i, ta] * ww[j, tb] * x[:, :, ih[i, ta], iw[j, tb]]
         return (out + (1 << (shift - 1))) >> shift if shift else out
-    if op.op == "affine":
-        z = (ins[0] + c["bias"].astype(np.int64)) * c["multiplier"].astype(np.int64)
+    if op.op == "affine":                     # the negative side's multiplier where x + bias < 0 (PReLU)
+        t = ins[0] + c["bias"].astype(np.int64)
+        m = c["multiplier"].astype(np.int64)
+        z = t * (np.where(t < 0, c["negative"].astype(np.int64), m) if "negative" in c else m)
         shift = c["shift"].astype(np.int64)
         return np.clip((z + (np.int64(1) << (shift - 1))) >> shift, a["lo"], a["hi"])
     if op.op == "layer_norm":

@@ -50,16 +50,22 @@ def clamp_tile(ctx, op, k):
 
 
 def affine_tile(ctx, op, k):
-    """((z + bias) * multiplier + 2^(shift-1)) >> shift in int64, clamped (a standalone BN, `ops.batchnorm`)."""
+    """((z + bias) * m + 2^(shift-1)) >> shift in int64, clamped, m the multiplier, or the negative-side one where
+    z + bias < 0 (a standalone BN, a layer scale, PReLU: `ops.batchnorm`)."""
     tb, tm, tc = (ctx.const(np.asarray(op.consts[n]), f"{n}{k}", op.output, fill=f)
                   for n, f in (("bias", 0), ("multiplier", 1), ("shift", 1)))
+    tn = ctx.const(np.asarray(op.consts["negative"]), f"negative{k}", op.output, fill=1) \
+        if "negative" in op.consts else None
     lo, hi = int(op.attrs["lo"]), int(op.attrs["hi"])
     one = tvm.tirx.const(1, "int64")
 
     def fn(z, idx):
         c = ctx.at(tc, idx).astype("int64")
-        t = ((z.astype("int64") + ctx.at(tb, idx).astype("int64")) * ctx.at(tm, idx).astype("int64")
-             + (one << (c - 1))) >> c
+        t = z.astype("int64") + ctx.at(tb, idx).astype("int64")
+        m = ctx.at(tm, idx).astype("int64")
+        if tn is not None:
+            m = tvm.tirx.Select(t < tvm.tirx.const(0, "int64"), ctx.at(tn, idx).astype("int64"), m)
+        t = (t * m + (one << (c - 1))) >> c
         return tvm.te.max(tvm.te.min(t, tvm.tirx.const(hi, "int64")), tvm.tirx.const(lo, "int64")).astype("int32")
     return fn
 

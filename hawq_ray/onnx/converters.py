@@ -74,19 +74,31 @@ def requantize_onnx(g, op):
 
 
 def affine_onnx(g, op):
-    """The integer affine itself where the export computes exactly (`integer_requantize` with the bias);
-    else x A + B on real values, A = S_out m / (2^c S_in) and B = S_out bias m / 2^c per channel, then the
-    Q/DQ pair of the output."""
+    """The integer affine itself where the export computes exactly (`integer_requantize` with the bias, and the
+    negative side's ratio where it has one: PReLU); else x A + B on real values, A = S_out m / (2^c S_in) and
+    B = S_out bias m / 2^c per channel (A and B of the negative side where x / S_in + bias < 0), then the Q/DQ
+    pair of the output."""
     x = g.value(op.inputs[0])
-    ratio = np.asarray(op.consts["multiplier"], np.float64) / np.exp2(np.asarray(op.consts["shift"], np.float64))
+    shift = np.exp2(np.asarray(op.consts["shift"], np.float64))
+    ratio = np.asarray(op.consts["multiplier"], np.float64) / shift
+    negative = np.asarray(op.consts["negative"], np.float64) / shift if "negative" in op.consts else None
+    bias = np.asarray(op.consts["bias"], np.float64)
     lo, hi = int(op.attrs["lo"]), int(op.attrs["hi"])
     if g.rounds_in_float(op, lo, hi):
-        g.integer_requantize(op, x, ratio, lo, hi, bias=np.asarray(op.consts["bias"], np.float64))
+        g.integer_requantize(op, x, ratio, lo, hi, bias=bias, negative=negative)
         return
     s_out = g.out_scale(op)
-    y = g.node("Mul", [x.name, g.const(s_out * ratio / x.scale, f"{op.output}.a")], f"{op.output}.mul")
-    y = g.node("Add", [y, g.const(s_out * ratio * np.asarray(op.consts["bias"], np.float64), f"{op.output}.b")],
-               f"{op.output}.add")
+    if negative is None:
+        y = g.node("Mul", [x.name, g.const(s_out * ratio / x.scale, f"{op.output}.a")], f"{op.output}.mul")
+        y = g.node("Add", [y, g.const(s_out * ratio * bias, f"{op.output}.b")], f"{op.output}.add")
+    else:
+        t = g.node("Add", [g.node("Mul", [x.name, g.const(1.0 / np.asarray(x.scale, np.float64), f"{op.output}.inv")],
+                                  f"{op.output}.codes"), g.const(bias, f"{op.output}.b")], f"{op.output}.t")
+        below = g.node("Less", [t, g.const(0.0, f"{op.output}.zero")], f"{op.output}.below")
+        a = g.node("Where", [below, g.const(s_out * negative, f"{op.output}.an"), g.const(s_out * ratio,
+                                                                                     f"{op.output}.ap")],
+                   f"{op.output}.a")
+        y = g.node("Mul", [t, a], f"{op.output}.mul")
     g.quantize(op, y, lo, hi)
 
 

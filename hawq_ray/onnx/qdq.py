@@ -170,12 +170,13 @@ class QdqGraph:
         form; in the fused form, where it is wider than 8 bits and not a branch."""
         return self.form == "exact" or (self.narrowest(lo, hi) == "INT32" and op.output not in self.branch_values)
 
-    def integer_requantize(self, op, x: Tensor, ratio: np.ndarray, lo: int, hi: int, bias=None) -> None:
-        """The program's requantize (or affine, with `bias`) itself, for the exact form or a value wider than
-        8 bits: the input's integer codes (its codes tensor where it has one, else round(x / S_x): exact while
-        |codes| < 2^22), plus the bias, times b / 2^c in float64, floor(. + 1/2), the clamp, times S_out; in int64
-        instead where float64 would round (`float64_exact`). An 8-bit output then takes a Q/DQ pair at S_out,
-        which holds those codes exactly."""
+    def integer_requantize(self, op, x: Tensor, ratio: np.ndarray, lo: int, hi: int, bias=None,
+                           negative=None) -> None:
+        """The program's requantize (or affine, with `bias`, and `negative`: the ratio where the biased codes are
+        below 0) itself, for the exact form or a value wider than 8 bits: the input's integer codes (its codes
+        tensor where it has one, else round(x / S_x): exact while |codes| < 2^22), plus the bias, times b / 2^c in
+        float64, floor(. + 1/2), the clamp, times S_out; in int64 instead where float64 would round
+        (`float64_exact`). An 8-bit output then takes a Q/DQ pair at S_out, which holds those codes exactly."""
         hint = op.output
         if not self.float64_exact(op, bias):
             self.int64_requantize(op, x, lo, hi, bias)
@@ -183,7 +184,11 @@ class QdqGraph:
         q = self.codes(x, f"{hint}.in", to=11)                             # 11: TensorProto.DOUBLE
         if bias is not None:
             q = self.node("Add", [q, self.const(bias, f"{hint}.bias", "DOUBLE")], f"{hint}.biased")
-        y = self.node("Mul", [q, self.const(ratio, f"{hint}.ratio", "DOUBLE")], f"{hint}.mul")
+        r = self.const(ratio, f"{hint}.ratio", "DOUBLE")
+        if negative is not None:
+            below = self.node("Less", [q, self.const(0.0, f"{hint}.zero", "DOUBLE")], f"{hint}.below")
+            r = self.node("Where", [below, self.const(negative, f"{hint}.negative", "DOUBLE"), r], f"{hint}.r")
+        y = self.node("Mul", [q, r], f"{hint}.mul")
         y = self.node("Floor", [self.node("Add", [y, self.const(0.5, f"{hint}.half", "DOUBLE")], f"{hint}.add")],
                       f"{hint}.floor")
         if (lo, hi) != (INT32_MIN, INT32_MAX):
@@ -211,14 +216,17 @@ class QdqGraph:
         matmul over K = 768 of 8-bit codes (|z| up to 2^24.6) times a 31-bit b is not."""
         lo, hi = self.ranges.get(op.inputs[0], (INT32_MIN, INT32_MAX))
         b = np.abs(np.asarray(op.consts["multiplier"], np.int64))
+        if "negative" in op.consts:
+            b = np.maximum(b, np.abs(np.asarray(op.consts["negative"], np.int64)))
         c = np.asarray(op.consts["shift"], np.int64)
         bound = max(abs(lo), abs(hi)) + (0 if bias is None else int(np.abs(np.asarray(bias)).max()))
         return bound * int(b.max()) + 2 ** (int(c.max()) - 1) < 2 ** 53
 
     def int64_requantize(self, op, x: Tensor, lo: int, hi: int, bias=None) -> None:
         """The requantize (affine with `bias`) in int64, as the executor computes it: ((z + bias) b + 2^(c-1))
-        >> c, the arithmetic shift as floor(a / 2^c) = (a - Mod(a, 2^c)) / 2^c (ONNX BitShift is for unsigned
-        types, and Div of integers truncates toward zero), then Max / Min."""
+        >> c (b the affine's `negative` multiplier where z + bias < 0), the arithmetic shift as floor(a / 2^c) =
+        (a - Mod(a, 2^c)) / 2^c (ONNX BitShift is for unsigned types, and Div of integers truncates toward zero),
+        then Max / Min."""
         hint = op.output
         b = np.asarray(op.consts["multiplier"], np.int64)
         c = np.asarray(op.consts["shift"], np.int64)
@@ -226,7 +234,12 @@ class QdqGraph:
         if bias is not None:
             z = self.node("Add", [z, self.const(np.asarray(bias, np.int64), f"{hint}.bias", "INT64")],
                           f"{hint}.biased")
-        z = self.node("Mul", [z, self.const(b, f"{hint}.mult", "INT64")], f"{hint}.mul")
+        m = self.const(b, f"{hint}.mult", "INT64")
+        if "negative" in op.consts:
+            below = self.node("Less", [z, self.const(np.int64(0), f"{hint}.zero", "INT64")], f"{hint}.below")
+            m = self.node("Where", [below, self.const(np.asarray(op.consts["negative"], np.int64),
+                                                      f"{hint}.negative", "INT64"), m], f"{hint}.m")
+        z = self.node("Mul", [z, m], f"{hint}.mul")
         z = self.node("Add", [z, self.const(np.int64(1) << (c - 1), f"{hint}.half", "INT64")], f"{hint}.add")
         y = self.floor_div(z, np.int64(1) << c, f"{hint}.shift")
         y = self.node("Max", [y, self.const(np.int64(lo), f"{hint}.lo", "INT64")], f"{hint}.max")

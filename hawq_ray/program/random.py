@@ -301,14 +301,20 @@ class _Builder:
         return None if total is None else self.requantize(total, clamp=[(0, 255), (-128, 127)][int(self.rng.integers(2))])
 
     def affine(self, x):
+        """A per-channel (or per-tensor) affine; two in five with a negative side's multiplier (PReLU's: of
+        either sign, 0 included, on the same shift)."""
         mult = self._per_channel(x, lambda n: self.rng.integers(1, 1 << 12, n) * self.rng.choice([-1, 1], n))
         lo, hi = self.range[x]
         bias = self._per_channel(x, lambda n: self.rng.integers(-max(abs(lo), abs(hi), 1), max(abs(lo), abs(hi), 1) + 1, n))
         shift = self._per_channel(x, lambda n: self.rng.integers(8, 17, n))
         wide = (-(1 << 15), (1 << 15) - 1)
-        return self.emit("affine", [x], attrs={"lo": wide[0], "hi": wide[1]}, lo=wide[0], hi=wide[1],
-                         consts={"bias": bias.astype(np.int32), "multiplier": mult.astype(np.int32),
-                                 "shift": shift.astype(np.int32)})
+        consts = {"bias": bias.astype(np.int32), "multiplier": mult.astype(np.int32), "shift": shift.astype(np.int32)}
+        if self.rng.random() < 0.4:
+            if self.rng.random() < 0.5:
+                consts["bias"] = np.zeros_like(consts["bias"])
+            negative = self._per_channel(x, lambda n: self.rng.integers(-(1 << 12), 1 << 12, n))
+            consts["negative"] = negative.astype(np.int32)
+        return self.emit("affine", [x], attrs={"lo": wide[0], "hi": wide[1]}, lo=wide[0], hi=wide[1], consts=consts)
 
     def channel_shuffle(self, x):
         c = self.shape(x)[1]

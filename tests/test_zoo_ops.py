@@ -1,0 +1,110 @@
+"""The ops pytorchcv's zoo needs beyond the common CNN ones (issue 44), each in small hand-written modules:
+PReLU (espnetv2), BatchNorm1d after a Linear (bam), torch.stack (sknet), expand / expand_as of a gate (cbam,
+bam), softmax over an axis other than the last (resnesta).
+
+For each: the QAT simulation, the integer executor, the compiled TVM module and the exact ONNX export agree on
+every element, and the op's integers are held to an independent float computation of what the module computes
+(numpy / torch on the op's own input codes and scales), within the quantization step.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hawq_ray.contract import HawqError
+from hawq_ray.deploy import compile_program
+from hawq_ray.onnx.export import check_values, export_onnx
+from hawq_ray.program.executor import run_program
+from hawq_ray.quant.qat import prepare
+
+
+def through_every_back_end(model: nn.Module, shape: tuple, bits: str, tmp_path, batch: int = 4):
+    """Calibrate, lower, and run QAT, the executor, TVM and ONNX on one random batch; assert they agree on the
+    output (TVM) and on every value (ONNX). Returns (program, executor values by name, input codes)."""
+    gen = torch.Generator().manual_seed(0)
+    qm = prepare(model.eval(), bits, shape).calibrate([torch.randn((8, *shape), generator=gen)])
+    prog = qm.to_integer()
+    x = torch.randn((batch, *shape), generator=gen)
+    q = prog.quantize_input(x)
+    with torch.no_grad():
+        sim = qm.run(x)[0].q
+    out, values = run_program(prog, q, record=True)
+    assert torch.equal(sim, out), "QAT simulation differs from the integer executor"
+    assert len(torch.unique(out)) > 3
+    compiled = compile_program(prog, batch=batch)
+    assert np.array_equal(compiled(q.numpy()), out.numpy()), "TVM differs from the integer executor"
+    export_onnx(prog, tmp_path / "m.onnx", every_value=True)
+    rows = check_values(tmp_path / "m.onnx", prog, x)
+    assert rows and not [r for r in rows if r["differing"]], "ONNX differs from the integer executor"
+    return prog, values, q
+
+
+def scale_of(prog, name) -> np.ndarray:
+    return np.asarray(next(op.scale for op in prog.ops if op.output == name), np.float64)
+
+
+# ---------------------------------------------------------------------------------------------- PReLU
+
+class PReLUNet(nn.Module):
+    """PReLU per channel on a conv + BN's accumulator (slopes of both signs and above 1), one slope on a residual
+    sum, per feature on a Linear's (N, C) output."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1, self.p1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.PReLU(8)
+        self.c2, self.p2 = nn.Conv2d(8, 8, 3, padding=1), nn.PReLU()
+        self.fc, self.p3, self.head = nn.Linear(8, 6), nn.PReLU(6), nn.Linear(6, 3)
+        with torch.no_grad():
+            self.p1.weight.copy_(torch.tensor([-0.5, 0.0, 0.01, 0.25, 0.7, 1.0, 1.5, 3.0]))
+            self.p3.weight.uniform_(-1, 1, generator=torch.Generator().manual_seed(3))
+
+    def forward(self, x):
+        x = self.p1(self.b1(self.c1(x)))
+        x = self.p2(self.c2(x) + x)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.head(self.p3(self.fc(x)))
+
+
+@pytest.mark.parametrize("bits", ["uniform8", "uniform4"])
+def test_prelu_is_an_affine_with_a_negative_side_and_equals_torch_within_half_a_step(bits, tmp_path):
+    model = PReLUNet()
+    prog, values, _ = through_every_back_end(model, (3, 10, 10), bits, tmp_path)
+    affines = [op for op in prog.ops if op.op == "affine"]
+    assert len(affines) == 3 and all("negative" in op.consts for op in affines)
+    slopes = [model.p1.weight, model.p2.weight, model.p3.weight]
+    for op, slope in zip(affines, slopes):
+        x = values[op.inputs[0]].numpy().astype(np.float64) * _channel(scale_of(prog, op.inputs[0]), op, values)
+        a = slope.detach().double().numpy()
+        a = a.reshape((-1,) + (1,) * (x.ndim - 2)) if a.size > 1 else a
+        want = np.clip(np.where(x >= 0, x, a * x) / scale_of(prog, op.output), op.lo, op.hi)
+        got = values[op.output].numpy()
+        # half a step, plus the dyadic multipliers' error: 2^-30 relative to the larger of the two sides
+        bound = 0.5 + np.abs(x) * np.maximum(1, np.abs(a)) / scale_of(prog, op.output) * 2.0 ** -29 + 1e-9
+        assert np.all(np.abs(got - want) <= bound), (op.output, np.abs(got - want).max())
+        assert (got > 0).any() and ((got < 0).any() or x.ndim == 2)     # both sides taken on the maps
+
+
+def _channel(s, op, values):
+    """A scale (C,) or () shaped to broadcast against the op's input (channels on axis 1)."""
+    nd = values[op.inputs[0]].dim()
+    return s.reshape((-1,) + (1,) * (nd - 2)) if s.ndim == 1 else s
+
+
+class FunctionalPReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.slope = nn.Conv2d(3, 4, 3), nn.Parameter(torch.full((4,), 0.1))
+
+    def forward(self, x):
+        return F.prelu(self.conv(x), self.slope).mean((2, 3))
+
+
+def test_what_stays_unsupported_is_one_line_naming_module_and_type():
+    with pytest.raises(HawqError, match=r"function 'prelu' at .* in module '0' of type FunctionalPReLU; "
+                                        r"supported: .*PReLU") as e:
+        prepare(nn.Sequential(FunctionalPReLU()).eval(), "uniform8", (3, 8, 8))
+    assert "\n" not in str(e.value)
+
