@@ -108,3 +108,66 @@ def test_what_stays_unsupported_is_one_line_naming_module_and_type():
         prepare(nn.Sequential(FunctionalPReLU()).eval(), "uniform8", (3, 8, 8))
     assert "\n" not in str(e.value)
 
+
+# ---------------------------------------------------------------------------------------------- BatchNorm1d
+
+class BN1dNet(nn.Module):
+    """BAM's channel gate (pool, flatten, Linear, BatchNorm1d, ReLU, Linear: the BN folded into the Linear), a
+    BatchNorm1d on flattened features no Linear precedes, and one on an (N, C, L) view of a map (both the
+    per-channel affine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 6), nn.BatchNorm1d(6)
+        self.bn_flat, self.bn_seq, self.head = nn.BatchNorm1d(8), nn.BatchNorm1d(8), nn.Linear(6 + 8 + 8, 3)
+        gen = torch.Generator().manual_seed(4)
+        with torch.no_grad():          # statistics away from the identity: neither the fold nor the affine trivial
+            for bn in (self.bn, self.bn_flat, self.bn_seq):
+                c = bn.num_features
+                bn.running_mean.normal_(0, 0.5, generator=gen), bn.running_var.uniform_(0.2, 3, generator=gen)
+                bn.weight.uniform_(-1.5, 1.5, generator=gen), bn.bias.normal_(0, 0.5, generator=gen)
+                assert bn.weight.shape == (c,)
+
+    def forward(self, x):
+        m = torch.relu(self.conv(x))
+        pooled = F.adaptive_avg_pool2d(m, 1).view(m.size(0), -1)
+        gate = torch.relu(self.bn(self.fc(pooled)))
+        flat = self.bn_flat(pooled)
+        seq = self.bn_seq(m.flatten(2)).mean(2)
+        return self.head(torch.cat([gate, flat, seq], 1))
+
+
+@pytest.mark.parametrize("bits", ["uniform8", "uniform4"])
+def test_batchnorm1d_folds_into_its_linear_or_is_the_per_channel_affine(bits, tmp_path):
+    model = BN1dNet().eval()
+    prog, values, _ = through_every_back_end(model, (3, 6, 6), bits, tmp_path)
+    fc = next(op for op in prog.ops if op.layer == "fc")
+    affines = [op for op in prog.ops if op.op == "affine"]
+    assert len(affines) == 2 and fc.op == "dense"           # the folded BN left no op of its own
+    for op, bn in zip(affines, (model.bn_flat, model.bn_seq)):
+        x = torch.from_numpy(values[op.inputs[0]].numpy().astype(np.float64) *
+                             _channel(scale_of(prog, op.inputs[0]), op, values))
+        want = F.batch_norm(x, bn.running_mean.double(), bn.running_var.double(), bn.weight.double(),
+                            bn.bias.double(), False, 0.0, bn.eps).detach().numpy() / scale_of(prog, op.output)
+        got = values[op.output].numpy()
+        # half a step, the bias rounded to the input's grid (half an input step times |g|), the dyadic's 2^-30
+        g = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).double().detach().numpy()
+        g = g.reshape((-1,) + (1,) * (x.dim() - 2))
+        bound = 0.5 + np.abs(g) * _channel(scale_of(prog, op.inputs[0]), op, values) / scale_of(prog, op.output) \
+            * 0.5 + np.abs(want) * 2.0 ** -29 + 1e-6
+        assert np.all(np.abs(got - np.clip(want, op.lo, op.hi)) <= bound), op.output
+
+
+def test_a_folded_batchnorm1d_gives_the_linear_the_folded_weight():
+    """The fp32 interpreter (BN folded into fc) computes the model; fc's weight is W gamma / sigma."""
+    from hawq_ray.quant.graph import folded_weights
+    model = BN1dNet().eval()
+    model.in_size = (6, 6)
+    x = torch.randn(4, 3, 6, 6)
+    qm = prepare(model, "uniform8", (3, 6, 6)).set_mode("fp32")
+    with torch.no_grad():
+        assert torch.allclose(qm(x), model(x), atol=1e-5)
+    bn = model.bn
+    want = model.fc.weight * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape(-1, 1)
+    assert torch.allclose(folded_weights(model)["fc"], want, atol=1e-6)
+

@@ -1,6 +1,7 @@
 """A BatchNorm2d that no conv precedes (graph node `batchnorm`, program op `affine`): DenseNet's pre-activation
-BN, a BN on a concatenation or a residual sum; and PReLU (graph node `prelu`), the same affine with a second
-multiplier on the negative side.
+BN, a BN on a concatenation or a residual sum; a BatchNorm1d on (N, C) or (N, C, L) values that no Linear of
+(N, C) features precedes (one that does is folded into it, `quant.graph`); and PReLU (graph node `prelu`), the
+same affine with a second multiplier on the negative side.
 
 The frozen BN is y_c = g_c x + h_c with g_c = gamma_c / sqrt(var_c + eps), h_c = beta_c - mu_c g_c
 (Appendix D's terms, without a conv to fold into). On integers q at scale s it is g_c s (q + t_c) with the
@@ -37,7 +38,7 @@ hi), computed in int64 (PReLU: bias 0, negative the slope's multiplier)."""
 
 def _convert_bn(tracer, n, m):
     if not m.track_running_stats or m.running_mean is None:
-        tracer.unsupported(f"module {n.target!r} (a BatchNorm2d without running statistics)", type(m).__name__)
+        tracer.unsupported(f"module {n.target!r} (a {type(m).__name__} without running statistics)", type(m).__name__)
     return tracer.node(n, "batchnorm", [n.args[0]], module=m, bn=m, bn_name=n.target)
 
 
@@ -68,6 +69,9 @@ def batchnorm_step(qm, node, ins):
     s = qm.wide_output(node, real, v.device)
     if qm.mode == "fake":
         return qm.fake_output(real, s, node.name)
+    if v.s.dim() > 1:
+        raise HawqError(f"{node.name}: {type(bn).__name__} of a value with one scale per feature on its last axis "
+                        "(a Linear's output over tokens); valid: a map, or (N, C) / (N, C, L) values")
     g, h = _gain_shift(bn)
     return channel_affine(qm, node, v, s, real, g.to(v.q.device), h.to(v.q.device))
 
@@ -150,8 +154,8 @@ def prelu_step(qm, node, ins):
 
 
 register_ops(
-    GraphNode("batchnorm", batchnorm_step, modules=(nn.BatchNorm2d,), convert=_convert_bn, observers=_bn_observers,
-              supported="BatchNorm2d (pre-activation)"),
+    GraphNode("batchnorm", batchnorm_step, modules=(nn.BatchNorm2d, nn.BatchNorm1d), convert=_convert_bn,
+              observers=_bn_observers, supported="BatchNorm2d (pre-activation), BatchNorm1d"),
     GraphNode("prelu", prelu_step, modules=(nn.PReLU,), convert=_convert_prelu, observers=_bn_observers,
               supported="PReLU (one slope, or one per channel)"),
     ProgramOp("affine", SEMANTICS, execute_affine, affine_range, elementwise=True),

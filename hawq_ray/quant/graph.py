@@ -1,8 +1,8 @@
 """Trace a CNN with torch.fx into the small graph that quantization works on.
 
 Each fx call becomes a node of a kind from the op registry (`hawq_ray.ops`: the module types, functions and
-tensor methods each kind converts); a BatchNorm2d right after a conv is folded into it (any other is a node
-of its own), Dropout, Identity and stochastic depth vanish, and shape queries and arithmetic on shapes
+tensor methods each kind converts); a BatchNorm2d right after a conv, and a BatchNorm1d right after a Linear
+of (N, C) features, is folded into it (any other is a node of its own), Dropout, Identity and stochastic depth vanish, and shape queries and arithmetic on shapes
 (`x.size(1) // groups`) are skipped; parameters read in forward (a class token) are `constant` nodes. Anything
 unknown is an error that names the module and its type. `folded_weights` reads each layer's BN-folded weight
 off the trace (the sensitivity stage's delta_b).
@@ -28,7 +28,7 @@ class GNode:
     inputs: list[str]
     layer: str | None = None       # qualified module name (conv/linear)
     module: nn.Module | None = None
-    bn: nn.BatchNorm2d | None = None
+    bn: nn.BatchNorm2d | nn.BatchNorm1d | None = None
     bn_name: str | None = None
     attrs: dict = field(default_factory=dict)
     nonneg: bool = False           # output is >= 0 by construction (post-ReLU)
@@ -326,14 +326,16 @@ def identity_modules() -> tuple:
 
 
 def _structural(t: _Tracer, n: fx.Node, modules: dict, fx_users: dict) -> bool:
-    """Calls that make no node of their own: BN folded into the conv before it, Dropout / Identity, shape
+    """Calls that make no node of their own: BN folded into the conv (or Linear) before it, Dropout / Identity, shape
     queries. True when `n` was one of them (and handled)."""
     if n.op == "call_module":
         m = modules[n.target]
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
             prev = t.by_name.get(t.alias.get(n.args[0].name, ""))
-            if prev is None or prev.kind != "conv" or prev.bn is not None or len(fx_users[n.args[0].name]) != 1:
-                return False    # no conv to fold into: a node of its own (ops/batchnorm.py)
+            into = "conv" if isinstance(m, nn.BatchNorm2d) else "linear"     # BatchNorm1d: a Linear's (N, C)
+            if prev is None or prev.kind != into or prev.bn is not None or len(fx_users[n.args[0].name]) != 1 or \
+                    (into == "linear" and (len(prev.inputs) > 1 or len(t.shape(n.args[0])) != 2)):
+                return False    # nothing to fold into: a node of its own (ops/batchnorm.py)
             prev.bn, prev.bn_name = m, n.target
             t.alias[n.name] = prev.name
             return True

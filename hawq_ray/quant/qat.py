@@ -103,7 +103,7 @@ class QuantModel(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         for m in self.model.modules():          # BN is folded and frozen: always running statistics
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
                 m.eval()
         return self
 
