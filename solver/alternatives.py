@@ -15,7 +15,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from solver.ilp import FEASIBILITY_TOL, BitAllocation, BudgetError, IlpInputs, allocation, budget_limits
+from solver.ilp import (ACTIVATION, FEASIBILITY_TOL, MEMORY, BitAllocation, BudgetError, IlpInputs, allocation,
+                        budget_limits, unit_value)
 
 
 def filled_allocation(inputs: IlpInputs, budgets: Mapping[str, float], order: Sequence[int]) -> BitAllocation:
@@ -28,25 +29,33 @@ def filled_allocation(inputs: IlpInputs, budgets: Mapping[str, float], order: Se
     n_units = inputs.unit_omega.shape[0]
     if sorted(order) != list(range(n_units)):
         raise ValueError(f"order {list(order)!r} must visit each of the {n_units} units once")
-    cost = {k: inputs.unit_resources[lim["resource"]] for k, lim in limits.items()}
-    room = {k: lim["searchable_limit"] + FEASIBILITY_TOL * lim["scale"] for k, lim in limits.items()}
+    cost = {k: unit_cost(inputs, lim["resource"]) for k, lim in limits.items()}
+    room = {k: lim["bound"] + FEASIBILITY_TOL * lim["scale"] for k, lim in limits.items()}
     choice = np.argmin(sum(cost[k] / limits[k]["scale"] for k in limits), axis=1) if limits else \
         np.zeros(n_units, int)
-    used = {k: cost[k][np.arange(n_units), choice].sum() for k in limits}
-    if any(used[k] > room[k] for k in limits):
+
+    def fits(trial):
+        return all(unit_value(inputs, lim["resource"], trial) <= room[k] for k, lim in limits.items())
+    if not fits(choice):
         raise BudgetError(f"budgets {dict(budgets)} cannot be filled from the cheapest width of every unit")
     moved = True
     while moved:
         moved = False
         for u in order:
             for col in range(len(inputs.bits) - 1, choice[u], -1):
-                extra = {k: cost[k][u, col] - cost[k][u, choice[u]] for k in limits}
-                if all(used[k] + extra[k] <= room[k] for k in limits):
-                    choice[u], moved = col, True
-                    for k in limits:
-                        used[k] += extra[k]
+                trial = choice.copy()
+                trial[u] = col
+                if fits(trial):
+                    choice, moved = trial, True
                     break
     return allocation(inputs, choice, limits, 0.0)
+
+
+def unit_cost(inputs: IlpInputs, resource: str) -> np.ndarray:
+    """(units, bits): what each unit's width costs of `resource`; memory counts a unit's size and its activation."""
+    if resource == MEMORY:
+        return inputs.unit_resources["size_mib"] + inputs.unit_resources[ACTIVATION]
+    return inputs.unit_resources[resource]
 
 
 def random_allocations(inputs: IlpInputs, budgets: Mapping[str, float], count: int, seed: int = 0,

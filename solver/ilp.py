@@ -4,12 +4,19 @@
     subject to  sum_i size_i(b_i)    <= size limit        (each budget optional, any combination)
                 sum_i bops_i(b_i)    <= BOPS limit
                 sum_i latency_i(b_i) <= latency limit
+                act_i(b_i)           <= activation limit  for every layer i (the largest activation)
+                sum_i size_i(b_i) + A <= memory limit, A >= act_i(b_i) for every layer i (weights + largest
+                                                          activation; A continuous: at the optimum the maximum)
                 b_i = b_j when layers i and j share a `group`
 
 A budget is either a fraction r (keys `size`, `bops`, `latency`): the limit is R4 + r * (R8 - R4), where R4 and
 R8 are the resource of the searchable layers all at the lowest and all at the highest bit width, exactly as the
 HAWQ-V3 paper and its ILP notebook (layers with `fixed_bits` are left out of R4, R8 and the constrained sums);
 or an absolute value (keys `size_mib`, `gbops`, `latency_ms`) that bounds the whole model, fixed layers included.
+The activation and memory budgets (`activation`, `activation_mib`, `memory`, `memory_mib`) bound a maximum over
+layers, which does not split into searchable and fixed parts: they always bound the whole model, and their
+fraction r means R4 + r * (R8 - R4) with R4 and R8 the whole model's value with every searchable layer at the
+lowest and at the highest width.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import pandas as pd
 import pulp
 
 from hawq_ray.contract import HawqError, TableError  # noqa: F401  (TableError: part of this module's errors)
-from hawq_ray.contract.cost import RESOURCES, layer_gbops, layer_size_mib, omega
+from hawq_ray.contract.cost import PEAK_RESOURCES, RESOURCES, layer_activation_mib, layer_gbops, layer_size_mib, omega
 from hawq_ray.contract.table import BIT_WIDTHS, COL, check_table, delta_col, lat_col, omega_col
 
 FEASIBILITY_TOL = 1e-9  # slack on every budget, relative to the resource's range over the searchable layers
@@ -34,7 +41,10 @@ BUDGET_KEYS = {
     "size": ("size_mib", True), "size_mib": ("size_mib", False),
     "bops": ("gbops", True), "gbops": ("gbops", False),
     "latency": ("latency_ms", True), "latency_ms": ("latency_ms", False),
+    "activation": ("activation_mib", True), "activation_mib": ("activation_mib", False),
+    "memory": ("memory_mib", True), "memory_mib": ("memory_mib", False),
 }
+ACTIVATION, MEMORY = PEAK_RESOURCES
 
 
 class BudgetError(HawqError):
@@ -53,13 +63,15 @@ def layer_omega(table: pd.DataFrame, bits: Sequence[int]) -> np.ndarray:
 
 def layer_resources(table: pd.DataFrame, bits: Sequence[int]) -> dict[str, np.ndarray]:
     """Per-layer resources at each bit width (contract.cost), each of shape (layers, len(bits)): size in MiB,
-    GBOPS, and latency in ms from the measured `lat{b}_ms` columns (if present)."""
+    GBOPS, latency in ms from the measured `lat{b}_ms` columns and the activation read in MiB (if present)."""
     b = np.asarray(bits, float)[None, :]
     out = {"size_mib": layer_size_mib(table[COL.params].to_numpy(np.int64)[:, None], b),
            "gbops": layer_gbops(table[COL.macs].to_numpy(np.int64)[:, None], b,
                                 table[COL.product_macs].to_numpy(np.int64)[:, None])}
     if all(lat_col(k) in table for k in bits):
         out["latency_ms"] = np.column_stack([table[lat_col(k)].to_numpy(float) for k in bits])
+    if COL.act_elements in table:
+        out[ACTIVATION] = layer_activation_mib(table[COL.act_elements].to_numpy(np.int64)[:, None], b)
     return out
 
 
@@ -86,7 +98,7 @@ class IlpInputs:
     layer_omega: np.ndarray           # (layers, bits)
     layer_resources: dict             # resource -> (layers, bits)
     unit_omega: np.ndarray            # (units, bits)
-    unit_resources: dict              # resource -> (units, bits)
+    unit_resources: dict              # resource -> (units, bits): the sum over the unit's layers (activation: max)
 
 
 def ilp_inputs(table: pd.DataFrame, bits: Sequence[int] = BIT_WIDTHS) -> IlpInputs:
@@ -103,13 +115,13 @@ def ilp_inputs(table: pd.DataFrame, bits: Sequence[int] = BIT_WIDTHS) -> IlpInpu
     res = layer_resources(t, bits)
     n_units = len(unit_ids)
 
-    def per_unit(a):
+    def per_unit(a, combine=np.add):
         out = np.zeros((n_units, len(bits)))
         s = unit >= 0
-        np.add.at(out, unit[s], np.nan_to_num(a[s]))
+        combine.at(out, unit[s], np.nan_to_num(a[s]))
         return out
-    return IlpInputs(tuple(t[COL.layer]), bits, fixed, unit, omega, res,
-                     per_unit(omega), {k: per_unit(v) for k, v in res.items()})
+    return IlpInputs(tuple(t[COL.layer]), bits, fixed, unit, omega, res, per_unit(omega),
+                     {k: per_unit(v, np.maximum if k == ACTIVATION else np.add) for k, v in res.items()})
 
 
 # ---------------------------------------------------------------- the solve
@@ -118,9 +130,11 @@ class BitAllocation:
     """The solver's answer. `totals["model"]` counts every layer (fixed ones at their fixed bits);
     `totals["searchable"]` only the layers the ILP chose, the sums the fraction budgets constrain.
     `objective` is sum Omega over the searchable layers (what the ILP minimized); `objective_model` adds the
-    fixed layers (NaN when their sensitivity is not in the table). `limits` holds each budget as given, the
-    limit it put on the searchable layers' sum and the same limit on the whole model (fixed layers at their
-    bits added), in the resource's unit."""
+    fixed layers (NaN when their sensitivity is not in the table). `limits` holds each budget as given, its
+    `bound` (the limit it put on the searchable layers' sum; for the activation and memory budgets, on the whole
+    model's value) and `model_limit`, the same limit on the whole model (fixed layers at their bits added), in
+    the resource's unit. `totals` hold activation_mib (the largest activation) and memory_mib (size plus it)
+    when the table has act_elements."""
     bits: dict
     objective: float
     objective_model: float
@@ -140,8 +154,9 @@ def solve_bits(table: pd.DataFrame, budgets: Mapping[str, float], bits: Sequence
 
 
 def budget_limits(inputs: IlpInputs, budgets: Mapping[str, float]) -> dict[str, dict]:
-    """Each budget as a limit on the searchable layers' sum of its resource, plus the smallest achievable value
-    of the budget (in the budget's own terms: a fraction, or an absolute over the whole model)."""
+    """Each budget as a `bound` on `unit_value` (the searchable layers' sum of its resource; for the activation
+    and memory budgets, the whole model's value), plus the smallest achievable value of the budget (in the
+    budget's own terms: a fraction, or an absolute over the whole model)."""
     out = {}
     for key, given in budgets.items():
         if key not in BUDGET_KEYS:
@@ -153,27 +168,71 @@ def budget_limits(inputs: IlpInputs, budgets: Mapping[str, float]) -> dict[str, 
             value = float("nan")
         if not math.isfinite(value):
             raise BudgetError(f"budget {key}={given!r}: give a finite number")
-        if resource not in inputs.unit_resources:
-            raise BudgetError(f"budget {key}={given}: the layer table has no latency columns "
-                              f"({', '.join(f'lat{b}_ms' for b in inputs.bits)}); profile the layers first")
-        u = inputs.unit_resources[resource]
-        low, high, least = u[:, 0].sum(), u[:, -1].sum(), u.min(axis=1).sum()
+        needed = ACTIVATION if resource in PEAK_RESOURCES else resource
+        if needed not in inputs.unit_resources:
+            raise BudgetError(f"budget {key}={given}: the layer table has no " + (
+                f"latency columns ({', '.join(f'lat{b}_ms' for b in inputs.bits)}); profile the layers first"
+                if needed == "latency_ms" else f"{COL.act_elements!r} column; rebuild it with `hawq-ray layers`"))
+        low, high, least = resource_range(inputs, resource)
         fixed_total = fixed_layers_total(inputs, resource)
         if is_fraction:
-            limit = low + value * (high - low)                      # R4 + r * (R8 - R4), searchable layers only
+            limit = low + value * (high - low)                      # R4 + r * (R8 - R4)
             smallest = (least - low) / (high - low) if high > low else 0.0
-        else:
-            limit = value - fixed_total                             # absolute budgets bound the whole model
-            smallest = least + fixed_total
+        else:                                                       # absolute budgets bound the whole model
+            limit = value - (0.0 if resource in PEAK_RESOURCES else fixed_total)
+            smallest = least + (0.0 if resource in PEAK_RESOURCES else fixed_total)
         scale = max(abs(high - least), abs(high), 1e-300)
-        out[key] = {"given": value, "resource": resource, "searchable_limit": limit,
+        out[key] = {"given": value, "resource": resource, "bound": limit,
+                    "model_limit": limit if resource in PEAK_RESOURCES else limit + fixed_total,
                     "smallest": smallest, "feasible": limit - least >= -FEASIBILITY_TOL * scale, "scale": scale}
     return out
 
 
-def fixed_layers_total(inputs: IlpInputs, resource: str) -> float:
+def resource_range(inputs: IlpInputs, resource: str) -> tuple[float, float, float]:
+    """`unit_value` of `resource` with every unit at the lowest width, at the highest, and the least any choice
+    reaches (sums: searchable layers; activation and memory: the whole model)."""
+    if resource not in PEAK_RESOURCES:
+        u = inputs.unit_resources[resource]
+        return u[:, 0].sum(), u[:, -1].sum(), u.min(axis=1).sum()
+    n_units, n_bits = inputs.unit_omega.shape
+    ends = [unit_value(inputs, resource, np.full(n_units, k, int)) for k in (0, n_bits - 1)]
+    act, floor = inputs.unit_resources[ACTIVATION], fixed_activation(inputs)
+    if resource == ACTIVATION:
+        return (*ends, max(floor, act.min(axis=1).max(initial=0.0)))
+    # memory: for every candidate largest activation L, each unit's smallest size among widths whose activation
+    # fits under L; the least memory is the best of size(L) + L (exact: the optimum's own maximum is a candidate)
+    size, fixed_size = inputs.unit_resources["size_mib"], fixed_layers_total(inputs, "size_mib")
+    best = math.inf
+    for peak in np.unique(np.append(act, floor)):
+        if peak >= floor and (fits := act <= peak).any(axis=1).all():
+            best = min(best, np.where(fits, size, np.inf).min(axis=1).sum() + peak + fixed_size)
+    return (*ends, best)
+
+
+def unit_value(inputs: IlpInputs, resource: str, unit_choice: np.ndarray) -> float:
+    """What a budget on `resource` bounds, for a width index per unit: the searchable layers' sum, or for the
+    activation and memory budgets the whole model's largest activation (plus its size, for memory)."""
+    rows = np.arange(len(unit_choice))
+    if resource not in PEAK_RESOURCES:
+        return float(inputs.unit_resources[resource][rows, unit_choice].sum())
+    peak = max(fixed_activation(inputs), inputs.unit_resources[ACTIVATION][rows, unit_choice].max(initial=0.0))
+    if resource == ACTIVATION:
+        return float(peak)
+    return float(peak + fixed_layers_total(inputs, "size_mib") + unit_value(inputs, "size_mib", unit_choice))
+
+
+def fixed_activation(inputs: IlpInputs) -> float:
+    """The largest activation a fixed layer reads, in MiB (0 without fixed layers)."""
     fixed = inputs.fixed_bits > 0
     if not fixed.any():
+        return 0.0
+    return float(inputs.layer_resources[ACTIVATION][fixed, np.searchsorted(inputs.bits, inputs.fixed_bits[fixed])]
+                 .max())
+
+
+def fixed_layers_total(inputs: IlpInputs, resource: str) -> float:
+    fixed = inputs.fixed_bits > 0
+    if not fixed.any() or resource in PEAK_RESOURCES:
         return 0.0
     cols = np.searchsorted(inputs.bits, inputs.fixed_bits[fixed])
     return float(inputs.layer_resources[resource][fixed, cols].sum())
@@ -215,22 +274,42 @@ def _solve_units(inputs: IlpInputs, limits: dict) -> np.ndarray | None:
     for u in range(n_units):
         prob += pulp.lpSum(x[u]) == 1
     for key, lim in limits.items():
-        r = inputs.unit_resources[lim["resource"]]
+        if lim["resource"] == ACTIVATION:         # act_i(b_i) <= limit for every layer: forbid the widths above it
+            act = inputs.unit_resources[ACTIVATION]
+            for u, k in zip(*np.nonzero(act - lim["bound"] > FEASIBILITY_TOL * lim["scale"])):
+                prob += x[u][k] == 0, f"budget_{key}_{u}_{k}"
+            continue
+        r = inputs.unit_resources["size_mib" if lim["resource"] == MEMORY else lim["resource"]]
         base = r.min(axis=1)
-        rhs = (lim["searchable_limit"] - base.sum()) / lim["scale"] + FEASIBILITY_TOL
+        rhs = (lim["bound"] - base.sum()) / lim["scale"] + FEASIBILITY_TOL
         coef = (r - base[:, None]) / lim["scale"]
-        prob += pulp.lpSum(coef[u, k] * x[u][k] for u in range(n_units) for k in range(n_bits) if coef[u, k]) \
-            <= rhs, f"budget_{key}"
+        total = pulp.lpSum(coef[u, k] * x[u][k] for u in range(n_units) for k in range(n_bits) if coef[u, k])
+        if lim["resource"] == MEMORY:             # size + A, A >= every layer's activation (fixed ones included)
+            total, rhs = total + _peak_variable(prob, inputs, x, lim["scale"]), rhs - \
+                fixed_layers_total(inputs, "size_mib") / lim["scale"]
+        prob += total <= rhs, f"budget_{key}"
     with warnings.catch_warnings():
         # PuLP 3.3 marks PULP_CBC_CMD deprecated in favour of a separately installed CBC; the bundled one is the
         # only solver that installs from the package registry, so keep using it without the noise.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="pulp")
-        status = prob.solve(pulp.PULP_CBC_CMD(msg=False))
+        # CBC 2.10's preprocessing (cgl) returned a non-optimal answer as optimal on memory budgets (a continuous
+        # peak above rows of equal coefficients; tests/test_solver_memory.py seed 23); without it CBC is exact.
+        options = ["preprocess off"] if any(lim["resource"] == MEMORY for lim in limits.values()) else []
+        status = prob.solve(pulp.PULP_CBC_CMD(msg=False, options=options))
     if pulp.LpStatus[status] == "Infeasible":
         return None
     if pulp.LpStatus[status] != "Optimal":
         raise RuntimeError(f"CBC returned status {pulp.LpStatus[status]!r} for a bit-allocation ILP")
     return np.array([int(np.argmax([v.value() or 0.0 for v in row])) for row in x])
+
+
+def _peak_variable(prob, inputs: IlpInputs, x, scale: float):
+    """A continuous A / scale with A >= the activation of every layer at its chosen width."""
+    peak = prob.add_variable(f"peak_{len(prob.variables())}", fixed_activation(inputs) / scale)
+    act = inputs.unit_resources[ACTIVATION] / scale
+    for u, row in enumerate(x):
+        prob += peak >= pulp.lpSum(act[u, k] * v for k, v in enumerate(row) if act[u, k])
+    return peak
 
 
 def allocation(inputs: IlpInputs, unit_choice: np.ndarray, limits: dict, solve_s: float) -> BitAllocation:
@@ -241,16 +320,19 @@ def allocation(inputs: IlpInputs, unit_choice: np.ndarray, limits: dict, solve_s
     rows = np.arange(len(col))
     bits = {name: int(inputs.bits[c]) for name, c in zip(inputs.layers, col)}
     pick = lambda a: a[rows, col]                                                     # noqa: E731
-    totals = {"model": {r: float(pick(a).sum()) for r, a in inputs.layer_resources.items()},
-              "searchable": {r: float(pick(a)[~fixed].sum()) for r, a in inputs.layer_resources.items()}}
+    totals = {scope: {r: float(pick(a)[keep].sum() if r != ACTIVATION else pick(a)[keep].max(initial=0.0))
+                      for r, a in inputs.layer_resources.items()}
+              for scope, keep in (("model", rows >= 0), ("searchable", ~fixed))}
+    for scope in totals.values():
+        if ACTIVATION in scope:
+            scope[MEMORY] = scope["size_mib"] + scope[ACTIVATION]
     for key, lim in limits.items():
-        used = totals["searchable"][lim["resource"]]
-        if used - lim["searchable_limit"] > 1e-6 * lim["scale"]:
-            raise RuntimeError(f"CBC answer breaks budget {key}: {used} > {lim['searchable_limit']}")
+        used = unit_value(inputs, lim["resource"], unit_choice)
+        if used - lim["bound"] > 1e-6 * lim["scale"]:
+            raise RuntimeError(f"CBC answer breaks budget {key}: {used} > {lim['bound']}")
     omega = pick(inputs.layer_omega)
     return BitAllocation(
         bits=bits, objective=float(omega[~fixed].sum()), objective_model=float(omega.sum()), totals=totals,
-        limits={k: {"given": v["given"], "resource": v["resource"], "searchable_limit": v["searchable_limit"],
-                    "model_limit": v["searchable_limit"] + fixed_layers_total(inputs, v["resource"])}
-                for k, v in limits.items()},
+        limits={k: {"given": v["given"], "resource": v["resource"], "bound": v["bound"],
+                    "model_limit": v["model_limit"]} for k, v in limits.items()},
         solve_s=solve_s)

@@ -24,6 +24,15 @@ def test_cost_json_resnet18_fp32_is_the_papers(capsys):
     assert main(["cost", "--model", "resnet18", "--bits", "fp32", "--json"]) == 0
     obj = last_json(capsys.readouterr().out)
     assert round(obj["size_mib"], 1) == 44.6 and round(obj["gbops"]) == 1858
+    # the largest activation a layer reads at 224x224: layer1's and layer2.0's 64 x 56 x 56 inputs, 4 bytes each
+    assert obj["activation_mib"] == 64 * 56 * 56 * 4 / 2 ** 20
+    assert obj["memory_mib"] == obj["size_mib"] + obj["activation_mib"]
+
+
+def test_cost_of_uniform4_counts_the_8_bit_image_as_the_largest_activation(capsys):
+    # at 4 bits layer1 holds 64 x 56 x 56 / 2 bytes = 100352 B; conv1 keeps 8 bits and reads 3 x 224 x 224 B
+    assert main(["cost", "--model", "resnet18", "--bits", "uniform4", "--json"]) == 0
+    assert last_json(capsys.readouterr().out)["activation_mib"] == 3 * 224 * 224 / 2 ** 20
 
 
 def test_verify_default_uniform4_is_bit_exact_and_plots(capsys, tmp_path):

@@ -98,7 +98,7 @@ def test_hand_worked_example():
     assert a.bits == {"a": 8, "b": 4, "c": 8}
     assert a.objective == pytest.approx(3.1)
     assert a.objective_model == pytest.approx(3.1 + 0.0)
-    assert a.limits["bops"]["searchable_limit"] == pytest.approx(0.12)
+    assert a.limits["bops"]["bound"] == pytest.approx(0.12)
     assert a.totals["searchable"]["gbops"] == pytest.approx(0.096)
     assert a.totals["model"]["gbops"] == pytest.approx(0.096 + 64.0)
     assert a.totals["searchable"]["size_mib"] == pytest.approx((1000 + 1500) / 2 ** 20)

@@ -9,7 +9,11 @@ written once here; the solver evaluates them per layer and bit width, the stages
                                                                   products of two 8-bit activations that read
                                                                   the layer's output, attention's q k^T and p v)
     latency_i(b) = the measured lat{b}_ms of the layer            the latency sum of Eq. 9
-A config's size, BOPS and latency are the sums over its layers.
+    act_i(b)     = A_i * b / 8 bytes, in MiB                     A_i: elements of one sample's activation that
+                                                                  layer i reads, held at its bits (act_elements)
+A config's size, BOPS and latency are the sums over its layers. Its activation memory is the largest act_i
+(the biggest tensor a device must hold at once, batch 1) and its memory is size + activation memory: a
+maximum, not a sum, so the ILP bounds them with one constraint per layer (solver.ilp).
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from hawq_ray.contract.table import COL, lat_col
 
 MIB = 2 ** 20          # bytes in a MiB
 GIGA = 1e9             # BOPS in a GBOPS
-RESOURCES = ("size_mib", "gbops", "latency_ms")
+RESOURCES = ("size_mib", "gbops", "latency_ms", "activation_mib", "memory_mib")
+PEAK_RESOURCES = ("activation_mib", "memory_mib")   # a maximum over layers (memory: size + that maximum)
 
 
 def omega(trace, params, delta):
@@ -51,6 +56,11 @@ def layer_size_mib(params, bits):
     return _weight_bits(params, bits) / 8 / MIB
 
 
+def layer_activation_mib(act_elements, bits):
+    """The activation a layer reads, held at its `bits`, in MiB; numpy-broadcasting."""
+    return np.asarray(act_elements, np.int64) * np.asarray(bits, np.int64) / 8 / MIB
+
+
 def layer_gbops(macs, bits, product_macs=0):
     """Bit operations of a layer at `bits` (weights and activations, and the activation products reading it), in
     GBOPS; numpy-broadcasting."""
@@ -58,16 +68,20 @@ def layer_gbops(macs, bits, product_macs=0):
 
 
 def config_costs(table: pd.DataFrame, bits: Mapping[str, int]) -> dict:
-    """size_mib, gbops and latency_ms of a config over the table's layers; latency is NaN unless the table has
-    a measured latency for every layer at its bits."""
+    """size_mib, gbops, latency_ms, activation_mib and memory_mib of a config over the table's layers; latency
+    is NaN unless the table has a measured latency for every layer at its bits, activation and memory unless it
+    has act_elements."""
     b = np.array([bits[layer] for layer in table[COL.layer]])
     latency = math.nan
     if all(lat_col(int(x)) in table for x in set(b.tolist())):
         per_layer = np.array([table[lat_col(int(x))].iloc[i] for i, x in enumerate(b)], float)
         if not np.isnan(per_layer).any():
             latency = float(per_layer.sum())
-    return {"size_mib": float(_weight_bits(table[COL.params], b).sum() / 8 / MIB),
-            "gbops": float(_bops(table[COL.macs], b, _product_macs(table)).sum() / GIGA), "latency_ms": latency}
+    size = float(_weight_bits(table[COL.params], b).sum() / 8 / MIB)
+    activation = (float(layer_activation_mib(table[COL.act_elements], b).max()) if COL.act_elements in table
+                  else math.nan)
+    return {"size_mib": size, "gbops": float(_bops(table[COL.macs], b, _product_macs(table)).sum() / GIGA),
+            "latency_ms": latency, "activation_mib": activation, "memory_mib": size + activation}
 
 
 def _product_macs(table: pd.DataFrame):

@@ -38,6 +38,7 @@ class LayerColumns:
     params: str
     macs: str
     product_macs: str
+    act_elements: str
     group: str
     fixed_bits: str
     trace: str
@@ -73,6 +74,9 @@ COLUMNS = {c.name: c for c in (
     Column(COL.product_macs, "int64", "layers", "multiply-accumulates per sample of the products of two "
                                                 "activations (attention's q k^T and p v) that read this layer's "
                                                 "output, at their operands' fixed 8 bits; 0 if none"),
+    Column(COL.act_elements, "int64", "layers", "elements of one sample's activation the layer reads, held at the "
+                                                "layer's bits (activations are quantized to the bits of the layer "
+                                                "that reads them); what the activation-memory budgets count"),
     Column(COL.group, "object", "layers", "layers with the same non-empty group share their bits (a shortcut "
                                           "conv and the conv beside it); '' for none"),
     Column(COL.fixed_bits, "Int64", "layers", "bits the layer must keep (first and last layer: 8); <NA> when the "
@@ -105,7 +109,7 @@ def check_table(table: pd.DataFrame, bits: Sequence[int] = BIT_WIDTHS) -> pd.Dat
     (<NA> = searchable) and the numeric columns as float; raises TableError naming the column and layer.
 
     Needed: layer, params, macs, and the sensitivity (omega{b} for every candidate width b, or trace and
-    delta{b}); lat{b}_ms, when present, for every width."""
+    delta{b}); lat{b}_ms, when present, for every width; act_elements, when present, >= 0."""
     if not isinstance(table, pd.DataFrame):
         raise TableError(f"layer table: expected a pandas DataFrame, got {type(table).__name__}")
     sens = [omega_col(b) for b in bits]
@@ -135,7 +139,8 @@ def check_table(table: pd.DataFrame, bits: Sequence[int] = BIT_WIDTHS) -> pd.Dat
     t[COL.fixed_bits] = _fixed_bits_column(t, bits)
     fixed = t[COL.fixed_bits].notna().to_numpy()
     lat = [lat_col(b) for b in bits if lat_col(b) in t]
-    for c in [COL.params, COL.macs] + sens + lat:
+    acts = [COL.act_elements] if COL.act_elements in t else []   # older tables lack it: no activation budgets
+    for c in [COL.params, COL.macs] + sens + lat + acts:
         v = pd.to_numeric(t[c], errors="coerce").to_numpy(float)
         bad_nan = np.isnan(v) & ~(fixed & (c in sens))   # a fixed layer's sensitivity is never used
         bad = bad_nan | np.isinf(v) | (v < 0) | ((v <= 0) if c == COL.params else False)

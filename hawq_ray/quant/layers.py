@@ -1,6 +1,7 @@
-"""The layer table of a model: its first columns (layer, kind, params, macs, group, fixed_bits; the schema is
-`contract.table`), from the traced graph and one forward pass."""
+"""The layer table of a model: its first columns (layer, kind, params, macs, product_macs, act_elements, group,
+fixed_bits; the schema is `contract.table`), from the traced graph and one forward pass."""
 from __future__ import annotations
+
 
 import pandas as pd
 import torch
@@ -28,10 +29,11 @@ def probe_forward(model: nn.Module, input_shape, hooks: dict) -> None:
 
 
 def layer_calls(model: nn.Module, input_shape) -> dict[str, dict]:
-    """{layer: {"input_shape": of one sample, "multiply_adds": per sample}} of every
+    """{layer: {"input_shape": of one sample, "multiply_adds": per sample, "input_elements": per sample}} of every
     Conv2d / Linear, seen where its weight is read: the module's call, or a functional call given the weight
     (torchvision Swin's window attention and BEiT pass a Linear's weight to F.linear), from one forward pass at
-    batch 1. A module read twice adds its MACs."""
+    batch 1. A module read twice adds its MACs and keeps its largest input. (`input_shape` drops the first axis,
+which is the batch for most layers but windows x batch where attention folds windows into it.)"""
     layers = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     calls: dict[str, dict] = {}
 
@@ -44,8 +46,10 @@ def layer_calls(model: nn.Module, input_shape) -> dict[str, dict]:
                 w = args[1] if len(args) > 1 else kwargs.get("weight")
                 name = layers.get(id(w))
                 if name is not None:         # out elements times the reduction length of each: in / groups x k x k
-                    call = calls.setdefault(name, {"input_shape": tuple(x.shape[1:]), "multiply_adds": 0})
+                    call = calls.setdefault(name, {"input_shape": tuple(x.shape[1:]), "multiply_adds": 0,
+                                                   "input_elements": 0})
                     call["multiply_adds"] += int(out.numel()) * int(w[0].numel())
+                    call["input_elements"] = max(call["input_elements"], int(x.numel()))   # batch 1: per sample
             return out
     with Reads():
         probe_forward(model, input_shape, {})
@@ -114,7 +118,7 @@ def product_macs(graph: Graph) -> dict[str, int]:
 def layer_table(model: nn.Module, input_shape, graph: Graph | None = None) -> pd.DataFrame:
     """One row per conv / linear layer of `model` in execution order (`graph`: its trace, if at hand)."""
     graph = trace_graph(model, input_shape) if graph is None else graph
-    macs = layer_macs(model, input_shape)
+    calls = layer_calls(model, input_shape)
     groups, fixed, products = layer_groups(graph), fixed_layers(graph), product_macs(graph)
     rows = []
     for node in graph.layer_nodes():
@@ -122,8 +126,9 @@ def layer_table(model: nn.Module, input_shape, graph: Graph | None = None) -> pd
             COL.layer: node.layer,
             COL.kind: node.kind,
             COL.params: int(node.module.weight.numel()),
-            COL.macs: int(macs.get(node.layer, 0)),
+            COL.macs: int(calls.get(node.layer, {}).get("multiply_adds", 0)),
             COL.product_macs: products.get(node.layer, 0),
+            COL.act_elements: int(calls.get(node.layer, {}).get("input_elements", 0)),
             COL.group: groups.get(node.layer, ""),
             COL.fixed_bits: fixed.get(node.layer, pd.NA),
         })

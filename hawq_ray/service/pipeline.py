@@ -56,7 +56,7 @@ RUN_SCHEMA = {   # the type and range of every setting above except budgets, inp
     "export": {"onnx": Bool(), "form": Choice(("exact", "fused")), "batches": COUNT},   # onnx.qdq.FORMS
     "evidence": {"enabled": Bool(), "randoms": COUNT},
 }
-TABLES_FORMAT = 7     # bump when what a stage's table holds changes: older run folders recompute, never misread
+TABLES_FORMAT = 8     # bump when what a stage's table holds changes: older run folders recompute, never misread
 
 
 # ------------------------------------------------------------------------------------------------ config

@@ -305,7 +305,7 @@ def merge_settings(into: dict, new, where: str, flat: tuple = ("budgets",)) -> N
             into[k] = v
 
 
-BUDGET_RESOURCES = ("size", "bops", "latency")
+BUDGET_RESOURCES = ("size", "bops", "latency", "activation", "memory")   # solver.ilp.BUDGET_KEYS' fractions
 
 
 def check_budgets(budgets) -> None:

@@ -47,7 +47,8 @@ def run_layers(args) -> int:
     else:
         print(fmt_table(table))
         print(f"{len(table)} layers, {int(table[COL.params].sum())} weights, "
-              f"{int(table[COL.macs].sum()) / 1e9:.3f} GMACs per sample")
+              f"{int(table[COL.macs].sum()) / 1e9:.3f} GMACs per sample, largest activation a layer reads "
+              f"{int(table[COL.act_elements].max())} elements")
     return 0
 
 
@@ -59,11 +60,13 @@ def run_cost(args) -> int:
     table = layer_table(md.model, md.input_shape)
     bits = {layer: 32 for layer in table[COL.layer]} if args.bits == "fp32" else parse_bits(args.bits, table)
     costs = config_costs(table, bits)
-    result = {"size_mib": costs["size_mib"], "gbops": costs["gbops"]}
+    result = {k: costs[k] for k in ("size_mib", "gbops", "activation_mib", "memory_mib")}
     if args.json:
         print_json(result)
     else:
-        print(f"{md.name} {args.bits}: size {result['size_mib']:.2f} MiB, {result['gbops']:.1f} GBOPS")
+        print(f"{md.name} {args.bits}: size {result['size_mib']:.2f} MiB, {result['gbops']:.1f} GBOPS, largest "
+              f"activation {result['activation_mib'] * 1024:.1f} KiB (batch 1), memory (weights + largest activation) "
+              f"{result['memory_mib']:.2f} MiB")
     return 0
 
 

@@ -9,11 +9,14 @@ from pathlib import Path
 import pandas as pd
 
 from hawq_ray.contract import HawqError
+from hawq_ray.contract.cost import PEAK_RESOURCES
 from hawq_ray.contract.table import COL
 from hawq_ray.service.settings import FRACTION
 
 # (fraction flag, absolute flag, unit of the absolute flag); flag dests are the solver's budget keys
-BUDGET_FLAGS = (("size", "size_mib", "MiB"), ("bops", "gbops", "GBOPS"), ("latency", "latency_ms", "ms"))
+BUDGET_FLAGS = (("size", "size_mib", "MiB"), ("bops", "gbops", "GBOPS"), ("latency", "latency_ms", "ms"),
+                ("activation", "activation_mib", "MiB of the largest activation at batch 1"),
+                ("memory", "memory_mib", "MiB of weights plus the largest activation"))
 
 
 def register(subparsers) -> None:
@@ -23,7 +26,8 @@ def register(subparsers) -> None:
     for frac, absolute, unit in BUDGET_FLAGS:
         g = solve.add_mutually_exclusive_group()
         g.add_argument(f"--{frac}", type=FRACTION, metavar="R",
-                       help=f"{frac} budget as a fraction r: R4 + r*(R8-R4) over the searchable layers")
+                       help=f"{frac} budget as a fraction r: R4 + r*(R8-R4) "
+                            f"{'of the whole model' if absolute in PEAK_RESOURCES else 'over the searchable layers'}")
         g.add_argument(f"--{absolute.replace('_', '-')}", dest=absolute, type=float, metavar="X",
                        help=f"{frac} budget in {unit} for the whole model (fixed layers included)")
     solve.add_argument("--out", help="write the config: {layer: bits} JSON, or HAWQ bit_config.py style if *.py")
@@ -99,7 +103,8 @@ def run_solve(args) -> int:
         mark = "  (fixed)" if v is not None and not (isinstance(v, float) and math.isnan(v)) and str(v).strip() else ""
         print(f"{name:<{width}}  {b}{mark}")
     for key, lim in a.limits.items():
-        print(f"budget {_flag(key)} {lim['given']:g}: searchable {lim['resource']} <= {lim['searchable_limit']:.6g}")
+        scope = "model" if lim["resource"] in PEAK_RESOURCES else "searchable"
+        print(f"budget {_flag(key)} {lim['given']:g}: {scope} {lim['resource']} <= {lim['bound']:.6g}")
     for scope, label in (("model", "model (fixed layers included)"), ("searchable", "searchable layers only")):
         print(f"totals, {label}: " + ", ".join(f"{k} {v:.6g}" for k, v in a.totals[scope].items()))
     print(f"objective (sum Omega, searchable layers): {a.objective:.6g}; solve time {a.solve_s * 1e3:.1f} ms")
