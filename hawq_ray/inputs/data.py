@@ -1,11 +1,13 @@
-"""Data sets from local sources only: sklearn's digits (the default), an ImageFolder tree, a CIFAR-10 folder, or
-seed-deterministic synthetic images. Nothing is downloaded.
+"""Data sets from local sources only: sklearn's digits (the default), an ImageFolder tree, a CIFAR-10 folder,
+seed-deterministic synthetic images, or images distilled from the model's own BatchNorm statistics (`distilled`,
+`inputs.distill`: no real data). Nothing is downloaded.
 
 `load_data(spec, input_shape=(C, H, W))` gives train and test splits whose images are float tensors of that shape,
 already normalized; `batches(dataset, batch_size, limit)` gives a fixed list of (x, y) for calibration and traces.
 """
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import io
 import os
@@ -23,8 +25,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.errors import brief
 
-VALID_SPECS = ("'digits', 'synthetic', a folder with train/ and val/ (or test/) class subfolders (ImageFolder), "
-               "or a CIFAR-10 folder (cifar-10-batches-py, python version)")
+VALID_SPECS = ("'digits', 'synthetic', 'distilled' (from the model's BatchNorm statistics), a folder with train/ and "
+               "val/ (or test/) class subfolders (ImageFolder), or a CIFAR-10 folder (cifar-10-batches-py, python "
+               "version)")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 SYNTHETIC_SIZES = (256, 64)  # train, test
@@ -39,12 +42,27 @@ class DataSplits:
     num_classes: int
     name: str
     synthetic: bool = False
+    distilled: bool = False     # images distilled from the model's BatchNorm statistics, labels its own predictions
 
 
-def load_data(spec="digits", *, input_shape=(1, 16, 16), seed=0, test_fraction=0.2, num_classes=None):
-    """Train and test splits of `spec` with images of `input_shape` (C, H, W); see VALID_SPECS."""
+DISTILLED = "distilled"
+DISTILLED_NOTE = "data: distilled from BatchNorm statistics, no real images"
+DISTILLED_TOP1 = "top-1 on it means agreement with the fp32 model (its predictions are the labels)"
+
+
+def load_data(spec="digits", *, input_shape=(1, 16, 16), seed=0, test_fraction=0.2, num_classes=None, model=None,
+              distill=None, cache_dir=None, log=None, model_name=None):
+    """Train and test splits of `spec` with images of `input_shape` (C, H, W); see VALID_SPECS.
+
+    `distilled` needs `model` (trained, with BatchNorm layers): its train split is `distill.train` images distilled
+    from the model's BatchNorm statistics with `seed`, its test split `distill.test` images of another seed
+    (`inputs.distill.DistillSettings`, a dict of its fields or None for the defaults), each labelled with the
+    model's own predictions; both are kept in `cache_dir` when given (a rerun with the same weights and settings
+    reads them). `log(line)` reports the distillation's progress; `model_name` names the model in errors."""
     shape = _checked_shape(input_shape)
-    if spec == "digits":
+    if spec == DISTILLED:
+        splits = _distilled(model, shape, seed, distill, cache_dir, log, model_name)
+    elif spec == "digits":
         splits = _digits(shape, seed, test_fraction)
     elif spec == "synthetic":
         count = num_classes if num_classes is not None else 10
@@ -67,7 +85,7 @@ def check_source(spec) -> None:
     """What `load_data(spec)` checks before it reads any pixels, without building the splits: the folder's layout
     and, for an ImageFolder, every image's header (cheap: no pixel is decoded; the result is remembered, so
     load_data does not read the headers again); a one-line HawqError naming the folder or file."""
-    if spec in ("digits", "synthetic"):
+    if spec in ("digits", "synthetic", DISTILLED):
         return
     if not isinstance(spec, (str, Path)):
         raise HawqError(f"data {brief(spec)} is not valid; valid: {VALID_SPECS}")
@@ -89,6 +107,40 @@ def batches(dataset, batch_size, limit=None):
             break
         out.append((x, y.long()))
     return out
+
+
+def _distilled(model, shape, seed, settings, cache_dir, log, name):
+    """The distilled train and test splits (`inputs.distill`), labelled with `model`'s predictions."""
+    from hawq_ray.inputs.distill import DistillSettings, distilled_images
+    if model is None:
+        raise HawqError("data distilled needs the model whose BatchNorm statistics the images are distilled from; "
+                        "valid: load_data('distilled', model=MODEL, ...)")
+    if settings is None or isinstance(settings, dict):
+        unknown = sorted(set(settings or {}) - {f.name for f in dataclasses.fields(DistillSettings)})
+        if unknown:
+            raise HawqError(f"distilled: unknown setting {brief(unknown[0])}; valid: "
+                            f"{', '.join(f.name for f in dataclasses.fields(DistillSettings))}")
+        settings = DistillSettings(**(settings or {}))
+    split_data = []
+    for split, count in (("train", settings.train), ("test", settings.test)):
+        images, _ = distilled_images(model, shape, count, seed, split, settings, cache_dir=cache_dir, name=name,
+                                     log=log)
+        logits = model_logits(model, images, settings.batch_size)
+        split_data.append(TensorDataset(images, logits.argmax(1)))
+    return DataSplits(*split_data, int(logits.shape[1]), DISTILLED, distilled=True)
+
+
+@torch.no_grad()
+def model_logits(model, images, batch_size=256):
+    """`model`'s logits of `images` in eval mode (its mode restored after), on the CPU."""
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    was = model.training
+    model.eval()
+    try:
+        return torch.cat([model(images[i:i + batch_size].to(device)).float().cpu()
+                          for i in range(0, len(images), batch_size)])
+    finally:
+        model.train(was)
 
 
 def _checked_shape(input_shape):
