@@ -21,6 +21,12 @@ from hawq_ray.program.executor import run_program
 from hawq_ray.quant.qat import prepare
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Each test's modules start from the same weights, whatever ran before."""
+    torch.manual_seed(0)
+
+
 def through_every_back_end(model: nn.Module, shape: tuple, bits: str, tmp_path, batch: int = 4):
     """Calibrate, lower, and run QAT, the executor, TVM and ONNX on one random batch; assert they agree on the
     output (TVM) and on every value (ONNX). Returns (program, executor values by name, input codes)."""
@@ -171,3 +177,59 @@ def test_a_folded_batchnorm1d_gives_the_linear_the_folded_weight():
     want = model.fc.weight * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape(-1, 1)
     assert torch.allclose(folded_weights(model)["fc"], want, atol=1e-6)
 
+
+# ---------------------------------------------------------------------------------------------- softmax
+
+class RadixSoftmax(nn.Module):
+    """resnesta's rSoftMax (a softmax over the radix axis 1 of (N, radix, card, C / card), from a conv's output
+    viewed), and a softmax over the channels of a conv's map (axis 1 of (N, C, H, W): the per-channel accumulator
+    requantized to one scale before it moves)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 12, 1)
+        self.head = nn.Linear(12 + 8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        w = self.fc(F.adaptive_avg_pool2d(y, 1))
+        radix = F.softmax(w.view(w.size(0), 3, 2, -1).transpose(1, 2), dim=1).reshape(w.size(0), -1)
+        channels = torch.softmax(self.conv(x), dim=1).mean((2, 3))
+        return self.head(torch.cat([radix, channels], 1))
+
+
+def check_softmaxes(prog, values, count: int):
+    """Each softmax over an inner axis is the op between a permute to the last axis and one back: torch's
+    softmax of its int16 logits over the original axis, within half a code and the polynomial's 1.8e-4."""
+    made = {op.output: op for op in prog.ops}
+    softmaxes = [op for op in prog.ops if op.op == "softmax"]
+    assert len(softmaxes) == count
+    for op in softmaxes:
+        back = made[op.output.replace(".softmax", "")]
+        assert back.op == "permute" and made[made[op.inputs[0]].inputs[0]].op == "permute"
+        logits = torch.from_numpy(values[op.inputs[0]].numpy() * scale_of(prog, op.inputs[0]))
+        want = torch.softmax(logits, -1).permute(back.attrs["dims"]).numpy() * 256
+        assert np.all(np.abs(values[back.output].numpy() - want) <= 0.5 + 256 * 2e-4), back.output
+
+
+@pytest.mark.parametrize("bits", ["uniform8", "uniform4"])
+def test_a_softmax_over_an_inner_axis_is_the_op_between_two_permutes(bits, tmp_path):
+    prog, values, _ = through_every_back_end(RadixSoftmax(), (3, 6, 6), bits, tmp_path)
+    check_softmaxes(prog, values, 2)
+    moved = [op for op in prog.ops if op.op == "permute" and op.output.endswith(".last")]
+    assert sorted(op.attrs["dims"] for op in moved) == [(0, 2, 3, 1), (0, 2, 3, 1)]
+
+
+def test_a_softmax_over_the_batch_axis_stays_refused():
+    class Batch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return torch.softmax(self.conv(x), 0).mean((2, 3))
+
+    with pytest.raises(HawqError, match=r"softmax at 'softmax' in module '0' of type Batch over dim 0 of type "
+                                        r"softmax") as e:
+        prepare(nn.Sequential(Batch()).eval(), "uniform8", (3, 6, 6))
+    assert "\n" not in str(e.value)

@@ -53,7 +53,7 @@ KEEP_SCALES = ("relu", "clamp", "maxpool")
 
 # ---------------------------------------------------------------------------------------------- tracing
 
-def _per_channel_source(tracer, arg) -> bool:
+def per_channel_source(tracer, arg) -> bool:
     """Whether the value holds a layer's per-channel scales: a conv's or Linear's output, or one seen through ops
     that keep them (ReLU, a clamp, max pooling)."""
     node = tracer.by_name[tracer.src(arg)]
@@ -64,7 +64,7 @@ def _per_channel_source(tracer, arg) -> bool:
 
 def _node(tracer, n, kind, attrs):
     src = n.args[0]
-    return tracer.node(n, kind, [src], attrs=attrs | {"wide": _per_channel_source(tracer, src)})
+    return tracer.node(n, kind, [src], attrs=attrs | {"wide": per_channel_source(tracer, src)})
 
 
 def _batch_shape(tracer, n) -> tuple | None:
@@ -114,7 +114,7 @@ def _convert_unbind(tracer, n, m):
     if not tracer.is_tensor(n.args[0]):
         return None
     tracer.pending[n.name] = ("unbind", tracer.src(n.args[0]), dim % len(tracer.shape(n.args[0])),
-                              _per_channel_source(tracer, n.args[0]))
+                              per_channel_source(tracer, n.args[0]))
     return HANDLED
 
 
@@ -133,7 +133,7 @@ def _convert_chunk(tracer, n, m):
         return None
     split = shape[:dim] + (parts, shape[dim] // parts) + shape[dim + 1:]
     node = tracer.make(f"{n.name}.parts", "reshape", [tracer.src(src)],
-                       attrs={"shape": split, "wide": _per_channel_source(tracer, src)})
+                       attrs={"shape": split, "wide": per_channel_source(tracer, src)})
     tracer.pending[n.name] = ("unbind", node.name, dim, False)
     return HANDLED
 

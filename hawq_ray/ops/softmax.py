@@ -1,4 +1,6 @@
 """Integer-only softmax over the last axis (graph node and program op `softmax`): attention's probabilities.
+A softmax over another axis after the batch (resnesta's and sknet's over the radix or the branches) is the op
+between two permutes, the axis moved last and back.
 
 The logits (q k^T, an INT32 product at scale S_q S_k, times the attention scale, plus any bias) are requantized
 to 16 bits on a static scale S_in (an activation point): the exponential needs that resolution (8-bit logits
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawq_ray.contract import HawqError
-from hawq_ray.ops.registry import GraphNode, ProgramOp, register_ops
+from hawq_ray.ops.registry import HANDLED, GraphNode, ProgramOp, register_ops
 from hawq_ray.program.dyadic import dyadic
 from hawq_ray.quant.values import WIDE_BITS, V, np_scale, ste
 
@@ -56,9 +58,21 @@ def _convert_softmax(tracer, n, m):
     else:
         dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
     rank = len(tracer.shape(n.args[0]))
-    if dim is None or dim % rank != rank - 1:
-        tracer.unsupported(f"softmax at {n.name!r} over dim {dim}", "softmax (only over the last axis)")
-    return tracer.node(n, "softmax", [n.args[0]])
+    if dim is None or dim % rank == 0:
+        tracer.unsupported(f"softmax at {n.name!r}{tracer.inside(n)} over dim {dim}",
+                           "softmax (over an axis after the batch)")
+    if dim % rank == rank - 1:
+        return tracer.node(n, "softmax", [n.args[0]])
+    # over another axis (resnesta's radix, sknet's branches): permuted to the last, and back
+    from hawq_ray.ops.layout import per_channel_source
+    dim %= rank
+    there = tuple(d for d in range(rank) if d != dim) + (dim,)
+    back = tuple(there.index(d) for d in range(rank))
+    moved = tracer.make(f"{n.name}.last", "permute", [tracer.src(n.args[0])],
+                        attrs={"dims": there, "wide": per_channel_source(tracer, n.args[0])})
+    tracer.make(f"{n.name}.softmax", "softmax", [moved.name])
+    tracer.make(n.name, "permute", [f"{n.name}.softmax"], attrs={"dims": back, "wide": False})
+    return HANDLED
 
 
 def exponent_constants(s_in: float) -> dict:
@@ -114,6 +128,6 @@ def softmax_step(qm, node, ins):
 register_ops(
     GraphNode("softmax", softmax_step, modules=(nn.Softmax,), functions=(torch.softmax, F.softmax),
               methods=("softmax",), convert=_convert_softmax, nonneg=lambda ins: True,
-              observers=lambda node, input_name: [f"in:{node.name}"], supported="softmax (last axis)"),
+              observers=lambda node, input_name: [f"in:{node.name}"], supported="softmax (any axis after the batch)"),
     ProgramOp("softmax", SEMANTICS, execute_softmax, softmax_range),
 )

@@ -123,6 +123,11 @@ class _Tracer:
         self.alias[node.name] = node.name
 
     @staticmethod
+    def inside(n: fx.Node) -> str:
+        """' in module NAME of type TYPE' for the module whose forward made call `n` ('' at the top)."""
+        return _inside(n)
+
+    @staticmethod
     def unsupported(what: str, typ: str | None):
         raise HawqError(f"cannot quantize {what}{f' of type {typ}' if typ else ''}; supported: {supported()}")
 
