@@ -178,7 +178,7 @@ def test_a_folded_batchnorm1d_gives_the_linear_the_folded_weight():
     assert torch.allclose(folded_weights(model)["fc"], want, atol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------- softmax
+# ---------------------------------------------------------------------------------------------- softmax, stack
 
 class RadixSoftmax(nn.Module):
     """resnesta's rSoftMax (a softmax over the radix axis 1 of (N, radix, card, C / card), from a conv's output
@@ -220,16 +220,59 @@ def test_a_softmax_over_an_inner_axis_is_the_op_between_two_permutes(bits, tmp_p
     assert sorted(op.attrs["dims"] for op in moved) == [(0, 2, 3, 1), (0, 2, 3, 1)]
 
 
-def test_a_softmax_over_the_batch_axis_stays_refused():
+class SelectiveKernel(nn.Module):
+    """sknet's SKConvBlock: two branches stacked (N, 2, C, H, W), summed, pooled, a gate per branch and channel
+    from a softmax over the branches (axis 1 of (N, 2, C)), the branches weighted by it and summed; and a stack
+    along axis 2 of (N, C) features (a cat, a reshape and a permute)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.c = c
+        self.b1, self.b2 = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(3, c, 3, padding=2, dilation=2)
+        self.fc1, self.fc2 = nn.Conv2d(c, 4, 1), nn.Conv2d(4, 2 * c, 1)
+        self.head = nn.Linear(c + 2 * c, 5)
+
+    def forward(self, x):
+        y = torch.stack([torch.relu(self.b1(x)), torch.relu(self.b2(x))], dim=1)
+        s = F.adaptive_avg_pool2d(y.sum(dim=1), 1)
+        w = self.fc2(torch.relu(self.fc1(s)))
+        w = torch.softmax(w.view(w.size(0), 2, self.c), dim=1).unsqueeze(-1).unsqueeze(-1)
+        out = (y * w).sum(dim=1).mean((2, 3))
+        across = torch.stack([y[:, 0].mean((2, 3)), y[:, 1].sum((2, 3))], dim=2).flatten(1)      # (N, C, 2)
+        return self.head(torch.cat([out, across], 1))
+
+
+@pytest.mark.parametrize("bits", ["uniform8", "uniform4"])
+def test_stack_is_a_cat_and_a_reshape_and_equals_torch(bits, tmp_path):
+    prog, values, _ = through_every_back_end(SelectiveKernel(), (3, 8, 8), bits, tmp_path)
+    made = {op.output: op for op in prog.ops}
+    stacks = [name for name in made if name.startswith("stack") and "." not in name]
+    assert len(stacks) == 2 and {"permute", "reshape"} == {made[s].op for s in stacks}
+    for name in stacks:        # the stack's codes are the stacked branches' real values on the cat's grid
+        cat = next(op for op in prog.ops if op.output == f"{name}.cat")
+        parts = [made[i] for i in cat.inputs]                # each branch's requantize to the cat's scale
+        real = [values[p.inputs[0]].numpy() * _channel(scale_of(prog, p.inputs[0]), p, values) for p in parts]
+        dim = 1 if made[name].op == "reshape" else 2
+        clamp = parts[0].attrs["lo"], parts[0].attrs["hi"]            # a branch's 16-bit clamp
+        want = np.clip(np.stack(real, axis=dim) / scale_of(prog, name), *clamp)
+        diff = np.abs(values[name].numpy() - want)
+        assert np.all(diff <= 0.5 + np.abs(want) * 2.0 ** -29), (name, diff.max())
+    check_softmaxes(prog, values, 1)
+
+
+def test_a_stack_along_the_batch_axis_and_a_softmax_over_it_stay_refused():
     class Batch(nn.Module):
-        def __init__(self):
+        def __init__(self, stack):
             super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
+            self.conv, self.stack = nn.Conv2d(3, 4, 3), stack
 
         def forward(self, x):
-            return torch.softmax(self.conv(x), 0).mean((2, 3))
+            y = self.conv(x)
+            return torch.stack([y, y], 0).mean((0, 3, 4)) if self.stack else torch.softmax(y, 0).mean((2, 3))
 
-    with pytest.raises(HawqError, match=r"softmax at 'softmax' in module '0' of type Batch over dim 0 of type "
-                                        r"softmax") as e:
-        prepare(nn.Sequential(Batch()).eval(), "uniform8", (3, 6, 6))
-    assert "\n" not in str(e.value)
+    for stack, what in ((True, r"torch.stack at 'stack' in module '0' of type Batch along dim 0 .* of type stack"),
+                        (False, r"softmax at 'softmax' in module '0' of type Batch over dim 0 of type softmax")):
+        with pytest.raises(HawqError, match=what) as e:
+            prepare(nn.Sequential(Batch(stack)).eval(), "uniform8", (3, 6, 6))
+        assert "\n" not in str(e.value)
+

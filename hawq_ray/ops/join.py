@@ -1,4 +1,5 @@
-"""Residual add and channel concatenation (graph nodes `add`, `cat`; program ops `add`, `concat`).
+"""Residual add and channel concatenation (graph nodes `add`, `cat`; program ops `add`, `concat`); torch.stack
+is a cat along the channels and a reshape (and a permute where the new axis is not 1).
 
 Each branch is requantized to the output's scale on its own before the add (Appendix F) or the concat
 (Appendix E, eq. 18): integer-only hardware cannot add first and requantize once. The output's scale has
@@ -16,7 +17,7 @@ import operator
 import torch
 
 from hawq_ray.contract import HawqError
-from hawq_ray.ops.registry import GraphNode, ProgramOp, register_ops
+from hawq_ray.ops.registry import HANDLED, GraphNode, ProgramOp, register_ops
 from hawq_ray.program.dyadic import requantize
 from hawq_ray.quant.quantizers import signed_range
 from hawq_ray.quant.values import WIDE_BITS, V, dyadic_consts, np_scale
@@ -44,6 +45,30 @@ def _convert_cat(tracer, n, m):
     if dim != 1:
         tracer.unsupported(f"torch.cat at {n.name!r} along dim {dim}", "cat (only dim=1)")
     return tracer.node(n, "cat", list(n.args[0]), attrs={"constants": _constants(tracer, n.args[0])})
+
+
+def _convert_stack(tracer, n, m):
+    """`torch.stack(xs, dim)` (sknet's branches): the cat of xs along axis 1 on one 16-bit scale (each branch
+    requantized to it, as any cat's), a reshape splitting axis 1 into (len(xs), C), and a permute moving the new
+    axis to `dim` where that is not 1. Along the batch axis it is refused."""
+    xs = list(n.args[0]) if n.args else list(n.kwargs["tensors"])
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    shape = tracer.shape(n)
+    if all(_constants(tracer, xs)) or shape is None:
+        return None
+    rank = len(shape)
+    dim %= rank
+    if dim == 0 or rank < 3:
+        tracer.unsupported(f"torch.stack at {n.name!r}{tracer.inside(n)} along dim {dim} of rank-{rank - 1} values",
+                           "stack (along an axis after the batch of values with a channel axis)")
+    per_sample = (-1, *shape[1:]) if dim == 1 else (-1, shape[dim], *shape[1:dim], *shape[dim + 1:])
+    cat = tracer.make(f"{n.name}.cat", "cat", [tracer.src(a) for a in xs], attrs={"constants": _constants(tracer, xs)})
+    last = n.name if dim == 1 else f"{n.name}.stacked"
+    tracer.make(last, "reshape", [cat.name], attrs={"shape": per_sample, "wide": False})
+    if dim != 1:
+        dims = (0, *range(2, dim + 1), 1, *range(dim + 1, rank))
+        tracer.make(n.name, "permute", [last], attrs={"dims": dims, "wide": False})
+    return HANDLED
 
 
 def join_step(qm, node, ins):
@@ -93,8 +118,9 @@ def _out_key(node, input_name):
 register_ops(
     GraphNode("add", join_step, functions=(operator.add, torch.add, operator.iadd), methods=("add",),
               convert=_convert_add, nonneg=all, observers=_out_key, supported="add"),
-    GraphNode("cat", join_step, functions=(torch.cat,), convert=_convert_cat, nonneg=all, observers=_out_key,
-              supported="cat (channels)"),
+    GraphNode("cat", join_step, functions=(torch.cat, torch.stack),
+              convert=lambda t, n, m: (_convert_stack if n.target is torch.stack else _convert_cat)(t, n, m),
+              nonneg=all, observers=_out_key, supported="cat (channels), stack (a cat and a reshape)"),
     ProgramOp("add", ADD, lambda op, ins: ins[0].to(torch.int64) + ins[1].to(torch.int64),
               lambda op, r: (r[0][0] + r[1][0], r[0][1] + r[1][1]), elementwise=True, binary=True),
     ProgramOp("concat", CONCAT, lambda op, ins: torch.cat([t.to(torch.int64) for t in ins], op.attrs.get("axis", 1)),
