@@ -276,3 +276,56 @@ def test_a_stack_along_the_batch_axis_and_a_softmax_over_it_stay_refused():
             prepare(nn.Sequential(Batch(stack)).eval(), "uniform8", (3, 6, 6))
         assert "\n" not in str(e.value)
 
+
+# ---------------------------------------------------------------------------------------------- expand
+
+class Gates(nn.Module):
+    """CBAM's channel gate (`x * att.unsqueeze(2).unsqueeze(3).expand_as(x)`: a view, the product broadcasts), BAM's
+    product of a channel gate and a spatial one each expanded to the map (the (N, 1, H, W) one copied over the
+    channels), and an expanded gate that an add reads (copied over H and W)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv, self.fc, self.spatial = nn.Conv2d(3, c, 3, padding=1), nn.Linear(c, c), nn.Conv2d(c, 1, 3, padding=1)
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        att = torch.sigmoid(self.fc(x.mean((2, 3))))
+        x = x * att.unsqueeze(2).unsqueeze(3).expand_as(x)
+        channel = att.unsqueeze(2).unsqueeze(3).expand_as(x)
+        both = torch.sigmoid(channel * self.spatial(x).expand_as(x))
+        x = x * both + att.reshape(att.size(0), -1, 1, 1).expand(-1, -1, x.size(2), x.size(3))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("bits", ["uniform8", "uniform4"])
+def test_expand_of_a_gate_is_a_view_for_a_product_and_a_copy_otherwise(bits, tmp_path):
+    prog, values, _ = through_every_back_end(Gates(), (3, 6, 6), bits, tmp_path)
+    made = {op.output: op for op in prog.ops}
+    gathers = [op for op in prog.ops if op.op == "channel_gather"]
+    resizes = [op for op in prog.ops if op.op == "resize"]
+    assert len(gathers) == 1 and len(resizes) == 1
+    assert tuple(gathers[0].consts["index"]) == (0,) * 8
+    for op in gathers + resizes:            # torch's expand of the same codes
+        src = torch.from_numpy(values[op.inputs[0]].numpy())
+        assert torch.equal(src.expand(values[op.output].shape), torch.from_numpy(values[op.output].numpy()))
+        assert np.all(scale_of(prog, op.output) == scale_of(prog, op.inputs[0]))   # the one channel's, repeated
+    gates = [op for op in prog.ops if op.op == "mul" and values[op.inputs[1]].shape[2:] == (1, 1)]
+    assert len(gates) == 2                 # CBAM's gate and BAM's channel gate, broadcast by the product
+    assert all(made[op.inputs[0]].op == "requantize" for op in gates)
+
+
+def test_an_expand_of_anything_else_is_refused_with_its_module():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x).flatten(2)                     # (N, 4, 16)
+            return y[:, :1].expand_as(y).mean(2)
+
+    with pytest.raises(HawqError, match=r"method .expand_as\(\) at .* in module '0' of type Tokens") as e:
+        prepare(nn.Sequential(Tokens()).eval(), "uniform8", (3, 6, 6))
+    assert "\n" not in str(e.value)

@@ -242,11 +242,43 @@ def _convert_pad(tracer, n, m):
 
 def _convert_expand(tracer, n, m):
     """`cls_token.expand(N, -1, -1)` (N the input's batch): the constant stays (1, ...); the op that reads it
-    broadcasts it."""
+    broadcasts it. A value (`expand` / `expand_as` of a gate: CBAM's, BAM's): `_expand_value`."""
     src = tracer.by_name.get(tracer.alias.get(getattr(n.args[0], "name", None), ""))
-    if src is None or src.kind != "constant":
+    if src is None:
         return None
+    if src.kind != "constant":
+        return _expand_value(tracer, n)
     tracer.alias[n.name] = src.name
+    return HANDLED
+
+
+MULS = (operator.mul, torch.mul, "mul")
+
+
+def _expand_value(tracer, n):
+    """A map (N, c, h, w) expanded to (N, C, H, W), c and h, w each whole or 1: where every reader is a product
+    and the channels stay, a view (the product broadcasts a gate over H and W: `ops.mul`); else the copies made,
+    with the existing ops: the one channel gathered C times (`channel_gather`), the 1 x 1 map resized to H x W
+    (nearest: every output position reads the one input position). Other expands are refused."""
+    shape, out = tracer.shape(n.args[0]), tracer.shape(n)
+    if shape is None or out is None or len(shape) != 4 or len(out) != 4 or shape[0] != out[0] or \
+            shape[1] not in (1, out[1]) or tuple(shape[2:]) not in ((1, 1), tuple(out[2:])):
+        return None
+    src = tracer.src(n.args[0])
+    if tuple(shape) == tuple(out):
+        tracer.alias[n.name] = src
+        return HANDLED
+    if shape[1] == out[1] and n.users and all(u.target in MULS and len(u.args) == 2 and not u.kwargs and
+                                             all(isinstance(a, torch.fx.Node) for a in u.args) for u in n.users):
+        tracer.alias[n.name] = src                      # a gate (N, C, 1, 1) that only products read
+        return HANDLED
+    steps = ([("gather", {"index": (0,) * out[1]})] if shape[1] != out[1] else []) + \
+        ([("resize", {"mode": "nearest", "align_corners": None, "scale": None, "size": tuple(out[2:])})]
+         if tuple(shape[2:]) != tuple(out[2:]) else [])
+    for k, (kind, attrs) in enumerate(steps):
+        name = n.name if k == len(steps) - 1 else f"{n.name}.{kind}"
+        tracer.make(name, kind, [src], attrs=attrs)
+        src = name
     return HANDLED
 
 
@@ -423,8 +455,8 @@ register_ops(
               observers=_wide_observer, supported="F.pad with zeros, ZeroPad2d"),
     GraphNode("crop", crop_step, functions=(operator.getitem,), convert=_convert_crop, nonneg=all,
               observers=_wide_observer, supported="x[:, a:b, c:d] (step 1)"),
-    GraphNode("constant", constant_step, methods=("expand",), convert=_convert_expand,
-              supported="parameters read in forward (added or concatenated)"),
+    GraphNode("constant", constant_step, methods=("expand", "expand_as"), convert=_convert_expand,
+              supported="parameters read in forward (added or concatenated), expand / expand_as of a map"),
     GraphNode("roll", roll_step, functions=(torch.roll,), methods=("roll",), convert=_convert_roll, nonneg=all,
               observers=_wide_observer, supported="roll (Swin's cyclic shift)"),
     ProgramOp("reshape", RESHAPE, execute_reshape, _same),
