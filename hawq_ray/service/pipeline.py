@@ -42,7 +42,10 @@ DEFAULT_CONFIG = {
     "deploy": {"target": "llvm", "batch": 8, "inputs": 4, "rounds": 15},   # rounds: of interleaved timing
     "export": {"onnx": False, "form": "exact", "batches": 4},   # ONNX QDQ of each config, checked in onnxruntime
     "evidence": {"enabled": True, "randoms": 20},   # the ILP's configs against random and reversed ones (PTQ)
+    # data: distilled: images made from the model's BatchNorm statistics (inputs.distill.DistillSettings)
+    "distilled": {"train": 256, "test": 128, "steps": 500, "batch_size": 64},
 }
+DISTILLED_IMAGES = Int(2, 100000)     # images of a distilled split
 RUN_SCHEMA = {   # the type and range of every setting above except budgets, input_size and uniform
     "model": Text(), "weights": Text(), "pretrained": Bool(), "data": Text(), "seed": SEED,
     "fp32_epochs": Int(1, 10000, optional=True),
@@ -55,7 +58,9 @@ RUN_SCHEMA = {   # the type and range of every setting above except budgets, inp
     "deploy": {"target": TargetSpec(), "batch": BATCH, "inputs": COUNT, "rounds": COUNT},
     "export": {"onnx": Bool(), "form": Choice(("exact", "fused")), "batches": COUNT},   # onnx.qdq.FORMS
     "evidence": {"enabled": Bool(), "randoms": COUNT},
+    "distilled": {"train": DISTILLED_IMAGES, "test": DISTILLED_IMAGES, "steps": ITERATIONS, "batch_size": BATCH},
 }
+DISTILLED = "distilled"     # data: distilled (inputs.data.DISTILLED); its images' folder in the run folder
 TABLES_FORMAT = 8     # bump when what a stage's table holds changes: older run folders recompute, never misread
 
 
@@ -213,6 +218,12 @@ def run(config: dict | str | None = None, out="runs/default", *, address: str | 
     name = cfg["model"] or models.DEFAULT_MODEL
     shape = _input_shape(cfg)
     _check_memory(cfg, shape)
+    if cfg["data"] == DISTILLED:
+        _check_distillable(cfg, name)
+        if not cfg["tune"]["distill"]:
+            log("[data] tune.distill: on (distilled images have no labels of their own: fine-tuning distills from "
+                "the fp32 model)")
+            cfg["tune"]["distill"] = True
     run_dir = writable_folder(out)
     with run_folder_lock(run_dir, log):
         refuse_links(run_dir)
@@ -226,10 +237,39 @@ def _check_memory(cfg: dict, shape: tuple) -> None:
     from hawq_ray.inputs.models import get_model
     elements = activation_elements(get_model(cfg["model"]), shape)
     what = f"{cfg['model'] or 'the default model'} at {shape[1]}x{shape[2]}"
-    fits_in_memory({"sensitivity.batch_size": (cfg["sensitivity"]["batch_size"], "sensitivity"),
-                    "tune.batch_size": (cfg["tune"]["batch_size"], "finetune"),
-                    "profile.batch": (cfg["profile"]["batch"], "profile"),
-                    "deploy.batch": (cfg["deploy"]["batch"], "deploy")}, elements, what)
+    batches = {"sensitivity.batch_size": (cfg["sensitivity"]["batch_size"], "sensitivity"),
+               "tune.batch_size": (cfg["tune"]["batch_size"], "finetune"),
+               "profile.batch": (cfg["profile"]["batch"], "profile"),
+               "deploy.batch": (cfg["deploy"]["batch"], "deploy")}
+    if cfg["data"] == DISTILLED:     # a forward and backward pass of the images, as a Hessian shard's
+        batches["distilled.batch_size"] = (cfg["distilled"]["batch_size"], "sensitivity")
+    fits_in_memory(batches, elements, what)
+
+
+def _check_distillable(cfg: dict, name: str) -> None:
+    """data: distilled, before any work: the model has BatchNorm layers and trained weights to distill from (an
+    embedded model without `weights` would be trained on digits, real data)."""
+    from hawq_ray.inputs import models
+    from hawq_ray.inputs.distill import check_distillable
+    check_distillable(models.get_model(cfg["model"]), name, trained=False)
+    if name in models.EMBEDDED_MODELS and not cfg["weights"]:
+        raise HawqError(f"data: distilled needs {name}'s trained weights, and without `weights` it would be trained on "
+                        f"digits (real data); valid: weights: FILE (a run with data: digits keeps them in "
+                        f"RUN/weights/{name}_fp32.pt)")
+    if name not in models.EMBEDDED_MODELS and not (cfg["weights"] or cfg["pretrained"]):
+        raise HawqError(f"data: distilled needs {name}'s trained weights (its BatchNorm statistics are what the images "
+                        f"are made from); valid: weights: FILE or pretrained: true")
+
+
+def _distilled_data(cfg: dict, name: str, shape: tuple, model, run_dir: Path, log):
+    """data: distilled: the images of the model's BatchNorm statistics (kept in RUN/distilled, keyed by the weights
+    and settings), labelled with the fp32 model's predictions."""
+    from hawq_ray.inputs import data as data_mod
+    data = data_mod.load_data(DISTILLED, input_shape=shape, seed=cfg["seed"], model=model, distill=cfg["distilled"],
+                              cache_dir=run_dir / DISTILLED, log=log, model_name=name)
+    log(f"[data] {data_mod.DISTILLED_NOTE}: {len(data.train)} images for calibration, traces and fine-tuning, "
+        f"{len(data.test)} held out (another seed); {data_mod.DISTILLED_TOP1}")
+    return data
 
 
 def _run_stages(cfg: dict, name: str, shape: tuple, run_dir: Path, address, log) -> dict:
@@ -246,19 +286,23 @@ def _run_stages(cfg: dict, name: str, shape: tuple, run_dir: Path, address, log)
     write_atomic(run_dir / "run.json", json.dumps(cfg, indent=1, default=str))
     connect(address)
     spec = cfg["data"] or ("digits" if name in models.EMBEDDED_MODELS else "synthetic")
-    data = data_mod.load_data(spec, input_shape=shape, seed=cfg["seed"])
-    if data.synthetic:
+    data = None if spec == DISTILLED else data_mod.load_data(spec, input_shape=shape, seed=cfg["seed"])
+    if data is not None and data.synthetic:
         log("[data] SYNTHETIC random images: accuracies in this run mean nothing about the model")
 
-    # fp32 weights: given, pretrained from the local cache, or (default model) trained once on digits
+    # fp32 weights: given, pretrained from the local cache, or (default model) trained once on digits (never with
+    # data: distilled, `_check_distillable`)
     if cfg["weights"] or cfg["pretrained"] or name not in models.EMBEDDED_MODELS:
         model = models.get_model(cfg["model"], pretrained=cfg["pretrained"], weights=cfg["weights"]).eval()
     else:
         model, path, trained = fp32_weights(run_dir, data, model_name=name, epochs=cfg["fp32_epochs"],
                                             seed=cfg["seed"])
         log(f"[fp32] {'trained' if trained else 'reused'} {path.name}")
+    if spec == DISTILLED:
+        data = _distilled_data(cfg, name, shape, model, run_dir, log)
     run = Run(cfg, name, shape, run_dir, model, data, spec, weights_digest(model.state_dict()), log)
-    base = (TABLES_FORMAT, name, run.weights_key, spec, cfg["seed"], shape)
+    base = (TABLES_FORMAT, name, run.weights_key, spec, cfg["seed"], shape,
+            *((cfg["distilled"],) if spec == DISTILLED else ()))     # other runs keep their fingerprints
     for stage in STAGES:
         if stage.runs(run):
             run.tables[stage.name] = cached_stage(run_dir, stage.name, fingerprint(*base, *stage.inputs(run)),

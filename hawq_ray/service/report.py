@@ -12,6 +12,7 @@ from hawq_ray.analysis.verify import plot_fake_vs_int
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.bits import bits_of_cell
 from hawq_ray.contract.table import BIT_WIDTHS, COL, LATENCY_COLUMNS, lat_col, omega_col
+from hawq_ray.inputs.data import DISTILLED, DISTILLED_NOTE
 from hawq_ray.service.outputs import write_atomic
 
 RESOURCE_LABELS = {"size_mib": "model size (MiB)", "gbops": "GBOPS", "latency_ms": "latency (ms, sum of layers)"}
@@ -307,6 +308,18 @@ def fake_vs_int_section(run_dir: Path, fvi: pd.DataFrame, plots: Path) -> list:
     return ["## Fake vs integer-only quantization (Figure G.1)", "", "![G.1](plots/fake_vs_int.png)", ""]
 
 
+def distilled_note(cfg: dict) -> list:
+    """What a run on data: distilled saw (`inputs.distill`): no real image at any stage."""
+    d = cfg.get("distilled") or {}
+    return [f"**{DISTILLED_NOTE[0].upper()}{DISTILLED_NOTE[1:]}.** Every stage ran on images distilled from the fp32 "
+            "model's own BatchNorm running statistics (after ZeroQ: Gaussian noise optimized so that each BatchNorm "
+            f"layer's batch mean and standard deviation match its running ones): {d.get('train', '?')} images for "
+            "the calibration, the Hessian traces and fine-tuning (by distillation from the fp32 model), and "
+            f"{d.get('test', '?')} held-out images of another seed. Their labels are the fp32 model's predictions, "
+            "so every top-1 in this report is agreement with the fp32 model, not accuracy, and the KL of the "
+            "evidence stage is measured on distilled images.", ""]
+
+
 def write_report(run_dir, sections=()) -> Path:
     """report.md of a run folder: the results and their Pareto fronts, then `sections` [(table name,
     writer(run_dir, table, plots) -> markdown lines)] for each table the folder holds
@@ -319,11 +332,15 @@ def write_report(run_dir, sections=()) -> Path:
     results = results_table(run_dir)
     parts = ["# hawq-ray run report", "", f"Run folder: `{run_dir}`", ""]
     cfg = run_dir / "run.json"
-    if cfg.is_file():
-        c = json.loads(cfg.read_text())
+    c = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    if c:
         parts += [f"Model: `{c.get('model') or 'digits_resnet'}`, data: `{c.get('data') or 'default'}`, "
                   f"seed {c.get('seed')}.", ""]
-    parts += ["## Results", "", "Accuracy is top-1 on the held-out split computed by the integer executor; "
+    distilled = c.get("data") == DISTILLED
+    if distilled:
+        parts += distilled_note(c)
+    parts += ["## Results", "", "Accuracy is top-1 on the held-out split computed by the integer executor"
+              + (" (distilled images: agreement with the fp32 model's predictions)" if distilled else "") + "; "
               "`tvm_differing` counts output elements where the compiled TVM module differs from the integer "
               "executor (must be 0).", "", _md(_shown(results)), ""]
     parts += _latency_notes(results)

@@ -35,7 +35,7 @@ import torch
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.bits import budget_cell, read_configs
 from hawq_ray.contract.cost import config_costs
-from hawq_ray.contract.integrity import digest
+from hawq_ray.contract.integrity import arrays_digest, digest
 from hawq_ray.service.trial_record import TrialRecord
 from hawq_ray.quant.finetune import (Recipe, calibrated, checked_split, finetune_epochs, float_predictions,
                                      fp32_weights, integer_logits, integer_predictions, labels_of, limited,
@@ -78,9 +78,23 @@ class Student:
 
 @dataclasses.dataclass(frozen=True)
 class DataSource:
-    """The data as each trial loads it again (`inputs.data.load_data(spec, seed=...)`)."""
+    """The data as each trial loads it again (`inputs.data.load_data(spec, seed=...)`), or, for data distilled
+    from the model (`splits` given), the very splits the driver holds: the trials read the driver's images (through
+    Ray's object store, on every node) instead of distilling them again."""
     spec: str
     seed: int = 0
+    splits: object = None        # inputs.data.DataSplits, for data no trial can load by its spec
+
+    def load(self, input_shape, num_classes):
+        from hawq_ray.inputs.data import load_data
+        if self.splits is not None:
+            return self.splits
+        return load_data(self.spec, input_shape=input_shape, seed=self.seed, num_classes=num_classes)
+
+
+def data_source(spec: str, seed: int, data) -> DataSource:
+    """How trials get `data` (loaded from `spec` with `seed`): distilled splits travel with the trials."""
+    return DataSource(spec, seed, data if getattr(data, "distilled", False) else None)
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -97,7 +111,6 @@ def qat_trial(hp: dict, setup: dict) -> None:
     """One Tune trial, `hp['trial']` of setup['trials'] (a config and a learning rate): QAT one epoch at a time,
     each committed to the trial's TrialRecord and then reported; a trial with a record continues from it."""
     from ray import tune
-    from hawq_ray.inputs.data import load_data
     from hawq_ray.inputs.models import get_model
     from hawq_ray.quant.qat import prepare
 
@@ -108,7 +121,7 @@ def qat_trial(hp: dict, setup: dict) -> None:
     model = get_model(student.name)
     model.load_state_dict(student.state)
     model.eval()
-    data = load_data(source.spec, input_shape=student.input_shape, seed=source.seed, num_classes=setup["num_classes"])
+    data = source.load(student.input_shape, setup["num_classes"])
     train, test = limited(data.train, setup["train_limit"]), data.test
     labels = labels_of(test)
     bits = setup["configs"][spec["config"]]
@@ -168,6 +181,11 @@ def tune_finetune(configs: pd.DataFrame, student: Student, data, source: DataSou
     `data` is the loaded DataSplits (its test split scores the fp32 model), `source` how trials load it."""
     if recipe.epochs < 1:
         raise HawqError(f"epochs {recipe.epochs} is not valid; valid: at least 1")
+    if getattr(data, "distilled", False):
+        if source.splits is None:           # the trials read the driver's images, never distill them again
+            source = dataclasses.replace(source, splits=data)
+        if not recipe.distill:              # distilled images have no labels but the fp32 model's predictions
+            recipe = dataclasses.replace(recipe, distill=True)
     test = checked_split(data.test, "test")
     checked_split(limited(checked_split(data.train, "train"), settings.train_limit), "train")
     if recipe.distill and teacher is None:
@@ -189,6 +207,8 @@ def tune_finetune(configs: pd.DataFrame, student: Student, data, source: DataSou
     grid = _fit(trials, setup, resources, settings, recipe, experiment)
     fp32_top1 = top1(float_predictions(_fp32_model(student), test, recipe.batch_size), labels_of(test))
     label = f"{data.name} (synthetic)" if data.synthetic else data.name
+    if getattr(data, "distilled", False):
+        label = f"{data.name} (from BatchNorm statistics, no real images; top-1 = agreement with fp32)"
     errors = {r.config["trial"]: one_line_error(r.error) for r in grid if r.error}
     errors.update({name: "the trial did not run (the experiment ended before it)"
                    for name in trials if name not in {r.config["trial"] for r in grid}})
@@ -293,10 +313,19 @@ def _fingerprint(setup, settings: TuneSettings, teacher_spec) -> str:
     student = setup["student"]
     keyed = {k: v for k, v in setup.items() if k not in ("student", "teacher", "threads", "data")}
     keyed.update(format=RECORD_FORMAT, model=student.name, input_shape=list(student.input_shape), weights=weights_digest(student.state),
-                 data=[setup["data"].spec, setup["data"].seed], samples=settings.samples,
+                 data=_data_key(setup["data"]), samples=settings.samples,
                  lr_range=list(settings.lr_range), asha=settings.asha,
                  teacher=str(teacher_spec) if setup["recipe"]["distill"] else None)
     return digest(keyed)[:10]
+
+
+def _data_key(source: DataSource) -> list:
+    """What the data is recognized by: its spec and seed, and for splits that travel with the trials (distilled) a
+    digest of their images and labels."""
+    if source.splits is None:
+        return [source.spec, source.seed]
+    return [source.spec, source.seed, arrays_digest(
+        (f"{name}{k}", t) for name in ("train", "test") for k, t in enumerate(getattr(source.splits, name).tensors))]
 
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
@@ -371,7 +400,7 @@ def finetune_run(configs, *, out, model=None, weights=None, data=None, recipe: R
     default model, 'synthetic' otherwise, or a folder. With `recipe.distill`, `teacher` is the teacher spec
     (None: the fp32 model; a pytorchcv name, or NAME=WEIGHTS)."""
     from hawq_ray.quant.layers import layer_table as make_layer_table
-    from hawq_ray.inputs.data import load_data
+    from hawq_ray.inputs.data import DISTILLED, load_data
     from hawq_ray.inputs.models import DEFAULT_MODEL, EMBEDDED_MODELS, get_model, input_shape, num_classes
     from hawq_ray.service.session import connect
 
@@ -379,16 +408,29 @@ def finetune_run(configs, *, out, model=None, weights=None, data=None, recipe: R
     spec = data or ("digits" if name in EMBEDDED_MODELS else "synthetic")
     shape = tuple(input_shape(name))
     out = Path(out)
+    if spec == DISTILLED and name in EMBEDDED_MODELS and weights is None:
+        raise HawqError(f"data distilled needs {name}'s trained weights, and without --weights it would be trained on "
+                        f"digits (real data); valid: --weights FILE")
     if name in EMBEDDED_MODELS and weights is None:
         splits = load_data(spec, input_shape=shape, seed=seed)
         fp32_model, weights, _ = fp32_weights(out, splits, model_name=name, epochs=fp32_epochs, seed=seed)
     else:
         fp32_model = get_model(name, pretrained=weights is None, weights=weights).eval()
-        splits = load_data(spec, input_shape=shape, seed=seed, num_classes=num_classes(fp32_model))
+        splits = load_data(spec, input_shape=shape, seed=seed, num_classes=num_classes(fp32_model), model=fp32_model,
+                           cache_dir=out / DISTILLED, log=_echo, model_name=name)
+    if splits.distilled and not recipe.distill:
+        _echo("[data] distill: on (distilled images have no labels of their own: fine-tuning distills from the "
+              "fp32 model)")
+        recipe = dataclasses.replace(recipe, distill=True)
     table = layer_table if layer_table is not None else make_layer_table(fp32_model, shape)
     chosen = config_frame(configs, table)
     teacher_model = load_teacher(teacher, fp32_model, shape, splits.num_classes) if recipe.distill else None
     connect(address)
     student = Student(name, dict(fp32_model.state_dict()), shape, table)
-    return tune_finetune(chosen, student, splits, DataSource(spec, seed), out=out, recipe=recipe, settings=settings,
-                         teacher=teacher_model, teacher_spec=teacher)
+    return tune_finetune(chosen, student, splits, data_source(spec, seed, splits), out=out, recipe=recipe,
+                         settings=settings, teacher=teacher_model, teacher_spec=teacher)
+
+
+def _echo(line: str) -> None:
+    import sys
+    print(line, file=sys.stderr, flush=True)

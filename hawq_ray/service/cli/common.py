@@ -3,6 +3,7 @@ JSON line (`print_json`)."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,10 @@ def add_model_args(parser, data: bool = True) -> None:
                              "$TORCH_HOME/hub/checkpoints (local caches only); never downloads")
     if data:
         parser.add_argument("--data", default=None,
-                            help="digits | synthetic | an ImageFolder or CIFAR-10 folder "
-                                 "(default: digits for the default model, synthetic for any other)")
+                            help="digits | synthetic | distilled | an ImageFolder or CIFAR-10 folder (default: "
+                                 "digits for the default model, synthetic for any other); distilled: images made "
+                                 "from the model's BatchNorm statistics (ZeroQ), no real data, labels the model's "
+                                 "own predictions; needs trained weights")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
@@ -42,8 +45,12 @@ def resolve(args, need_data: bool = True) -> ModelAndData:
     splits = None
     if need_data:
         spec = getattr(args, "data", None) or ("digits" if name in models.EMBEDDED_MODELS else "synthetic")
-        splits = data_mod.load_data(spec, input_shape=shape)
+        splits = data_mod.load_data(spec, input_shape=shape, model=model, model_name=name, log=_stderr)
     return ModelAndData(model, name, shape, splits)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def fmt_table(df, floatfmt: str = ".4g") -> str:
@@ -55,6 +62,9 @@ def fmt_table(df, floatfmt: str = ".4g") -> str:
 def data_note(splits) -> str:
     if splits is None:
         return ""
+    if getattr(splits, "distilled", False):
+        from hawq_ray.inputs.data import DISTILLED_NOTE, DISTILLED_TOP1
+        return f" [{DISTILLED_NOTE}; {DISTILLED_TOP1}]"
     return f" [data: {splits.name}{' (SYNTHETIC random images)' if splits.synthetic else ''}]"
 
 
