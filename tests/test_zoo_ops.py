@@ -329,3 +329,33 @@ def test_an_expand_of_anything_else_is_refused_with_its_module():
     with pytest.raises(HawqError, match=r"method .expand_as\(\) at .* in module '0' of type Tokens") as e:
         prepare(nn.Sequential(Tokens()).eval(), "uniform8", (3, 6, 6))
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- a number added
+
+class Offsets(nn.Module):
+    """BAM's `x * (1 + sigmoid(att))`, a number subtracted from a conv's accumulator, and one minus a value."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.att, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.conv(x) - 0.25
+        y = torch.relu(y) * (1 + torch.sigmoid(self.att(torch.relu(y))))
+        z = 0.5 - y.mean((2, 3))
+        return self.head(torch.cat([y.mean((2, 3)), z], 1))
+
+
+@pytest.mark.parametrize("bits", ["uniform8", "uniform4"])
+def test_a_number_added_or_subtracted_is_the_affine_with_an_offset(bits, tmp_path):
+    prog, values, _ = through_every_back_end(Offsets(), (3, 6, 6), bits, tmp_path)
+    affines = [op for op in prog.ops if op.op == "affine"]
+    assert len(affines) == 3 and not any("negative" in op.consts for op in affines)
+    for op, (gain, offset) in zip(affines, ((1, -0.25), (1, 1.0), (-1, 0.5))):
+        s_in = _channel(scale_of(prog, op.inputs[0]), op, values)
+        x = values[op.inputs[0]].numpy() * s_in
+        want = np.clip((gain * x + offset) / scale_of(prog, op.output), op.attrs["lo"], op.attrs["hi"])
+        # half a step, the offset rounded to the input's grid (half an input step), the dyadic's 2^-30
+        bound = 0.5 + 0.5 * s_in / scale_of(prog, op.output) + np.abs(want) * 2.0 ** -29 + 1e-6
+        assert np.all(np.abs(values[op.output].numpy() - want) <= bound), op.output

@@ -17,6 +17,8 @@ scale s_c folds into m_c and n_c), as the affine of a BN does.
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -153,7 +155,40 @@ def prelu_step(qm, node, ins):
     return channel_affine(qm, node, v, s, real, torch.ones_like(a), torch.zeros_like(a), negative=a)
 
 
+def _convert_offset(tracer, n, m):
+    """`x + c`, `c + x`, `x - c`, `c - x` for a number c (BAM's `1 + sigmoid(...)`): the per-channel affine with
+    gain 1 (or -1) and offset c, onto a static 16-bit scale like a standalone BN's."""
+    if len(n.args) != 2 or n.kwargs:
+        return None
+    numbers = [isinstance(a, (int, float)) and not isinstance(a, bool) for a in n.args]
+    if numbers.count(True) != 1 or not tracer.is_tensor(n.args[numbers.index(False)]):
+        return None
+    c, x = float(n.args[numbers.index(True)]), n.args[numbers.index(False)]
+    minus = n.target in (operator.sub, torch.sub, "sub")
+    gain = -1.0 if minus and numbers[1] is False else 1.0          # c - x
+    offset = -c if minus and numbers[1] else c                     # x - c
+    return tracer.node(n, "offset", [x], attrs={"gain": gain, "offset": offset})
+
+
+def offset_step(qm, node, ins):
+    v, g, h = ins[0], node.attrs["gain"], node.attrs["offset"]
+    real = v.r * g + h if (qm.mode != "qat" or qm.needs_real()) else None
+    if qm.mode == "fp32":
+        return V(None, None, real, node.name)
+    s = qm.wide_output(node, real, v.device)
+    if qm.mode == "fake":
+        return qm.fake_output(real, s, node.name)
+    if v.s.dim() > 1:
+        raise HawqError(f"{node.name}: a number added to a value with one scale per feature on its last axis (a "
+                        "Linear's output over tokens); valid: a value of one scale, a map, or (N, C) features")
+    one = torch.tensor(1.0, dtype=torch.float64, device=v.q.device)
+    return channel_affine(qm, node, v, s, real, one * g, one * h)
+
+
 register_ops(
+    GraphNode("offset", offset_step, functions=(operator.add, operator.sub, torch.add, torch.sub),
+              methods=("add", "sub"), convert=_convert_offset, observers=_bn_observers,
+              supported="a number added or subtracted"),
     GraphNode("batchnorm", batchnorm_step, modules=(nn.BatchNorm2d, nn.BatchNorm1d), convert=_convert_bn,
               observers=_bn_observers, supported="BatchNorm2d (pre-activation), BatchNorm1d"),
     GraphNode("prelu", prelu_step, modules=(nn.PReLU,), convert=_convert_prelu, observers=_bn_observers,
