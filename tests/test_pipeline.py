@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
+import yaml
 
 from hawq_ray.contract import HawqError
 from hawq_ray.service.pipeline import load_config
@@ -332,3 +333,40 @@ def test_a_failed_trial_fails_the_run_and_the_next_run_retries_it(killed_then_re
     assert "Failed trials" not in (out / "report.md").read_text()
     for _, row in ft.iterrows():
         assert deployed_against_its_program(out, row) == 0
+
+
+def test_accuracy_target_fine_tunes_part_of_the_chain_and_names_the_answer(killed_then_resumed, tmp_path):
+    """targets.max_drop on a copy of the tiny run: the sweep becomes the size fractions 0, 0.25, ..., 1, and
+    fine-tuning bisects their chain instead of training every config. With a drop of 100 points every config
+    passes, so the answer must be the cheapest config of the chain, found without fine-tuning all of them."""
+    out = tmp_path / "target_run"
+    shutil.copytree(killed_then_resumed[0], out, ignore=shutil.ignore_patterns(".lock"))
+    config = tmp_path / "target.yaml"
+    settings = yaml.safe_load(TINY.read_text())
+    settings.update(targets={"max_drop": 100, "minimize": "size", "resolution": 0.25, "width": 2},
+                    export={"onnx": False})
+    config.write_text(yaml.safe_dump(settings))
+    proc = hawq("run", "--config", str(config), "--out", str(out))
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-3000:]
+    sweep = pd.read_parquet(out / "sweep.parquet")
+    ft = pd.read_parquet(out / "finetune.parquet")
+    from hawq_ray.contract.cost import config_costs
+    layers = pd.read_parquet(out / "layers.parquet")
+    size = {c: config_costs(layers, bits)["size_mib"] for c, bits in zip(sweep["config"], sweep["bits"])}
+    cheapest = min(size.values())
+    answer = ft.loc[ft["target"] == "answer", "config"].unique()
+    assert len(answer) == 1 and size[answer[0]] == cheapest
+    assert ft["config"].nunique() < len(sweep) >= 4, (ft["config"].tolist(), len(sweep))
+    assert "[target] max_drop 100 points" in stderr and f"the answer is {answer[0]}" in stderr
+    assert "## Accuracy target" in (out / "report.md").read_text()
+    # bad targets: one line, exit 2, before any work
+    for flags, key in ((["--max-drop", "-1"], "--max-drop"), (["--max-drop", "x"], "--max-drop"),
+                       (["--minimize", "speed"], "--minimize")):
+        proc = hawq("run", "--out", str(tmp_path / "never"), *flags)
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and key in stderr and not (tmp_path / "never").exists(), stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("targets: {max_drop: many}\n")
+    with pytest.raises(HawqError, match=r"targets.max_drop: 'many' is not valid; valid: a number >= 0 and <= 100 or null"):
+        load_config(bad)

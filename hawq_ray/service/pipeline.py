@@ -20,9 +20,10 @@ import pandas as pd
 from hawq_ray.analysis.sensitivity import DEFAULT_RANK
 from hawq_ray.contract import HawqError
 from hawq_ray.contract.integrity import digest, file_sha256
-from hawq_ray.service.settings import (ACTORS, BATCH, COUNT, EPOCHS, ITERATIONS, LEARNING_RATE, RANK,
-                                       SEED, TOLERANCE, Bool, Choice, Int, TargetSpec, Text, check_mapping,
-                                       fits_in_memory)
+from hawq_ray.service.settings import (ACCURACY_DROP, ACTORS, BATCH, COUNT, EPOCHS, ITERATIONS, LEARNING_RATE,
+                                       RANK, SEED, TOLERANCE, Bool, Choice, Float, Int, TargetSpec, Text,
+                                       check_mapping, fits_in_memory)
+from solver.target import MINIMIZE
 
 DEFAULT_CONFIG = {
     "model": None,            # None: the embedded digits_resnet
@@ -32,6 +33,10 @@ DEFAULT_CONFIG = {
     "seed": 0,
     "input_size": None,       # H (or [H, W]) of the images; None: the model's own (224 for ImageNet models)
     "budgets": {"size": [0.25, 0.5, 0.75], "bops": [0.25, 0.5, 0.75], "latency": [0.25, 0.5, 0.75]},
+    # the cheapest config whose fine-tuned integer top-1 is within max_drop points of fp32 (solver.target), in
+    # place of fine-tuning every budget: the ILP's configs at fractions 0, resolution, ..., 1 of `minimize`,
+    # bisected in rounds of `width` Tune trials; max_drop None: no target
+    "targets": {"max_drop": None, "minimize": "size", "resolution": 0.05, "width": 2},
     "uniform": ["uniform4", "uniform8"],
     "sweep": {"draws": 200},  # trace draws re-solved per budget: how firmly the traces support each choice
     "fp32_epochs": None,      # an embedded model's fp32 training epochs; None: its own recipe
@@ -50,6 +55,8 @@ RUN_SCHEMA = {   # the type and range of every setting above except budgets, inp
     "model": Text(), "weights": Text(), "pretrained": Bool(), "data": Text(), "seed": SEED,
     "fp32_epochs": Int(1, 10000, optional=True),
     "sweep": {"draws": COUNT},
+    "targets": {"max_drop": ACCURACY_DROP, "minimize": Choice(MINIMIZE), "resolution": Float(0.0, 0.5, open_low=True),
+                "width": Int(1, 64)},
     "sensitivity": {"actors": ACTORS, "batches": COUNT, "batch_size": BATCH, "tol": TOLERANCE,
                     "max_iter": ITERATIONS, "rank": RANK},
     "profile": {"batch": BATCH, "target": TargetSpec(), "resource": Text(), "actors": ACTORS, "rounds": COUNT},

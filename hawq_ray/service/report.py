@@ -15,7 +15,8 @@ from hawq_ray.contract.table import BIT_WIDTHS, COL, LATENCY_COLUMNS, lat_col, o
 from hawq_ray.inputs.data import DISTILLED, DISTILLED_NOTE
 from hawq_ray.service.outputs import write_atomic
 
-RESOURCE_LABELS = {"size_mib": "model size (MiB)", "gbops": "GBOPS", "latency_ms": "latency (ms, sum of layers)"}
+RESOURCE_LABELS = {"size_mib": "model size (MiB)", "gbops": "GBOPS", "latency_ms": "latency (ms, sum of layers)",
+                   "activation_mib": "largest activation (MiB, batch 1)"}
 DEPLOY_COLUMNS = ["config", "tvm_differing", "tvm_elements", "predicted_ms", "latency_median_ms", "latency_q25_ms", "latency_q75_ms",
                   "latency_samples", "latency_limit_ms", "over_budget"]
 
@@ -35,7 +36,8 @@ def results_table(run_dir: Path) -> pd.DataFrame:
     ft = _read(run_dir, "finetune")
     if ft is None:
         raise HawqError(f"{run_dir}: no finetune.parquet; run `hawq-ray run --out {run_dir}` first")
-    cols = ["config", "budget", "size_mib", "gbops", "latency_ms", "top1_fp32", "top1_ptq", "top1", "test_loss"]
+    cols = ["config", "budget", "target", "size_mib", "gbops", "latency_ms", "activation_mib", "top1_fp32", "top1_ptq",
+            "top1", "test_loss"]
     out = ft[[c for c in cols if c in ft.columns]].copy()
     sweep = _read(run_dir, "sweep")
     if sweep is not None and "confidence" in sweep:
@@ -254,9 +256,28 @@ def _shown(results: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def failed_section(run_dir: Path, finetuned: pd.DataFrame, plots: Path) -> list:
-    """The fine-tuning trials that failed, each with its one-line reason: nothing of theirs was deployed, and the
-    next run retries them."""
+def target_section(run_dir: Path, finetuned: pd.DataFrame, plots: Path) -> list:
+    """The accuracy target's answer and the trials that bracket it (`stages.target_search`)."""
+    if "target" not in finetuned or finetuned["target"].isna().all():
+        return []
+    cols = [c for c in ("config", "target", "size_mib", "gbops", "latency_ms", "activation_mib", "top1_fp32",
+                        "top1_best", "top1") if c in finetuned]
+    answer = finetuned[finetuned["target"] == "answer"]
+    said = (f"The answer is **{answer['config'].iloc[0]}**, the cheapest tested config within the target; every "
+            "cheaper tested config missed it." if len(answer) else
+            "**No config meets the target**, not even the richest one; the closest is the one of the highest top-1.")
+    return ["## Accuracy target", "", f"{said} {finetuned['config'].nunique()} configs were fine-tuned (the "
+            "search bisects the chain of the ILP's answers, cheapest first; `below`: the tested config just "
+            "cheaper than the answer).", "", _md(finetuned[cols]), ""]
+
+
+def finetune_section(run_dir: Path, finetuned: pd.DataFrame, plots: Path) -> list:
+    """The accuracy target's answer, where the run had one, and the fine-tuning trials that failed, each with its
+    one-line reason: nothing of theirs was deployed, and the next run retries them."""
+    return target_section(run_dir, finetuned, plots) + _failed_lines(finetuned)
+
+
+def _failed_lines(finetuned: pd.DataFrame) -> list:
     failed = finetuned[finetuned["error"] != ""] if "error" in finetuned else finetuned.iloc[:0]
     if failed.empty:
         return []

@@ -72,14 +72,18 @@ class Float(Setting):
     low: float
     high: float
     open_low: bool = False         # low itself is not valid
+    optional: bool = False         # null is valid too
 
     def ok(self, value) -> bool:
+        if value is None:
+            return self.optional
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return False
         return (value > self.low if self.open_low else value >= self.low) and value <= self.high
 
     def valid(self) -> str:
-        return f"a number {'>' if self.open_low else '>='} {self.low:g} and <= {self.high:g}"
+        return (f"a number {'>' if self.open_low else '>='} {self.low:g} and <= {self.high:g}"
+                + (" or null" if self.optional else ""))
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,7 @@ MILLISECONDS = Float(0.0, 60000.0, open_low=True)
 LEARNING_RATE = Float(0.0, 10.0, open_low=True)
 WEIGHT_DECAY = Float(0.0, 1.0)
 FRACTION = Float(0.0, 1.0)
+ACCURACY_DROP = Float(0.0, 100.0, optional=True)   # top-1 points below fp32 an accuracy target allows; null: none
 RESOURCES_PER_TRIAL = Float(0.0, 1024.0)
 
 

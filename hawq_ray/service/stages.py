@@ -116,8 +116,19 @@ def merged_table(run: Run) -> pd.DataFrame:
 
 def sweep(run: Run) -> pd.DataFrame:
     from hawq_ray.service.sweep import sweep_configs
-    return sweep_configs(run.tables["table"], run.cfg["budgets"], run.cfg["uniform"], run.cfg["sweep"]["draws"],
+    return sweep_configs(run.tables["table"], budgets_of(run.cfg), run.cfg["uniform"], run.cfg["sweep"]["draws"],
                          run.cfg["seed"])
+
+
+def budgets_of(cfg: dict) -> dict:
+    """run.yaml's budgets; with an accuracy target, the fractions 0, resolution, ..., 1 of the resource it
+    minimizes instead (the chain `solver.target` searches)."""
+    target = cfg["targets"]
+    if target["max_drop"] is None:
+        return cfg["budgets"]
+    steps = round(1 / target["resolution"])
+    return {target["minimize"]: sorted({min(1.0, round(k * target["resolution"], 12)) for k in range(steps + 1)}
+                                       | {1.0})}
 
 
 def evidence(run: Run) -> pd.DataFrame:
@@ -147,15 +158,64 @@ def evidence(run: Run) -> pd.DataFrame:
 
 
 def fine_tune(run: Run) -> pd.DataFrame:
+    """Every config of the sweep fine-tuned; with an accuracy target, only the ones its search visits."""
+    if run.cfg["targets"]["max_drop"] is not None:
+        return target_search(run)
+    return _tune(run, run.tables["sweep"])
+
+
+def _tune(run: Run, configs: pd.DataFrame) -> pd.DataFrame:
     from hawq_ray.quant.finetune import Recipe
     from hawq_ray.service.tune import DataSource, Student, TuneSettings, tune_finetune
     tune = run.cfg["tune"]
     recipe = Recipe(epochs=tune["epochs"], lr=tune["lr"], distill=tune["distill"], batch_size=tune["batch_size"])
     student = Student(run.model_name, dict(run.model.state_dict()), tuple(run.shape),
                       run.tables["table"])
-    return tune_finetune(run.tables["sweep"], student, run.data, DataSource(run.data_spec, run.cfg["seed"]),
+    return tune_finetune(configs, student, run.data, DataSource(run.data_spec, run.cfg["seed"]),
                          out=run.run_dir, recipe=recipe, settings=TuneSettings(samples=tune["samples"], asha=tune["asha"]),
                          teacher_spec=tune["teacher"])
+
+
+def target_search(run: Run) -> pd.DataFrame:
+    """The cheapest config within `max_drop` points of fp32 (`solver.target`): the sweep's configs ordered by
+    the minimized resource, fine-tuned in rounds of `width` Tune trials that bisect the chain. The rows of every
+    round, with `target` = answer / below (the failing config just cheaper) / passed / failed."""
+    from hawq_ray.contract.cost import config_costs
+    from solver.ilp import BUDGET_KEYS
+    from solver.target import answer, next_round, passes
+    target, sweep_ = run.cfg["targets"], run.tables["sweep"]
+    resource = BUDGET_KEYS[target["minimize"]][0]
+    cost = [config_costs(run.tables["table"], bits)[resource] for bits in sweep_["bits"]]
+    if any(c != c for c in cost):
+        raise HawqError(f"targets.minimize {target['minimize']}: the layer table has no {resource} for every "
+                        "layer (latency needs the profile stage's measurements)")
+    chain = [sweep_["config"].iloc[i] for i in sorted(range(len(cost)), key=lambda i: cost[i])]
+    rows, results, floor = [], {}, float("nan")
+    while batch := next_round(chain, results, floor, target["width"]):
+        run.log(f"[target] round {len(rows) + 1}: fine-tuning {', '.join(map(str, batch))} "
+                f"({len(results) + len(batch)} of {len(chain)} configs in the chain)")
+        done = _tune(run, sweep_[sweep_["config"].isin(batch)])
+        rows.append(done)
+        floor = float(done["top1_fp32"].iloc[0]) - target["max_drop"] / 100     # top-1 is a fraction, the drop points
+        for config, part in done.groupby("config"):
+            results[config] = float(part[["top1_best", "top1"]].max(axis=1).max())
+    found = answer(chain, results, floor)
+    result = pd.concat(rows, ignore_index=True)
+    result["target"] = [("answer" if c == found.answer else "below" if c == found.below else
+                         "passed" if passes(results[c], floor) else "failed") for c in result["config"]]
+    run.log(_target_line(found, results, floor, target, len(chain)))
+    return result
+
+
+def _target_line(found, results: dict, floor: float, target: dict, chain: int) -> str:
+    head = (f"[target] max_drop {target['max_drop']:g} points (top-1 >= {100 * floor:.2f}%), minimize "
+            f"{target['minimize']}: {found.tested} of {chain} configs fine-tuned")
+    if found.answer is None:
+        return (f"{head}; no config meets the target, not even the richest; the closest is {found.closest} "
+                f"(top-1 {100 * results.get(found.closest, float('nan')):.2f}%)")
+    below = (f", the next cheaper tested {found.below} ({100 * results[found.below]:.2f}%) misses it"
+             if found.below is not None else "")
+    return f"{head}; the answer is {found.answer} (top-1 {100 * results[found.answer]:.2f}%){below}"
 
 
 def failed_trials(finetuned: pd.DataFrame) -> str:
@@ -331,17 +391,22 @@ def _has_trained(run: Run) -> bool:
     return len(run.finished) > 0
 
 
+def _target_of(run: Run) -> tuple:
+    """The accuracy target, where one is set (a run without one keeps the fingerprint it always had)."""
+    return () if run.cfg["targets"]["max_drop"] is None else (run.cfg["targets"],)
+
+
 STAGES = (
     Stage("layers", lambda run: (), layers),
     Stage("sensitivity", lambda run: (run.cfg["sensitivity"],), sensitivity),
     Stage("latency", lambda run: (run.cfg["profile"],), latency),
     Stage("table", lambda run: (run.digest_of("sensitivity", "latency"),), merged_table, report=report.layer_section),
-    Stage("sweep", lambda run: (run.digest_of("table"), run.cfg["budgets"], run.cfg["uniform"], run.cfg["sweep"]),
+    Stage("sweep", lambda run: (run.digest_of("table"), budgets_of(run.cfg), run.cfg["uniform"], run.cfg["sweep"]),
           sweep, report=report.confidence_section),
     Stage("evidence", lambda run: (run.digest_of("table"), run.cfg["budgets"], run.cfg["evidence"]), evidence,
           runs=lambda run: run.cfg["evidence"]["enabled"], report=report.evidence_section),
-    Stage("finetune", lambda run: (run.digest_of("sweep", "table"), run.cfg["tune"]), fine_tune,
-          unfinished=failed_trials, report=report.failed_section),
+    Stage("finetune", lambda run: (run.digest_of("sweep", "table"), run.cfg["tune"], *_target_of(run)), fine_tune,
+          unfinished=failed_trials, report=report.finetune_section),
     Stage("programs", lambda run: (digest(run.finished.to_json()),), programs, runs=_has_trained),
     Stage("deploy", lambda run: (run.digest_of("programs"), run.cfg["deploy"], run.cfg["profile"]), deploy,
           runs=_has_trained),

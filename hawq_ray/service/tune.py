@@ -43,7 +43,7 @@ from hawq_ray.quant.finetune import (Recipe, calibrated, checked_split, finetune
 
 RESULT_FILE = "finetune.parquet"
 RECORD_FORMAT = 2     # 2: checkpoint folders relative to the run folder (a finished experiment's table is reused)
-COLUMNS = ["config", "budget", "data", "size_mib", "gbops", "latency_ms", "lr", "weight_decay", "epochs", "top1_fp32",
+COLUMNS = ["config", "budget", "data", "size_mib", "gbops", "latency_ms", "activation_mib", "memory_mib", "lr", "weight_decay", "epochs", "top1_fp32",
            "top1_ptq", "top1", "loss", "test_loss", "start_epoch", "int_matches_qat", "checkpoint", "top1_best",
            "best_epoch", "best_checkpoint", "trial", "device", "error", "bits"]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from hawq_ray.service.cli.common import print_json
+from hawq_ray.service.settings import ACCURACY_DROP
+from solver.target import MINIMIZE
 
 
 def register(sub) -> None:
@@ -12,6 +14,11 @@ def register(sub) -> None:
     p.add_argument("--model", default=None,
                    help="the model, over run.yaml's (a pytorchcv name, torchvision:NAME, or package.module:callable: "
                         "user code, which a run.yaml may not name since it may come from someone else)")
+    p.add_argument("--max-drop", default=None, metavar="POINTS", type=ACCURACY_DROP,
+                   help="accuracy target, over run.yaml's targets.max_drop: the cheapest config whose fine-tuned "
+                        "integer top-1 is within POINTS of fp32")
+    p.add_argument("--minimize", default=None, choices=MINIMIZE,
+                   help="the resource the accuracy target minimizes (default size)")
     p.add_argument("--address", default=None, help="Ray address to join (default: start a local Ray)")
     p.add_argument("--out", default="runs/default", help="run folder (default runs/default); rerun to resume")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -28,6 +35,9 @@ def run_main(args) -> int:
     from hawq_ray.service.pipeline import load_config, run
     from hawq_ray.service.report import results_table
     overrides = {"model": args.model} if args.model else {}
+    targets = {k: v for k, v in (("max_drop", args.max_drop), ("minimize", args.minimize)) if v is not None}
+    if targets:
+        overrides["targets"] = targets
     tables = run(load_config(args.config, overrides), args.out, address=args.address)
     results = results_table(Path(args.out))
     print(fmt_table(results))
