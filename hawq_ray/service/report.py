@@ -263,8 +263,10 @@ def target_section(run_dir: Path, finetuned: pd.DataFrame, plots: Path) -> list:
     cols = [c for c in ("config", "target", "size_mib", "gbops", "latency_ms", "activation_mib", "top1_fp32",
                         "top1_best", "top1") if c in finetuned]
     answer = finetuned[finetuned["target"] == "answer"]
-    said = (f"The answer is **{answer['config'].iloc[0]}**, the cheapest tested config within the target; every "
-            "cheaper tested config missed it." if len(answer) else
+    below = (finetuned["target"] == "below").any()
+    said = (f"The answer is **{answer['config'].iloc[0]}**, the cheapest tested config within the target; " +
+            ("every cheaper tested config missed it." if below else "no config of the chain is cheaper.")
+            if len(answer) else
             "**No config meets the target**, not even the richest one; the closest is the one of the highest top-1.")
     return ["## Accuracy target", "", f"{said} {finetuned['config'].nunique()} configs were fine-tuned (the "
             "search bisects the chain of the ILP's answers, cheapest first; `below`: the tested config just "
