@@ -62,20 +62,31 @@ def integer_affine(q, bias, mult, shift, lo, hi, negative=None):
 
 
 def batchnorm_step(qm, node, ins):
-    v, bn = ins[0], node.bn
-    real = None
-    if qm.mode != "qat" or qm.needs_real():
-        real = F.batch_norm(v.r, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    bn = node.bn
+
+    def constants(device):
+        g, h = _gain_shift(bn)
+        return g.to(device), h.to(device), None
+    return _affine_step(qm, node, ins[0], lambda r: F.batch_norm(r, bn.running_mean, bn.running_var, bn.weight,
+                                                                 bn.bias, False, 0.0, bn.eps),
+                        type(bn).__name__, "a map, or (N, C) / (N, C, L) values", constants)
+
+
+def _affine_step(qm, node, v: V, float_fn, what: str, valid: str, constants) -> V:
+    """What every node lowered to the affine does: its float value (`float_fn` of the input's), the fp32 and fake
+    modes, the static 16-bit output scale, and in QAT the per-channel affine with constants(device) ->
+    (gain, offset, negative multiplier or None)."""
+    real = float_fn(v.r) if (qm.mode != "qat" or qm.needs_real()) else None
     if qm.mode == "fp32":
         return V(None, None, real, node.name)
     s = qm.wide_output(node, real, v.device)
     if qm.mode == "fake":
         return qm.fake_output(real, s, node.name)
     if v.s.dim() > 1:
-        raise HawqError(f"{node.name}: {type(bn).__name__} of a value with one scale per feature on its last axis "
-                        "(a Linear's output over tokens); valid: a map, or (N, C) / (N, C, L) values")
-    g, h = _gain_shift(bn)
-    return channel_affine(qm, node, v, s, real, g.to(v.q.device), h.to(v.q.device))
+        raise HawqError(f"{node.name}: {what} of a value with one scale per feature on its last axis (a Linear's "
+                        f"output over tokens); valid: {valid}")
+    g, h, negative = constants(v.q.device)
+    return channel_affine(qm, node, v, s, real, g, h, negative=negative)
 
 
 def channel_affine(qm, node, v: V, s, real, g, h, negative=None) -> V:
@@ -140,19 +151,14 @@ def _convert_prelu(tracer, n, m):
 
 def prelu_step(qm, node, ins):
     """x for x >= 0, a_c x below: the affine with a negative-side multiplier (module docstring)."""
-    v, slope = ins[0], node.module.weight
-    real = F.prelu(v.r, slope) if (qm.mode != "qat" or qm.needs_real()) else None
-    if qm.mode == "fp32":
-        return V(None, None, real, node.name)
-    s = qm.wide_output(node, real, v.device)
-    if qm.mode == "fake":
-        return qm.fake_output(real, s, node.name)
-    if v.s.dim() > 1:
-        raise HawqError(f"{node.name}: PReLU of a value with one scale per feature on its last axis (a Linear's "
-                        "output over tokens); valid: a map, or (N, C) features")
-    a = slope.detach().to(torch.float64).to(v.q.device).reshape(-1)
-    a = a[0] if a.numel() == 1 else a
-    return channel_affine(qm, node, v, s, real, torch.ones_like(a), torch.zeros_like(a), negative=a)
+    slope = node.module.weight
+
+    def constants(device):
+        a = slope.detach().to(torch.float64).to(device).reshape(-1)
+        a = a[0] if a.numel() == 1 else a
+        return torch.ones_like(a), torch.zeros_like(a), a
+    return _affine_step(qm, node, ins[0], lambda r: F.prelu(r, slope), "PReLU", "a map, or (N, C) features",
+                        constants)
 
 
 def _convert_offset(tracer, n, m):
@@ -171,18 +177,13 @@ def _convert_offset(tracer, n, m):
 
 
 def offset_step(qm, node, ins):
-    v, g, h = ins[0], node.attrs["gain"], node.attrs["offset"]
-    real = v.r * g + h if (qm.mode != "qat" or qm.needs_real()) else None
-    if qm.mode == "fp32":
-        return V(None, None, real, node.name)
-    s = qm.wide_output(node, real, v.device)
-    if qm.mode == "fake":
-        return qm.fake_output(real, s, node.name)
-    if v.s.dim() > 1:
-        raise HawqError(f"{node.name}: a number added to a value with one scale per feature on its last axis (a "
-                        "Linear's output over tokens); valid: a value of one scale, a map, or (N, C) features")
-    one = torch.tensor(1.0, dtype=torch.float64, device=v.q.device)
-    return channel_affine(qm, node, v, s, real, one * g, one * h)
+    g, h = node.attrs["gain"], node.attrs["offset"]
+
+    def constants(device):
+        one = torch.tensor(1.0, dtype=torch.float64, device=device)
+        return one * g, one * h, None
+    return _affine_step(qm, node, ins[0], lambda r: r * g + h, "a number added to", "a value of one scale, a map, "
+                        "or (N, C) features", constants)
 
 
 register_ops(
