@@ -286,6 +286,20 @@ def test_ray_is_started_only_by_the_session():
     assert starts and {s.split(":")[0] for s in starts} == {"hawq_ray.service.session"}, starts
 
 
+def test_every_ray_start_in_the_tests_names_its_address():
+    """A bare `ray.init(num_cpus=...)` joins a cluster that another test process has running on the machine (Ray
+    finds it through /tmp/ray) and then fails to start or refuses num_cpus: each test's own Ray says
+    address="local", or the cluster it means."""
+    bare = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "init"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "ray"
+                    and not any(k.arg == "address" for k in node.keywords)):
+                bare.append(f"{path.name}:{node.lineno}")
+    assert not bare, bare
+
+
 def test_the_checker_reports_each_kind_of_planted_import():
     """A forbidden import at the top of a file, inside a function, through an alias, relative, through
     importlib, a ray.init through an alias and an import circle: each is reported."""

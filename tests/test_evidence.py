@@ -128,7 +128,7 @@ def test_standing_hand_worked():
 @pytest.fixture(scope="module")
 def local_ray():
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)   # no dashboard: its start timed out under load
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)   # no dashboard: its start timed out under load
     yield
     ray.shutdown()
 

@@ -19,7 +19,7 @@ SETTINGS = dict(tol=0.05, max_iter=200, min_iter=8, block=4, seed=3)
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -26,7 +26,7 @@ FAST = dict(batch=BATCH, how=Measure(actors=2, rounds=ROUNDS, min_ms=2.0))
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_two_cpus():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)   # no dashboard: its start timed out under load
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)   # no dashboard: its start timed out under load
     yield
     ray.shutdown()
 

@@ -68,7 +68,7 @@ def test_confidence_hand_worked():
 def test_draws_run_as_ray_tasks():
     import ray
     from hawq_ray.service.sweep import ray_draw_answers
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)   # no dashboard: its start timed out under load
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)   # no dashboard: its start timed out under load
     try:
         t, grid, workers = four_layers(100.0), [{"size": 0.25}, {"size": 0.5}], set()
         assert ray_draw_answers(t, grid, 30, seed=2, workers=workers) == draw_answers(t, grid, range(30), 2)

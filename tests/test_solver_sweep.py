@@ -90,7 +90,7 @@ def test_bad_grid():
 @pytest.fixture(scope="module")
 def ray_two_cpus():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
