@@ -6,9 +6,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # runtime) oversubscribe the cores and slow every test several times over.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TVM_NUM_THREADS"):
         os.environ.setdefault(var, "1")
-# Ray waits 30 s for a starting head's GCS to publish its port; two test processes starting clusters on two loaded
-# cores have missed that window (a setup error, not a failure of the code under test).
-os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
