@@ -1,7 +1,7 @@
 """A sweep of random IntegerPrograms through the TVM back end, each compared value by value with the integer
 executor (`hawq_ray.program.random`). Seed s builds a program around producer -> consumer pair s mod len(PAIRS);
-the suite runs the first len(PAIRS) seeds less two thirds of those whose pair has a newer op
-(`tests/test_random_programs.py`, SAMPLED), this runs as many as asked (the default covers every pair).
+the suite runs a fixed third of the pairs (`tests/test_random_programs.py`, SEEDS), this runs as many as asked
+(the default covers every pair).
 
     python bench/random_programs.py [--programs 2000] [--start 0] [--workers 2] [--target llvm|generic|both]
 
