@@ -44,6 +44,7 @@ LAYERS = {
     "hawq_ray.program.random": "executor",
     "hawq_ray.quant": "primitives",
     "hawq_ray.quant.graph": "qat",
+    "hawq_ray.quant.capture": "qat",         # torch.export's graph read through the op registry
     "hawq_ray.quant.qat": "qat",
     "hawq_ray.quant.finetune": "qat",
     "hawq_ray.quant.layers": "qat",          # the layer table of a traced model

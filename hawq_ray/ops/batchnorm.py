@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawq_ray.contract import HawqError
-from hawq_ray.ops.registry import GraphNode, ProgramOp, register_ops
+from hawq_ray.ops.registry import AtenCall, GraphNode, ProgramOp, register_ops
 from hawq_ray.program.dyadic import dyadic
 from hawq_ray.program.program import INT32_MAX, INT32_MIN
 from hawq_ray.quant.fold import bn_sigma
@@ -189,7 +189,9 @@ def offset_step(qm, node, ins):
 register_ops(
     GraphNode("offset", offset_step, functions=(operator.add, operator.sub, torch.add, torch.sub),
               methods=("add", "sub"), convert=_convert_offset, observers=_bn_observers,
-              supported="a number added or subtracted"),
+              supported="a number added or subtracted",
+              aten={torch.ops.aten.sub.Tensor: operator.sub,
+                    torch.ops.aten.rsub.Scalar: AtenCall(operator.sub, lambda a, k: ((a[1], a[0]), k))}),
     GraphNode("batchnorm", batchnorm_step, modules=(nn.BatchNorm2d, nn.BatchNorm1d), convert=_convert_bn,
               observers=_bn_observers, supported="BatchNorm2d (pre-activation), BatchNorm1d"),
     GraphNode("prelu", prelu_step, modules=(nn.PReLU,), convert=_convert_prelu, observers=_bn_observers,

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawq_ray.ops.registry import GraphNode, ProgramOp, register_ops
+
+aten = torch.ops.aten
 from hawq_ray.program.program import INT32_MAX, INT32_MIN
 from hawq_ray.quant.values import V, channel_view, np_scale
 
@@ -74,7 +76,9 @@ def clamp_channelwise(op) -> bool:
 register_ops(
     GraphNode("clamp", clamp_step, modules=(nn.ReLU6, nn.Hardtanh), functions=(F.relu6, F.hardtanh, torch.clamp,
               torch.clip), methods=("clamp", "clip"), convert=_convert_clamp,
-              nonneg=all, supported="ReLU6, Hardtanh, clamp"),
+              nonneg=all, supported="ReLU6, Hardtanh, clamp",
+              aten={aten.relu6.default: F.relu6, aten.hardtanh.default: F.hardtanh, aten.hardtanh_.default: F.hardtanh,
+                    aten.clamp.default: torch.clamp, aten.clip.default: torch.clip}),
     ProgramOp("clamp", SEMANTICS, execute_clamp,
               lambda op, r: clamp_value_range_of(op.consts["lo"], op.consts["hi"], r[0]),
               elementwise=True, channelwise=clamp_channelwise),

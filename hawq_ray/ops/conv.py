@@ -172,7 +172,8 @@ register_ops(
     GraphNode("conv", layer_step, modules=(nn.Conv2d,), convert=_convert_conv, observers=_observers, layer=True,
               supported="Conv2d (+BatchNorm2d)"),
     GraphNode("linear", layer_step, modules=(nn.Linear,), functions=(F.linear,), convert=_convert_linear,
-              observers=_observers, layer=True, supported="Linear, F.linear of a module's weight"),
+              observers=_observers, layer=True, supported="Linear, F.linear of a module's weight",
+              aten={torch.ops.aten.linear.default: F.linear}),
     ProgramOp("conv2d", CONV2D, execute_conv2d, conv2d_range),
     ProgramOp("dense", DENSE, execute_dense, dense_range),
 )

@@ -36,6 +36,7 @@ def flatten_step(qm, node, ins):
 
 register_ops(
     GraphNode("flatten", flatten_step, modules=(nn.Flatten,), functions=(torch.flatten,), methods=("flatten", "view", "reshape"),
-              convert=_convert_flatten, nonneg=all, supported="flatten/view(N, -1)"),
+              convert=_convert_flatten, nonneg=all, supported="flatten/view(N, -1)",
+              aten={torch.ops.aten.flatten.using_ints: torch.flatten}),
     ProgramOp("flatten", SEMANTICS, lambda op, ins: ins[0].reshape(ins[0].shape[0], -1), lambda op, r: r[0]),
 )

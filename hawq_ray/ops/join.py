@@ -117,10 +117,12 @@ def _out_key(node, input_name):
 
 register_ops(
     GraphNode("add", join_step, functions=(operator.add, torch.add, operator.iadd), methods=("add",),
-              convert=_convert_add, nonneg=all, observers=_out_key, supported="add"),
+              convert=_convert_add, nonneg=all, observers=_out_key, supported="add",
+              aten={torch.ops.aten.add.Tensor: operator.add, torch.ops.aten.add_.Tensor: operator.iadd}),
     GraphNode("cat", join_step, functions=(torch.cat, torch.stack),
               convert=lambda t, n, m: (_convert_stack if n.target is torch.stack else _convert_cat)(t, n, m),
-              nonneg=all, observers=_out_key, supported="cat (channels), stack (a cat and a reshape)"),
+              nonneg=all, observers=_out_key, supported="cat (channels), stack (a cat and a reshape)",
+              aten={torch.ops.aten.cat.default: torch.cat, torch.ops.aten.stack.default: torch.stack}),
     ProgramOp("add", ADD, lambda op, ins: ins[0].to(torch.int64) + ins[1].to(torch.int64),
               lambda op, r: (r[0][0] + r[1][0], r[0][1] + r[1][1]), elementwise=True, binary=True),
     ProgramOp("concat", CONCAT, lambda op, ins: torch.cat([t.to(torch.int64) for t in ins], op.attrs.get("axis", 1)),

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from hawq_ray.contract import HawqError
-from hawq_ray.ops.registry import HANDLED, GraphNode, ProgramOp, register_ops
+from hawq_ray.ops.registry import HANDLED, AtenCall, GraphNode, ProgramOp, register_ops, spread_sizes
 from hawq_ray.quant.values import WIDE_BITS, V, np_scale
 
 RESHAPE = """inputs [x]; attrs shape (per-sample shape with -1 at the one axis that grows with the batch);
@@ -436,29 +436,63 @@ def _same(op, r):
     return r[0]
 
 
+def axis_index(dim: int, index) -> tuple:
+    """x[:, ..., index] with `index` at axis `dim` (dim >= 0): the getitem key fx records."""
+    return (slice(None),) * dim + (index,)
+
+
+def slice_args(args, kwargs):
+    """aten.slice.Tensor(x, dim, start, end, step) as x[..., start:end:step]: the open ends None, as fx has them."""
+    x, dim, start, end, step = (list(args) + [0, None, None, 1][len(args) - 1:])[:5]
+    start = None if start == 0 else start
+    end = None if end is None or end >= 2 ** 62 else end
+    return (x, axis_index(dim, slice(start, end, None if step == 1 else step))), kwargs
+
+
+def _select_args(args, kwargs):
+    """aten.select.int(x, dim, i) as x[..., i]."""
+    x, dim, index = args
+    return (x, axis_index(dim, index)), kwargs
+
+
+def _constant_pad_args(args, kwargs):
+    """aten.constant_pad_nd(x, pad, value) as F.pad(x, pad, "constant", value)."""
+    return (args[0], args[1], "constant", args[2] if len(args) > 2 else 0.0), kwargs
+
+
+aten = torch.ops.aten
 LAYOUT_METHODS = dict(reshape=("view", "reshape", "flatten", "unsqueeze", "squeeze"),
                       permute=("permute", "transpose", "swapaxes"))
 
 register_ops(
     GraphNode("reshape", reshape_step, functions=(torch.reshape, torch.flatten, torch.unsqueeze, torch.squeeze),
               methods=LAYOUT_METHODS["reshape"], convert=_convert_reshape,
-              nonneg=all, observers=_wide_observer, supported="reshape / view / flatten"),
+              nonneg=all, observers=_wide_observer, supported="reshape / view / flatten",
+              aten={aten.view.default: AtenCall("view", spread_sizes), aten.reshape.default: AtenCall("reshape", spread_sizes),
+                    aten.unsqueeze.default: "unsqueeze", aten.squeeze.dim: "squeeze", aten.squeeze.default: "squeeze"}),
     GraphNode("permute", permute_step, functions=(torch.permute, torch.transpose, torch.swapaxes),
               methods=LAYOUT_METHODS["permute"],
-              convert=_convert_permute, nonneg=all, observers=_wide_observer, supported="permute / transpose"),
+              convert=_convert_permute, nonneg=all, observers=_wide_observer, supported="permute / transpose",
+              aten={aten.permute.default: AtenCall("permute", spread_sizes), aten.transpose.int: "transpose"}),
     GraphNode("take", take_step, functions=(operator.getitem, torch.unbind, torch.chunk), methods=("unbind", "chunk"),
               convert=lambda t, n, m: {operator.getitem: _convert_take, torch.chunk: _convert_chunk,
                                        "chunk": _convert_chunk}.get(n.target, _convert_unbind)(t, n, m),
-              nonneg=all, observers=_wide_observer, supported="x[i] / x[:, i] / unbind"),
+              nonneg=all, observers=_wide_observer, supported="x[i] / x[:, i] / unbind",
+              aten={aten.unbind.int: torch.unbind, aten.chunk.default: torch.chunk,
+                    aten.select.int: AtenCall(operator.getitem, _select_args)}),
     GraphNode("pad", pad_step, modules=(torch.nn.ZeroPad2d,), functions=(F.pad,),
               convert=lambda t, n, m: (_convert_pad_module if m is not None else _convert_pad)(t, n, m), nonneg=all,
-              observers=_wide_observer, supported="F.pad with zeros, ZeroPad2d"),
+              observers=_wide_observer, supported="F.pad with zeros, ZeroPad2d",
+              aten={aten.pad.default: F.pad, aten.constant_pad_nd.default: AtenCall(F.pad, _constant_pad_args)}),
     GraphNode("crop", crop_step, functions=(operator.getitem,), convert=_convert_crop, nonneg=all,
-              observers=_wide_observer, supported="x[:, a:b, c:d] (step 1)"),
+              observers=_wide_observer, supported="x[:, a:b, c:d] (step 1)",
+              aten={aten.slice.Tensor: AtenCall(operator.getitem, slice_args)}),
     GraphNode("constant", constant_step, methods=("expand", "expand_as"), convert=_convert_expand,
-              supported="parameters read in forward (added or concatenated), expand / expand_as of a map"),
+              supported="parameters read in forward (added or concatenated), expand / expand_as of a map",
+              aten={aten.expand.default: AtenCall("expand", spread_sizes)}),
     GraphNode("roll", roll_step, functions=(torch.roll,), methods=("roll",), convert=_convert_roll, nonneg=all,
-              observers=_wide_observer, supported="roll (Swin's cyclic shift)"),
+              observers=_wide_observer, supported="roll (Swin's cyclic shift)",
+              aten={aten.roll.default: torch.roll}),
     ProgramOp("reshape", RESHAPE, execute_reshape, _same),
     ProgramOp("roll", ROLL, lambda op, ins: torch.roll(ins[0], tuple(op.attrs["shifts"]), tuple(op.attrs["dims"])),
               _same),

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hawq_ray.ops.registry import GraphNode, ProgramOp, register_ops
+from hawq_ray.ops.registry import AtenCall, GraphNode, ProgramOp, register_ops
 from hawq_ray.quant.quantizers import signed_range, unsigned_range
 from hawq_ray.quant.values import V, np_scale, ste
 
@@ -123,12 +123,32 @@ def _lut_observers(node, input_name):
     return [f"in:{node.name}"]
 
 
+def _named(*names):
+    """An ATen op's positional arguments after the input as the keywords the converter reads."""
+    return lambda args, kwargs: (args[:1], dict(zip(names, args[1:])) | kwargs)
+
+
+def _lookup_aten_calls() -> dict:
+    """Each function's ATen op (and its in-place form where torch has one) -> the torch function."""
+    aten = torch.ops.aten
+    calls = {aten.elu.default: AtenCall(F.elu, _named("alpha")),
+             aten.softplus.default: AtenCall(F.softplus, _named("beta", "threshold")),
+             aten.gelu.default: F.gelu, aten.leaky_relu.default: F.leaky_relu, aten.leaky_relu_.default: F.leaky_relu}
+    for name, function in (("hardswish", F.hardswish), ("hardsigmoid", F.hardsigmoid), ("silu", F.silu),
+                           ("sigmoid", torch.sigmoid), ("tanh", torch.tanh), ("mish", F.mish)):
+        calls[getattr(aten, name).default] = function
+        if hasattr(aten, name + "_"):
+            calls[getattr(aten, name + "_").default] = function
+    return calls
+
+
 register_ops(
     GraphNode("activation", activation_step,
               modules=tuple(m for e in FUNCTIONS.values() for m in e[1]),
               functions=tuple(f for e in FUNCTIONS.values() for f in e[2]),
               methods=tuple(x for e in FUNCTIONS.values() for x in e[3]),
               convert=_convert_activation, observers=_lut_observers,
-              supported="hardswish, hardsigmoid, SiLU, sigmoid, GELU, tanh, Mish, ELU, LeakyReLU, softplus"),
+              supported="hardswish, hardsigmoid, SiLU, sigmoid, GELU, tanh, Mish, ELU, LeakyReLU, softplus",
+              aten=_lookup_aten_calls()),
     ProgramOp("lookup", SEMANTICS, execute_lookup, lookup_range, elementwise=True),
 )

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from hawq_ray.contract import HawqError
 from hawq_ray.ops.registry import HANDLED, GraphNode, ProgramOp, register_ops
+
+aten = torch.ops.aten
 from hawq_ray.quant.values import FP32_EXACT, V, np_scale
 
 SEMANTICS = """inputs [a, b] (..., M, K) and (..., K, N), equal leading axes, 8-bit codes; attrs a_bits, b_bits,
@@ -220,8 +222,11 @@ register_ops(
     GraphNode("matmul", matmul_step, functions=(operator.matmul, torch.matmul, torch.bmm, torch.einsum,
                                                 F.scaled_dot_product_attention),
               methods=("matmul", "bmm"), convert=_convert_matmul, observers=_matmul_observers,
-              supported="matmul of two activations (@, einsum), scaled_dot_product_attention"),
+              supported="matmul of two activations (@, einsum), scaled_dot_product_attention",
+              aten={aten.matmul.default: torch.matmul, aten.bmm.default: torch.bmm, aten.einsum.default: torch.einsum,
+                    aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention}),
     GraphNode("scale", scale_step, functions=(operator.mul, operator.truediv, torch.mul, torch.div),
-              methods=("mul", "div"), convert=_convert_scale, nonneg=all, supported="times a positive number"),
+              methods=("mul", "div"), convert=_convert_scale, nonneg=all, supported="times a positive number",
+              aten={aten.div.Tensor: operator.truediv}),
     ProgramOp("matmul", SEMANTICS, execute_matmul, matmul_range),
 )

@@ -103,7 +103,8 @@ def _mul_observers(node, input_name):
 
 register_ops(
     GraphNode("mul", mul_step, functions=(operator.mul, torch.mul), methods=("mul",), convert=_convert_mul,
-              nonneg=all, observers=_mul_observers, supported="mul (two tensors)"),
+              nonneg=all, observers=_mul_observers, supported="mul (two tensors)",
+              aten={torch.ops.aten.mul.Tensor: operator.mul, torch.ops.aten.mul_.Tensor: operator.mul}),
     ProgramOp("mul", SEMANTICS, lambda op, ins: ins[0].to(torch.int64) * ins[1].to(torch.int64), mul_range,
               elementwise=True, binary=True, broadcast=True),
 )

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hawq_ray.ops.registry import GraphNode, ProgramOp, as_pair, register_ops
+from hawq_ray.ops.registry import AtenCall, GraphNode, ProgramOp, as_pair, register_ops
 from hawq_ray.program.dyadic import dyadic, requantize
 from hawq_ray.program.integer import pool_pad, windows
 from hawq_ray.quant.values import V, dyadic_consts, np_scale
@@ -255,14 +255,30 @@ def sum_range(op, ins):
     return k * min(ins[0][0], 0), k * max(ins[0][1], 0)
 
 
+aten = torch.ops.aten
+
+
+def _pool_args(args, kwargs):
+    """aten's pooling (x, kernel, stride, ...) with the empty stride that means "the kernel" made None, as
+    F.avg_pool2d / F.max_pool2d take it."""
+    args = list(args)
+    if len(args) > 2 and not args[2]:
+        args[2] = None
+    return tuple(args), kwargs
+
+
 register_ops(
     GraphNode("avgpool", avgpool_step, modules=(nn.AvgPool2d, nn.AdaptiveAvgPool2d),
               functions=(F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean, torch.sum), methods=("mean", "sum"),
               convert=_convert_avg,
-              nonneg=all, supported="AvgPool2d, AdaptiveAvgPool2d, mean / sum over axes after the batch's"),
+              nonneg=all, supported="AvgPool2d, AdaptiveAvgPool2d, mean / sum over axes after the batch's",
+              aten={aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+                    aten.avg_pool2d.default: AtenCall(F.avg_pool2d, _pool_args), aten.mean.dim: torch.mean,
+                    aten.mean.default: torch.mean, aten.sum.dim_IntList: torch.sum}),
     GraphNode("maxpool", maxpool_step, modules=(nn.MaxPool2d, nn.AdaptiveMaxPool2d),
               functions=(F.max_pool2d, F.adaptive_max_pool2d), convert=_convert_max, nonneg=all,
-              supported="MaxPool2d, AdaptiveMaxPool2d to 1x1"),
+              supported="MaxPool2d, AdaptiveMaxPool2d to 1x1",
+              aten={aten.max_pool2d.default: AtenCall(F.max_pool2d, _pool_args)}),
     ProgramOp("sum_pool2d", SUM_POOL, execute_sum, sum_range),
     ProgramOp("max_pool2d", MAX_POOL, execute_max, lambda op, r: r[0]),
 )

@@ -32,6 +32,16 @@ class GraphNode:
     observers: Callable = field(default=lambda node, input_name: [])   # activation-range keys the step reads
     layer: bool = False               # a quantizable layer (a row of the layer table)
     supported: str = ""               # how the supported-ops list in errors names it
+    aten: dict = field(default_factory=dict)   # ATen overload -> the torch-level call it is (an AtenCall, or
+    #                                            its target alone): how a torch.export graph reads (quant.capture)
+
+
+@dataclass(frozen=True)
+class AtenCall:
+    """The torch-level call an ATen op of a torch.export graph stands for: a function, or a tensor method's name;
+    `args` rewrites (args, kwargs) where the two signatures differ (`view(x, [N, -1])` is `x.view(N, -1)`)."""
+    target: Callable | str
+    args: Callable | None = None      # (args, kwargs) -> (args, kwargs)
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,11 @@ PROGRAM_OPS: dict[str, ProgramOp] = {}
 def as_pair(v) -> tuple:
     """An int or a pair as a pair (converters read torch's kernel / stride / padding arguments with it)."""
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def spread_sizes(args, kwargs):
+    """`op(x, [a, b, c])` as `x.op(a, b, c)`: the form fx records for views, permutes and expands."""
+    return (args[0], *args[1]), kwargs
 
 
 def register_ops(*entries) -> None:

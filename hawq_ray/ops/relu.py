@@ -25,7 +25,8 @@ def relu_step(qm, node, ins):
 
 register_ops(
     GraphNode("relu", relu_step, modules=(nn.ReLU,), functions=(torch.relu, F.relu), methods=("relu",),
-              convert=_convert_relu, nonneg=lambda ins: True, supported="ReLU"),
+              convert=_convert_relu, nonneg=lambda ins: True, supported="ReLU",
+              aten={torch.ops.aten.relu.default: torch.relu, torch.ops.aten.relu_.default: torch.relu}),
     ProgramOp("relu", SEMANTICS, lambda op, ins: ins[0].clamp_min(0), lambda op, r: (max(r[0][0], 0), max(r[0][1], 0)),
               elementwise=True, channelwise=lambda op: True),
 )

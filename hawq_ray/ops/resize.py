@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawq_ray.contract import HawqError
-from hawq_ray.ops.registry import GraphNode, ProgramOp, register_ops
+from hawq_ray.ops.registry import AtenCall, GraphNode, ProgramOp, register_ops
 from hawq_ray.program.program import Op
 from hawq_ray.quant.values import V, np_scale
 
@@ -119,9 +119,28 @@ def resize_step(qm, node, ins):
     return V(q, v.s, qm.real(qm.lazy(v, resample), q, v.s), name, v.lo, v.hi)
 
 
+def _scale_factors(scales):
+    """ATen's per-axis scale factors as interpolate's: one number where the axes agree (None when absent)."""
+    return None if scales is None else scales[0] if len(set(scales)) == 1 else tuple(scales)
+
+
+def _nearest_args(args, kwargs):
+    """aten.upsample_nearest2d.vec(x, output_size, scale_factors) as F.interpolate's arguments."""
+    x, size, scales = args
+    return (x,), {"size": size, "scale_factor": _scale_factors(scales), "mode": "nearest"}
+
+
+def _bilinear_args(args, kwargs):
+    """aten.upsample_bilinear2d.vec(x, output_size, align_corners, scale_factors) as F.interpolate's arguments."""
+    x, size, corners, scales = args
+    return (x,), {"size": size, "scale_factor": _scale_factors(scales), "mode": "bilinear", "align_corners": corners}
+
+
 register_ops(
     GraphNode("resize", resize_step, modules=(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d),
               functions=(F.interpolate,), convert=_convert_resize, nonneg=all,
-              supported="Upsample / interpolate (nearest, bilinear)"),
+              supported="Upsample / interpolate (nearest, bilinear)",
+              aten={torch.ops.aten.upsample_nearest2d.vec: AtenCall(F.interpolate, _nearest_args),
+                    torch.ops.aten.upsample_bilinear2d.vec: AtenCall(F.interpolate, _bilinear_args)}),
     ProgramOp("resize", SEMANTICS, execute_resize, resize_range),
 )

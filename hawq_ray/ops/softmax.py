@@ -128,6 +128,7 @@ def softmax_step(qm, node, ins):
 register_ops(
     GraphNode("softmax", softmax_step, modules=(nn.Softmax,), functions=(torch.softmax, F.softmax),
               methods=("softmax",), convert=_convert_softmax, nonneg=lambda ins: True,
-              observers=lambda node, input_name: [f"in:{node.name}"], supported="softmax (any axis after the batch)"),
+              observers=lambda node, input_name: [f"in:{node.name}"], supported="softmax (any axis after the batch)",
+              aten={torch.ops.aten.softmax.int: torch.softmax}),
     ProgramOp("softmax", SEMANTICS, execute_softmax, softmax_range),
 )

@@ -18,7 +18,11 @@ from hawq_ray.contract import HawqError
 from hawq_ray.inputs.attention import explicit_attention
 from hawq_ray.ops import GRAPH_NODES, HANDLED
 from hawq_ray.ops.layout import ConstantSlot, constant_tensor
+from hawq_ray.quant.capture import exported_module
 from hawq_ray.quant.fold import fold_bn
+
+FX, EXPORT = "torch.fx", "torch.export"
+CAPTURES = ("auto", "fx", "export")
 
 
 @dataclass
@@ -38,6 +42,7 @@ class GNode:
 class Graph:
     nodes: list[GNode]
     output: str
+    capture: str = FX          # how the model was captured: FX, or through torch.export and why (`quant.capture`)
 
     def by_name(self) -> dict[str, GNode]:
         return {n.name: n for n in self.nodes}
@@ -169,22 +174,17 @@ class _LeafTracer(fx.Tracer):
             super().is_leaf_module(m, qualname)
 
 
-def trace_graph(model: nn.Module, input_shape=None) -> Graph:
-    """The graph of `model`; `input_shape` (C, H, W) is used only where a converter needs concrete shapes
-    (channel shuffles, splits), the model's own size when not given."""
+def trace_graph(model: nn.Module, input_shape=None, capture: str = "auto") -> Graph:
+    """The graph of `model`; `input_shape` (C, H, W) is used where a converter needs concrete shapes (channel
+    shuffles, splits) and to capture through torch.export, the model's own size when not given. `capture`:
+    "auto" (torch.fx's symbolic tracing, torch.export where that raises), "fx" or "export" alone."""
     explicit_attention(model)     # nn.MultiheadAttention op by op, in place (same parameters and function)
-    try:
-        tracer = _LeafTracer()
-        graph = tracer.trace(model, concrete_args=_optional_inputs(model))
-        gm = fx.GraphModule(tracer.root, graph)
-    except Exception as e:  # fx raises many types
-        raise HawqError(f"model {type(model).__name__} is not torch.fx-traceable: "
-                        f"{str(e).splitlines()[0]}") from None
-    modules = dict(gm.named_modules())
-    fx_users = {n.name: list(n.users) for n in gm.graph.nodes}
     if input_shape is None:
         from hawq_ray.inputs.models import input_shape as model_input_shape
         input_shape = (lambda: model_input_shape(model))       # asked for only if a converter needs shapes
+    gm, how = _capture(model, input_shape, capture)
+    modules = dict(gm.named_modules())
+    fx_users = {n.name: list(n.users) for n in gm.graph.nodes}
     t = _Tracer(gm, input_shape)
     output = None
     for n in gm.graph.nodes:
@@ -224,10 +224,30 @@ def trace_graph(model: nn.Module, input_shape=None) -> Graph:
         node.nonneg = node.nonneg or (entry is not None and bool(entry.nonneg([t.by_name[i].nonneg for i in node.inputs])))
     _check_constant_readers(t.nodes)
     read = {i for node in t.nodes for i in node.inputs}
-    graph = Graph(nodes=[x for x in t.nodes if x.kind != "constant" or x.name in read], output=output)
+    graph = Graph(nodes=[x for x in t.nodes if x.kind != "constant" or x.name in read], output=output, capture=how)
     if not graph.layer_nodes():
         raise HawqError(f"model {type(model).__name__} has no quantizable layer (Conv2d or Linear)")
     return graph
+
+
+def _capture(model: nn.Module, input_shape, capture: str) -> tuple[fx.GraphModule, str]:
+    """(the torch-level fx graph of `model`, how it was captured). torch.fx first: it needs no input and gives
+    what every earlier release gave; torch.export only where symbolic tracing raises (or when asked)."""
+    if capture not in CAPTURES:
+        raise HawqError(f"unknown capture {capture!r}; valid: {', '.join(CAPTURES)}")
+    reason = None
+    if capture != "export":
+        try:
+            tracer = _LeafTracer()
+            graph = tracer.trace(model, concrete_args=_optional_inputs(model))
+            return fx.GraphModule(tracer.root, graph), FX
+        except Exception as e:  # fx raises many types
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if capture == "fx":
+                raise HawqError(f"model {type(model).__name__} is not torch.fx-traceable: {reason}") from None
+    shape = input_shape() if callable(input_shape) else input_shape
+    gm = exported_module(model, shape, _LeafTracer().is_leaf_module, reason)
+    return gm, EXPORT + (f" (symbolic tracing failed: {reason})" if reason else "")
 
 
 def _convert(t, n: fx.Node, m):

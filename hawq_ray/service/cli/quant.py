@@ -38,13 +38,16 @@ def register(sub) -> None:
 
 
 def run_layers(args) -> int:
+    from hawq_ray.quant.graph import trace_graph
     from hawq_ray.quant.layers import layer_table
     md = resolve(args, need_data=False)
-    table = layer_table(md.model, md.input_shape)
+    graph = trace_graph(md.model, md.input_shape)
+    table = layer_table(md.model, md.input_shape, graph)
     if args.json:
-        print_json({"model": md.name, "layers": table.astype(object).where(table.notna(), None)
-                    .to_dict(orient="records")})
+        print_json({"model": md.name, "capture": graph.capture,
+                    "layers": table.astype(object).where(table.notna(), None).to_dict(orient="records")})
     else:
+        print(f"capture: {graph.capture}")
         print(fmt_table(table))
         print(f"{len(table)} layers, {int(table[COL.params].sum())} weights, "
               f"{int(table[COL.macs].sum()) / 1e9:.3f} GMACs per sample, largest activation a layer reads "
