@@ -29,7 +29,7 @@ SHAPE = (3, 16, 16)
 
 
 class Residual(nn.Module):
-    """conv-BN-ReLU, a pooled residual block with a hardswish, a channel concat, a nearest upsampling and a
+    """conv-BN-ReLU, a pooled residual block with a hardswish, a channel shuffle, a channel concat, a nearest upsampling and a
     view to a Linear: what a CNN is made of. `branch`: whether forward decides by a shape (fx cannot trace it)."""
 
     def __init__(self, branch: bool = True):
@@ -50,6 +50,8 @@ class Residual(nn.Module):
         if not self.branch or y.shape[-1] > 8:          # a shape decides: symbolic tracing raises here
             y = F.max_pool2d(y, 2)
         y = y + self.body(y)
+        n, c, h, w = y.size()           # a channel shuffle: view, transpose, a copy, view
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
         side = F.interpolate(F.avg_pool2d(self.side(y), 2), scale_factor=2, mode="nearest")
         y = torch.relu(self.head(torch.cat([y, side], 1)))
         y = y.mean((2, 3))
@@ -101,7 +103,7 @@ def test_exported_model_simulation_equals_executor_equals_tvm(bits):
     want = run_program(program, q_x)
     assert torch.equal(sim, want), f"{int((sim != want).sum())} of {want.numel()} output elements differ"
     assert len(torch.unique(want)) > 10          # not a constant output
-    assert {"conv2d", "dense", "max_pool2d", "lookup", "add", "resize"} <= {op.op for op in program.ops}
+    assert {"conv2d", "dense", "max_pool2d", "lookup", "add", "channel_shuffle", "resize"} <= {op.op for op in program.ops}
     summary, _ = check_compiled(program, q_x, "llvm")
     assert summary["tvm_differing"] == 0, summary["tvm_first_divergence"]
     assert summary["tvm_values"] > 5

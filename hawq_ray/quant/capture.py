@@ -12,7 +12,8 @@ one generic pass, nothing per model:
 - every other ATen op becomes the torch-level call its op family declares (`GraphNode.aten` in the registry:
   `aten.relu.default` -> `torch.relu`, `aten.view.default(x, [N, -1])` -> `x.view(N, -1)`);
 - `sym_size` becomes `x.size(d)` and shape arithmetic stays, both skipped by the tracer as on the fx path;
-  dropout, copies and whole-axis slices are the identity; the export's own guard and asserts are dropped.
+  `contiguous` and `clone` become `.contiguous()`; dropout and whole-axis slices are the identity; the
+  export's own guard and asserts are dropped.
 
 The result's parameters are the model's own (its root is the model), so shape propagation at any batch size
 and every converter work on it unchanged.
@@ -32,8 +33,11 @@ from hawq_ray.ops.registry import AtenCall
 
 aten = torch.ops.aten
 # ATen ops that are the identity at inference or as values (no copy of a value matters to integers)
-IDENTITIES = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default, aten.clone.default,
-              aten.alias.default, aten.detach.default, aten.contiguous.default, aten.lift_fresh_copy.default)
+IDENTITIES = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default, aten.alias.default,
+              aten.detach.default, aten.lift_fresh_copy.default)
+# copies that a later view needs (a channel shuffle's transpose then view): `.contiguous()`, which the tracer
+# skips as on the fx path
+COPIES = (aten.contiguous.default, aten.clone.default)
 
 
 def exported_module(model: nn.Module, input_shape, is_leaf, fx_failure: str | None = None) -> fx.GraphModule:
@@ -227,6 +231,8 @@ class _Rewrite:
             return
         if n.target is aten.sym_size.int:
             node = self.graph.call_method("size", self.value(n.args))
+        elif n.target in COPIES:
+            node = self.graph.call_method("contiguous", (self.value(n.args[0]),))
         elif n.target in self.calls:
             call = self.calls[n.target]
             args, kwargs = (n.args, n.kwargs) if call.args is None else call.args(n.args, n.kwargs)
