@@ -58,6 +58,20 @@ class Residual(nn.Module):
         return self.fc(y.view(y.size(0), -1))
 
 
+class TwiceCalled(nn.Module):
+    """One activation module called twice in a row: two nodes, not one call of the module."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act, self.fc = nn.Conv2d(3, 4, 3), nn.Hardswish(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.act(self.act(self.conv(x)))
+        if y.shape[1] == 4:
+            y = y.mean((2, 3))
+        return self.fc(y)
+
+
 class ValueBranch(nn.Module):
     def __init__(self):
         super().__init__()
@@ -89,6 +103,12 @@ def test_a_shape_branch_is_captured_through_export_and_names_layers_by_module_pa
     assert [n.layer for n in graph.layer_nodes()] == ["stem", "body.0", "body.3", "side", "head", "fc"]
     assert {n.layer: n.bn_name for n in graph.layer_nodes() if n.bn is not None} == {"stem": "bn", "body.0": "body.1"}
     assert trace_graph(Residual(branch=False), SHAPE).capture == "torch.fx"
+
+
+def test_a_module_called_twice_is_two_calls():
+    graph = trace_graph(TwiceCalled(), (3, 8, 8))
+    assert graph.capture.startswith("torch.export")
+    assert [(n.kind, n.attrs.get("fn")) for n in graph.nodes if n.kind == "activation"] == [("activation", "hardswish")] * 2
 
 
 @pytest.mark.parametrize("bits", ["uniform4", "uniform8", "mixed"])
