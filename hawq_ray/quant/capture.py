@@ -105,6 +105,11 @@ def _is_tensor(n: fx.Node) -> bool:
     return isinstance(n.meta.get("val"), torch.Tensor)
 
 
+def _is_shape(n: fx.Node) -> bool:
+    """A size or arithmetic on sizes (a symbolic or a plain number), not a tensor value."""
+    return isinstance(n.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+
+
 def _args(n: fx.Node) -> list:
     out = []
     fx.node.map_arg((n.args, n.kwargs), out.append)
@@ -113,15 +118,15 @@ def _args(n: fx.Node) -> list:
 
 def _leaf_calls(model: nn.Module, src: fx.GraphModule, is_leaf) -> dict:
     """{ATen node: (module path, call number)} for the ops made inside a call of a module kept whole: the outermost
-    such module on the node's stack. One call is a run of nodes under the same stack entry (shape nodes aside)."""
+    such module on the node's stack. One call is a run of tensor nodes under the same stack entry ('act', then
+    'act@1' for the next call of the same module)."""
     out, previous, calls = {}, None, 0
     for n in src.graph.nodes:
-        if n.op != "call_function":
-            continue
+        if n.op != "call_function" or _is_shape(n):
+            continue            # shape nodes stay outside: export shares one `sym_size` among many readers
         leaf = _outermost_leaf(model, n, is_leaf)
         if leaf is None:
-            if _is_tensor(n):
-                previous = None
+            previous = None
             continue
         if leaf != previous:
             calls += 1
