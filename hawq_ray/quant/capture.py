@@ -20,9 +20,10 @@ and every converter work on it unchanged.
 """
 from __future__ import annotations
 
+import io
 import logging
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 
 import torch
 from torch import fx, nn
@@ -63,13 +64,14 @@ def _export(model: nn.Module, input_shape, fx_failure):
 
 @contextmanager
 def _quiet_torch():
-    """torch.export logs the graph it had when it failed; the error says what matters in one line."""
+    """torch.export logs, and prints, the graph it had when it failed; the error says what matters in one line."""
     loggers = [logging.getLogger(name) for name in ("torch", "torch._dynamo", "torch.fx.experimental.symbolic_shapes")]
     levels = [log.level for log in loggers]
     for log in loggers:
         log.setLevel(logging.CRITICAL)
     try:
-        yield
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            yield
     finally:
         for log, level in zip(loggers, levels):
             log.setLevel(level)
