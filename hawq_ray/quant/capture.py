@@ -112,7 +112,8 @@ def _is_shape(n: fx.Node) -> bool:
     return isinstance(n.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
 
 
-def _args(n: fx.Node) -> list:
+def fx_args(n: fx.Node) -> list:
+    """The fx nodes among a call's arguments, nested ones too (`torch.cat([a, b])`)."""
     out = []
     fx.node.map_arg((n.args, n.kwargs), out.append)
     return out
@@ -220,7 +221,7 @@ class _Rewrite:
         if n is not members[-1]:
             return
         inside = set(members)
-        inputs = list(dict.fromkeys(a for m in members for a in _args(m)
+        inputs = list(dict.fromkeys(a for m in members for a in fx_args(m)
                                     if a not in inside and a.op != "get_attr" and _is_tensor(a)))
         outputs = [m for m in members if any(u not in inside for u in m.users)]
         if len(outputs) > 1:

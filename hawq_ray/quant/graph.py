@@ -18,7 +18,7 @@ from hawq_ray.contract import HawqError
 from hawq_ray.inputs.attention import explicit_attention
 from hawq_ray.ops import GRAPH_NODES, HANDLED
 from hawq_ray.ops.layout import ConstantSlot, constant_tensor
-from hawq_ray.quant.capture import exported_module
+from hawq_ray.quant.capture import exported_module, fx_args
 from hawq_ray.quant.fold import fold_bn
 
 FX, EXPORT = "torch.fx", "torch.export"
@@ -258,7 +258,7 @@ def _materialize_views(t, n: fx.Node) -> bool:
     """Make the 5-D views that `n` reads and that a channel shuffle kept in the making (`ops.channels`) real
     reshapes, when no converter takes `n` on them (split attention's (N, radix, C, H, W) view, summed over the
     radix); whether any was."""
-    views = [a for a in _fx_args(n) if t.pending.get(a.name, ("",))[0] == "split"]
+    views = [a for a in fx_args(n) if t.pending.get(a.name, ("",))[0] == "split"]
     for a in views:
         del t.pending[a.name]
         node = GRAPH_NODES["reshape"].convert(t, a, None)
@@ -300,7 +300,7 @@ def _of_constants(t: _Tracer, n: fx.Node) -> bool:
     """A function, method or module call on constants only (every argument node a constant): a reshape, a gather
     by a fixed index, an einsum or a cat of parameters, an MLP on a table (Swin V2's position bias: its Linears
     are part of a constant, not layers). A call that also reads a shape (`expand(N, -1)`) is not."""
-    nodes = _fx_args(n)
+    nodes = fx_args(n)
     return n.op in ("call_function", "call_method", "call_module") and bool(nodes) and \
         all(t.is_tensor(a) and t.by_name[t.src(a)].kind == "constant" for a in nodes)
 
@@ -309,9 +309,9 @@ def _computed_constant(t: _Tracer, n: fx.Node) -> GNode:
     """A constant computed in forward from other constants (Swin's and MaxViT's relative position bias, gathered
     from a table by an index): the call is kept and run on the constants' current values at every step, so QAT
     trains the parameters through it."""
-    slots = {a.name: i for i, a in enumerate(_fx_args(n))}
+    slots = {a.name: i for i, a in enumerate(fx_args(n))}
     args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: ConstantSlot(slots[a.name]))
-    return GNode(n.name, "constant", [t.src(a) for a in _fx_args(n)], attrs={"call": (n.op, n.target, args, kwargs)})
+    return GNode(n.name, "constant", [t.src(a) for a in fx_args(n)], attrs={"call": (n.op, n.target, args, kwargs)})
 
 
 CONSTANT_READERS = ("add", "cat", "mul", "constant", "linear")       # linear: a bias built in forward
@@ -376,18 +376,12 @@ def _structural(t: _Tracer, n: fx.Node, modules: dict, fx_users: dict) -> bool:
     if n.op == "call_method" and n.target == "contiguous" and t.is_tensor(n.args[0]):
         t.alias[n.name] = t.alias[n.args[0].name]
         return True
-    if any(a.name in t.pending for a in _fx_args(n)):
+    if any(a.name in t.pending for a in fx_args(n)):
         return False                        # a converter finishes a value in the making
-    if n.op in ("call_function", "call_method") and not any(t.is_tensor(a) for a in _fx_args(n)) and \
-            any(isinstance(a, fx.Node) for a in _fx_args(n)):
+    if n.op in ("call_function", "call_method") and not any(t.is_tensor(a) for a in fx_args(n)) and \
+            any(isinstance(a, fx.Node) for a in fx_args(n)):
         return True                         # arithmetic on shapes (x.size(1) // groups): no value of the graph
     return n.op == "call_method" and n.target in ("size", "dim")
-
-
-def _fx_args(n: fx.Node) -> list:
-    out = []
-    fx.node.map_arg((n.args, n.kwargs), out.append)
-    return out
 
 
 def folded_weights(model: nn.Module) -> dict[str, torch.Tensor]:
