@@ -49,7 +49,7 @@ class Residual(nn.Module):
         y = F.relu(self.bn(self.stem(x)))
         if not self.branch or y.shape[-1] > 8:          # a shape decides: symbolic tracing raises here
             y = F.max_pool2d(y, 2)
-        y = y + self.body(y)
+        y += self.body(y)               # in place, as torchvision's residuals add
         n, c, h, w = y.size()           # a channel shuffle: view, transpose, a copy, view
         y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
         side = F.interpolate(F.avg_pool2d(self.side(y), 2), scale_factor=2, mode="nearest")

@@ -118,7 +118,8 @@ def _out_key(node, input_name):
 register_ops(
     GraphNode("add", join_step, functions=(operator.add, torch.add, operator.iadd), methods=("add",),
               convert=_convert_add, nonneg=all, observers=_out_key, supported="add",
-              aten={torch.ops.aten.add.Tensor: operator.add, torch.ops.aten.add_.Tensor: operator.iadd}),
+              # `x += y`: fx records operator.add (its proxies have no in-place add), export aten.add_
+              aten={torch.ops.aten.add.Tensor: operator.add, torch.ops.aten.add_.Tensor: operator.add}),
     GraphNode("cat", join_step, functions=(torch.cat, torch.stack),
               convert=lambda t, n, m: (_convert_stack if n.target is torch.stack else _convert_cat)(t, n, m),
               nonneg=all, observers=_out_key, supported="cat (channels), stack (a cat and a reshape)",
