@@ -1,7 +1,8 @@
 """The op registry: what each kind of graph node and each op of the integer program is, in one entry apiece.
 
 A `GraphNode` is a kind of node of the traced model (`quant.graph.trace_graph`): the torch.fx calls that
-become it (`convert`), and its step in the QAT interpreter (`step`: values in, value out, emitting the
+become it (`convert`), the ATen ops that are those calls in a model captured by torch.export (`aten`,
+`quant.capture`), and its step in the QAT interpreter (`step`: values in, value out, emitting the
 program ops it lowers to). A `ProgramOp` is an op of the IntegerProgram and holds its semantics only: its
 exact meaning in the integer executor (`execute`, the reference), the sound integer range of its output
 (`value_range`, for storage) and the flags a back end plans with (elementwise, binary, broadcast,
