@@ -121,6 +121,33 @@ def test_the_lookup_table_is_the_function_on_the_codes():
     assert np.array_equal(lut.consts["table"], np.clip(np.floor(f / s_out + 0.5), -128, 127))
 
 
+class PositionalParameters(nn.Module):
+    """Activation parameters passed by position: F.elu(x, 2.0), F.softplus(x, 2.0, 10.0), F.leaky_relu(x, 0.2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1),
+                                          nn.Conv2d(8, 4, 1))
+
+    def forward(self, x):
+        return self.d(F.leaky_relu(self.c(F.softplus(self.b(F.elu(self.a(x), 2.0)), 2.0, 10.0)), 0.2))
+
+
+@pytest.mark.parametrize("fn,f", [("elu", lambda x: np.where(x > 0, x, 2.0 * np.expm1(np.minimum(x, 0)))),
+                                  ("softplus", lambda x: np.where(2 * x > 10, x, np.log1p(np.exp(2 * x)) / 2)),
+                                  ("leaky_relu", lambda x: np.where(x > 0, x, 0.2 * x))])
+def test_activation_parameters_given_by_position_are_the_functions(fn, f):
+    """Each table is round(f(k S_in) / S_out) of the function with the parameters given (numpy), not of its
+    defaults (alpha 1, beta 1, slope 0.01)."""
+    program = quantized(PositionalParameters().eval(), "uniform8", (3, 8, 8)).to_integer()
+    lut = [op for op in program.ops if op.op == "lookup"][("elu", "softplus", "leaky_relu").index(fn)]   # in order
+    s_in = float(next(op for op in program.ops if op.output == lut.inputs[0]).scale)
+    table = np.asarray(lut.consts["table"])
+    want = f((lut.attrs["offset"] + np.arange(len(table))) * s_in) / float(lut.scale)
+    assert np.array_equal(table, np.clip(np.floor(want + 0.5), table.min(), table.max()))
+    assert len(np.unique(table)) > 50
+
+
 def test_relu6_is_an_integer_clamp_at_six():
     qm = quantized(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Conv2d(8, 4, 1)).eval(), "uniform8", (3, 8, 8))
     program = qm.to_integer()

@@ -51,6 +51,8 @@ FUNCTIONS = {
                  (F.softplus,), ()),
 }
 _ATTRS = ("approximate", "alpha", "negative_slope", "beta", "threshold")
+# the parameters a call may pass by position after the tensor (F.elu(x, 2.0), F.softplus(x, 2.0, 10.0))
+_POSITIONAL = {"elu": ("alpha",), "leaky_relu": ("negative_slope",), "softplus": ("beta", "threshold")}
 
 
 def _function_name(n, m) -> str | None:
@@ -65,8 +67,8 @@ def _convert_activation(tracer, n, m):
     name = _function_name(n, m)
     attrs = {k: getattr(m, k) for k in _ATTRS if m is not None and hasattr(m, k)}
     attrs |= {k: v for k, v in n.kwargs.items() if k in _ATTRS}
-    if name == "leaky_relu" and len(n.args) > 1:
-        attrs["negative_slope"] = n.args[1]
+    if m is None:
+        attrs |= dict(zip(_POSITIONAL.get(name, ()), n.args[1:]))
     return tracer.node(n, "activation", [n.args[0]], attrs={"fn": name} | attrs,
                        nonneg=name in ("hardsigmoid", "sigmoid", "softplus"))
 
