@@ -150,6 +150,20 @@ def test_control_flow_on_values_is_one_line_naming_the_model_line():
     assert f"test_capture_export.py:{line} in forward: if y.sum() > 0:" in message
 
 
+class Chatty(TwiceCalled):
+    """A forward that prints: what a model prints while it is exported reaches the user."""
+
+    def forward(self, x):
+        print("chatty forward", x.shape[1])
+        return super().forward(x)
+
+
+def test_what_a_model_prints_during_a_successful_export_is_kept(capsys):
+    graph = trace_graph(Chatty(), (3, 8, 8), capture="export")
+    assert [n.layer for n in graph.layer_nodes()] == ["conv", "fc"]
+    assert "chatty forward 3" in capsys.readouterr().out
+
+
 def test_layers_command_names_the_capture(capsys):
     assert main(["layers", "--model", "test_capture_export:Residual"]) == 0
     out = capsys.readouterr().out

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import sys
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 
 import torch
@@ -64,14 +65,18 @@ def _export(model: nn.Module, input_shape, fx_failure):
 
 @contextmanager
 def _quiet_torch():
-    """torch.export logs, and prints, the graph it had when it failed; the error says what matters in one line."""
+    """torch.export logs, and prints, the graph it had when it failed; the error says what matters in one line.
+    What was printed meanwhile (the model's own prints, another thread's) is passed on when the export succeeds."""
     loggers = [logging.getLogger(name) for name in ("torch", "torch._dynamo", "torch.fx.experimental.symbolic_shapes")]
     levels = [log.level for log in loggers]
     for log in loggers:
         log.setLevel(logging.CRITICAL)
+    out, err = io.StringIO(), io.StringIO()
     try:
-        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        with redirect_stdout(out), redirect_stderr(err):
             yield
+        sys.stdout.write(out.getvalue())
+        sys.stderr.write(err.getvalue())
     finally:
         for log, level in zip(loggers, levels):
             log.setLevel(level)
