@@ -31,7 +31,8 @@ import pandas as pd
 import pulp
 
 from hawq_ray.contract import HawqError, TableError  # noqa: F401  (TableError: part of this module's errors)
-from hawq_ray.contract.cost import PEAK_RESOURCES, RESOURCES, layer_activation_mib, layer_gbops, layer_size_mib, omega
+from hawq_ray.contract.cost import (PEAK_RESOURCES, RESOURCES, layer_activation_mib, layer_gbops, layer_size_mib,
+                                    omega, product_columns)
 from hawq_ray.contract.table import BIT_WIDTHS, COL, check_table, delta_col, lat_col, omega_col
 
 FEASIBILITY_TOL = 1e-9  # slack on every budget, relative to the resource's range over the searchable layers
@@ -67,7 +68,7 @@ def layer_resources(table: pd.DataFrame, bits: Sequence[int]) -> dict[str, np.nd
     b = np.asarray(bits, float)[None, :]
     out = {"size_mib": layer_size_mib(table[COL.params].to_numpy(np.int64)[:, None], b),
            "gbops": layer_gbops(table[COL.macs].to_numpy(np.int64)[:, None], b,
-                                table[COL.product_macs].to_numpy(np.int64)[:, None])}
+                                *(np.asarray(p)[..., None] for p in product_columns(table)))}
     if all(lat_col(k) in table for k in bits):
         out["latency_ms"] = np.column_stack([table[lat_col(k)].to_numpy(float) for k in bits])
     if COL.act_elements in table:

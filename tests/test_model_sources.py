@@ -382,7 +382,8 @@ def test_timm_deit_builds_offline_and_its_layer_table_lists_every_linear(capsys)
     assert layers[0]["layer"] == "patch_embed.proj" and layers[0]["fixed_bits"] == 8
     qkv = layers[1]
     assert qkv["layer"] == "blocks.0.attn.qkv" and qkv["macs"] == 197 * 192 * 576     # 197 tokens
-    assert qkv["product_macs"] == 2 * 197 * 197 * 192 and layers[-1]["fixed_bits"] == 8
+    assert qkv["product_macs"] == qkv["narrow_product_macs"] == 197 * 197 * 192     # q k^T; p v
+    assert layers[-1]["fixed_bits"] == 8
 
 
 # --- the CLI ---

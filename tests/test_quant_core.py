@@ -138,7 +138,7 @@ def test_unsupported_module_names_module_and_type():
 
 def test_layer_table_resnet18_columns_groups_and_fixed_layers():
     t = layer_table(get_model("resnet18"), (3, 224, 224))
-    assert list(t.columns) == ["layer", "kind", "params", "macs", "product_macs", "act_elements", "group", "fixed_bits"]
+    assert list(t.columns) == ["layer", "kind", "params", "macs", "product_macs", "narrow_product_macs", "act_elements", "group", "fixed_bits"]
     assert len(t) == 21 and t["layer"].is_unique
     assert t.iloc[0]["layer"] == "features.init_block.conv.conv" and t.iloc[0]["fixed_bits"] == 8
     assert t.iloc[-1]["layer"] == "output" and t.iloc[-1]["fixed_bits"] == 8

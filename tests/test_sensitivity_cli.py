@@ -31,7 +31,7 @@ def test_writes_table_then_second_identical_call_is_cached(tmp_path, capsys):
     first = json.loads(stdout.strip().splitlines()[-1])
     assert first["cached"] is False and first["data"] == "digits" and first["iterations"] == 4
     table = pd.read_parquet(out)
-    expected = ["layer", "kind", "params", "macs", "product_macs", "act_elements", "group", "fixed_bits", "trace",
+    expected = ["layer", "kind", "params", "macs", "product_macs", "narrow_product_macs", "act_elements", "group", "fixed_bits", "trace",
                 "trace_stderr", "trace_samples", "trace_converged", "delta4", "delta8", "omega4", "omega8"]
     assert list(table.columns) == expected and len(table) == first["layers"] > 0
     assert "hessian traces" in err  # the progress bar goes to stderr

@@ -318,6 +318,35 @@ def test_qat_simulation_and_executor_agree_on_every_element(name, bits):
     assert ("roll" in ops) == (name in SHIFTED)
 
 
+@pytest.mark.parametrize("name", sorted(ATTENTION))
+def test_a_products_operands_are_codes_of_their_qkv_layers_bits(name):
+    """Every product of two activations reads codes of the bits the config gives the layer its operands come
+    from (4 or 8 per qkv row, at random), and softmax's probabilities as unsigned 8-bit codes: checked on the
+    values the integer program computes, against the range of a b-bit code, not against its own attributes."""
+    build, shape = MODELS[name]
+    model = build().eval()
+    config = mixed_bits(model, shape, 2)
+    qm = prepare(model, config, shape)
+    x = torch.randn((4, *shape), generator=torch.Generator().manual_seed(3))
+    qm.calibrate([x]).eval()
+    program = qm.to_integer()
+    _, values = run_program(program, program.quantize_input(x), record=True)
+    products = {n.name: n for n in qm.graph.nodes if n.kind == "matmul"}
+    widths = set()
+    for op in (op for op in program.ops if op.op == "matmul"):
+        node = products[op.output]
+        layer = node.attrs["operand_layer"]
+        assert layer.endswith(("qkv", "in_proj"))
+        for i, (operand, signed) in enumerate(zip(op.inputs, (op.attrs["a_signed"], op.attrs["b_signed"]))):
+            bits = 8 if node.attrs["narrow"][i] else config[layer]     # softmax's codes, or the qkv row's
+            lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+            codes = values[operand]
+            assert lo <= int(codes.min()) and int(codes.max()) <= hi, (op.output, i, bits)
+            assert (op.attrs["a_bits"], op.attrs["b_bits"])[i] == bits
+            widths.add(bits)
+    assert {4, 8} <= widths
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_the_fp32_interpreter_computes_the_model_and_qat_stays_close(name):
     build, shape = MODELS[name]
@@ -353,24 +382,30 @@ def test_layer_table_of_a_vit_counts_token_rows_and_fixes_the_ends():
     assert table["fixed_bits"].isna().sum() == 16                        # 4 Linear layers x 4 blocks searchable
 
 
-@pytest.mark.parametrize("name,per_block", [
-    ("digits_vit", 2 * 17 * 17 * 64),                     # q k^T and p v: 2 x tokens^2 x width
-    ("timm_vit", 2 * 17 * 17 * 32),                       # through scaled_dot_product_attention
-    ("torchvision_vit", 2 * 17 * 17 * 32),                # through nn.MultiheadAttention
-    ("torchvision_swin", None)])                          # windows: 2 x H W x C x window tokens
-def test_products_of_activations_are_priced_at_8_bits_on_their_qkv_row(name, per_block):
+@pytest.mark.parametrize("name,per_product", [
+    ("digits_vit", 17 * 17 * 64),                         # q k^T, p v: tokens^2 x width each
+    ("timm_vit", 17 * 17 * 32),                           # through scaled_dot_product_attention
+    ("torchvision_vit", 17 * 17 * 32),                    # through nn.MultiheadAttention
+    ("torchvision_swin", None)])                          # windows: H W x C x window tokens each
+def test_products_of_activations_are_priced_at_their_operands_bits_on_their_qkv_row(name, per_product):
+    """q k^T reads two operands at the qkv layer's bits b (b x b a MAC), p v reads v at b beside softmax's
+    8-bit probabilities (8 x b): hand-counted MACs, priced by BOPS = sum MACs b^2 + q k^T b^2 + p v 8 b."""
     from hawq_ray.contract.cost import config_costs
     build, shape = MODELS[name]
     table = layer_table(build(), shape)
     charged = table[table["product_macs"] > 0]
     assert all(layer.endswith(("qkv", "in_proj")) for layer in charged["layer"])
-    if per_block is None:
-        per_block = [2 * 8 * 8 * 16 * 16] * 2 + [2 * 4 * 4 * 32 * 16] * 2
-    assert charged["product_macs"].tolist() == ([per_block] * len(charged) if isinstance(per_block, int)
-                                                 else per_block)
-    bits = {layer: 4 for layer in table["layer"]}
-    weights_only = int((table["macs"] * 16).sum())
-    assert config_costs(table, bits)["gbops"] == pytest.approx((weights_only + 64 * charged["product_macs"].sum()) / 1e9)
+    expected = [per_product] * len(charged) if per_product else [8 * 8 * 16 * 16] * 2 + [4 * 4 * 32 * 16] * 2
+    assert charged["product_macs"].tolist() == expected
+    assert charged["narrow_product_macs"].tolist() == expected
+    assert (table["narrow_product_macs"] > 0).sum() == len(charged)
+    rng = np.random.default_rng(0)
+    bits = {layer: int(rng.choice([4, 8])) for layer in table["layer"]}
+    b = np.array([bits[layer] for layer in table["layer"]])
+    qk = table["product_macs"].to_numpy()
+    pv = table["narrow_product_macs"].to_numpy()
+    expected_bops = int((table["macs"].to_numpy() * b * b).sum() + (qk * b * b).sum() + (pv * 8 * b).sum())
+    assert config_costs(table, bits)["gbops"] == pytest.approx(expected_bops / 1e9, rel=1e-12)
 
 
 def test_multihead_attention_keeps_its_state_dict_and_function():

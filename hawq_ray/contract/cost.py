@@ -4,10 +4,12 @@ written once here; the solver evaluates them per layer and bit width, the stages
     Omega_i(b)   = Tr(H_i) / n_i * ||Q_b(W_i) - W_i||^2         HAWQ-V3 Eq. 8 (n_i = params of layer i;
                                                                   a negative trace estimate counts as 0)
     size_i(b)    = n_i * b / 8 bytes, in MiB (2^20 bytes)        the model-size sum of Eq. 9
-    bops_i(b)    = MACs_i * b * b + P_i * 8 * 8, in GBOPS (1e9)   the BOPS sum of Eq. 9 (activations at the
-                                                                  layer's weight bits; P_i: the MACs of the
-                                                                  products of two 8-bit activations that read
-                                                                  the layer's output, attention's q k^T and p v)
+    bops_i(b)    = (MACs_i + P_i) * b * b + R_i * 8 * b,          the BOPS sum of Eq. 9, in GBOPS (1e9):
+                                                                  activations at the layer's weight bits; P_i,
+                                                                  R_i: the MACs of the products of two
+                                                                  activations whose operands take layer i's
+                                                                  bits, both (q k^T) or one beside 8-bit codes
+                                                                  (softmax's probabilities times v)
     latency_i(b) = the measured lat{b}_ms of the layer            the latency sum of Eq. 9
     act_i(b)     = A_i * b / 8 bytes, in MiB                     A_i: elements of one sample's activation that
                                                                   layer i reads, held at its bits (act_elements)
@@ -42,13 +44,14 @@ def _weight_bits(params, bits):
     return np.asarray(params, np.int64) * np.asarray(bits, np.int64)
 
 
-PRODUCT_BITS = 8       # both operands of a product of two activations (`ops.matmul`)
+PROBABILITY_BITS = 8       # softmax's codes, the fixed operand of a product (`ops.matmul`)
 
 
-def _bops(macs, bits, product_macs=0):
-    """MACs_i * b * b + P_i * 8 * 8, an exact integer."""
+def _bops(macs, bits, product_macs=0, narrow_product_macs=0):
+    """(MACs_i + P_i) * b * b + R_i * 8 * b, an exact integer."""
     b = np.asarray(bits, np.int64)
-    return np.asarray(macs, np.int64) * b * b + np.asarray(product_macs, np.int64) * PRODUCT_BITS ** 2
+    return ((np.asarray(macs, np.int64) + np.asarray(product_macs, np.int64)) * b * b
+            + np.asarray(narrow_product_macs, np.int64) * PROBABILITY_BITS * b)
 
 
 def layer_size_mib(params, bits):
@@ -61,10 +64,10 @@ def layer_activation_mib(act_elements, bits):
     return np.asarray(act_elements, np.int64) * np.asarray(bits, np.int64) / 8 / MIB
 
 
-def layer_gbops(macs, bits, product_macs=0):
-    """Bit operations of a layer at `bits` (weights and activations, and the activation products reading it), in
-    GBOPS; numpy-broadcasting."""
-    return _bops(macs, bits, product_macs) / GIGA
+def layer_gbops(macs, bits, product_macs=0, narrow_product_macs=0):
+    """Bit operations of a layer at `bits` (weights and activations, and the activation products whose operands
+    take its bits), in GBOPS; numpy-broadcasting."""
+    return _bops(macs, bits, product_macs, narrow_product_macs) / GIGA
 
 
 def config_costs(table: pd.DataFrame, bits: Mapping[str, int]) -> dict:
@@ -80,9 +83,11 @@ def config_costs(table: pd.DataFrame, bits: Mapping[str, int]) -> dict:
     size = float(_weight_bits(table[COL.params], b).sum() / 8 / MIB)
     activation = (float(layer_activation_mib(table[COL.act_elements], b).max()) if COL.act_elements in table
                   else math.nan)
-    return {"size_mib": size, "gbops": float(_bops(table[COL.macs], b, _product_macs(table)).sum() / GIGA),
+    return {"size_mib": size, "gbops": float(_bops(table[COL.macs], b, *product_columns(table)).sum() / GIGA),
             "latency_ms": latency, "activation_mib": activation, "memory_mib": size + activation}
 
 
-def _product_macs(table: pd.DataFrame):
-    return table[COL.product_macs] if COL.product_macs in table else 0
+def product_columns(table: pd.DataFrame) -> tuple:
+    """P_i and R_i of bops_i as arrays, 0 where the table lacks them (written before they existed)."""
+    return tuple(table[c].to_numpy(np.int64) if c in table else 0
+                 for c in (COL.product_macs, COL.narrow_product_macs))

@@ -38,6 +38,7 @@ class LayerColumns:
     params: str
     macs: str
     product_macs: str
+    narrow_product_macs: str
     act_elements: str
     group: str
     fixed_bits: str
@@ -72,8 +73,11 @@ COLUMNS = {c.name: c for c in (
     Column(COL.params, "int64", "layers", "weight elements (BN folded into the conv: the conv's weight count)"),
     Column(COL.macs, "int64", "layers", "multiply-accumulates per sample"),
     Column(COL.product_macs, "int64", "layers", "multiply-accumulates per sample of the products of two "
-                                                "activations (attention's q k^T and p v) that read this layer's "
-                                                "output, at their operands' fixed 8 bits; 0 if none"),
+                                                "activations whose operands both take this layer's bits "
+                                                "(attention's q k^T after the qkv Linear); 0 if none"),
+    Column(COL.narrow_product_macs, "int64", "layers", "multiply-accumulates per sample of the products of an "
+                                                       "activation at this layer's bits and 8-bit codes "
+                                                       "(softmax's probabilities times v); 0 if none"),
     Column(COL.act_elements, "int64", "layers", "elements of one sample's activation the layer reads, held at the "
                                                 "layer's bits (activations are quantized to the bits of the layer "
                                                 "that reads them); what the activation-memory budgets count"),
@@ -133,8 +137,9 @@ def check_table(table: pd.DataFrame, bits: Sequence[int] = BIT_WIDTHS) -> pd.Dat
     dup = t[COL.layer][t[COL.layer].duplicated()]
     if len(dup):
         raise TableError(f"layer table: layer {dup.iloc[0]!r} appears twice; layer names must be unique")
-    if COL.product_macs not in t:       # a table written before the column, or by hand: no such products
-        t[COL.product_macs] = 0
+    for c in (COL.product_macs, COL.narrow_product_macs):
+        if c not in t:       # a table written before the column, or by hand: no such products
+            t[c] = 0
     t[COL.group] = _group_column(t)
     t[COL.fixed_bits] = _fixed_bits_column(t, bits)
     fixed = t[COL.fixed_bits].notna().to_numpy()

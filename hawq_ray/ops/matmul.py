@@ -1,10 +1,13 @@
 """The product of two quantized activations (graph node `matmul`, program op `matmul`): attention's q k^T and
 its probabilities times v, per head; and a product with a positive number (graph node `scale`, no program op).
 
-Each operand is requantized to 8 bits on its own static per-tensor scale (an activation point, as in front of a
-layer), unless it is 8-bit already (softmax's probabilities, unsigned codes at 2^-8: requantizing them would
-only round them again). The codes are multiplied and summed exactly, INT32 accumulation (|a b| <= 2^14 and
-K <= 2^16 terms), at scale S_a S_b; whoever reads the product requantizes it, as after a conv.
+Each operand is requantized on its own static per-tensor scale (an activation point, as in front of a layer)
+to the bits of the layer it comes from (`operand_layer`: attention's q, k and v take the qkv Linear's bits, as a
+layer's input takes the layer's bits in HAWQ-V3; 8 when no layer precedes it), unless it is 8-bit codes already
+(softmax's probabilities, unsigned codes at 2^-8: requantizing them would only round them again). So the config
+sets the operands' bits and the BOPS budget prices the product at them (`contract.cost`). The codes are multiplied
+and summed exactly, INT32 accumulation (|a b| <= 2^14 and K <= 2^16 terms), at scale S_a S_b; whoever reads the
+product requantizes it, as after a conv.
 
 `q * head_dim ** -0.5` (or `/ sqrt(d)`) multiplies a value by a positive constant: the integers stay, the scale
 is multiplied, and the requantize that reads the value absorbs it. No op is computed.
@@ -26,9 +29,9 @@ from hawq_ray.ops.registry import HANDLED, GraphNode, ProgramOp, register_ops
 aten = torch.ops.aten
 from hawq_ray.quant.values import FP32_EXACT, V, np_scale
 
-SEMANTICS = """inputs [a, b] (..., M, K) and (..., K, N), equal leading axes, 8-bit codes; attrs a_bits, b_bits,
+SEMANTICS = """inputs [a, b] (..., M, K) and (..., K, N), equal leading axes, codes of at most 8 bits; attrs a_bits, b_bits,
 a_signed, b_signed, k (= K); out = a @ b over the last two axes, INT32 accumulation (K <= 2^16)."""
-OPERAND_BITS = 8
+OPERAND_BITS = 8       # an operand no layer precedes, and softmax's probabilities
 MAX_K = 1 << 16
 NARROW_SOURCES = ("softmax",)        # producers of 8-bit codes the product reads as they are
 LAYOUT = ("reshape", "permute", "take")
@@ -46,6 +49,28 @@ def _layout_source(tracer, name: str) -> str:
 
 def _source_kind(tracer, arg) -> str:
     return tracer.by_name[_layout_source(tracer, tracer.src(arg))].kind
+
+
+def operand_layer(by_name, inputs, narrow) -> str | None:
+    """The layer whose bits a product's operands take: the nearest layer upstream of its operands that are not
+    8-bit codes already, the last operand first, through layout ops, scales, norms and constants' adds
+    (attention's q k^T and p v: the qkv Linear); None when no layer precedes them. The product's MACs are
+    charged to this layer in the layer table (`quant.layers.product_macs`)."""
+    todo, seen = [x for x, fixed in reversed(list(zip(inputs, narrow))) if not fixed], set()
+    while todo:
+        src = by_name[todo.pop(0)]
+        if src.layer is not None:
+            return src.layer
+        if src.name not in seen:
+            seen.add(src.name)
+            todo.extend(src.inputs)
+    return None
+
+
+def product_attrs(tracer, inputs, narrow, multiply_adds) -> dict:
+    """The attrs of a `matmul` graph node reading `inputs` (names; `narrow`: which are 8-bit codes already)."""
+    return {"narrow": narrow, "multiply_adds": multiply_adds,
+            "operand_layer": operand_layer(tracer.by_name, inputs, narrow)}
 
 
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
@@ -78,15 +103,15 @@ def _convert_attention(tracer, n):
     kt = tracer.make(f"{n.name}.kT", "permute", [k],
                      attrs={"dims": tuple(range(rank - 2)) + (rank - 1, rank - 2), "wide": False})
     logits = tracer.make(f"{n.name}.logits", "matmul", [q, kt.name],
-                         attrs={"narrow": [False, False],
-                                "multiply_adds": per_sample(tracer, given["query"]) * keys})
+                         attrs=product_attrs(tracer, [q, kt.name], [False, False],
+                                              per_sample(tracer, given["query"]) * keys))
     scaled = tracer.make(f"{n.name}.scaled", "scale", [logits.name], attrs={"factor": float(scale)})
     if mask is not None:        # a relative position bias passed as the mask (timm's CoAtNet, MaxViT)
         scaled = tracer.make(f"{n.name}.biased", "add", [scaled.name, additive.name],
                              attrs={"constants": [False, True]})
     probs = tracer.make(f"{n.name}.probs", "softmax", [scaled.name])
     tracer.make(n.name, "matmul", [probs.name, v],
-                attrs={"narrow": [True, False], "multiply_adds": per_sample(tracer, n) * keys})
+                attrs=product_attrs(tracer, [probs.name, v], [True, False], per_sample(tracer, n) * keys))
     return HANDLED
 
 
@@ -117,7 +142,7 @@ def _convert_einsum(tracer, n):
                         attrs={"dims": tuple(range(rank - 2)) + (rank - 1, rank - 2), "wide": False}).name
     narrow = [tracer.by_name[_layout_source(tracer, x)].kind in NARROW_SOURCES for x in (a, b)]
     k = tracer.shape(n.args[1])[-1]
-    tracer.make(n.name, "matmul", [a, b], attrs={"narrow": narrow, "multiply_adds": per_sample(tracer, n) * k})
+    tracer.make(n.name, "matmul", [a, b], attrs=product_attrs(tracer, [a, b], narrow, per_sample(tracer, n) * k))
     return HANDLED
 
 
@@ -131,7 +156,8 @@ def _convert_matmul(tracer, n, m):
     narrow = [_source_kind(tracer, a) in NARROW_SOURCES for a in n.args]
     k = tracer.shape(n.args[0])[-1]
     return tracer.node(n, "matmul", list(n.args),
-                       attrs={"narrow": narrow, "multiply_adds": per_sample(tracer, n) * k})
+                       attrs=product_attrs(tracer, [tracer.src(a) for a in n.args], narrow,
+                                            per_sample(tracer, n) * k))
 
 
 def _python_number(a) -> float | None:
@@ -162,13 +188,20 @@ def _exact_matmul(a: torch.Tensor, b: torch.Tensor, bound: int) -> torch.Tensor:
     return torch.round(a.to(dtype) @ b.to(dtype)).to(torch.int64)
 
 
+def operand_bits(node, bits) -> list[int]:
+    """Each operand's bits under the config `bits` ({layer: bits}): its layer's (`operand_layer`), or 8."""
+    layer = node.attrs.get("operand_layer")
+    wide = bits[layer] if layer is not None else OPERAND_BITS
+    return [OPERAND_BITS if fixed else wide for fixed in node.attrs["narrow"]]
+
+
 def matmul_step(qm, node, ins):
     if qm.mode == "fp32":
         return V(None, None, ins[0].r @ ins[1].r, node.name)
-    ops = []
+    ops, bits = [], operand_bits(node, qm.bits)
     for i, v in enumerate(ins):
         if not node.attrs["narrow"][i]:
-            v = qm.act_point(v, f"in:{node.name}.{i}", OPERAND_BITS, signed=not qm.nonneg(node.inputs[i]),
+            v = qm.act_point(v, f"in:{node.name}.{i}", bits[i], signed=not qm.nonneg(node.inputs[i]),
                              name=f"{node.name}.in{i}")
         elif v.s is not None and v.s.dim() > 0:
             raise HawqError(f"{node.name}: operand {i} has one scale per channel; expected 8-bit codes")
@@ -183,7 +216,7 @@ def matmul_step(qm, node, ins):
     amax, bmax = max(abs(a.lo), abs(a.hi)), max(abs(b.lo), abs(b.hi))
     q = _exact_matmul(a.q, b.q, amax * bmax * k)
     qm.emit("matmul", [a.name, b.name], node.name, scale=np_scale(s),
-            attrs={"a_bits": OPERAND_BITS, "b_bits": OPERAND_BITS, "a_signed": a.lo < 0, "b_signed": b.lo < 0,
+            attrs={"a_bits": bits[0], "b_bits": bits[1], "a_signed": a.lo < 0, "b_signed": b.lo < 0,
                    "k": k})
     real = a.r @ b.r if qm.needs_real() else None
     return V(q, s, qm.real(real, q, s), node.name)

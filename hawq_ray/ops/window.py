@@ -30,6 +30,7 @@ import math
 import torch
 
 from hawq_ray.ops.layout import ConstantSlot
+from hawq_ray.ops.matmul import product_attrs
 from hawq_ray.ops.registry import HANDLED, GraphNode, register_ops
 
 SWA_ARGS = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
@@ -120,7 +121,7 @@ def _convert_window_attention(tracer, n, m):
     kt = tracer.make(f"{n.name}.kT", "permute", [k], attrs={"dims": (0, 1, 3, 2), "wide": False}).name
     x.last = q
     macs = h_all * w_all * c * tokens        # per sample and product: nW windows x heads x T x T x d
-    x("logits", "matmul", kt, narrow=[False, False], multiply_adds=macs)
+    x("logits", "matmul", kt, **product_attrs(tracer, [q, kt], [False, False], macs))
     if cosine:
         scale = tracer.make(f"{n.name}.logit_scale", "constant", [tracer.src(a["logit_scale"])],
                             attrs={"call": ("call_function", cosine_logit_scale, (ConstantSlot(0),), {})}).name
@@ -134,8 +135,8 @@ def _convert_window_attention(tracer, n, m):
         x("per_window", "reshape", shape=(-1, nh * nw, heads, tokens, tokens))
         x("masked", "add", mask, constants=[False, True])
         x("per_window_t", "reshape", shape=(-1, heads, tokens, tokens))
-    x("probs", "softmax")
-    x("mixed", "matmul", v, narrow=[True, False], multiply_adds=macs)
+    probs = x("probs", "softmax")
+    x("mixed", "matmul", v, **product_attrs(tracer, [probs, v], [True, False], macs))
     x("merged_t", "permute", dims=(0, 2, 1, 3))
     x("merged", "reshape", shape=(-1, tokens, c))
     x("proj", "linear", module=proj)

@@ -1,5 +1,5 @@
-"""The layer table of a model: its first columns (layer, kind, params, macs, product_macs, act_elements, group,
-fixed_bits; the schema is `contract.table`), from the traced graph and one forward pass."""
+"""The layer table of a model: its first columns (layer, kind, params, macs, product_macs, narrow_product_macs,
+act_elements, group, fixed_bits; the schema is `contract.table`), from the traced graph and one forward pass."""
 from __future__ import annotations
 
 
@@ -96,30 +96,25 @@ def fixed_layers(graph: Graph) -> dict[str, int]:
     return out
 
 
-def product_macs(graph: Graph) -> dict[str, int]:
-    """MACs per sample of the products of two activations, charged to the layer whose output they read (through
-    layout ops, softmax, scales and constants' adds: attention's q k^T and p v both go to the qkv Linear)."""
-    by_name, out = graph.by_name(), {}
+def product_macs(graph: Graph) -> tuple[dict[str, int], dict[str, int]]:
+    """MACs per sample of the products of two activations, charged to the layer whose bits their operands take
+    (`ops.matmul.operand_layer`: attention's q k^T and p v both go to the qkv Linear): ({layer: MACs of products
+    whose operands both take its bits}, {layer: MACs of products whose other operand is 8-bit codes, softmax's
+    probabilities}). A product no layer precedes is charged to none."""
+    both, one = {}, {}
     for node in graph.nodes:
-        if node.kind != "matmul":
-            continue
-        todo, seen = list(reversed(node.inputs)), set()
-        while todo:
-            src = by_name[todo.pop(0)]
-            if src.layer is not None:
-                out[src.layer] = out.get(src.layer, 0) + int(node.attrs["multiply_adds"])
-                break
-            if src.name not in seen:
-                seen.add(src.name)
-                todo.extend(src.inputs)
-    return out
+        layer = node.attrs.get("operand_layer") if node.kind == "matmul" else None
+        if layer is not None:
+            out = one if any(node.attrs["narrow"]) else both
+            out[layer] = out.get(layer, 0) + int(node.attrs["multiply_adds"])
+    return both, one
 
 
 def layer_table(model: nn.Module, input_shape, graph: Graph | None = None) -> pd.DataFrame:
     """One row per conv / linear layer of `model` in execution order (`graph`: its trace, if at hand)."""
     graph = trace_graph(model, input_shape) if graph is None else graph
     calls = layer_calls(model, input_shape)
-    groups, fixed, products = layer_groups(graph), fixed_layers(graph), product_macs(graph)
+    groups, fixed, (products, narrow_products) = layer_groups(graph), fixed_layers(graph), product_macs(graph)
     rows = []
     for node in graph.layer_nodes():
         rows.append({
@@ -128,6 +123,7 @@ def layer_table(model: nn.Module, input_shape, graph: Graph | None = None) -> pd
             COL.params: int(node.module.weight.numel()),
             COL.macs: int(calls.get(node.layer, {}).get("multiply_adds", 0)),
             COL.product_macs: products.get(node.layer, 0),
+            COL.narrow_product_macs: narrow_products.get(node.layer, 0),
             COL.act_elements: int(calls.get(node.layer, {}).get("input_elements", 0)),
             COL.group: groups.get(node.layer, ""),
             COL.fixed_bits: fixed.get(node.layer, pd.NA),

@@ -68,7 +68,7 @@ RUN_SCHEMA = {   # the type and range of every setting above except budgets, inp
     "distilled": {"train": DISTILLED_IMAGES, "test": DISTILLED_IMAGES, "steps": ITERATIONS, "batch_size": BATCH},
 }
 DISTILLED = "distilled"     # data: distilled (inputs.data.DISTILLED); its images' folder in the run folder
-TABLES_FORMAT = 8     # bump when what a stage's table holds changes: older run folders recompute, never misread
+TABLES_FORMAT = 9     # bump when what a stage's table holds changes: older run folders recompute, never misread
 
 
 # ------------------------------------------------------------------------------------------------ config
