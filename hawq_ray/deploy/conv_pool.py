@@ -55,24 +55,24 @@ def fusable_max_pool(pool: Op) -> bool:
     return min(stride) >= 2 and min(k) >= 2 and tuple(pool.attrs.get("dilation", (1, 1))) == (1, 1)
 
 
-def band_plan(pool_h: int, pool_w: int, kernel: tuple, stride: tuple, dilation: tuple) -> dict:
+def band_plan(pool_h: int, pool_w: int, kernel: tuple, stride: tuple, dilation: tuple, max_acc: int = MAX_ACC) -> dict:
     """Pool rows per task (band), the conv rows a band reads, padded widths and the register tile.
 
     A band of B pool rows reads R = extent(B) conv rows, of which extent(B) - B * stride are shared with the
     next band (computed twice). B divides the pool's height (TensorIR's region analysis needs the outputs'
     rows to split evenly into bands): a divisor up to MAX_BAND, or the whole height while its conv rows fit
     in BAND_BYTES. The tile's rows divide R. The plan minimizes (conv rows computed per pool row) x
-    (extended width) x tile cost."""
+    (extended width) x tile cost, with at most `max_acc` accumulators in the tile."""
     best = None
     for band in range(1, pool_h + 1):
         rows = _extent(band, kernel[0], stride[0], dilation[0])
         whole_map_fits = rows * _extent(pool_w, kernel[1], stride[1], dilation[1]) * 64 <= BAND_BYTES
         if pool_h % band or (band > MAX_BAND and not (band == pool_h and whole_map_fits)):
             continue
-        for th in range(1, MAX_ACC // 7 + 1):
+        for th in range(1, max(1, max_acc // 7) + 1):
             if rows % th:
                 continue
-            for pw, ew, tw in _widths(pool_w, kernel[1], stride[1], dilation[1], min(14, MAX_ACC // th)):
+            for pw, ew, tw in _widths(pool_w, kernel[1], stride[1], dilation[1], max(1, min(14, max_acc // th))):
                 cost = rows / band * ew * (1 + TILE_COST / (th * tw))
                 if best is None or cost < best[0]:
                     best = (cost, {"band": band, "rows": rows, "pool_w": pw, "ext_w": ew, "tile": (th, tw)})
@@ -99,7 +99,7 @@ def conv2d_max_pool_kernel(op: Op, x: Value, steps: list, pool: Op, post: list, 
     ceil_mode = bool(pool.attrs.get("ceil_mode", False))
     PH, PW = (pool_out_size(OH, qk[0], qs[0], qp[0], qd[0], ceil_mode),
               pool_out_size(OW, qk[1], qs[1], qp[1], qd[1], ceil_mode))
-    plan = band_plan(PH, PW, qk, qs, qd)
+    plan = band_plan(PH, PW, qk, qs, qd, cv.dot.max_acc if cv.dot else MAX_ACC)
     PWp, EW = plan["pool_w"], plan["ext_w"]
     bands = PH // plan["band"]
     EH = _extent(PH, qk[0], qs[0], qd[0])
@@ -149,15 +149,15 @@ def conv2d_max_pool_kernel(op: Op, x: Value, steps: list, pool: Op, post: list, 
     func = te.create_prim_func([cv.data, cv.weight, cv.bias, *pre.const_tensors, *epi.const_tensors, *outs])
     caps = capabilities(target)
     if not caps.gpu:
-        func = _schedule(func, plan, needs_pad, cv.w_bits <= 4, [o.op.name for o in outs], cv.fast)
+        func = _schedule(func, plan, needs_pad, cv.w_bits <= 4, [o.op.name for o in outs], cv.dot)
     return Kernel(name, func, [x], [*cv.consts, *pre.const_arrays, *epi.const_arrays], out_values,
-                  {"path": caps.conv_path(False, cv.fast) + "+max_pool",
+                  {"path": caps.conv_path(False, cv.dot) + "+max_pool",
                    "w_bits": cv.w_bits, "layer": op.layer})
 
 
-def _schedule(func, plan: dict, has_pad: bool, int4: bool, out_names: list, fast: bool):
+def _schedule(func, plan: dict, has_pad: bool, int4: bool, out_names: list, dot):
     """Parallel over (image, channel block, band of pool rows); in each task the conv rows of the band are
-    accumulated tile by tile (VNNI or generic, as `kernels.py`), activated into a band buffer, pooled and
+    accumulated tile by tile (the target's dot or generic, as `kernels.py`), activated into a band buffer, pooled and
     written out."""
     sch = s_tir.Schedule(func)
     acc = sch.get_sblock("acc")
@@ -165,14 +165,14 @@ def _schedule(func, plan: dict, has_pad: bool, int4: bool, out_names: list, fast
     th, tw = plan["tile"]
     eo, ei = sch.split(e, [None, th])
     fo, fi = sch.split(f, [None, tw])
-    sch.reorder(n, o, b, eo, fo, ico, kh, kw, icm, *reduction_order(fast, [ei, fi], oi, ici))
+    sch.reorder(n, o, b, eo, fo, ico, kh, kw, *reduction_order(sch, dot, icm, ici, [ei, fi], oi))
     sch.set_scope(acc, 0, "local")
     act = sch.get_sblock("act")
     sch.reverse_compute_at(act, fo)
     sch.vectorize(sch.get_loops(act)[-1])
     task = sch.fuse(n, o, b)
     sch.parallel(task)
-    finish_dot(sch, acc, ico, oi, [ei, fi], fast)
+    finish_dot(sch, acc, ico, oi, [ei, fi], dot)
     blocks = [sch.get_sblock(name) for name in ("pool", *out_names)]
     for blk in blocks:
         sch.reverse_compute_at(blk, task)

@@ -5,10 +5,12 @@ A kernel is one scheduled TIR function: `kernel(inputs..., consts..., out)`. The
 (`graph.py`) calls these very functions, and a profiler can build and time one alone (`build_layer_kernel`,
 `time_kernel`), so per-layer latencies add up to the model's.
 
-Two schedules share one computation: on x86 with AVX512-VNNI the reduction is tensorized with `vpdpbusd`
-(u8 x s8 -> s32; a signed int8 input is shifted by +128 and `-128 * sum(W)` folded into the bias, padding with
-128 so the shift is exact everywhere), with a (rows x columns x 2 x 16 channel) register tile and the epilogue computed at the
-tile; anywhere else a generic vectorized schedule (and, for CUDA, a default GPU schedule at build time).
+Two schedules share one computation: on x86 the reduction is tensorized with the target's exact dot product
+(`x86dot.DotPath`): AVX512-VNNI `vpdpbusd` (u8 x s8 -> s32; a signed int8 input is shifted by +128 and
+`-128 * sum(W)` folded into the bias, padding with 128 so the shift is exact everywhere), or without VNNI
+`vpmaddubsw` with int16 partial sums (narrow weights, the same shift) or `vpmaddwd` on int16 (8-bit weights),
+with a (rows x columns x 2 x 16 channel) register tile sized to the ISA's registers and the epilogue computed at
+the tile; anywhere else a generic vectorized schedule (and, for CUDA, a default GPU schedule at build time).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from hawq_ray.contract import HawqError
 from hawq_ray.deploy import amx, depthwise, layout
 from hawq_ray.deploy.epilogue import LUT_INDEX, Value, epilogue, output_dtype, schedule_output
 from hawq_ray.deploy.target import capabilities
+from hawq_ray.deploy.x86dot import VNNI, DotPath, choose_dot, widen_pairs
 from hawq_ray.program.program import Op
 
 
@@ -60,13 +63,14 @@ OC_PAIR = 2    # output channel blocks of a VNNI register tile: each broadcast i
                # than one block of twice the pixels; four blocks, at most 24 accumulators: 2%)
 
 
-def _tile(height: int, width: int, blocks: int = 1) -> tuple:
-    """Register tile (rows, columns) of the output for `blocks` channel blocks: 7..14 columns with the fewest
-    wasted, then the widest; then the rows (as many as fit MAX_ACC accumulators) that minimize rows computed
-    x tile cost: weights are loaded once per tile, so taller is cheaper, but rows past the map's end are
-    computed for nothing."""
-    tw = width if width <= 14 else min(range(14, 6, -1), key=lambda t: (-(-width // t) * t - width, -t))
-    th = min(range(1, max(1, min(height, MAX_ACC // blocks // tw)) + 1),
+def _tile(height: int, width: int, blocks: int = 1, max_acc: int = MAX_ACC) -> tuple:
+    """Register tile (rows, columns) of the output for `blocks` channel blocks: up to 14 columns (fewer where
+    `max_acc` accumulators cannot hold 14 per block; down to half that) with the fewest wasted, then the widest;
+    then the rows (as many as fit `max_acc` accumulators) that minimize rows computed x tile cost: weights are
+    loaded once per tile, so taller is cheaper, but rows past the map's end are computed for nothing."""
+    most = max(1, min(14, max_acc // blocks))
+    tw = width if width <= most else min(range(most, most // 2, -1), key=lambda t: (-(-width // t) * t - width, -t))
+    th = min(range(1, max(1, min(height, max_acc // blocks // tw)) + 1),
              key=lambda t: (-(-height // t) * t * (1 + TILE_COST / (t * tw)), -t))
     return th, tw
 
@@ -87,8 +91,13 @@ def _unpack_int4(packed: te.Tensor, shape: tuple) -> te.Tensor:
     return te.compute(shape, nibble, name="unpack")
 
 
-def _weight_tensors(wpk: np.ndarray, w_bits: int):
-    """Placeholder(s) for a packed weight tensor; returns (arg tensor, int8 view tensor, const array)."""
+def _weight_tensors(wpk: np.ndarray, w_bits: int, dot: DotPath | None = None):
+    """Placeholder(s) for a packed weight tensor (..., 16, 4) int8; returns (arg tensor, view tensor, const
+    array). The view is int8 in that layout, or int16 in (..., 16, 2) pairs for a `vpmaddwd` dot."""
+    if dot is not None and dot.in_dtype == "int16":
+        arr = widen_pairs(wpk)
+        ph = te.placeholder(arr.shape, "int16", name="weight")
+        return ph, ph, arr
     if w_bits <= 4:
         arr = layout.pack_int4(wpk)
         ph = te.placeholder(arr.shape, "uint8", name="weight")
@@ -113,22 +122,23 @@ class ConvOperands:
     padding: tuple
     dilation: tuple
     kernel: tuple            # (KH, KW)
-    fast: bool               # VNNI path
+    dot: DotPath | None      # the tensorized dot product (None: generic)
     shift_input: bool        # signed int8 input shifted by +128 (folded into the bias)
     w_bits: int
     data: te.Tensor          # the input placeholder, NCHW[b]c
-    weight: te.Tensor        # weight placeholder (packed int4 bytes or int8)
-    weight8: te.Tensor       # int8 view of the weights, (O/16, C/b, KH, KW, b/4, 16, 4)
+    weight: te.Tensor        # weight placeholder (packed int4 bytes, int8 or int16)
+    weight8: te.Tensor       # view of the weights, (O/16, C/b, KH, KW, b/k, 16, k), k = the dot's k_lanes
     bias: te.Tensor
     consts: list             # [packed weights, packed bias]
 
     def source(self, x: Value, top: int, left: int, height: int, width: int):
         """The input as the accumulator reads it: rows/columns shifted by (top, left) padding, `height` x
-        `width` in all, padding 128 for a shifted signed input (0 otherwise). Returns (tensor, padded?)."""
+        `width` in all, padding 128 for a shifted signed input (0 otherwise), widened to int16 for a `vpmaddwd`
+        dot. Returns (tensor, padded?)."""
         N, C, H, W = x.shape
-        if not (self.shift_input or top or left or height != H or width != W):
+        in_dtype = self.dot.in_dtype if self.dot else x.dtype
+        if not (in_dtype != x.dtype or top or left or height != H or width != W):
             return self.data, False
-        in_dtype = "uint8" if self.shift_input else x.dtype
         pad_value = tvm.tirx.const(128 if self.shift_input else 0, in_dtype)
         data, shift = self.data, self.shift_input
 
@@ -136,6 +146,8 @@ class ConvOperands:
             v = data[n, c, h - top, ww - left, i]
             if shift:
                 v = (v.astype("int32") + 128).astype("uint8")
+            elif in_dtype != x.dtype:
+                v = v.astype(in_dtype)
             inside = te.all(h >= top, h < H + top, ww >= left, ww < W + left)
             return te.if_then_else(inside, v, pad_value)
         return te.compute((N, x.storage_shape[1], height, width, x.block), padded_value, name="pad"), True
@@ -160,15 +172,16 @@ class ConvOperands:
         (stride 1): output (h, w) reads position (h + kh) * row_stride + w + kw."""
         (sh, sw), (dh, dw), (KH, KW) = self.stride, self.dilation, self.kernel
         Cb, ib = int(src.shape[1]), int(src.shape[-1])
+        k_lanes = self.dot.k_lanes if self.dot else 4
         ico = te.reduce_axis((0, Cb), "ico")
         kh = te.reduce_axis((0, KH), "kh")
         kw = te.reduce_axis((0, KW), "kw")
-        icm = te.reduce_axis((0, ib // 4), "icm")
-        ici = te.reduce_axis((0, 4), "ici")
+        icm = te.reduce_axis((0, ib // k_lanes), "icm")
+        ici = te.reduce_axis((0, k_lanes), "ici")
         w8 = self.weight8
 
         def tap(n, h, ww):
-            c = icm * 4 + ici
+            c = icm * k_lanes + ici
             if row_stride is None:
                 return src[n, ico, h * sh + kh * dh, ww * sw + kw * dw, c]
             return src[n, ico, (h + kh) * row_stride + ww + kw, c]
@@ -195,18 +208,18 @@ def conv_operands(op: Op, x: Value, target) -> ConvOperands:
     w = np.asarray(op.consts["weight"])
     O, Ig, KH, KW = w.shape
     check_channels(op, x)
-    fast = capabilities(target).vnni and x.dtype in ("uint8", "int8")
-    shift_input = fast and x.dtype == "int8"
     w_bits = int(op.attrs.get("w_bits", 8))
+    dot = choose_dot(capabilities(target), x.dtype, w_bits, x.block // 4)
+    shift_input = dot is not None and dot.shifts(x.dtype)
     bias = _bias(op, O)
     if shift_input:
         bias = bias - 128 * w.astype(np.int64).sum(axis=(1, 2, 3))
     bias_arr = layout.pack_channel_vector(_check_bias(bias, op.layer or op.output), O)
     data = te.placeholder(x.storage_shape, x.dtype, name="data")
-    w_ph, w8, w_arr = _weight_tensors(layout.pack_conv_weight(w, x.block), w_bits)
+    w_ph, w8, w_arr = _weight_tensors(layout.pack_conv_weight(w, x.block), w_bits, dot)
     b_ph = te.placeholder(bias_arr.shape, "int32", name="bias")
     return ConvOperands(op, tuple(op.attrs.get("stride", (1, 1))), tuple(op.attrs.get("padding", (0, 0))),
-                        tuple(op.attrs.get("dilation", (1, 1))), (KH, KW), fast, shift_input, w_bits,
+                        tuple(op.attrs.get("dilation", (1, 1))), (KH, KW), dot, shift_input, w_bits,
                         data, w_ph, w8, b_ph, [w_arr, bias_arr])
 
 
@@ -232,7 +245,7 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     cv = conv_operands(op, x, target)
     caps = capabilities(target)
     Ob = layout.ceil_to(O, 16) // 16
-    use_amx = cv.fast and caps.amx and \
+    use_amx = cv.dot is VNNI and caps.amx and \
         amx.amx_conv_applies(x.dtype, x.storage_shape[1], x.block, cv.kernel, cv.stride, cv.dilation, groups, OW, Ob)
     b_ph = cv.bias
     if use_amx:      # input rows WS apart, output rows and columns rounded up to the AMX block (`amx.py`)
@@ -241,8 +254,8 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
         src, needs_pad = cv.source_rows(x, ph, pw, OHp + KH - 1, WS)
         acc = cv.accumulate(src, (N, Ob, OHp, OWp, 16), row_stride=WS)
     else:
-        pair = OC_PAIR if cv.fast and Ob % OC_PAIR == 0 else 1
-        tile = (*_tile(OH, OW, pair), pair) if not caps.gpu else (1, 1, 1)
+        pair = OC_PAIR if cv.dot and cv.dot.pair and Ob % OC_PAIR == 0 else 1
+        tile = (*_tile(OH, OW, pair, cv.dot.max_acc if cv.dot else MAX_ACC), pair) if not caps.gpu else (1, 1, 1)
         OHp, OWp = -(-OH // tile[0]) * tile[0], -(-OW // tile[1]) * tile[1]
         src, needs_pad = cv.source(x, ph, pw, (OHp - 1) * sh + dh * (KH - 1) + 1,
                                    (OWp - 1) * sw + dw * (KW - 1) + 1)
@@ -268,9 +281,9 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     weights_outer = w.size * cv.w_bits // 8 > x.storage_shape[1] * x.block * H * W
     if not caps.gpu:
         func = _schedule_conv(func, None if use_amx else tile, needs_pad, int4, len(fanout) or 1, weights_outer,
-                              cv.fast, names, amx.conv_intrinsic(x.storage_shape[1], KH, KW, WS) if use_amx else None,
+                              cv.dot, names, amx.conv_intrinsic(x.storage_shape[1], KH, KW, WS) if use_amx else None,
                               str(epi.byte_table.dtype) if epi.byte_table is not None else None)
-    path = caps.conv_path(use_amx, cv.fast)
+    path = caps.conv_path(use_amx, cv.dot)
     return Kernel(name or kernel_name(op), func, [x, *extras], [*cv.consts, *epi.const_arrays], out_values,
                   {"path": path, "w_bits": cv.w_bits, "layer": op.layer})
 
@@ -299,28 +312,34 @@ def schedule_side_stages(sch, has_pad: bool, int4: bool):
         sch.vectorize(sch.fuse(oi_lo, ii))
 
 
-def reduction_order(fast: bool, tile: list, oi, ici) -> list:
-    """The innermost loops of an accumulator: VNNI wants (tile..., oi, ici) with (oi, ici) the intrinsic's
-    16 x 4 dot; the generic path (ici, tile..., oi) so that LLVM packs the 16 oi lanes."""
-    return [*tile, oi, ici] if fast else [ici, *tile, oi]
+def reduction_order(sch, dot: DotPath | None, icm, ici, tile: list, oi) -> list:
+    """The innermost loops of an accumulator, from the channel-group loop `icm` on: a dot wants (icm, tile...,
+    oi, ici) with (oi, ici) its 16 x k intrinsic, or, summing `group` steps per call, icm split and (icm_outer,
+    tile..., oi, icm_inner, ici); the generic path (icm, ici, tile..., oi) so that LLVM packs the 16 oi lanes."""
+    if dot is None:
+        return [icm, ici, *tile, oi]
+    if dot.group > 1:
+        outer, inner = sch.split(icm, [None, dot.group])
+        return [outer, *tile, oi, inner, ici]
+    return [icm, *tile, oi, ici]
 
 
-def finish_dot(sch, acc, first_reduction, oi, tile: list, fast: bool):
-    """Split the accumulator's init off at `first_reduction`, then the 16 x 4 dot: tensorized with VNNI, or
-    unrolled (vectorize refuses a loop under reduction loops; LLVM's SLP pass packs the lanes); the register
-    tile's loops unrolled."""
-    from hawq_ray.deploy.vnni import VNNI_INTRIN
+def finish_dot(sch, acc, first_reduction, oi, tile: list, dot: DotPath | bool | None):
+    """Split the accumulator's init off at `first_reduction`, then the dot: tensorized with `dot`'s intrinsic
+    (True: VNNI), or unrolled (vectorize refuses a loop under reduction loops; LLVM's SLP pass packs the
+    lanes); the register tile's loops unrolled."""
+    dot = VNNI if dot is True else dot or None
     init = sch.decompose_reduction(acc, first_reduction)
     sch.vectorize(sch.get_loops(init)[-1])
-    if fast:
-        sch.tensorize(oi, VNNI_INTRIN)
+    if dot:
+        sch.tensorize(oi, dot.intrinsic)
     else:
         sch.unroll(oi)
     for loop in tile:
         sch.unroll(loop)
 
 
-def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, weights_outer: bool, fast: bool,
+def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, weights_outer: bool, dot,
                    out_names: list, amx_intrinsic: str | None = None, table_dtype: str | None = None):
     """Parallel over (image, channel block group, row tiles) or, when the weights outweigh an image's input,
     (channel block group, image, row tiles); a (rows x columns x blocks of 16 channels) register tile, the
@@ -343,7 +362,7 @@ def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, wei
     if amx_intrinsic:
         sch.reorder(*outer, wo, ob, hi, wi, oi, ico, kh, kw, icm, ici)
     else:
-        sch.reorder(*outer, wo, ico, kh, kw, icm, *reduction_order(fast, [hi, wi, *blocks], oi, ici))
+        sch.reorder(*outer, wo, ico, kh, kw, *reduction_order(sch, dot, icm, ici, [hi, wi, *blocks], oi))
     sch.set_scope(acc, 0, "local")
     biased = sch.get_sblock("biased")
     sch.set_scope(biased, 0, "local")
@@ -357,7 +376,7 @@ def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, wei
         sch.vectorize(sch.get_loops(init)[-1])
         sch.tensorize(ob, amx_intrinsic)
     else:
-        finish_dot(sch, acc, ico, oi, [hi, wi, *blocks], fast)
+        finish_dot(sch, acc, ico, oi, [hi, wi, *blocks], dot)
     schedule_output(sch, [biased, *outs], table_dtype)
     schedule_side_stages(sch, has_pad, int4)
     return sch.mod["main"]
@@ -418,12 +437,12 @@ def _grouped_conv(op, x, steps, extras, target, name, out_value):
 
 # ---------------------------------------------------------------------------------------------- dense
 
-def _dense_tile(rows: int, blocks: int) -> tuple:
+def _dense_tile(rows: int, blocks: int, dot: DotPath) -> tuple:
     """(rows, output blocks) of a dense register tile: 2 blocks of 16 outputs where they pair up (each broadcast
-    input feeds both), then the rows (up to MAX_ACC accumulators in all) that minimize rows computed x tile
-    cost (`_tile`'s measure)."""
-    nbt = OC_PAIR if blocks % OC_PAIR == 0 else 1
-    top = max(1, min(rows, MAX_ACC // nbt, 16))
+    input feeds both) and the dot allows, then the rows (up to its max_acc accumulators in all) that minimize
+    rows computed x tile cost (`_tile`'s measure)."""
+    nbt = OC_PAIR if dot.pair and blocks % OC_PAIR == 0 else 1
+    top = max(1, min(rows, dot.max_acc // nbt, 16))
     nt = min(range(1, top + 1), key=lambda t: (-(-rows // t) * t * (1 + TILE_COST / (t * nbt)), -t))
     return nt, nbt
 
@@ -444,35 +463,36 @@ def dense_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str 
     outer = tuple(outer)
     Ob = layout.ceil_to(O, 16) // 16
     caps = capabilities(target)
-    fast = caps.vnni and x.dtype in ("uint8", "int8")
-    nt, nbt = _dense_tile(T, Ob) if fast else (min(T, 8), 1)
+    w_bits = int(op.attrs.get("w_bits", 8))
+    dot = choose_dot(caps, x.dtype, w_bits, None)
+    nt, nbt = _dense_tile(T, Ob, dot) if dot else (min(T, 8), 1)
     Tp = -(-T // nt) * nt
     out_value = Value((*lead, O), output_dtype(steps[-1] if steps else op), None)
-    shift_input = fast and x.dtype == "int8"
-    w_bits = int(op.attrs.get("w_bits", 8))
+    shift_input = dot is not None and dot.shifts(x.dtype)
     bias = _bias(op, O)
     if shift_input:
         bias = bias - 128 * w.astype(np.int64).sum(axis=1)
     bias_arr = _check_bias(bias, op.layer or op.output)
-    Ip = layout.ceil_to(I, 4)
-    wpk = layout.pack_conv_weight(w[:, :, None, None], 4).reshape(Ob, Ip // 4, 16, 4)
+    Ip = layout.ceil_to(I, 4 * (dot.group if dot else 1))    # zero inputs up to a whole call of the dot
+    wpk = layout.pack_conv_weight(w[:, :, None, None], Ip).reshape(Ob, Ip // 4, 16, 4)
 
     data = te.placeholder(x.storage_shape, x.dtype, name="data")
-    w_ph, w8, w_arr = _weight_tensors(wpk, w_bits)
+    w_ph, w8, w_arr = _weight_tensors(wpk, w_bits, dot)
     b_ph = te.placeholder((O,), "int32", name="bias")
-    in_dtype = "uint8" if shift_input else x.dtype
+    in_dtype = dot.in_dtype if dot else x.dtype
+    k_lanes = dot.k_lanes if dot else 4
 
     def padded_value(*idx):      # rows past T read the last (their outputs are never written)
         *g, t, k = idx
         v = data[(*g, te.min(t, T - 1), te.min(k, I - 1))]
         if shift_input:
             v = (v.astype("int32") + 128).astype("uint8")
-        return te.if_then_else(k < I, v, tvm.tirx.const(0, in_dtype))
+        return te.if_then_else(k < I, v.astype(in_dtype), tvm.tirx.const(0, in_dtype))
     src = te.compute((*outer, Tp, Ip), padded_value, name="pad")
-    k = te.reduce_axis((0, Ip // 4), "k")
-    ki = te.reduce_axis((0, 4), "ki")
+    k = te.reduce_axis((0, Ip // k_lanes), "k")
+    ki = te.reduce_axis((0, k_lanes), "ki")
     acc = te.compute((*outer, Tp, Ob, 16), lambda *idx: te.sum(
-        src[(*idx[:-2], k * 4 + ki)].astype("int32") * w8[idx[-2], k, idx[-1], ki].astype("int32"),
+        src[(*idx[:-2], k * k_lanes + ki)].astype("int32") * w8[idx[-2], k, idx[-1], ki].astype("int32"),
         axis=[k, ki]), name="acc")
     # acc + bias a stage of its own, in registers: read from a buffer, it stays an int32 in the int64 product
     # of a requantize (one vpmuldq per 8 lanes) where an inline sum is widened term by term
@@ -493,15 +513,15 @@ def dense_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str 
         outs = [te.compute(out_value.storage_shape, lambda *idx: epi.apply(biased[idx], tuple(idx)), name="out")]
     func = te.create_prim_func([data, *epi.extra_tensors, w_ph, b_ph, *epi.const_tensors, *outs])
     if not caps.gpu:
-        func = _schedule_dense(func, len(outer), nt, nbt, O, fast, w_bits <= 4,
+        func = _schedule_dense(func, len(outer), nt, nbt, O, dot, w_bits <= 4,
                                str(epi.byte_table.dtype) if epi.byte_table is not None else None,
                                [o.op.name for o in outs])
     return Kernel(name or kernel_name(op), func, [x, *extras], [w_arr, bias_arr, *epi.const_arrays],
-                  out_values, {"path": caps.conv_path(False, fast),
+                  out_values, {"path": caps.conv_path(False, dot),
                                "w_bits": w_bits, "layer": op.layer})
 
 
-def _schedule_dense(func, n_outer: int, nt: int, nbt: int, O: int, fast: bool, int4: bool,
+def _schedule_dense(func, n_outer: int, nt: int, nbt: int, O: int, dot: DotPath | None, int4: bool,
                     table_dtype: str | None = None, out_names: list = ("out",)):
     """Parallel over (outer leading axes, row tiles); per task its padded input rows, then for each group of
     nbt output blocks a register tile of nt rows x nbt x 16 outputs over the whole reduction (VNNI or
@@ -513,7 +533,8 @@ def _schedule_dense(func, n_outer: int, nt: int, nbt: int, O: int, fast: bool, i
     *outer, t, o, oi, k, ki = loops
     to, ti = sch.split(t, [None, nt])
     oo, ob = sch.split(o, [None, nbt])
-    sch.reorder(*outer, to, oo, k, *reduction_order(fast, [ti, ob], oi, ki))
+    order = reduction_order(sch, dot, k, ki, [ti, ob], oi)
+    sch.reorder(*outer, to, oo, *order)
     sch.set_scope(acc, 0, "local")
     task = sch.fuse(*outer, to) if outer else to
     sch.parallel(task)
@@ -525,7 +546,7 @@ def _schedule_dense(func, n_outer: int, nt: int, nbt: int, O: int, fast: bool, i
         sch.reverse_compute_at(block, oo)
     sch.set_scope(biased, 0, "local")
     outs = merge_outputs(sch, outs)
-    finish_dot(sch, acc, k, oi, [ti, ob], fast)
+    finish_dot(sch, acc, order[0], oi, [ti, ob], dot)
     if table:
         for block in table:
             loop = sch.get_loops(block)[-1]

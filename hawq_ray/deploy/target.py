@@ -1,11 +1,13 @@
 """Targets and what they can do, decided once: `parse_target` turns what a user gives into a TVM target (and
 checks that this machine can run it), `capabilities` says which kernel paths it offers.
 
-`target` is "llvm" (the host CPU, detected), "cuda", a TVM target dict, or its JSON string. A target this
-machine cannot run raises HawqError unless `check=False` (to export for another machine).
+`target` is "llvm" (the host CPU, detected), "cuda", a TVM target dict, its JSON string, or the short name of
+an x86 ISA (`ISA_CPUS`: avx2, avx512, avx512-vnni, amx), compiled for a representative LLVM CPU. A target
+this machine cannot run raises HawqError unless `check=False` (to export for another machine).
 
 Paths: AVX512-VNNI (`vpdpbusd`, u8 x s8 -> s32) on an llvm target whose CPU has it; Intel AMX (`tdpbusd`
-tiles) where the CPU has amx-int8 and Linux grants this process the tile data; a GPU schedule on cuda;
+tiles) where the CPU has amx-int8 and Linux grants this process the tile data; without VNNI, exact AVX-512BW
+or AVX2 dot products (`x86dot.py`: `vpmaddwd`, or `vpmaddubsw` for narrow weights); a GPU schedule on cuda;
 a generic vectorized schedule anywhere else.
 """
 from __future__ import annotations
@@ -23,6 +25,9 @@ from hawq_ray.contract import HawqError
 _ISA = ("avx2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vnni", "avx512vbmi", "avxvnni",
         "avx512bf16", "avx512fp16", "amx-tile", "amx-int8", "amx-bf16", "amx-fp16")
 GPU_KINDS = ("cuda", "rocm", "vulkan", "metal", "opencl")
+# the ISA a user deploys on, by name -> the oldest LLVM CPU that has it (code built for it runs on any later one)
+ISA_CPUS = {"avx2": "haswell", "avx512": "skylake-avx512", "avx512-vnni": "cascadelake",
+            "amx": "sapphirerapids"}
 
 
 @dataclass(frozen=True)
@@ -32,10 +37,12 @@ class Capabilities:
     gpu: bool
     vbmi: bool = False   # AVX512-VBMI byte permutes (a 256-entry byte table in registers, `bytelut`)
     avx512: bool = False  # AVX512-F: a requantize 16 int32 lanes at a time (`lanerequant`)
+    avx2: bool = False    # 256-bit integer vectors: the exact `vpmaddwd` / `vpmaddubsw` dots (`x86dot`)
+    avx512bw: bool = False  # the same dots on 512-bit vectors
 
-    def conv_path(self, use_amx: bool, fast: bool) -> str:
-        """The label a conv / dense kernel's manifest entry carries."""
-        return "amx" if use_amx else "vnni" if fast else "gpu" if self.gpu else "generic"
+    def conv_path(self, use_amx: bool, dot) -> str:
+        """The label a conv / dense kernel's manifest entry carries (`dot`: its `x86dot.DotPath`, or None)."""
+        return "amx" if use_amx else dot.label if dot else "gpu" if self.gpu else "generic"
 
 
 def capabilities(target) -> Capabilities:
@@ -51,10 +58,10 @@ def _capabilities(text: str) -> Capabilities:
     from tvm.target.codegen import llvm_cpu_has_features
 
     from hawq_ray.deploy.amx import enable_amx
-    vnni = bool(llvm_cpu_has_features("avx512vnni", target))
-    amx = bool(llvm_cpu_has_features("amx-int8", target)) and enable_amx()
-    return Capabilities(vnni, amx, gpu, bool(llvm_cpu_has_features("avx512vbmi", target)),
-                        bool(llvm_cpu_has_features("avx512f", target)))
+    def has(feature):
+        return bool(llvm_cpu_has_features(feature, target))
+    return Capabilities(has("avx512vnni"), has("amx-int8") and enable_amx(), gpu, has("avx512vbmi"), has("avx512f"),
+                        has("avx2"), has("avx512bw"))
 
 
 def is_gpu(target) -> bool:
@@ -74,7 +81,8 @@ def host_cpu_features() -> set:
 
 
 def parse_target(spec="llvm", check: bool = True) -> tvm.target.Target:
-    """'llvm' | 'cuda' | dict | JSON string | Target -> Target; check that this machine can run it."""
+    """'llvm' | 'cuda' | an ISA_CPUS name | dict | JSON string | Target -> Target; check that this machine can
+    run it."""
     if isinstance(spec, tvm.target.Target):
         attrs = target_dict(spec)
     elif isinstance(spec, dict):
@@ -82,12 +90,13 @@ def parse_target(spec="llvm", check: bool = True) -> tvm.target.Target:
     else:
         text = str(spec).strip()
         try:
-            attrs = json.loads(text) if text.startswith("{") else {"kind": text}
+            attrs = json.loads(text) if text.startswith("{") else \
+                {"kind": "llvm", "mcpu": ISA_CPUS[text.lower()]} if text.lower() in ISA_CPUS else {"kind": text}
         except json.JSONDecodeError as e:
             raise HawqError(f"target {text!r}: not valid JSON ({e.msg})") from None
     kind = attrs.get("kind")
     if kind not in ("llvm", "cuda"):
-        raise HawqError(f"target {spec!r}: kind must be 'llvm' or 'cuda'")
+        raise HawqError(f"target {spec!r}: kind must be 'llvm' or 'cuda' (or an ISA: {', '.join(ISA_CPUS)})")
     if kind == "llvm":
         from tvm.target.codegen import llvm_get_system_cpu, llvm_get_system_triple, llvm_is_valid_cpu
         if "mcpu" not in attrs and "mattr" not in attrs and {"amx-tile", "amx-int8"} <= host_cpu_features():
