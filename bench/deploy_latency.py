@@ -10,7 +10,13 @@ sizes, the per-image cost of the largest batch over batch 1; --json prints one J
 with the `bench` extra (`pip install -e '.[bench]'`); a baseline that cannot be built is reported and skipped.
 
     python bench/deploy_latency.py [--models resnet18,resnet50] [--batch 1,8] [--rounds 7] [--calls 3]
-                                   [--pause 0.05] [--verify] [--json]
+                                   [--pause 0.05] [--verify] [--json] [--target avx2] [--baselines ...]
+
+--target compiles TVM for a named ISA (`deploy.target.parse_target`: avx2, avx512, avx512-vnni, or a TVM target
+JSON). When that ISA is older than this CPU's, the whole benchmark runs again in a subprocess whose environment
+caps oneDNN at the same ISA (ONEDNN_MAX_CPU_ISA, read when the library loads), so torch fp32 and torch.ao int8
+(oneDNN) run as they would on that CPU, still in one process with interleaved rounds; onnxruntime has no such
+switch and OpenVINO is not capped by it: the table's `ISA` column says which rows were capped.
 
 Issue 14's bars (uniform8, 224x224): TVM no slower than torch.ao int8 at batch 8 and batch 1; uniform4 within 10%
 of uniform8; per-image time at batch 8 at most 0.75x that of batch 1 on resnet18. The rows `ORT hawq-ray u8
@@ -23,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -132,13 +139,33 @@ def mixed_bits(table):
     return bits
 
 
-def tvm_model(model, shape, bits, batch, calib, verify):
+# oneDNN's name for the most it may use on a target with these `Capabilities` (checked newest first)
+ONEDNN_CAPS = (("amx", "AVX512_CORE_AMX"), ("vnni", "AVX512_CORE_VNNI"), ("avx512bw", "AVX512_CORE"),
+               ("avx2", "AVX2"))
+CAP_ENV = "ONEDNN_MAX_CPU_ISA"
+CAPPED = ("torch fp32 (NCHW)", "torch fp32 (channels_last)", "torch.ao int8 (x86)")   # the oneDNN paths
+
+
+TORCH_AO, OPENVINO, ORT, UINT8 = ("torch.ao int8 (x86)", "OpenVINO int8 (NNCF)", "onnxruntime int8 QDQ",
+                                  "TVM int-only uniform8")
+
+
+def onednn_cap(target) -> str | None:
+    """The ONEDNN_MAX_CPU_ISA value that restricts oneDNN to `target`'s ISA, or None when the target has every
+    feature of this CPU that oneDNN's int8 kernels use (no cap needed)."""
+    from hawq_ray.deploy.target import capabilities, parse_target
+    want, host = capabilities(parse_target(target)), capabilities(parse_target("llvm"))
+    older = any(getattr(host, f) and not getattr(want, f) for f, _ in ONEDNN_CAPS)
+    return next((cap for f, cap in ONEDNN_CAPS if getattr(want, f)), "SSE41") if older else None
+
+
+def tvm_model(model, shape, bits, batch, calib, verify, target="llvm"):
     from hawq_ray.deploy import compile_program
     from hawq_ray.quant.qat import prepare
     qm = prepare(model, bits, shape).calibrate([c[:2] for c in calib[:2]])
     prog = qm.to_integer()
     t0 = time.perf_counter()
-    deployed = compile_program(prog, batch=batch, target="llvm")
+    deployed = compile_program(prog, batch=batch, target=target)
     compile_s = time.perf_counter() - t0
     xq = prog.quantize_input(calib[0]).numpy()
     deployed(xq)
@@ -161,7 +188,8 @@ def hawq_onnx(model, shape, bits, x, calib, form, workdir):
     return lambda: sess.run(None, feed)
 
 
-def bench_model(name, batch, rounds, verify, configs, calls=3, pause=0.05):
+def bench_model(name, batch, rounds, verify, configs, calls=3, pause=0.05, target="llvm",
+                baselines=("torch", "ao", "ort", "openvino", "hawq-onnx")):
     from hawq_ray.quant.layers import layer_table
     from hawq_ray.inputs.models import get_model, input_shape
     torch.manual_seed(0)
@@ -171,22 +199,24 @@ def bench_model(name, batch, rounds, verify, configs, calls=3, pause=0.05):
     calib = [torch.randn(batch, *shape) for _ in range(2)]
     runners, info = {}, {}
     runners["torch fp32 (NCHW)"] = torch_fp32(model, x)
-    runners["torch fp32 (channels_last)"] = torch_fp32(get_model(name).eval(), x, channels_last=True)
-    for label, make in (("torch.ao int8 (x86)", lambda: torch_ao_int8(get_model(name), x, calib)),
-                        ("onnxruntime int8 QDQ", lambda: ort_int8_qdq(get_model(name), x, calib,
-                                                                      tempfile.mkdtemp())),
-                        ("OpenVINO int8 (NNCF)", lambda: openvino_int8(get_model(name), x, calib))):
+    if "torch" in baselines:
+        runners["torch fp32 (channels_last)"] = torch_fp32(get_model(name).eval(), x, channels_last=True)
+    for key, label, make in (("ao", TORCH_AO, lambda: torch_ao_int8(get_model(name), x, calib)),
+                             ("ort", ORT, lambda: ort_int8_qdq(get_model(name), x, calib, tempfile.mkdtemp())),
+                             ("openvino", OPENVINO, lambda: openvino_int8(get_model(name), x, calib))):
+        if key not in baselines:
+            continue
         try:
             runners[label] = make()
         except Exception as e:  # a baseline that cannot be built here is reported, not fatal
             print(f"# {name}: {label} unavailable: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
-    for form in ("fused", "exact"):        # hawq-ray's own ONNX export of uniform8, in onnxruntime
+    for form in ("fused", "exact") if "hawq-onnx" in baselines else ():   # hawq-ray's ONNX export, in ORT
         runners[f"ORT hawq-ray u8 {form}"] = hawq_onnx(model, shape, "uniform8", x, calib, form,
                                                            tempfile.mkdtemp())
     table = layer_table(model, shape)
     for cfg in configs:
         bits = mixed_bits(table) if cfg == "mixed" else cfg
-        run, compile_s, differing = tvm_model(model, shape, bits, batch, calib, verify)
+        run, compile_s, differing = tvm_model(model, shape, bits, batch, calib, verify, target)
         runners[f"TVM int-only {cfg}"] = run
         info[f"TVM int-only {cfg}"] = {"compile_s": round(compile_s, 1), "differing": differing}
     for run in runners.values():     # warm-up
@@ -195,20 +225,22 @@ def bench_model(name, batch, rounds, verify, configs, calls=3, pause=0.05):
     return {k: {"median_ms": float(np.median(v)), **info.get(k, {})} for k, v in samples.items()}
 
 
-TORCH_AO, OPENVINO, ORT, UINT8 = ("torch.ao int8 (x86)", "OpenVINO int8 (NNCF)", "onnxruntime int8 QDQ",
-                                  "TVM int-only uniform8")
-
-
 def print_rows(name, batch, rows, args):
     fp32 = rows["torch fp32 (NCHW)"]["median_ms"]
-    ort = rows.get("onnxruntime int8 QDQ", {}).get("median_ms")
+    ort = rows.get(ORT, {}).get("median_ms")
+    ao = rows.get(TORCH_AO, {}).get("median_ms")
     u8 = rows.get(UINT8, {}).get("median_ms")
+    cap = os.environ.get(CAP_ENV)
     print(f"\n{name}, batch {batch}, {os.cpu_count()} threads, "
-          f"median of {args.rounds} rounds x mean of {args.calls} calls")
-    print(f"{'path':30s} {'median ms':>10s} {'fp32/x':>8s} {'x/ORT':>7s} {'x/u8':>6s} {'compile s':>9s} {'diff':>5s}")
+          f"median of {args.rounds} rounds x mean of {args.calls} calls; TVM target {args.target}"
+          + (f"; oneDNN capped at {cap} ({CAP_ENV})" if cap else ""))
+    print(f"{'path':30s} {'ISA':>18s} {'median ms':>10s} {'fp32/x':>8s} {'x/ORT':>7s} {'x/ao':>6s} {'x/u8':>6s} "
+          f"{'compile s':>9s} {'diff':>5s}")
     for k, r in rows.items():
         ms = r["median_ms"]
-        print(f"{k:30s} {ms:10.1f} {fp32 / ms:8.2f} {ms / ort if ort else float('nan'):7.2f} "
+        isa = f"TVM {args.target}" if k.startswith("TVM") else f"oneDNN<={cap}" if cap and k in CAPPED else "host"
+        print(f"{k:30s} {isa:>18s} {ms:10.1f} {fp32 / ms:8.2f} {ms / ort if ort else float('nan'):7.2f} "
+              f"{ms / ao if ao else float('nan'):6.2f} "
               f"{ms / u8 if u8 and k.startswith('TVM') else float('nan'):6.2f} "
               f"{r.get('compile_s', ''):>9} {'' if r.get('differing') is None else r['differing']:>5}")
 
@@ -245,16 +277,25 @@ def main(argv=None):
     ap.add_argument("--pause", type=float, default=0.05, help="seconds of sleep before each path's calls")
     ap.add_argument("--verify", action="store_true", help="count differing elements vs the integer executor")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--target", default="llvm", help="TVM target: llvm (this CPU), avx2, avx512, avx512-vnni, "
+                                                     "or a target JSON; oneDNN baselines capped to match")
+    ap.add_argument("--baselines", default="torch,ao,ort,openvino,hawq-onnx",
+                    help="which baselines besides torch fp32 NCHW to build (comma-separated)")
     args = ap.parse_args(argv)
+    cap = onednn_cap(args.target)
+    if cap and os.environ.get(CAP_ENV) != cap:     # oneDNN reads the cap when it loads: run again, capped
+        env = {**os.environ, CAP_ENV: cap}
+        sys.exit(subprocess.run([sys.executable, os.path.abspath(__file__),
+                                 *(sys.argv[1:] if argv is None else argv)], env=env).returncode)
     batches = [int(b) for b in str(args.batch).split(",")]
     torch.set_num_threads(os.cpu_count() or 1)
     result = {"batches": batches, "threads": os.cpu_count(), "rounds": args.rounds, "calls": args.calls,
-              "models": {}}
+              "target": args.target, "onednn_cap": os.environ.get(CAP_ENV), "models": {}}
     for name in args.models.split(","):
         result["models"][name] = {}
         for batch in batches:
             rows = bench_model(name, batch, args.rounds, args.verify, args.configs.split(","), args.calls,
-                               args.pause)
+                               args.pause, args.target, args.baselines.split(","))
             result["models"][name][batch] = rows
             print_rows(name, batch, rows, args)
     print_summary(result["models"], batches)
