@@ -96,7 +96,7 @@ def _constant_index(tracer, a, channels: int):
 def _convert_gather(tracer, n, m):
     """`torch.index_select(x, 1, index)` and `x[:, index]` of a map by a fixed index; `x[:, a:b:k]`."""
     src = n.args[0]
-    if not tracer.is_tensor(src) or tracer.shape(src) is None or len(tracer.shape(src)) != 4:
+    if not tracer.is_tensor(src) or tracer.shape(src) is None or len(tracer.shape(src)) not in (2, 4):
         return None
     channels = int(tracer.shape(src)[1])
     if n.target is operator.getitem:
@@ -109,9 +109,24 @@ def _convert_gather(tracer, n, m):
         picked = _constant_index(tracer, a["index"], channels) if a["dim"] % 4 == 1 else None
     if not picked or picked == list(range(channels)):
         return None
+    if len(tracer.shape(src)) == 2:
+        return _gather_features(tracer, n, picked)
     if picked == list(range(picked[0], picked[-1] + 1)):
         return tracer.node(n, "slice", [src], attrs={"start": picked[0], "stop": picked[-1] + 1})
     return tracer.node(n, "gather", [src], attrs={"index": tuple(picked)})
+
+
+def _gather_features(tracer, n, picked: list):
+    """Features (N, C) picked by a fixed index (CondenseNet's `index_select` in front of its classifier): the gather
+    of a (N, C, 1, 1) map between two reshapes; a layer's per-feature scales are requantized to one first."""
+    from hawq_ray.ops.layout import per_channel_source      # here: layout registers last (`ops/__init__`)
+    src = n.args[0]
+    channels = int(tracer.shape(src)[1])
+    x = tracer.make(f"{n.name}.map", "reshape", [tracer.src(src)],
+                    attrs={"shape": (-1, channels, 1, 1), "wide": per_channel_source(tracer, src)})
+    x = tracer.make(f"{n.name}.gather", "gather", [x.name], attrs={"index": tuple(picked)})
+    tracer.make(n.name, "reshape", [x.name], attrs={"shape": (-1, len(picked)), "wide": False})
+    return HANDLED
 
 
 # ---------------------------------------------------------------------------------------------- QAT steps

@@ -48,7 +48,7 @@ CONSTANT = """inputs [x] (read for its batch size only); consts value (1, ...) i
 axis 0 to x's batch."""
 
 LAYERS = ("conv", "linear")          # producers whose values carry one scale per channel
-KEEP_SCALES = ("relu", "clamp", "maxpool")
+KEEP_SCALES = ("relu", "clamp", "maxpool", "avgpool", "flatten")      # pooling keeps each channel's scale
 
 
 # ---------------------------------------------------------------------------------------------- tracing

@@ -85,9 +85,21 @@ def mul_step(qm, node, ins):
         return V(None, s, a.r * b.r, node.name)
     q = a.q * b.q
     corners = [x * y for x in (a.lo, a.hi) for y in (b.lo, b.hi)]
-    qm.emit("mul", [a.name, b.name], node.name, scale=np_scale(s), lo=min(corners), hi=max(corners))
+    qm.emit("mul", [a.name, _spread_channel(qm, node, a, b)], node.name, scale=np_scale(s), lo=min(corners),
+            hi=max(corners))
     real = a.r * b.r if qm.needs_real() else None
     return V(q, s, qm.real(real, q, s), node.name, min(corners), max(corners))
+
+
+def _spread_channel(qm, node, a: V, b: V) -> str:
+    """The program value of operand b; a map's one channel (N, 1, H, W) times a map of C channels (CBAM's spatial
+    gate) is gathered C times first (`channel_gather`, the copy BAM's `expand_as` makes): the program's product
+    broadcasts b over H and W only (the compiled kernel reads b's channels lane by lane)."""
+    if a.q.dim() != 4 or b.q.shape[1] != 1 or a.q.shape[1] == 1:
+        return b.name
+    index = np.zeros(a.q.shape[1], np.int32)
+    return qm.emit("channel_gather", [b.name], f"{node.name}.spread", consts={"index": index},
+                   scale=np_scale(b.s), lo=b.lo, hi=b.hi)
 
 
 def mul_range(op, r):

@@ -7,15 +7,14 @@ max of the integers, which keep their scale.
 from __future__ import annotations
 
 import math
-
-from dataclasses import replace
+import operator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hawq_ray.ops.registry import AtenCall, GraphNode, ProgramOp, as_pair, register_ops
+from hawq_ray.ops.registry import HANDLED, AtenCall, GraphNode, ProgramOp, as_pair, register_ops
 from hawq_ray.program.dyadic import dyadic, requantize
 from hawq_ray.program.integer import pool_pad, windows
 from hawq_ray.quant.values import V, dyadic_consts, np_scale
@@ -68,10 +67,19 @@ def adaptive_sums(x: torch.Tensor, out: tuple) -> torch.Tensor:
 
 
 def _convert_mean(tracer, n):
-    """A mean over axes after the batch's is a global average pool: over H and W of a map directly (then a flatten
-    unless keepdim); over others (tokens: ViT's average pooling; a channels-last map's H and W) after a permute
-    that puts the kept axes first and a reshape to (N, kept, reduced, 1), the pool's output reshaped back. A sum
-    (split attention's sum over its radix) is the same pool without the division."""
+    """A mean over axes after the batch's is a global average pool (`_reduce`); a sum (split attention's sum over
+    its radix) is the same pool without the division."""
+    pooled = {"global": True} | ({"sum": True} if n.target in (torch.sum, "sum") else {})
+    return _reduce(tracer, n, n.name, "avgpool", lambda window: pooled)
+
+
+def _reduce(tracer, n, name: str, kind: str, attrs_of):
+    """`n`, a reduction over axes after the batch's (`x.mean(dims[, keepdim])`), as a global pool of `kind`
+    whose output is graph value `name` (added; HANDLED): over H and W of a map directly (then a flatten unless
+    keepdim); over others (tokens: ViT's average pooling; CBAM's channels; a channels-last map's H and W) after a
+    permute that puts the kept axes first and a reshape to (N, kept, reduced, 1), the pool's output reshaped
+    back. `attrs_of(window)`: the pool's attrs for the (rows, columns) it reduces. None where `n` is not such a
+    reduction."""
     src = n.args[0]
     if not tracer.is_tensor(src):
         return None
@@ -86,29 +94,64 @@ def _convert_mean(tracer, n):
         return None
     kept = [a for a in range(1, rank) if a not in axes]
     order = [0, *kept, *axes]
+    from hawq_ray.ops.layout import per_channel_source   # here: layout registers last (`ops/__init__`)
     x = tracer.src(src)
-    wide = tracer.by_name[x].kind in ("conv", "linear")
+    wide = per_channel_source(tracer, src)              # a layer's per-channel scales: one scale first
     if order != list(range(rank)):
-        x = tracer.make(f"{n.name}.order", "permute", [x], attrs={"dims": tuple(order), "wide": wide}).name
+        x = tracer.make(f"{name}.order", "permute", [x], attrs={"dims": tuple(order), "wide": wide}).name
         wide = False
     kept_sizes = [int(shape[a]) for a in kept]
+    window = tuple(int(shape[a]) for a in axes)
     if rank != 4 or len(axes) != 2:
-        x = tracer.make(f"{n.name}.rows", "reshape", [x], attrs={
-            "shape": (-1, math.prod(kept_sizes), math.prod(int(shape[a]) for a in axes), 1), "wide": wide}).name
-    pooled = {"global": True} | ({"sum": True} if n.target in (torch.sum, "sum") else {})
+        window = (math.prod(window), 1)
+        x = tracer.make(f"{name}.rows", "reshape", [x], attrs={
+            "shape": (-1, math.prod(kept_sizes), *window), "wide": wide}).name
+    pooled = attrs_of(window)
     if keep and order == list(range(rank)) and rank == 4:
-        return tracer.node(n, "avgpool", [x], attrs=pooled)
-    pool = tracer.make(f"{n.name}.pool", "avgpool", [x], attrs=pooled)
+        tracer.make(name, kind, [x], attrs=pooled)
+        return HANDLED
+    pool = tracer.make(f"{name}.pool", kind, [x], attrs=pooled)
     out = [1 if a in axes else int(shape[a]) for a in range(1, rank)] if keep else kept_sizes
     if len(out) == 1:
-        return replace(pool, name=n.name, kind="flatten", inputs=[pool.name], attrs={})
-    return replace(pool, name=n.name, kind="reshape", inputs=[pool.name], attrs={"shape": (-1, *out), "wide": False})
+        tracer.make(name, "flatten", [pool.name])
+    else:
+        tracer.make(name, "reshape", [pool.name], attrs={"shape": (-1, *out), "wide": False})
+    return HANDLED
+
+
+def _convert_reduce_max(tracer, n):
+    """A max over axes after the batch's (CBAM's spatial gate: `x.max(dim=1)[0]`, `x.amax(1, keepdim=True)`) is a
+    max pool whose window is the reduced axes (`_reduce`): integers keep their scale. `x.max(dim)` and
+    `torch.max(x, dim)` return (values, indices): the values wait for the `[0]` / `.values` that reads them;
+    the indices are refused."""
+    if len(n.args) > 1 and tracer.is_tensor(n.args[1]):
+        return None                                 # torch.max(a, b): the element-wise max of two tensors
+    pooled = lambda window: _attrs(window, window, 0, False, 1)     # noqa: E731
+    if n.target in (torch.amax, "amax"):
+        return _reduce(tracer, n, n.name, "maxpool", pooled)
+    if _reduce(tracer, n, f"{n.name}.values", "maxpool", pooled) is None:
+        return None
+    tracer.pending[n.name] = ("values", f"{n.name}.values")
+    return HANDLED
+
+
+def _convert_values(tracer, n):
+    """`[0]` / `.values` of a max over axes (`_convert_reduce_max`): the max pool's output."""
+    state = tracer.pending.get(getattr(n.args[0], "name", None))
+    if state is None or state[0] != "values" or n.args[1] not in (0, "values"):
+        return None
+    tracer.alias[n.name] = state[1]
+    return HANDLED
 
 
 _MAX_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
 
 
 def _convert_max(tracer, n, m):
+    if n.target in (operator.getitem, getattr):
+        return _convert_values(tracer, n)
+    if n.target in (torch.max, torch.amax, "max", "amax"):
+        return _convert_reduce_max(tracer, n)
     if isinstance(m, nn.AdaptiveMaxPool2d) or n.target is F.adaptive_max_pool2d:
         return _convert_global_max(tracer, n, m)
     if m is None:                   # F.max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode)
@@ -276,9 +319,11 @@ register_ops(
                     aten.avg_pool2d.default: AtenCall(F.avg_pool2d, _pool_args), aten.mean.dim: torch.mean,
                     aten.mean.default: torch.mean, aten.sum.dim_IntList: torch.sum}),
     GraphNode("maxpool", maxpool_step, modules=(nn.MaxPool2d, nn.AdaptiveMaxPool2d),
-              functions=(F.max_pool2d, F.adaptive_max_pool2d), convert=_convert_max, nonneg=all,
-              supported="MaxPool2d, AdaptiveMaxPool2d to 1x1",
-              aten={aten.max_pool2d.default: AtenCall(F.max_pool2d, _pool_args)}),
+              functions=(F.max_pool2d, F.adaptive_max_pool2d, torch.max, torch.amax, operator.getitem, getattr),
+              methods=("max", "amax"), convert=_convert_max, nonneg=all,
+              supported="MaxPool2d, AdaptiveMaxPool2d to 1x1, max / amax over axes after the batch's",
+              aten={aten.max_pool2d.default: AtenCall(F.max_pool2d, _pool_args), aten.max.dim: torch.max,
+                    aten.amax.default: torch.amax}),
     ProgramOp("sum_pool2d", SUM_POOL, execute_sum, sum_range),
     ProgramOp("max_pool2d", MAX_POOL, execute_max, lambda op, r: r[0]),
 )
