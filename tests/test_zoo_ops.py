@@ -1,6 +1,9 @@
 """The ops pytorchcv's zoo needs beyond the common CNN ones (issue 44), each in small hand-written modules:
 PReLU (espnetv2), BatchNorm1d after a Linear (bam), torch.stack (sknet), expand / expand_as of a gate (cbam,
-bam), softmax over an axis other than the last (resnesta).
+bam), softmax over an axis other than the last (resnesta), a max over the channels and a one-channel gate times
+a map (cbam's spatial gate), features picked by a fixed index (condensenet's classifier); and the capture's
+fallbacks: a graph torch.fx traced that does not run (octresnet) goes through torch.export, and a model whose
+first conv reads more channels than the image has (irevnet) is given the image's.
 
 For each: the QAT simulation, the integer executor, the compiled TVM module and the exact ONNX export agree on
 every element, and the op's integers are held to an independent float computation of what the module computes
@@ -359,3 +362,177 @@ def test_a_number_added_or_subtracted_is_the_affine_with_an_offset(bits, tmp_pat
         # half a step, the offset rounded to the input's grid (half an input step), the dyadic's 2^-30
         bound = 0.5 + 0.5 * s_in / scale_of(prog, op.output) + np.abs(want) * 2.0 ** -29 + 1e-6
         assert np.all(np.abs(values[op.output].numpy() - want) <= bound), op.output
+
+
+# ---------------------------------------------------------------------------------------------- CBAM's spatial gate
+
+class SpatialGate(nn.Module):
+    """CBAM's spatial gate on a ReLU'd conv (per-channel scales): the max over the channels (`x.max(dim=1)[0]`, and
+    `amax(1, keepdim=True)` in a second gate) beside the mean over them, a 7x7 conv to one channel, and the map
+    times the (N, 1, H, W) sigmoid."""
+
+    def __init__(self, c=12):
+        super().__init__()
+        self.conv, self.gate, self.gate2 = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(2, 1, 7, padding=3), \
+            nn.Conv2d(2, 1, 3, padding=1)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        att = torch.cat((x.max(dim=1)[0].unsqueeze(1), x.mean(dim=1).unsqueeze(1)), dim=1)
+        x = x * torch.sigmoid(self.gate(att))
+        att = torch.cat((torch.amax(x, 1, keepdim=True), x.mean(1, keepdim=True)), dim=1)
+        x = torch.sigmoid(self.gate2(att)) * x
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def mixed_bits(model, shape) -> dict:
+    """Layers alternately at 4 and 8 bits (the first and last stay at 8)."""
+    from hawq_ray.contract.table import COL
+    from hawq_ray.quant.layers import layer_table
+    layers = list(layer_table(model, shape)[COL.layer])
+    return {name: 8 if k in (0, len(layers) - 1) else (4, 8)[k % 2] for k, name in enumerate(layers)}
+
+
+def _bits(name, model, shape):
+    return mixed_bits(model, shape) if name == "mixed" else name
+
+
+@pytest.mark.parametrize("bits", ["uniform8", "uniform4", "mixed"])
+def test_a_max_over_channels_is_a_max_pool_and_a_one_channel_gate_is_spread(bits, tmp_path):
+    model = SpatialGate()
+    prog, values, _ = through_every_back_end(model, (3, 9, 9), _bits(bits, model, (3, 9, 9)), tmp_path)
+    made = {op.output: op for op in prog.ops}
+    maxes = [op for op in prog.ops if op.op == "max_pool2d"]
+    assert len(maxes) == 2
+    for op in maxes:                            # numpy's max over the channels of the map the permute reads
+        permute = made[made[op.inputs[0]].inputs[0]]
+        assert permute.op == "permute"
+        src = values[permute.inputs[0]].numpy()
+        got = values[op.output].numpy().reshape(src.shape[0], -1)
+        assert np.array_equal(got, src.max(axis=1).reshape(src.shape[0], -1))
+        assert np.all(scale_of(prog, op.output) == scale_of(prog, permute.inputs[0]))
+        real = torch.from_numpy(src * scale_of(prog, permute.inputs[0]))     # torch's max of the values
+        assert torch.allclose(torch.from_numpy(got * scale_of(prog, op.output)), real.amax(1).flatten(1))
+    spreads = [op for op in prog.ops if op.op == "channel_gather"]
+    assert len(spreads) == 2 and all(tuple(op.consts["index"]) == (0,) * 12 for op in spreads)
+    for op in spreads:                          # the product reads the one channel C times, as torch broadcasts it
+        mul = next(m for m in prog.ops if m.op == "mul" and op.output in m.inputs)
+        a, b = (values[i].numpy().astype(np.int64) for i in mul.inputs)
+        gate = values[op.inputs[0]].numpy().astype(np.int64)
+        assert gate.shape[1] == 1 and np.array_equal(b, np.broadcast_to(gate, b.shape))
+        assert np.array_equal(values[mul.output].numpy(), a * gate)
+
+
+def test_the_indices_of_a_max_and_a_max_of_two_tensors_stay_refused():
+    class Indices(nn.Module):
+        def __init__(self, which):
+            super().__init__()
+            self.conv, self.which = nn.Conv2d(3, 4, 3), which
+
+        def forward(self, x):
+            y = self.conv(x)
+            if self.which == "indices":
+                return y.max(dim=1)[1].float().mean((1, 2))
+            return torch.max(y, torch.relu(y)).mean((2, 3))
+
+    for which, what in (("indices", r"at 'getitem' in module '0' of type Indices"),
+                        ("pair", r"function 'max' at 'max_1' in module '0' of type Indices")):
+        with pytest.raises(HawqError, match=what) as e:
+            prepare(nn.Sequential(Indices(which)).eval(), "uniform8", (3, 6, 6))
+        assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- features by index
+
+class PickedFeatures(nn.Module):
+    """CondenseNet's classifier: pooled features (N, C) picked by a fixed index buffer (`index_select`, dim 1),
+    once after a pool (one scale) and once straight from a Linear (one scale per feature), each read by a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.head = nn.Conv2d(3, 10, 3), nn.Linear(6, 7), nn.Linear(5, 4)
+        self.register_buffer("index", torch.tensor([9, 0, 3, 3, 7, 1]))
+        self.register_buffer("index2", torch.tensor([6, 2, 0, 5, 1]))
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x)).mean((2, 3))
+        x = self.fc(torch.index_select(x, dim=1, index=self.index))
+        return self.head(torch.index_select(x, 1, self.index2))
+
+
+@pytest.mark.parametrize("bits", ["uniform4", "mixed"])
+def test_features_picked_by_a_fixed_index_are_a_gather_between_reshapes(bits, tmp_path):
+    model = PickedFeatures()
+    prog, values, _ = through_every_back_end(model, (3, 7, 7), _bits(bits, model, (3, 7, 7)), tmp_path)
+    made = {op.output: op for op in prog.ops}
+    gathers = [op for op in prog.ops if op.op == "channel_gather"]
+    assert [tuple(op.consts["index"]) for op in gathers] == [tuple(model.index.tolist()),
+                                                             tuple(model.index2.tolist())]
+    for op, index in zip(gathers, (model.index, model.index2)):
+        shaped = made[op.inputs[0]]
+        assert shaped.op == "reshape"
+        src = values[shaped.inputs[0]].numpy()
+        while src.ndim > 2:                     # the Linear's accumulator requantized to one scale first
+            src = src.reshape(src.shape[0], -1)
+        picked = values[next(o.output for o in prog.ops if o.op == "reshape" and o.inputs == [op.output])].numpy()
+        assert picked.shape == (4, len(index)) and np.array_equal(picked, src[:, index.numpy()])   # numpy's take
+
+
+# ---------------------------------------------------------------------------------------------- capture fallbacks
+
+class OctConv(nn.Conv2d):
+    """OctResNet's octave conv at its last stage: a Conv2d (a module fx keeps whole) that returns (high, None)."""
+
+    def forward(self, x):
+        return super().forward(x), None
+
+
+class Octave(nn.Module):
+    """OctResNet's unit: it adds the low path `if lx is not None`; fx traces the add (the proxy of the conv's
+    second output is never None), a graph that fails on an image."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = OctConv(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h, lx = self.conv(x)
+        h = torch.relu(h)
+        if lx is not None:
+            h = h + lx
+        return self.head(h.mean((2, 3)))
+
+
+def test_a_graph_fx_traces_that_does_not_run_is_one_line_naming_the_call_then_export_is_tried():
+    from hawq_ray.quant.graph import trace_graph
+    model = Octave().eval()
+    with pytest.raises(HawqError, match=r"^the graph torch.fx captured fails on a \(3, 6, 6\) image at 'add': "
+                                        r"TypeError: unsupported operand") as e:
+        trace_graph(model, (3, 6, 6), capture="fx")
+    assert "\n" not in str(e.value)
+    # torch.export takes the branch the model takes; the conv's call, kept whole, still returns a pair
+    with pytest.raises(HawqError, match=r"^model Octave: the graph torch.fx captured fails .* and the graph "
+                                        r"torch.export captured fails .* at 'relu'") as e:
+        trace_graph(model, (3, 6, 6))
+    assert "\n" not in str(e.value)
+
+
+class SpaceToDepth(nn.Module):
+    """i-RevNet's stem: the image's 2x2 blocks moved to the channels before the first conv (which reads 12), with
+    `in_size` and no `in_channels` attribute, as pytorchcv's i-RevNet."""
+
+    def __init__(self, in_channels: int = 3, in_size=(8, 8)):
+        super().__init__()
+        self.in_size, self.conv = in_size, nn.Conv2d(4 * in_channels, 5, 3)
+
+    def forward(self, x):
+        return self.conv(F.pixel_unshuffle(x, 2))
+
+
+def test_the_input_channels_of_a_model_whose_first_conv_reads_more_are_the_constructors():
+    from hawq_ray.inputs.models import input_shape
+    assert input_shape(SpaceToDepth()) == (3, 8, 8)
+    model = nn.Sequential(nn.Conv2d(12, 4, 3))
+    model.in_size = (6, 6)
+    assert input_shape(model) == (12, 6, 6)                         # the first conv where nothing else says

@@ -503,8 +503,7 @@ def input_shape(model_or_name=None):
     if not isinstance(model, nn.Module):
         raise HawqError(f"model must be a name or a torch.nn.Module, got {type(model).__name__}")
     in_size = getattr(model, "in_size", None)
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    channels = getattr(model, "in_channels", None) or (first_conv.in_channels if first_conv else None)
+    channels = getattr(model, "in_channels", None) or _first_conv_channels(model, in_size)
     timm_cfg = getattr(model, "pretrained_cfg", None)              # a timm model object's
     timm_size = timm_cfg.get("input_size") if isinstance(timm_cfg, dict) else None
     if in_size is None and isinstance(timm_size, (tuple, list)) and len(timm_size) == 3:
@@ -513,6 +512,28 @@ def input_shape(model_or_name=None):
         raise HawqError(f"cannot tell the input shape of {type(model).__name__} (no in_size attribute); "
                         f"give it explicitly as (C, H, W)")
     return (int(channels), int(in_size[0]), int(in_size[1]))
+
+
+def _first_conv_channels(model: nn.Module, in_size):
+    """The channels of the first conv, or, where the model does not run on them, its constructor's default
+    `in_channels` (pytorchcv's i-RevNet: a space-to-depth step makes its first conv read 6 channels of a
+    3-channel image, and it keeps no `in_channels` attribute)."""
+    import inspect
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = first_conv.in_channels if first_conv else None
+    default = inspect.signature(type(model).__init__).parameters.get("in_channels")
+    default = default.default if default is not None and isinstance(default.default, int) else None
+    if default is None or default == channels or not (isinstance(in_size, (tuple, list)) and len(in_size) == 2):
+        return channels
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, channels, *in_size))
+        return channels
+    except Exception:  # noqa: BLE001 -- any failure of forward says these are not its channels
+        return default
+    finally:
+        model.train(was)
 
 
 def _torchvision_input_shape(name):

@@ -54,7 +54,7 @@ def _export(model: nn.Module, input_shape, fx_failure):
     was = model.training
     model.eval()            # the inference forms (BN on running statistics, no dropout), no statistics change
     try:
-        with _quiet_torch():
+        with quiet_torch():
             return torch.export.export(model, (torch.zeros(2, *input_shape),),
                                        dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False)
     except Exception as e:  # export raises many types
@@ -64,7 +64,7 @@ def _export(model: nn.Module, input_shape, fx_failure):
 
 
 @contextmanager
-def _quiet_torch():
+def quiet_torch():
     """torch.export logs, and prints, the graph it had when it failed; the error says what matters in one line.
     What was printed meanwhile (the model's own prints, another thread's) is passed on when the export succeeds."""
     loggers = [logging.getLogger(name) for name in ("torch", "torch._dynamo", "torch.fx.experimental.symbolic_shapes")]

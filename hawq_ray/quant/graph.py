@@ -9,16 +9,18 @@ off the trace (the sensitivity stage's delta_b).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from hawq_ray.contract import HawqError
 from hawq_ray.inputs.attention import explicit_attention
 from hawq_ray.ops import GRAPH_NODES, HANDLED
 from hawq_ray.ops.layout import ConstantSlot, constant_tensor
-from hawq_ray.quant.capture import exported_module, fx_args
+from hawq_ray.quant.capture import exported_module, fx_args, quiet_torch
 from hawq_ray.quant.fold import fold_bn
 
 FX, EXPORT = "torch.fx", "torch.export"
@@ -70,12 +72,12 @@ class _Tracer:
     """What a converter sees: `node(...)` makes a graph node of fx node `n` (its tensor arguments mapped to
     graph nodes), `unsupported(...)` raises the error that names the module and its type."""
 
-    def __init__(self, gm: fx.GraphModule | None = None, input_shape=None):
+    def __init__(self, gm: fx.GraphModule | None = None, input_shape=None, how: str = FX):
         self.nodes: list[GNode] = []
         self.alias: dict[str, str] = {}        # fx node name -> graph node name
         self.by_name: dict[str, GNode] = {}
         self.pending: dict[str, tuple] = {}     # fx node name -> a value in the making (a 5-D view, a tuple of parts)
-        self._gm, self._input_shape, self._shapes = gm, input_shape, {}
+        self._gm, self._input_shape, self._shapes, self._how = gm, input_shape, {}, how
 
     def shape(self, n: fx.Node, batch: int = 2):
         """The concrete shape of fx node `n`'s value (a tuple, or a tuple of them for a tuple) at `batch`: from
@@ -83,7 +85,7 @@ class _Tracer:
         axis grows with the batch)."""
         if batch not in self._shapes:
             shape = self._input_shape() if callable(self._input_shape) else self._input_shape
-            self._shapes[batch] = _propagate_shapes(self._gm, shape, batch)
+            self._shapes[batch] = _propagate_shapes(self._gm, shape, batch, self._how)
         return self._shapes[batch].get(n.name)
 
     def src(self, a) -> str:
@@ -146,14 +148,20 @@ def _entries_for(n: fx.Node, module) -> list:
             (n.op == "call_method" and n.target in e.methods)]
 
 
-def _propagate_shapes(gm: fx.GraphModule, input_shape, batch: int) -> dict:
+def _propagate_shapes(gm: fx.GraphModule, input_shape, batch: int, how: str = FX) -> dict:
     import torch
     from torch.fx.passes.shape_prop import ShapeProp
     was = {m: m.training for m in gm.modules()}
     gm.eval()                               # no BN statistics change
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_torch():        # ShapeProp prints the traceback of a failure
             ShapeProp(gm).propagate(torch.zeros(batch, *input_shape))
+    except Exception as e:  # noqa: BLE001 -- the traced graph fails on an image, whatever the type
+        cause = e.__cause__ or e
+        named = re.search(r"node=%(\S+)", str(e))
+        at = next((f" at {n.name!r}{_inside(n)}" for n in gm.graph.nodes if named and n.name == named[1]), "")
+        raise FxGraphFails(f"the graph {how.split(' ')[0]} captured fails on a {tuple(input_shape)} image{at}: "
+                           f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
     finally:
         for m, flag in was.items():
             m.training = flag
@@ -170,8 +178,18 @@ class _LeafTracer(fx.Tracer):
     are converted as what they compute, not traced into their arithmetic)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, tuple(t for e in GRAPH_NODES.values() for t in e.modules) + _drop_path()) or \
-            super().is_leaf_module(m, qualname)
+        return converted_as_is(m) or super().is_leaf_module(m, qualname)
+
+
+def converted_as_is(m: nn.Module) -> bool:
+    """Whether fx keeps a module whole, to be converted as the registered type it is an instance of. A BN
+    subclass with a forward of its own (timm's BatchNormAct2d: BN, then an activation) is traced into instead:
+    converted as a BN it would be a silently different function; its F.batch_norm is the module's BN (folded
+    as one) and the rest converts op by op. Other subclasses convert as their type (LayerNorm2d by its
+    converter); `qat.check_function` stops one that computes something else."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward is not nn.modules.batchnorm._BatchNorm.forward:
+        return False
+    return isinstance(m, tuple(t for e in GRAPH_NODES.values() for t in e.modules) + _drop_path())
 
 
 def trace_graph(model: nn.Module, input_shape=None, capture: str = "auto") -> Graph:
@@ -183,9 +201,30 @@ def trace_graph(model: nn.Module, input_shape=None, capture: str = "auto") -> Gr
         from hawq_ray.inputs.models import input_shape as model_input_shape
         input_shape = (lambda: model_input_shape(model))       # asked for only if a converter needs shapes
     gm, how = _capture(model, input_shape, capture)
-    modules = dict(gm.named_modules())
+    try:
+        return _graph(model, gm, how, input_shape)
+    except FxGraphFails as e:
+        if capture != "auto" or how != FX:
+            raise HawqError(str(e)) from None
+        # symbolic tracing took a branch the model does not (`if lx is not None` on a proxy: OctResNet)
+        shape = input_shape() if callable(input_shape) else input_shape
+        gm = exported_module(model, shape, _LeafTracer().is_leaf_module, str(e))
+        try:
+            return _graph(model, gm, f"{EXPORT} ({e})", input_shape)
+        except FxGraphFails as again:
+            raise HawqError(f"model {type(model).__name__}: {e}; and {again}") from None
+
+
+class FxGraphFails(HawqError):
+    """The captured graph does not run on an image (its shape propagation raised)."""
+
+
+def _graph(model: nn.Module, gm: fx.GraphModule, how: str, input_shape) -> Graph:
+    """The graph of the captured `gm` (`how`: the capture)."""
+    # the model's own modules where fx kept a bare copy of one it traced into (for the attributes it read)
+    modules = dict(gm.named_modules()) | dict(model.named_modules())
     fx_users = {n.name: list(n.users) for n in gm.graph.nodes}
-    t = _Tracer(gm, input_shape)
+    t = _Tracer(gm, input_shape, how)
     output = None
     for n in gm.graph.nodes:
         if n.op == "placeholder":
@@ -350,20 +389,54 @@ def identity_modules() -> tuple:
     return (nn.Dropout, nn.Identity, *_stochastic_depth()[1:], *_drop_path())
 
 
+def _fold_bn(t: _Tracer, n: fx.Node, m: nn.Module, name: str, fx_users: dict) -> bool:
+    """Fold BN module `m` (called by `n` on its first argument) into the conv (BatchNorm2d) or Linear
+    (BatchNorm1d of (N, C)) whose value it alone reads; False when there is none."""
+    prev = t.by_name.get(t.alias.get(n.args[0].name, ""))
+    into = "conv" if isinstance(m, nn.BatchNorm2d) else "linear"     # BatchNorm1d: a Linear's (N, C)
+    readers = [u for u in fx_users[n.args[0].name] if not _shape_query(u)]     # timm asserts x.ndim == 4
+    if prev is None or prev.kind != into or prev.bn is not None or len(readers) != 1 or \
+            (into == "linear" and (len(prev.inputs) > 1 or len(t.shape(n.args[0])) != 2)):
+        return False
+    prev.bn, prev.bn_name = m, name
+    t.alias[n.name] = prev.name
+    return True
+
+
+def _batch_norm_of(n: fx.Node, modules: dict) -> str | None:
+    """The BN module whose call `F.batch_norm(x, mean, var, weight, bias, ...)` at `n` is: its statistics,
+    weight, bias and eps all that module's own (the training flag aside: QAT folds with running statistics
+    either way); None otherwise."""
+    if n.op != "call_function" or n.target is not F.batch_norm:
+        return None
+    args = dict(zip(("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+                    n.args)) | dict(n.kwargs)
+    reads = [args.get(k) for k in ("running_mean", "running_var", "weight", "bias")]
+    if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in reads[:2]):
+        return None
+    owner = reads[0].target.rpartition(".")[0]
+    m = modules.get(owner)
+    own = [None if a is None else f"{owner}.{k}" for a, k in zip(reads, ("running_mean", "running_var", "weight",
+                                                                         "bias"))]
+    if not isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) or \
+            [getattr(a, "target", None) for a in reads] != own or args.get("eps", 1e-5) != m.eps:
+        return None
+    return owner
+
+
 def _structural(t: _Tracer, n: fx.Node, modules: dict, fx_users: dict) -> bool:
     """Calls that make no node of their own: BN folded into the conv (or Linear) before it, Dropout / Identity, shape
     queries. True when `n` was one of them (and handled)."""
+    bn_name = _batch_norm_of(n, modules)
+    if bn_name is not None:         # F.batch_norm of a BN module's own statistics (timm's BatchNormAct2d)
+        m = modules[bn_name]
+        if not _fold_bn(t, n, m, bn_name, fx_users):
+            t.add(GNode(n.name, "batchnorm", [t.src(n.args[0])], module=m, bn=m, bn_name=bn_name))
+        return True
     if n.op == "call_module":
         m = modules[n.target]
         if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-            prev = t.by_name.get(t.alias.get(n.args[0].name, ""))
-            into = "conv" if isinstance(m, nn.BatchNorm2d) else "linear"     # BatchNorm1d: a Linear's (N, C)
-            if prev is None or prev.kind != into or prev.bn is not None or len(fx_users[n.args[0].name]) != 1 or \
-                    (into == "linear" and (len(prev.inputs) > 1 or len(t.shape(n.args[0])) != 2)):
-                return False    # nothing to fold into: a node of its own (ops/batchnorm.py)
-            prev.bn, prev.bn_name = m, n.target
-            t.alias[n.name] = prev.name
-            return True
+            return _fold_bn(t, n, m, n.target, fx_users)   # else a node of its own (ops/batchnorm.py)
         if isinstance(m, identity_modules()):
             t.alias[n.name] = t.src(n.args[0])
             return True
@@ -371,7 +444,7 @@ def _structural(t: _Tracer, n: fx.Node, modules: dict, fx_users: dict) -> bool:
     if n.op == "call_function" and n.target in _stochastic_depth()[:1]:
         t.alias[n.name] = t.src(n.args[0])      # identity at inference; QAT trains without dropping blocks
         return True
-    if n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "ndim"):
+    if _shape_query(n):
         return True
     if n.op == "call_method" and n.target == "contiguous" and t.is_tensor(n.args[0]):
         t.alias[n.name] = t.alias[n.args[0].name]
@@ -381,7 +454,13 @@ def _structural(t: _Tracer, n: fx.Node, modules: dict, fx_users: dict) -> bool:
     if n.op in ("call_function", "call_method") and not any(t.is_tensor(a) for a in fx_args(n)) and \
             any(isinstance(a, fx.Node) for a in fx_args(n)):
         return True                         # arithmetic on shapes (x.size(1) // groups): no value of the graph
-    return n.op == "call_method" and n.target in ("size", "dim")
+    return False
+
+
+def _shape_query(n: fx.Node) -> bool:
+    """x.shape, x.ndim, x.size(), x.dim(): a question about a value, not a value of the graph."""
+    return (n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "ndim")) or \
+        (n.op == "call_method" and n.target in ("size", "dim"))
 
 
 def folded_weights(model: nn.Module) -> dict[str, torch.Tensor]:
