@@ -443,6 +443,33 @@ def test_the_indices_of_a_max_and_a_max_of_two_tensors_stay_refused():
         assert "\n" not in str(e.value)
 
 
+class ExportedMaxPools(nn.Module):
+    """A shape branch (torch.fx cannot trace it: captured by torch.export), then DPN's and CBAM's functional
+    adaptive max pooling to 1x1 (`aten.adaptive_max_pool2d`, which returns (values, indices)) and a channel max."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gate, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(1, 8, 1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        if y.shape[-1] > 4:
+            y = F.max_pool2d(y, 2)
+        y = y * torch.sigmoid(self.gate(torch.amax(y, dim=1, keepdim=True)))
+        return self.head(torch.flatten(F.adaptive_max_pool2d(y, 1), 1))
+
+
+def test_export_captures_adaptive_max_pooling_and_a_channel_max(tmp_path):
+    from hawq_ray.quant.graph import trace_graph
+    model = ExportedMaxPools()
+    assert trace_graph(model, (3, 8, 8)).capture.startswith("torch.export")
+    prog, values, _ = through_every_back_end(model, (3, 8, 8), "uniform4", tmp_path)
+    pools = [op for op in prog.ops if op.op == "max_pool2d"]
+    assert [tuple(op.attrs["kernel"]) for op in pools] == [(2, 2), (8, 1), (4, 4)]
+    last = values[pools[-1].inputs[0]].numpy()
+    assert np.array_equal(values[pools[-1].output].numpy(), last.max(axis=(2, 3), keepdims=True))   # numpy's max
+
+
 # ---------------------------------------------------------------------------------------------- features by index
 
 class PickedFeatures(nn.Module):

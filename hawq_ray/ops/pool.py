@@ -164,13 +164,20 @@ def _convert_max(tracer, n, m):
 
 
 def _convert_global_max(tracer, n, m):
-    """Adaptive max pooling to 1x1 (CBAM's and DPN's channel descriptors): a max pool whose window is the map."""
+    """Adaptive max pooling to 1x1 (CBAM's and DPN's channel descriptors): a max pool whose window is the map.
+    With return_indices (the form torch.export records, `aten.adaptive_max_pool2d` returning (values, indices))
+    the values wait for their `[0]`, as a max over axes (`_convert_values`)."""
     size = m.output_size if m is not None else (n.args[1] if len(n.args) > 1 else n.kwargs["output_size"])
+    indices = m.return_indices if m is not None else bool(n.kwargs.get("return_indices", False))
     shape = tracer.shape(n.args[0])
-    if as_pair(size) != (1, 1) or (m is not None and m.return_indices) or shape is None or len(shape) != 4:
+    if as_pair(size) != (1, 1) or shape is None or len(shape) != 4 or (indices and m is not None):
         return None
     window = tuple(int(v) for v in shape[2:])
-    return tracer.node(n, "maxpool", [n.args[0]], attrs=_attrs(window, window, 0, False, 1))
+    if not indices:
+        return tracer.node(n, "maxpool", [n.args[0]], attrs=_attrs(window, window, 0, False, 1))
+    tracer.make(f"{n.name}.values", "maxpool", [tracer.src(n.args[0])], attrs=_attrs(window, window, 0, False, 1))
+    tracer.pending[n.name] = ("values", f"{n.name}.values")
+    return HANDLED
 
 
 # ---------------------------------------------------------------------------------------------- QAT steps
@@ -310,6 +317,11 @@ def _pool_args(args, kwargs):
     return tuple(args), kwargs
 
 
+def _with_indices(args, kwargs):
+    """aten.adaptive_max_pool2d returns (values, indices), which the export graph reads with getitem."""
+    return args, dict(kwargs) | {"return_indices": True}
+
+
 register_ops(
     GraphNode("avgpool", avgpool_step, modules=(nn.AvgPool2d, nn.AdaptiveAvgPool2d),
               functions=(F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean, torch.sum), methods=("mean", "sum"),
@@ -323,7 +335,8 @@ register_ops(
               methods=("max", "amax"), convert=_convert_max, nonneg=all,
               supported="MaxPool2d, AdaptiveMaxPool2d to 1x1, max / amax over axes after the batch's",
               aten={aten.max_pool2d.default: AtenCall(F.max_pool2d, _pool_args), aten.max.dim: torch.max,
-                    aten.amax.default: torch.amax}),
+                    aten.amax.default: torch.amax,
+                    aten.adaptive_max_pool2d.default: AtenCall(F.adaptive_max_pool2d, _with_indices)}),
     ProgramOp("sum_pool2d", SUM_POOL, execute_sum, sum_range),
     ProgramOp("max_pool2d", MAX_POOL, execute_max, lambda op, r: r[0]),
 )
