@@ -267,6 +267,16 @@ def small_torchvision_maxvit():
     return model
 
 
+def small_timm_maxvit():
+    """timm's MaxViT (MBConv, block and grid attention with an MLP relative position bias), at 32x32."""
+    from timm.models.maxxvit import MaxxVit, MaxxVitCfg, MaxxVitConvCfg, MaxxVitTransformerCfg
+    torch.manual_seed(5)
+    cfg = MaxxVitCfg(embed_dim=(16, 32), depths=(1, 1), block_type=("M", "M"), stem_width=8, stem_bias=True,
+                     conv_cfg=MaxxVitConvCfg(),
+                     transformer_cfg=MaxxVitTransformerCfg(rel_pos_type="mlp", dim_head=8, partition_ratio=8))
+    return MaxxVit(cfg, img_size=32, num_classes=10)
+
+
 MODELS = {"digits_vit": (lambda: DigitsViT(seed=3), (1, 16, 16)),
           "timm_vit": (small_timm_vit, (3, 16, 16)),
           "torchvision_vit": (small_torchvision_vit, (3, 16, 16)),
@@ -274,14 +284,18 @@ MODELS = {"digits_vit": (lambda: DigitsViT(seed=3), (1, 16, 16)),
           "timm_convnext": (small_timm_convnext, (3, 32, 32)),
           "torchvision_swin": (small_torchvision_swin, (3, 32, 32)),     # 8x8 tokens, shifted 4x4 windows
           "torchvision_maxvit": (small_torchvision_maxvit, (3, 32, 32)),   # block and grid attention, einsum
+          "timm_maxvit": (small_timm_maxvit, (3, 32, 32)),
           "timm_swin": (small_timm_swin, (3, 32, 32)),    # explicit window attention, channels-last head
           "torchvision_swin_v2": (small_torchvision_swin_v2, (3, 40, 40)),
           "timm_swin_v2": (small_timm_swin_v2, (3, 32, 32)),
           "timm_beit": (small_timm_beit, (3, 16, 16)),
           "padded_tokens": (PaddedTokens, (1, 6, 4)),
           "radix_sum": (RadixSum, (3, 6, 6))}
-ATTENTION = {"digits_vit", "timm_vit", "torchvision_vit", "torchvision_swin", "torchvision_maxvit", "timm_swin",
-             "torchvision_swin_v2", "timm_swin_v2", "timm_beit"}
+ATTENTION = {"digits_vit", "timm_vit", "torchvision_vit", "torchvision_swin", "torchvision_maxvit", "timm_maxvit",
+             "timm_swin", "torchvision_swin_v2", "timm_swin_v2", "timm_beit"}
+# one model of each way attention is written (digits_vit's TVM test is test_deploy_transformer's)
+COMPILED = ("timm_vit", "torchvision_vit", "torchvision_swin_v2", "torchvision_maxvit", "timm_maxvit", "timm_beit",
+            "torchvision_convnext")
 SHIFTED = {"torchvision_swin", "timm_swin", "torchvision_swin_v2", "timm_swin_v2"}
 EXPECTED = {"torchvision_convnext": {"affine"}, "timm_convnext": {"affine"},       # layer scale
             "torchvision_swin_v2": {"pad", "crop", "affine"}, "timm_swin_v2": {"affine"},
@@ -316,6 +330,21 @@ def test_qat_simulation_and_executor_agree_on_every_element(name, bits):
         name == "radix_sum" or {"layer_norm"} <= ops
     assert EXPECTED.get(name, set()) <= ops
     assert ("roll" in ops) == (name in SHIFTED)
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_the_compiled_module_matches_the_executor_on_every_value(name):
+    """The TVM module of a small model of each family under a random mixed config (4-bit q, k, v beside 8-bit
+    ones), 8 random inputs: every value its kernels store equals the integer executor's."""
+    from hawq_ray.analysis.verify import check_compiled
+    build, shape = MODELS[name]
+    model = build().eval()
+    qm = prepare(model, mixed_bits(model, shape, 5), shape)
+    x = torch.randn((8, *shape), generator=torch.Generator().manual_seed(11))
+    qm.calibrate([x]).eval()
+    program = qm.to_integer()
+    out, _ = check_compiled(program, program.quantize_input(x), "llvm")
+    assert out["tvm_differing"] == 0 and out["tvm_first_divergence"] is None and out["tvm_values"] > 20, out
 
 
 @pytest.mark.parametrize("name", sorted(ATTENTION))

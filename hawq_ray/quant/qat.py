@@ -251,4 +251,33 @@ def prepare(model: nn.Module, bits="uniform8", input_shape=None, table: pd.DataF
     model = copy.deepcopy(model).eval()
     graph = trace_graph(model, input_shape)
     table = layer_table(model, input_shape, graph) if table is None else table
-    return QuantModel(model, dict(parse_bits(bits, table)), input_shape, graph=graph).eval()
+    qm = QuantModel(model, dict(parse_bits(bits, table)), input_shape, graph=graph).eval()
+    check_function(qm)
+    return qm
+
+
+TOLERANCE = 1e-3    # of the largest output: BN folding moves float32 results by ~1e-6 of it, a wrong op by ~1
+
+
+def check_function(qm: QuantModel) -> None:
+    """Raise unless the converted graph computes the model: its float interpreter (mode "fp32": BN folded,
+    nothing quantized) against the model itself on two random images. A converter that reads a call as a
+    different function (a subclass's own forward, a dropped argument) is stopped here, before any calibration,
+    training or deployment, instead of showing as lost accuracy."""
+    device = next((p.device for p in qm.model.parameters()), torch.device("cpu"))
+    x = torch.randn((2, *qm.input_shape), generator=torch.Generator().manual_seed(0)).to(device)
+    mode = qm.mode
+    try:
+        with torch.no_grad():
+            ref = qm.model.eval()(x)
+            got = qm.set_mode("fp32").run(x)[0].r
+    finally:
+        qm.set_mode(mode)
+    if not isinstance(ref, torch.Tensor) or not torch.isfinite(ref).all() or ref.shape != got.shape:
+        return
+    worst, top = float((got - ref).abs().max()), float(ref.abs().max())
+    if worst > TOLERANCE * top + 1e-6:
+        raise HawqError(f"model {type(qm.model).__name__}: the converted graph does not compute the model "
+                        f"(max |difference| {worst:.3g} on outputs up to {top:.3g} in float, before any "
+                        "quantization): a call is converted as a different function; please report it with "
+                        "`hawq-ray layers --model ...`")
