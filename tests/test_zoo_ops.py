@@ -506,6 +506,41 @@ def test_features_picked_by_a_fixed_index_are_a_gather_between_reshapes(bits, tm
         assert picked.shape == (4, len(index)) and np.array_equal(picked, src[:, index.numpy()])   # numpy's take
 
 
+# ---------------------------------------------------------------------------------------------- split along the width
+
+def downscale(x, scale=2):
+    """i-RevNet's space-to-depth (pytorchcv's IRevDownscale.forward): the width split into columns of `scale`,
+    each viewed as (N, H / scale, C scale^2), stacked and permuted back to a map."""
+    batch, channels, height, _ = x.size()
+    y = x.permute(0, 2, 3, 1)
+    parts = [t.contiguous().view(batch, height // scale, channels * scale * scale) for t in y.split(scale, dim=2)]
+    return torch.stack(parts, dim=1).permute(0, 3, 2, 1).contiguous()
+
+
+class SpaceToDepthNet(nn.Module):
+    """A conv, i-RevNet's downscale (iterating over the split's parts: torch.fx cannot trace it, torch.export
+    does), a conv on the 4x channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.conv2, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(16, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = downscale(torch.relu(self.conv(x)))
+        return self.head(self.conv2(y).mean((2, 3)))
+
+
+def test_a_split_along_the_width_is_crops_and_equals_the_models_own_rearrangement(tmp_path):
+    prog, values, _ = through_every_back_end(SpaceToDepthNet(), (3, 6, 6), "uniform4", tmp_path)
+    crops = [op for op in prog.ops if op.op == "crop"]
+    assert [(op.attrs["axes"], op.attrs["starts"], op.attrs["stops"]) for op in crops] == \
+        [((2,), (k,), (k + 2,)) for k in (0, 2, 4)]
+    for k, op in zip((0, 2, 4), crops):          # numpy's slice of the permuted (N, H, W, C) codes
+        src = values[op.inputs[0]].numpy()
+        assert src.shape[1:] == (6, 6, 4) and np.array_equal(values[op.output].numpy(), src[:, :, k:k + 2])
+        assert np.all(scale_of(prog, op.output) == scale_of(prog, op.inputs[0]))
+
+
 # ---------------------------------------------------------------------------------------------- capture fallbacks
 
 class OctConv(nn.Conv2d):

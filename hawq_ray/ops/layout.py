@@ -176,10 +176,35 @@ def _slices(index, shape: tuple) -> dict | None:
     return {"axes": tuple(axes), "starts": tuple(starts), "stops": tuple(stops)} if axes else None
 
 
+def _convert_split_axis(tracer, n, m):
+    """`x.split(size, dim)` / `torch.split` along an axis that is not a map's channels (`ops.channels` takes
+    those; i-RevNet's space-to-depth splits along the width): the parts wait for their getitem, each a crop."""
+    src = n.args[0]
+    if not tracer.is_tensor(src):
+        return None
+    rank, parts = len(tracer.shape(src)), tracer.shape(n)
+    dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0) % rank
+    if dim == 0 or not parts:
+        return None
+    bounds, start = [], 0
+    for shape in parts:
+        bounds.append((start, start + int(shape[dim])))
+        start += int(shape[dim])
+    tracer.pending[n.name] = ("crops", src, dim, bounds)
+    return HANDLED
+
+
 def _convert_crop(tracer, n, m):
     """`x[:, a:b, c:d]` (slices of step 1 that leave the batch whole): a crop, or an alias where nothing is cut
-    (timm Swin's crop by 0)."""
+    (timm Swin's crop by 0); a part of a split along an axis (`_convert_split_axis`)."""
     src, index = n.args[0], n.args[1]
+    state = tracer.pending.get(getattr(src, "name", None))
+    if state is not None and state[0] == "crops" and isinstance(index, int):
+        _, whole, axis, bounds = state
+        start, stop = bounds[index]
+        tracer.make(n.name, "crop", [tracer.src(whole)], attrs={
+            "axes": (axis,), "starts": (start,), "stops": (stop,), "wide": per_channel_source(tracer, whole)})
+        return HANDLED
     if not tracer.is_tensor(src):
         return None
     if all(tracer.shape(n, batch=b) == tracer.shape(src, batch=b) for b in (2, 3)) and \
@@ -484,8 +509,9 @@ register_ops(
               convert=lambda t, n, m: (_convert_pad_module if m is not None else _convert_pad)(t, n, m), nonneg=all,
               observers=_wide_observer, supported="F.pad with zeros, ZeroPad2d",
               aten={aten.pad.default: F.pad, aten.constant_pad_nd.default: AtenCall(F.pad, _constant_pad_args)}),
-    GraphNode("crop", crop_step, functions=(operator.getitem,), convert=_convert_crop, nonneg=all,
-              observers=_wide_observer, supported="x[:, a:b, c:d] (step 1)",
+    GraphNode("crop", crop_step, functions=(operator.getitem, torch.split), methods=("split",),
+              convert=lambda t, n, m: (_convert_crop if n.target is operator.getitem else _convert_split_axis)(t, n, m),
+              nonneg=all, observers=_wide_observer, supported="x[:, a:b, c:d] (step 1), split along H or W",
               aten={aten.slice.Tensor: AtenCall(operator.getitem, slice_args)}),
     GraphNode("constant", constant_step, methods=("expand", "expand_as"), convert=_convert_expand,
               supported="parameters read in forward (added or concatenated), expand / expand_as of a map",
