@@ -232,7 +232,8 @@ def print_rows(name, batch, rows, args):
     u8 = rows.get(UINT8, {}).get("median_ms")
     cap = os.environ.get(CAP_ENV)
     print(f"\n{name}, batch {batch}, {os.cpu_count()} threads, "
-          f"median of {args.rounds} rounds x mean of {args.calls} calls; TVM target {args.target}"
+          f"median of {args.rounds} rounds x mean of {args.calls} calls; TVM target {args.target}; load average "
+          f"{os.getloadavg()[0]:.1f} at the end (other processes share the cores)"
           + (f"; oneDNN capped at {cap} ({CAP_ENV})" if cap else ""))
     print(f"{'path':30s} {'ISA':>18s} {'median ms':>10s} {'fp32/x':>8s} {'x/ORT':>7s} {'x/ao':>6s} {'x/u8':>6s} "
           f"{'compile s':>9s} {'diff':>5s}")
