@@ -22,7 +22,7 @@ from hawq_ray.service.settings import BATCH, COUNT, Int
 def register(sub) -> None:
     p = sub.add_parser("compile", help="compile bit configs to integer-only TVM libraries (+ manifest), timed together")
     add_config_args(p, several=True)
-    p.add_argument("--target", default="llvm", help="llvm (this CPU; VNNI when it has it) or cuda")
+    p.add_argument("--target", default="llvm", help="llvm (this CPU), an ISA to build for (avx2, avx512, avx512-vnni, amx), cuda, or a TVM target as JSON")
     p.add_argument("--batch", type=BATCH, default=8)
     p.add_argument("--calibration-batches", type=COUNT, default=2)
     p.add_argument("--rounds", type=Int(0, COUNT.high), default=15,

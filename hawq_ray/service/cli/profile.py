@@ -25,7 +25,8 @@ def register(sub) -> None:
     add_model_args(p, data=False)
     p.add_argument("--batch", type=BATCH, default=8, help="batch size of the kernels (default 8)")
     p.add_argument("--target", default="llvm",
-                   help="llvm | cuda | a TVM target as JSON; detected on each node (default llvm)")
+                   help="llvm | avx2 | avx512 | avx512-vnni | amx | cuda | a TVM target as JSON; detected on each node "
+                        "(default llvm)")
     p.add_argument("--resource", default=None,
                    help="profile on the nodes holding this custom Ray resource, e.g. t4 (default: any node)")
     p.add_argument("--actors", type=ACTORS, default=2, help="ProfilerActors to spread the kernels over (default 2)")

@@ -33,7 +33,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--tvm", action="store_true", help="also compile with TVM and count elements that differ "
                                                        "from the integer executor (must be 0)")
-    p.add_argument("--target", default="llvm", help="TVM target for --tvm (llvm or cuda)")
+    p.add_argument("--target", default="llvm", help="TVM target for --tvm (llvm, avx2, avx512, avx512-vnni, amx or cuda)")
     p.set_defaults(func=run_verify)
 
 
