@@ -273,8 +273,12 @@ def check_function(qm: QuantModel) -> None:
             got = qm.set_mode("fp32").run(x)[0].r
     finally:
         qm.set_mode(mode)
-    if not isinstance(ref, torch.Tensor) or not torch.isfinite(ref).all() or ref.shape != got.shape:
-        return
+    if not isinstance(ref, torch.Tensor) or not torch.isfinite(ref).all():
+        return                          # nothing to compare against: a float overflow of random weights
+    if ref.shape != got.shape:
+        raise HawqError(f"model {type(qm.model).__name__}: the converted graph gives outputs of shape "
+                        f"{tuple(got.shape)}, the model {tuple(ref.shape)}; please report it with "
+                        "`hawq-ray layers --model ...`")
     worst, top = float((got - ref).abs().max()), float(ref.abs().max())
     if worst > TOLERANCE * top + 1e-6:
         raise HawqError(f"model {type(qm.model).__name__}: the converted graph does not compute the model "
