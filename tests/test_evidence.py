@@ -3,6 +3,7 @@ the statistics against numpy / scipy and hand-worked cases, and the Ray stage on
 distinct config evaluated once, in Ray workers, each row's metrics equal to a direct evaluation)."""
 from __future__ import annotations
 
+from hawq_ray.service.session import start_local
 import itertools
 import json
 import os
@@ -128,7 +129,7 @@ def test_standing_hand_worked():
 @pytest.fixture(scope="module")
 def local_ray():
     import ray
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)   # no dashboard: its start timed out under load
+    start_local(num_cpus=2)   # a fresh local Ray, started again if the raylet misses its 30 s
     yield
     ray.shutdown()
 

@@ -1,5 +1,6 @@
 """hawq-ray finetune on Ray Tune: the result table against hand recomputation from the checkpoints, ASHA with
 sampled learning rates, the CLI, and an interrupted run that resumes from its checkpoints."""
+from hawq_ray.service.session import start_local
 import argparse
 import glob
 import json
@@ -34,7 +35,7 @@ LIMIT = 256      # training samples per epoch in these tests
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance():
-    ray.init(address="local", num_cpus=2, log_to_driver=False)   # a fresh instance, even if a cluster runs here
+    start_local(num_cpus=2)   # a fresh local Ray, started again if the raylet misses its 30 s
     yield
     ray.shutdown()
 

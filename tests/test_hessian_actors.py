@@ -1,6 +1,7 @@
 """HessianActor traces on a one-node Ray: exact, identical for 1 and 2 actors, and after an actor is killed."""
 from __future__ import annotations
 
+from hawq_ray.service.session import start_local
 import os
 
 import numpy as np
@@ -19,7 +20,7 @@ SETTINGS = dict(tol=0.05, max_iter=200, min_iter=8, block=4, seed=3)
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    start_local(num_cpus=2)   # a fresh local Ray, started again if the raylet misses its 30 s
     yield
     ray.shutdown()
 

@@ -83,3 +83,48 @@ def test_local_ray_is_loopback_only_private_and_dies_with_its_driver(tmp_path):
     while session_processes(driver.pid, os.getpid()) and time.time() < deadline:
         time.sleep(0.2)
     assert session_processes(driver.pid, os.getpid()) == set()
+
+
+TIMED_OUT = ("The current node timed out during startup. This could happen because some of the raylet failed to "
+             "startup or the GCS has become overloaded.")
+
+
+def test_a_local_start_that_times_out_is_cleaned_up_and_started_again(monkeypatch):
+    """Ray waits a fixed 30 s for the raylet; on a loaded machine that start fails and leaves its processes
+    running. start_local ends them (here: a stand-in child) and starts again; other errors pass at once."""
+    import pytest
+    import ray
+    from hawq_ray.service import session
+    calls, leftovers = [], []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            leftovers.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]))
+            raise Exception(TIMED_OUT)
+
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.warns(RuntimeWarning, match="try 1 of 3"):
+        session.start_local(num_cpus=2)
+    assert len(calls) == 2 and calls[1]["address"] == "local" and calls[1]["num_cpus"] == 2
+    assert leftovers[0].poll() is not None                          # killed, and reaped
+
+    def never(**kwargs):
+        calls.append(kwargs)
+        raise Exception(TIMED_OUT)
+
+    monkeypatch.setattr(ray, "init", never)
+    calls.clear()
+    with pytest.warns(RuntimeWarning), pytest.raises(Exception, match="timed out during startup"):
+        session.start_local()
+    assert len(calls) == session.LOCAL_START_TRIES
+
+    def refused(**kwargs):
+        calls.append(kwargs)
+        raise ValueError("num_cpus must not be provided")
+
+    monkeypatch.setattr(ray, "init", refused)
+    calls.clear()
+    with pytest.raises(ValueError):
+        session.start_local(num_cpus=2)
+    assert len(calls) == 1

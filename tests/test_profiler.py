@@ -3,6 +3,7 @@ layer, identical kernels measured once, an actor killed mid-run loses nothing, t
 run, a resource no node has fails at once, and the CLI. Timings themselves are checked in bench/, not here."""
 from __future__ import annotations
 
+from hawq_ray.service.session import start_local
 import argparse
 import json
 from pathlib import Path
@@ -26,7 +27,7 @@ FAST = dict(batch=BATCH, how=Measure(actors=2, rounds=ROUNDS, min_ms=2.0))
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_two_cpus():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)   # no dashboard: its start timed out under load
+    start_local(num_cpus=2)   # a fresh local Ray, started again if the raylet misses its 30 s
     yield
     ray.shutdown()
 

@@ -3,6 +3,7 @@ tables whose answer is certain, or hangs on two layers of equal sensitivity, aga
 and on Ray against the same draws in-process."""
 from __future__ import annotations
 
+from hawq_ray.service.session import start_local
 import os
 
 import numpy as np
@@ -68,7 +69,7 @@ def test_confidence_hand_worked():
 def test_draws_run_as_ray_tasks():
     import ray
     from hawq_ray.service.sweep import ray_draw_answers
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)   # no dashboard: its start timed out under load
+    start_local(num_cpus=2)   # a fresh local Ray, started again if the raylet misses its 30 s
     try:
         t, grid, workers = four_layers(100.0), [{"size": 0.25}, {"size": 0.5}], set()
         assert ray_draw_answers(t, grid, 30, seed=2, workers=workers) == draw_answers(t, grid, range(30), 2)

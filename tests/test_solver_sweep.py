@@ -1,6 +1,7 @@
 """Budget sweeps: grids, merging, the Pareto frontier, and the same answers in Ray tasks as in-process."""
 from __future__ import annotations
 
+from hawq_ray.service.session import start_local
 import itertools
 
 import numpy as np
@@ -90,7 +91,7 @@ def test_bad_grid():
 @pytest.fixture(scope="module")
 def ray_two_cpus():
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local(num_cpus=2)   # a fresh local Ray, started again if the raylet misses its 30 s
     yield ray
     ray.shutdown()
 
