@@ -1,13 +1,15 @@
 """`hawq-ray profile` on resnet18 (batch 8): cold and warm wall time, and whether the per-layer latencies add up
 to the end-to-end latency of the compiled model.
 
-    python bench/bench_profile.py [--model resnet18] [--batch 8] [--actors 2] [--rounds 7] [--min-ms 30] [--no-independent] [--json]
+    python bench/bench_profile.py [--model resnet18] [--batch 8] [--target avx2] [--actors 2] [--rounds 7] [--min-ms 30]
+                                  [--no-independent] [--json]
 
 Runs the CLI twice, each in a fresh process, on a fresh cache: cold (measures everything), then warm (the cache
 answers). Both check uniform4, uniform8 and a mixed config (the second half of the network at 4 bits, as
 bench/deploy_latency.py builds it). Then, unless --no-independent, this process compiles each config with
 `hawq_ray.deploy.compile_program` itself and times it in interleaved rounds (TVM_NUM_THREADS = all cores), a
-second end-to-end reference that owes nothing to the profiler.
+second end-to-end reference that owes nothing to the profiler. --target profiles and compiles for a named ISA
+(avx2, avx512, ...; `deploy.target.parse_target`) that this CPU can run.
 
 The issue's bars: sum of per-layer latencies within 15% of end to end for uniform8, uniform4 and mixed; a cold
 profile under 5 minutes on 2 cores, a warm one under 10 seconds. The machine may be shared: the load average
@@ -63,7 +65,7 @@ def run_cli(argv: list) -> tuple[float, dict]:
     return wall, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def independent_e2e(model_name: str, configs: dict, batch: int, rounds: int) -> dict:
+def independent_e2e(model_name: str, configs: dict, batch: int, rounds: int, target: str = "llvm") -> dict:
     """Median ms of each config compiled and timed in this process, interleaved rounds."""
     import torch
 
@@ -75,7 +77,7 @@ def independent_e2e(model_name: str, configs: dict, batch: int, rounds: int) -> 
     runners = {}
     for name, bits in configs.items():
         prog = prepare(model, bits, shape).calibrate([torch.rand((1, *shape))]).to_integer()
-        deployed = compile_program(prog, batch=batch, target="llvm")
+        deployed = compile_program(prog, batch=batch, target=target)
         deployed.time_ms(number=1, repeat=1)
         runners[name] = deployed
     samples = {name: [] for name in runners}
@@ -89,6 +91,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--target", default="llvm", help="llvm (this CPU), avx2, avx512, avx512-vnni, amx or TVM JSON")
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--min-ms", type=float, default=30.0, help="length of one kernel measurement (the CLI's)")
@@ -105,7 +108,7 @@ def main() -> int:
     mixed = mixed_bits(layer_table(model, tuple(input_shape(model))))
     work = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     (work / "mixed.json").write_text(json.dumps(mixed))
-    argv = ["profile", "--model", args.model, "--batch", str(args.batch), "--actors", str(args.actors),
+    argv = ["profile", "--model", args.model, "--batch", str(args.batch), "--target", args.target, "--actors", str(args.actors),
             "--rounds", str(args.rounds), "--min-ms", str(args.min_ms), "--check", str(work / "mixed.json"), "--out", str(work / "lat.parquet"),
             "--json"]
     load_before = load()
@@ -114,7 +117,7 @@ def main() -> int:
     independent = {}
     if not args.no_independent:
         independent = independent_e2e(args.model, {"uniform4": "uniform4", "uniform8": "uniform8", "mixed": mixed},
-                                      args.batch, args.rounds)
+                                      args.batch, args.rounds, args.target)
     load_after = load()
 
     rows = []
@@ -123,7 +126,7 @@ def main() -> int:
         rows.append({"config": r["config"], "sum_ms": r["sum_ms"], "e2e_ms": r["e2e_ms"], "ratio": r["ratio"],
                      "e2e_here_ms": ind, "ratio_here": r["sum_ms"] / ind if ind else None,
                      "within_15pct": abs(r["ratio"] - 1) <= 0.15})
-    print(f"{args.model} batch {args.batch}, {cold['threads']} threads, {args.actors} actors, {args.rounds} rounds "
+    print(f"{args.model} batch {args.batch}, target {args.target}, {cold['threads']} threads, {args.actors} actors, {args.rounds} rounds "
           f"of >= {args.min_ms:g} ms; "
           f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
     print(f"{'config':<10} {'sum of layers':>14} {'e2e (actor)':>12} {'ratio':>6} {'e2e (here)':>11} {'ratio':>6}"
@@ -137,7 +140,7 @@ def main() -> int:
         print(f"{name:<6} {s:>8.1f} {'<' + str(bar):>6} {res['cache_hits']:>7} {res['measured']:>9}"
               f"  {'ok' if s < bar else 'OVER'}")
     if args.json:
-        print(json.dumps({"model": args.model, "batch": args.batch, "load_before": load_before,
+        print(json.dumps({"model": args.model, "batch": args.batch, "target": args.target, "load_before": load_before,
                           "load_after": load_after, "cold_s": cold_s, "warm_s": warm_s, "rows": rows,
                           "cold": {k: cold[k] for k in ("items", "kernels", "cache_hits", "measured", "seconds")},
                           "warm": {k: warm[k] for k in ("items", "kernels", "cache_hits", "measured", "seconds")}}))

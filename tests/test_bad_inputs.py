@@ -114,6 +114,17 @@ def test_run_yaml_aliases_within_bounds_are_kept(tmp_path):
     assert cfg["deploy"]["target"] == cfg["profile"]["target"] == {"kind": "llvm", "mcpu": "skylake"}
 
 
+def test_the_deploy_target_is_the_profiles_unless_given(tmp_path):
+    """Latency budgets are priced on the profiled kernels: a run that names only the profile's ISA deploys for
+    it (so the report can set measured latency beside predicted); a deploy target of its own is kept."""
+    from hawq_ray.service.pipeline import load_config
+    config = tmp_path / "run.yaml"
+    config.write_text("profile: {target: avx2}\n")
+    assert load_config(config)["deploy"]["target"] == "avx2"
+    assert load_config(config, {"deploy": {"target": "avx512"}})["deploy"]["target"] == "avx512"
+    assert load_config()["deploy"]["target"] == load_config()["profile"]["target"] == "llvm"
+
+
 def test_error_messages_show_at_most_80_characters_of_a_value():
     from hawq_ray.contract.errors import brief
     deep = []

@@ -44,7 +44,8 @@ DEFAULT_CONFIG = {
     "profile": {"batch": 8, "target": "llvm", "resource": None, "actors": 1, "rounds": 5},
     "tune": {"epochs": 4, "samples": 1, "lr": 0.01, "distill": False, "teacher": None, "asha": False,
              "batch_size": 128},
-    "deploy": {"target": "llvm", "batch": 8, "inputs": 4, "rounds": 15},   # rounds: of interleaved timing
+    # target None: the profile's, so the deployed modules are the kernels the latency budgets were priced on
+    "deploy": {"target": None, "batch": 8, "inputs": 4, "rounds": 15},   # rounds: of interleaved timing
     "export": {"onnx": False, "form": "exact", "batches": 4},   # ONNX QDQ of each config, checked in onnxruntime
     "evidence": {"enabled": True, "randoms": 20},   # the ILP's configs against random and reversed ones (PTQ)
     # data: distilled: images made from the model's BatchNorm statistics (inputs.distill.DistillSettings)
@@ -83,6 +84,8 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
         _refuse_user_code(user, path)
         merge_settings(cfg, user, str(path))
     merge_settings(cfg, overrides or {}, "overrides")
+    if cfg["deploy"]["target"] is None:
+        cfg["deploy"]["target"] = cfg["profile"]["target"]
     check_mapping(cfg, RUN_SCHEMA)
     check_budgets(cfg["budgets"])
     size = cfg["input_size"]
