@@ -1,22 +1,29 @@
 """End-to-end latency of the TVM integer-only deployment against torch fp32 eager, torch.ao int8 (x86 backend:
-oneDNN), onnxruntime int8 QDQ and OpenVINO int8 (NNCF's default post-training quantization of the same model),
-all in one process, measured in interleaved rounds with a rotating order (so a load spike on a shared machine
-hits every path alike) and a short pause before each path (--pause, so the previous runtime's spinning worker
-threads go idle). In each round a path runs --calls times back to back and its mean call is its sample:
-steady-state latency. The first call after a pause also pays for waking the runtime's threads and refilling the
-caches the other runtimes evicted; --calls 1 measures that cold call alone. Prints a table of median ms and
-ratios per model and batch, then TVM uniform8 against torch.ao, onnxruntime and OpenVINO and, with several batch
-sizes, the per-image cost of the largest batch over batch 1; --json prints one JSON object last. OpenVINO and NNCF come
-with the `bench` extra (`pip install -e '.[bench]'`); a baseline that cannot be built is reported and skipped.
+oneDNN), torchao's PT2E int8 (torch.export + X86InductorQuantizer, lowered by torch.compile/inductor: the successor
+of torch.ao's deprecated FX quantization), onnxruntime int8 QDQ and OpenVINO int8 (NNCF's default post-training
+quantization of the same model), all in one process, measured in interleaved rounds with a rotating order (so a
+load spike on a shared machine hits every path alike) and a short pause before each path (--pause, so the previous
+runtime's spinning worker threads go idle). In each round a path runs --calls times back to back and its mean call
+is its sample: steady-state latency. The first call after a pause also pays for waking the runtime's threads and
+refilling the caches the other runtimes evicted; --calls 1 measures that cold call alone. Prints a table of median
+ms and ratios per model and batch, then TVM uniform8 against torch.ao, PT2E, onnxruntime and OpenVINO and, with
+several batch sizes, the per-image cost of the largest batch over batch 1; --json prints one JSON object last.
+torchao, OpenVINO and NNCF come with the `bench` extra (`pip install -e '.[bench]'`); a baseline that cannot be
+built (e.g. PT2E where inductor finds no C++ compiler) is reported and skipped.
 
     python bench/deploy_latency.py [--models resnet18,resnet50] [--batch 1,8] [--rounds 7] [--calls 3]
                                    [--pause 0.05] [--verify] [--json] [--target avx2] [--baselines ...]
 
 --target compiles TVM for a named ISA (`deploy.target.parse_target`: avx2, avx512, avx512-vnni, or a TVM target
 JSON). When that ISA is older than this CPU's, the whole benchmark runs again in a subprocess whose environment
-caps oneDNN at the same ISA (ONEDNN_MAX_CPU_ISA, read when the library loads), so torch fp32 and torch.ao int8
-(oneDNN) run as they would on that CPU, still in one process with interleaved rounds; onnxruntime has no such
-switch and OpenVINO is not capped by it: the table's `ISA` column says which rows were capped.
+caps every runtime that has a switch at the same ISA (read when the libraries load; `cap_env`): oneDNN
+(ONEDNN_MAX_CPU_ISA: torch's copy and OpenVINO's fork both honour it), ATen's and inductor's vector code
+(ATEN_CPU_CAPABILITY, for an AVX2 or SSE4.1 cap) and OpenVINO's own JIT kernels (OV_CPU_MAX_ISA, which OpenVINO
+wants set to the same value as ONEDNN_MAX_CPU_ISA). So torch fp32, torch.ao, PT2E and OpenVINO run as they would on
+that CPU, still in one process with interleaved rounds (checked for OpenVINO 2026.4, resnet18 int8: the
+primitiveType of its convolutions, poolings and input FakeQuantize in the execution graph reads avx2 under both
+variables, avx512 without; ONEDNN_MAX_CPU_ISA alone leaves the FakeQuantize on avx512). onnxruntime has no such
+switch: the table's `ISA` column says which rows were capped.
 
 Issue 14's bars (uniform8, 224x224): TVM no slower than torch.ao int8 at batch 8 and batch 1; uniform4 within 10%
 of uniform8; per-image time at batch 8 at most 0.75x that of batch 1 on resnet18. The rows `ORT hawq-ray u8
@@ -77,6 +84,32 @@ def torch_ao_int8(model, x, calib):
     def run():
         with torch.inference_mode():
             q(x)
+    return run
+
+
+def pt2e_int8(model, x, calib):
+    """torchao's PT2E int8: the exported graph annotated by X86InductorQuantizer's default config (per-channel int8
+    weights, per-tensor uint8 activations), calibrated on `calib`, converted to quantize/dequantize pairs and
+    lowered by inductor, which fuses them into oneDNN int8 convolutions and generates C++ for the rest."""
+    import torch._inductor.config as inductor_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    with torch.no_grad():   # inductor freezes only without grad; the guards then want every call without it
+        prepared = prepare_pt2e(torch.export.export(model.eval(), (x,)).module(), quantizer)
+        for c in calib:
+            prepared(c)
+        compiled = torch.compile(convert_pt2e(prepared))
+        # Freezing folds the weights into constants, which the int8 fusion needs (without it the convolutions run
+        # in fp32). Patched around the first call, which compiles: torch.compile(options={"freezing": True}) left
+        # the weights as graph inputs here and the compile failed on onednn.qconv_prepack.
+        with inductor_config.patch(freezing=True):
+            compiled(x)
+
+    def run():
+        with torch.no_grad():
+            compiled(x)
     return run
 
 
@@ -143,11 +176,14 @@ def mixed_bits(table):
 ONEDNN_CAPS = (("amx", "AVX512_CORE_AMX"), ("vnni", "AVX512_CORE_VNNI"), ("avx512bw", "AVX512_CORE"),
                ("avx2", "AVX2"))
 CAP_ENV = "ONEDNN_MAX_CPU_ISA"
-CAPPED = ("torch fp32 (NCHW)", "torch fp32 (channels_last)", "torch.ao int8 (x86)")   # the oneDNN paths
+ATEN_CAPS = {"AVX2": "avx2", "SSE41": "default"}    # ATEN_CPU_CAPABILITY for a cap below ATen's avx512 kernels
 
 
-TORCH_AO, OPENVINO, ORT, UINT8 = ("torch.ao int8 (x86)", "OpenVINO int8 (NNCF)", "onnxruntime int8 QDQ",
-                                  "TVM int-only uniform8")
+TORCH_AO, PT2E, OPENVINO, ORT, UINT8 = ("torch.ao int8 (x86)", "torchao PT2E int8 (inductor)",
+                                        "OpenVINO int8 (NNCF)", "onnxruntime int8 QDQ", "TVM int-only uniform8")
+# the rows whose runtime the cap reaches, and which runtime that is
+CAPPED = {"torch fp32 (NCHW)": "torch", "torch fp32 (channels_last)": "torch", TORCH_AO: "torch", PT2E: "torch",
+          OPENVINO: "OpenVINO"}
 
 
 def onednn_cap(target) -> str | None:
@@ -157,6 +193,15 @@ def onednn_cap(target) -> str | None:
     want, host = capabilities(parse_target(target)), capabilities(parse_target("llvm"))
     older = any(getattr(host, f) and not getattr(want, f) for f, _ in ONEDNN_CAPS)
     return next((cap for f, cap in ONEDNN_CAPS if getattr(want, f)), "SSE41") if older else None
+
+
+def cap_env(cap: str) -> dict:
+    """The environment that caps oneDNN (torch's and OpenVINO's), OpenVINO's own kernels and, below AVX-512,
+    ATen's and inductor's vector code at oneDNN ISA name `cap`."""
+    env = {CAP_ENV: cap, "OV_CPU_MAX_ISA": cap}
+    if cap in ATEN_CAPS:
+        env["ATEN_CPU_CAPABILITY"] = ATEN_CAPS[cap]
+    return env
 
 
 def tvm_model(model, shape, bits, batch, calib, verify, target="llvm"):
@@ -189,7 +234,7 @@ def hawq_onnx(model, shape, bits, x, calib, form, workdir):
 
 
 def bench_model(name, batch, rounds, verify, configs, calls=3, pause=0.05, target="llvm",
-                baselines=("torch", "ao", "ort", "openvino", "hawq-onnx")):
+                baselines=("torch", "ao", "pt2e", "ort", "openvino", "hawq-onnx")):
     from hawq_ray.quant.layers import layer_table
     from hawq_ray.inputs.models import get_model, input_shape
     torch.manual_seed(0)
@@ -202,6 +247,7 @@ def bench_model(name, batch, rounds, verify, configs, calls=3, pause=0.05, targe
     if "torch" in baselines:
         runners["torch fp32 (channels_last)"] = torch_fp32(get_model(name).eval(), x, channels_last=True)
     for key, label, make in (("ao", TORCH_AO, lambda: torch_ao_int8(get_model(name), x, calib)),
+                             ("pt2e", PT2E, lambda: pt2e_int8(get_model(name), x, calib)),
                              ("ort", ORT, lambda: ort_int8_qdq(get_model(name), x, calib, tempfile.mkdtemp())),
                              ("openvino", OPENVINO, lambda: openvino_int8(get_model(name), x, calib))):
         if key not in baselines:
@@ -209,7 +255,8 @@ def bench_model(name, batch, rounds, verify, configs, calls=3, pause=0.05, targe
         try:
             runners[label] = make()
         except Exception as e:  # a baseline that cannot be built here is reported, not fatal
-            print(f"# {name}: {label} unavailable: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
+            why = " ".join(str(e).split())[:120]    # one line: inductor's messages span several
+            print(f"# {name}: {label} unavailable: {type(e).__name__}: {why}", file=sys.stderr)
     for form in ("fused", "exact") if "hawq-onnx" in baselines else ():   # hawq-ray's ONNX export, in ORT
         runners[f"ORT hawq-ray u8 {form}"] = hawq_onnx(model, shape, "uniform8", x, calib, form,
                                                            tempfile.mkdtemp())
@@ -234,38 +281,39 @@ def print_rows(name, batch, rows, args):
     print(f"\n{name}, batch {batch}, {os.cpu_count()} threads, "
           f"median of {args.rounds} rounds x mean of {args.calls} calls; TVM target {args.target}; load average "
           f"{os.getloadavg()[0]:.1f} at the end (other processes share the cores)"
-          + (f"; oneDNN capped at {cap} ({CAP_ENV})" if cap else ""))
-    print(f"{'path':30s} {'ISA':>18s} {'median ms':>10s} {'fp32/x':>8s} {'x/ORT':>7s} {'x/ao':>6s} {'x/u8':>6s} "
+          + (f"; capped at {cap} ({', '.join(f'{k}={v}' for k, v in cap_env(cap).items())})" if cap else ""))
+    print(f"{'path':30s} {'ISA':>22s} {'median ms':>10s} {'fp32/x':>8s} {'x/ORT':>7s} {'x/ao':>6s} {'x/u8':>6s} "
           f"{'compile s':>9s} {'diff':>5s}")
     for k, r in rows.items():
         ms = r["median_ms"]
-        isa = f"TVM {args.target}" if k.startswith("TVM") else f"oneDNN<={cap}" if cap and k in CAPPED else "host"
-        print(f"{k:30s} {isa:>18s} {ms:10.1f} {fp32 / ms:8.2f} {ms / ort if ort else float('nan'):7.2f} "
+        isa = f"TVM {args.target}" if k.startswith("TVM") else f"{CAPPED[k]}<={cap}" if cap and k in CAPPED else "host"
+        print(f"{k:30s} {isa:>22s} {ms:10.1f} {fp32 / ms:8.2f} {ms / ort if ort else float('nan'):7.2f} "
               f"{ms / ao if ao else float('nan'):6.2f} "
               f"{ms / u8 if u8 and k.startswith('TVM') else float('nan'):6.2f} "
               f"{r.get('compile_s', ''):>9} {'' if r.get('differing') is None else r['differing']:>5}")
 
 
 def print_summary(results, batches):
-    """TVM uniform8 against torch.ao, onnxruntime and OpenVINO per model and batch, and the per-image cost of the
+    """TVM uniform8 against torch.ao, PT2E, onnxruntime and OpenVINO per model and batch, and the per-image cost of the
     largest batch over that of batch 1 (the bars: TVM / torch.ao and TVM / onnxruntime <= 1; per-image ratio
     <= 0.75)."""
     def ms(rows, key):
         return rows.get(key, {}).get("median_ms", float("nan"))
-    print(f"\n{'model':26s}{'batch':>6s}{'torch.ao':>10s}{'ORT':>8s}{'OpenVINO':>10s}{'TVM u8':>9s}{'TVM/ao':>8s}"
-          f"{'TVM/ORT':>8s}{'TVM/OV':>8s}")
+    print(f"\n{'model':26s}{'batch':>6s}{'torch.ao':>10s}{'PT2E':>8s}{'ORT':>8s}{'OpenVINO':>10s}{'TVM u8':>9s}"
+          f"{'TVM/ao':>8s}{'TVM/PT2E':>9s}{'TVM/ORT':>8s}{'TVM/OV':>8s}")
     for name, per_batch in results.items():
         for b in batches:
             rows = per_batch[b]
-            tvm, ao, ort, ov = ms(rows, UINT8), ms(rows, TORCH_AO), ms(rows, ORT), ms(rows, OPENVINO)
-            print(f"{name:26s}{b:6d}{ao:10.1f}{ort:8.1f}{ov:10.1f}{tvm:9.1f}{tvm / ao:8.2f}{tvm / ort:8.2f}"
-                  f"{tvm / ov:8.2f}")
+            tvm, ao, pt2e = ms(rows, UINT8), ms(rows, TORCH_AO), ms(rows, PT2E)
+            ort, ov = ms(rows, ORT), ms(rows, OPENVINO)
+            print(f"{name:26s}{b:6d}{ao:10.1f}{pt2e:8.1f}{ort:8.1f}{ov:10.1f}{tvm:9.1f}{tvm / ao:8.2f}"
+                  f"{tvm / pt2e:9.2f}{tvm / ort:8.2f}{tvm / ov:8.2f}")
         if len(batches) > 1:
             lo, hi = min(batches), max(batches)
             per_image = {k: ms(per_batch[hi], k) / hi / (ms(per_batch[lo], k) / lo)
-                         for k in (UINT8, TORCH_AO, OPENVINO)}
+                         for k in (UINT8, TORCH_AO, PT2E, OPENVINO)}
             print(f"{'':26s}per-image time, batch {hi} over batch {lo}: TVM {per_image[UINT8]:.2f}, torch.ao "
-                  f"{per_image[TORCH_AO]:.2f}, OpenVINO {per_image[OPENVINO]:.2f}")
+                  f"{per_image[TORCH_AO]:.2f}, PT2E {per_image[PT2E]:.2f}, OpenVINO {per_image[OPENVINO]:.2f}")
 
 
 def main(argv=None):
@@ -279,13 +327,13 @@ def main(argv=None):
     ap.add_argument("--verify", action="store_true", help="count differing elements vs the integer executor")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--target", default="llvm", help="TVM target: llvm (this CPU), avx2, avx512, avx512-vnni, "
-                                                     "or a target JSON; oneDNN baselines capped to match")
-    ap.add_argument("--baselines", default="torch,ao,ort,openvino,hawq-onnx",
+                                                     "or a target JSON; baselines capped to match")
+    ap.add_argument("--baselines", default="torch,ao,pt2e,ort,openvino,hawq-onnx",
                     help="which baselines besides torch fp32 NCHW to build (comma-separated)")
     args = ap.parse_args(argv)
     cap = onednn_cap(args.target)
-    if cap and os.environ.get(CAP_ENV) != cap:     # oneDNN reads the cap when it loads: run again, capped
-        env = {**os.environ, CAP_ENV: cap}
+    if cap and os.environ.get(CAP_ENV) != cap:     # the runtimes read the cap when they load: run again, capped
+        env = {**os.environ, **cap_env(cap)}
         sys.exit(subprocess.run([sys.executable, os.path.abspath(__file__),
                                  *(sys.argv[1:] if argv is None else argv)], env=env).returncode)
     batches = [int(b) for b in str(args.batch).split(",")]
