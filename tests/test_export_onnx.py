@@ -112,6 +112,41 @@ def test_the_fused_form_lets_onnxruntime_run_every_conv_on_integers(trained, nam
         assert kinds.count("QLinearAdd") >= sum(op.op == "add" for op in program.ops) - 1
 
 
+def test_the_fused_mobilenet_v2_runs_its_convs_on_integers(tmp_path):
+    """Issue 43: MobileNet V2's fused form on onnxruntime's integer kernels (no timing here). After its graph
+    optimizations every conv is a QLinearConv but the last, whose ReLU6 the program sums at 32 bits (no 8-bit
+    point there), and every residual add a QLinearAdd: no ReLU6 Max / Min is left between a conv and its
+    QuantizeLinear (its requantize's saturation is the clamp), and int8 activations are stored as uint8 at
+    zero point 128, one type into and out of every conv. The clamps left to their readers stay the program's
+    values in the `every_value` taps."""
+    import onnxruntime as ort
+    from hawq_ray.inputs.models import get_model
+    shape = (3, 64, 64)
+    torch.manual_seed(0)
+    program = calibrated(get_model("torchvision:mobilenet_v2").eval(), "uniform8", shape, [torch.randn(4, *shape)])
+    model = export_onnx(program, tmp_path / "m.onnx", form="fused")
+    inits = {t.name: t for t in model.graph.initializer}
+    activation_zps = {inits[n.input[2]].data_type for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert activation_zps == {onnx.TensorProto.UINT8}
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(tmp_path / "m.onnx"), opts, providers=["CPUExecutionProvider"])
+    kinds = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    convs = sum(op.op == "conv2d" for op in program.ops)
+    assert kinds.count("QLinearConv") == convs - 1, kinds
+    assert kinds.count("QLinearAdd") == sum(op.op == "add" for op in program.ops)
+    assert kinds.count("Max") == kinds.count("Min") == 1          # the last conv's ReLU6, before its pool
+    x = torch.randn(2, *shape)
+    export_onnx(program, tmp_path / "values.onnx", form="fused", every_value=True)
+    rows = {r["value"]: r for r in check_values(tmp_path / "values.onnx", program, x)}
+    for op in program.ops:
+        if op.op == "clamp":    # equal to the executor's where its conv's accumulator is
+            assert rows[op.output]["max_diff"] <= rows[op.inputs[0]]["max_diff"], (op.output, rows[op.output])
+    check = check_onnx(tmp_path / "m.onnx", program, [x])
+    assert check["top1_agreement"] == 1.0
+
+
 def test_the_graphs_constants_are_the_programs(trained, tmp_path):
     """Weight codes, INT32 biases and scales in the ONNX file, read back with onnx's numpy_helper."""
     program = calibrated(trained, mixed_bits(trained, SHAPE), SHAPE, [torch.randn(16, *SHAPE)])

@@ -108,10 +108,51 @@ def relu_onnx(g, op):
 
 
 def clamp_onnx(g, op):
+    """Max / Min at the clamp's bounds times the input's scale. The fused form writes nothing where the
+    readers' own saturation is the clamp (`_saturated_by_readers`: a ReLU6 ahead of the calibrated range of
+    its requantize): a Max / Min between a conv and its QuantizeLinear keeps onnxruntime from fusing them
+    into an integer conv. The value's tensor is then its input's; the clamped one is written only for the
+    export's `every_value` taps (`QdqGraph.unclamped`)."""
     x = g.value(op.inputs[0])
-    lo = g.const(np.asarray(op.consts["lo"], np.float64) * x.scale, f"{op.output}.lo")
-    hi = g.const(np.asarray(op.consts["hi"], np.float64) * x.scale, f"{op.output}.hi")
-    g.bind(op, g.node("Min", [g.node("Max", [x.name, lo], f"{op.output}.max"), hi], op.output), x.scale)
+
+    def clamped(name=op.output):
+        lo = g.const(np.asarray(op.consts["lo"], np.float64) * x.scale, f"{op.output}.lo")
+        hi = g.const(np.asarray(op.consts["hi"], np.float64) * x.scale, f"{op.output}.hi")
+        return g.node("Min", [g.node("Max", [x.name, lo], f"{op.output}.max"), hi], name)
+    if g.form == "fused" and _saturated_by_readers(g, op):
+        g.unclamped[op.output] = lambda: clamped(f"{op.output}.clamped")
+        g.bind(op, x.name, x.scale)
+        return
+    g.bind(op, clamped(), x.scale)
+
+
+def _saturated_by_readers(g, op) -> bool:
+    """Whether every reader of clamp op is a requantize to an 8-bit Q/DQ pair (`QdqGraph.quantize`) whose
+    output range the clamp leaves as it is: a requantize is monotone, so requantize(clamp(z, lo, hi)) =
+    clamp(requantize(z), requantize(lo), requantize(hi)), and where requantize(lo) <= its lower bound and
+    requantize(hi) >= its upper one, its own clamp (the QuantizeLinear's saturation) is the whole of it. The
+    bounds are checked at a fifth of a code from the rounding boundaries (the fused form's QuantizeLinear
+    rounds half to even, after a nudge of a quarter code at most: `requantize_onnx`)."""
+    readers = g.readers.get(op.output, [])
+    if not readers or op.output == g.program.output:
+        return False
+    lo = np.asarray(op.consts["lo"], np.float64).reshape(-1)
+    hi = np.asarray(op.consts["hi"], np.float64).reshape(-1)
+    for r in readers:
+        if r.op != "requantize":
+            return False
+        r_lo, r_hi = clamp_of(r)
+        if g.rounds_in_float(r, r_lo, r_hi) or g.narrowest(r_lo, r_hi) == "INT32":
+            return False
+        ratio = (np.asarray(r.consts["multiplier"], np.float64)
+                 / np.exp2(np.asarray(r.consts["shift"], np.float64))).reshape(-1)
+        try:                                # per channel, or one for all
+            low, high = lo * ratio, hi * ratio
+        except ValueError:
+            return False
+        if np.max(low) > r_lo + 0.2 or np.min(high) < r_hi - 0.2:
+            return False
+    return True
 
 
 def lookup_onnx(g, op):
@@ -168,7 +209,7 @@ def gather_onnx(g, op):
     codes = None if x.codes is None else g.node("Gather", [x.codes, at], f"{op.output}.codes", axis=1)
     scale = np.asarray(x.scale)
     g.bind(op, g.node("Gather", [x.name, at], op.output, axis=1), scale[index] if scale.ndim and len(scale) > 1
-           else scale, codes)
+           else scale, codes, x.zero_point)
 
 
 def resize_onnx(g, op):
@@ -363,17 +404,19 @@ def _float_rms_norm(g, h: str, x: str, rank: int, axis: int, gamma, beta, eps: f
 
 # ---------------------------------------------------------------------------------------------- transformer ops
 
-def _layout_onnx(g, op, onnx_op: str, extra: list | None = None, **attrs):
-    """A layout op: the same ONNX op on the float tensor and on its codes tensor where it has one; a per-tensor
-    scale moves with its integers (the program requantizes a per-feature value to one scale first)."""
+def _layout_onnx(g, op, onnx_op: str, extra: list | None = None, codes_extra: list | None = None, **attrs):
+    """A layout op: the same ONNX op on the float tensor and on its codes tensor where it has one (with
+    `codes_extra` for the codes' inputs where they differ); a per-tensor scale moves with its integers (the
+    program requantizes a per-feature value to one scale first), and the codes' zero point with them."""
     x = g.value(op.inputs[0])
     if np.size(x.scale) != 1:
         raise HawqError(f"ONNX export: {op.op} {op.output!r} moves a value with one scale per channel; the "
                         "program requantizes such a value to one scale first")
     extra = extra or []
     y = g.node(onnx_op, [x.name, *extra], op.output, **attrs)
-    codes = None if x.codes is None else g.node(onnx_op, [x.codes, *extra], f"{op.output}.codes", **attrs)
-    g.bind(op, y, x.scale, codes)
+    codes = None if x.codes is None else g.node(onnx_op, [x.codes, *(extra if codes_extra is None else codes_extra)],
+                                                f"{op.output}.codes", **attrs)
+    g.bind(op, y, x.scale, codes, x.zero_point)
 
 
 def reshape_onnx(g, op):
@@ -407,13 +450,18 @@ def roll_onnx(g, op):
             name = g.node("Concat", [tail, head], f"{hint}.roll{i}", axis=d)
         return g.node("Identity", [name], hint)
     codes = None if x.codes is None else rolled(x.codes, f"{h}.codes")
-    g.bind(op, rolled(x.name, h), x.scale, codes)
+    g.bind(op, rolled(x.name, h), x.scale, codes, x.zero_point)
 
 
 def pad_onnx(g, op):
-    """Pad with zeros (its default constant): code 0 on the codes tensor, 0.0 on the float one."""
+    """Pad with zeros (its default constant): code 0 on the codes tensor (its zero point where it stores int8
+    codes as uint8), 0.0 on the float one."""
     pads = [int(pair[0]) for pair in op.attrs["pads"]] + [int(pair[1]) for pair in op.attrs["pads"]]
-    _layout_onnx(g, op, "Pad", [g.const(np.asarray(pads, np.int64), f"{op.output}.pads", "INT64")])
+    pads = g.const(np.asarray(pads, np.int64), f"{op.output}.pads", "INT64")
+    x = g.value(op.inputs[0])
+    zero = [pads, g.const(np.asarray(x.zero_point), f"{op.output}.zp", "UINT8")] if x.codes and x.zero_point \
+        else None
+    _layout_onnx(g, op, "Pad", [pads], codes_extra=zero)
 
 
 def crop_onnx(g, op):

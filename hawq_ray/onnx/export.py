@@ -71,7 +71,9 @@ def export_onnx(program, path, metadata: dict | None = None, int4_weights: bool 
     g = QdqGraph(program, ops, program_shapes(replace(program, ops=ops)), int4_weights, form)
     g._names.update({INPUT, OUTPUT})
     s_in = np.asarray(program.input_scale, np.float64)
-    zp = g.const(np.zeros((), np.int64), "input.zp", "INT8")
+    # int8 codes; the fused form stores them as uint8 at zero point 128, as all its int8 activations (`QdqGraph.qdq`)
+    zero = 128 if form == "fused" else 0
+    zp = g.const(np.asarray(zero, np.int64), "input.zp", "UINT8" if zero else "INT8")
     scale_in = g.const(s_in, "input.scale")
     x = INPUT
     if form == "exact":      # the program's quantize_input: floor(x / S + 1/2) in float64, clamped
@@ -83,7 +85,7 @@ def export_onnx(program, path, metadata: dict | None = None, int4_weights: bool 
         x = g.node("Mul", [g.node("Cast", [q], "input.float", to=1), scale_in], "input.real")
     codes = g.node("QuantizeLinear", [x, scale_in, zp], "input.q")
     g.values[program.input_name] = Tensor(g.node("DequantizeLinear", [codes, scale_in, zp], "input.dq"), s_in,
-                                          codes)
+                                          codes, zero)
     for op in ops:       # each requantize reading a max pool moved before it (exact): quantized at the layer
         if op.op not in CONVERTERS:
             raise HawqError(f"ONNX export: no converter for integer op {op.op!r} ({op.output!r})")
@@ -94,8 +96,9 @@ def export_onnx(program, path, metadata: dict | None = None, int4_weights: bool 
         two = program_shapes(replace(program, ops=ops), batch=2)
         for op in ops:
             t = g.values[op.output]
+            name = g.unclamped[op.output]() if op.output in g.unclamped else t.name    # a clamp left to its readers
             dims = ["N" if a != b else a for a, b in zip(g.shape(op.output), two[op.output])]
-            taps.append((g.node("Div", [t.name, g.const(t.scale, f"codes:{op.output}.scale")], f"codes:{op.output}"),
+            taps.append((g.node("Div", [name, g.const(t.scale, f"codes:{op.output}.scale")], f"codes:{op.output}"),
                          dims))
     c, h, w = program.input_shape
     classes = g.shape(program.output)[1]

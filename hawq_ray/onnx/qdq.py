@@ -21,10 +21,14 @@ input codes. Two forms (`form`):
   rounding tie), and each residual / concat branch of the program (a 16-bit integer, clamped, in the program) on 8
   bits: a branch from a layer quantized over the sum's 16-bit range, a branch that is a value some layer
   reads at 8 bits that quantization of it, an 8-bit value itself. That is the graph onnxruntime's own
-  quantizer writes, and its CPU kernels run every conv on integers; it is further from the program. A
-  transformer's matmuls are MatMuls of dequantized operands (QLinearMatMul once fused); its Softmax and
-  LayerNormalization (an uncentered one, RMSNorm: x / rms(x) in float ops) run in float, the softmax's uint8
-  output quantized at 2^-8.
+  quantizer writes, and its CPU kernels run every conv with an 8-bit output on integers; it is further
+  from the program. As that quantizer's, its activations are all uint8: int8 codes stored at zero point 128
+  (the same values), so a conv's input and output have one type, which onnxruntime's fusion requires; and a
+  clamp whose readers' QuantizeLinear saturates at or inside its bounds (a ReLU6 ahead of a calibrated
+  range) is left to them instead of a Max / Min between the conv and its QuantizeLinear, which onnxruntime
+  does not fuse. A transformer's matmuls are MatMuls of dequantized operands (QLinearMatMul once fused); its
+  Softmax and LayerNormalization (an uncentered one, RMSNorm: x / rms(x) in float ops) run in float, the
+  softmax's uint8 output quantized at 2^-8.
 
 This module imports neither onnx nor torch at the top (onnx inside the graph's methods): the CLI reads
 `FORMS` from it at start-up.
@@ -56,6 +60,8 @@ class Tensor:
     # output (8-bit), or in the exact form a dense / matmul accumulator computed exactly (float64 holding
     # integers: a float32 tensor of codes times scale holds them to its precision only beyond 2^24), and the
     # layout ops' moves of those
+    zero_point: int = 0          # what `codes` holds for code 0: 128 for the fused form's int8 codes stored as
+    # uint8 (`QdqGraph.qdq`); `QdqGraph.codes` subtracts it
 
 
 class QdqGraph:
@@ -69,8 +75,15 @@ class QdqGraph:
         self.int4_weights, self.form = int4_weights, form
         self.nodes, self.initializers, self.values, self._names = [], [], {}, set()
         self._pairs = {}        # (float tensor, scale, type) -> its Q/DQ pair
+        self._zero_points = {}  # a QuantizeLinear's output -> its zero point, where not 0
+        self.unclamped = {}     # a clamp the fused form leaves to its readers' saturation -> its clamped value,
+        # written only on request (`clamped`: the export's `every_value` taps)
         self.eight_bit = {}     # program value -> its 8-bit Q/DQ (a requantize's output) when it has one
         self.branch_values = residual_branches(ops)
+        self.readers = {}       # program value -> the ops reading it
+        for op in ops:
+            for name in op.inputs:
+                self.readers.setdefault(name, []).append(op)
         self.ranges = sound_ranges(program, ops)
 
     # ---- reading
@@ -113,8 +126,13 @@ class QdqGraph:
         self.nodes.append(self.helper.make_node(op_type, inputs, names, name=names[0], **attrs))
         return names[0] if outputs == 1 else names
 
-    def bind(self, op, name: str, scale, codes: str | None = None) -> None:
-        self.values[op.output] = Tensor(name, np.asarray(scale, np.float64), codes)
+    def bind(self, op, name: str, scale, codes: str | None = None, zero_point: int | None = None) -> None:
+        """op's output: the float tensor `name` at `scale`, and its integer codes tensor where it has one (whose
+        zero point is the QuantizeLinear's that wrote it unless given: a layout op moving codes passes its
+        input's)."""
+        if zero_point is None:
+            zero_point = self._zero_points.get(codes, 0)
+        self.values[op.output] = Tensor(name, np.asarray(scale, np.float64), codes, int(zero_point))
 
     def dequantize(self, codes_name: str, scale, hint: str, qtype: str, axis: int = 1) -> str:
         """DequantizeLinear of integer codes at a per-tensor scale or per-channel scales along `axis`."""
@@ -133,7 +151,11 @@ class QdqGraph:
                           f"{hint}.round")
         else:
             q = t.codes
-        return self.node("Cast", [q], f"{hint}.codes", to=to)         # 7: TensorProto.INT64
+        q = self.node("Cast", [q], f"{hint}.codes", to=to)            # 7: TensorProto.INT64
+        if t.codes is not None and t.zero_point:      # uint8 storage of int8 codes: code + 128
+            dtype = {1: "FLOAT", 7: "INT64", 11: "DOUBLE"}[to]
+            q = self.node("Sub", [q, self.const(np.asarray(t.zero_point), f"{hint}.zp", dtype)], f"{hint}.signed")
+        return q
 
     @staticmethod
     def narrowest(lo: int, hi: int) -> str:
@@ -153,15 +175,24 @@ class QdqGraph:
         """QuantizeLinear then DequantizeLinear of x at a per-tensor scale or per-channel scales (axis 1):
         (the float name, the codes name). A pair equal to one written before is that one (two layers reading
         a value at the same bits and scale read one quantization of it, which a runtime can then fuse into
-        the value's producer)."""
+        the value's producer).
+
+        The fused form stores int8 codes as uint8 with zero point 128 (the same values: saturate(round(x / S)
+        + 128) - 128 = saturate to [-128, 127] of round(x / S)), so that every activation is uint8, as
+        onnxruntime's own quantizer writes them: its QDQ fusion takes a conv only where its input and output
+        have one type, and its int8 -> uint8 rewrite of a Q/DQ pair only where the Q has one reader, which a
+        branch (a residual's) does not."""
         scale = np.asarray(scale, np.float64)
         key = (x, scale.astype(np.float32).tobytes(), qtype)
         if key not in self._pairs:
             per_axis = scale.size > 1
+            stored, zero = ("UINT8", 128) if self.form == "fused" and qtype == "INT8" else (qtype, 0)
             s = self.const(scale.reshape(-1) if per_axis else scale.reshape(()), f"{hint}.scale")
-            z = self.const(np.zeros(scale.size if per_axis else (), np.int64), f"{hint}.zp", qtype)
+            z = self.const(np.full(scale.size if per_axis else (), zero, np.int64), f"{hint}.zp", stored)
             axis = {"axis": 1} if per_axis else {}
             codes = self.node("QuantizeLinear", [x, s, z], f"{hint}.q", **axis)
+            if zero:
+                self._zero_points[codes] = zero
             self._pairs[key] = (self.node("DequantizeLinear", [codes, s, z], f"{hint}.dq", **axis), codes)
         return self._pairs[key]
 
