@@ -319,6 +319,39 @@ def test_expand_of_a_gate_is_a_view_for_a_product_and_a_copy_otherwise(bits, tmp
     assert all(made[op.inputs[0]].op == "requantize" for op in gates)
 
 
+class BroadcastAdd(nn.Module):
+    """FishNet's pattern: an (N, C, 1, 1) branch added to an (N, C, H, W) map, the small operand first and
+    second; and a one-channel map added to a wide one."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv, self.fc, self.fc2 = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1)
+        self.one = nn.Conv2d(c, 1, 3, padding=1)
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        a = x + self.fc(F.adaptive_avg_pool2d(x, 1))
+        b = self.fc2(F.adaptive_avg_pool2d(a, 1)) + a
+        return self.head((self.one(b) + b).mean((2, 3)))
+
+
+@pytest.mark.parametrize("bits", ["uniform8", "uniform4"])
+def test_an_add_of_a_smaller_map_spreads_it_to_the_sums_shape_and_equals_a_broadcast_add(bits, tmp_path):
+    prog, values, _ = through_every_back_end(BroadcastAdd(), (3, 6, 6), bits, tmp_path)
+    adds = [op for op in prog.ops if op.op == "add"]
+    assert len(adds) == 3
+    for op in adds:                  # both branches at the sum's shape, the sum numpy's add of them
+        a, b = (values[i].numpy().astype(np.int64) for i in op.inputs)
+        assert a.shape == b.shape == values[op.output].shape
+        assert np.array_equal(a + b, values[op.output].numpy())
+    spreads = [op for op in prog.ops if op.op in ("resize", "channel_gather") and ".spread" in op.output]
+    assert len(spreads) == 3          # two 1 x 1 maps resized, one channel gathered
+    for op in spreads:               # a copy: numpy's broadcast of the small map's codes
+        src, out = values[op.inputs[0]].numpy(), values[op.output].numpy()
+        assert np.array_equal(np.broadcast_to(src, out.shape), out)
+
+
 def test_an_expand_of_anything_else_is_refused_with_its_module():
     class Tokens(nn.Module):
         def __init__(self):

@@ -17,6 +17,7 @@ import operator
 import torch
 
 from hawq_ray.contract import HawqError
+from hawq_ray.ops.layout import spread
 from hawq_ray.ops.registry import HANDLED, GraphNode, ProgramOp, register_ops
 from hawq_ray.program.dyadic import requantize
 from hawq_ray.quant.quantizers import signed_range
@@ -33,9 +34,26 @@ def _constants(tracer, args) -> list:
 
 
 def _convert_add(tracer, n, m):
+    """A residual add; a map operand that broadcasts to the sum's shape (FishNet's (N, C, 1, 1) branch plus an
+    (N, C, H, W) map) is copied to that shape first (`layout.spread`), so both branches of the add, like both
+    operands of every kernel, have one shape. A constant operand broadcasts in `join_step`."""
     if len(n.args) != 2 or n.kwargs or not all(tracer.is_tensor(a) for a in n.args):
         return None
-    return tracer.node(n, "add", list(n.args), attrs={"constants": _constants(tracer, n.args)})
+    constants, out = _constants(tracer, n.args), tracer.shape(n)
+    args = [tracer.src(a) for a in n.args]
+    for i, (a, constant) in enumerate(zip(n.args, constants)):
+        shape = tracer.shape(a)
+        if not constant and _spreads(shape, out):
+            args[i] = spread(tracer, args[i], shape, out, f"{n.name}.spread{i}")
+    node = tracer.node(n, "add", list(n.args), attrs={"constants": constants})
+    node.inputs = args
+    return node
+
+
+def _spreads(shape, out) -> bool:
+    """Whether a map of `shape` is a smaller (N, C or 1, 1 or H, 1 or W) one that broadcasts to `out`."""
+    return shape is not None and out is not None and len(shape) == len(out) == 4 and tuple(shape) != tuple(out) \
+        and shape[0] == out[0] and shape[1] in (1, out[1]) and tuple(shape[2:]) in ((1, 1), tuple(out[2:]))
 
 
 def _convert_cat(tracer, n, m):

@@ -297,14 +297,22 @@ def _expand_value(tracer, n):
                                              all(isinstance(a, torch.fx.Node) for a in u.args) for u in n.users):
         tracer.alias[n.name] = src                      # a gate (N, C, 1, 1) that only products read
         return HANDLED
+    spread(tracer, src, shape, out, n.name)
+    return HANDLED
+
+
+def spread(tracer, src: str, shape: tuple, out: tuple, name: str) -> str:
+    """The graph value `src` of shape (N, c, h, w) copied to (N, C, H, W), c and h, w each whole or 1, with the
+    existing ops: the one channel gathered C times (`channel_gather`), the 1 x 1 map resized to H x W (nearest:
+    every output position reads the one input position); the last copy is named `name`."""
     steps = ([("gather", {"index": (0,) * out[1]})] if shape[1] != out[1] else []) + \
         ([("resize", {"mode": "nearest", "align_corners": None, "scale": None, "size": tuple(out[2:])})]
          if tuple(shape[2:]) != tuple(out[2:]) else [])
     for k, (kind, attrs) in enumerate(steps):
-        name = n.name if k == len(steps) - 1 else f"{n.name}.{kind}"
-        tracer.make(name, kind, [src], attrs=attrs)
-        src = name
-    return HANDLED
+        step = name if k == len(steps) - 1 else f"{name}.{kind}"
+        tracer.make(step, kind, [src], attrs=attrs)
+        src = step
+    return src
 
 
 # ---------------------------------------------------------------------------------------------- QAT steps
