@@ -17,7 +17,7 @@ import operator
 import torch
 
 from hawq_ray.contract import HawqError
-from hawq_ray.ops.layout import spread
+from hawq_ray.ops.layout import broadcast_copy
 from hawq_ray.ops.registry import HANDLED, GraphNode, ProgramOp, register_ops
 from hawq_ray.program.dyadic import requantize
 from hawq_ray.quant.quantizers import signed_range
@@ -35,8 +35,8 @@ def _constants(tracer, args) -> list:
 
 def _convert_add(tracer, n, m):
     """A residual add; a map operand that broadcasts to the sum's shape (FishNet's (N, C, 1, 1) branch plus an
-    (N, C, H, W) map) is copied to that shape first (`layout.spread`), so both branches of the add, like both
-    operands of every kernel, have one shape. A constant operand broadcasts in `join_step`."""
+    (N, C, H, W) map) is copied to that shape first (`layout.broadcast_copy`), so both branches of the add,
+    like both operands of every kernel, have one shape. A constant operand broadcasts in `join_step`."""
     if len(n.args) != 2 or n.kwargs or not all(tracer.is_tensor(a) for a in n.args):
         return None
     constants, out = _constants(tracer, n.args), tracer.shape(n)
@@ -44,7 +44,7 @@ def _convert_add(tracer, n, m):
     for i, (a, constant) in enumerate(zip(n.args, constants)):
         shape = tracer.shape(a)
         if not constant and _spreads(shape, out):
-            args[i] = spread(tracer, args[i], shape, out, f"{n.name}.spread{i}")
+            args[i] = broadcast_copy(tracer, args[i], shape, out, f"{n.name}.spread{i}")
     node = tracer.node(n, "add", list(n.args), attrs={"constants": constants})
     node.inputs = args
     return node

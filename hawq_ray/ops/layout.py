@@ -297,11 +297,11 @@ def _expand_value(tracer, n):
                                              all(isinstance(a, torch.fx.Node) for a in u.args) for u in n.users):
         tracer.alias[n.name] = src                      # a gate (N, C, 1, 1) that only products read
         return HANDLED
-    spread(tracer, src, shape, out, n.name)
+    broadcast_copy(tracer, src, shape, out, n.name)
     return HANDLED
 
 
-def spread(tracer, src: str, shape: tuple, out: tuple, name: str) -> str:
+def broadcast_copy(tracer, src: str, shape: tuple, out: tuple, name: str) -> str:
     """The graph value `src` of shape (N, c, h, w) copied to (N, C, H, W), c and h, w each whole or 1, with the
     existing ops: the one channel gathered C times (`channel_gather`), the 1 x 1 map resized to H x W (nearest:
     every output position reads the one input position); the last copy is named `name`."""
