@@ -89,22 +89,28 @@ def test_default_model_agrees_with_the_integer_executor_on_held_out_data(trained
     assert np.mean(got == want) == check["top1_agreement"]
 
 
+def optimized_kinds(path, optimized) -> list:
+    """The op types of the ONNX model at `path` after onnxruntime's graph optimizations (written to
+    `optimized`): what its CPU kernels run."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(optimized)
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(optimized)).graph.node]
+
+
 @pytest.mark.parametrize("name,form,float_convs", [("digits_resnet", "exact", True), ("digits_resnet", "fused", False),
                                                    ("torchvision:resnet18", "fused", False)])
 def test_the_fused_form_lets_onnxruntime_run_every_conv_on_integers(trained, name, form, float_convs, tmp_path):
     """The structure behind the speed (no timing here): after onnxruntime's graph optimizations, every conv
     of the fused form is an integer QLinearConv (resnet18's stem too, whose max pool feeds a branch) and the
     residual adds are QLinearAdds; the exact form's convs run in float."""
-    import onnxruntime as ort
     from hawq_ray.inputs.models import get_model
     model, shape = (trained, SHAPE) if name == "digits_resnet" else (get_model(name).eval(), (3, 64, 64))
     program = calibrated(model, "uniform8", shape, [torch.randn(8, *shape)])
     export_onnx(program, tmp_path / "m.onnx", form=form)
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    opts.log_severity_level = 3
-    ort.InferenceSession(str(tmp_path / "m.onnx"), opts, providers=["CPUExecutionProvider"])
-    kinds = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    kinds = optimized_kinds(tmp_path / "m.onnx", tmp_path / "opt.onnx")
     convs = sum(op.op == "conv2d" for op in program.ops)
     assert kinds.count("QLinearConv") + kinds.count("Conv") + kinds.count("FusedConv") == convs
     assert (kinds.count("QLinearConv") < convs) == float_convs, kinds
@@ -119,7 +125,6 @@ def test_the_fused_mobilenet_v2_runs_its_convs_on_integers(tmp_path):
     QuantizeLinear (its requantize's saturation is the clamp), and int8 activations are stored as uint8 at
     zero point 128, one type into and out of every conv. The clamps left to their readers stay the program's
     values in the `every_value` taps."""
-    import onnxruntime as ort
     from hawq_ray.inputs.models import get_model
     shape = (3, 64, 64)
     torch.manual_seed(0)
@@ -128,11 +133,7 @@ def test_the_fused_mobilenet_v2_runs_its_convs_on_integers(tmp_path):
     inits = {t.name: t for t in model.graph.initializer}
     activation_zps = {inits[n.input[2]].data_type for n in model.graph.node if n.op_type == "QuantizeLinear"}
     assert activation_zps == {onnx.TensorProto.UINT8}
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    opts.log_severity_level = 3
-    ort.InferenceSession(str(tmp_path / "m.onnx"), opts, providers=["CPUExecutionProvider"])
-    kinds = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    kinds = optimized_kinds(tmp_path / "m.onnx", tmp_path / "opt.onnx")
     convs = sum(op.op == "conv2d" for op in program.ops)
     assert kinds.count("QLinearConv") == convs - 1, kinds
     assert kinds.count("QLinearAdd") == sum(op.op == "add" for op in program.ops)
