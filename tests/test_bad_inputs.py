@@ -114,6 +114,15 @@ def test_run_yaml_aliases_within_bounds_are_kept(tmp_path):
     assert cfg["deploy"]["target"] == cfg["profile"]["target"] == {"kind": "llvm", "mcpu": "skylake"}
 
 
+def test_an_input_size_the_model_cannot_take_is_one_line_naming_the_shape(tmp_path, cli):
+    """pytorchcv's resnet18 ends in a fixed 7 x 7 average pool: at 16 x 16 its first forward pass fails, which
+    is one line naming the shape and the setting, not torch's traceback."""
+    config = tmp_path / "run.yaml"
+    config.write_text("model: resnet18\ninput_size: 16\n")
+    code, _, err = cli("run", "--config", config, "--out", tmp_path / "run")
+    one_line_error(code, err, "ResNet does not run on an input of shape (3, 16, 16)", "input_size: null")
+
+
 def test_the_deploy_target_is_the_profiles_unless_given(tmp_path):
     """Latency budgets are priced on the profiled kernels: a run that names only the profile's ISA deploys for
     it (so the report can set measured latency beside predicted); a deploy target of its own is kept."""

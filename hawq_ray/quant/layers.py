@@ -8,13 +8,16 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from hawq_ray.contract import HawqError
 from hawq_ray.contract.table import COL, COLUMNS, FIXED_BITS
 from hawq_ray.quant.graph import Graph, trace_graph
 
 
 def probe_forward(model: nn.Module, input_shape, hooks: dict) -> None:
     """One eval-mode, no-grad forward pass at batch 1 with forward hooks {module name: hook(mod, inp, out)}
-    attached; hooks are removed and the model's train/eval mode restored afterwards."""
+    attached; hooks are removed and the model's train/eval mode restored afterwards. A model that does not run
+    at `input_shape` (a pool of a fixed window after too small an image) is a one-line HawqError: this is the
+    first forward pass a run makes."""
     modules = dict(model.named_modules())
     handles = [modules[name].register_forward_hook(fn) for name, fn in hooks.items()]
     was_training = model.training
@@ -22,6 +25,12 @@ def probe_forward(model: nn.Module, input_shape, hooks: dict) -> None:
         model.eval()
         with torch.no_grad():
             model(torch.zeros((1, *input_shape)))
+    except Exception as e:  # noqa: BLE001 -- whatever the model raises, it does not run at this size
+        line = (str(e).splitlines() or [""])[0]
+        reason = line if len(line) <= 160 else line[:157] + "..."
+        raise HawqError(f"{type(model).__name__} does not run on an input of shape {tuple(input_shape)} "
+                        f"({type(e).__name__}: {reason}); valid: an input size its layers accept, such as the "
+                        f"model's own (input_size: null)") from e
     finally:
         for h in handles:
             h.remove()
