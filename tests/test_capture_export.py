@@ -139,6 +139,21 @@ def test_both_captures_give_the_same_table_and_integer_program():
     assert by_fx.to_integer().fingerprint() == by_export.to_integer().fingerprint()
 
 
+def test_the_sensitivity_stage_folds_an_export_captured_model_at_the_runs_shape():
+    """A model only torch.export captures, with no `in_size` to tell its input shape (a user's model): the
+    weight perturbations of eq. 8 fold its BNs from the graph captured at the shape the run gives (before, the
+    sensitivity stage of `hawq-ray run` stopped there), and equal those of the same weights traced by torch.fx."""
+    from hawq_ray.analysis.sensitivity import weight_deltas
+    exported, traced = Residual(branch=True), Residual(branch=False)
+    traced.load_state_dict(exported.state_dict())
+    with pytest.raises(HawqError, match="cannot tell the input shape"):
+        weight_deltas(exported)
+    got = weight_deltas(exported, input_shape=SHAPE)
+    assert list(got["layer"]) == ["stem", "body.0", "body.3", "side", "head", "fc"]
+    assert (got[["delta4", "delta8"]].to_numpy() > 0).all()
+    pd.testing.assert_frame_equal(got, weight_deltas(traced, input_shape=SHAPE))
+
+
 def test_control_flow_on_values_is_one_line_naming_the_model_line():
     line = next(i for i, text in enumerate(inspect.getsource(ValueBranch).splitlines())
                 if "if y.sum() > 0" in text) + inspect.getsourcelines(ValueBranch)[1]

@@ -367,12 +367,14 @@ def layer_traces(model: nn.Module, batches, *, layers: Sequence[str] | None = No
 
 
 # ---------------------------------------------------------------- sensitivity (HAWQ-V3 eq. 8)
-def weight_deltas(model: nn.Module, layers: Sequence[str] | None = None, bits=BIT_WIDTHS) -> pd.DataFrame:
-    """delta_b = ||Q_b(W) - W||^2 with the deployed quantizer on the BN-folded weights: layer, delta4, delta8."""
+def weight_deltas(model: nn.Module, layers: Sequence[str] | None = None, bits=BIT_WIDTHS,
+                  input_shape=None) -> pd.DataFrame:
+    """delta_b = ||Q_b(W) - W||^2 with the deployed quantizer on the BN-folded weights: layer, delta4, delta8.
+    `input_shape` (C, H, W): the run's, for a model captured through torch.export (default: the model's own)."""
     from hawq_ray.quant.graph import folded_weights
     from hawq_ray.quant.quantizers import weight_perturbation
 
-    folded = folded_weights(model)
+    folded = folded_weights(model, input_shape)
     layers = list(layers) if layers is not None else list(folded)
     rows = [{COL.layer: name, **{delta_col(b): weight_perturbation(folded[name], b) for b in bits}}
             for name in layers]

@@ -463,9 +463,10 @@ def _shape_query(n: fx.Node) -> bool:
         (n.op == "call_method" and n.target in ("size", "dim"))
 
 
-def folded_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """BN-folded weight of every quantizable layer of `model`, keyed by layer name (detached)."""
-    graph = trace_graph(model)
+def folded_weights(model: nn.Module, input_shape=None) -> dict[str, torch.Tensor]:
+    """BN-folded weight of every quantizable layer of `model`, keyed by layer name (detached); `input_shape`:
+    as `trace_graph`'s (a model that only torch.export captures is captured at it)."""
+    graph = trace_graph(model, input_shape)
     out = {}
     for node in graph.layer_nodes():
         w, _ = fold_bn(node.module.weight, getattr(node.module, "bias", None), node.bn)

@@ -83,7 +83,7 @@ def sensitivity(run: Run) -> pd.DataFrame:
         traces = actor_layer_traces(run.model, shards, actors=settings["actors"], layers=names, tol=settings["tol"],
                                     max_iter=settings["max_iter"], rank=settings["rank"], seed=run.cfg["seed"],
                                     progress=progress)
-    out = sensitivity_columns(run.tables["layers"], traces, weight_deltas(run.model, names))
+    out = sensitivity_columns(run.tables["layers"], traces, weight_deltas(run.model, names, input_shape=run.shape))
     bad = traces.attrs.get("not_converged", [])
     if bad:
         run.log(f"[sensitivity] {len(bad)} layer(s) did not reach tol {settings['tol']}: {', '.join(bad[:5])}")

@@ -76,7 +76,7 @@ def compute(md, data, args, progress):
         traces = actor_layer_traces(md.model, data, actors=args.actors, **settings)
     else:
         traces = layer_traces(md.model, data, **settings)
-    return sensitivity_columns(table, traces, weight_deltas(md.model, table[COL.layer]))
+    return sensitivity_columns(table, traces, weight_deltas(md.model, table[COL.layer], input_shape=md.input_shape))
 
 
 def run_sensitivity(args) -> int:
