@@ -71,9 +71,8 @@ def export_onnx(program, path, metadata: dict | None = None, int4_weights: bool 
     g = QdqGraph(program, ops, program_shapes(replace(program, ops=ops)), int4_weights, form)
     g._names.update({INPUT, OUTPUT})
     s_in = np.asarray(program.input_scale, np.float64)
-    # int8 codes; the fused form stores them as uint8 at zero point 128, as all its int8 activations (`QdqGraph.qdq`)
-    zero = 128 if form == "fused" else 0
-    zp = g.const(np.asarray(zero, np.int64), "input.zp", "UINT8" if zero else "INT8")
+    stored, zero = g.storage("INT8")       # the input's int8 codes, stored as every int8 activation of the form
+    zp = g.const(np.asarray(zero, np.int64), "input.zp", stored)
     scale_in = g.const(s_in, "input.scale")
     x = INPUT
     if form == "exact":      # the program's quantize_input: floor(x / S + 1/2) in float64, clamped

@@ -134,6 +134,11 @@ class QdqGraph:
             zero_point = self._zero_points.get(codes, 0)
         self.values[op.output] = Tensor(name, np.asarray(scale, np.float64), codes, int(zero_point))
 
+    def storage(self, qtype: str) -> tuple:
+        """(the ONNX type, the zero point) that codes of `qtype` are stored with: the fused form stores int8
+        codes as uint8 at zero point 128 (`qdq`), as onnxruntime's own quantizer stores activations."""
+        return ("UINT8", 128) if self.form == "fused" and qtype == "INT8" else (qtype, 0)
+
     def dequantize(self, codes_name: str, scale, hint: str, qtype: str, axis: int = 1) -> str:
         """DequantizeLinear of integer codes at a per-tensor scale or per-channel scales along `axis`."""
         scale = np.asarray(scale, np.float64)
@@ -186,7 +191,7 @@ class QdqGraph:
         key = (x, scale.astype(np.float32).tobytes(), qtype)
         if key not in self._pairs:
             per_axis = scale.size > 1
-            stored, zero = ("UINT8", 128) if self.form == "fused" and qtype == "INT8" else (qtype, 0)
+            stored, zero = self.storage(qtype)
             s = self.const(scale.reshape(-1) if per_axis else scale.reshape(()), f"{hint}.scale")
             z = self.const(np.full(scale.size if per_axis else (), zero, np.int64), f"{hint}.zp", stored)
             axis = {"axis": 1} if per_axis else {}
