@@ -286,7 +286,7 @@ def epilogue(steps: list, out: Value, extras: list, fanout: list = (), byte_tabl
     (the target has AVX512-VBMI) and a lookup of 256 8-bit codes that only per-tensor unary steps follow,
     `output_stages` computes the steps before it, then reads the table of the rest (`folds.table_of_tail`)
     with `bytelut`'s intrinsic; `chain` is then the steps before the lookup. With `lanes` (the target has
-    AVX-512) a first requantize that `lanerequant` computes becomes `output_stages`' first stage. Clamps
+    AVX2 or AVX-512) a first requantize that `lanerequant` computes becomes `output_stages`' first stage. Clamps
     before a requantize fold into it first (`folds.fold_clamps`).
     """
     steps = fold_clamps(steps)

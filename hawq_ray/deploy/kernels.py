@@ -266,7 +266,7 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     # the byte-table read is tensorized where no output row or column of a tile is past the map's end (a
     # predicated block does not match the intrinsic)
     epi = epilogue(steps, out_value, extras, fanout, byte_table=caps.vbmi and (OHp, OWp) == (OH, OW),
-                   lanes=caps.avx512)
+                   lanes=caps.lanes)
     if fanout:   # each output requantizes the chain (`merge_outputs` puts them in one loop)
         def requantized(k):
             return lambda n, o, h, ww, oi: epi.finish(k, epi.chain(biased[n, o, h, ww, oi], (n, o, h, ww, oi)),
@@ -389,7 +389,7 @@ def _grouped_conv(op, x, steps, extras, target, name, out_value):
         bias = _check_bias(_bias(op, out_value.shape[1]), op.layer or op.output)
         func, consts = depthwise.depthwise_kernel(op, x, steps, extras, out_value, bias,
                                                   byte_table=capabilities(target).vbmi,
-                                                  lanes=capabilities(target).avx512)
+                                                  lanes=capabilities(target).lanes)
         return Kernel(name or kernel_name(op), func, [x, *extras], consts, [out_value],
                       {"path": "depthwise", "w_bits": int(op.attrs.get("w_bits", 8)), "layer": op.layer})
     w = np.asarray(op.consts["weight"])

@@ -36,7 +36,7 @@ class Capabilities:
     amx: bool        # AMX int8 tiles, usable by this process
     gpu: bool
     vbmi: bool = False   # AVX512-VBMI byte permutes (a 256-entry byte table in registers, `bytelut`)
-    avx512: bool = False  # AVX512-F: a requantize 16 int32 lanes at a time (`lanerequant`)
+    lanes: bool = False   # AVX2 or AVX-512: a requantize 16 int32 lanes at a time (`lanerequant`)
     avx2: bool = False    # 256-bit integer vectors: the exact `vpmaddwd` / `vpmaddubsw` dots (`x86dot`)
     avx512bw: bool = False  # the same dots on 512-bit vectors
 
@@ -60,8 +60,8 @@ def _capabilities(text: str) -> Capabilities:
     from hawq_ray.deploy.amx import enable_amx
     def has(feature):
         return bool(llvm_cpu_has_features(feature, target))
-    return Capabilities(has("avx512vnni"), has("amx-int8") and enable_amx(), gpu, has("avx512vbmi"), has("avx512f"),
-                        has("avx2"), has("avx512bw"))
+    return Capabilities(has("avx512vnni"), has("amx-int8") and enable_amx(), gpu, has("avx512vbmi"),
+                        has("avx512f") or has("avx2"), has("avx2"), has("avx512bw"))
 
 
 def is_gpu(target) -> bool:
