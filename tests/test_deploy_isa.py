@@ -86,6 +86,20 @@ def test_int16_sum_limit_matches_the_operand_ranges(w_bits):
     assert x86dot.int16_sum_limit(255, -8, 7) == 8 and x86dot.int16_sum_limit(255, -128, 127) == 0
 
 
+@pytest.mark.parametrize("x_range", [(0, 255), (-128, 127)], ids=["u8", "s8"])
+@pytest.mark.parametrize("w_bits", [2, 3, 4, 6, 8])
+def test_int16_terms_counts_the_products_that_fit_int16(x_range, w_bits):
+    """Against every product of the two ranges: n terms fit while n times the largest and n times the smallest
+    product stay in int16."""
+    lo, hi = -(1 << (w_bits - 1)), (1 << (w_bits - 1)) - 1
+    products = np.outer(np.arange(x_range[0], x_range[1] + 1), np.arange(lo, hi + 1))
+    n = 0
+    while (n + 1) * products.max() <= 32767 and (n + 1) * products.min() >= -32768 and n < 1000:
+        n += 1
+    assert x86dot.int16_terms(*x_range, lo, hi) == n
+    assert x86dot.int16_terms(0, 255, -8, 7) == 16 and x86dot.int16_terms(-128, 127, -8, 7) == 31
+
+
 def _dense_op(w: np.ndarray, w_bits: int, bias=None):
     b = np.zeros(w.shape[0], np.int32) if bias is None else bias
     return Op("dense", ["x"], "z", dict(w_bits=w_bits, x_bits=8), dict(weight=w, bias=b), layer="fc")

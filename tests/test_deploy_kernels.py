@@ -149,6 +149,48 @@ def test_depthwise_conv_bit_exact(case, target):
     assert len(np.unique(want)) > 20                       # not a saturated output
 
 
+DEPTHWISE_INT16_EDGE = [  # k, signed input, every weight, every input: each tap's product at its extreme
+    (3, False, -8, 255),     # 9 taps, one chunk: 9 x -2040
+    (5, False, -8, 255),     # 25 taps: a chunk of 16 (16 x -2040 = -32640, the int16 bound) and one of 9
+    (5, False, 7, 255),      # the positive side: 16 x 1785
+    (7, True, -8, -128),     # signed input: 31 taps a chunk (31 x 1024), 49 in all
+    (5, True, 7, -128),
+]
+
+
+def _depthwise_at(k: int, signed: bool, w: int, x_value: int, target):
+    """A 4-bit depthwise conv with every weight `w` on an input of `x_value` everywhere, no padding (every output
+    reads k x k taps), its INT32 sums written out: (kernel output, numpy's int64 sums)."""
+    c, size = 24, k + 3
+    op = Op("conv2d", ["x"], "z", dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=c, w_bits=4, x_bits=8,
+                                       x_signed=signed),
+            dict(weight=np.full((c, 1, k, k), w, np.int8), bias=np.zeros(c, np.int32)), layer="dw")
+    x = np.full((2, c, size, size), x_value)
+    kern = conv2d_kernel(op, Value(x.shape, "int8" if signed else "uint8", 16), [], [], target)
+    assert kern.notes["path"] == "depthwise"
+    return run_kernel(kern, [x], target), apply_op(op, [x])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("case", DEPTHWISE_INT16_EDGE, ids=lambda c: f"k{c[0]}_{'s8' if c[1] else 'u8'}_w{c[2]}")
+def test_depthwise_narrow_weights_sum_taps_in_int16_up_to_the_bound(case, target):
+    """With 4-bit weights the window is summed in int16, `x86dot.int16_terms` taps at a time, then widened:
+    every product at its extreme puts each chunk at the largest sum it can reach, and the result is numpy's."""
+    k, signed, w, x_value = case
+    got, want = _depthwise_at(k, signed, w, x_value, target)
+    assert np.all(want == k * k * w * x_value)
+    assert np.array_equal(got, want)
+
+
+def test_depthwise_one_tap_past_the_int16_bound_breaks_exactness(monkeypatch):
+    """The bound is tight: a chunk of 17 taps (one more than `int16_terms` allows for u8 x 4-bit) wraps in int16 on
+    the same edge case, so the edge test above can fail."""
+    from hawq_ray.deploy import depthwise
+    monkeypatch.setattr(depthwise, "int16_terms", lambda *ranges: 17)
+    got, want = _depthwise_at(5, False, -8, 255, HOST)
+    assert not np.array_equal(got, want)
+
+
 AMX_CASES = [  # cin, cout, size, k, pad, w_bits, fan-out + residual add
     (128, 64, 14, 3, 1, 8, False),    # 14 columns -> one 16-column tile (2 computed and dropped)
     (160, 32, 9, 3, 0, 4, True),      # packed int4, 7 output columns: stays on VNNI (16 would waste 9)

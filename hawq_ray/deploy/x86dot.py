@@ -30,13 +30,20 @@ INT16_MAX = (1 << 15) - 1
 U8_MAX = 255
 
 
-def int16_sum_limit(x_max: int, w_lo: int, w_hi: int) -> int:
-    """How many `vpmaddubsw` results (each a sum of two u8 x s8 products, inputs in [0, x_max], weights in
-    [w_lo, w_hi]) can be added in int16 without leaving [-32768, 32767]: 0 when one pair already can."""
-    most, least = 2 * x_max * max(w_hi, 0), 2 * x_max * min(w_lo, 0)
+def int16_terms(x_lo: int, x_hi: int, w_lo: int, w_hi: int) -> int:
+    """How many products x * w (x in [x_lo, x_hi], w in [w_lo, w_hi]) can be summed in int16 without leaving
+    [-32768, 32767], whatever their values: 0 when one product already can."""
+    corners = [x * w for x in (x_lo, x_hi) for w in (w_lo, w_hi)]
+    most, least = max(max(corners), 0), min(min(corners), 0)
     up = INT16_MAX // most if most else INT16_MAX
     down = (INT16_MAX + 1) // -least if least else INT16_MAX
     return min(up, down)
+
+
+def int16_sum_limit(x_max: int, w_lo: int, w_hi: int) -> int:
+    """How many `vpmaddubsw` results (each a sum of two u8 x s8 products, inputs in [0, x_max], weights in
+    [w_lo, w_hi]) can be added in int16 without leaving [-32768, 32767]: 0 when one pair already can."""
+    return int16_terms(0, x_max, w_lo, w_hi) // 2
 
 
 def weight_range(w_bits: int) -> tuple:
