@@ -22,28 +22,26 @@ os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from hawq_ray.analysis.latency import warm_number  # noqa: E402
 from hawq_ray.analysis.timing import interleaved_samples, spread  # noqa: E402
 from hawq_ray.deploy.build import load_model  # noqa: E402
+from hawq_ray.service.outputs import inside  # noqa: E402
 
 
 def call_timer(model, calls: int, min_ms: float = 30.0):
-    """mean ms of `calls` calls (0: as many as last about min_ms; a short sample is dominated by the first call
-    after the pause, which wakes the thread pool)."""
+    """mean ms of `calls` calls (0: as many as last about min_ms, counted after a warm-up of at least 50 ms: the
+    first calls after loading fault the module's pages in, and counted from them, the first modules loaded took
+    samples of a few calls, each dominated by the call that wakes the thread pool after the pause)."""
     shape = model.manifest["input_shape"]
     x = np.random.default_rng(1).integers(-128, 128, size=shape, dtype=np.int8)
-    model(x)                                               # warm up: first call loads the VM and the params
-    if calls == 0:
-        t0 = time.perf_counter()
-        for _ in range(3):
-            model(x)
-        calls = max(1, int(np.ceil(min_ms / ((time.perf_counter() - t0) / 3 * 1e3))))
 
-    def run():
+    def run(n: int) -> float:
         t0 = time.perf_counter()
-        for _ in range(calls):
+        for _ in range(n):
             model(x)
-        return (time.perf_counter() - t0) / calls * 1e3
-    return run
+        return (time.perf_counter() - t0) / n * 1e3
+    calls = calls or warm_number(run, min_ms)
+    return lambda: run(calls)
 
 
 def main(argv=None):
@@ -55,17 +53,18 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     deploy = pd.read_parquet(args.run / "deploy.parquet")
-    timers = {r.config: call_timer(load_model(r.module), args.calls) for r in deploy.itertuples()}
+    # the table records each module's folder relative to the run folder
+    timers = {r.config: call_timer(load_model(inside(args.run, r.module)), args.calls) for r in deploy.itertuples()}
     again = {k: spread(v) for k, v in interleaved_samples(timers, args.rounds).items()}
     rows = []
     for r in deploy.itertuples():
         a = again[r.config]
-        inside = r.latency_q25_ms <= a["latency_median_ms"] <= r.latency_q75_ms
+        within = r.latency_q25_ms <= a["latency_median_ms"] <= r.latency_q75_ms
         overlap = a["latency_q25_ms"] <= r.latency_q75_ms and r.latency_q25_ms <= a["latency_q75_ms"]
         rows.append({"config": r.config, "run_median_ms": r.latency_median_ms, "run_q25_ms": r.latency_q25_ms,
                      "run_q75_ms": r.latency_q75_ms, "predicted_ms": r.predicted_ms,
                      "retimed_median_ms": a["latency_median_ms"], "retimed_q25_ms": a["latency_q25_ms"],
-                     "retimed_q75_ms": a["latency_q75_ms"], "median_inside_run_iqr": bool(inside),
+                     "retimed_q75_ms": a["latency_q75_ms"], "median_inside_run_iqr": bool(within),
                      "iqrs_overlap": bool(overlap)})
     print(f"{args.run}: {len(rows)} modules, re-timed in {args.rounds} interleaved rounds x "
           f"{args.calls or 'about 30 ms of'} calls, "

@@ -26,7 +26,6 @@ from small_models import SHAPE, SqueezeExcite
 TORCHVISION = ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5", "regnet_x_400mf",
                "densenet121", "googlenet", "resnext50_32x4d", "shufflenet_v2_x0_5", "vgg11_bn", "alexnet"]
 PYTORCHCV = ["mobilenetv2_w1", "mobilenetv3_small_w7d20", "efficientnet_b0", "shufflenetv2_wd2"]
-GENERIC = {"kind": "llvm", "mcpu": "skylake"}
 
 
 def mixed(table: pd.DataFrame, seed: int = 0) -> dict:
@@ -88,7 +87,7 @@ def test_simulation_equals_integer_executor(zoo, name, bits):
     assert_simulation_is_the_executor(quantized(_model(zoo, name, shape), bits, shape), shape)
 
 
-@pytest.mark.parametrize("target", ["llvm", GENERIC], ids=["host", "generic"])
+@pytest.mark.parametrize("target", ["llvm", "avx2"], ids=["host", "avx2"])
 @pytest.mark.parametrize("bits", ["uniform8", "uniform4", "mixed"])
 def test_every_new_op_compiles_bit_exact(bits, target):
     program, x = assert_simulation_is_the_executor(quantized(SqueezeExcite().eval(), bits))
