@@ -87,10 +87,11 @@ def test_constants_only_where_the_result_fits_int32():
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("cout,per_tensor", [(16, False), (37, False), (37, True), (1, True)])
 def test_conv_kernel_with_lane_requantize_bit_exact(cout, per_tensor, target):
-    """An odd channel count puts the high half of the last channel's rounding constant in a padding lane."""
+    """An odd channel count puts the high half of the last channel's rounding constant in a padding lane. A 1x1
+    conv: every target with the stage uses it there (`kernels.lane_requantize_pays`)."""
     rng = np.random.default_rng(cout)
     cin, size = 32, 7
-    w = rng.integers(-128, 128, (cout, cin, 3, 3)).astype(np.int8)
+    w = rng.integers(-128, 128, (cout, cin, 1, 1)).astype(np.int8)
     w[0] = 127                                           # channel 0 reaches the accumulator's largest values
     bias = rng.integers(-2**20, 2**20, cout).astype(np.int32)
     m = rng.integers(2**30, 2**31, cout)
@@ -103,7 +104,7 @@ def test_conv_kernel_with_lane_requantize_bit_exact(cout, per_tensor, target):
             dict(multiplier=(m.reshape(()) if per_tensor else m.reshape(-1, 1, 1)).astype(np.int32),
                  shift=(s.reshape(()) if per_tensor else s.reshape(-1, 1, 1)).astype(np.int32)),
             lo=-2**31, hi=2**31 - 1)
-    op = Op("conv2d", ["x"], "z", dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, w_bits=8,
+    op = Op("conv2d", ["x"], "z", dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, w_bits=8,
                                        x_bits=8, x_signed=False), dict(weight=w, bias=bias), layer="conv")
     x = rng.integers(0, 256, (2, cin, size, size))
     x[0] = 255
@@ -111,8 +112,29 @@ def test_conv_kernel_with_lane_requantize_bit_exact(cout, per_tensor, target):
     kernel = conv2d_kernel(op, Value(x.shape, "uint8", layout.channel_block(cin)), [rq], [], target)
     assert (STAGE in kernel.func.script()) == capabilities(target).lanes
     got = run_kernel(kernel, [x], target)
-    z = np.einsum("nchwij,ocij->nohw", np.lib.stride_tricks.sliding_window_view(
-        np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))), (3, 3), axis=(2, 3)), w.astype(np.int64)) \
-        + bias[None, :, None, None]
+    z = np.einsum("nchw,oc->nohw", x.astype(np.int64), w[:, :, 0, 0].astype(np.int64)) + bias[None, :, None, None]
     want = ref_requantize(z, m.reshape(1, -1, 1, 1), s.reshape(1, -1, 1, 1), -2**31, 2**31 - 1)
     assert np.array_equal(got, want)
+
+
+def test_avx2_keeps_the_stage_out_of_8bit_convs_with_a_window():
+    """On AVX2 the stage slowed 8-bit 3x3 convs (the int16 `vpmaddwd` path) and sped up 1x1 and 4-bit ones, so a
+    conv takes it by that rule; 512-bit targets take it everywhere."""
+    from hawq_ray.deploy.kernels import lane_requantize_pays
+    from hawq_ray.deploy.x86dot import choose_dot
+    avx2, avx512 = capabilities(parse_target("avx2")), capabilities(parse_target("avx512"))
+    wide, narrow = choose_dot(avx2, "uint8", 8, 4), choose_dot(avx2, "uint8", 4, 4)
+    assert wide.in_dtype == "int16" and narrow.in_dtype == "uint8"
+    assert not lane_requantize_pays(avx2, wide, 9)
+    assert lane_requantize_pays(avx2, wide, 1) and lane_requantize_pays(avx2, narrow, 9)
+    assert lane_requantize_pays(avx512, choose_dot(avx512, "uint8", 8, 4), 9)
+    rng = np.random.default_rng(0)
+    for k, stage in ((3, False), (1, True)):
+        op = Op("conv2d", ["x"], "z", dict(stride=(1, 1), padding=(k // 2, k // 2), dilation=(1, 1), groups=1,
+                                           w_bits=8, x_bits=8, x_signed=False),
+                dict(weight=rng.integers(-128, 128, (16, 16, k, k)).astype(np.int8), bias=np.zeros(16, np.int32)),
+                layer="conv")
+        rq = Op("requantize", ["z"], "q", dict(lo=0, hi=255), dict(multiplier=np.int32(2**30), shift=np.int32(40)),
+                lo=0, hi=255)
+        kernel = conv2d_kernel(op, Value((1, 16, 6, 6), "uint8", 16), [rq], [], parse_target("avx2"))
+        assert (STAGE in kernel.func.script()) == stage
