@@ -29,9 +29,8 @@ from hawq_ray.service.outputs import inside  # noqa: E402
 
 
 def call_timer(model, calls: int, min_ms: float = 30.0):
-    """mean ms of `calls` calls (0: as many as last about min_ms, counted after a warm-up of at least 50 ms: the
-    first calls after loading fault the module's pages in, and counted from them, the first modules loaded took
-    samples of a few calls, each dominated by the call that wakes the thread pool after the pause)."""
+    """mean ms of `calls` calls (0: as many as last about min_ms, counted after a warm-up of at least 50 ms, as the
+    deploy stage counts them: the first calls after loading can take many times a steady call)."""
     shape = model.manifest["input_shape"]
     x = np.random.default_rng(1).integers(-128, 128, size=shape, dtype=np.int8)
 
