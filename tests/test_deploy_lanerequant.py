@@ -9,11 +9,12 @@ import tvm
 from tvm import s_tir, te
 
 from hawq_ray.deploy.epilogue import Value
-from hawq_ray.deploy.kernels import conv2d_kernel
+from hawq_ray.deploy.kernels import conv2d_kernel, lane_requantize_pays
 from hawq_ray.deploy.lanerequant import CONSTS, STAGE, lane_constants, lane_requantize, tensorize_lane_requantize
 from hawq_ray.deploy.layer import run_kernel
 from hawq_ray.deploy.target import capabilities, parse_target
 from hawq_ray.deploy import layout
+from hawq_ray.deploy.x86dot import choose_dot
 from hawq_ray.program.program import Op
 from numpy_reference import ref_requantize
 
@@ -84,14 +85,16 @@ def test_constants_only_where_the_result_fits_int32():
     assert np.all(scalar["mult"] == 2**30 + 5) and np.all(scalar["down"] == 1)
 
 
+@pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("cout,per_tensor", [(16, False), (37, False), (37, True), (1, True)])
-def test_conv_kernel_with_lane_requantize_bit_exact(cout, per_tensor, target):
-    """An odd channel count puts the high half of the last channel's rounding constant in a padding lane. A 1x1
-    conv: every target with the stage uses it there (`kernels.lane_requantize_pays`)."""
+def test_conv_kernel_with_lane_requantize_bit_exact(cout, per_tensor, target, k):
+    """An odd channel count puts the high half of the last channel's rounding constant in a padding lane. The
+    stage is where `kernels.lane_requantize_pays` puts it (every target with it in a 1x1 conv; not in AVX2's 8-bit
+    3x3 conv), and the kernel equals numpy either way."""
     rng = np.random.default_rng(cout)
     cin, size = 32, 7
-    w = rng.integers(-128, 128, (cout, cin, 1, 1)).astype(np.int8)
+    w = rng.integers(-128, 128, (cout, cin, k, k)).astype(np.int8)
     w[0] = 127                                           # channel 0 reaches the accumulator's largest values
     bias = rng.integers(-2**20, 2**20, cout).astype(np.int32)
     m = rng.integers(2**30, 2**31, cout)
@@ -104,15 +107,18 @@ def test_conv_kernel_with_lane_requantize_bit_exact(cout, per_tensor, target):
             dict(multiplier=(m.reshape(()) if per_tensor else m.reshape(-1, 1, 1)).astype(np.int32),
                  shift=(s.reshape(()) if per_tensor else s.reshape(-1, 1, 1)).astype(np.int32)),
             lo=-2**31, hi=2**31 - 1)
-    op = Op("conv2d", ["x"], "z", dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, w_bits=8,
+    op = Op("conv2d", ["x"], "z", dict(stride=(1, 1), padding=(k // 2, k // 2), dilation=(1, 1), groups=1, w_bits=8,
                                        x_bits=8, x_signed=False), dict(weight=w, bias=bias), layer="conv")
     x = rng.integers(0, 256, (2, cin, size, size))
     x[0] = 255
     target = parse_target(target)
     kernel = conv2d_kernel(op, Value(x.shape, "uint8", layout.channel_block(cin)), [rq], [], target)
-    assert (STAGE in kernel.func.script()) == capabilities(target).lanes
+    caps = capabilities(target)
+    assert (STAGE in kernel.func.script()) == lane_requantize_pays(caps, choose_dot(caps, "uint8", 8, cin // 4), k * k)
     got = run_kernel(kernel, [x], target)
-    z = np.einsum("nchw,oc->nohw", x.astype(np.int64), w[:, :, 0, 0].astype(np.int64)) + bias[None, :, None, None]
+    z = np.einsum("nchwij,ocij->nohw", np.lib.stride_tricks.sliding_window_view(
+        np.pad(x, ((0, 0), (0, 0), (k // 2, k // 2), (k // 2, k // 2))), (k, k), axis=(2, 3)), w.astype(np.int64)) \
+        + bias[None, :, None, None]
     want = ref_requantize(z, m.reshape(1, -1, 1, 1), s.reshape(1, -1, 1, 1), -2**31, 2**31 - 1)
     assert np.array_equal(got, want)
 
@@ -120,8 +126,6 @@ def test_conv_kernel_with_lane_requantize_bit_exact(cout, per_tensor, target):
 def test_avx2_keeps_the_stage_out_of_8bit_convs_with_a_window():
     """On AVX2 the stage slowed 8-bit 3x3 convs (the int16 `vpmaddwd` path) and sped up 1x1 and 4-bit ones, so a
     conv takes it by that rule; 512-bit targets take it everywhere."""
-    from hawq_ray.deploy.kernels import lane_requantize_pays
-    from hawq_ray.deploy.x86dot import choose_dot
     avx2, avx512 = capabilities(parse_target("avx2")), capabilities(parse_target("avx512"))
     wide, narrow = choose_dot(avx2, "uint8", 8, 4), choose_dot(avx2, "uint8", 4, 4)
     assert wide.in_dtype == "int16" and narrow.in_dtype == "uint8"
