@@ -90,7 +90,10 @@ def choose_dot(caps, x_dtype: str, w_bits: int, k_steps: int | None) -> DotPath 
         # ones, the broadcast input and a weight vector
         return DotPath(label, pmaddubsw_intrinsic(bits, group), "uint8", 4, group,
                        24 if bits == 512 else 5, bits == 512)
-    return DotPath(label, pmaddwd_intrinsic(bits), "int16", 2, 1, 24 if bits == 512 else 6, bits == 512)
+    # AVX2: four int32x16 accumulators (8 ymm). LLVM reassociates each accumulator's adds across the unrolled
+    # reduction steps, which takes more registers than the tile's count: resnet18's 3x3 convs for haswell at
+    # batch 8, 2 threads, took 1.8-2.4x as long with 5 accumulators (1 x 5) as with 4 (1 x 4 or 1 x 3)
+    return DotPath(label, pmaddwd_intrinsic(bits), "int16", 2, 1, 24 if bits == 512 else 4, bits == 512)
 
 
 def widen_pairs(wpk: np.ndarray) -> np.ndarray:
