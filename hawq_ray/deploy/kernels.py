@@ -10,10 +10,12 @@ Two schedules share one computation: on x86 the reduction is tensorized with the
 `-128 * sum(W)` folded into the bias, padding with 128 so the shift is exact everywhere), or without VNNI
 `vpmaddubsw` with int16 partial sums (narrow weights, the same shift) or `vpmaddwd` on int16 (8-bit weights),
 with a (rows x columns x 2 x 16 channel) register tile sized to the ISA's registers and the epilogue computed at
-the tile; anywhere else a generic vectorized schedule (and, for CUDA, a default GPU schedule at build time).
+the tile (a 3x3 stride-1 conv on `vpmaddwd` runs as an exact integer Winograd F(2x2, 3x3), `winograd.py`, with
+16 multiplies per 2x2 outputs where the direct conv needs 36); anywhere else a generic vectorized schedule (and, for CUDA, a default GPU schedule at build time).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +23,7 @@ import tvm
 from tvm import s_tir, te
 
 from hawq_ray.contract import HawqError
-from hawq_ray.deploy import amx, depthwise, layout
+from hawq_ray.deploy import amx, depthwise, layout, winograd
 from hawq_ray.deploy.epilogue import LUT_INDEX, Value, epilogue, output_dtype, schedule_output
 from hawq_ray.deploy.target import capabilities
 from hawq_ray.deploy.x86dot import VNNI, DotPath, choose_dot, widen_pairs
@@ -248,11 +250,24 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     use_amx = cv.dot is VNNI and caps.amx and \
         amx.amx_conv_applies(x.dtype, x.storage_shape[1], x.block, cv.kernel, cv.stride, cv.dilation, groups, OW, Ob)
     b_ph = cv.bias
+    wino_tiles = None
     if use_amx:      # input rows WS apart, output rows and columns rounded up to the AMX block (`amx.py`)
         OHp, OWp = layout.ceil_to(OH, amx.PX_TILES), layout.ceil_to(OW, amx.ROWS)
         WS = OWp + KW - 1
         src, needs_pad = cv.source_rows(x, ph, pw, OHp + KH - 1, WS)
         acc = cv.accumulate(src, (N, Ob, OHp, OWp, 16), row_stride=WS)
+    elif not caps.gpu and winograd.winograd_applies(cv.dot, x.dtype, x.storage_shape[1] * x.block, cv.kernel,
+                                                    cv.stride, cv.dilation, groups, (OH, OW)):
+        tile_cols = -(-OW // 2)
+        wino_tiles = winograd.tiles_per_block(tile_cols, min(14, cv.dot.max_acc))
+        TH, TW = -(-OH // 2), -(-tile_cols // wino_tiles) * wino_tiles
+        OHp, OWp = 2 * TH, 2 * TW
+        src, needs_pad = cv.source(x, ph, pw, OHp + 2, OWp + 2)
+        u = winograd.transformed_weights(cv.consts[0])
+        u_ph = te.placeholder(u.shape, "int16", name="weight")
+        cv = dataclasses.replace(cv, weight=u_ph, weight8=u_ph, consts=[u, cv.consts[1]])
+        acc = winograd.conv_sum(src, u_ph, Ob, TH, TW)
+        tile = None
     else:
         pair = OC_PAIR if cv.dot and cv.dot.pair and Ob % OC_PAIR == 0 else 1
         tile = (*_tile(OH, OW, pair, cv.dot.max_acc if cv.dot else MAX_ACC), pair) if not caps.gpu else (1, 1, 1)
@@ -282,8 +297,8 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     if not caps.gpu:
         func = _schedule_conv(func, None if use_amx else tile, needs_pad, int4, len(fanout) or 1, weights_outer,
                               cv.dot, names, amx.conv_intrinsic(x.storage_shape[1], KH, KW, WS) if use_amx else None,
-                              str(epi.byte_table.dtype) if epi.byte_table is not None else None)
-    path = caps.conv_path(use_amx, cv.dot)
+                              str(epi.byte_table.dtype) if epi.byte_table is not None else None, wino_tiles)
+    path = caps.conv_path(use_amx, cv.dot) + ("+winograd" if wino_tiles else "")
     return Kernel(name or kernel_name(op), func, [x, *extras], [*cv.consts, *epi.const_arrays], out_values,
                   {"path": path, "w_bits": cv.w_bits, "layer": op.layer})
 
@@ -348,14 +363,37 @@ def finish_dot(sch, acc, first_reduction, oi, tile: list, dot: DotPath | bool | 
 
 
 def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, weights_outer: bool, dot,
-                   out_names: list, amx_intrinsic: str | None = None, table_dtype: str | None = None):
+                   out_names: list, amx_intrinsic: str | None = None, table_dtype: str | None = None,
+                   wino_tiles: int | None = None):
     """Parallel over (image, channel block group, row tiles) or, when the weights outweigh an image's input,
     (channel block group, image, row tiles); a (rows x columns x blocks of 16 channels) register tile, the
     blocks innermost (each broadcast input meets every block's weights) -- or, with `amx_intrinsic`, a (2 rows
-    x 16 columns x 32 channels) block that one AMX call computes; the epilogue at the tile."""
+    x 16 columns x 32 channels) block that one AMX call computes, or, with `wino_tiles`, a block of that many
+    Winograd tiles (`winograd.schedule_sum`); the epilogue at the tile."""
     sch = s_tir.Schedule(func)
     acc = sch.get_sblock("acc")
     outs = [sch.get_sblock(nm) for nm in out_names]
+    if wino_tiles:
+        outer, wo, finish = winograd.schedule_sum(sch, acc, wino_tiles, weights_outer, dot.intrinsic)
+    else:
+        outer, wo, finish = _conv_tile(sch, acc, tile, weights_outer, dot, amx_intrinsic)
+    sch.set_scope(acc, 0, "local")
+    biased = sch.get_sblock("biased")
+    sch.set_scope(biased, 0, "local")
+    for block in (biased, *outs):
+        sch.reverse_compute_at(block, wo)
+    if n_out > 1:
+        outs = merge_outputs(sch, outs)
+    sch.parallel(sch.fuse(*outer))
+    finish()
+    schedule_output(sch, [biased, *outs], table_dtype)
+    schedule_side_stages(sch, has_pad, int4)
+    return sch.mod["main"]
+
+
+def _conv_tile(sch, acc, tile: tuple, weights_outer: bool, dot, amx_intrinsic: str | None) -> tuple:
+    """The direct conv's register tile (see `_schedule_conv`). Returns (outer loops to fuse into the parallel
+    task, the tile loop, a finish callback to run once the task loop is parallel)."""
     n, o, h, w, oi, ico, kh, kw, icm, ici = sch.get_loops(acc)
     if amx_intrinsic:
         o, ob = sch.split(o, [None, amx.OC_TILES])
@@ -371,23 +409,15 @@ def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, wei
         sch.reorder(*outer, wo, ob, hi, wi, oi, ico, kh, kw, icm, ici)
     else:
         sch.reorder(*outer, wo, ico, kh, kw, *reduction_order(sch, dot, icm, ici, [hi, wi, *blocks], oi))
-    sch.set_scope(acc, 0, "local")
-    biased = sch.get_sblock("biased")
-    sch.set_scope(biased, 0, "local")
-    for block in (biased, *outs):
-        sch.reverse_compute_at(block, wo)
-    if n_out > 1:
-        outs = merge_outputs(sch, outs)
-    sch.parallel(sch.fuse(*outer))
-    if amx_intrinsic:
-        init = sch.decompose_reduction(acc, ob)
-        sch.vectorize(sch.get_loops(init)[-1])
-        sch.tensorize(ob, amx_intrinsic)
-    else:
-        finish_dot(sch, acc, ico, oi, [hi, wi, *blocks], dot)
-    schedule_output(sch, [biased, *outs], table_dtype)
-    schedule_side_stages(sch, has_pad, int4)
-    return sch.mod["main"]
+
+    def finish():
+        if amx_intrinsic:
+            init = sch.decompose_reduction(acc, ob)
+            sch.vectorize(sch.get_loops(init)[-1])
+            sch.tensorize(ob, amx_intrinsic)
+        else:
+            finish_dot(sch, acc, ico, oi, [hi, wi, *blocks], dot)
+    return outer, wo, finish
 
 
 def _grouped_conv(op, x, steps, extras, target, name, out_value):
