@@ -90,8 +90,8 @@ def test_constants_only_where_the_result_fits_int32():
 @pytest.mark.parametrize("cout,per_tensor", [(16, False), (37, False), (37, True), (1, True)])
 def test_conv_kernel_with_lane_requantize_bit_exact(cout, per_tensor, target, k):
     """An odd channel count puts the high half of the last channel's rounding constant in a padding lane. The
-    stage is where `kernels.lane_requantize_pays` puts it (every target with it in a 1x1 conv; not in AVX2's 8-bit
-    3x3 conv), and the kernel equals numpy either way."""
+    stage is where `kernels.lane_requantize_pays` puts it (every target with it in a 1x1 conv and in the 3x3 conv,
+    Winograd on AVX2 and AVX-512BW), and the kernel equals numpy either way."""
     rng = np.random.default_rng(cout)
     cin, size = 32, 7
     w = rng.integers(-128, 128, (cout, cin, k, k)).astype(np.int8)
@@ -114,7 +114,8 @@ def test_conv_kernel_with_lane_requantize_bit_exact(cout, per_tensor, target, k)
     target = parse_target(target)
     kernel = conv2d_kernel(op, Value(x.shape, "uint8", layout.channel_block(cin)), [rq], [], target)
     caps = capabilities(target)
-    assert (STAGE in kernel.func.script()) == lane_requantize_pays(caps, choose_dot(caps, "uint8", 8, cin // 4), k * k)
+    assert (STAGE in kernel.func.script()) == lane_requantize_pays(caps, choose_dot(caps, "uint8", 8, cin // 4), k * k,
+                                                                   kernel.notes["path"].endswith("+winograd"))
     got = run_kernel(kernel, [x], target)
     z = np.einsum("nchwij,ocij->nohw", np.lib.stride_tricks.sliding_window_view(
         np.pad(x, ((0, 0), (0, 0), (k // 2, k // 2), (k // 2, k // 2))), (k, k), axis=(2, 3)), w.astype(np.int64)) \
@@ -123,22 +124,24 @@ def test_conv_kernel_with_lane_requantize_bit_exact(cout, per_tensor, target, k)
     assert np.array_equal(got, want)
 
 
-def test_avx2_keeps_the_stage_out_of_8bit_convs_with_a_window():
-    """On AVX2 the stage slowed 8-bit 3x3 convs (the int16 `vpmaddwd` path) and sped up 1x1 and 4-bit ones, so a
-    conv takes it by that rule; 512-bit targets take it everywhere."""
+def test_avx2_keeps_the_stage_out_of_direct_8bit_convs_with_a_window():
+    """On AVX2 the stage slowed direct 8-bit 3x3 convs (the int16 `vpmaddwd` path) and sped up 1x1, 4-bit and
+    Winograd ones, so a conv takes it by that rule; 512-bit targets take it everywhere."""
     avx2, avx512 = capabilities(parse_target("avx2")), capabilities(parse_target("avx512"))
     wide, narrow = choose_dot(avx2, "uint8", 8, 4), choose_dot(avx2, "uint8", 4, 4)
     assert wide.in_dtype == "int16" and narrow.in_dtype == "uint8"
     assert not lane_requantize_pays(avx2, wide, 9)
     assert lane_requantize_pays(avx2, wide, 1) and lane_requantize_pays(avx2, narrow, 9)
+    assert lane_requantize_pays(avx2, wide, 9, winograd=True)
     assert lane_requantize_pays(avx512, choose_dot(avx512, "uint8", 8, 4), 9)
     rng = np.random.default_rng(0)
-    for k, stage in ((3, False), (1, True)):
-        op = Op("conv2d", ["x"], "z", dict(stride=(1, 1), padding=(k // 2, k // 2), dilation=(1, 1), groups=1,
-                                           w_bits=8, x_bits=8, x_signed=False),
+    for k, stride, stage in ((3, 2, False), (3, 1, True), (1, 1, True)):     # direct, Winograd, 1x1
+        op = Op("conv2d", ["x"], "z", dict(stride=(stride, stride), padding=(k // 2, k // 2), dilation=(1, 1),
+                                           groups=1, w_bits=8, x_bits=8, x_signed=False),
                 dict(weight=rng.integers(-128, 128, (16, 16, k, k)).astype(np.int8), bias=np.zeros(16, np.int32)),
                 layer="conv")
         rq = Op("requantize", ["z"], "q", dict(lo=0, hi=255), dict(multiplier=np.int32(2**30), shift=np.int32(40)),
                 lo=0, hi=255)
-        kernel = conv2d_kernel(op, Value((1, 16, 6, 6), "uint8", 16), [rq], [], parse_target("avx2"))
+        kernel = conv2d_kernel(op, Value((1, 16, 12, 12), "uint8", 16), [rq], [], parse_target("avx2"))
+        assert kernel.notes["path"].endswith("+winograd") == (k == 3 and stride == 1)
         assert (STAGE in kernel.func.script()) == stage

@@ -281,7 +281,7 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     # the byte-table read is tensorized where no output row or column of a tile is past the map's end (a
     # predicated block does not match the intrinsic)
     epi = epilogue(steps, out_value, extras, fanout, byte_table=caps.vbmi and (OHp, OWp) == (OH, OW),
-                   lanes=lane_requantize_pays(caps, cv.dot, KH * KW))
+                   lanes=lane_requantize_pays(caps, cv.dot, KH * KW, wino_tiles is not None))
     if fanout:   # each output requantizes the chain (`merge_outputs` puts them in one loop)
         def requantized(k):
             return lambda n, o, h, ww, oi: epi.finish(k, epi.chain(biased[n, o, h, ww, oi], (n, o, h, ww, oi)),
@@ -303,12 +303,14 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
                   {"path": path, "w_bits": cv.w_bits, "layer": op.layer})
 
 
-def lane_requantize_pays(caps, dot: DotPath | None, window: int) -> bool:
+def lane_requantize_pays(caps, dot: DotPath | None, window: int, winograd: bool = False) -> bool:
     """Whether a conv's first requantize is `lanerequant`'s 16-lane stage. Measured for haswell at batch 8,
-    interleaved (2026-12-07): an 8-bit conv with a spatial window (the int16 `vpmaddwd` path) took 1.03-1.19x the
-    time with the stage (resnet18's 3x3 convs, 64 to 512 channels), a 1x1 conv 0.88-0.92x and a 4-bit 3x3 conv
-    0.92-1.03x; with 512-bit registers the stage pays everywhere."""
-    return caps.lanes and (caps.avx512bw or caps.vnni or dot is None or dot.in_dtype != "int16" or window == 1)
+    interleaved (2026-12-07): a direct 8-bit conv with a spatial window (the int16 `vpmaddwd` path) took 1.03-1.19x
+    the time with the stage (resnet18's 3x3 convs, 64 to 512 channels), a 1x1 conv 0.88-0.92x, a 4-bit 3x3 conv
+    0.92-1.03x and a Winograd conv 0.93-0.98x (0.35x where its tiles run past the map's end, 256 channels at
+    14x14); with 512-bit registers the stage pays everywhere."""
+    return caps.lanes and (winograd or caps.avx512bw or caps.vnni or dot is None or dot.in_dtype != "int16"
+                           or window == 1)
 
 
 def merge_outputs(sch, outs: list) -> list:
