@@ -11,7 +11,8 @@ Two schedules share one computation: on x86 the reduction is tensorized with the
 `vpmaddubsw` with int16 partial sums (narrow weights, the same shift) or `vpmaddwd` on int16 (8-bit weights),
 with a (rows x columns x 2 x 16 channel) register tile sized to the ISA's registers and the epilogue computed at
 the tile (a 3x3 stride-1 conv on `vpmaddwd` runs as an exact integer Winograd F(2x2, 3x3), `winograd.py`, with
-16 multiplies per 2x2 outputs where the direct conv needs 36); anywhere else a generic vectorized schedule (and, for CUDA, a default GPU schedule at build time).
+16 multiplies per 2x2 outputs where the direct conv needs 36); anywhere else a generic vectorized schedule
+(and, for CUDA, a default GPU schedule at build time).
 """
 from __future__ import annotations
 
