@@ -20,7 +20,9 @@ from hawq_ray.contract.errors import brief
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"   # "0": Ray takes 127.0.0.1 as the node address
 JOIN_TIMEOUT_S = 10.0     # for a cluster's head to accept a connection and answer gRPC, before ray.init
-LOCAL_START_TRIES = 3     # starts of a local Ray whose raylet did not register in Ray's fixed 30 s
+LOCAL_START_TRIES = 3     # starts of a local Ray whose raylet or GCS did not come up in Ray's fixed wait
+LOCAL_START_TIMEOUTS = ("timed out during startup",       # the raylet did not register with the GCS in 30 s
+                        "Timed out waiting for file")     # the GCS did not write its port file in time
 ADDRESS_VALID = ("HOST:PORT of a running Ray head's GCS (e.g. 10.0.0.5:6379), ray://HOST:PORT (Ray Client), "
                  "auto (the cluster `ray start` left on this machine), or none, for a private local Ray")
 _HOST = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+")
@@ -53,9 +55,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def start_local(num_cpus: int | None = None) -> None:
     """ray.init of a fresh local Ray (no dashboard, workers' logs kept in the session folder). On a loaded
-    machine the raylet can miss the 30 s that Ray waits, fixed, for it to register with the GCS (seen on 2 cores
-    beside compile jobs); then the processes of that start are ended and Ray is started again, up to
-    LOCAL_START_TRIES times, before the error reaches the caller."""
+    machine the raylet can miss the 30 s that Ray waits, fixed, for it to register with the GCS, or the GCS miss
+    the wait for its port file (both seen on 2 cores beside compile jobs); then the processes of that start are
+    ended and Ray is started again, up to LOCAL_START_TRIES times, before the error reaches the caller."""
     import psutil
     import ray
     for attempt in range(1, LOCAL_START_TRIES + 1):
@@ -63,8 +65,8 @@ def start_local(num_cpus: int | None = None) -> None:
         try:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             return
-        except Exception as e:           # Ray raises a bare Exception for this
-            if "timed out during startup" not in str(e) or attempt == LOCAL_START_TRIES:
+        except Exception as e:           # Ray raises a bare Exception (the raylet) or a RuntimeError (the GCS)
+            if not any(m in str(e) for m in LOCAL_START_TIMEOUTS) or attempt == LOCAL_START_TRIES:
                 raise
         _end_new_children(before)
         warnings.warn(f"the local Ray did not start in time (try {attempt} of {LOCAL_START_TRIES}); "
