@@ -115,7 +115,7 @@ def test_conv_kernel_with_lane_requantize_bit_exact(cout, per_tensor, target, k)
     kernel = conv2d_kernel(op, Value(x.shape, "uint8", layout.channel_block(cin)), [rq], [], target)
     caps = capabilities(target)
     assert (STAGE in kernel.func.script()) == lane_requantize_pays(caps, choose_dot(caps, "uint8", 8, cin // 4), k * k,
-                                                                   kernel.notes["path"].endswith("+winograd"))
+                                                                   "+winograd" in kernel.notes["path"])
     got = run_kernel(kernel, [x], target)
     z = np.einsum("nchwij,ocij->nohw", np.lib.stride_tricks.sliding_window_view(
         np.pad(x, ((0, 0), (0, 0), (k // 2, k // 2), (k // 2, k // 2))), (k, k), axis=(2, 3)), w.astype(np.int64)) \
@@ -143,5 +143,5 @@ def test_avx2_keeps_the_stage_out_of_direct_8bit_convs_with_a_window():
         rq = Op("requantize", ["z"], "q", dict(lo=0, hi=255), dict(multiplier=np.int32(2**30), shift=np.int32(40)),
                 lo=0, hi=255)
         kernel = conv2d_kernel(op, Value((1, 16, 12, 12), "uint8", 16), [rq], [], parse_target("avx2"))
-        assert kernel.notes["path"].endswith("+winograd") == (k == 3 and stride == 1)
+        assert kernel.notes["path"].endswith("+winograd2") == (k == 3 and stride == 1)
         assert (STAGE in kernel.func.script()) == stage

@@ -1,6 +1,9 @@
-"""Exact Winograd F(2x2, 3x3) convs on the int16 `vpmaddwd` path (AVX2 and AVX-512BW, 8-bit weights): compiled
-kernels against numpy's int64 conv, at the int32 bound the kernel admits and one channel block past it."""
+"""Exact Winograd convs on the int16 `vpmaddwd` path: F(2x2, 3x3) for 8-bit weights and F(4x4, 3x3) for weights of
+at most 6 bits (AVX2, AVX-512BW, and AVX512-VNNI for the latter), compiled kernels against numpy's int64 conv, at
+the int32 bound the kernel admits and one channel block past it; the transforms against the direct conv."""
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -16,12 +19,13 @@ from numpy_reference import apply_op, ref_requantize
 
 AVX2 = parse_target("avx2")
 AVX512 = parse_target("avx512")
+VNNI = parse_target("avx512-vnni")
 TARGETS = [pytest.param(AVX2, "avx2", id="avx2"), pytest.param(AVX512, "avx512bw", id="avx512")]
 
 
-def _conv(w: np.ndarray, pad: int, bias=None) -> Op:
+def _conv(w: np.ndarray, pad: int, bias=None, w_bits: int = 8) -> Op:
     b = np.zeros(w.shape[0], np.int32) if bias is None else bias
-    return Op("conv2d", ["x"], "z", dict(stride=(1, 1), padding=(pad, pad), groups=1, w_bits=8, x_bits=8),
+    return Op("conv2d", ["x"], "z", dict(stride=(1, 1), padding=(pad, pad), groups=1, w_bits=w_bits, x_bits=8),
               dict(weight=w.astype(np.int8), bias=b), layer="conv")
 
 
@@ -31,21 +35,50 @@ def _kernel(op: Op, x: np.ndarray, target, steps=(), extras=()):
                          list(steps), list(extras), target)
 
 
+def _direct(d: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """The valid 3x3 correlation of one tile, by loops."""
+    m = d.shape[0] - 2
+    return np.array([[(d[i:i + 3, j:j + 3] * g).sum() for j in range(m)] for i in range(m)])
+
+
+@pytest.mark.parametrize("t", [winograd.F2, winograd.F4], ids=["F2", "F4"])
+def test_the_integer_transforms_give_scale_times_the_direct_conv(t):
+    """scale * Y = AT [(G g G^T) . (BT d BT^T)] AT^T on random tiles, scale = g_scale^2 = 2^shift * odd; the
+    bounds v_max and u_max are what the tiles with signs matching the matrices reach (signed int8 inputs, 4-bit
+    weights), and u8 inputs stay inside v_max(255)."""
+    bt, g, at = (np.array(a) for a in (t.bt, t.g, t.at))
+    rng = np.random.default_rng(t.m)
+    for _ in range(50):
+        d, w = rng.integers(-128, 256, (t.n, t.n)), rng.integers(-32, 32, (3, 3))
+        assert np.array_equal(at @ ((g @ w @ g.T) * (bt @ d @ bt.T)) @ at.T, t.g_scale ** 2 * _direct(d, w))
+    assert t.g_scale ** 2 == (1 << t.shift) * t.odd and t.odd % 2 == 1
+    signs = {(a, b): np.sign(np.outer(bt[a], bt[b])) for a in range(t.n) for b in range(t.n)}
+    worst_v = max(abs(int((bt @ (-128 * sg) @ bt.T)[ab])) for ab, sg in signs.items())
+    assert worst_v == t.v_max(128) <= x86dot.INT16_MAX
+    assert max(int((bt @ (255 * (sg > 0)) @ bt.T)[ab]) for ab, sg in signs.items()) <= t.v_max(255)
+    g_signs = {(a, b): np.sign(np.outer(g[a], g[b])) for a in range(t.n) for b in range(t.n)}
+    assert max(abs(int((g @ (-8 * sg) @ g.T)[ab])) for ab, sg in g_signs.items()) == t.u_max(8) <= x86dot.INT16_MAX
+
+
 CASES = [  # cin, cout, size, pad, signed
     (32, 48, 12, 1, True),      # signed input, three output blocks, whole tiles
     (3, 20, 13, 1, False),      # 3 channels (one 4-channel block), odd map: tiles past the map's end
     (16, 16, 7, 0, False),      # no padding: a 5x5 output
     (64, 32, 6, 2, True),       # padding 2
+    (16, 32, 30, 1, False),     # F(4x4): 8 tile columns, two blocks of 4 on AVX2
 ]
 
 
+@pytest.mark.parametrize("w_bits,tile", [(8, 2), (4, 4), (6, 4)], ids=["w8", "w4", "w6"])
 @pytest.mark.parametrize("target,label", TARGETS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"c{c[0]}-{c[1]}_s{c[2]}_p{c[3]}")
-def test_winograd_conv_requantize_residual_bit_exact(target, label, case):
+def test_winograd_conv_requantize_residual_bit_exact(target, label, case, w_bits, tile):
     """conv -> requantize -> residual add -> ReLU in one Winograd kernel, against numpy."""
     cin, cout, size, pad, signed = case
     rng = np.random.default_rng(cin + cout + size)
-    op = _conv(rng.integers(-128, 128, (cout, cin, 3, 3)), pad, rng.integers(-20000, 20000, cout).astype(np.int32))
+    lo, hi = x86dot.weight_range(w_bits)
+    op = _conv(rng.integers(lo, hi + 1, (cout, cin, 3, 3)), pad, rng.integers(-20000, 20000, cout).astype(np.int32),
+               w_bits)
     x = rng.integers(-128, 128, (2, cin, size, size)) if signed else rng.integers(0, 256, (2, cin, size, size))
     z = apply_op(op, [x])
     m, s = dyadic(rng.uniform(0.5, 2.0, (cout, 1, 1)) * 100 / np.abs(z).max())
@@ -54,68 +87,98 @@ def test_winograd_conv_requantize_residual_bit_exact(target, label, case):
     other = rng.integers(-128, 128, z.shape)
     steps = [rq, Op("add", ["q", "other"], "s", lo=-256, hi=254), Op("relu", ["s"], "r", lo=0, hi=254)]
     kern = _kernel(op, x, target, steps, [Value(other.shape, "int8", 16)])
-    assert kern.notes["path"] == label + "+winograd"
+    assert kern.notes["path"] == f"{label}+winograd{tile}"
     want = np.maximum(ref_requantize(z, m, s, -128, 127) + other, 0)
     assert np.array_equal(run_kernel(kern, [x, other], target), want)
     assert 0 < (want == 0).mean() < 0.9
 
 
-def _largest_admitted_channels() -> int:
-    """The most input channels (whole 16-channel blocks) `winograd.winograd_applies` takes for u8 inputs, found by
-    asking it: checked against the bound's arithmetic below."""
-    dot = x86dot.choose_dot(capabilities(AVX2), "uint8", 8, 4)
+def _largest_admitted_channels(w_bits: int) -> int:
+    """The most input channels (whole 16-channel blocks) `winograd.choose` takes for u8 inputs, found by asking
+    it: checked against the bound's arithmetic below."""
+    caps = capabilities(AVX2)
+    dot = x86dot.choose_dot(caps, "uint8", w_bits, 4)
     c = 16
-    while winograd.winograd_applies(dot, "uint8", c + 16, (3, 3), (1, 1), (1, 1), 1, (4, 4)):
+    while winograd.choose(caps, dot, "uint8", w_bits, c + 16, (3, 3), (1, 1), (1, 1), 1, (4, 4), False):
         c += 16
     return c
 
 
-def test_the_admitted_channels_keep_every_sum_in_int32():
-    """|V| <= 4 * 255 and |U| <= 9 * 128, so |M| <= C * 1020 * 1152; |4 y| <= 4 * C * 9 * 255 * 128, the same
-    product: both in int32 at the largest admitted C, and out of it one block later."""
-    c = _largest_admitted_channels()
-    assert c * 1020 * 1152 < 2 ** 31 <= (c + 16) * 1020 * 1152
-    g = np.full((3, 3), -128)
-    assert np.abs(winograd.G2 @ g @ winograd.G2.T).max() == 9 * 128
-    d = np.full((4, 4), 255)
-    assert np.abs(np.array(winograd.BT) @ d @ np.array(winograd.BT).T).max() == 4 * 255
+@pytest.mark.parametrize("w_bits,shift", [(8, 2), (4, 6)])
+def test_the_admitted_channels_keep_2_to_the_shift_times_y_in_int32(w_bits, shift):
+    """|y| <= C * 9 * 255 * |w|max, and 2^shift y must stay in int32: at the largest admitted C it does, one
+    block later it does not (both transforms: 1824 channels)."""
+    c, w_max = _largest_admitted_channels(w_bits), -x86dot.weight_range(w_bits)[0]
+    assert (c * 9 * 255 * w_max) << shift < 2 ** 31 <= ((c + 16) * 9 * 255 * w_max) << shift
 
 
-@pytest.mark.parametrize("fill", [-128, 127])
-def test_winograd_at_the_int32_bound(fill):
-    """Every input 255 and every weight -128 (or 127) at the largest admitted channel count: the transformed
-    sums come within 0.3% of int32's end and the kernel still equals the exact conv; one channel block more
-    and the conv takes the direct kernel, still exact."""
-    c = _largest_admitted_channels()
-    for cin, path in [(c, "avx2+winograd"), (c + 16, "avx2")]:
-        op = _conv(np.full((16, cin, 3, 3), fill), 1)
+BOUND_CASES = [pytest.param(w_bits, fill, id=f"w{w_bits}_{fill}") for w_bits in (8, 4)
+               for fill in x86dot.weight_range(w_bits)]
+
+
+@pytest.mark.parametrize("w_bits,fill", BOUND_CASES)
+def test_winograd_at_the_int32_bound(w_bits, fill):
+    """Every input 255 and every weight at an end of its range at the largest admitted channel count: 2^shift y
+    comes within 0.3% of int32's end (the transformed sums M wrap many times over for F(4x4)) and the kernel still
+    equals the exact conv; one channel block more and the conv takes the direct kernel, still exact."""
+    c = _largest_admitted_channels(w_bits)
+    m, shift = (2, 2) if w_bits == 8 else (4, 6)
+    for cin, path in [(c, f"avx2+winograd{m}"), (c + 16, "avx2")]:
+        op = _conv(np.full((16, cin, 3, 3), fill), 1, w_bits=w_bits)
         x = np.full((1, cin, 4, 4), 255)
         kern = _kernel(op, x, AVX2)
         assert kern.notes["path"] == path
         want = apply_op(op, [x])
-        assert 4 * np.abs(want).max() > 0.98 * 2 ** 31      # 4 y, the output transform's result
+        if cin == c:
+            assert np.abs(want).max() << shift > 0.997 * 2 ** 31 * abs(fill) / -x86dot.weight_range(w_bits)[0]
         assert np.array_equal(run_kernel(kern, [x], AVX2), want)
 
 
-def test_one_block_past_the_bound_breaks_exactness(monkeypatch):
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_one_block_past_the_bound_breaks_exactness(monkeypatch, w_bits):
     """The bound is real: forced past it (one channel block more), the same extreme conv comes out wrong."""
-    c = _largest_admitted_channels() + 16
+    c = _largest_admitted_channels(w_bits) + 16
     monkeypatch.setattr(winograd, "INT32_LIMIT", 1 << 40)
-    op = _conv(np.full((16, c, 3, 3), -128), 1)
+    op = _conv(np.full((16, c, 3, 3), x86dot.weight_range(w_bits)[0]), 1, w_bits=w_bits)
     x = np.full((1, c, 4, 4), 255)
     kern = _kernel(op, x, AVX2)
-    assert kern.notes["path"] == "avx2+winograd"
+    assert "+winograd" in kern.notes["path"]
     assert not np.array_equal(run_kernel(kern, [x], AVX2), apply_op(op, [x]))
 
 
-@pytest.mark.parametrize("target,x_dtype,w_bits,kernel,stride,expected", [
-    (AVX2, "uint8", 8, (3, 3), (1, 1), True),
-    (AVX512, "int8", 8, (3, 3), (1, 1), True),
-    (AVX2, "uint8", 4, (3, 3), (1, 1), False),       # vpmaddubsw path: 4-bit weights are faster direct
-    (AVX2, "uint8", 8, (3, 3), (2, 2), False),
-    (AVX2, "uint8", 8, (1, 1), (1, 1), False),
-    (parse_target("avx512-vnni"), "uint8", 8, (3, 3), (1, 1), False),   # vpdpbusd: 8-bit operands
-], ids=["avx2", "avx512-signed", "avx2-w4", "stride2", "1x1", "vnni"])
-def test_winograd_applies_to_3x3_stride1_convs_on_the_int16_path(target, x_dtype, w_bits, kernel, stride, expected):
-    dot = x86dot.choose_dot(capabilities(target), x_dtype, w_bits, 4)
-    assert winograd.winograd_applies(dot, x_dtype, 64, kernel, stride, (1, 1), 1, (14, 14)) == expected
+def test_f4_on_a_vnni_target_where_v_is_shared_bit_exact():
+    """With VNNI, a 4-bit conv whose input outweighs its weights takes F(4x4) on `vpmaddwd`; 8-bit ones stay on
+    VNNI."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, (2, 16, 20, 20))
+    for w_bits, path in [(4, "avx512bw+winograd4"), (8, "vnni")]:
+        lo, hi = x86dot.weight_range(w_bits)
+        op = _conv(rng.integers(lo, hi + 1, (32, 16, 3, 3)), 1, rng.integers(-500, 500, 32).astype(np.int32),
+                   w_bits)
+        kern = _kernel(op, x, VNNI)
+        assert kern.notes["path"] == path
+        assert np.array_equal(run_kernel(kern, [x], VNNI), apply_op(op, [x]))
+
+
+F = {"F2": winograd.F2, "F4": winograd.F4, None: None}
+
+
+@pytest.mark.parametrize("target,x_dtype,w_bits,kernel,stride,weights_outer,expected", [
+    (AVX2, "uint8", 8, (3, 3), (1, 1), False, "F2"),
+    (AVX512, "int8", 8, (3, 3), (1, 1), True, "F2"),
+    (AVX2, "uint8", 4, (3, 3), (1, 1), True, "F4"),
+    (AVX512, "int8", 6, (3, 3), (1, 1), False, "F4"),
+    (AVX2, "uint8", 7, (3, 3), (1, 1), False, None),    # |U| too wide for F(4x4); direct on vpmaddubsw
+    (AVX2, "uint8", 8, (3, 3), (2, 2), False, None),
+    (AVX2, "uint8", 4, (1, 1), (1, 1), False, None),
+    (VNNI, "uint8", 8, (3, 3), (1, 1), False, None),    # vpdpbusd: 8-bit operands
+    (VNNI, "uint8", 4, (3, 3), (1, 1), False, "F4"),
+    (VNNI, "uint8", 4, (3, 3), (1, 1), True, None),     # V recomputed per channel block: slower than VNNI
+    ("amx", "uint8", 4, (3, 3), (1, 1), False, None),
+], ids=["avx2", "avx512-signed", "avx2-w4", "avx512-w6", "w7", "stride2", "1x1", "vnni", "vnni-w4",
+        "vnni-w4-weights-outer", "amx"])
+def test_which_convs_take_which_transform(target, x_dtype, w_bits, kernel, stride, weights_outer, expected):
+    caps = dataclasses.replace(capabilities(VNNI), amx=True) if target == "amx" else capabilities(target)
+    dot = x86dot.choose_dot(caps, x_dtype, w_bits, 4)
+    assert winograd.choose(caps, dot, x_dtype, w_bits, 64, kernel, stride, (1, 1), 1, (14, 14), weights_outer) \
+        is F[expected]

@@ -10,8 +10,9 @@ Two schedules share one computation: on x86 the reduction is tensorized with the
 `-128 * sum(W)` folded into the bias, padding with 128 so the shift is exact everywhere), or without VNNI
 `vpmaddubsw` with int16 partial sums (narrow weights, the same shift) or `vpmaddwd` on int16 (8-bit weights),
 with a (rows x columns x 2 x 16 channel) register tile sized to the ISA's registers and the epilogue computed at
-the tile (a 3x3 stride-1 conv on `vpmaddwd` runs as an exact integer Winograd F(2x2, 3x3), `winograd.py`, with
-16 multiplies per 2x2 outputs where the direct conv needs 36); anywhere else a generic vectorized schedule
+the tile (a 3x3 stride-1 conv runs as an exact integer Winograd conv, `winograd.py`, on `vpmaddwd`: F(2x2, 3x3)
+for 8-bit weights, 16 multiplies per 2x2 outputs where the direct conv needs 36, F(4x4, 3x3) for weights of at
+most 6 bits, 36 per 4x4 outputs); anywhere else a generic vectorized schedule
 (and, for CUDA, a default GPU schedule at build time).
 """
 from __future__ import annotations
@@ -207,12 +208,12 @@ def check_channels(op: Op, x: Value) -> tuple:
     return tuple(x.shape)
 
 
-def conv_operands(op: Op, x: Value, target) -> ConvOperands:
+def conv_operands(op: Op, x: Value, target, int16: bool = False) -> ConvOperands:
     w = np.asarray(op.consts["weight"])
     O, Ig, KH, KW = w.shape
     check_channels(op, x)
     w_bits = int(op.attrs.get("w_bits", 8))
-    dot = choose_dot(capabilities(target), x.dtype, w_bits, x.block // 4)
+    dot = choose_dot(capabilities(target), x.dtype, w_bits, x.block // 4, int16)
     shift_input = dot is not None and dot.shifts(x.dtype)
     bias = _bias(op, O)
     if shift_input:
@@ -245,29 +246,31 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
         return _grouped_conv(op, x, steps, extras, target, name, out_value)
     out_values = [Value(out_value.shape, output_dtype(f), 16) for f in fanout] or [out_value]
 
-    cv = conv_operands(op, x, target)
     caps = capabilities(target)
+    C_stored = x.storage_shape[1] * x.block
+    w_bits = int(op.attrs.get("w_bits", 8))
+    weights_outer = w.size * w_bits // 8 > C_stored * H * W
+    transform = winograd.choose(caps, choose_dot(caps, x.dtype, w_bits, x.block // 4), x.dtype, w_bits, C_stored,
+                                (KH, KW), (sh, sw), (dh, dw), groups, (OH, OW), weights_outer)
+    cv = conv_operands(op, x, target, int16=transform is not None)
     Ob = layout.ceil_to(O, 16) // 16
     use_amx = cv.dot is VNNI and caps.amx and \
         amx.amx_conv_applies(x.dtype, x.storage_shape[1], x.block, cv.kernel, cv.stride, cv.dilation, groups, OW, Ob)
     b_ph = cv.bias
-    wino_tiles = None
+    wino = None
     if use_amx:      # input rows WS apart, output rows and columns rounded up to the AMX block (`amx.py`)
         OHp, OWp = layout.ceil_to(OH, amx.PX_TILES), layout.ceil_to(OW, amx.ROWS)
         WS = OWp + KW - 1
         src, needs_pad = cv.source_rows(x, ph, pw, OHp + KH - 1, WS)
         acc = cv.accumulate(src, (N, Ob, OHp, OWp, 16), row_stride=WS)
-    elif not caps.gpu and winograd.winograd_applies(cv.dot, x.dtype, x.storage_shape[1] * x.block, cv.kernel,
-                                                    cv.stride, cv.dilation, groups, (OH, OW)):
-        tile_cols = -(-OW // 2)
-        wino_tiles = winograd.tiles_per_block(tile_cols, min(14, cv.dot.max_acc))
-        TH, TW = -(-OH // 2), -(-tile_cols // wino_tiles) * wino_tiles
-        OHp, OWp = 2 * TH, 2 * TW
-        src, needs_pad = cv.source(x, ph, pw, OHp + 2, OWp + 2)
-        u = winograd.transformed_weights(cv.consts[0])
+    elif transform is not None:
+        wino = winograd.plan(transform, (OH, OW), min(14, cv.dot.max_acc))
+        (OHp, OWp), in_size = wino.out_size, wino.in_size
+        src, needs_pad = cv.source(x, ph, pw, *in_size)
+        u = winograd.transformed_weights(cv.consts[0], transform)
         u_ph = te.placeholder(u.shape, "int16", name="weight")
         cv = dataclasses.replace(cv, weight=u_ph, weight8=u_ph, consts=[u, cv.consts[1]])
-        acc = winograd.conv_sum(src, u_ph, Ob, TH, TW)
+        acc = winograd.conv_sum(src, u_ph, Ob, wino)
         tile = None
     else:
         pair = OC_PAIR if cv.dot and cv.dot.pair and Ob % OC_PAIR == 0 else 1
@@ -282,7 +285,7 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     # the byte-table read is tensorized where no output row or column of a tile is past the map's end (a
     # predicated block does not match the intrinsic)
     epi = epilogue(steps, out_value, extras, fanout, byte_table=caps.vbmi and (OHp, OWp) == (OH, OW),
-                   lanes=lane_requantize_pays(caps, cv.dot, KH * KW, wino_tiles is not None))
+                   lanes=lane_requantize_pays(caps, cv.dot, KH * KW, wino is not None))
     if fanout:   # each output requantizes the chain (`merge_outputs` puts them in one loop)
         def requantized(k):
             return lambda n, o, h, ww, oi: epi.finish(k, epi.chain(biased[n, o, h, ww, oi], (n, o, h, ww, oi)),
@@ -293,13 +296,12 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
                                  value_shape=acc.shape)[-1:]
     names = [f"out{k}" for k in range(len(fanout))] if fanout else epi.block_names
     func = te.create_prim_func([cv.data, *epi.extra_tensors, cv.weight, b_ph, *epi.const_tensors, *outs])
-    int4 = cv.w_bits <= 4
-    weights_outer = w.size * cv.w_bits // 8 > x.storage_shape[1] * x.block * H * W
+    int4 = cv.w_bits <= 4 and not (cv.dot and cv.dot.in_dtype == "int16")     # int16 weights are not packed
     if not caps.gpu:
         func = _schedule_conv(func, None if use_amx else tile, needs_pad, int4, len(fanout) or 1, weights_outer,
                               cv.dot, names, amx.conv_intrinsic(x.storage_shape[1], KH, KW, WS) if use_amx else None,
-                              str(epi.byte_table.dtype) if epi.byte_table is not None else None, wino_tiles)
-    path = caps.conv_path(use_amx, cv.dot) + ("+winograd" if wino_tiles else "")
+                              str(epi.byte_table.dtype) if epi.byte_table is not None else None, wino)
+    path = caps.conv_path(use_amx, cv.dot) + (f"+winograd{wino.transform.m}" if wino else "")
     return Kernel(name or kernel_name(op), func, [x, *extras], [*cv.consts, *epi.const_arrays], out_values,
                   {"path": path, "w_bits": cv.w_bits, "layer": op.layer})
 
@@ -367,7 +369,7 @@ def finish_dot(sch, acc, first_reduction, oi, tile: list, dot: DotPath | bool | 
 
 def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, weights_outer: bool, dot,
                    out_names: list, amx_intrinsic: str | None = None, table_dtype: str | None = None,
-                   wino_tiles: int | None = None):
+                   wino=None):
     """Parallel over (image, channel block group, row tiles) or, when the weights outweigh an image's input,
     (channel block group, image, row tiles); a (rows x columns x blocks of 16 channels) register tile, the
     blocks innermost (each broadcast input meets every block's weights) -- or, with `amx_intrinsic`, a (2 rows
@@ -376,8 +378,8 @@ def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, wei
     sch = s_tir.Schedule(func)
     acc = sch.get_sblock("acc")
     outs = [sch.get_sblock(nm) for nm in out_names]
-    if wino_tiles:
-        outer, wo, finish = winograd.schedule_sum(sch, acc, wino_tiles, weights_outer, dot.intrinsic)
+    if wino:
+        outer, wo, finish = winograd.schedule_sum(sch, acc, wino, weights_outer, dot.bits)
     else:
         outer, wo, finish = _conv_tile(sch, acc, tile, weights_outer, dot, amx_intrinsic)
     sch.set_scope(acc, 0, "local")

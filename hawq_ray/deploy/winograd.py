@@ -1,47 +1,136 @@
-"""Exact integer Winograd F(2x2, 3x3) for 3x3 stride-1 convs on the int16 `vpmaddwd` path (x86 without VNNI,
-8-bit weights), where every multiply is a `vpmaddwd` and the conv needs 36 of them per 2x2 outputs and input
-channel pair; the transformed conv needs 16.
+"""Exact integer Winograd convs F(m x m, 3 x 3) for 3x3 stride-1 convs on the int16 `vpmaddwd` path (x86 without
+VNNI), where every multiply is a `vpmaddwd`: per m x m outputs and input channel pair the direct conv needs 9 m^2
+of them, F(2x2, 3x3) 16 and F(4x4, 3x3) 36.
 
-Per 4x4 input tile d (rows 2t .. 2t+3 of the padded input) and 3x3 filter g (Lavin and Gray, 2015):
+Per (m + 2) x (m + 2) input tile d (rows m t .. m t + m + 1 of the padded input) and 3x3 filter g (Lavin and
+Gray, 2015), with G scaled by `g_scale` so that every matrix is an integer one:
 
-    4 * Y = AT [(G2 g G2^T) . (BT d BT^T)] AT^T,    Y: the 2x2 outputs the direct conv sums
+    scale * Y = AT [(G g G^T) . (BT d BT^T)] AT^T,    scale = g_scale^2 = 2^shift * odd,
 
-with G2 = 2 G so that every matrix is an integer one. Everything is exact in integers:
-- the input transform V = BT d BT^T sums 4 inputs with signs: |V| <= 4 |x|max (1020 for u8), int16;
-- the weight transform U = G2 g G2^T (offline) sums at most 9 weights: |U| <= 9 |w|max (1152), int16;
-- M = sum over channels of V * U is a `vpmaddwd` accumulation in int32, |M| <= C * 4 |x|max * 9 |w|max;
-- the output transform adds 9 of the M with signs in uint32 (wrapping: a partial sum may leave int32), and its
-  result 4 Y is exact modulo 2^32; `winograd_applies` admits a conv only while C * 36 |x|max |w|max < 2^31,
-  which bounds |M| and |4 Y| inside int32, so 4 Y read as int32 is exact and Y = (4 Y) >> 2.
+Y the m x m outputs the direct conv sums. Everything is exact in integers:
+- the input transform V = BT d BT^T stays in int16 while |V| <= (max row of |BT|)^2 |x|max, which also bounds
+  every partial sum of its 2-D or two 1-D passes;
+- the weight transform U = G g G^T (offline) in int16 while |U| <= (max row of |G|)^2 |w|max: F(4x4, 3x3)
+  needs weights of at most 6 bits (24^2 * 32), F(2x2, 3x3) takes 8-bit ones (2^2 * 128); a `vpmaddwd` pair
+  sum of int16 operands that are not -32768 fits int32;
+- M = sum over channels of V * U accumulates in uint32 and the output transform adds in uint32: both may wrap,
+  and scale * Y comes out exact modulo 2^32. Multiplying by odd's inverse modulo 2^32 leaves 2^shift Y modulo
+  2^32, read as int32 it is exact while |2^shift Y| < 2^31, and Y = (2^shift Y) >> shift. `choose` admits a
+  conv only while 2^shift * C * 9 |x|max |w|max < 2^31, the bound of |2^shift Y|.
 
-A kernel computes, per task (image, 16 output channels, one row of tiles) and per block of `tiles` tiles: the
-block's V (all input channels; recomputed for every channel block, it stays in cache where a whole V stage
-would be 4x the input in memory), then for each of the 16 transformed positions the `tiles` int32x16
-accumulators over the channels, then the outputs, at the tile, with the conv's epilogue.
+A kernel computes, per task (image, one row of tiles) and per block of `tiles` tiles, the block's V (all input
+channels; in cache, where a whole V stage would be (n / m)^2 times the input in memory), then per 16 output
+channels and transformed position the `tiles` int32x16 accumulators over the channels, then the outputs with
+the conv's epilogue. Where the weights outweigh an image's input, a task is (16 output channels, image, row of
+tiles) instead, and V is recomputed for each 16 output channels.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
 from tvm import te
 
-BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
-G2 = np.array(((2, 0, 0), (1, 1, 1), (1, -1, 1), (0, 0, 2)))
-AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+from hawq_ray.deploy.x86dot import INT16_MAX, U8_MAX, pmaddwd_intrinsic, weight_range
+
 INT32_LIMIT = 1 << 31
 MIN_SIZE = 4        # output rows and columns; a smaller map computes mostly padding
 
 
-def winograd_applies(dot, x_dtype: str, channels: int, kernel: tuple, stride: tuple, dilation: tuple,
-                     groups: int, out_size: tuple) -> bool:
-    """Whether a conv takes this kernel: a 3x3 stride-1 conv on the int16 dot, with the channel count inside
-    the bound above."""
-    if dot is None or dot.in_dtype != "int16" or groups != 1 or min(out_size) < MIN_SIZE:
-        return False
+@dataclass(frozen=True)
+class Transform:
+    """F(m x m, 3 x 3) with integer matrices: BT (n x n, n = m + 2), G (n x 3, scaled by g_scale), AT (m x n)."""
+    m: int
+    bt: tuple
+    g: tuple
+    at: tuple
+    g_scale: int
+
+    @property
+    def n(self) -> int:
+        return self.m + 2
+
+    @property
+    def shift(self) -> int:        # scale = g_scale^2 = 2^shift * odd
+        scale = self.g_scale ** 2
+        return (scale & -scale).bit_length() - 1
+
+    @property
+    def odd(self) -> int:
+        return self.g_scale ** 2 >> self.shift
+
+    def v_max(self, x_max: int) -> int:
+        return int(np.abs(np.array(self.bt)).sum(axis=1).max()) ** 2 * x_max
+
+    @property
+    def separable_input(self) -> bool:
+        """V in two 1-D passes (through a stage of their own) where that takes fewer adds than one 2-D pass:
+        F(4x4, 3x3), whose BT rows have 3 or 4 terms; F(2x2, 3x3) with 2 terms was 10% slower so."""
+        return max(sum(1 for c in row if c) for row in self.bt) > 2
+
+    def u_max(self, w_max: int) -> int:
+        return int(np.abs(np.array(self.g)).sum(axis=1).max()) ** 2 * w_max
+
+
+F2 = Transform(2, ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+               ((2, 0, 0), (1, 1, 1), (1, -1, 1), (0, 0, 2)), ((1, 1, 1, 0), (0, 1, -1, -1)), 2)
+F4 = Transform(4, ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
+                   (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+               ((6, 0, 0), (-4, -4, -4), (-4, 4, -4), (1, 2, 4), (1, -2, 4), (0, 0, 24)),
+               ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)), 24)
+
+
+def fits(t: Transform, x_dtype: str, w_bits: int, channels: int) -> bool:
+    """Whether `t` is exact for these operands (the bounds above)."""
+    x_max = U8_MAX if x_dtype == "uint8" else 128
+    w_max = -weight_range(w_bits)[0]
+    return t.v_max(x_max) <= INT16_MAX and t.u_max(w_max) <= INT16_MAX and \
+        (channels * 9 * x_max * w_max) << t.shift < INT32_LIMIT
+
+
+def choose(caps, dot, x_dtype: str, w_bits: int, channels: int, kernel: tuple, stride: tuple, dilation: tuple,
+           groups: int, out_size: tuple, weights_outer: bool) -> Transform | None:
+    """The transform of a 3x3 stride-1 conv on an x86 target without AMX (None: the direct kernel): F(4x4, 3x3)
+    where its bounds hold, else F(2x2, 3x3) where the direct conv is on `vpmaddwd` (`dot`: 8-bit weights without
+    VNNI; narrower ones are as fast direct on `vpmaddubsw`). With VNNI, whose direct conv multiplies 4 byte pairs
+    per lane, F(4x4, 3x3) only where V is computed once for every channel block (`weights_outer` false):
+    measured at batch 8 with 4-bit weights (2026-12-07), resnet18's 64 and 128-channel convs took 0.66x and
+    0.60x the time of the direct VNNI kernel, its 256 and 512-channel ones, which recompute V, 1.09x and 2.1x."""
+    if caps.gpu or caps.amx or not (caps.avx2 or caps.avx512bw) or x_dtype not in ("uint8", "int8"):
+        return None
+    if groups != 1 or min(out_size) < MIN_SIZE:
+        return None
     if tuple(kernel) != (3, 3) or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1):
-        return False
-    x_max = 255 if x_dtype == "uint8" else 128
-    return channels * 36 * x_max * 128 < INT32_LIMIT
+        return None
+    if fits(F4, x_dtype, w_bits, channels) and not (caps.vnni and weights_outer):
+        return F4
+    if not caps.vnni and dot is not None and dot.in_dtype == "int16" and fits(F2, x_dtype, w_bits, channels):
+        return F2
+    return None
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """The tiling of one Winograd conv: `tiles` tiles per block, the tile grid and the output it covers."""
+    transform: Transform
+    tiles: int
+    tile_rows: int
+    tile_cols: int          # a whole number of blocks
+
+    @property
+    def out_size(self) -> tuple:
+        return self.transform.m * self.tile_rows, self.transform.m * self.tile_cols
+
+    @property
+    def in_size(self) -> tuple:
+        return tuple(s + 2 for s in self.out_size)
+
+
+def plan(t: Transform, out_size: tuple, most_tiles: int) -> TilePlan:
+    rows, cols = (-(-s // t.m) for s in out_size)
+    tiles = tiles_per_block(cols, most_tiles)
+    return TilePlan(t, tiles, rows, -(-cols // tiles) * tiles)
 
 
 def tiles_per_block(tile_columns: int, most: int) -> int:
@@ -52,21 +141,26 @@ def tiles_per_block(tile_columns: int, most: int) -> int:
     return min(range(most, most // 2, -1), key=lambda t: (-(-tile_columns // t) * t - tile_columns, -t))
 
 
-def transformed_weights(w16: np.ndarray) -> np.ndarray:
-    """(O/16, C/b, 3, 3, b/2, 16, 2) int16 (the `vpmaddwd` layout) -> (O/16, C/b, 16, b/2, 16, 2) int16:
-    U = G2 g G2^T at each of the 16 transformed positions xi * 4 + nu."""
-    u = np.einsum("ai,bj,ocijmlk->ocabmlk", G2, G2, w16.astype(np.int64))
+def transformed_weights(w16: np.ndarray, t: Transform) -> np.ndarray:
+    """(O/16, C/b, 3, 3, b/2, 16, 2) int16 (the `vpmaddwd` layout) -> (O/16, C/b, n^2, b/2, 16, 2) int16:
+    U = G g G^T at each transformed position xi * n + nu."""
+    g = np.array(t.g)
+    u = np.einsum("ai,bj,ocijmlk->ocabmlk", g, g, w16.astype(np.int64))
     o, c, _, _, m, lanes, k = u.shape
-    return np.ascontiguousarray(u.reshape(o, c, 16, m, lanes, k)).astype(np.int16)
+    return np.ascontiguousarray(u.reshape(o, c, t.n ** 2, m, lanes, k)).astype(np.int16)
 
 
-def _signed_sum(terms: list):
+def _linear(terms: list, dtype: str):
+    """sum of coef * expr over (coef, expr), multiplying only by coefficients other than +-1."""
     total = None
-    for coef, t in terms:
+    for coef, expr in terms:
+        if coef == 0:
+            continue
+        mag = expr if abs(coef) == 1 else expr * tvm.tirx.const(abs(coef), dtype)
         if total is None:
-            total = t if coef == 1 else tvm.tirx.const(0, t.dtype) - t
+            total = mag if coef > 0 else tvm.tirx.const(0, dtype) - mag
         else:
-            total = total + t if coef == 1 else total - t
+            total = total + mag if coef > 0 else total - mag
     return total
 
 
@@ -77,71 +171,102 @@ def _select(var, exprs: list):
     return out
 
 
-def conv_sum(src: te.Tensor, weight: te.Tensor, out_blocks: int, tile_rows: int, tile_cols: int) -> te.Tensor:
-    """The conv's INT32 sums (N, O/16, 2 * tile_rows, 2 * tile_cols, 16) from the padded int16 input `src`
-    (N, C/b, 2 * tile_rows + 2, 2 * tile_cols + 2, b) and the transformed weights (`transformed_weights`)."""
+def conv_sum(src: te.Tensor, weight: te.Tensor, out_blocks: int, p: TilePlan) -> te.Tensor:
+    """The conv's INT32 sums (N, O/16, m * tile_rows, m * tile_cols, 16) from the padded int16 input `src`
+    (N, C/b, m * tile_rows + 2, m * tile_cols + 2, b) and the transformed weights (`transformed_weights`)."""
+    t, m, n = p.transform, p.transform.m, p.transform.n
     N, Cb, _, _, ib = (int(v) for v in src.shape)
-
-    def v_value(n, cb, th, tw, e, c):
-        return _select(e, [_signed_sum([(BT[xi][i] * BT[nu][j], src[n, cb, 2 * th + i, 2 * tw + j, c])
-                                        for i in range(4) for j in range(4) if BT[xi][i] * BT[nu][j]])
-                           for xi in range(4) for nu in range(4)])
-    v = te.compute((N, Cb, tile_rows, tile_cols, 16, ib), v_value, name="wino_v")
+    rows, cols = p.tile_rows, p.tile_cols
+    # V = BT d BT^T
+    if not t.separable_input:
+        v = te.compute((N, Cb, rows, cols, n * n, ib), lambda b, cb, th, tw, e, c: _select(e, [
+            _linear([(t.bt[a][i] * t.bt[a2][j], src[b, cb, m * th + i, m * tw + j, c])
+                     for i in range(n) for j in range(n)], "int16") for a in range(n) for a2 in range(n)]),
+                       name="wino_v")
+    else:       # along the tile's rows, then along its columns
+        half = te.compute((N, Cb, rows, cols, n, n, ib), lambda b, cb, th, tw, xi, j, c: _select(xi, [
+            _linear([(t.bt[a][i], src[b, cb, m * th + i, m * tw + j, c]) for i in range(n)], "int16")
+            for a in range(n)]), name="wino_vh")
+        v = te.compute((N, Cb, rows, cols, n * n, ib), lambda b, cb, th, tw, e, c: _select(e % n, [
+            _linear([(t.bt[a][j], half[b, cb, th, tw, e // n, j, c]) for j in range(n)], "int16")
+            for a in range(n)]), name="wino_v")
     cb = te.reduce_axis((0, Cb), "cb")
     cm = te.reduce_axis((0, ib // 2), "cm")
     ci = te.reduce_axis((0, 2), "ci")
-    m = te.compute((N, out_blocks, tile_rows, tile_cols, 16, 16), lambda n, o, th, tw, e, oi: te.sum(
-        v[n, cb, th, tw, e, cm * 2 + ci].astype("int32") * weight[o, cb, e, cm, oi, ci].astype("int32"),
-        axis=[cb, cm, ci]), name="wino_m")
-    wrapped = te.compute(m.shape, lambda *i: m(*i).astype("uint32"), name="wino_wrap")
+    acc = te.compute((N, out_blocks, rows, cols, n * n, 16), lambda b, o, th, tw, e, oi: te.sum(
+        (v[b, cb, th, tw, e, cm * 2 + ci].astype("int32") * weight[o, cb, e, cm, oi, ci].astype("int32"))
+        .astype("uint32"), axis=[cb, cm, ci]), name="wino_m")
+    sums = te.compute(acc.shape, lambda *i: acc(*i), name="wino_sums")     # M of one position, then of all
+    # scale * Y = AT M AT^T in uint32: first along the transformed rows, then along the columns
+    out_half = te.compute((N, out_blocks, rows, cols, m, n, 16), lambda b, o, th, tw, a, nu, oi: _select(a, [
+        _linear([(t.at[r][xi], sums[b, o, th, tw, xi * n + nu, oi]) for xi in range(n)], "uint32")
+        for r in range(m)]), name="wino_yh")
 
-    def y_value(n, o, h, w, oi):
-        def position(a, b):
-            return _signed_sum([(AT[a][xi] * AT[b][nu], wrapped[n, o, h // 2, w // 2, xi * 4 + nu, oi])
-                                for xi in range(4) for nu in range(4) if AT[a][xi] * AT[b][nu]])
-        four_y = tvm.tirx.Select(h % 2 == 0, tvm.tirx.Select(w % 2 == 0, position(0, 0), position(0, 1)),
-                                 tvm.tirx.Select(w % 2 == 0, position(1, 0), position(1, 1)))
-        return four_y.astype("int32") >> 2
-    return te.compute((N, out_blocks, 2 * tile_rows, 2 * tile_cols, 16), y_value, name="acc")
+    def y_value(b, o, h, w, oi):
+        scaled = _select(w % m, [_linear([(t.at[r][nu], out_half[b, o, h // m, w // m, h % m, nu, oi])
+                                          for nu in range(n)], "uint32") for r in range(m)])
+        if t.odd != 1:
+            scaled = scaled * tvm.tirx.const(pow(t.odd, -1, 1 << 32), "uint32")
+        return scaled.astype("int32") >> t.shift
+    return te.compute((N, out_blocks, m * rows, m * cols, 16), y_value, name="acc")
 
 
-def schedule_sum(sch, acc, tiles: int, weights_outer: bool, intrinsic: str) -> tuple:
-    """Split the output stage `acc` into (one row of tiles) x (`tiles` tiles) blocks and compute the transforms
-    and the accumulators at each block. Returns (outer loops to fuse into the parallel task, the block loop,
-    a finish callback to run once the task loop is parallel)."""
-    n, o, h, w, oi = sch.get_loops(acc)
-    th, hi = sch.split(h, [None, 2])
-    tb, wi = sch.split(w, [None, 2 * tiles])
-    outer = [o, n, th] if weights_outer else [n, o, th]
-    sch.reorder(*outer, tb, hi, wi, oi)
-    wrap, m, v = sch.get_sblock("wino_wrap"), sch.get_sblock("wino_m"), sch.get_sblock("wino_v")
-    channel_blocks = int(sch.get(sch.get_loops(m)[-3]).extent)       # before compute_at drops unit loops
-    sch.set_scope(wrap, 0, "local")
-    sch.set_scope(m, 0, "local")
-    sch.compute_at(wrap, tb)
-    wrap_loops = sch.get_loops(wrap)[-3 if tiles > 1 else -2:]       # a loop of extent 1 is not created
-    sch.reorder(wrap_loops[-2], *wrap_loops[:-2], wrap_loops[-1])        # (transformed position, tiles, lanes)
-    e_loop = wrap_loops[-2]
-    sch.compute_at(m, e_loop)
+def schedule_sum(sch, acc, p: TilePlan, weights_outer: bool, bits: int) -> tuple:
+    """Split the output stage `acc` into (one row of tiles) x (`tiles` tiles) blocks, compute V at each block
+    and the accumulators and output transform at each (block, 16 output channels). Returns (outer loops to fuse
+    into the parallel task, the loop the epilogue goes under, a finish callback to run once the task loop is
+    parallel). Measured for haswell at batch 8 (2026-12-07): V once per block for all channel blocks took
+    0.83-0.85x the time of V per channel block on resnet18's 64- and 128-channel convs with 4-bit weights."""
+    m, tiles = p.transform.m, p.tiles
+    b, o, h, w, oi = sch.get_loops(acc)
+    th, hi = sch.split(h, [None, m])
+    tb, wi = sch.split(w, [None, m * tiles])
+    if weights_outer:       # each channel block's weights once per task, V for each channel block
+        outer, block_loop = [o, b, th], tb
+        sch.reorder(*outer, tb, hi, wi, oi)
+    else:                   # V once per block of tiles, then every channel block
+        outer, block_loop = [b, th], o
+        sch.reorder(*outer, tb, o, hi, wi, oi)
+    out_half, sums = sch.get_sblock("wino_yh"), sch.get_sblock("wino_sums")
+    mstage, v = sch.get_sblock("wino_m"), sch.get_sblock("wino_v")
+    vh = sch.get_sblock("wino_vh") if p.transform.separable_input else None
+    channel_blocks = int(sch.get(sch.get_loops(mstage)[-3]).extent)       # before compute_at drops unit loops
+    for block in (out_half, sums, mstage):
+        sch.set_scope(block, 0, "local")
+    sch.compute_at(out_half, block_loop)
+    sch.compute_at(sums, block_loop)
+    sum_loops = sch.get_loops(sums)[-3 if tiles > 1 else -2:]       # a loop of extent 1 is not created
+    sch.reorder(sum_loops[-2], *sum_loops[:-2], sum_loops[-1])        # (transformed position, tiles, lanes)
+    sch.compute_at(mstage, sum_loops[-2])
     sch.compute_at(v, tb)
+    if vh is not None:
+        sch.compute_at(vh, tb)
 
     def finish():
         # the accumulator's loops: (tiles,) lanes, (input channel blocks,) channel pairs, pair
         n_reduction = 3 if channel_blocks > 1 else 2
-        loops = sch.get_loops(m)
+        loops = sch.get_loops(mstage)
         *m_tile, m_oi = loops[-n_reduction - (2 if tiles > 1 else 1):-n_reduction]
         reduction = loops[-n_reduction:]
         sch.reorder(*reduction[:-1], *m_tile, m_oi, reduction[-1])
-        init = sch.decompose_reduction(m, reduction[0])
+        init = sch.decompose_reduction(mstage, reduction[0])
         sch.vectorize(sch.get_loops(init)[-1])
-        sch.tensorize(m_oi, intrinsic)
+        sch.tensorize(m_oi, pmaddwd_intrinsic(bits, "uint32"))
         for loop in m_tile:
             sch.unroll(loop)
-        v_loops = sch.get_loops(v)
-        sch.unroll(v_loops[-2])
-        sch.vectorize(v_loops[-1])
-        sch.vectorize(sch.get_loops(wrap)[-1])
+        for block, unrolled in ((v, 1), (vh, 2)):      # the positions, where `_select` folds
+            if block is None:
+                continue
+            loops = sch.get_loops(block)
+            for loop in loops[-1 - unrolled:-1]:
+                sch.unroll(loop)
+            sch.vectorize(loops[-1])
+        sch.vectorize(sch.get_loops(sums)[-1])
+        yh_loops = sch.get_loops(out_half)
+        sch.unroll(yh_loops[-3])
+        sch.unroll(yh_loops[-2])
+        sch.vectorize(yh_loops[-1])
         sch.unroll(hi)
         sch.unroll(wi)
         sch.vectorize(oi)
-    return outer, tb, finish
+    return outer, block_loop, finish

@@ -62,6 +62,7 @@ class DotPath:
     group: int = 1
     max_acc: int = 28
     pair: bool = True
+    bits: int = 512     # register width
 
     def shifts(self, x_dtype: str) -> bool:
         """A signed int8 input is shifted by +128 into u8 (and -128 * sum(W) folded into the bias)."""
@@ -71,29 +72,30 @@ class DotPath:
 VNNI = DotPath("vnni", VNNI_INTRIN, "uint8")
 
 
-def choose_dot(caps, x_dtype: str, w_bits: int, k_steps: int | None) -> DotPath | None:
+def choose_dot(caps, x_dtype: str, w_bits: int, k_steps: int | None, int16: bool = False) -> DotPath | None:
     """The dot scheme of a conv / dense kernel on a target with `caps` (None: the generic schedule). `k_steps`:
     the groups of 4 input channels one tap reduces (a `vpmaddubsw` call sums a divisor of them); None where
-    the kernel pads its reduction to a whole number of calls (dense)."""
+    the kernel pads its reduction to a whole number of calls (dense). `int16`: `vpmaddwd` whatever the weights'
+    width and whether the target has VNNI (a Winograd conv, whose transformed operands are int16)."""
     if caps.gpu or x_dtype not in ("uint8", "int8"):
         return None
-    if caps.vnni:
+    if caps.vnni and not int16:
         return VNNI
     if not (caps.avx512bw or caps.avx2):
         return None
     bits = 512 if caps.avx512bw else 256
     label = "avx512bw" if caps.avx512bw else "avx2"
-    limit = int16_sum_limit(U8_MAX, *weight_range(w_bits))
+    limit = 0 if int16 else int16_sum_limit(U8_MAX, *weight_range(w_bits))
     if limit >= 1:
         group = limit if k_steps is None else max(g for g in range(1, min(limit, k_steps) + 1) if k_steps % g == 0)
         # AVX2 holds an int32x16 accumulator in two of its 16 ymm registers, beside an int16 partial sum (two),
         # ones, the broadcast input and a weight vector
         return DotPath(label, pmaddubsw_intrinsic(bits, group), "uint8", 4, group,
-                       24 if bits == 512 else 5, bits == 512)
+                       24 if bits == 512 else 5, bits == 512, bits)
     # AVX2: four int32x16 accumulators (8 ymm). LLVM reassociates each accumulator's adds across the unrolled
     # reduction steps, which takes more registers than the tile's count: resnet18's 3x3 convs for haswell at
     # batch 8, 2 threads, took 1.8-2.4x as long with 5 accumulators (1 x 5) as with 4 (1 x 4 or 1 x 3)
-    return DotPath(label, pmaddwd_intrinsic(bits), "int16", 2, 1, 24 if bits == 512 else 4, bits == 512)
+    return DotPath(label, pmaddwd_intrinsic(bits), "int16", 2, 1, 24 if bits == 512 else 4, bits == 512, bits)
 
 
 def widen_pairs(wpk: np.ndarray) -> np.ndarray:
@@ -111,15 +113,16 @@ _PMADDUBSW = {512: "llvm.x86.avx512.pmaddubs.w.512", 256: "llvm.x86.avx2.pmadd.u
 
 
 @functools.lru_cache(maxsize=None)
-def pmaddwd_intrinsic(bits: int) -> str:
-    """Register (once) and name the int16 pair dot for `bits`-wide registers."""
-    name = f"hawq_pmaddwd_16x2_{bits}"
+def pmaddwd_intrinsic(bits: int, acc: str = "int32") -> str:
+    """Register (once) and name the int16 pair dot for `bits`-wide registers, accumulating in `acc`: int32, or
+    uint32 for sums that may wrap (exact modulo 2^32: a Winograd conv's transformed sums)."""
+    name = f"hawq_pmaddwd_16x2_{bits}" + ("" if acc == "int32" else f"_{acc}")
     parts = 512 // bits            # 16 int32 lanes in one zmm or two ymm
     lanes = 16 // parts            # int32 lanes per register
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((16, 2), "int16", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+             C: T.Buffer((16,), acc, offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:2], B[0:16, 0:2])
             T.writes(C[0:16])
@@ -127,21 +130,21 @@ def pmaddwd_intrinsic(bits: int) -> str:
                 for k in T.serial(0, 2):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+                        C[vi] = C[vi] + T.cast(T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32"), acc)
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((16, 2), "int16", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+             C: T.Buffer((16,), acc, offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:2], B[0:16, 0:2])
             T.writes(C[0:16])
             a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), lanes),
                               dtype=f"int16x{2 * lanes}")
             for p in T.unroll(parts):
-                C[T.ramp(p * lanes, 1, lanes)] = C.vload([p * lanes], dtype=f"int32x{lanes}") + \
+                C[T.ramp(p * lanes, 1, lanes)] = C.vload([p * lanes], dtype=f"{acc}x{lanes}") + T.reinterpret(
                     T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_PMADDWD[bits]), a,
                                             B.vload([p * lanes, 0], dtype=f"int16x{2 * lanes}"),
-                                            dtype=f"int32x{lanes}")
+                                            dtype=f"int32x{lanes}"), dtype=f"{acc}x{lanes}")
 
     TensorIntrin.register(name, desc, impl, override=True)
     return name
