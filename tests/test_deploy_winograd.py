@@ -63,7 +63,7 @@ def test_the_integer_transforms_give_scale_times_the_direct_conv(t):
 CASES = [  # cin, cout, size, pad, signed
     (32, 48, 12, 1, True),      # signed input, three output blocks, whole tiles
     (3, 20, 13, 1, False),      # 3 channels (one 4-channel block), odd map: tiles past the map's end
-    (16, 16, 7, 0, False),      # no padding: a 5x5 output
+    (16, 16, 10, 0, False),     # no padding: an 8x8 output
     (64, 32, 6, 2, True),       # padding 2
     (16, 32, 30, 1, False),     # F(4x4): 8 tile columns, two blocks of 4 on AVX2
 ]
@@ -93,13 +93,31 @@ def test_winograd_conv_requantize_residual_bit_exact(target, label, case, w_bits
     assert 0 < (want == 0).mean() < 0.9
 
 
+@pytest.mark.parametrize("target", [AVX2, AVX512], ids=["avx2", "avx512"])
+def test_random_narrow_weight_convs_take_f4_bit_exact(target):
+    """Random 3x3 stride-1 convs with 2- to 6-bit weights (shapes, padding, signedness, extreme values mixed in)
+    through F(4x4), against numpy."""
+    rng = np.random.default_rng(11)
+    for _ in range(6):
+        w_bits, cin, cout = int(rng.integers(2, 7)), int(rng.integers(1, 40)), int(rng.integers(1, 40))
+        size, pad, signed = int(rng.integers(4, 19)), int(rng.integers(0, 3)), bool(rng.integers(2))
+        lo, hi = x86dot.weight_range(w_bits)
+        w = rng.choice([lo, hi, 0, *rng.integers(lo, hi + 1, 5)], (cout, cin, 3, 3))
+        x = rng.choice([-128, 127, 0, *rng.integers(-128, 128, 5)] if signed else [0, 255, *rng.integers(0, 256, 5)],
+                       (2, cin, size, size + int(rng.integers(0, 3))))
+        op = _conv(w, pad, rng.integers(-9000, 9000, cout).astype(np.int32), w_bits)
+        kern = _kernel(op, x, target)
+        assert kern.notes["path"].endswith("+winograd4") == (size + 2 * pad - 2 >= winograd.MIN_TILES * 4)
+        assert np.array_equal(run_kernel(kern, [x], target), apply_op(op, [x]))
+
+
 def _largest_admitted_channels(w_bits: int) -> int:
     """The most input channels (whole 16-channel blocks) `winograd.choose` takes for u8 inputs, found by asking
     it: checked against the bound's arithmetic below."""
     caps = capabilities(AVX2)
     dot = x86dot.choose_dot(caps, "uint8", w_bits, 4)
     c = 16
-    while winograd.choose(caps, dot, "uint8", w_bits, c + 16, (3, 3), (1, 1), (1, 1), 1, (4, 4), False):
+    while winograd.choose(caps, dot, "uint8", w_bits, c + 16, (3, 3), (1, 1), (1, 1), 1, (8, 8), False):
         c += 16
     return c
 
@@ -125,7 +143,7 @@ def test_winograd_at_the_int32_bound(w_bits, fill):
     m, shift = (2, 2) if w_bits == 8 else (4, 6)
     for cin, path in [(c, f"avx2+winograd{m}"), (c + 16, "avx2")]:
         op = _conv(np.full((16, cin, 3, 3), fill), 1, w_bits=w_bits)
-        x = np.full((1, cin, 4, 4), 255)
+        x = np.full((1, cin, 8, 8), 255)
         kern = _kernel(op, x, AVX2)
         assert kern.notes["path"] == path
         want = apply_op(op, [x])
@@ -140,7 +158,7 @@ def test_one_block_past_the_bound_breaks_exactness(monkeypatch, w_bits):
     c = _largest_admitted_channels(w_bits) + 16
     monkeypatch.setattr(winograd, "INT32_LIMIT", 1 << 40)
     op = _conv(np.full((16, c, 3, 3), x86dot.weight_range(w_bits)[0]), 1, w_bits=w_bits)
-    x = np.full((1, c, 4, 4), 255)
+    x = np.full((1, c, 8, 8), 255)
     kern = _kernel(op, x, AVX2)
     assert "+winograd" in kern.notes["path"]
     assert not np.array_equal(run_kernel(kern, [x], AVX2), apply_op(op, [x]))
@@ -182,3 +200,13 @@ def test_which_convs_take_which_transform(target, x_dtype, w_bits, kernel, strid
     dot = x86dot.choose_dot(caps, x_dtype, w_bits, 4)
     assert winograd.choose(caps, dot, x_dtype, w_bits, 64, kernel, stride, (1, 1), 1, (14, 14), weights_outer) \
         is F[expected]
+
+
+def test_small_maps_take_f2_or_the_direct_kernel():
+    """At least two tiles across each way: a 7x7 output takes F(2x2) for 8-bit weights, the direct kernel for
+    4-bit ones; 3x3 takes neither."""
+    caps = capabilities(AVX2)
+    for w_bits, size, expected in [(8, 7, winograd.F2), (4, 7, None), (4, 8, winograd.F4), (8, 3, None)]:
+        dot = x86dot.choose_dot(caps, "uint8", w_bits, 4)
+        assert winograd.choose(caps, dot, "uint8", w_bits, 64, (3, 3), (1, 1), (1, 1), 1, (size, size), False) \
+            is expected

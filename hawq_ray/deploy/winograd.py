@@ -35,7 +35,8 @@ from tvm import te
 from hawq_ray.deploy.x86dot import INT16_MAX, U8_MAX, pmaddwd_intrinsic, weight_range
 
 INT32_LIMIT = 1 << 31
-MIN_SIZE = 4        # output rows and columns; a smaller map computes mostly padding
+MIN_TILES = 2       # tiles across the output each way: on a 7x7 map F(4x4, 3x3) took 1.3x the direct 4-bit
+                    # conv's time for skylake-avx512 (512 channels, batch 8) and was level with it for haswell
 
 
 @dataclass(frozen=True)
@@ -99,13 +100,16 @@ def choose(caps, dot, x_dtype: str, w_bits: int, channels: int, kernel: tuple, s
     0.60x the time of the direct VNNI kernel, its 256 and 512-channel ones, which recompute V, 1.09x and 2.1x."""
     if caps.gpu or caps.amx or not (caps.avx2 or caps.avx512bw) or x_dtype not in ("uint8", "int8"):
         return None
-    if groups != 1 or min(out_size) < MIN_SIZE:
+    if groups != 1:
         return None
     if tuple(kernel) != (3, 3) or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1):
         return None
-    if fits(F4, x_dtype, w_bits, channels) and not (caps.vnni and weights_outer):
+    def spans(t):
+        return min(out_size) >= MIN_TILES * t.m
+    if spans(F4) and fits(F4, x_dtype, w_bits, channels) and not (caps.vnni and weights_outer):
         return F4
-    if not caps.vnni and dot is not None and dot.in_dtype == "int16" and fits(F2, x_dtype, w_bits, channels):
+    if not caps.vnni and dot is not None and dot.in_dtype == "int16" and spans(F2) and \
+            fits(F2, x_dtype, w_bits, channels):
         return F2
     return None
 
@@ -235,7 +239,8 @@ def schedule_sum(sch, acc, p: TilePlan, weights_outer: bool, bits: int) -> tuple
         sch.set_scope(block, 0, "local")
     sch.compute_at(out_half, block_loop)
     sch.compute_at(sums, block_loop)
-    sum_loops = sch.get_loops(sums)[-3 if tiles > 1 else -2:]       # a loop of extent 1 is not created
+    tile_loops = int(tiles > 1)                                      # a loop of extent 1 is not created
+    sum_loops = sch.get_loops(sums)[-2 - tile_loops:]
     sch.reorder(sum_loops[-2], *sum_loops[:-2], sum_loops[-1])        # (transformed position, tiles, lanes)
     sch.compute_at(mstage, sum_loops[-2])
     sch.compute_at(v, tb)
@@ -246,7 +251,7 @@ def schedule_sum(sch, acc, p: TilePlan, weights_outer: bool, bits: int) -> tuple
         # the accumulator's loops: (tiles,) lanes, (input channel blocks,) channel pairs, pair
         n_reduction = 3 if channel_blocks > 1 else 2
         loops = sch.get_loops(mstage)
-        *m_tile, m_oi = loops[-n_reduction - (2 if tiles > 1 else 1):-n_reduction]
+        *m_tile, m_oi = loops[-n_reduction - 1 - tile_loops:-n_reduction]
         reduction = loops[-n_reduction:]
         sch.reorder(*reduction[:-1], *m_tile, m_oi, reduction[-1])
         init = sch.decompose_reduction(mstage, reduction[0])
