@@ -54,7 +54,7 @@ def _input(rng, shape, signed):
 
 CONV_CASES = [  # cin, cout, size, k, stride, pad, w_bits, signed, dilation
     (3, 20, 13, 3, 2, 1, 8, True, 1),       # stem-like: signed input, 3 channels, odd size
-    (24, 32, 19, 3, 1, 1, 4, False, 1),     # packed int4 weights, output row 19 (tile 10 + masked tail)
+    (24, 32, 37, 3, 2, 1, 4, False, 1),     # packed int4, output row 19 (tile 10 + masked tail; stride 1: F(4x4))
     (16, 16, 9, 1, 1, 0, 8, False, 1),      # 1x1, no padding
     (32, 48, 10, 3, 1, 2, 4, False, 2),     # dilation
     (16, 8, 23, 5, 2, 2, 8, False, 1),      # output channels below one block, output row 10
@@ -226,7 +226,10 @@ def test_amx_conv_bit_exact(case):
     flags = set(open("/proc/cpuinfo").read().split())
     out_w = size + 2 * pad - k + 1
     amx_expected = {"amx_int8", "amx_tile"} <= flags and -(-out_w // 16) * 16 <= 1.15 * out_w and k > 1
-    assert kern.notes["path"] == ("amx" if amx_expected else "vnni" if "avx512_vnni" in flags else "generic")
+    # without AMX, a 4-bit 3x3 conv of at least 8x8 outputs whose weights weigh less than its input: F(4x4)
+    f4_expected = w_bits <= 6 and k == 3 and out_w >= 8 and cout * cin * 9 * w_bits / 8 <= cin * size * size
+    assert kern.notes["path"] == ("amx" if amx_expected else "generic" if "avx512_vnni" not in flags
+                                  else "avx512bw+winograd4" if f4_expected else "vnni")
     got = run_kernel(kern, ins, HOST)
     for g, w in zip(got if fan else [got], wants):
         assert np.array_equal(g, w)
