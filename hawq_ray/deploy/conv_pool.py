@@ -21,8 +21,9 @@ from tvm import s_tir, te
 from hawq_ray.deploy import layout
 from hawq_ray.deploy.epilogue import Value, epilogue, output_dtype
 from hawq_ray.deploy.glue import pool_out_size
-from hawq_ray.deploy.kernels import (MAX_ACC, TILE_COST, Kernel, check_channels, conv_operands, conv_out_size,
-                                     finish_dot, merge_outputs, reduction_order, schedule_side_stages)
+from hawq_ray.deploy.kernels import (MAX_ACC, TILE_COST, Kernel, check_channels, conv_dot, conv_operands,
+                                     conv_out_size, finish_dot, merge_outputs, reduction_order,
+                                     schedule_side_stages)
 from hawq_ray.deploy.target import capabilities
 from hawq_ray.contract import HawqError
 from hawq_ray.program.program import Op
@@ -86,7 +87,7 @@ def conv2d_max_pool_kernel(op: Op, x: Value, steps: list, pool: Op, post: list, 
     N, C, H, W = check_channels(op, x)
     w = np.asarray(op.consts["weight"])
     O, _, KH, KW = w.shape
-    cv = conv_operands(op, x, target)
+    cv = conv_operands(op, x, conv_dot(op, x, capabilities(target)))
     (sh, sw), (ph, pw), (dh, dw) = cv.stride, cv.padding, cv.dilation
     OH, OW = conv_out_size(H, KH, sh, ph, dh), conv_out_size(W, KW, sw, pw, dw)
     qk = tuple(pool.attrs["kernel"])

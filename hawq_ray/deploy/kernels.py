@@ -208,12 +208,17 @@ def check_channels(op: Op, x: Value) -> tuple:
     return tuple(x.shape)
 
 
-def conv_operands(op: Op, x: Value, target, int16: bool = False) -> ConvOperands:
+def conv_dot(op: Op, x: Value, caps, int16: bool = False):
+    """The dot scheme of conv `op` on input `x` (`x86dot.choose_dot`)."""
+    return choose_dot(caps, x.dtype, int(op.attrs.get("w_bits", 8)), x.block // 4, int16)
+
+
+def conv_operands(op: Op, x: Value, dot) -> ConvOperands:
+    """The conv's placeholders and packed constants for the dot scheme `dot` (`conv_dot`)."""
     w = np.asarray(op.consts["weight"])
     O, Ig, KH, KW = w.shape
     check_channels(op, x)
     w_bits = int(op.attrs.get("w_bits", 8))
-    dot = choose_dot(capabilities(target), x.dtype, w_bits, x.block // 4, int16)
     shift_input = dot is not None and dot.shifts(x.dtype)
     bias = _bias(op, O)
     if shift_input:
@@ -250,9 +255,10 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     C_stored = x.storage_shape[1] * x.block
     w_bits = int(op.attrs.get("w_bits", 8))
     weights_outer = w.size * w_bits // 8 > C_stored * H * W
-    transform = winograd.choose(caps, choose_dot(caps, x.dtype, w_bits, x.block // 4), x.dtype, w_bits, C_stored,
-                                (KH, KW), (sh, sw), (dh, dw), groups, (OH, OW), weights_outer)
-    cv = conv_operands(op, x, target, int16=transform is not None)
+    dot = conv_dot(op, x, caps)
+    transform = winograd.choose(caps, dot, x.dtype, w_bits, C_stored, (KH, KW), (sh, sw), (dh, dw), groups,
+                                (OH, OW), weights_outer)
+    cv = conv_operands(op, x, conv_dot(op, x, caps, int16=True) if transform else dot)
     Ob = layout.ceil_to(O, 16) // 16
     use_amx = cv.dot is VNNI and caps.amx and \
         amx.amx_conv_applies(x.dtype, x.storage_shape[1], x.block, cv.kernel, cv.stride, cv.dilation, groups, OW, Ob)
