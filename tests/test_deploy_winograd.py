@@ -107,7 +107,8 @@ def test_random_narrow_weight_convs_take_f4_bit_exact(target):
                        (2, cin, size, size + int(rng.integers(0, 3))))
         op = _conv(w, pad, rng.integers(-9000, 9000, cout).astype(np.int32), w_bits)
         kern = _kernel(op, x, target)
-        assert kern.notes["path"].endswith("+winograd4") == (size + 2 * pad - 2 >= winograd.MIN_TILES * 4)
+        least = 7 if target is AVX2 else 8      # 2x2 tiles of 4x4 outputs; for haswell a 7x7 map too
+        assert kern.notes["path"].endswith("+winograd4") == (size + 2 * pad - 2 >= least)
         assert np.array_equal(run_kernel(kern, [x], target), apply_op(op, [x]))
 
 
@@ -202,11 +203,14 @@ def test_which_convs_take_which_transform(target, x_dtype, w_bits, kernel, strid
         is F[expected]
 
 
-def test_small_maps_take_f2_or_the_direct_kernel():
-    """At least two tiles across each way: a 7x7 output takes F(2x2) for 8-bit weights, the direct kernel for
-    4-bit ones; 3x3 takes neither."""
-    caps = capabilities(AVX2)
-    for w_bits, size, expected in [(8, 7, winograd.F2), (4, 7, None), (4, 8, winograd.F4), (8, 3, None)]:
+@pytest.mark.parametrize("target,cases", [
+    (AVX2, [(8, 7, "F2"), (4, 7, "F4"), (4, 6, None), (4, 8, "F4"), (8, 3, None)]),
+    (AVX512, [(8, 7, "F2"), (4, 7, None), (4, 8, "F4"), (8, 3, None)])], ids=["avx2", "avx512"])
+def test_small_maps_take_f2_or_the_direct_kernel(target, cases):
+    """Two whole tiles across each way, or for F(4x4) on AVX2 a 7x7 map: a 7x7 output takes F(2x2) for 8-bit
+    weights, F(4x4) for 4-bit ones on AVX2 and the direct kernel on AVX-512; 6x6 and 3x3 take neither."""
+    caps = capabilities(target)
+    for w_bits, size, expected in cases:
         dot = x86dot.choose_dot(caps, "uint8", w_bits, 4)
-        assert winograd.choose(caps, dot, "uint8", w_bits, 64, (3, 3), (1, 1), (1, 1), 1, (size, size), False) \
-            is expected
+        got = winograd.choose(caps, dot, "uint8", w_bits, 64, (3, 3), (1, 1), (1, 1), 1, (size, size), False)
+        assert got is (getattr(winograd, expected) if expected else None), (w_bits, size)
