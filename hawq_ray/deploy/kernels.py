@@ -273,10 +273,10 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
         wino = winograd.plan(transform, (OH, OW), min(14, cv.dot.max_acc))
         (OHp, OWp), in_size = wino.out_size, wino.in_size
         src, needs_pad = cv.source(x, ph, pw, *in_size)
-        u = winograd.transformed_weights(cv.consts[0], transform)
-        u_ph = te.placeholder(u.shape, "int16", name="weight")
-        cv = dataclasses.replace(cv, weight=u_ph, weight8=u_ph, consts=[u, cv.consts[1]])
-        acc = winograd.conv_sum(src, u_ph, Ob, wino)
+        w8 = cv.consts[0].astype(np.int8)          # the int16 pairs of weights of at most 8 bits
+        w_ph = te.placeholder(w8.shape, "int8", name="weight")
+        cv = dataclasses.replace(cv, weight=w_ph, weight8=w_ph, consts=[w8, cv.consts[1]])
+        acc = winograd.conv_sum(src, winograd.weight_transform(w_ph, transform), Ob, wino)
         tile = None
     else:
         pair = OC_PAIR if cv.dot and cv.dot.pair and Ob % OC_PAIR == 0 else 1

@@ -21,8 +21,11 @@ Y the m x m outputs the direct conv sums. Everything is exact in integers:
 A kernel computes, per task (image, one row of tiles) and per block of `tiles` tiles, the block's V (all input
 channels; in cache, where a whole V stage would be (n / m)^2 times the input in memory), then per 16 output
 channels and transformed position the `tiles` int32x16 accumulators over the channels, then the outputs with
-the conv's epilogue. Where the weights outweigh an image's input, a task is (16 output channels, image, row of
-tiles) instead, and V is recomputed for each 16 output channels.
+the conv's epilogue. Where the weights outweigh an image's input, a task is 16 output channels instead: their U,
+then every image and block, V recomputed for each task. U is computed from the int8 weights in the kernel (per
+task there, else in a stage of its own), so a module holds 9 bytes per weight pair (o, c), not U's n^2 * 2:
+resnet18 with F(4x4, 3x3) would otherwise carry 76 MB of weights, and took as long per call (2026-12-07,
+haswell, batch 8: 53.8 against 53.5 ms uniform4, 74.6 against 78.5 uniform8).
 """
 from __future__ import annotations
 
@@ -151,16 +154,20 @@ def tiles_per_block(tile_columns: int, most: int) -> int:
     return min(range(most, most // 2, -1), key=lambda t: (-(-tile_columns // t) * t - tile_columns, -t))
 
 
-def transformed_weights(w16: np.ndarray, t: Transform) -> np.ndarray:
-    """(O/16, C/b, 3, 3, b/2, 16, 2) int16 (the `vpmaddwd` layout) -> (O/16, n^2, C/b, b/2, 16, 2) int16:
-    U = G g G^T at each transformed position e = xi * n + nu. One position's weights for all input channels are
-    contiguous, as the accumulators read them: with C/b outside n^2 instead, for haswell at batch 8 with 4-bit
-    weights (2026-12-07), F(4x4, 3x3) convs took 1.22x the time on 512 channels at 7x7, 1.10x on 256 at 14x14
-    and 1.12x on 128 at 28x28 (the same on 64 at 56x56)."""
-    g = np.array(t.g)
-    u = np.einsum("ai,bj,ocijmlk->oabcmlk", g, g, w16.astype(np.int64))
-    o, _, _, c, m, lanes, k = u.shape
-    return np.ascontiguousarray(u.reshape(o, t.n ** 2, c, m, lanes, k)).astype(np.int16)
+def weight_transform(w: te.Tensor, t: Transform) -> te.Tensor:
+    """U = G g G^T (O/16, n^2, C/b, b/2, 16, 2) int16 from the weights (O/16, C/b, 3, 3, b/2, 16, 2) int8 (the
+    `vpmaddwd` pair layout): along the filter's rows, then its columns, every partial sum within u_max. One
+    transformed position's weights for all input channels are contiguous, as the accumulators read them: with
+    C/b outside n^2 instead, for haswell at batch 8 with 4-bit weights (2026-12-07), F(4x4, 3x3) convs took 1.22x
+    the time on 512 channels at 7x7, 1.10x on 256 at 14x14 and 1.12x on 128 at 28x28 (the same on 64 at 56x56)."""
+    n = t.n
+    o_blocks, cb, _, _, pairs, lanes, k = (int(v) for v in w.shape)
+    rows = te.compute((o_blocks, cb, pairs, n, 3, lanes, k), lambda o, c, cm, a, j, oi, ci: _select(a, [
+        _linear([(t.g[r][i], w[o, c, i, j, cm, oi, ci].astype("int16")) for i in range(3)], "int16")
+        for r in range(n)]), name="wino_uh")
+    return te.compute((o_blocks, n * n, cb, pairs, lanes, k), lambda o, e, c, cm, oi, ci: _select(e % n, [
+        _linear([(t.g[r][j], rows[o, c, cm, e // n, j, oi, ci]) for j in range(3)], "int16")
+        for r in range(n)]), name="wino_u")
 
 
 def _linear(terms: list, dtype: str):
@@ -186,7 +193,7 @@ def _select(var, exprs: list):
 
 def conv_sum(src: te.Tensor, weight: te.Tensor, out_blocks: int, p: TilePlan) -> te.Tensor:
     """The conv's INT32 sums (N, O/16, m * tile_rows, m * tile_cols, 16) from the padded int16 input `src`
-    (N, C/b, m * tile_rows + 2, m * tile_cols + 2, b) and the transformed weights (`transformed_weights`)."""
+    (N, C/b, m * tile_rows + 2, m * tile_cols + 2, b) and the transformed weights (`weight_transform`)."""
     t, m, n = p.transform, p.transform.m, p.transform.n
     N, Cb, _, _, ib = (int(v) for v in src.shape)
     rows, cols = p.tile_rows, p.tile_cols
@@ -234,9 +241,9 @@ def schedule_sum(sch, acc, p: TilePlan, weights_outer: bool, bits: int) -> tuple
     b, o, h, w, oi = sch.get_loops(acc)
     th, hi = sch.split(h, [None, m])
     tb, wi = sch.split(w, [None, m * tiles])
-    if weights_outer:       # each channel block's weights once per task, V for each channel block
-        outer, block_loop = [o, b, th], tb
-        sch.reorder(*outer, tb, hi, wi, oi)
+    if weights_outer:       # U of the task's 16 output channels, then every image and block; V per block
+        outer, block_loop = [o], tb
+        sch.reorder(o, b, th, tb, hi, wi, oi)
     else:                   # V once per block of tiles, then every channel block
         outer, block_loop = [b, th], o
         sch.reorder(*outer, tb, o, hi, wi, oi)
@@ -252,6 +259,7 @@ def schedule_sum(sch, acc, p: TilePlan, weights_outer: bool, bits: int) -> tuple
     sum_loops = sch.get_loops(sums)[-2 - tile_loops:]
     sch.reorder(sum_loops[-2], *sum_loops[:-2], sum_loops[-1])        # (transformed position, tiles, lanes)
     sch.compute_at(mstage, sum_loops[-2])
+    schedule_weights(sch, o if weights_outer else None)
     sch.compute_at(v, tb)
     if vh is not None:
         sch.compute_at(vh, tb)
@@ -287,6 +295,28 @@ def schedule_sum(sch, acc, p: TilePlan, weights_outer: bool, bits: int) -> tuple
         sch.unroll(wi)
         sch.vectorize(oi)
     return outer, block_loop, finish
+
+
+def schedule_weights(sch, task) -> None:
+    """U (`weight_transform`) per (input channel block, channel pair): the pass along the filter's rows, then
+    U's positions, both unrolled (where `_select` folds), 16 x 2 lanes a vector. Under `task` (a loop over
+    16 output channels) where each task uses its own weights alone, else in a parallel stage of its own."""
+    u, rows = sch.get_sblock("wino_u"), sch.get_sblock("wino_uh")
+    if task is None:
+        o, e, c, cm, oi, ci = sch.get_loops(u)
+        sch.reorder(o, c, cm, e)
+        sch.parallel(sch.fuse(o, c))
+    else:
+        sch.compute_at(u, task)
+        e, *c, cm, oi, ci = sch.get_loops(u)[1:]        # no input channel block loop where there is one block
+        sch.reorder(*c, cm, e)
+    sch.unroll(e)
+    sch.vectorize(sch.fuse(oi, ci))
+    sch.compute_at(rows, cm)
+    a, j, oi, ci = sch.get_loops(rows)[-4:]
+    sch.unroll(a)
+    sch.unroll(j)
+    sch.vectorize(sch.fuse(oi, ci))
 
 
 def column_major(sch, block) -> None:
