@@ -274,9 +274,11 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
         (OHp, OWp), in_size = wino.out_size, wino.in_size
         src, needs_pad = cv.source(x, ph, pw, *in_size)
         w8 = cv.consts[0].astype(np.int8)          # the int16 pairs of weights of at most 8 bits
-        w_ph = te.placeholder(w8.shape, "int8", name="weight")
-        cv = dataclasses.replace(cv, weight=w_ph, weight8=w_ph, consts=[w8, cv.consts[1]])
-        acc = winograd.conv_sum(src, winograd.weight_transform(w_ph, transform), Ob, wino)
+        stored = w8 if weights_outer else winograd.transformed_weights(w8, transform)
+        w_ph = te.placeholder(stored.shape, str(stored.dtype), name="weight")
+        cv = dataclasses.replace(cv, weight=w_ph, weight8=w_ph, consts=[stored, cv.consts[1]])
+        u = winograd.weight_transform(w_ph, transform) if weights_outer else w_ph
+        acc = winograd.conv_sum(src, u, Ob, wino)
         tile = None
     else:
         pair = OC_PAIR if cv.dot and cv.dot.pair and Ob % OC_PAIR == 0 else 1

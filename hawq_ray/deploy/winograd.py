@@ -22,10 +22,9 @@ A kernel computes, per task (image, one row of tiles) and per block of `tiles` t
 channels; in cache, where a whole V stage would be (n / m)^2 times the input in memory), then per 16 output
 channels and transformed position the `tiles` int32x16 accumulators over the channels, then the outputs with
 the conv's epilogue. Where the weights outweigh an image's input, a task is 16 output channels instead: their U,
-then every image and block, V recomputed for each task. U is computed from the int8 weights in the kernel (per
-task there, else in a stage of its own), so a module holds 9 bytes per weight pair (o, c), not U's n^2 * 2:
-resnet18 with F(4x4, 3x3) would otherwise carry 76 MB of weights, and took as long per call (2026-12-07,
-haswell, batch 8: 53.8 against 53.5 ms uniform4, 74.6 against 78.5 uniform8).
+computed in the kernel from the int8 weights, then every image and block, V recomputed for each task. Stored,
+U would take n^2 * 2 bytes per weight pair (o, c) against 9: resnet18 with F(4x4, 3x3) carried 76 MB of
+weights so. Smaller weights keep U stored (a module of small maps would pay a stage per call for it).
 """
 from __future__ import annotations
 
@@ -154,6 +153,15 @@ def tiles_per_block(tile_columns: int, most: int) -> int:
     return min(range(most, most // 2, -1), key=lambda t: (-(-tile_columns // t) * t - tile_columns, -t))
 
 
+def transformed_weights(w: np.ndarray, t: Transform) -> np.ndarray:
+    """`weight_transform` at build time, for a module that stores U: (O/16, C/b, 3, 3, b/2, 16, 2) ->
+    (O/16, n^2, C/b, b/2, 16, 2) int16."""
+    g = np.array(t.g)
+    u = np.einsum("ai,bj,ocijmlk->oabcmlk", g, g, w.astype(np.int64))
+    o, _, _, c, pairs, lanes, k = u.shape
+    return np.ascontiguousarray(u.reshape(o, t.n ** 2, c, pairs, lanes, k)).astype(np.int16)
+
+
 def weight_transform(w: te.Tensor, t: Transform) -> te.Tensor:
     """U = G g G^T (O/16, n^2, C/b, b/2, 16, 2) int16 from the weights (O/16, C/b, 3, 3, b/2, 16, 2) int8 (the
     `vpmaddwd` pair layout): along the filter's rows, then its columns, every partial sum within u_max. One
@@ -259,7 +267,8 @@ def schedule_sum(sch, acc, p: TilePlan, weights_outer: bool, bits: int) -> tuple
     sum_loops = sch.get_loops(sums)[-2 - tile_loops:]
     sch.reorder(sum_loops[-2], *sum_loops[:-2], sum_loops[-1])        # (transformed position, tiles, lanes)
     sch.compute_at(mstage, sum_loops[-2])
-    schedule_weights(sch, o if weights_outer else None)
+    if weights_outer:
+        schedule_weights(sch, o)
     sch.compute_at(v, tb)
     if vh is not None:
         sch.compute_at(vh, tb)
@@ -298,18 +307,13 @@ def schedule_sum(sch, acc, p: TilePlan, weights_outer: bool, bits: int) -> tuple
 
 
 def schedule_weights(sch, task) -> None:
-    """U (`weight_transform`) per (input channel block, channel pair): the pass along the filter's rows, then
-    U's positions, both unrolled (where `_select` folds), 16 x 2 lanes a vector. Under `task` (a loop over
-    16 output channels) where each task uses its own weights alone, else in a parallel stage of its own."""
+    """U (`weight_transform`) under `task` (a loop over 16 output channels), per (input channel block, channel
+    pair): the pass along the filter's rows, then U's positions, both unrolled (where `_select` folds), 16 x 2
+    lanes a vector."""
     u, rows = sch.get_sblock("wino_u"), sch.get_sblock("wino_uh")
-    if task is None:
-        o, e, c, cm, oi, ci = sch.get_loops(u)
-        sch.reorder(o, c, cm, e)
-        sch.parallel(sch.fuse(o, c))
-    else:
-        sch.compute_at(u, task)
-        e, *c, cm, oi, ci = sch.get_loops(u)[1:]        # no input channel block loop where there is one block
-        sch.reorder(*c, cm, e)
+    sch.compute_at(u, task)
+    e, *c, cm, oi, ci = sch.get_loops(u)[1:]        # no input channel block loop where there is one block
+    sch.reorder(*c, cm, e)
     sch.unroll(e)
     sch.vectorize(sch.fuse(oi, ci))
     sch.compute_at(rows, cm)
