@@ -214,3 +214,28 @@ def test_small_maps_take_f2_or_the_direct_kernel(target, cases):
         dot = x86dot.choose_dot(caps, "uint8", w_bits, 4)
         got = winograd.choose(caps, dot, "uint8", w_bits, 64, (3, 3), (1, 1), (1, 1), 1, (size, size), False)
         assert got is (getattr(winograd, expected) if expected else None), (w_bits, size)
+
+
+@pytest.mark.parametrize("target,label", TARGETS)
+@pytest.mark.parametrize("w_bits,cin,size,u_in_kernel", [(4, 64, 8, True), (4, 16, 16, False), (6, 32, 7, True),
+                                                         (8, 48, 6, True), (8, 16, 12, False)])
+def test_transformed_weights_in_the_kernel_or_stored(target, label, w_bits, cin, size, u_in_kernel):
+    """Where the weights outweigh the input, the module holds the int8 weights and the kernel computes U (the
+    `wino_u` stage); else it holds U itself (int16, n^2 per weight pair). Both against numpy, weights at their
+    range's ends mixed in."""
+    rng = np.random.default_rng(w_bits * cin + size)
+    lo, hi = x86dot.weight_range(w_bits)
+    w = rng.choice([lo, hi, *rng.integers(lo, hi + 1, 6)], (cin, cin, 3, 3))
+    x = rng.choice([0, 255, *rng.integers(0, 256, 6)], (2, cin, size, size))
+    op = _conv(w, 1, rng.integers(-9000, 9000, cin).astype(np.int32), w_bits)
+    kern = _kernel(op, x, target)
+    n = 6 if w_bits <= 6 else 4
+    if target is AVX512 and size == 7:
+        n = None                                    # a 7x7 map takes F(4x4) on AVX2 only
+    assert kern.notes["path"] == (f"{label}+winograd{n - 2}" if n else label)
+    if n:
+        assert ("wino_u" in kern.func.script()) == u_in_kernel
+        stored = kern.consts[0]
+        assert stored.dtype == (np.int8 if u_in_kernel else np.int16)
+        assert stored.size == cin * cin * (9 if u_in_kernel else n * n)
+    assert np.array_equal(run_kernel(kern, [x], target), apply_op(op, [x]))
