@@ -246,6 +246,35 @@ def test_stem_conv_max_pool_bit_exact(target, label, w_bits):
     assert np.array_equal(got, ref_requantize(pooled, rq.consts["multiplier"], rq.consts["shift"], 0, 255))
 
 
+FOLD_CASES = [  # cin, k, stride, pad, size, signed, pairs per kernel row folded (None: not folded)
+    (3, 7, 2, 3, 17, True, 12),      # ResNet's stem: 21 row elements in 12 pairs, not 7 x 2
+    (3, 5, 2, 2, 12, False, 8),      # 15 elements in 8 pairs, not 10
+    (1, 5, 2, 2, 11, True, 4),       # one channel: a position holds two columns
+    (2, 3, 2, 0, 9, False, 4),       # two channels: a position is one column
+    (3, 3, 2, 1, 12, False, None),   # MobileNet's stem: 9 elements would take 6 pairs, as unfolded
+    (3, 3, 1, 1, 7, True, None),     # stride 1 on 3 channels: a position would straddle two outputs' rows
+]
+
+
+@pytest.mark.parametrize("target,label", ISA_TARGETS[:2])
+@pytest.mark.parametrize("case", FOLD_CASES, ids=lambda c: f"c{c[0]}_k{c[1]}s{c[2]}")
+def test_few_channels_folded_into_rows_bit_exact(target, label, case):
+    """A conv on fewer channels than its input's block reads its rows as (column, channel) pairs on the int16
+    path where that takes fewer pairs (`kernels.fold_row_channels`), and the output is numpy's, at both ends of
+    the weights' range and on random ones."""
+    cin, k, stride, pad, size, signed, pairs = case
+    rng = np.random.default_rng(cin * 10 + k)
+    for fill in (-128, 127, None):
+        op = _conv_op(rng, cin, 24, k, stride, pad, 8, fill=fill)
+        x = np.full((2, cin, size, size), -128 if signed else 255) if fill is not None else \
+            _input(rng, (2, cin, size, size), signed)
+        kern = conv2d_kernel(op, Value(x.shape, "int8" if signed else "uint8", layout.channel_block(cin)), [], [],
+                             target)
+        assert kern.notes["path"].startswith(label)
+        assert kern.consts[0].shape[3] * kern.consts[0].shape[4] == (pairs or 2 * k)
+        assert np.array_equal(run_kernel(kern, [x], target), apply_op(op, [x]))
+
+
 # ------------------------------------------------------------------------------------------ models
 
 @functools.lru_cache(maxsize=None)

@@ -22,7 +22,7 @@ from hawq_ray.deploy import layout
 from hawq_ray.deploy.epilogue import Value, epilogue, output_dtype
 from hawq_ray.deploy.glue import pool_out_size
 from hawq_ray.deploy.kernels import (MAX_ACC, TILE_COST, Kernel, check_channels, conv_dot, conv_operands,
-                                     conv_out_size, finish_dot, merge_outputs, reduction_order,
+                                     conv_out_size, finish_dot, fold_row_channels, merge_outputs, reduction_order,
                                      schedule_side_stages)
 from hawq_ray.deploy.target import capabilities
 from hawq_ray.contract import HawqError
@@ -87,7 +87,7 @@ def conv2d_max_pool_kernel(op: Op, x: Value, steps: list, pool: Op, post: list, 
     N, C, H, W = check_channels(op, x)
     w = np.asarray(op.consts["weight"])
     O, _, KH, KW = w.shape
-    cv = conv_operands(op, x, conv_dot(op, x, capabilities(target)))
+    cv = fold_row_channels(conv_operands(op, x, conv_dot(op, x, capabilities(target))), x)
     (sh, sw), (ph, pw), (dh, dw) = cv.stride, cv.padding, cv.dilation
     OH, OW = conv_out_size(H, KH, sh, ph, dh), conv_out_size(W, KW, sw, pw, dw)
     qk = tuple(pool.attrs["kernel"])
@@ -150,13 +150,14 @@ def conv2d_max_pool_kernel(op: Op, x: Value, steps: list, pool: Op, post: list, 
     func = te.create_prim_func([cv.data, cv.weight, cv.bias, *pre.const_tensors, *epi.const_tensors, *outs])
     caps = capabilities(target)
     if not caps.gpu:
-        func = _schedule(func, plan, needs_pad, cv.w_bits <= 4, [o.op.name for o in outs], cv.dot)
+        func = _schedule(func, plan, needs_pad, cv.w_bits <= 4, [o.op.name for o in outs], cv.dot,
+                         cv.fold_period())
     return Kernel(name, func, [x], [*cv.consts, *pre.const_arrays, *epi.const_arrays], out_values,
                   {"path": caps.conv_path(False, cv.dot) + "+max_pool",
                    "w_bits": cv.w_bits, "layer": op.layer})
 
 
-def _schedule(func, plan: dict, has_pad: bool, int4: bool, out_names: list, dot):
+def _schedule(func, plan: dict, has_pad: bool, int4: bool, out_names: list, dot, fold_period: int = 0):
     """Parallel over (image, channel block, band of pool rows); in each task the conv rows of the band are
     accumulated tile by tile (the target's dot or generic, as `kernels.py`), activated into a band buffer, pooled and
     written out."""
@@ -179,5 +180,5 @@ def _schedule(func, plan: dict, has_pad: bool, int4: bool, out_names: list, dot)
         sch.reverse_compute_at(blk, task)
     for blk in [blocks[0], *merge_outputs(sch, blocks[1:])]:
         sch.vectorize(sch.get_loops(blk)[-1])
-    schedule_side_stages(sch, has_pad, int4)
+    schedule_side_stages(sch, has_pad, int4, fold_period)
     return sch.mod["main"]

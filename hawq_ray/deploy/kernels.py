@@ -134,6 +134,7 @@ class ConvOperands:
     weight8: te.Tensor       # view of the weights, (O/16, C/b, KH, KW, b/k, 16, k), k = the dot's k_lanes
     bias: te.Tensor
     consts: list             # [packed weights, packed bias]
+    fold: int = 0            # > 0: the input's channels (that many) folded into its rows (`fold_row_channels`)
 
     def source(self, x: Value, top: int, left: int, height: int, width: int):
         """The input as the accumulator reads it: rows/columns shifted by (top, left) padding, `height` x
@@ -154,6 +155,12 @@ class ConvOperands:
                 v = v.astype(in_dtype)
             inside = te.all(h >= top, h < H + top, ww >= left, ww < W + left)
             return te.if_then_else(inside, v, pad_value)
+        if self.fold:    # row element e = column * fold + channel, two per position (`fold_row_channels`),
+            # as many positions as whole runs of `fold_period` (`schedule_side_stages` unrolls a run)
+            (_, kwf), (_, swf), _ = self.folded_taps()
+            positions = layout.ceil_to((width - self.kernel[1]) // self.stride[1] * swf + kwf, self.fold_period())
+            return te.compute((N, 1, height, positions, 2), lambda n, c, h, q, i: padded_value(
+                n, 0, h, (2 * q + i) // self.fold, (2 * q + i) % self.fold), name="pad"), True
         return te.compute((N, x.storage_shape[1], height, width, x.block), padded_value, name="pad"), True
 
     def source_rows(self, x: Value, top: int, left: int, rows: int, ws: int):
@@ -175,17 +182,23 @@ class ConvOperands:
         columns, 16) and band b's row i is output row row(b, i). With `row_stride` the source is `source_rows`
         (stride 1): output (h, w) reads position (h + kh) * row_stride + w + kw."""
         (sh, sw), (dh, dw), (KH, KW) = self.stride, self.dilation, self.kernel
+        steps = 1
+        if self.fold:    # a folded row's pair 2 * kw + icm, as an unfolded block's (kw, icm): the loops keep
+            (KH, KW), (sh, sw), (dh, dw) = self.folded_taps()      # their shape (a lone 11-pair loop was
+            KW, steps = KW // 2, 2                                  # unrolled whole by LLVM, and spilled)
         Cb, ib = int(src.shape[1]), int(src.shape[-1])
         k_lanes = self.dot.k_lanes if self.dot else 4
         ico = te.reduce_axis((0, Cb), "ico")
         kh = te.reduce_axis((0, KH), "kh")
         kw = te.reduce_axis((0, KW), "kw")
-        icm = te.reduce_axis((0, ib // k_lanes), "icm")
+        icm = te.reduce_axis((0, ib // k_lanes * steps), "icm")
         ici = te.reduce_axis((0, k_lanes), "ici")
         w8 = self.weight8
 
         def tap(n, h, ww):
             c = icm * k_lanes + ici
+            if self.fold:
+                return src[n, ico, h * sh + kh * dh, ww * sw + kw * 2 + icm, ici]
             if row_stride is None:
                 return src[n, ico, h * sh + kh * dh, ww * sw + kw * dw, c]
             return src[n, ico, (h + kh) * row_stride + ww + kw, c]
@@ -196,6 +209,41 @@ class ConvOperands:
         if row is None:
             return te.compute(shape, dot, name="acc")
         return te.compute(shape, lambda n, o, b, i, ww, oi: dot(n, o, row(b, i), ww, oi), name="acc")
+
+    def fold_period(self) -> int:
+        """Positions (pairs of row elements) per whole number of columns of a folded row (0: not folded)."""
+        return self.fold if self.fold % 2 else self.fold // 2
+
+    def folded_taps(self) -> tuple:
+        """(kernel, stride, dilation) over a folded source's positions (pairs of row elements), the kernel's
+        row rounded up to an even number of pairs."""
+        (KH, KW), (sh, sw), (dh, _) = self.kernel, self.stride, self.dilation
+        return (KH, folded_pairs(KW, self.fold)), (sh, sw * self.fold // 2), (dh, 1)
+
+
+def folded_pairs(kernel_w: int, channels: int) -> int:
+    """The pairs a folded kernel row takes: kernel_w * channels row elements, in an even number of pairs."""
+    return layout.ceil_to(-(-kernel_w * channels // 2), 2)
+
+
+def fold_row_channels(cv: ConvOperands, x: Value) -> ConvOperands:
+    """`cv` with its input's channels folded into its rows where that shortens an int16 `vpmaddwd` reduction:
+    a stem's 3 channels stored in a block of 4 take KW * 2 pairs per kernel row, folded (row element e =
+    column * 3 + channel, a pair per position) ceil(3 * KW / 2) rounded up to even (`folded_pairs`): 12 against
+    14 for a 7x7 kernel (a 3x3 one gains nothing). A position then steps stride * 3 / 2 pairs, so that must be
+    whole. Unchanged elsewhere."""
+    C, (KH, KW), sw = x.shape[1], cv.kernel, cv.stride[1]
+    if not (cv.dot is not None and cv.dot.k_lanes == 2 and x.storage_shape[1] == 1 and C < x.block
+            and cv.dilation[1] == 1 and sw * C % 2 == 0 and folded_pairs(KW, C) < KW * x.block // 2):
+        return cv
+    w = np.asarray(cv.op.consts["weight"]).astype(np.int16)
+    O, Ob, KWf = w.shape[0], layout.ceil_to(w.shape[0], 16) // 16, folded_pairs(KW, C)
+    row = np.zeros((Ob * 16, KH, 2 * KWf), np.int16)
+    row[:O, :, :KW * C] = w.transpose(0, 2, 3, 1).reshape(O, KH, KW * C)      # element kw * C + c
+    # pair j = 2 * kw + icm at [o, 0, kh, kw, icm, oi, ici] (`ConvOperands.accumulate`)
+    arr = np.ascontiguousarray(row.reshape(Ob, 16, KH, KWf // 2, 2, 2).transpose(0, 2, 3, 4, 1, 5)[:, None])
+    ph = te.placeholder(arr.shape, "int16", name="weight")
+    return dataclasses.replace(cv, weight=ph, weight8=ph, consts=[arr, cv.consts[1]], fold=C)
 
 
 def check_channels(op: Op, x: Value) -> tuple:
@@ -259,6 +307,8 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     transform = winograd.choose(caps, dot, x.dtype, w_bits, C_stored, (KH, KW), (sh, sw), (dh, dw), groups,
                                 (OH, OW), weights_outer)
     cv = conv_operands(op, x, conv_dot(op, x, caps, int16=True) if transform else dot)
+    if transform is None:
+        cv = fold_row_channels(cv, x)
     Ob = layout.ceil_to(O, 16) // 16
     use_amx = cv.dot is VNNI and caps.amx and \
         amx.amx_conv_applies(x.dtype, x.storage_shape[1], x.block, cv.kernel, cv.stride, cv.dilation, groups, OW, Ob)
@@ -308,7 +358,8 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     if not caps.gpu:
         func = _schedule_conv(func, None if use_amx else tile, needs_pad, int4, len(fanout) or 1, weights_outer,
                               cv.dot, names, amx.conv_intrinsic(x.storage_shape[1], KH, KW, WS) if use_amx else None,
-                              str(epi.byte_table.dtype) if epi.byte_table is not None else None, wino)
+                              str(epi.byte_table.dtype) if epi.byte_table is not None else None, wino,
+                              cv.fold_period())
     path = caps.conv_path(use_amx, cv.dot) + (f"+winograd{wino.transform.m}" if wino else "")
     return Kernel(name or kernel_name(op), func, [x, *extras], [*cv.consts, *epi.const_arrays], out_values,
                   {"path": path, "w_bits": cv.w_bits, "layer": op.layer})
@@ -333,12 +384,20 @@ def merge_outputs(sch, outs: list) -> list:
     return outs[:1]
 
 
-def schedule_side_stages(sch, has_pad: bool, int4: bool):
+def schedule_side_stages(sch, has_pad: bool, int4: bool, fold_period: int = 0):
+    """The input's padding (and widening) stage, parallel over rows; a folded row's (`ConvOperands.source`) in
+    unrolled runs of `fold_period` positions, whose columns and channels are then constants (no division per
+    element); the int4 weights' unpacking."""
     if has_pad:
         b = sch.get_sblock("pad")
         loops = sch.get_loops(b)
         sch.parallel(sch.fuse(*loops[:3]))
-        sch.vectorize(loops[-1])
+        if fold_period:
+            run = sch.split(loops[-2], [None, fold_period])[1]
+            sch.unroll(run)
+            sch.unroll(loops[-1])
+        else:
+            sch.vectorize(loops[-1])
     if int4:
         b = sch.get_sblock("unpack")
         loops = sch.get_loops(b)
@@ -377,7 +436,7 @@ def finish_dot(sch, acc, first_reduction, oi, tile: list, dot: DotPath | bool | 
 
 def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, weights_outer: bool, dot,
                    out_names: list, amx_intrinsic: str | None = None, table_dtype: str | None = None,
-                   wino=None):
+                   wino=None, fold_period: int = 0):
     """Parallel over (image, channel block group, row tiles) or, when the weights outweigh an image's input,
     (channel block group, image, row tiles); a (rows x columns x blocks of 16 channels) register tile, the
     blocks innermost (each broadcast input meets every block's weights) -- or, with `amx_intrinsic`, a (2 rows
@@ -400,7 +459,7 @@ def _schedule_conv(func, tile: tuple, has_pad: bool, int4: bool, n_out: int, wei
     sch.parallel(sch.fuse(*outer))
     finish()
     schedule_output(sch, [biased, *outs], table_dtype)
-    schedule_side_stages(sch, has_pad, int4)
+    schedule_side_stages(sch, has_pad, int4, fold_period)
     return sch.mod["main"]
 
 
