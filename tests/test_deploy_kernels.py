@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from hawq_ray.deploy import layout
+from hawq_ray.deploy import layout, winograd
 from hawq_ray.deploy.target import parse_target
 from hawq_ray.deploy.epilogue import Value
 from hawq_ray.deploy.glue import concat_kernel, elementwise_kernel, pool_kernel
@@ -193,7 +193,7 @@ def test_depthwise_one_tap_past_the_int16_bound_breaks_exactness(monkeypatch):
 
 AMX_CASES = [  # cin, cout, size, k, pad, w_bits, fan-out + residual add
     (128, 64, 14, 3, 1, 8, False),    # 14 columns -> one 16-column tile (2 computed and dropped)
-    (160, 32, 9, 3, 0, 4, True),      # packed int4, 7 output columns: stays on VNNI (16 would waste 9)
+    (160, 32, 9, 3, 0, 4, True),      # packed int4, 7 output columns: F(4x4) without AMX (16 would waste 9)
     (256, 96, 14, 1, 0, 8, True),     # 1x1: stays on VNNI
     (128, 32, 28, 3, 1, 4, True),     # int4, 28 columns: two tiles, the second partial
 ]
@@ -226,8 +226,13 @@ def test_amx_conv_bit_exact(case):
     flags = set(open("/proc/cpuinfo").read().split())
     out_w = size + 2 * pad - k + 1
     amx_expected = {"amx_int8", "amx_tile"} <= flags and -(-out_w // 16) * 16 <= 1.15 * out_w and k > 1
-    # without AMX, a 4-bit 3x3 conv of at least 8x8 outputs whose weights weigh less than its input: F(4x4)
-    f4_expected = w_bits <= 6 and k == 3 and out_w >= 8 and cout * cin * 9 * w_bits / 8 <= cin * size * size
+    # without AMX, a 4-bit 3x3 conv takes F(4x4): on at least 8x8 outputs where its weights weigh less than its
+    # input, on at least 7x7 where they weigh more and the batch's V (2 images x tiles x 36 positions x channels,
+    # int16) fits winograd's budget
+    v_once = cout * cin * 9 * w_bits / 8 > cin * size * size and \
+        2 * (-(-out_w // 4)) ** 2 * 36 * -(-cin // 16) * 16 * 2 <= winograd.V_BATCH_BYTES
+    f4_expected = w_bits <= 6 and k == 3 and (out_w >= 7 if v_once else
+                                              out_w >= 8 and cout * cin * 9 * w_bits / 8 <= cin * size * size)
     assert kern.notes["path"] == ("amx" if amx_expected else "generic" if "avx512_vnni" not in flags
                                   else "avx512bw+winograd4" if f4_expected else "vnni")
     got = run_kernel(kern, ins, HOST)

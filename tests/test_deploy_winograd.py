@@ -118,7 +118,7 @@ def _largest_admitted_channels(w_bits: int) -> int:
     caps = capabilities(AVX2)
     dot = x86dot.choose_dot(caps, "uint8", w_bits, 4)
     c = 16
-    while winograd.choose(caps, dot, "uint8", w_bits, c + 16, (3, 3), (1, 1), (1, 1), 1, (8, 8), False):
+    while winograd.choose(caps, dot, "uint8", w_bits, c + 16, (3, 3), (1, 1), (1, 1), 1, (8, 8), False, 8):
         c += 16
     return c
 
@@ -179,28 +179,82 @@ def test_f4_on_a_vnni_target_where_v_is_shared_bit_exact():
         assert np.array_equal(run_kernel(kern, [x], VNNI), apply_op(op, [x]))
 
 
+def _v_layout(kern) -> tuple:
+    """The shape of the kernel's V buffer: position-major (n^2, N, ...) where it is computed once for the batch."""
+    line = next(ln for ln in kern.func.script().splitlines() if "wino_v = " in ln and "alloc_buffer" in ln)
+    return tuple(int(v) for v in line.split("((")[1].split(")")[0].split(","))
+
+
+@pytest.mark.parametrize("target,w_bits", [(AVX2, 4), (AVX2, 8), (AVX512, 6), (AVX512, 8), (VNNI, 4)],
+                         ids=["avx2-w4", "avx2-w8", "avx512-w6", "avx512-w8", "vnni-w4"])
+@pytest.mark.parametrize("images,cin,cout,size", [(1, 40, 24, 7), (3, 16, 48, 9), (2, 64, 48, 14)],
+                         ids=["batch1-7x7", "batch3-9x9", "batch2-14x14"])
+def test_v_once_for_the_batch_bit_exact(monkeypatch, target, w_bits, images, cin, cout, size):
+    """Where the weights outweigh the input and the batch's V fits `V_BATCH_BYTES`, V is computed once for the
+    batch (position-major) and each 16 output channels' tiles read it; with the budget at 0 V is recomputed per
+    16 output channels. Both against numpy: conv, requantize and ReLU, weights and inputs at their ends mixed in."""
+    rng = np.random.default_rng(images * cin + size + w_bits)
+    lo, hi = x86dot.weight_range(w_bits)
+    op = _conv(rng.choice([lo, hi, *rng.integers(lo, hi + 1, 6)], (cout, cin, 3, 3)), 1,
+               rng.integers(-9000, 9000, cout).astype(np.int32), w_bits)
+    x = rng.choice([0, 255, *rng.integers(0, 256, 6)], (images, cin, size, size))
+    assert op.consts["weight"].size * w_bits // 8 > cin * size * size          # the weights outweigh the input
+    z = apply_op(op, [x])
+    m, s = dyadic(rng.uniform(0.5, 2.0, (cout, 1, 1)) * 100 / np.abs(z).max())
+    rq = Op("requantize", ["z"], "q", dict(lo=0, hi=255), dict(multiplier=m.astype(np.int32),
+                                                             shift=s.astype(np.int32)), lo=0, hi=255)
+    want = ref_requantize(z, m, s, 0, 255)
+    n = 6 if w_bits <= 6 else 4
+    kern = _kernel(op, x, target, [rq])
+    assert kern.notes["path"].endswith(f"+winograd{n - 2}") and _v_layout(kern)[0] == n * n
+    assert np.array_equal(run_kernel(kern, [x], target), want)
+    monkeypatch.setattr(winograd, "V_BATCH_BYTES", 0)
+    kern = _kernel(op, x, target, [rq])
+    # V per 16 output channels: with VNNI the direct conv, for skylake-avx512 on a 7x7 map too (`spans`)
+    recomputed = target is not VNNI and not (target is AVX512 and n == 6 and size == 7)
+    assert kern.notes["path"].endswith("winograd" + str(n - 2)) == recomputed
+    if recomputed:
+        assert _v_layout(kern)[0] == images
+    assert np.array_equal(run_kernel(kern, [x], target), want)
+
+
+def test_v_once_up_to_its_budget(monkeypatch):
+    """`v_once` admits a batch whose V (images x tiles x n^2 x channels x 2 bytes) is at most `V_BATCH_BYTES`
+    and refuses one channel more; never where the input outweighs the weights."""
+    per_channel = 4 * 4 * 36 * 2                          # F(4x4) on 14x14: 4 x 4 tiles of 36 positions
+    channels = winograd.V_BATCH_BYTES // (8 * per_channel)
+    assert winograd.v_once(winograd.F4, True, (14, 14), channels, 8)
+    assert not winograd.v_once(winograd.F4, True, (14, 14), channels + 1, 8)
+    monkeypatch.setattr(winograd, "V_BATCH_BYTES", 8 * 256 * per_channel)
+    assert winograd.v_once(winograd.F4, True, (13, 14), 256, 8)            # 13 rows: still 4 tiles
+    assert not winograd.v_once(winograd.F4, True, (14, 14), 257, 8)
+    assert not winograd.v_once(winograd.F2, True, (14, 14), 256, 8)       # 7 x 7 tiles of 16 positions
+    assert not winograd.v_once(winograd.F4, False, (14, 14), 16, 1)
+
+
 F = {"F2": winograd.F2, "F4": winograd.F4, None: None}
 
 
-@pytest.mark.parametrize("target,x_dtype,w_bits,kernel,stride,weights_outer,expected", [
-    (AVX2, "uint8", 8, (3, 3), (1, 1), False, "F2"),
-    (AVX512, "int8", 8, (3, 3), (1, 1), True, "F2"),
-    (AVX2, "uint8", 4, (3, 3), (1, 1), True, "F4"),
-    (AVX512, "int8", 6, (3, 3), (1, 1), False, "F4"),
-    (AVX2, "uint8", 7, (3, 3), (1, 1), False, None),    # |U| too wide for F(4x4); direct on vpmaddubsw
-    (AVX2, "uint8", 8, (3, 3), (2, 2), False, None),
-    (AVX2, "uint8", 4, (1, 1), (1, 1), False, None),
-    (VNNI, "uint8", 8, (3, 3), (1, 1), False, None),    # vpdpbusd: 8-bit operands
-    (VNNI, "uint8", 4, (3, 3), (1, 1), False, "F4"),
-    (VNNI, "uint8", 4, (3, 3), (1, 1), True, None),     # V recomputed per channel block: slower than VNNI
-    ("amx", "uint8", 4, (3, 3), (1, 1), False, None),
+@pytest.mark.parametrize("target,x_dtype,w_bits,kernel,stride,weights_outer,images,expected", [
+    (AVX2, "uint8", 8, (3, 3), (1, 1), False, 8, "F2"),
+    (AVX512, "int8", 8, (3, 3), (1, 1), True, 8, "F2"),
+    (AVX2, "uint8", 4, (3, 3), (1, 1), True, 8, "F4"),
+    (AVX512, "int8", 6, (3, 3), (1, 1), False, 8, "F4"),
+    (AVX2, "uint8", 7, (3, 3), (1, 1), False, 8, None),    # |U| too wide for F(4x4); direct on vpmaddubsw
+    (AVX2, "uint8", 8, (3, 3), (2, 2), False, 8, None),
+    (AVX2, "uint8", 4, (1, 1), (1, 1), False, 8, None),
+    (VNNI, "uint8", 8, (3, 3), (1, 1), False, 8, None),    # vpdpbusd: 8-bit operands
+    (VNNI, "uint8", 4, (3, 3), (1, 1), False, 8, "F4"),
+    (VNNI, "uint8", 4, (3, 3), (1, 1), True, 8, "F4"),     # V once for the batch (0.6 MB)
+    (VNNI, "uint8", 4, (3, 3), (1, 1), True, 128, None),   # 9.4 MB: V per 16 output channels, slower than VNNI
+    ("amx", "uint8", 4, (3, 3), (1, 1), False, 8, None),
 ], ids=["avx2", "avx512-signed", "avx2-w4", "avx512-w6", "w7", "stride2", "1x1", "vnni", "vnni-w4",
-        "vnni-w4-weights-outer", "amx"])
-def test_which_convs_take_which_transform(target, x_dtype, w_bits, kernel, stride, weights_outer, expected):
+        "vnni-w4-weights-outer", "vnni-w4-weights-outer-large-batch", "amx"])
+def test_which_convs_take_which_transform(target, x_dtype, w_bits, kernel, stride, weights_outer, images, expected):
     caps = dataclasses.replace(capabilities(VNNI), amx=True) if target == "amx" else capabilities(target)
     dot = x86dot.choose_dot(caps, x_dtype, w_bits, 4)
-    assert winograd.choose(caps, dot, x_dtype, w_bits, 64, kernel, stride, (1, 1), 1, (14, 14), weights_outer) \
-        is F[expected]
+    assert winograd.choose(caps, dot, x_dtype, w_bits, 64, kernel, stride, (1, 1), 1, (14, 14), weights_outer,
+                           images) is F[expected]
 
 
 @pytest.mark.parametrize("target,cases", [
@@ -212,7 +266,7 @@ def test_small_maps_take_f2_or_the_direct_kernel(target, cases):
     caps = capabilities(target)
     for w_bits, size, expected in cases:
         dot = x86dot.choose_dot(caps, "uint8", w_bits, 4)
-        got = winograd.choose(caps, dot, "uint8", w_bits, 64, (3, 3), (1, 1), (1, 1), 1, (size, size), False)
+        got = winograd.choose(caps, dot, "uint8", w_bits, 64, (3, 3), (1, 1), (1, 1), 1, (size, size), False, 8)
         assert got is (getattr(winograd, expected) if expected else None), (w_bits, size)
 
 
@@ -229,9 +283,7 @@ def test_transformed_weights_in_the_kernel_or_stored(target, label, w_bits, cin,
     x = rng.choice([0, 255, *rng.integers(0, 256, 6)], (2, cin, size, size))
     op = _conv(w, 1, rng.integers(-9000, 9000, cin).astype(np.int32), w_bits)
     kern = _kernel(op, x, target)
-    n = 6 if w_bits <= 6 else 4
-    if target is AVX512 and size == 7:
-        n = None                                    # a 7x7 map takes F(4x4) on AVX2 only
+    n = 6 if w_bits <= 6 else 4                     # a 7x7 map takes F(4x4) where V is computed once
     assert kern.notes["path"] == (f"{label}+winograd{n - 2}" if n else label)
     if n:
         assert ("wino_u" in kern.func.script()) == u_in_kernel

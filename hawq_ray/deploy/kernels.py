@@ -305,7 +305,7 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
     weights_outer = w.size * w_bits // 8 > C_stored * H * W
     dot = conv_dot(op, x, caps)
     transform = winograd.choose(caps, dot, x.dtype, w_bits, C_stored, (KH, KW), (sh, sw), (dh, dw), groups,
-                                (OH, OW), weights_outer)
+                                (OH, OW), weights_outer, N)
     cv = conv_operands(op, x, conv_dot(op, x, caps, int16=True) if transform else dot)
     if transform is None:
         cv = fold_row_channels(cv, x)
@@ -320,7 +320,8 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
         src, needs_pad = cv.source_rows(x, ph, pw, OHp + KH - 1, WS)
         acc = cv.accumulate(src, (N, Ob, OHp, OWp, 16), row_stride=WS)
     elif transform is not None:
-        wino = winograd.plan(transform, (OH, OW), min(14, cv.dot.max_acc))
+        once = winograd.v_once(transform, weights_outer, (OH, OW), C_stored, N)
+        wino = winograd.plan(transform, (OH, OW), min(14, cv.dot.max_acc), N if once else 0)
         (OHp, OWp), in_size = wino.out_size, wino.in_size
         src, needs_pad = cv.source(x, ph, pw, *in_size)
         w8 = cv.consts[0].astype(np.int8)          # the int16 pairs of weights of at most 8 bits
@@ -328,7 +329,7 @@ def conv2d_kernel(op: Op, x: Value, steps: list, extras: list, target, name: str
         w_ph = te.placeholder(stored.shape, str(stored.dtype), name="weight")
         cv = dataclasses.replace(cv, weight=w_ph, weight8=w_ph, consts=[stored, cv.consts[1]])
         u = winograd.weight_transform(w_ph, transform) if weights_outer else w_ph
-        acc = winograd.conv_sum(src, u, Ob, wino)
+        acc = winograd.conv_sum(src, u, Ob, wino, bool(wino.stack))
         tile = None
     else:
         pair = OC_PAIR if cv.dot and cv.dot.pair and Ob % OC_PAIR == 0 else 1

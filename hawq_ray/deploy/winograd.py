@@ -38,6 +38,7 @@ from hawq_ray.deploy.x86dot import INT16_MAX, U8_MAX, pmaddwd_intrinsic, weight_
 
 INT32_LIMIT = 1 << 31
 MIN_TILES = 2       # whole tiles across the output each way (but see `spans`)
+V_BATCH_BYTES = 5 << 20
 
 
 @dataclass(frozen=True)
@@ -91,30 +92,46 @@ def fits(t: Transform, x_dtype: str, w_bits: int, channels: int) -> bool:
         (channels * 9 * x_max * w_max) << t.shift < INT32_LIMIT
 
 
-def spans(t: Transform, out_size: tuple, caps) -> bool:
-    """Whether the output is at least `MIN_TILES` whole tiles across each way; for F(4x4, 3x3) on 256-bit
-    registers a 7x7 map will do (2x2 tiles, 31% of their outputs past the map's end). Measured at batch 8 with
-    4-bit weights on 512 channels at 7x7 (2026-12-07): 3.59 against 4.28 ms for the direct conv for haswell,
-    2.98 against 2.84 for skylake-avx512, whose direct kernel holds 24 accumulators."""
-    least = MIN_TILES * t.m - (t is F4 and not caps.avx512bw)
+def spans(t: Transform, out_size: tuple, caps, v_once: bool = False) -> bool:
+    """Whether the output is at least `MIN_TILES` whole tiles across each way; for F(4x4, 3x3) a 7x7 map will
+    do (2x2 tiles, 31% of their outputs past the map's end) on 256-bit registers, or where V is computed once
+    for the batch (`v_once`). Measured at batch 8 with 4-bit weights on 512 channels at 7x7 (2026-12-07): 3.59
+    against 4.28 ms for the direct conv for haswell, 2.98 against 2.84 for skylake-avx512, whose direct kernel
+    holds 24 accumulators; with V once for the batch (2026-12-08) 4.96 against 6.10 ms for skylake-avx512 and
+    4.32 against 5.03 with VNNI (a slow phase)."""
+    least = MIN_TILES * t.m - (t is F4 and (not caps.avx512bw or v_once))
     return min(out_size) >= least
 
 
+def v_once(t: Transform, weights_outer: bool, out_size: tuple, channels: int, images: int) -> bool:
+    """Whether a conv whose weights outweigh its input computes V once for the whole batch
+    (`_schedule_positions`): while that V takes at most `V_BATCH_BYTES`. Measured for haswell at batch 8
+    (2026-12-08, interleaved, against V recomputed per 16 output channels): F(4x4) 0.70-0.86x the time on 256
+    channels at 14x14 (V 2.4 MB), 512 at 7x7 (1.2 MB) and 512 at 14x14 (4.7 MB), F(2x2) 0.90-0.95x on 256 at 14x14
+    and 512 at 7x7; but 1.2-1.6x on 256 channels at 28x28 (V 7.2 MB for F(4x4), 12.8 MB for F(2x2)), also with
+    the batch split into tasks of 1 to 4 images, each recomputing U."""
+    rows, cols = (-(-s // t.m) for s in out_size)
+    return weights_outer and images * rows * cols * t.n ** 2 * channels * 2 <= V_BATCH_BYTES
+
+
 def choose(caps, dot, x_dtype: str, w_bits: int, channels: int, kernel: tuple, stride: tuple, dilation: tuple,
-           groups: int, out_size: tuple, weights_outer: bool) -> Transform | None:
+           groups: int, out_size: tuple, weights_outer: bool, images: int) -> Transform | None:
     """The transform of a 3x3 stride-1 conv on an x86 target without AMX (None: the direct kernel): F(4x4, 3x3)
     where its bounds hold, else F(2x2, 3x3) where the direct conv is on `vpmaddwd` (`dot`: 8-bit weights without
     VNNI; narrower ones are as fast direct on `vpmaddubsw`). With VNNI, whose direct conv multiplies 4 byte pairs
-    per lane, F(4x4, 3x3) only where V is computed once for every channel block (`weights_outer` false):
-    measured at batch 8 with 4-bit weights (2026-12-07), resnet18's 64 and 128-channel convs took 0.66x and
-    0.60x the time of the direct VNNI kernel, its 256 and 512-channel ones, which recompute V, 1.09x and 2.1x."""
+    per lane, F(4x4, 3x3) only where V is computed once for every channel block: measured at batch 8 with 4-bit
+    weights (2026-12-07), resnet18's 64 and 128-channel convs took 0.66x and 0.60x the time of the direct VNNI
+    kernel, its 256 and 512-channel ones 1.09x and 2.1x where each 16 output channels recomputed V, 0.86x and
+    0.86x with V once for the batch (2026-12-08, `v_once`)."""
     if caps.gpu or caps.amx or not (caps.avx2 or caps.avx512bw) or x_dtype not in ("uint8", "int8"):
         return None
     if groups != 1:
         return None
     if tuple(kernel) != (3, 3) or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1):
         return None
-    if spans(F4, out_size, caps) and fits(F4, x_dtype, w_bits, channels) and not (caps.vnni and weights_outer):
+    once = v_once(F4, weights_outer, out_size, channels, images)
+    if spans(F4, out_size, caps, once) and fits(F4, x_dtype, w_bits, channels) and \
+            not (caps.vnni and weights_outer and not once):
         return F4
     if not caps.vnni and dot is not None and dot.in_dtype == "int16" and spans(F2, out_size, caps) and \
             fits(F2, x_dtype, w_bits, channels):
@@ -129,6 +146,7 @@ class TilePlan:
     tiles: int
     tile_rows: int
     tile_cols: int          # a whole number of blocks
+    stack: tuple = ()       # where V is computed once for the batch: (images, rows of tiles) per block
 
     @property
     def out_size(self) -> tuple:
@@ -139,10 +157,17 @@ class TilePlan:
         return tuple(s + 2 for s in self.out_size)
 
 
-def plan(t: Transform, out_size: tuple, most_tiles: int) -> TilePlan:
+def plan(t: Transform, out_size: tuple, most_tiles: int, images: int = 0) -> TilePlan:
+    """With `images` (the batch, where V is computed once for it: `_schedule_positions`) a block stacks rows of
+    tiles and images (divisors of theirs) while it holds at most `most_tiles` tiles."""
     rows, cols = (-(-s // t.m) for s in out_size)
     tiles = tiles_per_block(cols, most_tiles)
-    return TilePlan(t, tiles, rows, -(-cols // tiles) * tiles)
+    cols = -(-cols // tiles) * tiles
+    if not images:
+        return TilePlan(t, tiles, rows, cols)
+    stack_rows = max(d for d in range(1, rows + 1) if rows % d == 0 and d * tiles <= most_tiles)
+    stack_images = max(d for d in range(1, images + 1) if images % d == 0 and d * stack_rows * tiles <= most_tiles)
+    return TilePlan(t, tiles, rows, cols, (stack_images, stack_rows))
 
 
 def tiles_per_block(tile_columns: int, most: int) -> int:
@@ -199,7 +224,7 @@ def _select(var, exprs: list):
     return out
 
 
-def conv_sum(src: te.Tensor, weight: te.Tensor, out_blocks: int, p: TilePlan) -> te.Tensor:
+def conv_sum(src: te.Tensor, weight: te.Tensor, out_blocks: int, p: TilePlan, v_outer: bool = False) -> te.Tensor:
     """The conv's INT32 sums (N, O/16, m * tile_rows, m * tile_cols, 16) from the padded int16 input `src`
     (N, C/b, m * tile_rows + 2, m * tile_cols + 2, b) and the transformed weights (`weight_transform`)."""
     t, m, n = p.transform, p.transform.m, p.transform.n
@@ -207,22 +232,31 @@ def conv_sum(src: te.Tensor, weight: te.Tensor, out_blocks: int, p: TilePlan) ->
     rows, cols = p.tile_rows, p.tile_cols
     # V = BT d BT^T
     if not t.separable_input:
-        v = te.compute((N, Cb, rows, cols, n * n, ib), lambda b, cb, th, tw, e, c: _select(e, [
-            _linear([(t.bt[a][i] * t.bt[a2][j], src[b, cb, m * th + i, m * tw + j, c])
-                     for i in range(n) for j in range(n)], "int16") for a in range(n) for a2 in range(n)]),
-                       name="wino_v")
+        def v_value(b, cb, th, tw, e, c):
+            return _select(e, [_linear([(t.bt[a][i] * t.bt[a2][j], src[b, cb, m * th + i, m * tw + j, c])
+                                        for i in range(n) for j in range(n)], "int16")
+                               for a in range(n) for a2 in range(n)])
     else:       # along the tile's rows, then along its columns
         half = te.compute((N, Cb, rows, cols, n, n, ib), lambda b, cb, th, tw, xi, j, c: _select(xi, [
             _linear([(t.bt[a][i], src[b, cb, m * th + i, m * tw + j, c]) for i in range(n)], "int16")
             for a in range(n)]), name="wino_vh")
-        v = te.compute((N, Cb, rows, cols, n * n, ib), lambda b, cb, th, tw, e, c: _select(e % n, [
-            _linear([(t.bt[a][j], half[b, cb, th, tw, e // n, j, c]) for j in range(n)], "int16")
-            for a in range(n)]), name="wino_v")
+
+        def v_value(b, cb, th, tw, e, c):
+            return _select(e % n, [_linear([(t.bt[a][j], half[b, cb, th, tw, e // n, j, c]) for j in range(n)],
+                                           "int16") for a in range(n)])
+    if v_outer:     # position-major, each position's channels contiguous per tile (`schedule_sum`)
+        v = te.compute((n * n, N, rows, cols, Cb, ib), lambda e, b, th, tw, cb, c: v_value(b, cb, th, tw, e, c),
+                       name="wino_v")
+    else:
+        v = te.compute((N, Cb, rows, cols, n * n, ib), v_value, name="wino_v")
+
+    def v_at(b, cb, th, tw, e, c):
+        return v[e, b, th, tw, cb, c] if v_outer else v[b, cb, th, tw, e, c]
     cb = te.reduce_axis((0, Cb), "cb")
     cm = te.reduce_axis((0, ib // 2), "cm")
     ci = te.reduce_axis((0, 2), "ci")
     acc = te.compute((N, out_blocks, rows, cols, n * n, 16), lambda b, o, th, tw, e, oi: te.sum(
-        (v[b, cb, th, tw, e, cm * 2 + ci].astype("int32") * weight[o, e, cb, cm, oi, ci].astype("int32"))
+        (v_at(b, cb, th, tw, e, cm * 2 + ci).astype("int32") * weight[o, e, cb, cm, oi, ci].astype("int32"))
         .astype("uint32"), axis=[cb, cm, ci]), name="wino_m")
     sums = te.compute(acc.shape, lambda *i: acc(*i), name="wino_sums")     # M of one position, then of all
     # scale * Y = AT M AT^T in uint32: first along the transformed rows, then along the columns
@@ -249,6 +283,9 @@ def schedule_sum(sch, acc, p: TilePlan, weights_outer: bool, bits: int) -> tuple
     b, o, h, w, oi = sch.get_loops(acc)
     th, hi = sch.split(h, [None, m])
     tb, wi = sch.split(w, [None, m * tiles])
+    if p.stack:
+        sch.reorder(o, b, th, tb, hi, wi, oi)
+        return _schedule_positions(sch, p, o, tb, hi, wi, oi, bits)
     if weights_outer:       # U of the task's 16 output channels, then every image and block; V per block
         outer, block_loop = [o], tb
         sch.reorder(o, b, th, tb, hi, wi, oi)
@@ -274,36 +311,84 @@ def schedule_sum(sch, acc, p: TilePlan, weights_outer: bool, bits: int) -> tuple
         sch.compute_at(vh, tb)
 
     def finish():
-        # the accumulator's loops: (tiles,) lanes, (input channel blocks,) channel pairs, pair
-        n_reduction = 3 if channel_blocks > 1 else 2
-        loops = sch.get_loops(mstage)
-        *m_tile, m_oi = loops[-n_reduction - 1 - tile_loops:-n_reduction]
-        reduction = loops[-n_reduction:]
-        sch.reorder(*reduction[:-1], *m_tile, m_oi, reduction[-1])
-        init = sch.decompose_reduction(mstage, reduction[0])
-        sch.vectorize(sch.get_loops(init)[-1])
-        sch.tensorize(m_oi, pmaddwd_intrinsic(bits, "uint32"))
-        for loop in m_tile:
-            sch.unroll(loop)
-        for block, unrolled in ((v, 1), (vh, 2)):      # the positions, where `_select` folds
-            if block is None:
-                continue
-            if unrolled == 2:
-                column_major(sch, block)
-            loops = sch.get_loops(block)
-            for loop in loops[-1 - unrolled:-1]:
-                sch.unroll(loop)
-            sch.vectorize(loops[-1])
-        sch.vectorize(sch.get_loops(sums)[-1])
-        column_major(sch, out_half)
-        yh_loops = sch.get_loops(out_half)
-        sch.unroll(yh_loops[-3])
-        sch.unroll(yh_loops[-2])
-        sch.vectorize(yh_loops[-1])
-        sch.unroll(hi)
-        sch.unroll(wi)
-        sch.vectorize(oi)
+        _finish(sch, mstage, sum_loops[-2], channel_blocks, (v, vh, sums, out_half), (hi, wi, oi), bits)
     return outer, block_loop, finish
+
+
+def _schedule_positions(sch, p: TilePlan, task, tb, hi, wi, oi, bits: int) -> tuple:
+    """Where the weights outweigh the input: V once for the batch (a parallel stage, position-major), then per
+    task (16 output channels) U, then per transformed position the accumulators of every block of tiles
+    (`p.stack` images x rows of tiles x `p.tiles` tiles) over the channels into the task's M (the position's U
+    stays in L1 while every tile of the task reads it), then per block the output transform and the epilogue.
+    Per task, V is read once (where it was recomputed per block with U read from L2 for every block, two tiles
+    of a 7x7 map per U load: `v_once`)."""
+    out_half, sums = sch.get_sblock("wino_yh"), sch.get_sblock("wino_sums")
+    mstage, v = sch.get_sblock("wino_m"), sch.get_sblock("wino_v")
+    vh = sch.get_sblock("wino_vh") if p.transform.separable_input else None
+    channel_blocks = int(sch.get(sch.get_loops(mstage)[-3]).extent)
+    sch.set_scope(out_half, 0, "local")
+    sch.set_scope(mstage, 0, "local")
+    sch.compute_at(out_half, tb)
+    sch.compute_at(sums, task)
+    below = _loops_below(sch, sums, task)       # (images,) rows and columns of tiles, positions, lanes
+    *b, th, tw, e, soi = below
+    images, rows = p.stack
+    b_o, b_i = sch.split(b[0], [None, images]) if b else (None, None)
+    th_o, th_i = sch.split(th, [None, rows])
+    tw_o, tw_i = sch.split(tw, [None, p.tiles])
+    sch.reorder(e, *(x for x in (b_o, th_o, tw_o, b_i, th_i, tw_i) if x is not None), soi)
+    sch.compute_at(mstage, tw_o)
+    schedule_weights(sch, task)
+    ve, vb, vth, vtw, vcb, vc = sch.get_loops(v)
+    sch.reorder(vb, vth, vtw, vcb, ve, vc)
+    if vh is not None:
+        sch.compute_at(vh, vcb)
+    sch.parallel(sch.fuse(vb, vth))
+
+    def finish():
+        _finish(sch, mstage, tw_o, channel_blocks, (v, vh, sums, out_half), (hi, wi, oi), bits)
+    return [task], tb, finish
+
+
+def _finish(sch, mstage, anchor, channel_blocks: int, stages: tuple, output_loops: tuple, bits: int) -> None:
+    """Once the task loop is parallel: the accumulators (`mstage`, computed at `anchor`) tensorized, their tile
+    loops unrolled; V's and the output transform's passes unrolled along the positions (where `_select` folds)
+    and vectorized along the lanes; the output tile (`output_loops`: rows, columns, lanes) unrolled."""
+    v, vh, sums, out_half = stages
+    n_reduction = 3 if channel_blocks > 1 else 2    # (input channel blocks,) channel pairs, pair
+    *m_tile, m_oi = _loops_below(sch, mstage, anchor)[:-n_reduction]
+    reduction = sch.get_loops(mstage)[-n_reduction:]
+    sch.reorder(*reduction[:-1], *m_tile, m_oi, reduction[-1])
+    init = sch.decompose_reduction(mstage, reduction[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(m_oi, pmaddwd_intrinsic(bits, "uint32"))
+    for loop in m_tile:
+        sch.unroll(loop)
+    for block, unrolled in ((v, 1), (vh, 2)):
+        if block is None:
+            continue
+        if unrolled == 2:
+            column_major(sch, block)
+        loops = sch.get_loops(block)
+        for loop in loops[-1 - unrolled:-1]:
+            sch.unroll(loop)
+        sch.vectorize(loops[-1])
+    sch.vectorize(sch.get_loops(sums)[-1])
+    column_major(sch, out_half)
+    yh_loops = sch.get_loops(out_half)
+    sch.unroll(yh_loops[-3])
+    sch.unroll(yh_loops[-2])
+    sch.vectorize(yh_loops[-1])
+    hi, wi, oi = output_loops
+    sch.unroll(hi)
+    sch.unroll(wi)
+    sch.vectorize(oi)
+
+
+def _loops_below(sch, block, loop) -> list:
+    """The loops of `block` inside `loop` (compute_at creates none for a unit extent, so count them here)."""
+    loops = sch.get_loops(block)
+    return loops[next(k for k, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(loop))) + 1:]
 
 
 def schedule_weights(sch, task) -> None:
@@ -312,7 +397,7 @@ def schedule_weights(sch, task) -> None:
     lanes a vector."""
     u, rows = sch.get_sblock("wino_u"), sch.get_sblock("wino_uh")
     sch.compute_at(u, task)
-    e, *c, cm, oi, ci = sch.get_loops(u)[1:]        # no input channel block loop where there is one block
+    e, *c, cm, oi, ci = _loops_below(sch, u, task)   # no input channel block loop where there is one block
     sch.reorder(*c, cm, e)
     sch.unroll(e)
     sch.vectorize(sch.fuse(oi, ci))
