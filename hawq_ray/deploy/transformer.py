@@ -27,6 +27,7 @@ from hawq_ray.deploy import layout
 from hawq_ray.deploy.epilogue import Value, epilogue, logical_index, output_dtype, read_logical
 from hawq_ray.deploy.kernels import TILE_COST, Kernel, finish_dot
 from hawq_ray.deploy.target import capabilities
+from hawq_ray.deploy.winograd import loops_below
 from hawq_ray.program.program import Op
 
 I64 = lambda v: tvm.tirx.const(int(v), "int64")     # noqa: E731
@@ -367,7 +368,7 @@ def _schedule_matmul_vnni(func, n_lead: int, mt: int, nbt: int, colsum: bool, le
         sch.vectorize(sch.get_loops(sums)[-1])
     sch.reverse_compute_at(out, task if colsum else nbo)
     finish_dot(sch, acc, k4, oi, [ii, nbi], True)
-    own = _loops_below(sch, out, task)      # the epilogue's own loops (none for a 1 x 1 matrix)
+    own = loops_below(sch, out, task)      # the epilogue's own loops (none for a 1 x 1 matrix)
     if colsum and own and int(sch.get(own[-1]).extent) <= 64:
         sch.vectorize(own[-1])    # a matrix's short rows as one vector (LLVM splits it; a row split with a tail
     return sch.mod["main"]        # is predicated, and slower than scalar code)
@@ -461,10 +462,10 @@ def _schedule_rows(func, n_lead: int, row_stages: tuple, vector_stages: tuple = 
         sch.compute_at(sch.get_sblock(name), row)
     for name in row_stages:      # scope "global": under 1 KB per row, on the stack (a "local" buffer is
         blk = sch.get_sblock(name)     # allocated through TVMBackendAllocWorkspace on every iteration)
-        own = _loops_below(sch, blk, row)
+        own = loops_below(sch, blk, row)
         if name in vector_stages and own:
             vectorize_row(sch, own[-1])
-    own = _loops_below(sch, out, row)
+    own = loops_below(sch, out, row)
     if own and int(sch.get(own[-1]).extent) <= 64:
         sch.vectorize(own[-1])
     return sch.mod["main"]
@@ -479,10 +480,3 @@ def vectorize_row(sch, loop, lanes: int = 16) -> None:
     if int(sch.get(loop).extent) > MAX_LANES:
         loop = sch.split(loop, [None, lanes])[1]
     sch.vectorize(loop)
-
-
-def _loops_below(sch, block, loop) -> list:
-    """The loops of `block` inside `loop` (none where a stage of one element per iteration lost its unit loops)."""
-    loops = sch.get_loops(block)
-    at = next((k for k, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(loop))), None)
-    return [] if at is None else loops[at + 1:]

@@ -105,7 +105,7 @@ def spans(t: Transform, out_size: tuple, caps, v_once: bool = False) -> bool:
 
 def v_once(t: Transform, weights_outer: bool, out_size: tuple, channels: int, images: int) -> bool:
     """Whether a conv whose weights outweigh its input computes V once for the whole batch
-    (`_schedule_positions`): while that V takes at most `V_BATCH_BYTES`. Measured for haswell at batch 8
+    (`_schedule_by_position`): while that V takes at most `V_BATCH_BYTES`. Measured for haswell at batch 8
     (2026-12-08, interleaved, against V recomputed per 16 output channels): F(4x4) 0.70-0.86x the time on 256
     channels at 14x14 (V 2.4 MB), 512 at 7x7 (1.2 MB) and 512 at 14x14 (4.7 MB), F(2x2) 0.90-0.95x on 256 at 14x14
     and 512 at 7x7; but 1.2-1.6x on 256 channels at 28x28 (V 7.2 MB for F(4x4), 12.8 MB for F(2x2)), also with
@@ -158,7 +158,7 @@ class TilePlan:
 
 
 def plan(t: Transform, out_size: tuple, most_tiles: int, images: int = 0) -> TilePlan:
-    """With `images` (the batch, where V is computed once for it: `_schedule_positions`) a block stacks rows of
+    """With `images` (the batch, where V is computed once for it: `_schedule_by_position`) a block stacks rows of
     tiles and images (divisors of theirs) while it holds at most `most_tiles` tiles."""
     rows, cols = (-(-s // t.m) for s in out_size)
     tiles = tiles_per_block(cols, most_tiles)
@@ -285,7 +285,7 @@ def schedule_sum(sch, acc, p: TilePlan, weights_outer: bool, bits: int) -> tuple
     tb, wi = sch.split(w, [None, m * tiles])
     if p.stack:
         sch.reorder(o, b, th, tb, hi, wi, oi)
-        return _schedule_positions(sch, p, o, tb, hi, wi, oi, bits)
+        return _schedule_by_position(sch, p, o, tb, hi, wi, oi, bits)
     if weights_outer:       # U of the task's 16 output channels, then every image and block; V per block
         outer, block_loop = [o], tb
         sch.reorder(o, b, th, tb, hi, wi, oi)
@@ -311,11 +311,12 @@ def schedule_sum(sch, acc, p: TilePlan, weights_outer: bool, bits: int) -> tuple
         sch.compute_at(vh, tb)
 
     def finish():
-        _finish(sch, mstage, sum_loops[-2], channel_blocks, (v, vh, sums, out_half), (hi, wi, oi), bits)
+        _winograd_finish(sch, mstage, sum_loops[-2], channel_blocks, (v, vh, sums, out_half), (hi, wi, oi),
+                         bits)
     return outer, block_loop, finish
 
 
-def _schedule_positions(sch, p: TilePlan, task, tb, hi, wi, oi, bits: int) -> tuple:
+def _schedule_by_position(sch, p: TilePlan, task, tb, hi, wi, oi, bits: int) -> tuple:
     """Where the weights outweigh the input: V once for the batch (a parallel stage, position-major), then per
     task (16 output channels) U, then per transformed position the accumulators of every block of tiles
     (`p.stack` images x rows of tiles x `p.tiles` tiles) over the channels into the task's M (the position's U
@@ -330,7 +331,7 @@ def _schedule_positions(sch, p: TilePlan, task, tb, hi, wi, oi, bits: int) -> tu
     sch.set_scope(mstage, 0, "local")
     sch.compute_at(out_half, tb)
     sch.compute_at(sums, task)
-    below = _loops_below(sch, sums, task)       # (images,) rows and columns of tiles, positions, lanes
+    below = loops_below(sch, sums, task)       # (images,) rows and columns of tiles, positions, lanes
     *b, th, tw, e, soi = below
     images, rows = p.stack
     b_o, b_i = sch.split(b[0], [None, images]) if b else (None, None)
@@ -346,17 +347,18 @@ def _schedule_positions(sch, p: TilePlan, task, tb, hi, wi, oi, bits: int) -> tu
     sch.parallel(sch.fuse(vb, vth))
 
     def finish():
-        _finish(sch, mstage, tw_o, channel_blocks, (v, vh, sums, out_half), (hi, wi, oi), bits)
+        _winograd_finish(sch, mstage, tw_o, channel_blocks, (v, vh, sums, out_half), (hi, wi, oi), bits)
     return [task], tb, finish
 
 
-def _finish(sch, mstage, anchor, channel_blocks: int, stages: tuple, output_loops: tuple, bits: int) -> None:
+def _winograd_finish(sch, mstage, anchor, channel_blocks: int, stages: tuple, output_loops: tuple,
+                     bits: int) -> None:
     """Once the task loop is parallel: the accumulators (`mstage`, computed at `anchor`) tensorized, their tile
     loops unrolled; V's and the output transform's passes unrolled along the positions (where `_select` folds)
     and vectorized along the lanes; the output tile (`output_loops`: rows, columns, lanes) unrolled."""
     v, vh, sums, out_half = stages
     n_reduction = 3 if channel_blocks > 1 else 2    # (input channel blocks,) channel pairs, pair
-    *m_tile, m_oi = _loops_below(sch, mstage, anchor)[:-n_reduction]
+    *m_tile, m_oi = loops_below(sch, mstage, anchor)[:-n_reduction]
     reduction = sch.get_loops(mstage)[-n_reduction:]
     sch.reorder(*reduction[:-1], *m_tile, m_oi, reduction[-1])
     init = sch.decompose_reduction(mstage, reduction[0])
@@ -385,10 +387,12 @@ def _finish(sch, mstage, anchor, channel_blocks: int, stages: tuple, output_loop
     sch.vectorize(oi)
 
 
-def _loops_below(sch, block, loop) -> list:
-    """The loops of `block` inside `loop` (compute_at creates none for a unit extent, so count them here)."""
+def loops_below(sch, block, loop) -> list:
+    """The loops of `block` inside `loop` (compute_at creates none for a unit extent, so count them here; none
+    where a stage of one element per iteration lost its unit loops)."""
     loops = sch.get_loops(block)
-    return loops[next(k for k, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(loop))) + 1:]
+    at = next((k for k, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(loop))), None)
+    return [] if at is None else loops[at + 1:]
 
 
 def schedule_weights(sch, task) -> None:
@@ -397,7 +401,7 @@ def schedule_weights(sch, task) -> None:
     lanes a vector."""
     u, rows = sch.get_sblock("wino_u"), sch.get_sblock("wino_uh")
     sch.compute_at(u, task)
-    e, *c, cm, oi, ci = _loops_below(sch, u, task)   # no input channel block loop where there is one block
+    e, *c, cm, oi, ci = loops_below(sch, u, task)   # no input channel block loop where there is one block
     sch.reorder(*c, cm, e)
     sch.unroll(e)
     sch.vectorize(sch.fuse(oi, ci))
